@@ -1,0 +1,1 @@
+"""Environments: the functional env interface, wrappers, adapters and the embedded games."""

@@ -1,0 +1,43 @@
+"""Name → environment factory, so configs can say `env.name = "bonk_arena"`."""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from mbjax.envs.base import Environment
+
+
+def _gymnax(name: str) -> Callable[..., tuple[Environment, Any]]:
+  def factory(**kwargs):
+    from mbjax.envs.gymnax_adapter import GymnaxEnv
+
+    env = GymnaxEnv.from_name(name, **kwargs)
+    return env, env.default_params()
+
+  return factory
+
+
+def _bonk_arena(**kwargs):
+  from mbjax.envs.bonk_arena import BonkArena
+
+  env = BonkArena(**kwargs)
+  return env, env.default_params()
+
+
+_FACTORIES: dict[str, Callable[..., tuple[Environment, Any]]] = {
+    "CartPole-v1": _gymnax("CartPole-v1"),
+    "Acrobot-v1": _gymnax("Acrobot-v1"),
+    "Pendulum-v1": _gymnax("Pendulum-v1"),
+    "MountainCarContinuous-v0": _gymnax("MountainCarContinuous-v0"),
+    "bonk_arena": _bonk_arena,
+}
+
+
+def names() -> tuple[str, ...]:
+  return tuple(sorted(_FACTORIES))
+
+
+def make(name: str, **kwargs) -> tuple[Environment, Any]:
+  """Returns `(env, default_params)` for a registered environment name."""
+  if name not in _FACTORIES:
+    raise ValueError(f"unknown environment {name!r}; expected one of {names()}")
+  return _FACTORIES[name](**kwargs)
