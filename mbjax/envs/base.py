@@ -29,7 +29,7 @@ class Environment(abc.ABC, Generic[EnvState, EnvParams]):
   """Single-environment functional API. Batch with `jax.vmap` or `VecEnv`.
 
   Environments that can draw themselves also define
-  `render(state, params) -> uint8[H, W, 3]`; `can_render(env)` tells whether one does.
+  `render(state, params) -> uint8[H, W, 3]`; `mbjax.envs.wrappers.can_render(env)` tells whether one does.
   """
 
   @property
@@ -71,6 +71,3 @@ class Environment(abc.ABC, Generic[EnvState, EnvParams]):
     del state
     return self.action_spec(params).all_valid_mask()
 
-
-def can_render(env: Environment) -> bool:
-  return callable(getattr(env, "render", None))

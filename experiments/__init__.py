@@ -1,0 +1,1 @@
+"""Thin absl binaries: flag parsing and wiring around `mbjax` library functions."""

@@ -1,0 +1,40 @@
+"""Trains an agent: `python -m experiments.train --config=configs/<exp>.py --workdir=<dir>`.
+
+Rerunning the same command with the same --workdir resumes from its latest checkpoint.
+Config values are overridden with `--config.<path>=<value>` (e.g. `--config.ppo.lr=1e-4`).
+"""
+import os
+
+# Avoids a jaxlib 0.10 CPU scheduler deadlock (see BUILD.md); must precede importing jax.
+os.environ.setdefault("XLA_FLAGS", "--xla_cpu_enable_concurrency_optimized_scheduler=false")
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from mbjax.train import run as run_lib  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs, videos.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+class _QuietLibraries(logging.logging.Filter):
+  """Keeps orbax's per-save INFO chatter out of the console; warnings still show."""
+
+  def filter(self, record):
+    return record.levelno >= logging.logging.WARNING or "/orbax/" not in record.pathname
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  logging.get_absl_handler().addFilter(_QuietLibraries())
+  result = run_lib.run(_CONFIG.value, _WORKDIR.value)
+  logging.info("Done. Final metrics: %s", {k: v for k, v in result.items() if k != "outputs"})
+  for name, path in result["outputs"].items():
+    print(f"{name:>12}: {path}")
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,262 @@
+"""Proximal Policy Optimisation (Schulman et al. 2017) on the hybrid action space.
+
+Pure functions over a `PPOState`: `init` builds parameters, optimiser and observation
+statistics; `loss` is the clipped-surrogate objective on one minibatch; `update` runs
+`epochs × minibatches` optimiser steps on one rollout. Everything takes an optional
+`axis_name`: under `shard_map` over a data axis each device holds a slice of the envs, and
+the loss, advantage statistics and observation statistics are averaged over that axis, so
+one update equals the single-device update on the same global batch.
+
+Differs from upstream MetaBonk (`src/learner/ppo.py`): GAE bootstraps from the true next
+observation and keeps truncation apart from termination; old log-probs and values always
+come from the behaviour policy (stored in the rollout), recurrent ones included; the mask
+covers every discrete branch; logged losses are means, not sums over minibatches.
+
+Minibatches are random subsets of *time chunks* (length `seq_len`; 1 for feed-forward
+networks) taken across all envs. Because the chunk permutation is shared by every device,
+the global minibatch is the same however the envs are sharded. A recurrent network is
+unrolled over each chunk from the carry the rollout recorded at the chunk's first step.
+"""
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import chex
+import flax.struct
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from mbjax.agents.returns import generalized_advantage_estimation
+from mbjax.envs.spaces import HybridAction
+from mbjax.nets.actor_critic import ActorCritic, Carry
+
+
+@flax.struct.dataclass
+class ObservationStatistics:
+  """Running mean and variance of observations (Chan et al.'s parallel update)."""
+
+  mean: jax.Array
+  var: jax.Array
+  count: jax.Array  # f32[]
+
+  @classmethod
+  def create(cls, shape) -> "ObservationStatistics":
+    return cls(jnp.zeros(shape, jnp.float32), jnp.ones(shape, jnp.float32), jnp.float32(1e-4))
+
+  def normalize(self, obs: jax.Array, clip: float = 10.0) -> jax.Array:
+    return jnp.clip((obs - self.mean) / jnp.sqrt(self.var + 1e-8), -clip, clip)
+
+  def update(self, obs: jax.Array, axis_name: str | None) -> "ObservationStatistics":
+    """Folds in a batch of observations [N, *shape] (all devices' N when sharded)."""
+    batch_axes = tuple(range(obs.ndim - self.mean.ndim))
+    batch_mean = _pmean(obs.mean(batch_axes), axis_name)
+    batch_var = _pmean(jnp.square(obs - batch_mean).mean(batch_axes), axis_name)
+    batch_count = jnp.float32(obs.size // self.mean.size)
+    if axis_name is not None:
+      batch_count = jax.lax.psum(batch_count, axis_name)
+    total = self.count + batch_count
+    delta = batch_mean - self.mean
+    mean = self.mean + delta * batch_count / total
+    m2 = self.var * self.count + batch_var * batch_count + jnp.square(delta) * (
+        self.count * batch_count / total)
+    return ObservationStatistics(mean, m2 / total, total)
+
+
+@flax.struct.dataclass
+class PPOState:
+  params: Any
+  opt_state: Any
+  obs_stats: ObservationStatistics
+
+
+class Rollout(NamedTuple):
+  """One rollout, time-major [T, E, ...]. `carry` is the recurrent state *before* step t."""
+
+  obs: jax.Array
+  is_first: jax.Array
+  carry: Carry
+  mask: jax.Array
+  action: HybridAction  # raw (pre-squash) actions
+  log_prob: jax.Array
+  value: jax.Array
+  reward: jax.Array
+  terminated: jax.Array
+  truncated: jax.Array
+  next_value: jax.Array  # V of the observation that followed the action
+
+
+def _pmean(x, axis_name):
+  return x if axis_name is None else jax.lax.pmean(x, axis_name)
+
+
+def make_network(cfg: ml_collections.ConfigDict, spec) -> ActorCritic:
+  net = cfg.network
+  return ActorCritic(spec=spec, hidden_sizes=tuple(net.hidden_sizes), activation=net.activation,
+                     core=net.core, core_size=net.core_size, squash=net.squash)
+
+
+def make_optimizer(cfg: ml_collections.ConfigDict, num_updates: int) -> optax.GradientTransformation:
+  ppo = cfg.ppo
+  if ppo.anneal_lr:
+    steps = num_updates * ppo.update_epochs * ppo.num_minibatches
+    learning_rate = optax.linear_schedule(ppo.lr, 0.0, steps)
+  else:
+    learning_rate = ppo.lr
+  return optax.chain(optax.clip_by_global_norm(ppo.max_grad_norm),
+                     optax.adam(learning_rate, eps=1e-5))
+
+
+def init(key: jax.Array, network: ActorCritic, optimizer: optax.GradientTransformation,
+         obs_shape, obs_dtype) -> PPOState:
+  dummy_obs = jnp.zeros((1,) + tuple(obs_shape), obs_dtype)
+  params = network.init(key, network.initial_carry(1), dummy_obs, jnp.ones((1,), bool),
+                        network.spec.all_valid_mask((1,)))
+  return PPOState(params, optimizer.init(params),
+                  ObservationStatistics.create(tuple(obs_shape)))
+
+
+def prepare_obs(obs: jax.Array, stats: ObservationStatistics, normalize: bool) -> jax.Array:
+  """What the network sees: pixels untouched (uint8), vectors optionally normalised."""
+  if normalize and jnp.issubdtype(obs.dtype, jnp.floating):
+    return stats.normalize(obs)
+  return obs
+
+
+def unroll(network: ActorCritic, params, carry: Carry, obs, is_first, mask):
+  """Applies the network over a sequence [L, N, ...] from `carry`; returns (dist, value)
+  with leading [L, N]. Feed-forward networks are applied to all steps at once."""
+  if network.core == "none":
+    length, batch = is_first.shape
+    merge = lambda x: x.reshape((length * batch,) + x.shape[2:])
+    _, dist, value = network.apply(params, carry, merge(obs), merge(is_first), merge(mask))
+    return jax.tree.map(lambda x: x.reshape((length, batch) + x.shape[1:]), (dist, value))
+
+  def step(carry, inputs):
+    carry, dist, value = network.apply(params, carry, *inputs)
+    return carry, (dist, value)
+
+  _, (dist, value) = jax.lax.scan(step, carry, (obs, is_first, mask))
+  return dist, value
+
+
+class Minibatch(NamedTuple):
+  rollout: Rollout  # [L, N, ...]; rollout.carry holds only the chunk-start carry [N, ...]
+  advantage: jax.Array  # [L, N]
+  target: jax.Array  # [L, N] value targets (GAE returns)
+
+
+def loss(params, network: ActorCritic, cfg: ml_collections.ConfigDict, batch: Minibatch,
+         obs_stats: ObservationStatistics, axis_name: str | None = None):
+  """Clipped-surrogate PPO loss on one minibatch; returns (loss, metrics).
+
+  loss = −E[min(ρA, clip(ρ, 1±ε)A)] + c_v · ½E[(V − R)²] (optionally clipped around the old
+  value) − c_e · E[H[π]], with ρ = π(a|s)/π_old(a|s). Averaged over devices when sharded.
+  """
+  ppo = cfg.ppo
+  data = batch.rollout
+  obs = prepare_obs(data.obs, obs_stats, ppo.normalize_observations)
+  dist, value = unroll(network, params, data.carry, obs, data.is_first, data.mask)
+  log_prob = dist.log_prob(data.action)
+  entropy = dist.entropy().mean()
+
+  advantage = batch.advantage
+  if ppo.normalize_advantages:
+    mean = _pmean(advantage.mean(), axis_name)
+    var = _pmean(jnp.square(advantage - mean).mean(), axis_name)
+    advantage = (advantage - mean) / (jnp.sqrt(var) + 1e-8)
+
+  log_ratio = log_prob - data.log_prob
+  ratio = jnp.exp(log_ratio)
+  clipped_ratio = jnp.clip(ratio, 1.0 - ppo.clip_eps, 1.0 + ppo.clip_eps)
+  policy_loss = -jnp.minimum(ratio * advantage, clipped_ratio * advantage).mean()
+
+  value_error = jnp.square(value - batch.target)
+  if ppo.clip_value_loss:
+    clipped_value = data.value + jnp.clip(value - data.value, -ppo.clip_eps, ppo.clip_eps)
+    value_error = jnp.maximum(value_error, jnp.square(clipped_value - batch.target))
+  value_loss = 0.5 * value_error.mean()
+
+  total = policy_loss + ppo.vf_coef * value_loss - ppo.ent_coef * entropy
+  metrics = {
+      "loss/total": total,
+      "loss/policy": policy_loss,
+      "loss/value": value_loss,
+      "policy/entropy": entropy,
+      "policy/approx_kl": ((ratio - 1.0) - log_ratio).mean(),
+      "policy/clip_fraction": (jnp.abs(ratio - 1.0) > ppo.clip_eps).mean(),
+  }
+  # Differentiating the device-mean gives the mean gradient (see module docstring).
+  return _pmean(total, axis_name), jax.tree.map(lambda m: _pmean(m, axis_name), metrics)
+
+
+def _chunk(rollout: Rollout, advantage, target, seq_len: int):
+  """[T, E, ...] → [T/L, L, E, ...] chunks; the carry keeps only each chunk's first step."""
+  def split(x):
+    return x.reshape((x.shape[0] // seq_len, seq_len) + x.shape[1:])
+
+  carry = jax.tree.map(lambda c: c[::seq_len], rollout.carry)
+  rollout = rollout._replace(carry=None)
+  chunks = jax.tree.map(split, (rollout, advantage, target))
+  return chunks[0]._replace(carry=carry), chunks[1], chunks[2]
+
+
+def _gather_minibatch(chunks, indices) -> Minibatch:
+  """Takes chunks `indices` and merges them with the env axis: [k, L, E] → [L, k·E]."""
+  rollout, advantage, target = chunks
+
+  def take_seq(x):
+    x = x[indices]  # [k, L, E, ...]
+    x = jnp.swapaxes(x, 0, 1)  # [L, k, E, ...]
+    return x.reshape((x.shape[0], x.shape[1] * x.shape[2]) + x.shape[3:])
+
+  def take_carry(c):
+    c = c[indices]  # [k, E, ...]
+    return c.reshape((c.shape[0] * c.shape[1],) + c.shape[2:])
+
+  carry = jax.tree.map(take_carry, rollout.carry)
+  seq = jax.tree.map(take_seq, (rollout._replace(carry=None), advantage, target))
+  return Minibatch(seq[0]._replace(carry=carry), seq[1], seq[2])
+
+
+def update(state: PPOState, rollout: Rollout, key: jax.Array, *, network: ActorCritic,
+           optimizer: optax.GradientTransformation, cfg: ml_collections.ConfigDict,
+           axis_name: str | None = None) -> tuple[PPOState, dict[str, jax.Array]]:
+  """One PPO update on a rollout [T, E, ...]; `key` must be equal on every device."""
+  ppo = cfg.ppo
+  num_steps = rollout.reward.shape[0]
+  seq_len = ppo.seq_len if network.core != "none" else 1
+  num_chunks = num_steps // seq_len
+  if num_steps % seq_len or num_chunks % ppo.num_minibatches:
+    raise ValueError(
+        f"rollout length {num_steps} must split into chunks of ppo.seq_len={seq_len} whose "
+        f"count is divisible by ppo.num_minibatches={ppo.num_minibatches}")
+  chex.assert_rank(rollout.reward, 2)
+
+  advantage, target = generalized_advantage_estimation(
+      rollout.reward, rollout.value, rollout.next_value, rollout.terminated,
+      rollout.truncated, ppo.gamma, ppo.gae_lambda)
+  chunks = _chunk(rollout, advantage, target, seq_len)
+  grad_fn = jax.grad(loss, has_aux=True)
+
+  def minibatch_step(train, indices):
+    params, opt_state = train
+    grads, metrics = grad_fn(params, network, cfg, _gather_minibatch(chunks, indices),
+                             state.obs_stats, axis_name)
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    metrics["optim/grad_norm"] = optax.global_norm(grads)
+    return (optax.apply_updates(params, updates), opt_state), metrics
+
+  def epoch(train, epoch_key):
+    order = jax.random.permutation(epoch_key, num_chunks)
+    return jax.lax.scan(minibatch_step, train, order.reshape(ppo.num_minibatches, -1))
+
+  (params, opt_state), metrics = jax.lax.scan(
+      epoch, (state.params, state.opt_state), jax.random.split(key, ppo.update_epochs))
+  obs_stats = state.obs_stats
+  if ppo.normalize_observations and jnp.issubdtype(rollout.obs.dtype, jnp.floating):
+    obs_stats = obs_stats.update(rollout.obs, axis_name)
+  metrics = jax.tree.map(jnp.mean, metrics)
+  metrics["value/target_mean"] = _pmean(target.mean(), axis_name)
+  return PPOState(params, opt_state, obs_stats), metrics

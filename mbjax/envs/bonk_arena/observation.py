@@ -1,0 +1,99 @@
+"""BonkArena's vector observation: layout and feature extraction.
+
+The layout (K_e = `num_obs_enemies`, K_g = `num_obs_gems`; defaults 5 and 3 give 96 floats)
+is described once, in `vector_layout`, and documented in the package docstring. Positions are
+relative to the player and divided by the arena size, so they lie in [-1, 1].
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from mbjax.envs.bonk_arena import game
+
+ENEMY_FEATURES = ("present", "dx", "dy", "dist", "health_frac", "is_fast", "is_tough",
+                  "is_boss")
+GEM_FEATURES = ("present", "dx", "dy", "dist")
+
+
+def vector_layout(num_obs_enemies: int, num_obs_gems: int) -> dict[str, slice]:
+  """Name → slice of each block of the vector observation, in order."""
+  sizes = (
+      ("player_pos", 2), ("player_vel", 2), ("health_frac", 1), ("max_health", 1),
+      ("xp_frac", 1), ("level", 1), ("attack_timer", 1), ("upgrades", game.NUM_CARDS),
+      ("enemies", len(ENEMY_FEATURES) * num_obs_enemies), ("enemy_summary", 3),
+      ("gems", len(GEM_FEATURES) * num_obs_gems), ("menu_open", 1),
+      ("menu_cards", game.CARDS_PER_MENU * game.NUM_CARDS), ("time", 3),
+  )
+  layout, start = {}, 0
+  for name, size in sizes:
+    layout[name] = slice(start, start + size)
+    start += size
+  return layout
+
+
+def vector_size(num_obs_enemies: int, num_obs_gems: int) -> int:
+  return list(vector_layout(num_obs_enemies, num_obs_gems).values())[-1].stop
+
+
+def _nearest(rel: jax.Array, alive: jax.Array, k: int):
+  """Indices of the k nearest alive entities (dead ones sort last) and their distances."""
+  d = jnp.sqrt(jnp.sum(rel * rel, axis=-1) + 1e-12)
+  _, idx = jax.lax.top_k(-jnp.where(alive, d, jnp.inf), k)
+  return idx, d
+
+
+def vector_observation(state: game.EnvState, params: game.EnvParams, num_obs_enemies: int,
+                       num_obs_gems: int) -> jax.Array:
+  f32 = jnp.float32
+  arena = jnp.asarray(params.arena_size, f32)
+  pos = state.player_pos
+  speed = game.stat(params, state.upgrades, game.MOVE_SPEED)
+  max_health = game.stat(params, state.upgrades, game.MAX_HEALTH)
+  cooldown = game.stat(params, state.upgrades, game.ATTACK_SPEED)
+
+  player = [
+      pos / arena * 2.0 - 1.0,
+      state.player_vel / speed,
+      (state.health / max_health)[None],
+      (max_health / params.base_max_health)[None],
+      (state.xp / game.xp_to_next_level(params, state.level))[None],
+      (state.level.astype(f32) / 10.0)[None],
+      (state.attack_timer / cooldown)[None],
+      state.upgrades.astype(f32) / 5.0,
+  ]
+
+  # Nearest enemies, sorted by distance; absent slots are all zeros.
+  rel = state.enemy_pos - pos[None, :]
+  idx, dist = _nearest(rel, state.enemy_alive, num_obs_enemies)
+  present = state.enemy_alive[idx].astype(f32)
+  kind = state.enemy_kind[idx]
+  health_frac = state.enemy_health[idx] / game._table(params.enemy_health, kind)
+  enemies = jnp.stack([
+      jnp.ones_like(present), rel[idx, 0] / arena, rel[idx, 1] / arena, dist[idx] / arena,
+      health_frac, (kind == game.FAST).astype(f32), (kind == game.TOUGH).astype(f32),
+      (kind == game.BOSS).astype(f32)], axis=-1) * present[:, None]
+
+  # Summary of all enemies: how full the arena is and a distance-weighted pull towards them.
+  alive = state.enemy_alive.astype(f32)
+  weight = alive / (dist * (1.0 + dist))
+  threat = jnp.tanh(jnp.sum(rel * weight[:, None], axis=0))
+  summary = [jnp.mean(alive)[None], threat]
+
+  gem_rel = state.gem_pos - pos[None, :]
+  gidx, gdist = _nearest(gem_rel, state.gem_alive, num_obs_gems)
+  gpresent = state.gem_alive[gidx].astype(f32)
+  gems = jnp.stack([jnp.ones_like(gpresent), gem_rel[gidx, 0] / arena,
+                    gem_rel[gidx, 1] / arena, gdist[gidx] / arena], axis=-1) * gpresent[:, None]
+
+  menu_open = state.menu_open.astype(f32)
+  cards = jax.nn.one_hot(state.menu_cards, game.NUM_CARDS, dtype=f32) * menu_open
+  since_boss = state.game_time % params.boss_interval
+  time = jnp.stack([
+      state.game_time.astype(f32) / params.time_limit,
+      state.steps.astype(f32) / params.time_limit,
+      1.0 - since_boss.astype(f32) / params.boss_interval,
+  ])
+  return jnp.concatenate(
+      player + [enemies.reshape(-1)] + summary + [gems.reshape(-1), menu_open[None],
+                                                  cards.reshape(-1), time])

@@ -1,0 +1,110 @@
+"""Whole-episode rollouts of BonkArena under a `policy_fn(key, obs, mask) -> HybridAction`.
+
+Shared by the tests, `experiments/record_arena.py` (one episode with frames and the true
+actions) and `experiments/bench_arena.py` (a batch with auto-reset, for throughput). Each
+episode is one `lax.scan` over `params.time_limit` steps: after the episode ends the env keeps
+stepping but those steps are flagged invalid, which keeps shapes static.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from mbjax.envs.bonk_arena.env import BonkArena
+from mbjax.envs.bonk_arena.game import EnvParams
+from mbjax.envs.spaces import HybridAction
+
+PolicyFn = Callable[[jax.Array, jax.Array, jax.Array], HybridAction]
+
+
+@flax.struct.dataclass
+class Episode:
+  """Per-step arrays of one episode, T = params.time_limit; only `valid` steps happened.
+
+  Step t shows `frames[t]` (the frame the action was chosen on), takes `actions_*[t]` and
+  receives `rewards[t]`, `terminated[t]`, `truncated[t]`.
+  """
+
+  frames: jax.Array  # uint8[T, S, S, 3] (or [T, 0] when frames were not requested)
+  actions_continuous: jax.Array  # f32[T, 2]
+  actions_discrete: jax.Array  # i32[T, 1]
+  rewards: jax.Array  # f32[T]
+  reward_terms: jax.Array  # f32[T, 7]
+  terminated: jax.Array  # bool[T]
+  truncated: jax.Array  # bool[T]
+  valid: jax.Array  # bool[T], True up to and including the last step of the episode
+
+
+def play_episode(env: BonkArena, params: EnvParams, policy_fn: PolicyFn, key: jax.Array,
+                 with_frames: bool = False) -> Episode:
+  """Plays one episode from a reset (pure; jit it with env/policy_fn/with_frames static)."""
+  reset_key, key = jax.random.split(key)
+  obs, state = env.reset(reset_key, params)
+
+  def body(carry, _):
+    obs, state, key, done = carry
+    key, act_key, step_key = jax.random.split(key, 3)
+    frame = env.render(state, params) if with_frames else jnp.zeros((0,), jnp.uint8)
+    action = policy_fn(act_key, obs, env.action_mask(state, params))
+    obs, state, reward, terminated, truncated, info = env.step(step_key, state, action, params)
+    out = Episode(frame, action.continuous, action.discrete, reward, info["reward_terms"],
+                  terminated, truncated, ~done)
+    return (obs, state, key, done | terminated | truncated), out
+
+  _, episode = jax.lax.scan(body, (obs, state, key, jnp.zeros((), bool)), None,
+                            length=params.time_limit)
+  return episode
+
+
+def evaluate(env: BonkArena, params: EnvParams, policy_fn: PolicyFn, key: jax.Array,
+             num_episodes: int) -> dict[str, jax.Array]:
+  """Returns per-episode `return`, `length`, `terminated` and summed `reward_terms`."""
+
+  def one(key):
+    ep = play_episode(env, params, policy_fn, key)
+    return {
+        "return": jnp.sum(ep.rewards * ep.valid),
+        "length": jnp.sum(ep.valid),
+        "terminated": jnp.any(ep.terminated & ep.valid),
+        "reward_terms": jnp.sum(ep.reward_terms * ep.valid[:, None], axis=0),
+    }
+
+  return jax.vmap(one)(jax.random.split(key, num_episodes))
+
+
+def batched_rollout(env: BonkArena, params: EnvParams, policy_fn: PolicyFn, num_envs: int,
+                    num_steps: int, auto_reset: bool = True):
+  """A jitted `run(key) -> (total reward, episodes finished)` stepping `num_envs` envs for
+  `num_steps` steps under `jit(vmap)`; with `auto_reset` finished envs are reset in-line
+  (every env computes its reset every step, as a `VecEnv` with `reset_fraction=1` does)."""
+  step = jax.vmap(env.step, in_axes=(0, 0, 0, None))
+  reset = jax.vmap(env.reset, in_axes=(0, None))
+  mask = jax.vmap(env.action_mask, in_axes=(0, None))
+  policy = jax.vmap(policy_fn)
+
+  def run(key):
+    key, reset_key = jax.random.split(key)
+    obs, state = reset(jax.random.split(reset_key, num_envs), params)
+
+    def body(carry, _):
+      obs, state, key, total, finished = carry
+      key, act_key, step_key, reset_key = jax.random.split(key, 4)
+      action = policy(jax.random.split(act_key, num_envs), obs, mask(state, params))
+      obs, state, reward, terminated, truncated, _ = step(
+          jax.random.split(step_key, num_envs), state, action, params)
+      done = terminated | truncated
+      if auto_reset:
+        fresh_obs, fresh_state = reset(jax.random.split(reset_key, num_envs), params)
+        pick = lambda a, b: jnp.where(done.reshape(done.shape + (1,) * (a.ndim - 1)), a, b)
+        obs = pick(fresh_obs, obs)
+        state = jax.tree.map(pick, fresh_state, state)
+      return (obs, state, key, total + jnp.sum(reward), finished + jnp.sum(done)), None
+
+    init = (obs, state, key, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32))
+    (_, _, _, total, finished), _ = jax.lax.scan(body, init, None, length=num_steps)
+    return total, finished
+
+  return jax.jit(run)

@@ -1,0 +1,1 @@
+"""Networks (flax.linen): encoders, the hybrid action head, actor-critics and recurrent cores."""

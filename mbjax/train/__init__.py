@@ -1,0 +1,1 @@
+"""Training infrastructure: Anakin loop, sharding, checkpoints, metrics, videos, the run driver."""

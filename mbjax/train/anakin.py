@@ -1,0 +1,145 @@
+"""The Anakin loop (Hessel et al. 2021, "Podracer architectures"): acting and learning in
+one jitted program.
+
+`make_train(cfg, env, env_params)` returns pure functions in PureJaxRL's shape:
+`init(key) -> RunnerState`, `update(runner) -> (runner, metrics)` (collect one rollout of
+`num_steps` × envs, then one PPO update) and `train(key)`, the whole run as one
+`jit(scan(...))` that can be vmapped over seeds.
+
+Every function takes `axis_name`: under `shard_map` (see `mbjax.train.sharding`) each device
+steps `num_envs / num_devices` envs. Each env's randomness is derived from its *global*
+index (`fold_in(step_key, env_index)`), so a run's trajectory does not depend on how many
+devices it is split over; only float reduction order does.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from mbjax.agents import ppo
+from mbjax.envs.base import Environment
+from mbjax.envs.wrappers import EpisodeStatistics, FrameStack, VecEnv
+from mbjax.nets.hybrid import to_env_action
+
+
+@flax.struct.dataclass
+class RunnerState:
+  agent: ppo.PPOState
+  env_state: Any  # [E_local, ...]
+  obs: jax.Array  # [E_local, *obs_shape]
+  is_first: jax.Array  # bool[E_local], obs starts an episode
+  carry: Any  # recurrent state [E_local, ...]
+  key: jax.Array  # replicated; per-env streams are folded from it
+  update_step: jax.Array  # i32[]
+
+
+class Trainer(NamedTuple):
+  init: Callable[[jax.Array], RunnerState]
+  update: Callable[[RunnerState], tuple[RunnerState, dict]]
+  train: Callable[[jax.Array], tuple[RunnerState, dict]]
+  num_updates: int
+  env_steps_per_update: int
+  network: Any
+  env: Environment
+  env_params: Any
+  cfg: ml_collections.ConfigDict
+
+
+def wrap_env(env: Environment, cfg: ml_collections.ConfigDict) -> Environment:
+  env = EpisodeStatistics(env)
+  if cfg.env.frame_stack > 1:
+    env = FrameStack(env, cfg.env.frame_stack)
+  return env
+
+
+def _env_indices(num_local: int, axis_name: str | None) -> jax.Array:
+  offset = 0 if axis_name is None else jax.lax.axis_index(axis_name) * num_local
+  return offset + jnp.arange(num_local)
+
+
+def _psum(x, axis_name):
+  return x if axis_name is None else jax.lax.psum(x, axis_name)
+
+
+def make_train(cfg: ml_collections.ConfigDict, env: Environment, env_params: Any,
+               num_shards: int = 1, axis_name: str | None = None) -> Trainer:
+  """Builds the pure training functions for `num_shards` equal slices of the envs."""
+  num_envs, num_steps = cfg.num_envs, cfg.ppo.num_steps
+  if num_envs % num_shards:
+    raise ValueError(f"num_envs={num_envs} must be divisible by the {num_shards} devices")
+  local_envs = num_envs // num_shards
+  env_steps_per_update = num_envs * num_steps
+  num_updates = int(cfg.total_env_steps) // env_steps_per_update
+  if num_updates < 1:
+    raise ValueError(f"total_env_steps={cfg.total_env_steps} is less than one update of "
+                     f"num_envs × ppo.num_steps = {env_steps_per_update} env steps")
+
+  env = wrap_env(env, cfg)
+  vec_env = VecEnv(env, cfg.env.reset_fraction)
+  spec = env.action_spec(env_params)
+  network = ppo.make_network(cfg, spec)
+  optimizer = ppo.make_optimizer(cfg, num_updates)
+  normalize = cfg.ppo.normalize_observations
+
+  def per_env_keys(key):
+    return jax.vmap(jax.random.fold_in, (None, 0))(key, _env_indices(local_envs, axis_name))
+
+  def init(key: jax.Array) -> RunnerState:
+    key, agent_key, reset_key = jax.random.split(key, 3)
+    agent = ppo.init(agent_key, network, optimizer, env.observation_shape(env_params),
+                     env.observation_dtype(env_params))
+    obs, env_state = vec_env.reset(per_env_keys(reset_key), env_params)
+    return RunnerState(agent, env_state, obs, jnp.ones((local_envs,), bool),
+                       network.initial_carry(local_envs), key, jnp.int32(0))
+
+  def env_step(runner: RunnerState, _):
+    key, act_key, step_key = jax.random.split(runner.key, 3)
+    params, obs_stats = runner.agent.params, runner.agent.obs_stats
+    mask = vec_env.action_mask(runner.env_state, env_params)
+    net_obs = ppo.prepare_obs(runner.obs, obs_stats, normalize)
+    carry, dist, value = network.apply(params, runner.carry, net_obs, runner.is_first, mask)
+    action = jax.vmap(lambda d, k: d.sample(k))(dist, per_env_keys(act_key))
+    log_prob = dist.log_prob(action)
+
+    obs, env_state, reward, terminated, truncated, info = vec_env.step(
+        per_env_keys(step_key), runner.env_state, to_env_action(action, network.squash),
+        env_params)
+    # V(s'): the same forward the next step makes, except where the episode ended, where
+    # s' is the final observation that auto-reset replaced.
+    final_obs = ppo.prepare_obs(info["final_obs"], obs_stats, normalize)
+    next_value = network.apply(params, carry, final_obs, jnp.zeros_like(runner.is_first),
+                               method=network.value)
+    done = terminated | truncated
+    transition = ppo.Rollout(
+        obs=runner.obs, is_first=runner.is_first, carry=runner.carry, mask=mask,
+        action=action, log_prob=log_prob, value=value, reward=reward, terminated=terminated,
+        truncated=truncated, next_value=next_value)
+    stats = (done, info["episode_return"], info["episode_length"])
+    runner = runner.replace(env_state=env_state, obs=obs, is_first=done, carry=carry, key=key)
+    return runner, (transition, stats)
+
+  def update(runner: RunnerState) -> tuple[RunnerState, dict]:
+    runner, (rollout, (done, ep_return, ep_length)) = jax.lax.scan(
+        env_step, runner, None, num_steps)
+    key, update_key = jax.random.split(runner.key)
+    agent, metrics = ppo.update(runner.agent, rollout, update_key, network=network,
+                                optimizer=optimizer, cfg=cfg, axis_name=axis_name)
+    episodes = _psum(done.sum(), axis_name)
+    metrics["episode/count"] = episodes
+    metrics["episode/return"] = _psum(jnp.where(done, ep_return, 0).sum(), axis_name) / (
+        jnp.maximum(episodes, 1))
+    metrics["episode/length"] = _psum(jnp.where(done, ep_length, 0).sum(), axis_name) / (
+        jnp.maximum(episodes, 1))
+    metrics["reward/mean"] = _psum(rollout.reward.mean(), axis_name) / num_shards
+    return runner.replace(agent=agent, key=key, update_step=runner.update_step + 1), metrics
+
+  def train(key: jax.Array) -> tuple[RunnerState, dict]:
+    runner = init(key)
+    return jax.lax.scan(lambda r, _: update(r), runner, None, num_updates)
+
+  return Trainer(init, update, train, num_updates, env_steps_per_update, network, env,
+                 env_params, cfg)

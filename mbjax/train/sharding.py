@@ -1,0 +1,69 @@
+"""Data parallelism over a 1-D device mesh with `jax.shard_map`.
+
+The runner state is split by role: the agent (parameters, optimiser state, statistics), the
+key and the counters are replicated; everything with a leading env axis (env state,
+observations, recurrent carries) is split over the `data` axis. Inside, the Anakin
+functions see their local slice and use `axis_name` for the collectives.
+"""
+from __future__ import annotations
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+from mbjax.train import anakin
+
+DATA_AXIS = "data"
+
+
+def make_mesh(num_devices: int = 0) -> Mesh:
+  """A 1-D mesh over the first `num_devices` devices (0: all of them)."""
+  devices = jax.devices()
+  if num_devices > len(devices):
+    raise ValueError(f"asked for {num_devices} devices, {len(devices)} available")
+  devices = devices[:num_devices or len(devices)]
+  return Mesh(np.asarray(devices), (DATA_AXIS,), axis_types=(AxisType.Auto,))
+
+
+def runner_specs() -> anakin.RunnerState:
+  """PartitionSpecs for a RunnerState (a pytree prefix of it)."""
+  return anakin.RunnerState(agent=P(), env_state=P(DATA_AXIS), obs=P(DATA_AXIS),
+                            is_first=P(DATA_AXIS), carry=P(DATA_AXIS), key=P(),
+                            update_step=P())
+
+
+def runner_shardings(mesh: Mesh, runner_like) -> anakin.RunnerState:
+  """NamedShardings for every leaf of a RunnerState (for placing restored checkpoints)."""
+  specs = runner_specs()
+  return jax.tree.map(
+      lambda spec, subtree: jax.tree.map(lambda _: NamedSharding(mesh, spec), subtree),
+      specs, runner_like, is_leaf=lambda x: isinstance(x, P))
+
+
+class ShardedTrainer:
+  """`init` and a chunk of `num_updates` updates, jitted and sharded over `mesh`."""
+
+  def __init__(self, cfg, env, env_params, mesh: Mesh):
+    self.mesh = mesh
+    num_shards = mesh.shape[DATA_AXIS]
+    self.trainer = anakin.make_train(cfg, env, env_params, num_shards, DATA_AXIS)
+    # Shapes only: gives the spec tree its structure without running anything.
+    self.runner_like = jax.eval_shape(
+        anakin.make_train(cfg, env, env_params).init, jax.random.PRNGKey(0))
+    specs = runner_specs()
+    self.init = jax.jit(jax.shard_map(
+        self.trainer.init, mesh=mesh, in_specs=P(), out_specs=specs))
+    self._specs = specs
+    self._chunks = {}
+
+  def chunk(self, num_updates: int):
+    """The jitted function running `num_updates` updates; metrics come back stacked."""
+    if num_updates not in self._chunks:
+      def run(runner):
+        return jax.lax.scan(lambda r, _: self.trainer.update(r), runner, None, num_updates)
+
+      self._chunks[num_updates] = jax.jit(
+          jax.shard_map(run, mesh=self.mesh, in_specs=(self._specs,),
+                        out_specs=(self._specs, P())),
+          donate_argnums=0)
+    return self._chunks[num_updates]
