@@ -245,7 +245,7 @@ def update(state: PPOState, rollout: Rollout, key: jax.Array, *, network: ActorC
     grads, metrics = grad_fn(params, network, cfg, _gather_minibatch(chunks, indices),
                              state.obs_stats, axis_name)
     updates, opt_state = optimizer.update(grads, opt_state, params)
-    metrics["optim/grad_norm"] = optax.global_norm(grads)
+    metrics["optim/grad_norm"] = optax.tree.norm(grads)
     return (optax.apply_updates(params, updates), opt_state), metrics
 
   def epoch(train, epoch_key):

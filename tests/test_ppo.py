@@ -1,0 +1,93 @@
+"""PPO and the Anakin loop: learning on CartPole, multi-device equality, recurrent cores.
+
+Multi-device tests compare a run sharded over 2 and 4 simulated CPU devices with the
+single-device run on the same global batch. They agree up to float summation order; the
+tolerance (rtol 1e-4, atol 1e-5 on parameters after two updates) is far below the size of
+one update (lr 2.5e-4 × clipped grads) yet above the ~1e-6 reduction-order noise.
+"""
+import functools
+import os
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from mbjax.envs import registry
+from mbjax.train import anakin, sharding
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from configs import cartpole_ppo  # noqa: E402
+
+
+def _debug_config(**overrides):
+  cfg = cartpole_ppo.get_config("debug")
+  for path, value in overrides.items():
+    section, _, field = path.rpartition(".")
+    (cfg[section] if section else cfg)[field] = value
+  return cfg
+
+
+def _sharded_updates(cfg, num_devices, num_updates):
+  env, env_params = registry.make(cfg.env.name)
+  mesh = sharding.make_mesh(num_devices)
+  trainer = sharding.ShardedTrainer(cfg, env, env_params, mesh)
+  runner = trainer.init(jax.random.PRNGKey(cfg.seed))
+  initial_params = jax.device_get(runner.agent.params)
+  runner, metrics = trainer.chunk(num_updates)(runner)
+  return jax.device_get(runner), jax.device_get(metrics), initial_params
+
+
+@pytest.mark.parametrize("core,device_counts", [("none", (2, 4)), ("gru", (4,))])
+def test_multi_device_update_equals_single_device(core, device_counts):
+  cfg = _debug_config(**{"network.core": core, "ppo.seq_len": 8, "ppo.num_minibatches": 2})
+  single, single_metrics, initial = _sharded_updates(cfg, 1, 2)
+  for num_devices in device_counts:
+    multi, multi_metrics, _ = _sharded_updates(cfg, num_devices, 2)
+    # Same trajectories: env randomness is keyed by global env index.
+    np.testing.assert_array_equal(single.is_first, multi.is_first)
+    jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-4, atol=1e-5),
+                 single.agent.params, multi.agent.params)
+    for key in ("loss/total", "episode/count", "policy/entropy"):
+      np.testing.assert_allclose(single_metrics[key], multi_metrics[key], rtol=1e-4,
+                                 atol=1e-5, err_msg=key)
+  # The parameters did move, so the comparison above is not vacuous.
+  moved = jax.tree.map(lambda a, b: np.abs(a - b).max(), initial, single.agent.params)
+  assert max(jax.tree.leaves(moved)) > 1e-3
+
+
+def test_vmapped_seeds_equal_individual_runs():
+  cfg = _debug_config(total_env_steps=4 * 32 * 3)
+  env, env_params = registry.make(cfg.env.name)
+  trainer = anakin.make_train(cfg, env, env_params)
+  keys = jax.random.split(jax.random.PRNGKey(3), 2)
+  batched, _ = jax.jit(jax.vmap(trainer.train))(keys)
+  train = jax.jit(trainer.train)
+  for i in range(2):
+    alone, _ = train(keys[i])
+    jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-6),
+                 jax.tree.map(lambda x: x[i], batched.agent.params), alone.agent.params)
+
+
+@pytest.mark.slow
+def test_ppo_learns_cartpole():
+  """PureJaxRL's CartPole settings for 1e5 env steps; 2 seeds. Measured 2026-11-26: every
+  one of 8 seeds ended between 200 and 340 (random play scores about 22)."""
+  cfg = cartpole_ppo.get_config()
+  cfg.total_env_steps = 100_000
+  env, env_params = registry.make(cfg.env.name)
+  trainer = anakin.make_train(cfg, env, env_params)
+  _, metrics = jax.jit(jax.vmap(trainer.train))(jax.random.split(jax.random.PRNGKey(0), 2))
+  returns = np.asarray(metrics["episode/return"][:, -10:])
+  counts = np.asarray(metrics["episode/count"][:, -10:])
+  final = (returns * counts).sum(1) / counts.sum(1)
+  assert final.mean() >= 150, final
+
+
+def test_recurrent_ppo_runs_and_carries_state():
+  cfg = _debug_config(**{"network.core": "lstm", "ppo.seq_len": 8, "ppo.num_minibatches": 2,
+                         "network.core_size": 16})
+  runner, metrics, _ = _sharded_updates(cfg, 1, 3)
+  assert np.isfinite(metrics["loss/total"]).all()
+  cell, hidden = runner.carry
+  assert cell.shape == (4, 16) and np.abs(hidden).max() > 0
