@@ -1,0 +1,105 @@
+"""End to end through `experiments/train.py`: outputs, resume after SIGKILL, config errors.
+
+The binary runs in subprocesses, as a user would run it, on one CPU device.
+"""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from mbjax.train.metrics import read_jsonl
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = dict(os.environ, XLA_FLAGS="--xla_cpu_enable_concurrency_optimized_scheduler=false",
+           JAX_PLATFORMS="cpu")
+# 400 small updates, a checkpoint every 5: long enough to be killed part-way.
+RESUME_FLAGS = ["--config.total_env_steps=51200", "--config.run.log_every_updates=5",
+                "--config.run.checkpoint_every_updates=5", "--config.run.keep_checkpoints=1"]
+
+
+def _train_command(workdir, *flags, config="configs/cartpole_ppo.py:debug"):
+  return [sys.executable, "-m", "experiments.train", f"--config={config}",
+          f"--workdir={workdir}", *flags]
+
+
+def _train(workdir, *flags, check=True, **kwargs):
+  return subprocess.run(_train_command(workdir, *flags, **kwargs), cwd=ROOT, env=ENV,
+                        capture_output=True, text=True, timeout=600, check=check)
+
+
+def _final_state(workdir):
+  directory = os.path.join(workdir, "checkpoints")
+  step = max(int(d) for d in os.listdir(directory) if d.isdigit())
+  with ocp.CheckpointManager(directory, item_names=("state",)) as manager:
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+  return step, restored["state"]
+
+
+def _training_metrics(workdir):
+  return [{k: v for k, v in r.items() if not k.startswith("perf/")}
+          for r in read_jsonl(os.path.join(workdir, "metrics.jsonl"))]
+
+
+def test_train_writes_metrics_checkpoints_and_reports_them(tmp_path):
+  result = _train(tmp_path)
+  records = read_jsonl(tmp_path / "metrics.jsonl")
+  assert [r["update_step"] for r in records] == [10, 20, 30, 40]
+  assert records[-1]["env_steps"] == 40 * 4 * 32
+  assert "perf/compile_seconds" in records[0] and "perf/compile_seconds" not in records[1]
+  assert all(r["perf/env_steps_per_second"] > 0 for r in records)
+  assert os.listdir(tmp_path / "tensorboard")
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["20", "40"]
+  assert f"checkpoints: {tmp_path}/checkpoints" in result.stdout
+
+
+def test_resume_after_sigkill_is_bitwise_identical(tmp_path):
+  uninterrupted, interrupted = tmp_path / "a", tmp_path / "b"
+  _train(uninterrupted, *RESUME_FLAGS)
+
+  process = subprocess.Popen(_train_command(interrupted, *RESUME_FLAGS), cwd=ROOT, env=ENV,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  checkpoints = interrupted / "checkpoints"
+  deadline = time.time() + 300
+  while time.time() < deadline and process.poll() is None:
+    if checkpoints.exists() and any(d.isdigit() and int(d) >= 20 for d in os.listdir(checkpoints)):
+      break
+    time.sleep(0.02)
+  process.send_signal(signal.SIGKILL)
+  assert process.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+  killed_at = max(int(d) for d in os.listdir(checkpoints) if d.isdigit())
+  assert killed_at < 400
+
+  _train(interrupted, *RESUME_FLAGS)
+  step_a, state_a = _final_state(uninterrupted)
+  step_b, state_b = _final_state(interrupted)
+  assert step_a == step_b == 400
+  flat_a = ocp.tree.to_flat_dict(state_a)
+  flat_b = ocp.tree.to_flat_dict(state_b)
+  assert flat_a.keys() == flat_b.keys()
+  for key in flat_a:  # parameters, optimiser state, env state, RNG, counters
+    np.testing.assert_array_equal(flat_a[key], flat_b[key], err_msg=str(key))
+  assert _training_metrics(uninterrupted) == _training_metrics(interrupted)
+
+
+def test_resume_with_a_different_config_is_refused(tmp_path):
+  _train(tmp_path)
+  result = _train(tmp_path, "--config.ppo.lr=0.001", check=False)
+  assert result.returncode != 0
+  assert "different config" in result.stderr and "ppo.lr" in result.stderr
+
+
+@pytest.mark.parametrize("flag,message", [
+    ("--config.ppo.learning_rate=0.1", "learning_rate"),
+    ("--config.ppo.num_steps=many", "num_steps"),
+    ("--config.network.core=transformer", "network.core"),
+])
+def test_bad_config_fails_naming_the_key(tmp_path, flag, message):
+  result = _train(tmp_path, flag, check=False)
+  assert result.returncode != 0
+  assert message in result.stderr
+  assert not (tmp_path / "checkpoints").exists()
