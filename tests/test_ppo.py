@@ -40,7 +40,8 @@ def _sharded_updates(cfg, num_devices, num_updates):
 
 @pytest.mark.parametrize("core,device_counts", [("none", (2, 4)), ("gru", (4,))])
 def test_multi_device_update_equals_single_device(core, device_counts):
-  cfg = _debug_config(**{"network.core": core, "ppo.seq_len": 8, "ppo.num_minibatches": 2})
+  cfg = _debug_config(**{"network.core": core, "ppo.seq_len": 8, "ppo.num_minibatches": 2,
+                         "ppo.normalize_observations": True})
   single, single_metrics, initial = _sharded_updates(cfg, 1, 2)
   for num_devices in device_counts:
     multi, multi_metrics, _ = _sharded_updates(cfg, num_devices, 2)
