@@ -13,17 +13,22 @@ A step, while the level-up menu is closed:
   2. enemies step straight towards the player at their kind's speed;
   3. every enemy touching the player deals its kind's contact damage; regeneration heals;
   4. auto-attack: when the cooldown has elapsed, the nearest enemy within range takes an
-     instant hit; a kill drops an XP gem at the enemy's position;
+     instant hit; a kill drops an XP gem at the enemy's position (gem slots are a ring: when
+     all are taken the oldest gem disappears);
   5. gems within the pickup radius are collected (XP);
   6. XP over the threshold levels up: the menu opens with 3 distinct random cards;
-  7. waves spawn at the edges every `spawn_interval` ticks (larger and with more fast and
-     tough enemies as the run goes on); a boss spawns every `boss_interval` ticks.
+  7. spawning: every `spawn_interval` ticks a wave of `wave_base + game_time // wave_growth`
+     enemies is queued (with more fast and tough ones as the run goes on); queued enemies
+     enter at random points of the edge, at most `SPAWNS_PER_TICK` per tick, into the next
+     slots of a ring (an occupied slot is skipped: the arena is full). Every `boss_interval`
+     ticks a boss enters (taking its ring slot even if occupied).
 While the menu is open the game is paused (nothing moves, the run clock stops) until a card
 is chosen with the discrete action; choosing closes the menu and applies that card only.
 
-Randomness: a step draws a handful of uniforms from its key; per-slot spawn positions and
-kinds are derived from them with a golden-ratio (Weyl) sequence, because drawing
-`max_enemies` random numbers per env per step would cost more than the rest of the step.
+Cost: under `vmap` every env runs every branch, so the per-step work is kept to a few
+elementwise passes over the entity slots: spawns touch only `SPAWNS_PER_TICK` ring slots
+(no cumsum/sort over free slots), per-kind tables are select chains rather than gathers,
+and one 64-bit threefry draw per step supplies all the randomness.
 """
 from __future__ import annotations
 
@@ -45,8 +50,7 @@ DAMAGE, ATTACK_SPEED, RANGE, MOVE_SPEED, MAX_HEALTH, PICKUP_RADIUS, REGENERATION
 NUM_CARDS = len(CARDS)  # 7 is prime: any stride 1..6 walks 3 distinct cards (see `_deal_cards`).
 CARDS_PER_MENU = 3
 
-_PHI1 = 0.6180339887498949  # golden ratio conjugate: well-spread Weyl sequence per slot.
-_PHI2 = 0.7548776662466927  # plastic-number conjugate: a second, independent-looking sequence.
+SPAWNS_PER_TICK = 2
 
 
 @flax.struct.dataclass
@@ -68,11 +72,12 @@ class EnvParams:
   card_increments: tuple[float, ...] = (0.5, 0.25, 0.75, 0.04, 2.0, 0.75, 0.004)
   # Per-kind tables, (grunt, fast, tough, boss).
   enemy_speed: tuple[float, ...] = (0.11, 0.2, 0.07, 0.14)
-  enemy_health: tuple[float, ...] = (2.0, 1.0, 6.0, 60.0)
+  enemy_health: tuple[float, ...] = (2.0, 1.0, 6.0, 30.0)
   enemy_damage: tuple[float, ...] = (0.05, 0.04, 0.1, 0.3)  # health per tick of contact.
   enemy_radius: tuple[float, ...] = (0.5, 0.4, 0.7, 1.2)
   enemy_xp: tuple[float, ...] = (1.0, 1.0, 3.0, 10.0)  # value of the dropped gem.
-  # Waves: every `spawn_interval` ticks, `wave_base + game_time // wave_growth` enemies.
+  # Waves: every `spawn_interval` ticks, `wave_base + game_time // wave_growth` enemies are
+  # queued; they enter at most `SPAWNS_PER_TICK` per tick.
   spawn_interval: int = 40
   wave_base: int = 2
   wave_growth: int = 250
@@ -103,13 +108,18 @@ class EnvState:
   level: jax.Array  # i32[], starts at 1.
   menu_open: jax.Array  # bool[]
   menu_cards: jax.Array  # i32[3], card indices on offer (meaningful while the menu is open).
-  enemy_pos: jax.Array  # f32[E, 2]
+  # Entity positions are stored as (x row, y row) so the slot axis is innermost: under vmap
+  # that keeps the per-slot math on contiguous memory (about 1.6x faster than [E, 2]).
+  enemy_pos: jax.Array  # f32[2, E]
   enemy_health: jax.Array  # f32[E]
   enemy_kind: jax.Array  # i32[E]
   enemy_alive: jax.Array  # bool[E]
-  gem_pos: jax.Array  # f32[G, 2]
+  gem_pos: jax.Array  # f32[2, G]
   gem_value: jax.Array  # f32[G]
   gem_alive: jax.Array  # bool[G]
+  spawn_queue: jax.Array  # i32[], enemies waiting to enter.
+  spawn_slot: jax.Array  # i32[], next enemy slot of the spawn ring.
+  gem_slot: jax.Array  # i32[], next gem slot of the drop ring.
   game_time: jax.Array  # i32[], unpaused ticks played (drives spawns and difficulty).
   steps: jax.Array  # i32[], env steps taken (drives truncation).
   kills: jax.Array  # i32[]
@@ -117,7 +127,12 @@ class EnvState:
 
 
 def _table(values, index):
-  return jnp.asarray(values, jnp.float32)[index]
+  """values[index] for a short per-kind table, as a chain of selects: an elementwise op
+  that fuses, where a gather from a tiny table costs more than the rest of the step."""
+  out = jnp.full(jnp.shape(index), values[-1], jnp.float32)
+  for i in range(len(values) - 2, -1, -1):
+    out = jnp.where(index == i, jnp.asarray(values[i], jnp.float32), out)
+  return out
 
 
 def stat(params: EnvParams, upgrades: jax.Array, card: int) -> jax.Array:
@@ -149,13 +164,16 @@ def initial_state(params: EnvParams, max_enemies: int, max_gems: int) -> EnvStat
       level=jnp.ones((), jnp.int32),
       menu_open=jnp.zeros((), bool),
       menu_cards=jnp.arange(CARDS_PER_MENU, dtype=jnp.int32),
-      enemy_pos=jnp.zeros((max_enemies, 2), jnp.float32),
+      enemy_pos=jnp.zeros((2, max_enemies), jnp.float32),
       enemy_health=jnp.zeros((max_enemies,), jnp.float32),
       enemy_kind=jnp.zeros((max_enemies,), jnp.int32),
       enemy_alive=jnp.zeros((max_enemies,), bool),
-      gem_pos=jnp.zeros((max_gems, 2), jnp.float32),
+      gem_pos=jnp.zeros((2, max_gems), jnp.float32),
       gem_value=jnp.zeros((max_gems,), jnp.float32),
       gem_alive=jnp.zeros((max_gems,), bool),
+      spawn_queue=jnp.zeros((), jnp.int32),
+      spawn_slot=jnp.zeros((), jnp.int32),
+      gem_slot=jnp.zeros((), jnp.int32),
       game_time=jnp.zeros((), jnp.int32),
       steps=jnp.zeros((), jnp.int32),
       kills=jnp.zeros((), jnp.int32),
@@ -166,12 +184,24 @@ def initial_state(params: EnvParams, max_enemies: int, max_gems: int) -> EnvStat
 def _edge_points(u: jax.Array, arena_size, inset) -> jax.Array:
   """Maps u in [0, 1) to a point on the arena's perimeter, `inset` inside the walls."""
   t = 4.0 * u
-  side = jnp.floor(t).astype(jnp.int32)
+  side = jnp.floor(t)
   along = inset + (t - side) * (arena_size - 2.0 * inset)
-  lo, hi = inset, arena_size - inset
-  x = jnp.select([side == 0, side == 1, side == 2], [along, hi, arena_size - along], lo)
-  y = jnp.select([side == 0, side == 1, side == 2], [lo, along, hi], arena_size - along)
-  return jnp.stack([x, y], axis=-1)
+  across = jnp.where(side < 2, inset, arena_size - inset)  # sides 0, 1: top, left
+  horizontal = (side == 0) | (side == 2)
+  x = jnp.where(horizontal, along, across)
+  y = jnp.where(horizontal, across, along)
+  return jnp.stack([x, y])
+
+
+def _uniforms(key: jax.Array) -> jax.Array:
+  """f32[6] in [0, 1) from a single threefry block: 2 x 16-bit and 4 x 8-bit fields of two
+  random u32 words (coarse, but plenty for spawn points, kinds and card deals)."""
+  bits = jax.random.bits(key, (2,), jnp.uint32)
+  fields = jnp.stack([
+      bits[0] >> 16, bits[0] & 0xFFFF,  # 16-bit: two spawn positions
+      bits[1] >> 24, (bits[1] >> 16) & 0xFF, (bits[1] >> 8) & 0xFF, bits[1] & 0xFF])
+  scale = jnp.asarray([2.0**-16] * 2 + [2.0**-8] * 4, jnp.float32)
+  return fields.astype(jnp.float32) * scale
 
 
 def _deal_cards(u_offset, u_stride) -> jax.Array:
@@ -206,7 +236,7 @@ def play_tick(key: jax.Array, state: EnvState, move: jax.Array,
   arena = jnp.asarray(params.arena_size, f32)
   num_enemies = state.enemy_alive.shape[0]
   num_gems = state.gem_alive.shape[0]
-  u = jax.random.uniform(key, (6,))
+  u = _uniforms(key)
 
   # 1. Player movement, clamped by the walls.
   move = jnp.clip(move, -1.0, 1.0)
@@ -220,12 +250,12 @@ def play_tick(key: jax.Array, state: EnvState, move: jax.Array,
 
   # 2. Enemies chase the player (stopping on it rather than overshooting).
   kind = state.enemy_kind
-  rel = pos[None, :] - state.enemy_pos
-  dist = jnp.sqrt(jnp.sum(rel * rel, axis=-1) + 1e-12)
+  rel = pos[:, None] - state.enemy_pos
+  dist = jnp.sqrt(jnp.sum(rel * rel, axis=0) + 1e-12)
   step_len = jnp.minimum(_table(params.enemy_speed, kind), dist)
-  enemy_pos = state.enemy_pos + rel * (step_len / dist)[:, None]
-  rel = pos[None, :] - enemy_pos
-  dist = jnp.sqrt(jnp.sum(rel * rel, axis=-1) + 1e-12)
+  enemy_pos = state.enemy_pos + rel * (step_len / dist)[None, :]
+  rel = pos[:, None] - enemy_pos
+  dist = jnp.sqrt(jnp.sum(rel * rel, axis=0) + 1e-12)
 
   # 3. Contact damage, then regeneration.
   alive = state.enemy_alive
@@ -249,17 +279,16 @@ def play_tick(key: jax.Array, state: EnvState, move: jax.Array,
   cooldown = stat(params, state.upgrades, ATTACK_SPEED)
   attack_timer = jnp.where(fire, cooldown, jnp.maximum(state.attack_timer - 1.0, 0.0))
 
-  # A kill drops a gem in the first free slot (the gem is lost if every slot is taken).
-  free_gem = jnp.argmin(state.gem_alive)
-  drop = any_kill & ~state.gem_alive[free_gem]
-  dropped = (jnp.arange(num_gems) == free_gem) & drop
+  # A kill drops a gem into the next slot of the gem ring (replacing the oldest gem).
+  dropped = (jnp.arange(num_gems) == state.gem_slot) & any_kill
+  gem_slot = (state.gem_slot + any_kill.astype(jnp.int32)) % num_gems
   gem_alive = state.gem_alive | dropped
-  gem_pos = jnp.where(dropped[:, None], enemy_pos[target][None, :], state.gem_pos)
+  gem_pos = jnp.where(dropped[None, :], enemy_pos[:, target][:, None], state.gem_pos)
   gem_value = jnp.where(dropped, _table(params.enemy_xp, kind[target]), state.gem_value)
 
   # 5. Gem pickup.
-  gem_rel = gem_pos - pos[None, :]
-  gem_d2 = jnp.sum(gem_rel * gem_rel, axis=-1)
+  gem_rel = gem_pos - pos[:, None]
+  gem_d2 = jnp.sum(gem_rel * gem_rel, axis=0)
   picked = gem_alive & (gem_d2 <= stat(params, state.upgrades, PICKUP_RADIUS) ** 2)
   xp_gained = jnp.sum(jnp.where(picked, gem_value, 0.0))
   gem_alive = gem_alive & ~picked
@@ -272,31 +301,31 @@ def play_tick(key: jax.Array, state: EnvState, move: jax.Array,
   level = state.level + level_up.astype(jnp.int32)
   menu_cards = jnp.where(level_up, _deal_cards(u[4], u[5]), state.menu_cards)
 
-  # 7. Spawns: a boss first (it may replace slot 0 if the arena is full), then the wave
-  # fills the lowest free slots.
+  # 7. Spawns: queue a wave on schedule, then up to SPAWNS_PER_TICK enter at the ring slots.
   t = state.game_time
   slots = jnp.arange(num_enemies)
-  boss_due = (t > 0) & (t % params.boss_interval == 0)
-  free = ~enemy_alive
-  boss_slot = jnp.argmax(free)
-  is_boss = (slots == boss_slot) & boss_due
-  free = free & ~is_boss
   wave_due = (t % params.spawn_interval) == 0
-  wave_size = params.wave_base + t // params.wave_growth
-  spawns = free & ((jnp.cumsum(free) - 1) < wave_size) & wave_due
-  slot_f = slots.astype(f32)
-  u_pos = jnp.where(is_boss, u[2], jnp.mod(u[0] + slot_f * _PHI1, 1.0))
-  u_kind = jnp.mod(u[1] + slot_f * _PHI2, 1.0)
+  queue = state.spawn_queue + jnp.where(wave_due, params.wave_base + t // params.wave_growth, 0)
+  queue = jnp.minimum(queue, num_enemies)
+  boss_due = (t > 0) & (t % params.boss_interval == 0)
   ramp = jnp.clip(t.astype(f32) / params.difficulty_ramp, 0.0, 1.0)
-  new_kind = jnp.where(u_kind < ramp * params.max_fast_share, FAST,
-                       jnp.where(u_kind > 1.0 - ramp * params.max_tough_share, TOUGH, GRUNT))
-  new_kind = jnp.where(is_boss, BOSS, new_kind)
-  placed = spawns | is_boss
-  spawn_pos = _edge_points(u_pos, arena, _table(params.enemy_radius, new_kind))
-  enemy_pos = jnp.where(placed[:, None], spawn_pos, enemy_pos)
-  enemy_kind = jnp.where(placed, new_kind, kind)
-  enemy_health = jnp.where(placed, _table(params.enemy_health, new_kind), enemy_health)
-  enemy_alive = enemy_alive | placed
+  spawned = jnp.zeros((), jnp.int32)
+  for j in range(SPAWNS_PER_TICK):  # static and tiny: one pass over the slots per spawn
+    slot = (state.spawn_slot + j) % num_enemies
+    at_slot = slots == slot
+    boss = boss_due if j == 0 else jnp.zeros((), bool)
+    enters = boss | ((j < queue) & ~jnp.any(at_slot & enemy_alive))
+    u_kind = u[2 + j]
+    new_kind = jnp.where(u_kind < ramp * params.max_fast_share, FAST,
+                         jnp.where(u_kind >= 1.0 - ramp * params.max_tough_share, TOUGH, GRUNT))
+    new_kind = jnp.where(boss, BOSS, new_kind)
+    spawn_pos = _edge_points(u[j], arena, _table(params.enemy_radius, new_kind))
+    placed = at_slot & enters
+    enemy_pos = jnp.where(placed[None, :], spawn_pos[:, None], enemy_pos)
+    kind = jnp.where(placed, new_kind, kind)
+    enemy_health = jnp.where(placed, _table(params.enemy_health, new_kind), enemy_health)
+    enemy_alive = enemy_alive | placed
+    spawned = spawned + (enters & ~boss).astype(jnp.int32)
 
   terms = jnp.stack([
       jnp.ones((), f32),
@@ -310,8 +339,10 @@ def play_tick(key: jax.Array, state: EnvState, move: jax.Array,
   new_state = state.replace(
       player_pos=pos, player_vel=vel, health=health, attack_timer=attack_timer, xp=xp,
       level=level, menu_open=level_up, menu_cards=menu_cards, enemy_pos=enemy_pos,
-      enemy_health=enemy_health, enemy_kind=enemy_kind, enemy_alive=enemy_alive,
-      gem_pos=gem_pos, gem_value=gem_value, gem_alive=gem_alive, game_time=t + 1,
+      enemy_health=enemy_health, enemy_kind=kind, enemy_alive=enemy_alive,
+      gem_pos=gem_pos, gem_value=gem_value, gem_alive=gem_alive, spawn_queue=queue - spawned,
+      spawn_slot=(state.spawn_slot + SPAWNS_PER_TICK) % num_enemies, gem_slot=gem_slot,
+      game_time=t + 1,
       kills=state.kills + any_kill.astype(jnp.int32),
       boss_kills=state.boss_kills + boss_killed.astype(jnp.int32))
   return new_state, terms

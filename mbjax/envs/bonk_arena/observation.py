@@ -36,11 +36,11 @@ def vector_size(num_obs_enemies: int, num_obs_gems: int) -> int:
   return list(vector_layout(num_obs_enemies, num_obs_gems).values())[-1].stop
 
 
-def _nearest(rel: jax.Array, alive: jax.Array, k: int):
-  """Indices of the k nearest alive entities (dead ones sort last) and their distances."""
-  d = jnp.sqrt(jnp.sum(rel * rel, axis=-1) + 1e-12)
-  _, idx = jax.lax.top_k(-jnp.where(alive, d, jnp.inf), k)
-  return idx, d
+def _nearest(features: jax.Array, dist: jax.Array, alive: jax.Array, k: int) -> jax.Array:
+  """f32[k, F]: `features` (f32[F, N]) of the k nearest alive entities, nearest first; rows
+  past the number alive are zeros."""
+  _, idx = jax.lax.top_k(-jnp.where(alive, dist, jnp.inf), k)
+  return (features[:, idx] * alive[idx][None, :]).T
 
 
 def vector_observation(state: game.EnvState, params: game.EnvParams, num_obs_enemies: int,
@@ -64,27 +64,27 @@ def vector_observation(state: game.EnvState, params: game.EnvParams, num_obs_ene
   ]
 
   # Nearest enemies, sorted by distance; absent slots are all zeros.
-  rel = state.enemy_pos - pos[None, :]
-  idx, dist = _nearest(rel, state.enemy_alive, num_obs_enemies)
-  present = state.enemy_alive[idx].astype(f32)
-  kind = state.enemy_kind[idx]
-  health_frac = state.enemy_health[idx] / game._table(params.enemy_health, kind)
-  enemies = jnp.stack([
-      jnp.ones_like(present), rel[idx, 0] / arena, rel[idx, 1] / arena, dist[idx] / arena,
-      health_frac, (kind == game.FAST).astype(f32), (kind == game.TOUGH).astype(f32),
-      (kind == game.BOSS).astype(f32)], axis=-1) * present[:, None]
+  rel = state.enemy_pos - pos[:, None]
+  dist = jnp.sqrt(jnp.sum(rel * rel, axis=0) + 1e-12)
+  kind = state.enemy_kind
+  health_frac = state.enemy_health / game._table(params.enemy_health, kind)
+  enemy_features = jnp.stack([
+      jnp.ones_like(dist), rel[0] / arena, rel[1] / arena, dist / arena, health_frac,
+      (kind == game.FAST).astype(f32), (kind == game.TOUGH).astype(f32),
+      (kind == game.BOSS).astype(f32)])
+  enemies = _nearest(enemy_features, dist, state.enemy_alive, num_obs_enemies)
 
   # Summary of all enemies: how full the arena is and a distance-weighted pull towards them.
   alive = state.enemy_alive.astype(f32)
   weight = alive / (dist * (1.0 + dist))
-  threat = jnp.tanh(jnp.sum(rel * weight[:, None], axis=0))
+  threat = jnp.tanh(jnp.sum(rel * weight[None, :], axis=1))
   summary = [jnp.mean(alive)[None], threat]
 
-  gem_rel = state.gem_pos - pos[None, :]
-  gidx, gdist = _nearest(gem_rel, state.gem_alive, num_obs_gems)
-  gpresent = state.gem_alive[gidx].astype(f32)
-  gems = jnp.stack([jnp.ones_like(gpresent), gem_rel[gidx, 0] / arena,
-                    gem_rel[gidx, 1] / arena, gdist[gidx] / arena], axis=-1) * gpresent[:, None]
+  gem_rel = state.gem_pos - pos[:, None]
+  gem_dist = jnp.sqrt(jnp.sum(gem_rel * gem_rel, axis=0) + 1e-12)
+  gem_features = jnp.stack([jnp.ones_like(gem_dist), gem_rel[0] / arena, gem_rel[1] / arena,
+                            gem_dist / arena])
+  gems = _nearest(gem_features, gem_dist, state.gem_alive, num_obs_gems)
 
   menu_open = state.menu_open.astype(f32)
   cards = jax.nn.one_hot(state.menu_cards, game.NUM_CARDS, dtype=f32) * menu_open

@@ -38,9 +38,22 @@ class Episode:
   valid: jax.Array  # bool[T], True up to and including the last step of the episode
 
 
+def _num_steps(params: EnvParams, num_steps: int | None) -> int:
+  if num_steps is not None:
+    return int(num_steps)
+  try:
+    return int(params.time_limit)
+  except jax.errors.ConcretizationTypeError:
+    raise ValueError("params.time_limit is traced here; pass num_steps (a Python int >= "
+                     "time_limit) to size the rollout") from None
+
+
 def play_episode(env: BonkArena, params: EnvParams, policy_fn: PolicyFn, key: jax.Array,
-                 with_frames: bool = False) -> Episode:
-  """Plays one episode from a reset (pure; jit it with env/policy_fn/with_frames static)."""
+                 with_frames: bool = False, num_steps: int | None = None) -> Episode:
+  """Plays one episode from a reset for `num_steps` (default `params.time_limit`) steps.
+
+  Pure; under jit, `env`, `policy_fn`, `with_frames` and `num_steps` are static.
+  """
   reset_key, key = jax.random.split(key)
   obs, state = env.reset(reset_key, params)
 
@@ -55,16 +68,16 @@ def play_episode(env: BonkArena, params: EnvParams, policy_fn: PolicyFn, key: ja
     return (obs, state, key, done | terminated | truncated), out
 
   _, episode = jax.lax.scan(body, (obs, state, key, jnp.zeros((), bool)), None,
-                            length=params.time_limit)
+                            length=_num_steps(params, num_steps))
   return episode
 
 
 def evaluate(env: BonkArena, params: EnvParams, policy_fn: PolicyFn, key: jax.Array,
-             num_episodes: int) -> dict[str, jax.Array]:
+             num_episodes: int, num_steps: int | None = None) -> dict[str, jax.Array]:
   """Returns per-episode `return`, `length`, `terminated` and summed `reward_terms`."""
 
   def one(key):
-    ep = play_episode(env, params, policy_fn, key)
+    ep = play_episode(env, params, policy_fn, key, num_steps=num_steps)
     return {
         "return": jnp.sum(ep.rewards * ep.valid),
         "length": jnp.sum(ep.valid),
@@ -77,9 +90,11 @@ def evaluate(env: BonkArena, params: EnvParams, policy_fn: PolicyFn, key: jax.Ar
 
 def batched_rollout(env: BonkArena, params: EnvParams, policy_fn: PolicyFn, num_envs: int,
                     num_steps: int, auto_reset: bool = True):
-  """A jitted `run(key) -> (total reward, episodes finished)` stepping `num_envs` envs for
-  `num_steps` steps under `jit(vmap)`; with `auto_reset` finished envs are reset in-line
-  (every env computes its reset every step, as a `VecEnv` with `reset_fraction=1` does)."""
+  """A jitted `run(key) -> (total reward, episodes finished, observation checksum)` stepping
+  `num_envs` envs for `num_steps` steps under `jit(vmap)`; with `auto_reset` finished envs are
+  reset in-line (every env computes its reset every step, as a `VecEnv` with
+  `reset_fraction=1` does). The checksum sums every observation so that XLA cannot drop the
+  observation work when the policy ignores it (the random policy does)."""
   step = jax.vmap(env.step, in_axes=(0, 0, 0, None))
   reset = jax.vmap(env.reset, in_axes=(0, None))
   mask = jax.vmap(env.action_mask, in_axes=(0, None))
@@ -90,7 +105,7 @@ def batched_rollout(env: BonkArena, params: EnvParams, policy_fn: PolicyFn, num_
     obs, state = reset(jax.random.split(reset_key, num_envs), params)
 
     def body(carry, _):
-      obs, state, key, total, finished = carry
+      obs, state, key, total, finished, checksum = carry
       key, act_key, step_key, reset_key = jax.random.split(key, 4)
       action = policy(jax.random.split(act_key, num_envs), obs, mask(state, params))
       obs, state, reward, terminated, truncated, _ = step(
@@ -101,10 +116,12 @@ def batched_rollout(env: BonkArena, params: EnvParams, policy_fn: PolicyFn, num_
         pick = lambda a, b: jnp.where(done.reshape(done.shape + (1,) * (a.ndim - 1)), a, b)
         obs = pick(fresh_obs, obs)
         state = jax.tree.map(pick, fresh_state, state)
-      return (obs, state, key, total + jnp.sum(reward), finished + jnp.sum(done)), None
+      checksum = checksum + jnp.sum(obs, dtype=jnp.float32)
+      return (obs, state, key, total + jnp.sum(reward), finished + jnp.sum(done), checksum), None
 
-    init = (obs, state, key, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32))
-    (_, _, _, total, finished), _ = jax.lax.scan(body, init, None, length=num_steps)
-    return total, finished
+    zero = jnp.zeros((), jnp.float32)
+    init = (obs, state, key, zero, jnp.zeros((), jnp.int32), zero)
+    (_, _, _, total, finished, checksum), _ = jax.lax.scan(body, init, None, length=num_steps)
+    return total, finished, checksum
 
   return jax.jit(run)
