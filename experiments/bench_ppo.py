@@ -34,13 +34,6 @@ def _timed_compile(fn, *args):
   return compiled, time.perf_counter() - start
 
 
-def final_returns(metrics, last: int) -> np.ndarray:
-  """Per-seed mean return of the episodes that finished in the last `last` updates."""
-  returns = np.asarray(metrics["episode/return"])[..., -last:]
-  counts = np.asarray(metrics["episode/count"])[..., -last:]
-  return (returns * counts).sum(-1) / np.maximum(counts.sum(-1), 1)
-
-
 def main(argv):
   del argv
   cfg = _CONFIG.value
@@ -70,7 +63,7 @@ def main(argv):
     start = time.perf_counter()
     _, metrics = jax.block_until_ready(train_seeds(keys))
     seconds = time.perf_counter() - start
-    finals = final_returns(jax.device_get(metrics), _FINAL_UPDATES.value)
+    finals = np.asarray(anakin.final_episode_return(metrics, _FINAL_UPDATES.value))
     print(f"{_SEEDS.value} seeds: compile {compile_seconds:.1f} s | run {seconds:.2f} s | "
           f"{_SEEDS.value * total_steps / seconds:,.0f} env-steps/s")
     print(f"final return (last {_FINAL_UPDATES.value} updates) per seed: "

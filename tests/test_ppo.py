@@ -79,9 +79,7 @@ def test_ppo_learns_cartpole():
   env, env_params = registry.make(cfg.env.name)
   trainer = anakin.make_train(cfg, env, env_params)
   _, metrics = jax.jit(jax.vmap(trainer.train))(jax.random.split(jax.random.PRNGKey(0), 2))
-  returns = np.asarray(metrics["episode/return"][:, -10:])
-  counts = np.asarray(metrics["episode/count"][:, -10:])
-  final = (returns * counts).sum(1) / counts.sum(1)
+  final = np.asarray(anakin.final_episode_return(metrics, 10))
   assert final.mean() >= 150, final
 
 

@@ -143,3 +143,11 @@ def make_train(cfg: ml_collections.ConfigDict, env: Environment, env_params: Any
 
   return Trainer(init, update, train, num_updates, env_steps_per_update, network, env,
                  env_params, cfg)
+
+
+def final_episode_return(metrics: dict, last_updates: int) -> jax.Array:
+  """Mean return of the episodes that finished in the last `last_updates` updates of a
+  `train` run's metrics (leading axes, e.g. seeds, are kept)."""
+  returns = metrics["episode/return"][..., -last_updates:]
+  counts = metrics["episode/count"][..., -last_updates:]
+  return (returns * counts).sum(-1) / jnp.maximum(counts.sum(-1), 1)
