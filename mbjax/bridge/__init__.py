@@ -1,0 +1,6 @@
+"""Game bridges: the BonkLink TCP protocol (codec, client, reference game server, launcher,
+state→learner shim) and the ResearchPlugin shared-memory bridge.
+
+Sockets, threads and files live only here (and in `mbjax.train.sebulba`); everything a
+learner computes from bridge data is pure NumPy/JAX elsewhere.
+"""
