@@ -1,0 +1,1 @@
+"""Data on the learner's side: the device-resident replay (and, later, episode formats)."""
