@@ -56,7 +56,7 @@ class BonkArena(base.Environment):
   """
 
   def __init__(self, observation: str = "vector", pixel_size: int = 64, max_enemies: int = 32,
-               max_gems: int = 32, num_obs_enemies: int = 5, num_obs_gems: int = 3):
+               max_gems: int = 16, num_obs_enemies: int = 5, num_obs_gems: int = 3):
     if observation not in ("vector", "pixels"):
       raise ValueError(f"observation must be 'vector' or 'pixels', got {observation!r}")
     if not 1 <= num_obs_enemies <= max_enemies:

@@ -63,6 +63,9 @@ def scripted_policy(key: jax.Array, obs: jax.Array, mask: jax.Array, *,
   seek = seek / (jnp.linalg.norm(seek) + 1e-6)
   safe = jnp.clip(1.0 - danger, 0.0, 1.0)
   move = safe * seek + (1.0 - safe) * flee
+  # Against a wall, drop the component pushing into it (it only costs the wall penalty).
+  into_wall = (jnp.abs(pos) > 0.94) & (jnp.sign(move) == jnp.sign(pos))
+  move = jnp.where(into_wall, 0.0, move)
   move = move / (jnp.linalg.norm(move) + 1e-6)
 
   cards = obs[layout["menu_cards"]].reshape(game.CARDS_PER_MENU, game.NUM_CARDS)
