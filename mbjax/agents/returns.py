@@ -49,3 +49,33 @@ def generalized_advantage_estimation(
   _, advantages = jax.lax.scan(
       backward, jnp.zeros_like(rewards[0]), (deltas, not_done), reverse=True)
   return advantages, advantages + values
+
+
+def lambda_returns(
+    rewards: jax.Array,
+    continues: jax.Array,
+    next_values: jax.Array,
+    gamma: float,
+    lambda_: float,
+) -> jax.Array:
+  """TD(λ) returns of an imagined trajectory (Sutton & Barto 12.1; Dreamer's V_λ).
+
+  Args:
+    rewards: r_t, the reward of the transition out of step t, f32[H, ...].
+    continues: c_t ∈ [0, 1], the (predicted) probability that the episode goes on after
+      that transition, f32[H, ...].
+    next_values: v(s_{t+1}), f32[H, ...]; the last entry bootstraps the tail.
+
+  Returns f32[H, ...] with
+    G_t = r_t + γ c_t ((1 − λ) v(s_{t+1}) + λ G_{t+1}),   G_{H−1} bootstraps v(s_H).
+  """
+  chex.assert_equal_shape([rewards, continues, next_values])
+
+  def backward(next_return, xs):
+    reward, continue_, next_value = xs
+    ret = reward + gamma * continue_ * ((1.0 - lambda_) * next_value + lambda_ * next_return)
+    return ret, ret
+
+  _, returns = jax.lax.scan(backward, next_values[-1], (rewards, continues, next_values),
+                            reverse=True)
+  return returns

@@ -1,0 +1,390 @@
+"""Recurrent state-space world model (RSSM): encoder, latent dynamics, decoder, reward and
+continue heads, trained on sequences (Hafner et al. 2019 "PlaNet"; DreamerV3, Hafner et
+al. 2023, for categorical latents, KL balancing with free nats and symlog targets).
+
+Latent state s_t = (h_t, z_t): h_t is a GRU's deterministic state, z_t a stochastic sample —
+a diagonal Gaussian (`classes = 0`, as upstream, with a minimum std) or `stoch` categoricals
+of `classes` classes with straight-through gradients and 1% uniform mixing (DreamerV3).
+
+  prior    h_t = GRU(h_{t−1}, [z_{t−1}, a_{t−1}]),  z_t ~ p(z_t | h_t)
+  posterior                                        z_t ~ q(z_t | h_t, embed(o_t))
+  heads    o_t ~ N(dec(s_t), σ_dec(s_t));  r_t, c_t from the prior *after* a_t
+
+The reward and continue heads read the prior state that follows action a_t, i.e. exactly
+what imagination produces, so terminal transitions are learned even though auto-reset
+replaced their final observation in the rollout. Episode starts (`is_first`) reset the
+latent state and the previous action to zero.
+
+Differs from upstream MetaBonk (`src/learner/world_model.py`): discrete actions are one-hot
+(not raw indices as floats); a min std bounds the Gaussian; KL balancing and free nats;
+a continue head; resets at episode starts; the decoder reconstructs o_t from (h_t, z_t) and
+also predicts a per-dimension std (an input-dependent observation entropy for the Active
+Inference head); batches of several windows, not one whole rollout.
+"""
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import chex
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from mbjax.agents.kl import categorical_kl, gaussian_kl
+from mbjax.envs.spaces import HybridAction, HybridActionSpec
+from mbjax.nets.actor_critic import PixelEncoder
+
+MIN_LOG_STD, MAX_LOG_STD = -5.0, 2.0
+
+
+def symlog(x):
+  return jnp.sign(x) * jnp.log1p(jnp.abs(x))
+
+
+def symexp(x):
+  return jnp.sign(x) * jnp.expm1(jnp.abs(x))
+
+
+@flax.struct.dataclass
+class LatentState:
+  deter: jax.Array  # [B, deter]
+  stoch: jax.Array  # [B, stoch * max(classes, 1)], the sample (one-hot for categoricals)
+  stats: jax.Array  # categorical: logits [B, stoch, classes]; Gaussian: [B, 2 * stoch]
+
+  @property
+  def features(self) -> jax.Array:
+    return jnp.concatenate([self.deter, self.stoch], -1)
+
+
+def action_vector(action: HybridAction, spec: HybridActionSpec) -> jax.Array:
+  """Env-space hybrid action → the model's input: continuous dims then one-hot branches."""
+  parts = [action.continuous.astype(jnp.float32)]
+  parts += [jax.nn.one_hot(action.discrete[..., i], n) for i, n in enumerate(spec.branches)]
+  return jnp.concatenate(parts, -1)
+
+
+def action_vector_size(spec: HybridActionSpec) -> int:
+  return spec.continuous_dim + spec.mask_size
+
+
+def _mlp(x, sizes, name):
+  for i, size in enumerate(sizes):
+    x = nn.Dense(size, name=f"{name}_{i}")(x)
+    # A large epsilon keeps gradients bounded for all-zero inputs (the reset state).
+    x = nn.silu(nn.LayerNorm(epsilon=1e-3, name=f"{name}_norm_{i}")(x))
+  return x
+
+
+class RSSM(nn.Module):
+  deter: int = 512
+  stoch: int = 32
+  classes: int = 32  # 0: diagonal Gaussian latents
+  hidden: int = 512
+  min_std: float = 0.1
+  unimix: float = 0.01
+
+  @property
+  def stoch_size(self) -> int:
+    return self.stoch * max(self.classes, 1)
+
+  def initial(self, batch: int) -> LatentState:
+    if self.classes:
+      stats = jnp.zeros((batch, self.stoch, self.classes))
+    else:
+      stats = jnp.concatenate([jnp.zeros((batch, self.stoch)), jnp.ones((batch, self.stoch))], -1)
+    return LatentState(jnp.zeros((batch, self.deter)), jnp.zeros((batch, self.stoch_size)), stats)
+
+  def _stats(self, x, name):
+    if self.classes:
+      logits = nn.Dense(self.stoch * self.classes, name=name)(x)
+      logits = logits.reshape(x.shape[:-1] + (self.stoch, self.classes))
+      probs = (1.0 - self.unimix) * jax.nn.softmax(logits, -1) + self.unimix / self.classes
+      return jnp.log(probs)
+    mean, raw_std = jnp.split(nn.Dense(2 * self.stoch, name=name)(x), 2, -1)
+    return jnp.concatenate([mean, nn.softplus(raw_std) + self.min_std], -1)
+
+  def _sample(self, stats, key):
+    if self.classes:
+      probs = jax.nn.softmax(stats, -1)
+      index = jax.random.categorical(key, stats, -1)
+      one_hot = jax.nn.one_hot(index, self.classes)
+      sample = one_hot + probs - jax.lax.stop_gradient(probs)  # straight-through
+      return sample.reshape(stats.shape[:-2] + (self.stoch_size,))
+    mean, std = jnp.split(stats, 2, -1)
+    return mean + std * jax.random.normal(key, mean.shape)
+
+  @nn.compact
+  def img_step(self, state: LatentState, action: jax.Array, key: jax.Array) -> LatentState:
+    """Prior transition: p(s_t | s_{t−1}, a_{t−1})."""
+    x = _mlp(jnp.concatenate([state.stoch, action], -1), (self.hidden,), "img_in")
+    deter, _ = nn.GRUCell(self.deter, name="gru")(state.deter, x)
+    stats = self._stats(_mlp(deter, (self.hidden,), "img_out"), "prior_stats")
+    return LatentState(deter, self._sample(stats, key), stats)
+
+  @nn.compact
+  def obs_step(self, state: LatentState, action: jax.Array, embed: jax.Array,
+               is_first: jax.Array, key: jax.Array) -> tuple[LatentState, LatentState]:
+    """Posterior q(s_t | s_{t−1}, a_{t−1}, o_t) and the prior it refines."""
+    prior_key, post_key = jax.random.split(key)
+    initial = self.initial(is_first.shape[0])
+    reset = lambda fresh, old: jnp.where(is_first.reshape((-1,) + (1,) * (old.ndim - 1)),
+                                         fresh, old)
+    state = jax.tree.map(reset, initial, state)
+    action = reset(jnp.zeros_like(action), action)
+    prior = self.img_step(state, action, prior_key)
+    x = _mlp(jnp.concatenate([prior.deter, embed], -1), (self.hidden,), "obs_out")
+    stats = self._stats(x, "post_stats")
+    return LatentState(prior.deter, self._sample(stats, post_key), stats), prior
+
+
+class WorldModel(nn.Module):
+  """Encoder + RSSM + heads. Pixel observations (rank 3) use CNNs; vectors MLPs."""
+
+  obs_shape: tuple[int, ...]
+  rssm: RSSM
+  hidden: int = 512
+  head_layers: int = 2
+
+  def setup(self):
+    pixels = len(self.obs_shape) == 3
+    self.encoder = PixelEncoder(self.hidden) if pixels else _MLPStack(self.hidden, 2)
+    self.decoder = PixelDecoder(self.obs_shape) if pixels else VectorDecoder(
+        self.obs_shape[0], self.hidden, self.head_layers)
+    self.reward_head = _ScalarHead(self.hidden, self.head_layers)
+    self.continue_head = _ScalarHead(self.hidden, self.head_layers)
+
+  def embed(self, obs):
+    return self.encoder(obs if obs.ndim == 4 else symlog(obs))
+
+  def decode(self, features):
+    """Mean and std of p(o | s) — in symlog space for vectors, [0, 1] for pixels."""
+    return self.decoder(features)
+
+  def reward(self, features):
+    return symexp(self.reward_head(features))
+
+  def continue_logit(self, features):
+    return self.continue_head(features)
+
+  def __call__(self, obs, action, is_first, key):
+    """Touches every parameter (for `init`): one observe step plus all heads."""
+    state = self.rssm.initial(obs.shape[0])
+    post, _ = self.rssm.obs_step(state, action, self.embed(obs), is_first, key)
+    return (self.decode(post.features), self.reward(post.features),
+            self.continue_logit(post.features))
+
+
+class _MLPStack(nn.Module):
+  width: int
+  layers: int
+
+  @nn.compact
+  def __call__(self, x):
+    return _mlp(x, (self.width,) * self.layers, "layer")
+
+
+class _ScalarHead(nn.Module):
+  width: int
+  layers: int
+
+  @nn.compact
+  def __call__(self, x):
+    x = _mlp(x, (self.width,) * self.layers, "layer")
+    return nn.Dense(1, kernel_init=nn.initializers.zeros)(x)[..., 0]
+
+
+class VectorDecoder(nn.Module):
+  obs_dim: int
+  width: int
+  layers: int
+
+  @nn.compact
+  def __call__(self, features):
+    x = _mlp(features, (self.width,) * self.layers, "layer")
+    mean = nn.Dense(self.obs_dim, name="mean")(x)
+    log_std = nn.Dense(self.obs_dim, name="log_std", kernel_init=nn.initializers.zeros)(x)
+    return mean, jnp.exp(jnp.clip(log_std, MIN_LOG_STD, MAX_LOG_STD))
+
+
+class PixelDecoder(nn.Module):
+  """Dense → 8×8 map → transposed convolutions up to the frame size; mean and std per pixel."""
+
+  obs_shape: tuple[int, int, int]
+
+  @nn.compact
+  def __call__(self, features):
+    height, width, channels = self.obs_shape
+    base_h, base_w = height // 8, width // 8
+    x = nn.Dense(base_h * base_w * 64)(features)
+    x = x.reshape(features.shape[:-1] + (base_h, base_w, 64))
+    for features_out in (64, 32):
+      x = nn.silu(nn.ConvTranspose(features_out, (4, 4), (2, 2))(x))
+    x = nn.ConvTranspose(2 * channels, (4, 4), (2, 2))(x)
+    mean, log_std = jnp.split(x, 2, -1)
+    return jax.nn.sigmoid(mean), jnp.exp(jnp.clip(log_std, MIN_LOG_STD, MAX_LOG_STD))
+
+
+@flax.struct.dataclass
+class WorldModelState:
+  params: Any
+  opt_state: Any
+
+
+class Sequence(NamedTuple):
+  """Training windows, time-major [L, B, ...]. `action[t]` is the action taken after o_t;
+  `reward[t]`, `terminated[t]` belong to that transition."""
+
+  obs: jax.Array
+  action: jax.Array  # f32[L, B, A], see action_vector
+  reward: jax.Array
+  terminated: jax.Array
+  is_first: jax.Array
+
+
+def make_world_model(cfg: ml_collections.ConfigDict, obs_shape) -> WorldModel:
+  wm = cfg.world_model
+  rssm = RSSM(deter=wm.deter, stoch=wm.stoch, classes=wm.classes, hidden=wm.hidden,
+              min_std=wm.min_std, unimix=wm.unimix)
+  return WorldModel(obs_shape=tuple(obs_shape), rssm=rssm, hidden=wm.hidden)
+
+
+def make_optimizer(cfg: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  return optax.chain(optax.clip_by_global_norm(cfg.world_model.max_grad_norm),
+                     optax.adam(cfg.world_model.lr, eps=1e-8))
+
+
+def init(key, model: WorldModel, optimizer, obs_shape, obs_dtype, action_size: int):
+  params = model.init(key, jnp.zeros((1,) + tuple(obs_shape), obs_dtype),
+                      jnp.zeros((1, action_size)), jnp.ones((1,), bool), key)
+  return WorldModelState(params, optimizer.init(params))
+
+
+def observe(model: WorldModel, params, obs, prev_action, is_first, key):
+  """Filters a sequence [L, B, ...] from the zero state; returns (posteriors, priors) with
+  leading [L, B]. `prev_action[t]` is a_{t−1} (ignored where `is_first`)."""
+  chex.assert_rank(is_first, 2)
+  embed = model.apply(params, obs, method=WorldModel.embed)
+
+  def step(state, inputs):
+    embed_t, action_t, first_t, key_t = inputs
+    post, prior = model.apply(params, state, action_t, embed_t, first_t, key_t,
+                              method=lambda m, *a: m.rssm.obs_step(*a))
+    return post, (post, prior)
+
+  keys = jax.random.split(key, is_first.shape[0])
+  initial = model.apply(params, is_first.shape[1], method=lambda m, b: m.rssm.initial(b))
+  _, (posts, priors) = jax.lax.scan(step, initial, (embed, prev_action, is_first, keys))
+  return posts, priors
+
+
+def img_step(model: WorldModel, params, state: LatentState, action, key) -> LatentState:
+  return model.apply(params, state, action, key, method=lambda m, *a: m.rssm.img_step(*a))
+
+
+def imagine(model: WorldModel, params, policy, start: LatentState, horizon: int, key):
+  """Rolls the prior forward `horizon` steps from `start` [N] with `policy(features, key)
+  -> (model_action [N, A], raw_action)`; returns (states [H+1, N], raw actions [H, N])."""
+
+  def step(state, key_t):
+    policy_key, dynamics_key = jax.random.split(key_t)
+    model_action, raw_action = policy(state.features, policy_key)
+    next_state = img_step(model, params, state, model_action, dynamics_key)
+    return next_state, (next_state, raw_action)
+
+  _, (states, raw_actions) = jax.lax.scan(step, start, jax.random.split(key, horizon))
+  states = jax.tree.map(lambda s0, s: jnp.concatenate([s0[None], s]), start, states)
+  return states, raw_actions
+
+
+def kl_terms(model: WorldModel, post: LatentState, prior: LatentState):
+  """(dynamics KL, representation KL) per position: KL(sg(q) ‖ p) and KL(q ‖ sg(p))."""
+  sg = jax.lax.stop_gradient
+  if model.rssm.classes:
+    return categorical_kl(sg(post.stats), prior.stats), categorical_kl(post.stats, sg(prior.stats))
+  q_mean, q_std = jnp.split(post.stats, 2, -1)
+  p_mean, p_std = jnp.split(prior.stats, 2, -1)
+  return (gaussian_kl(sg(q_mean), sg(q_std), p_mean, p_std),
+          gaussian_kl(q_mean, q_std, sg(p_mean), sg(p_std)))
+
+
+def observation_target(obs):
+  """What the decoder predicts: [0, 1] for (integer) pixels, symlog of vectors."""
+  if jnp.issubdtype(obs.dtype, jnp.integer):
+    return obs.astype(jnp.float32) / 255.0
+  return symlog(obs)
+
+
+def loss(params, model: WorldModel, cfg: ml_collections.ConfigDict, batch: Sequence, key,
+         axis_name: str | None = None):
+  """World-model loss on windows [L, B]; returns (loss, (posteriors, metrics))."""
+  wm = cfg.world_model
+  observe_key, transition_key = jax.random.split(key)
+  prev_action = jnp.concatenate([jnp.zeros_like(batch.action[:1]), batch.action[:-1]])
+  posts, priors = observe(model, params, batch.obs, prev_action, batch.is_first, observe_key)
+  features = posts.features
+  obs_axes = tuple(range(2, batch.obs.ndim))
+
+  mean, std = model.apply(params, features, method=WorldModel.decode)
+  target = observation_target(batch.obs)
+  squared_error = jnp.square(mean - target).sum(obs_axes)
+  # The std head learns the residual scale without rescaling the mean's gradient.
+  residual = jax.lax.stop_gradient(mean) - target
+  std_nll = (0.5 * jnp.square(residual / std) + jnp.log(std)).sum(obs_axes)
+
+  # Reward and continuation of each transition, from the prior that follows a_t.
+  flat = lambda x: x.reshape((-1,) + x.shape[2:])
+  next_prior = img_step(model, params, jax.tree.map(flat, posts), flat(batch.action),
+                        transition_key)
+  reward_pred = model.apply(params, next_prior.features, method=lambda m, f: m.reward_head(f))
+  reward_loss = jnp.square(reward_pred - symlog(flat(batch.reward)))
+  continue_logit = model.apply(params, next_prior.features, method=WorldModel.continue_logit)
+  continue_loss = optax.sigmoid_binary_cross_entropy(
+      continue_logit, 1.0 - flat(batch.terminated).astype(jnp.float32))
+
+  # One-step prediction of o_{t+1} from (s_t, a_t), where t+1 is in the same episode.
+  predicted, _ = model.apply(params, next_prior.features, method=WorldModel.decode)
+  predicted = predicted.reshape(target.shape)[:-1]
+  inside = ~batch.is_first[1:]
+  one_step_error = (jnp.square(predicted - target[1:]).mean(obs_axes) * inside).sum() / (
+      jnp.maximum(inside.sum(), 1))
+
+  dyn, rep = kl_terms(model, posts, priors)
+  kl_loss = (wm.dyn_scale * jnp.maximum(dyn, wm.free_nats)
+             + wm.rep_scale * jnp.maximum(rep, wm.free_nats))
+  total = (squared_error.mean() + std_nll.mean() + reward_loss.mean() + continue_loss.mean()
+           + kl_loss.mean())
+  pmean = (lambda x: x) if axis_name is None else (lambda x: jax.lax.pmean(x, axis_name))
+  metrics = {
+      "wm/loss": total,
+      "wm/recon": jnp.square(mean - target).mean(),
+      "wm/reward": reward_loss.mean(),
+      "wm/continue": continue_loss.mean(),
+      "wm/kl": rep.mean(),
+      "wm/obs_std": std.mean(),
+      "wm/one_step_error": jax.lax.stop_gradient(one_step_error),
+      "wm/copy_last_error": copy_last_observation_error(batch.obs, batch.is_first),
+  }
+  return pmean(total), (jax.lax.stop_gradient(posts), jax.tree.map(pmean, metrics))
+
+
+def update(state: WorldModelState, batch: Sequence, key, *, model: WorldModel, optimizer,
+           cfg: ml_collections.ConfigDict, axis_name: str | None = None):
+  """One optimiser step; returns (state, posteriors [L, B] (no gradient), metrics)."""
+  grads, (posts, metrics) = jax.grad(loss, has_aux=True)(state.params, model, cfg, batch, key,
+                                                         axis_name)
+  updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+  metrics["wm/grad_norm"] = optax.tree.norm(grads)
+  return WorldModelState(optax.apply_updates(state.params, updates), opt_state), posts, metrics
+
+
+def copy_last_observation_error(obs: jax.Array, is_first: jax.Array) -> jax.Array:
+  """The baseline a one-step model must beat: MSE (in the decoder's target space) of
+  predicting o_{t+1} = o_t, over steps that stay inside an episode."""
+  target = observation_target(obs)
+  error = jnp.square(target[1:] - target[:-1]).mean(tuple(range(2, obs.ndim)))
+  inside = ~is_first[1:]
+  return (error * inside).sum() / jnp.maximum(inside.sum(), 1)
+
