@@ -57,6 +57,27 @@ def base_config() -> ml_collections.ConfigDict:
   cfg.run.keep_checkpoints = 2
   cfg.run.video_max_frames = 500  # 0 disables the end-of-run video
   cfg.run.video_fps = 30
+
+  # Sebulba training through the BonkLink bridge (mbjax.train.sebulba); num_envs = games.
+  cfg.bridge = ml_collections.ConfigDict()
+  cfg.bridge.enabled = False  # True: experiments/train.py runs the Sebulba loop
+  cfg.bridge.launch_server = True  # start reference BonkArena servers as a child process
+  cfg.bridge.host = "127.0.0.1"
+  cfg.bridge.base_port = 5560  # game i on base_port + i (0 with launch_server: any free)
+  cfg.bridge.server_mode = "realtime"  # realtime (60 Hz clock) | lockstep (tick per action)
+  cfg.bridge.update_hz = 60.0  # METABONK Performance.UpdateHz
+  cfg.bridge.frame_hz = 0.0  # frames attached per second (Capture.JpegHz); 0: none
+  cfg.bridge.frame_format = "jpeg"  # jpeg | raw (MBRF; Capture.FrameFormat)
+  cfg.bridge.pixel_size = 64  # capture size of the reference server's frames
+  cfg.bridge.game_time_limit = 1500  # ticks per run on the reference server
+  cfg.bridge.max_episode_steps = 1000  # actor-side time limit (truncation)
+  cfg.bridge.num_actor_threads = 1  # must divide num_envs
+  cfg.bridge.num_obs_enemies = 8  # nearest enemies in the shim's observation
+  cfg.bridge.arena_size = 24.0  # world units that map positions to [-1, 1]
+  cfg.bridge.replay_capacity = 0  # actor replay steps; 0: ppo.num_steps
+  cfg.bridge.step_timeout = 2.0  # seconds to wait for a game's next state
+  cfg.bridge.reconnect_timeout = 30.0  # seconds a game may stay unreachable
+  cfg.bridge.rollout_timeout = 120.0  # seconds the learner waits for an actor's rollout
   return cfg
 
 
@@ -94,6 +115,21 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         f"config.ppo.num_minibatches={cfg.ppo.num_minibatches}: the rollout's "
         f"{steps // seq_len} chunks of length {seq_len} (ppo.num_steps / ppo.seq_len) must "
         "split evenly into minibatches")
+  _validate_bridge(cfg)
+
+
+def _validate_bridge(cfg: ml_collections.ConfigDict) -> None:
+  b = cfg.bridge
+  for key, choices in (("server_mode", ("realtime", "lockstep")),
+                       ("frame_format", ("jpeg", "raw"))):
+    if b[key] not in choices:
+      raise ValueError(f"config.bridge.{key}={b[key]!r}: expected one of {choices}")
+  for key in ("num_actor_threads", "num_obs_enemies", "max_episode_steps", "pixel_size"):
+    if b[key] < 1:
+      raise ValueError(f"config.bridge.{key}={b[key]}: expected a positive integer")
+  if b.enabled and cfg.num_envs % b.num_actor_threads:
+    raise ValueError(f"config.bridge.num_actor_threads={b.num_actor_threads} must divide "
+                     f"config.num_envs={cfg.num_envs}")
 
 
 def _get(cfg, dotted: str):

@@ -55,6 +55,9 @@ def run(cfg, workdir: str) -> dict:
   """Trains (or resumes) the experiment `cfg` in `workdir`; returns the last metrics record
   plus the output locations."""
   config_lib.validate(cfg)
+  if cfg.bridge.enabled:  # an external game over the bridge: the Sebulba loop
+    from mbjax.train import sebulba
+    return sebulba.run(cfg, workdir)
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
   env, env_params = registry.make(cfg.env.name, **cfg.env.kwargs.to_dict())

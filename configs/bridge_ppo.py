@@ -1,0 +1,46 @@
+"""PPO on BonkArena through the BonkLink bridge (Sebulba loop), against reference servers.
+
+The same path a real MegaBonk install takes: the learner launches `num_envs` reference game
+servers (`python -m mbjax.bridge.server`, ports from base_port), actor threads play them over
+TCP on 127.0.0.1 and the learner updates on device. Point `bridge.launch_server=False`,
+`bridge.base_port=5560` at running BonkLink plugins to train on the real game instead.
+Observation/reward: `mbjax.bridge.shim` (state packet → 69 floats; survival, damage, level-up).
+
+Command:  python -m experiments.train --config=configs/bridge_ppo.py --workdir=runs/bridge_ppo
+Expected: 8 games at 60 Hz in real time, ≈ 400 actor steps/s on a 2-core CPU; mean episode
+          return rises from ≈ -1.1 (untrained) — see BENCHMARKS.md "Bridges" for measured runs.
+Debug:    --config=configs/bridge_ppo.py:debug — 4 lock-step games, 64-step rollouts, a
+          few thousand steps; what the smoke test runs.
+"""
+from mbjax.train.config import base_config
+
+
+def get_config(arg: str | None = None):
+  cfg = base_config()
+  cfg.env.name = "bonk_arena"  # informational: the game is behind the bridge
+  cfg.bridge.enabled = True
+  cfg.bridge.base_port = 0  # any free ports for the launched servers
+  cfg.num_envs = 8
+  cfg.total_env_steps = 200_000
+  cfg.ppo.num_steps = 64
+  cfg.ppo.num_minibatches = 4
+  cfg.ppo.update_epochs = 4
+  cfg.ppo.lr = 3e-4
+  cfg.ppo.gamma = 0.98
+  cfg.ppo.normalize_observations = True
+  cfg.bridge.server_mode = "realtime"
+  cfg.bridge.max_episode_steps = 300
+  cfg.bridge.num_actor_threads = 2
+  cfg.run.log_every_updates = 5
+  cfg.run.checkpoint_every_updates = 50
+  cfg.run.video_max_frames = 0
+  if arg == "debug":
+    cfg.num_envs = 4
+    cfg.bridge.server_mode = "lockstep"
+    cfg.bridge.num_actor_threads = 1
+    cfg.total_env_steps = 4 * 64 * 10
+    cfg.run.log_every_updates = 5
+    cfg.run.checkpoint_every_updates = 10
+  elif arg:
+    raise ValueError(f"configs/bridge_ppo.py: unknown variant {arg!r}; expected 'debug'")
+  return cfg

@@ -1,0 +1,414 @@
+"""The Sebulba loop (Hessel et al. 2021, "Podracer architectures"): actor threads step
+external games through the BonkLink bridge, the learner runs `ppo.update` on device.
+
+Actors. Each actor thread owns a slice of the games (one `BonkLinkClient` each) and a
+device-resident replay (`mbjax.data.replay`) whose items are whole steps of its games (a
+`ppo.Rollout` with leaves [G, ...]). Per step it runs one jitted policy call for all its
+games, sends the *sampled* actions (the executed ones: nothing overrides them, unlike
+upstream, where menu heuristics replaced the policy's action and broke the PPO ratio), and
+reads each game's newest state (drain-to-newest, bounded by `bridge.step_timeout`).
+A transition is written to the replay one step later, when the bootstrap value V(s') of the
+observation that followed it is known; every `ppo.num_steps` transitions the actor hands
+`replay.latest(T)` — a time-major rollout with the behaviour log-probs — to the learner.
+
+Episodes end on death (`terminated`), on the game's own end of run or the actor's
+`bridge.max_episode_steps` (`truncated`: bootstrapped), and on a bridge fault (a timeout or a
+reconnect to a restarted game: `truncated`, and the next observation starts a new episode).
+After a run ends the actor clicks through the game-over screen.
+
+Learner. Waits for one rollout from every actor (bounded by `bridge.rollout_timeout`),
+concatenates them along the env axis, runs the same jitted `ppo.update` as the Anakin loop,
+and publishes the new parameters, which actors pick up at their next step. Rollouts can thus
+be one or two policy versions old; the stored behaviour log-probs keep the PPO ratio right.
+One learner device (no sharding) in this version. V(s') of a transition is computed with the
+parameters current at the next step, which may be one version newer.
+
+I/O lives here only: sockets and threads in the actors, files in `run`. Metrics include the
+observation age at the actor (time from the game stamping a state to the policy using it;
+`gameTime` is wall-clock seconds since `bridge.clock_epoch` for servers launched here) and
+the client counters (stale/malformed packets, reconnects).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import queue
+import threading
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from mbjax.agents import ppo
+from mbjax.bridge import client as client_lib
+from mbjax.bridge import launch, shim
+from mbjax.data import replay
+from mbjax.envs.spaces import HybridAction, HybridActionSpec
+
+ACTION_SPEC = HybridActionSpec(continuous_dim=2, branches=(shim.MENU_BRANCH,))
+
+
+class BridgeError(RuntimeError):
+  """A game stayed unreachable past `bridge.reconnect_timeout`."""
+
+
+class _Published:
+  """The learner's newest parameters; a single reference swap, read without locks."""
+
+  def __init__(self, agent: ppo.PPOState, device):
+    self.device = device
+    self.value = (0, jax.device_put((agent.params, agent.obs_stats), device))
+
+  def publish(self, version: int, agent: ppo.PPOState) -> None:
+    self.value = (version, jax.device_put((agent.params, agent.obs_stats), self.device))
+
+
+@dataclasses.dataclass
+class ActorStats:
+  steps: int = 0
+  episodes: list = dataclasses.field(default_factory=list)  # (return, length, terminated)
+  ages_ms: list = dataclasses.field(default_factory=list)  # state stamped → used by policy
+  receive_ages_ms: list = dataclasses.field(default_factory=list)  # bytes read → used
+  faults: int = 0
+  policy_lag: list = dataclasses.field(default_factory=list)
+
+  def drain(self) -> "ActorStats":
+    out = ActorStats(self.steps, self.episodes, self.ages_ms, self.receive_ages_ms,
+                     self.faults, self.policy_lag)
+    self.steps, self.episodes, self.ages_ms, self.receive_ages_ms = 0, [], [], []
+    self.faults, self.policy_lag = 0, []
+    return out
+
+
+def make_act_fn(network, normalize: bool):
+  """The jitted actor policy: sample, log-prob, value, and V of the previous step's s'."""
+
+  @jax.jit
+  def act(params, obs_stats, carry, obs, is_first, mask, final_obs, key):
+    final_value = network.apply(params, carry, ppo.prepare_obs(final_obs, obs_stats, normalize),
+                                jnp.zeros_like(is_first), method=network.value)
+    new_carry, dist, value = network.apply(
+        params, carry, ppo.prepare_obs(obs, obs_stats, normalize), is_first, mask)
+    action = dist.sample(key)
+    return new_carry, action, dist.log_prob(action), value, final_value
+
+  return act
+
+
+class Actor(threading.Thread):
+  """Steps `ports`' games with the published policy; puts rollouts on `rollouts`."""
+
+  def __init__(self, index: int, ports: list[int], cfg, network, act_fn, published: _Published,
+               rollouts: queue.Queue, stop: threading.Event, clock_epoch: float | None):
+    super().__init__(name=f"sebulba-actor-{index}", daemon=True)
+    self.index, self.ports, self.cfg = index, list(ports), cfg
+    self.network, self.act_fn, self.published = network, act_fn, published
+    self.rollouts, self.stop_event, self.clock_epoch = rollouts, stop, clock_epoch
+    self.stats = ActorStats()
+    self.error: BaseException | None = None
+    b = cfg.bridge
+    self.clients = [client_lib.BonkLinkClient(b.host, p, connect_timeout=b.step_timeout,
+                                              decode_frames=False) for p in ports]
+    self.observe = functools.partial(shim.observation, arena_size=b.arena_size,
+                                     num_enemies=b.num_obs_enemies)
+    self.capture = (b.pixel_size, b.pixel_size)
+
+  def run(self) -> None:
+    try:
+      self._loop()
+    except BaseException as e:  # surfaced by the learner, which stops everything
+      self.error = e
+      self.stop_event.set()
+    finally:
+      for c in self.clients:
+        c.close()
+
+  # -- game control -----------------------------------------------------------------------
+
+  def _wait_playing(self, g: int):
+    """Blocks (bounded) until game g is connected and in a run; returns (state, received)."""
+    b, c = self.cfg.bridge, self.clients[g]
+    deadline = time.monotonic() + b.reconnect_timeout
+    while not self.stop_event.is_set():
+      if time.monotonic() > deadline:
+        raise BridgeError(f"game at {b.host}:{self.ports[g]} unreachable or not playing for "
+                          f"{b.reconnect_timeout} s (counters: {c.counters})")
+      o = c.read(0.2)
+      if o is not None and o.state.is_playing:
+        return o
+      if c.connected:  # game-over screen: click; lock-step game: any action yields a state
+        c.send(shim.restart_action() if o is not None else shim.to_action(np.zeros(2), 3,
+                                                                            self.capture))
+    raise BridgeError("stopped")
+
+  def _loop(self) -> None:
+    cfg, b = self.cfg, self.cfg.bridge
+    num_games, num_steps = len(self.ports), cfg.ppo.num_steps
+    capacity = max(b.replay_capacity, num_steps)
+    observations = [self._wait_playing(g) for g in range(num_games)]
+    states = [o.state for o in observations]
+    obs = np.stack([self.observe(s) for s in states])
+    mask = np.stack([shim.menu_mask(s) for s in states])
+    final_obs = obs.copy()
+    is_first = np.ones(num_games, bool)
+    carry = self.network.initial_carry(num_games)
+    key = jax.random.PRNGKey(cfg.seed * 7919 + self.index)
+    ep_return, ep_length = np.zeros(num_games), np.zeros(num_games, np.int64)
+    buffer, pending, written = None, None, 0
+    while not self.stop_event.is_set():
+      version, (params, obs_stats) = self.published.value
+      key, act_key = jax.random.split(key)
+      now = time.monotonic()
+      for o in observations:
+        self.stats.receive_ages_ms.append((now - o.received_at) * 1e3)
+        if self.clock_epoch is not None:
+          self.stats.ages_ms.append((now - self.clock_epoch - o.state.game_time) * 1e3)
+      new_carry, action, log_prob, value, final_value = jax.device_get(self.act_fn(
+          params, obs_stats, carry, obs, is_first, mask, final_obs, act_key))
+      self.stats.policy_lag.append(version)
+
+      if pending is not None:
+        pending = pending._replace(next_value=final_value)
+        if buffer is None:
+          buffer = replay.init(jax.tree.map(jnp.asarray, pending), capacity)
+        buffer = replay.add_jit(buffer, jax.tree.map(lambda x: jnp.asarray(x)[None], pending))
+        written += 1
+        if written % num_steps == 0:
+          self._put(replay.latest(buffer, num_steps))
+
+      move = np.tanh(action.continuous) if self.network.squash == "tanh" else np.clip(
+          action.continuous, -1.0, 1.0)
+      for g, c in enumerate(self.clients):
+        c.send(shim.to_action(move[g], int(action.discrete[g, 0]), self.capture))
+
+      reward = np.zeros(num_games, np.float32)
+      terminated, truncated = np.zeros(num_games, bool), np.zeros(num_games, bool)
+      next_first = np.zeros(num_games, bool)
+      for g, c in enumerate(self.clients):
+        connects = c.counters.connects
+        o = c.read(b.step_timeout)
+        if o is None or c.counters.connects != connects:
+          # Bridge fault (stall, or the game restarted): cut the episode, bootstrap from
+          # the last observation, and start afresh once the game plays again.
+          self.stats.faults += 1
+          truncated[g], next_first[g] = True, True
+          final_obs[g] = obs[g]
+          observations[g] = self._wait_playing(g)
+        else:
+          reward[g] = shim.reward(states[g], o.state)
+          ended, dead = shim.episode_end(o.state)
+          final_obs[g] = self.observe(o.state)
+          ep_length[g] += 1
+          if ended or ep_length[g] >= b.max_episode_steps:
+            terminated[g], truncated[g], next_first[g] = dead, not dead, True
+            observations[g] = self._wait_playing(g) if ended else o
+          else:
+            observations[g] = o
+        ep_return[g] += reward[g]
+        if next_first[g]:
+          self.stats.episodes.append((float(ep_return[g]), int(ep_length[g]),
+                                      bool(terminated[g])))
+          ep_return[g], ep_length[g] = 0.0, 0
+      self.stats.steps += num_games
+
+      pending = ppo.Rollout(
+          obs=obs, is_first=is_first, carry=carry, mask=mask,
+          action=HybridAction(action.continuous, action.discrete), log_prob=log_prob,
+          value=value, reward=reward, terminated=terminated, truncated=truncated,
+          next_value=np.zeros(num_games, np.float32))
+      states = [o.state for o in observations]
+      obs = np.stack([self.observe(s) for s in states])
+      mask = np.stack([shim.menu_mask(s) for s in states])
+      final_obs = np.where(next_first[:, None], final_obs, obs)
+      is_first, carry = next_first, new_carry
+
+  def _put(self, rollout) -> None:
+    while not self.stop_event.is_set():
+      try:
+        self.rollouts.put(rollout, timeout=0.1)
+        return
+      except queue.Full:
+        continue
+
+
+class Sebulba:
+  """Actors + learner around running games. `step()` = one PPO update on fresh rollouts."""
+
+  def __init__(self, cfg, ports: list[int], clock_epoch: float | None = None,
+               agent: ppo.PPOState | None = None, update_step: int = 0):
+    b = cfg.bridge
+    if cfg.num_envs != len(ports):
+      raise ValueError(f"num_envs={cfg.num_envs} but {len(ports)} game ports were given")
+    if not 1 <= b.num_actor_threads <= cfg.num_envs or cfg.num_envs % b.num_actor_threads:
+      raise ValueError(f"bridge.num_actor_threads={b.num_actor_threads} must divide "
+                       f"num_envs={cfg.num_envs}")
+    self.cfg = cfg
+    self.num_updates = int(cfg.total_env_steps) // (cfg.num_envs * cfg.ppo.num_steps)
+    if self.num_updates < 1:
+      raise ValueError(f"total_env_steps={cfg.total_env_steps} is less than one update of "
+                       f"num_envs × ppo.num_steps = {cfg.num_envs * cfg.ppo.num_steps}")
+    self.network = ppo.make_network(cfg, ACTION_SPEC)
+    self.optimizer = ppo.make_optimizer(cfg, self.num_updates)
+    self.obs_shape = (shim.observation_size(b.num_obs_enemies),)
+    key = jax.random.PRNGKey(cfg.seed)
+    self.key, init_key = jax.random.split(key)
+    self.agent = agent if agent is not None else ppo.init(
+        init_key, self.network, self.optimizer, self.obs_shape, jnp.float32)
+    self.update_step = update_step
+    self._update = jax.jit(functools.partial(ppo.update, network=self.network,
+                                             optimizer=self.optimizer, cfg=cfg))
+    actor_device = jax.devices("cpu")[0]
+    self.published = _Published(self.agent, actor_device)
+    self.stop_event = threading.Event()
+    act_fn = make_act_fn(self.network, cfg.ppo.normalize_observations)
+    per_actor = cfg.num_envs // b.num_actor_threads
+    self.actors = [
+        Actor(i, ports[i * per_actor:(i + 1) * per_actor], cfg, self.network, act_fn,
+              self.published, queue.Queue(maxsize=1), self.stop_event, clock_epoch)
+        for i in range(b.num_actor_threads)]
+
+  def start(self) -> None:
+    for actor in self.actors:
+      actor.start()
+
+  def stop(self) -> None:
+    self.stop_event.set()
+    for actor in self.actors:
+      actor.join(timeout=5.0)
+
+  def _get_rollout(self, actor: Actor):
+    deadline = time.monotonic() + self.cfg.bridge.rollout_timeout
+    while time.monotonic() < deadline:
+      if actor.error is not None:
+        raise actor.error
+      try:
+        return actor.rollouts.get(timeout=0.1)
+      except queue.Empty:
+        continue
+    raise BridgeError(f"{actor.name} produced no rollout in {self.cfg.bridge.rollout_timeout} s")
+
+  def step(self) -> dict:
+    """Waits for a rollout from every actor, updates, publishes; returns the metrics."""
+    parts = [self._get_rollout(a) for a in self.actors]
+    rollout = jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=1), *parts)
+    self.key, update_key = jax.random.split(self.key)
+    self.agent, metrics = self._update(self.agent, rollout, update_key)
+    self.update_step += 1
+    self.published.publish(self.update_step, self.agent)
+    metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    metrics["reward/mean"] = float(jnp.mean(rollout.reward))
+    return metrics
+
+  def drain_stats(self) -> dict:
+    """Actor statistics since the last call, merged over actors."""
+    merged = ActorStats()
+    for a in self.actors:
+      s = a.stats.drain()
+      merged.steps += s.steps
+      merged.episodes += s.episodes
+      merged.ages_ms += s.ages_ms
+      merged.receive_ages_ms += s.receive_ages_ms
+      merged.faults += s.faults
+      merged.policy_lag += [self.update_step - v for v in s.policy_lag]
+    out = {"actor/steps": merged.steps, "episode/count": len(merged.episodes),
+           "bridge/faults": merged.faults}
+    if merged.episodes:
+      returns, lengths, dead = map(np.asarray, zip(*merged.episodes))
+      out.update({"episode/return": float(returns.mean()), "episode/length": float(lengths.mean()),
+                  "episode/death_fraction": float(dead.mean())})
+    for name, values in (("bridge/obs_age_ms", merged.ages_ms),
+                         ("bridge/receive_age_ms", merged.receive_ages_ms)):
+      if values:
+        out[f"{name}_p50"] = float(np.percentile(values, 50))
+        out[f"{name}_p99"] = float(np.percentile(values, 99))
+    if merged.policy_lag:
+      out["actor/policy_lag_mean"] = float(np.mean(merged.policy_lag))
+    counters = [dataclasses.asdict(c.counters) for a in self.actors for c in a.clients]
+    for key in ("stale_states", "malformed_states", "bad_lengths", "disconnects",
+                "actions_dropped"):
+      out[f"bridge/{key}"] = sum(c[key] for c in counters)
+    return out
+
+
+def server_options(cfg) -> dict:
+  """ServerProcess options from `cfg.bridge`."""
+  b = cfg.bridge
+  return dict(mode=b.server_mode, update_hz=b.update_hz, frame_hz=b.frame_hz,
+              frame_format=b.frame_format, pixel_size=b.pixel_size,
+              time_limit=b.game_time_limit, seed=cfg.seed)
+
+
+def run(cfg, workdir: str) -> dict:
+  """Trains through the bridge: launches reference servers if `bridge.launch_server`
+  (else connects to `bridge.host:bridge.base_port + i`), resumes from `workdir`'s latest
+  checkpoint, logs metrics every `run.log_every_updates` updates."""
+  from mbjax.train import checkpoint as checkpoint_lib
+  from mbjax.train import config as config_lib
+  from mbjax.train.metrics import MetricsWriter
+
+  config_lib.validate(cfg)
+  b = cfg.bridge
+  workdir = os.path.abspath(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  server, epoch = None, None
+  if b.launch_server:
+    epoch = time.monotonic()
+    server = launch.ServerProcess(cfg.num_envs, base_port=b.base_port, epoch=epoch,
+                                  **server_options(cfg))
+    ports = server.start()
+    if b.server_mode == "lockstep":
+      epoch = None  # lock-step gameTime is tick-based: no wall-clock age
+  else:
+    ports = [b.base_port + i for i in range(cfg.num_envs)]
+  checkpointer = checkpoint_lib.Checkpointer(workdir, cfg.run.keep_checkpoints)
+  steps_per_update = cfg.num_envs * cfg.ppo.num_steps
+  try:
+    learner = Sebulba(cfg, ports, clock_epoch=epoch)
+    resume = checkpointer.latest_step()
+    if resume is not None:
+      like = {"agent": learner.agent, "key": learner.key, "update_step": jnp.int32(0)}
+      sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+      restored = checkpointer.restore(
+          resume, checkpoint_lib.abstract_like(like, jax.tree.map(lambda _: sharding, like)), cfg)
+      learner = Sebulba(cfg, ports, clock_epoch=epoch, agent=restored["agent"],
+                        update_step=int(restored["update_step"]))
+      learner.key = restored["key"]
+      logging.info("Resumed %s from update %d.", workdir, resume)
+    writer = MetricsWriter(workdir, steps_per_update, resume)
+    learner.start()
+    record, chunk, start = {}, [], time.perf_counter()
+    while learner.update_step < learner.num_updates:
+      chunk.append(learner.step())
+      if learner.update_step % cfg.run.log_every_updates and (
+          learner.update_step < learner.num_updates):
+        continue
+      seconds = time.perf_counter() - start
+      record = {k: float(np.mean([m[k] for m in chunk])) for k in chunk[0]}
+      record.update(learner.drain_stats())
+      record["perf/actor_steps_per_second"] = record["actor/steps"] / seconds
+      record["perf/updates_per_second"] = len(chunk) / seconds
+      writer.write(learner.update_step, learner.update_step * steps_per_update, record)
+      logging.info("update %d/%d | %.0f actor steps/s | return %s | obs age p99 %s ms | faults %d",
+                   learner.update_step, learner.num_updates,
+                   record["perf/actor_steps_per_second"],
+                   f"{record['episode/return']:.3f}" if "episode/return" in record else "-",
+                   f"{record['bridge/obs_age_ms_p99']:.1f}"
+                   if "bridge/obs_age_ms_p99" in record else "-", record["bridge/faults"])
+      if (learner.update_step % cfg.run.checkpoint_every_updates == 0
+          or learner.update_step == learner.num_updates):
+        checkpointer.save(learner.update_step, {"agent": learner.agent, "key": learner.key,
+                                                "update_step": jnp.int32(learner.update_step)},
+                          cfg)
+      chunk, start = [], time.perf_counter()
+    writer.close()
+    return {**record, "outputs": {"metrics": writer.path,
+                                  "checkpoints": checkpointer.directory}}
+  finally:
+    if "learner" in locals():
+      learner.stop()
+    checkpointer.close()
+    if server is not None:
+      server.stop()
