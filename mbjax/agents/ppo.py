@@ -30,6 +30,7 @@ import optax
 
 from mbjax.agents.returns import generalized_advantage_estimation
 from mbjax.envs.spaces import HybridAction
+from mbjax.nets import cores
 from mbjax.nets.actor_critic import ActorCritic, Carry
 
 
@@ -93,8 +94,13 @@ def _pmean(x, axis_name):
 
 def make_network(cfg: ml_collections.ConfigDict, spec) -> ActorCritic:
   net = cfg.network
+  options = cores.CoreOptions(
+      mamba_layers=net.mamba_layers, ssm_state_size=net.ssm_state_size,
+      conv_size=net.conv_size, expand=net.mamba_expand, scan_path=net.scan_path,
+      scan_chunk=net.scan_chunk)
   return ActorCritic(spec=spec, hidden_sizes=tuple(net.hidden_sizes), activation=net.activation,
-                     core=net.core, core_size=net.core_size, squash=net.squash)
+                     core=net.core, core_size=net.core_size, squash=net.squash,
+                     core_options=options)
 
 
 def make_optimizer(cfg: ml_collections.ConfigDict, num_updates: int) -> optax.GradientTransformation:
@@ -126,12 +132,16 @@ def prepare_obs(obs: jax.Array, stats: ObservationStatistics, normalize: bool) -
 
 def unroll(network: ActorCritic, params, carry: Carry, obs, is_first, mask):
   """Applies the network over a sequence [L, N, ...] from `carry`; returns (dist, value)
-  with leading [L, N]. Feed-forward networks are applied to all steps at once."""
+  with leading [L, N]. Feed-forward networks are applied to all steps at once, cores with a
+  whole-sequence path (Mamba) use it, the others are stepped by `lax.scan`."""
   if network.core == "none":
     length, batch = is_first.shape
     merge = lambda x: x.reshape((length * batch,) + x.shape[2:])
     _, dist, value = network.apply(params, carry, merge(obs), merge(is_first), merge(mask))
     return jax.tree.map(lambda x: x.reshape((length, batch) + x.shape[1:]), (dist, value))
+  if cores.has_sequence_path(network.core):
+    _, dist, value = network.apply(params, carry, obs, is_first, mask, method=network.sequence)
+    return dist, value
 
   def step(carry, inputs):
     carry, dist, value = network.apply(params, carry, *inputs)

@@ -23,12 +23,20 @@ def _bonk_arena(**kwargs):
   return env, env.default_params()
 
 
+def _remember_cue(**kwargs):
+  from mbjax.envs.memory import RememberCue
+
+  env = RememberCue(**kwargs)
+  return env, env.default_params()
+
+
 _FACTORIES: dict[str, Callable[..., tuple[Environment, Any]]] = {
     "CartPole-v1": _gymnax("CartPole-v1"),
     "Acrobot-v1": _gymnax("Acrobot-v1"),
     "Pendulum-v1": _gymnax("Pendulum-v1"),
     "MountainCarContinuous-v0": _gymnax("MountainCarContinuous-v0"),
     "bonk_arena": _bonk_arena,
+    "remember_cue": _remember_cue,
 }
 
 

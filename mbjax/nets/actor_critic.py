@@ -2,8 +2,10 @@
 
 Feed-forward (`core="none"`) it is PureJaxRL's network: separate actor and critic MLP
 towers on the observation, orthogonal init, a state-independent log-std. With a core
-(`"gru"` or `"lstm"`) an MLP embedding feeds the cell and both towers read its output; the
-recurrent state is an explicit carry that is zeroed where `is_first` marks an episode start.
+(`"gru"`, `"lstm"`, `"cfc"` or `"mamba"`, see `mbjax.nets.cores`) an MLP embedding feeds the
+core and both towers read its output; the recurrent state is an explicit carry that is
+zeroed where `is_first` marks an episode start. `sequence` applies the network to a whole
+time-major sequence through the core's parallel path (Mamba); it equals stepping.
 Pixel observations (uint8, rank 3) go through a small shared CNN first.
 """
 from __future__ import annotations
@@ -17,6 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from mbjax.envs.spaces import HybridActionSpec
+from mbjax.nets import cores
+from mbjax.nets.cores import CoreOptions
 from mbjax.nets.hybrid import HybridDistribution, Squash
 
 Carry = Any
@@ -63,21 +67,21 @@ class ActorCritic(nn.Module):
   spec: HybridActionSpec
   hidden_sizes: Sequence[int] = (64, 64)
   activation: str = "tanh"
-  core: str = "none"  # "none" | "gru" | "lstm"
+  core: str = "none"  # one of cores.CORES
   core_size: int = 128
   squash: Squash = "clip"
+  core_options: CoreOptions = CoreOptions()
 
   def setup(self):
-    if self.core not in ("none", "gru", "lstm"):
-      raise ValueError(f"network.core must be 'none', 'gru' or 'lstm', got {self.core!r}")
+    if self.core not in cores.CORES:
+      raise ValueError(f"network.core must be one of {cores.CORES}, got {self.core!r}")
     if self.activation not in _ACTIVATIONS:
       raise ValueError(f"network.activation must be one of {sorted(_ACTIVATIONS)}, "
                        f"got {self.activation!r}")
     self.pixel_encoder = PixelEncoder()
     if self.core != "none":
       self.embed = MLP((self.core_size,), self.activation)
-      cell_type = nn.GRUCell if self.core == "gru" else nn.OptimizedLSTMCell
-      self.cell = cell_type(self.core_size)
+      self.cell = cores.make_core(self.core, self.core_size, self.core_options)
     self.actor_torso = MLP(self.hidden_sizes, self.activation)
     self.critic_torso = MLP(self.hidden_sizes, self.activation)
     if self.spec.continuous_dim:  # no zero-size parameters for discrete-only spaces
@@ -87,20 +91,39 @@ class ActorCritic(nn.Module):
     self.value_head = _dense(1, 1.0)
 
   def initial_carry(self, batch_size: int) -> Carry:
-    return initial_carry(self.core, self.core_size, batch_size)
+    return initial_carry(self.core, self.core_size, batch_size, self.core_options)
 
   def _features(self, carry, obs, is_first):
     if obs.ndim == 4:
       obs = self.pixel_encoder(obs)
     if self.core == "none":
       return carry, obs
-    zero = initial_carry(self.core, self.core_size, obs.shape[0])
-    carry = jax.tree.map(lambda z, c: jnp.where(is_first[:, None], z, c), zero, carry)
-    return self.cell(carry, self.embed(obs))
+    return self.cell(carry, self.embed(obs), is_first)
 
   def __call__(self, carry, obs, is_first, mask):
     chex.assert_rank(is_first, 1)
     carry, features = self._features(carry, obs, is_first)
+    distribution, value = self._heads(features, mask)
+    return carry, distribution, value
+
+  def sequence(self, carry, obs, is_first, mask):
+    """The network over a time-major sequence: obs [L, N, ...], is_first bool[L, N],
+    mask [L, N, sum(branches)] → (carry, distribution [L, N], value f32[L, N]), through
+    the core's whole-sequence path (only for cores in `cores.SEQUENCE_CORES`)."""
+    if not cores.has_sequence_path(self.core):
+      raise ValueError(f"core {self.core!r} has no sequence path; unroll it step by step")
+    chex.assert_rank(is_first, 2)
+    length, batch = is_first.shape
+    merge = lambda x: x.reshape((length * batch,) + x.shape[2:])
+    split = lambda x: x.reshape((length, batch) + x.shape[1:])
+    obs = merge(obs)
+    if obs.ndim == 4:
+      obs = self.pixel_encoder(obs)
+    carry, features = self.cell.sequence(carry, split(self.embed(obs)), is_first)
+    distribution, value = self._heads(merge(features), merge(mask))
+    return carry, jax.tree.map(split, distribution), split(value)
+
+  def _heads(self, features, mask):
     actor = self.actor_torso(features)
     if self.spec.continuous_dim:
       mean, log_std = self.mean_head(actor), self.log_std
@@ -110,7 +133,7 @@ class ActorCritic(nn.Module):
         self.spec, mean, log_std,
         tuple(head(actor) for head in self.logit_heads), mask, self.squash)
     value = self.value_head(self.critic_torso(features))[..., 0]
-    return carry, distribution, value
+    return distribution, value
 
   def value(self, carry, obs, is_first):
     """The critic alone (used to bootstrap from final observations)."""
@@ -118,11 +141,4 @@ class ActorCritic(nn.Module):
     return self.value_head(self.critic_torso(features))[..., 0]
 
 
-def initial_carry(core: str, core_size: int, batch_size: int) -> Carry:
-  """The zero recurrent state; feed-forward networks carry nothing (an empty tuple)."""
-  if core == "lstm":
-    zeros = jnp.zeros((batch_size, core_size), jnp.float32)
-    return (zeros, zeros)
-  if core == "gru":
-    return jnp.zeros((batch_size, core_size), jnp.float32)
-  return ()
+initial_carry = cores.initial_carry  # (core, core_size, batch_size, options) → zero carry

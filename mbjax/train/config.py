@@ -46,8 +46,14 @@ def base_config() -> ml_collections.ConfigDict:
   cfg.network = ml_collections.ConfigDict()
   cfg.network.hidden_sizes = (64, 64)
   cfg.network.activation = "tanh"
-  cfg.network.core = "none"  # none | gru | lstm
-  cfg.network.core_size = 128
+  cfg.network.core = "none"  # none | gru | lstm | cfc | mamba (mbjax.nets.cores)
+  cfg.network.core_size = 128  # core width; Mamba's d_model
+  cfg.network.mamba_layers = 2  # Mamba blocks in the core
+  cfg.network.ssm_state_size = 16  # Mamba SSM state N per channel
+  cfg.network.conv_size = 4  # Mamba causal depthwise conv width
+  cfg.network.mamba_expand = 2  # Mamba d_inner = mamba_expand × core_size
+  cfg.network.scan_path = "sequential"  # sequential | associative | chunked (same numbers)
+  cfg.network.scan_chunk = 16  # time steps per chunk of the chunked scan
   cfg.network.squash = "clip"  # clip | tanh, see mbjax.nets.hybrid
 
   cfg.run = ml_collections.ConfigDict()
@@ -82,7 +88,8 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 _CHOICES = {
-    "network.core": ("none", "gru", "lstm"),
+    "network.core": ("none", "gru", "lstm", "cfc", "mamba"),
+    "network.scan_path": ("sequential", "associative", "chunked"),
     "network.squash": ("clip", "tanh"),
     "network.activation": ("tanh", "relu", "silu", "elu"),
 }
@@ -97,7 +104,9 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
       raise ValueError(f"config.{key}={value!r}: expected one of {choices}")
   positive = ("num_envs", "total_env_steps", "ppo.num_steps", "ppo.update_epochs",
               "ppo.num_minibatches", "ppo.seq_len", "run.log_every_updates",
-              "run.checkpoint_every_updates", "env.frame_stack")
+              "run.checkpoint_every_updates", "env.frame_stack", "network.mamba_layers",
+              "network.ssm_state_size", "network.conv_size", "network.mamba_expand",
+              "network.scan_chunk")
   for key in positive:
     value = _get(cfg, key)
     if value < 1:

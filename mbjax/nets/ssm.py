@@ -1,0 +1,123 @@
+"""Selective scan (Gu & Dao 2023, "Mamba", Alg. 2): the reset-aware linear recurrence of S6.
+
+For channels d and state size N, with input-dependent step Δ_t, B_t, C_t and a fixed
+diagonal A (negative real):
+
+    ā_t = exp(Δ_t A)              (zero-order hold for A)
+    b̄_t = Δ_t x_t B_t             (Euler step for B, as in Mamba-1)
+    h_t = ā_t ⊙ h_{t−1} + b̄_t     h ∈ R^{d×N}
+    y_t = h_t C_t                 (contracted over N)
+
+An episode start at t (`reset[t]`) means h_{t−1} is replaced by zeros. That is the same as
+multiplying ā_t by 0, so the reset is folded into the decay and survives every path below.
+
+`selective_scan` has three interchangeable paths over a time-major sequence [L, ...]:
+* `"sequential"`: `lax.scan` of `selective_step`; never materialises h for all t in the
+  forward pass (fastest on CPU).
+* `"associative"`: `lax.associative_scan` over (ā, b̄) with the operator
+  (a₁, b₁) ∘ (a₂, b₂) = (a₁a₂, a₂b₁ + b₂); O(log L) depth, the GPU/TPU path.
+* `"chunked"`: associative within chunks of `chunk_size`, sequential across chunks, so only one
+  chunk of states exists at a time.
+All take an initial state h₀ and return the final state, so a long sequence can be cut
+anywhere and resumed. Differs from upstream MetaBonk (`src/neuro_genie/mamba_policy.py`):
+upstream runs a Python loop over L with no resets and no parallel path.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+import chex
+import jax
+import jax.numpy as jnp
+
+ScanPath = Literal["sequential", "associative", "chunked"]
+SCAN_PATHS = ("sequential", "associative", "chunked")
+
+
+def discretize(x, delta, A, B, reset):
+  """(ā, b̄) for one or many steps: x, delta [..., d], A [d, N], B [..., N], reset [...]."""
+  keep = 1.0 - reset.astype(x.dtype)
+  decay = jnp.exp(delta[..., None] * A) * keep[..., None, None]
+  drive = (delta * x)[..., None] * B[..., None, :]
+  return decay, drive
+
+
+def selective_step(h, x, delta, A, B, C, reset):
+  """One step of the recurrence: h [b, d, N], x/delta [b, d], B/C [b, N], reset bool[b].
+
+  Returns (h_t, y_t) with y_t [b, d]. The O(1) inference step of an S6 layer.
+  """
+  decay, drive = discretize(x, delta, A, B, reset)
+  h = decay * h + drive
+  return h, jnp.einsum("...dn,...n->...d", h, C)
+
+
+def _combine(earlier, later):
+  a1, b1 = earlier
+  a2, b2 = later
+  return a1 * a2, a2 * b1 + b2
+
+
+def _associative_states(decay, drive, h0):
+  """All states h_1..h_L from h0, by a parallel prefix over axis 0."""
+  # h0 enters as part of the first drive: h_1 = ā_1 h_0 + b̄_1 (ā_1 = 0 on a reset).
+  drive = drive.at[0].add(decay[0] * h0)
+  _, states = jax.lax.associative_scan(_combine, (decay, drive), axis=0)
+  return states
+
+
+def selective_scan(x, delta, A, B, C, h0, reset, *, path: ScanPath = "sequential",
+                   chunk_size: int = 64):
+  """Runs the selective recurrence over a time-major sequence.
+
+  Args:
+    x, delta: f32[L, b, d] inputs and positive step sizes Δ.
+    A: f32[d, N] (negative for a stable decay).
+    B, C: f32[L, b, N] input and output projections.
+    h0: f32[b, d, N] state before the first step.
+    reset: bool[L, b]; True zeroes the carried state before that step.
+    path: "sequential" | "associative" | "chunked" (same result up to float rounding).
+    chunk_size: time steps per chunk for the chunked path.
+
+  Returns:
+    (y f32[L, b, d], h_L f32[b, d, N]).
+  """
+  length, batch, channels = x.shape
+  state_size = A.shape[-1]
+  chex.assert_shape(delta, (length, batch, channels))
+  chex.assert_shape(A, (channels, state_size))
+  chex.assert_shape([B, C], (length, batch, state_size))
+  chex.assert_shape(h0, (batch, channels, state_size))
+  chex.assert_shape(reset, (length, batch))
+
+  if path == "sequential":
+    def step(h, inputs):
+      return selective_step(h, *inputs[:2], A, *inputs[2:])
+
+    h_last, y = jax.lax.scan(step, h0, (x, delta, B, C, reset))
+    return y, h_last
+
+  if path == "associative":
+    decay, drive = discretize(x, delta, A, B, reset)
+    states = _associative_states(decay, drive, h0)
+    return jnp.einsum("lbdn,lbn->lbd", states, C), states[-1]
+
+  if path == "chunked":
+    if chunk_size < 1:
+      raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    chunk_size = min(chunk_size, length)
+    padded = -length % chunk_size
+    # Padding with Δ = 0 gives ā = 1 and b̄ = 0: the state passes through unchanged.
+    pad = lambda v: jnp.pad(v, [(0, padded)] + [(0, 0)] * (v.ndim - 1))
+    split = lambda v: pad(v).reshape((-1, chunk_size) + v.shape[1:])
+
+    def chunk(h, inputs):
+      xc, dc, bc, cc, rc = inputs
+      decay, drive = discretize(xc, dc, A, bc, rc)
+      states = _associative_states(decay, drive, h)
+      return states[-1], jnp.einsum("lbdn,lbn->lbd", states, cc)
+
+    h_last, y = jax.lax.scan(chunk, h0, tuple(map(split, (x, delta, B, C, reset))))
+    return y.reshape((-1,) + y.shape[2:])[:length], h_last
+
+  raise ValueError(f"scan path must be one of {SCAN_PATHS}, got {path!r}")
