@@ -305,7 +305,11 @@ def split_packet(buffer: bytes | bytearray | memoryview, offset: int = 0):
   Returns `(state_bytes, frame_bytes, next_offset)`, or None if the buffer does not yet hold
   the whole packet. Raises `BadLength` for a length prefix outside its limits.
   """
-  view = memoryview(buffer)
+  with memoryview(buffer) as view:  # released on return or raise, so the caller may resize
+    return _split_packet(view, offset)
+
+
+def _split_packet(view: memoryview, offset: int):
   if len(view) - offset < 4:
     return None
   (state_size,) = _I32.unpack_from(view, offset)
@@ -349,7 +353,11 @@ def decode_action(body: bytes) -> Action:
 
 def split_action(buffer, offset: int = 0):
   """Returns `(payload, next_offset)` or None; raises `BadLength` for a size outside 1..1023."""
-  view = memoryview(buffer)
+  with memoryview(buffer) as view:
+    return _split_action(view, offset)
+
+
+def _split_action(view: memoryview, offset: int):
   if len(view) - offset < 4:
     return None
   (size,) = _I32.unpack_from(view, offset)

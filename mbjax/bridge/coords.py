@@ -22,8 +22,8 @@ def top_left_to_bonklink(x: float, y: float, frame_size: tuple[int, int],
   x, y = _clamp(x, fw), _clamp(y, fh)
   cw, ch = capture_size if capture_size else (fw, fh)
   if capture_size:
-    x = x * (cw - 1) / max(fw - 1, 1)
-    y = y * (ch - 1) / max(fh - 1, 1)
+    x = x * cw / fw
+    y = y * ch / fh
   x, y = round(x), round(ch - 1 - y)
   return int(_clamp(x, cw)), int(_clamp(y, ch))
 
