@@ -52,6 +52,7 @@ class BonkArena(base.Environment):
     observation: "vector" (f32[obs_dim]) or "pixels" (uint8[S, S, 3]).
     pixel_size: S, the side of pixel observations and of `render` frames.
     max_enemies, max_gems: entity slots (static shapes; more slots cost more per step).
+      When every gem slot is taken, a new gem replaces the oldest.
     num_obs_enemies, num_obs_gems: how many of the nearest enemies/gems the vector shows.
   """
 
@@ -112,6 +113,13 @@ class BonkArena(base.Environment):
 
   def step(self, key: jax.Array, state: game.EnvState, action: HybridAction,
            params: game.EnvParams):
+    """One tick (or one menu step while the level-up menu is open); never resets.
+
+    `terminated`: health reached 0. `truncated`: `params.time_limit` env steps were taken
+    (menu steps included) without dying. `info` (same keys every step): `reward_terms`
+    f32[7] (raw terms, order `rewards.REWARD_TERMS`; reward = dot(weights, terms)), `level`,
+    `kills`, `boss_kills`, `health`, `game_time`, `menu_open`.
+    """
     chex.assert_shape(action.continuous, (2,))
     chex.assert_shape(action.discrete, (1,))
     new_state, terms = game.game_step(key, state, action.continuous.astype(jnp.float32),

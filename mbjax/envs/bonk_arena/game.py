@@ -126,7 +126,7 @@ class EnvState:
   boss_kills: jax.Array  # i32[]
 
 
-def _table(values, index):
+def per_kind(values, index):
   """values[index] for a short per-kind table, as a chain of selects: an elementwise op
   that fuses, where a gather from a tiny table costs more than the rest of the step."""
   out = jnp.full(jnp.shape(index), values[-1], jnp.float32)
@@ -211,22 +211,20 @@ def _deal_cards(u_offset, u_stride) -> jax.Array:
   return (offset + stride * jnp.arange(CARDS_PER_MENU, dtype=jnp.int32)) % NUM_CARDS
 
 
-def choose_card(state: EnvState, choice: jax.Array) -> EnvState:
+def choose_card(state: EnvState, choice: jax.Array, params: EnvParams) -> EnvState:
   """Menu step: `choice` in {0, 1, 2} takes that card and closes the menu; 3 (no-op) or a
-  card choice while the menu is closed changes nothing."""
+  card choice while the menu is closed changes nothing. A max-health card also heals by the
+  health it adds."""
   takes = state.menu_open & (choice >= 0) & (choice < CARDS_PER_MENU)
   card = state.menu_cards[jnp.clip(choice, 0, CARDS_PER_MENU - 1)]
   gained = (jnp.arange(NUM_CARDS) == card) & takes
+  heal = gained[MAX_HEALTH] * jnp.asarray(params.card_increments[MAX_HEALTH], jnp.float32)
   return state.replace(
       upgrades=state.upgrades + gained.astype(jnp.int32),
       menu_open=state.menu_open & ~takes,
+      health=state.health + heal,
+      player_vel=jnp.zeros((2,), jnp.float32),
   )
-
-
-def max_health_bonus_heal(params: EnvParams, before: EnvState, after: EnvState) -> jax.Array:
-  """A max-health card also heals by the health it adds."""
-  gained = (after.upgrades[MAX_HEALTH] - before.upgrades[MAX_HEALTH]).astype(jnp.float32)
-  return gained * jnp.asarray(params.card_increments, jnp.float32)[MAX_HEALTH]
 
 
 def play_tick(key: jax.Array, state: EnvState, move: jax.Array,
@@ -252,15 +250,15 @@ def play_tick(key: jax.Array, state: EnvState, move: jax.Array,
   kind = state.enemy_kind
   rel = pos[:, None] - state.enemy_pos
   dist = jnp.sqrt(jnp.sum(rel * rel, axis=0) + 1e-12)
-  step_len = jnp.minimum(_table(params.enemy_speed, kind), dist)
+  step_len = jnp.minimum(per_kind(params.enemy_speed, kind), dist)
   enemy_pos = state.enemy_pos + rel * (step_len / dist)[None, :]
   rel = pos[:, None] - enemy_pos
   dist = jnp.sqrt(jnp.sum(rel * rel, axis=0) + 1e-12)
 
   # 3. Contact damage, then regeneration.
   alive = state.enemy_alive
-  touching = alive & (dist < r_p + _table(params.enemy_radius, kind))
-  damage_taken = jnp.sum(jnp.where(touching, _table(params.enemy_damage, kind), 0.0))
+  touching = alive & (dist < r_p + per_kind(params.enemy_radius, kind))
+  damage_taken = jnp.sum(jnp.where(touching, per_kind(params.enemy_damage, kind), 0.0))
   max_health = stat(params, state.upgrades, MAX_HEALTH)
   regen = stat(params, state.upgrades, REGENERATION)
   health = jnp.minimum(state.health - damage_taken + regen, max_health)
@@ -284,7 +282,7 @@ def play_tick(key: jax.Array, state: EnvState, move: jax.Array,
   gem_slot = (state.gem_slot + any_kill.astype(jnp.int32)) % num_gems
   gem_alive = state.gem_alive | dropped
   gem_pos = jnp.where(dropped[None, :], enemy_pos[:, target][:, None], state.gem_pos)
-  gem_value = jnp.where(dropped, _table(params.enemy_xp, kind[target]), state.gem_value)
+  gem_value = jnp.where(dropped, per_kind(params.enemy_xp, kind[target]), state.gem_value)
 
   # 5. Gem pickup.
   gem_rel = gem_pos - pos[:, None]
@@ -319,11 +317,11 @@ def play_tick(key: jax.Array, state: EnvState, move: jax.Array,
     new_kind = jnp.where(u_kind < ramp * params.max_fast_share, FAST,
                          jnp.where(u_kind >= 1.0 - ramp * params.max_tough_share, TOUGH, GRUNT))
     new_kind = jnp.where(boss, BOSS, new_kind)
-    spawn_pos = _edge_points(u[j], arena, _table(params.enemy_radius, new_kind))
+    spawn_pos = _edge_points(u[j], arena, per_kind(params.enemy_radius, new_kind))
     placed = at_slot & enters
     enemy_pos = jnp.where(placed[None, :], spawn_pos[:, None], enemy_pos)
     kind = jnp.where(placed, new_kind, kind)
-    enemy_health = jnp.where(placed, _table(params.enemy_health, new_kind), enemy_health)
+    enemy_health = jnp.where(placed, per_kind(params.enemy_health, new_kind), enemy_health)
     enemy_alive = enemy_alive | placed
     spawned = spawned + (enters & ~boss).astype(jnp.int32)
 
@@ -355,12 +353,7 @@ def game_step(key: jax.Array, state: EnvState, move: jax.Array, choice: jax.Arra
   Both branches are computed and selected (under vmap a `lax.cond` would do the same).
   """
   played, play_terms = play_tick(key, state, move, params)
-  chosen = choose_card(state, choice)
-  chosen = chosen.replace(
-      health=jnp.minimum(
-          state.health + max_health_bonus_heal(params, state, chosen),
-          stat(params, chosen.upgrades, MAX_HEALTH)),
-      player_vel=jnp.zeros((2,), jnp.float32))
+  chosen = choose_card(state, choice, params)
   paused = state.menu_open
   new_state = jax.tree.map(lambda a, b: jnp.where(paused, a, b), chosen, played)
   terms = jnp.where(paused, jnp.zeros_like(play_terms), play_terms)

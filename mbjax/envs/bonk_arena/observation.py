@@ -67,7 +67,7 @@ def vector_observation(state: game.EnvState, params: game.EnvParams, num_obs_ene
   rel = state.enemy_pos - pos[:, None]
   dist = jnp.sqrt(jnp.sum(rel * rel, axis=0) + 1e-12)
   kind = state.enemy_kind
-  health_frac = state.enemy_health / game._table(params.enemy_health, kind)
+  health_frac = state.enemy_health / game.per_kind(params.enemy_health, kind)
   enemy_features = jnp.stack([
       jnp.ones_like(dist), rel[0] / arena, rel[1] / arena, dist / arena, health_frac,
       (kind == game.FAST).astype(f32), (kind == game.TOUGH).astype(f32),
