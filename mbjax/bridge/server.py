@@ -26,8 +26,8 @@ Differs from the upstream plugin, on purpose:
   (upstream's send thread blocked, which also stopped it from reading actions).
 * A bad action length closes that connection (framing is lost); a malformed payload is
   skipped and counted.
-* `mode="lockstep"`: one tick per received action and one packet per tick (the "send only
-  on request" variant the spec suggests), for fast deterministic training; the default
+* `mode="lockstep"`: `ticks_per_action` ticks per received action, then one packet (the
+  "send only on request" variant the spec suggests), for fast deterministic training; the default
   `"realtime"` mode ticks on the clock like the game.
 * `autopilot`: "scripted"/"random" makes the server play by itself and report its inputs in
   the HINP trailer — a stand-in for a human playing, for `experiments/record_experience.py`.
@@ -63,6 +63,7 @@ class ServerConfig:
   jpeg_quality: int = 75
   pixel_size: int = 64  # capture size (square), BonkArena's render size
   mode: str = "realtime"  # "realtime" | "lockstep"
+  ticks_per_action: int = 1  # lock-step: game ticks each action is held for (action repeat)
   time_limit: int = 1500  # BonkArena ticks per run
   seed: int = 0
   epoch: float | None = None  # time.monotonic() base of gameTime; None: server start
@@ -363,8 +364,13 @@ class GameInstance:
         for action in self._receive():
           self._apply(action)
           if self.cfg.mode == "lockstep":
-            self._tick()
-            self._send(self._packet(self._frame_due()))
+            frame_due = False
+            for _ in range(max(self.cfg.ticks_per_action, 1)):
+              self._tick()
+              frame_due |= self._frame_due()
+              if not self._playing:
+                break
+            self._send(self._packet(frame_due))
       if self.cfg.mode == "realtime" and time.monotonic() >= next_tick:
         self._tick()
         if self._client is not None:

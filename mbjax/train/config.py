@@ -71,6 +71,7 @@ def base_config() -> ml_collections.ConfigDict:
   cfg.bridge.host = "127.0.0.1"
   cfg.bridge.base_port = 5560  # game i on base_port + i (0 with launch_server: any free)
   cfg.bridge.server_mode = "realtime"  # realtime (60 Hz clock) | lockstep (tick per action)
+  cfg.bridge.ticks_per_action = 1  # lockstep: game ticks per action (action repeat)
   cfg.bridge.update_hz = 60.0  # METABONK Performance.UpdateHz
   cfg.bridge.frame_hz = 0.0  # frames attached per second (Capture.JpegHz); 0: none
   cfg.bridge.frame_format = "jpeg"  # jpeg | raw (MBRF; Capture.FrameFormat)

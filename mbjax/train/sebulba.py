@@ -73,13 +73,12 @@ class ActorStats:
   ages_ms: list = dataclasses.field(default_factory=list)  # state stamped → used by policy
   receive_ages_ms: list = dataclasses.field(default_factory=list)  # bytes read → used
   faults: int = 0
-  policy_lag: list = dataclasses.field(default_factory=list)
 
   def drain(self) -> "ActorStats":
     out = ActorStats(self.steps, self.episodes, self.ages_ms, self.receive_ages_ms,
-                     self.faults, self.policy_lag)
+                     self.faults)
     self.steps, self.episodes, self.ages_ms, self.receive_ages_ms = 0, [], [], []
-    self.faults, self.policy_lag = 0, []
+    self.faults = 0
     return out
 
 
@@ -157,7 +156,7 @@ class Actor(threading.Thread):
     carry = self.network.initial_carry(num_games)
     key = jax.random.PRNGKey(cfg.seed * 7919 + self.index)
     ep_return, ep_length = np.zeros(num_games), np.zeros(num_games, np.int64)
-    buffer, pending, written = None, None, 0
+    buffer, pending, written, rollout_version = None, None, 0, 0
     while not self.stop_event.is_set():
       version, (params, obs_stats) = self.published.value
       key, act_key = jax.random.split(key)
@@ -168,7 +167,6 @@ class Actor(threading.Thread):
           self.stats.ages_ms.append((now - self.clock_epoch - o.state.game_time) * 1e3)
       new_carry, action, log_prob, value, final_value = jax.device_get(self.act_fn(
           params, obs_stats, carry, obs, is_first, mask, final_obs, act_key))
-      self.stats.policy_lag.append(version)
 
       if pending is not None:
         pending = pending._replace(next_value=final_value)
@@ -176,8 +174,10 @@ class Actor(threading.Thread):
           buffer = replay.init(jax.tree.map(jnp.asarray, pending), capacity)
         buffer = replay.add_jit(buffer, jax.tree.map(lambda x: jnp.asarray(x)[None], pending))
         written += 1
+        if written % num_steps == 1 or num_steps == 1:
+          rollout_version = version  # the oldest policy version in this rollout
         if written % num_steps == 0:
-          self._put(replay.latest(buffer, num_steps))
+          self._put((replay.latest(buffer, num_steps), rollout_version))
 
       move = np.tanh(action.continuous) if self.network.squash == "tanh" else np.clip(
           action.continuous, -1.0, 1.0)
@@ -292,14 +292,17 @@ class Sebulba:
 
   def step(self) -> dict:
     """Waits for a rollout from every actor, updates, publishes; returns the metrics."""
-    parts = [self._get_rollout(a) for a in self.actors]
+    parts, versions = zip(*[self._get_rollout(a) for a in self.actors])
     rollout = jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=1), *parts)
+    # Policy lag: how many updates older than the learner's parameters the data's policy is.
+    lag = self.update_step - min(versions)
     self.key, update_key = jax.random.split(self.key)
     self.agent, metrics = self._update(self.agent, rollout, update_key)
     self.update_step += 1
     self.published.publish(self.update_step, self.agent)
     metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
     metrics["reward/mean"] = float(jnp.mean(rollout.reward))
+    metrics["actor/policy_lag"] = float(lag)
     return metrics
 
   def drain_stats(self) -> dict:
@@ -312,7 +315,6 @@ class Sebulba:
       merged.ages_ms += s.ages_ms
       merged.receive_ages_ms += s.receive_ages_ms
       merged.faults += s.faults
-      merged.policy_lag += [self.update_step - v for v in s.policy_lag]
     out = {"actor/steps": merged.steps, "episode/count": len(merged.episodes),
            "bridge/faults": merged.faults}
     if merged.episodes:
@@ -324,8 +326,6 @@ class Sebulba:
       if values:
         out[f"{name}_p50"] = float(np.percentile(values, 50))
         out[f"{name}_p99"] = float(np.percentile(values, 99))
-    if merged.policy_lag:
-      out["actor/policy_lag_mean"] = float(np.mean(merged.policy_lag))
     counters = [dataclasses.asdict(c.counters) for a in self.actors for c in a.clients]
     for key in ("stale_states", "malformed_states", "bad_lengths", "disconnects",
                 "actions_dropped"):
@@ -336,7 +336,7 @@ class Sebulba:
 def server_options(cfg) -> dict:
   """ServerProcess options from `cfg.bridge`."""
   b = cfg.bridge
-  return dict(mode=b.server_mode, update_hz=b.update_hz, frame_hz=b.frame_hz,
+  return dict(mode=b.server_mode, ticks_per_action=b.ticks_per_action, update_hz=b.update_hz, frame_hz=b.frame_hz,
               frame_format=b.frame_format, pixel_size=b.pixel_size,
               time_limit=b.game_time_limit, seed=cfg.seed)
 
