@@ -16,6 +16,8 @@ def get_config(arg: str | None = None):
   cfg.env.name = "CartPole-v1"
   cfg.num_envs = 4
   cfg.total_env_steps = 500_000
+  # Plain PPO, as in PureJaxRL: no world model, dream or Active-Inference learners.
+  cfg.world_model.enabled = cfg.dream.enabled = cfg.efe.enabled = False
   cfg.run.log_every_updates = 61  # 976 updates = 16 chunks of 61
   cfg.run.checkpoint_every_updates = 244
   if arg == "debug":

@@ -86,6 +86,8 @@ class Rollout(NamedTuple):
   terminated: jax.Array
   truncated: jax.Array
   next_value: jax.Array  # V of the observation that followed the action
+  # Optional distillation target [T, E] (a HybridDistribution from a latent policy).
+  teacher: Any = None
 
 
 def _pmean(x, axis_name):
@@ -189,7 +191,13 @@ def loss(params, network: ActorCritic, cfg: ml_collections.ConfigDict, batch: Mi
   value_loss = 0.5 * value_error.mean()
 
   total = policy_loss + ppo.vf_coef * value_loss - ppo.ent_coef * entropy
+  distill = {}
+  if data.teacher is not None:
+    distill_loss = data.teacher.kl_divergence(dist).mean()
+    total += cfg.served.distill_coef * distill_loss
+    distill = {"loss/distill": distill_loss}
   metrics = {
+      **distill,
       "loss/total": total,
       "loss/policy": policy_loss,
       "loss/value": value_loss,
@@ -235,6 +243,7 @@ def update(state: PPOState, rollout: Rollout, key: jax.Array, *, network: ActorC
            axis_name: str | None = None) -> tuple[PPOState, dict[str, jax.Array]]:
   """One PPO update on a rollout [T, E, ...]; `key` must be equal on every device."""
   ppo = cfg.ppo
+  rollout = jax.tree.map(jnp.asarray, rollout)  # host arrays cannot be indexed by tracers
   num_steps = rollout.reward.shape[0]
   seq_len = ppo.seq_len if network.core != "none" else 1
   num_chunks = num_steps // seq_len

@@ -276,6 +276,10 @@ def observe(model: WorldModel, params, obs, prev_action, is_first, key):
 
   keys = jax.random.split(key, is_first.shape[0])
   initial = model.apply(params, is_first.shape[1], method=lambda m, b: m.rssm.initial(b))
+  # Derive the zero state from the data so that, under shard_map, it varies over the data
+  # axis like the states the scan produces (a constant would be device-invariant).
+  anchor = jnp.zeros_like(embed[0, :, 0])
+  initial = jax.tree.map(lambda x: x + anchor.reshape((-1,) + (1,) * (x.ndim - 1)), initial)
   _, (posts, priors) = jax.lax.scan(step, initial, (embed, prev_action, is_first, keys))
   return posts, priors
 

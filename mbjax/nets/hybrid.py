@@ -89,6 +89,15 @@ class HybridDistribution:
       log_prob += distrax.Categorical(logits=branch_logits).log_prob(action.discrete[..., i])
     return log_prob
 
+  def kl_divergence(self, other: "HybridDistribution") -> jax.Array:
+    """KL(self ‖ other), f32[...]: closed forms per part, summed (pre-squash Gaussians)."""
+    kl = distrax.Normal(self.mean, jnp.exp(self.log_std)).kl_divergence(
+        distrax.Normal(other.mean, jnp.exp(other.log_std))).sum(-1)
+    for mine, theirs in zip(self.logits, other.logits):
+      log_p, log_q = jax.nn.log_softmax(mine, -1), jax.nn.log_softmax(theirs, -1)
+      kl += (jnp.exp(log_p) * (log_p - log_q)).sum(-1)
+    return kl
+
   def entropy(self) -> jax.Array:
     """Joint entropy, f32[...] (the Gaussian's for the continuous part, see module doc)."""
     entropy = self._normal().entropy().sum(-1)

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from mbjax.agents import ppo
+from mbjax.agents import apex, ppo
 from mbjax.envs.base import Environment
 from mbjax.envs.wrappers import EpisodeStatistics, FrameStack, VecEnv
 from mbjax.nets.hybrid import to_env_action
@@ -29,6 +29,7 @@ from mbjax.nets.hybrid import to_env_action
 @flax.struct.dataclass
 class RunnerState:
   agent: ppo.PPOState
+  aux: apex.AuxState  # world model, dream and EFE learners (empty when disabled)
   env_state: Any  # [E_local, ...]
   obs: jax.Array  # [E_local, *obs_shape]
   is_first: jax.Array  # bool[E_local], obs starts an episode
@@ -83,17 +84,19 @@ def make_train(cfg: ml_collections.ConfigDict, env: Environment, env_params: Any
   spec = env.action_spec(env_params)
   network = ppo.make_network(cfg, spec)
   optimizer = ppo.make_optimizer(cfg, num_updates)
+  obs_shape, obs_dtype = env.observation_shape(env_params), env.observation_dtype(env_params)
+  learners = apex.make_learners(cfg, spec, obs_shape)
   normalize = cfg.ppo.normalize_observations
 
   def per_env_keys(key):
     return jax.vmap(jax.random.fold_in, (None, 0))(key, _env_indices(local_envs, axis_name))
 
   def init(key: jax.Array) -> RunnerState:
-    key, agent_key, reset_key = jax.random.split(key, 3)
-    agent = ppo.init(agent_key, network, optimizer, env.observation_shape(env_params),
-                     env.observation_dtype(env_params))
+    key, agent_key, aux_key, reset_key = jax.random.split(key, 4)
+    agent = ppo.init(agent_key, network, optimizer, obs_shape, obs_dtype)
+    aux = apex.init(aux_key, learners, obs_shape, obs_dtype)
     obs, env_state = vec_env.reset(per_env_keys(reset_key), env_params)
-    return RunnerState(agent, env_state, obs, jnp.ones((local_envs,), bool),
+    return RunnerState(agent, aux, env_state, obs, jnp.ones((local_envs,), bool),
                        network.initial_carry(local_envs), key, jnp.int32(0))
 
   def env_step(runner: RunnerState, _):
@@ -126,8 +129,9 @@ def make_train(cfg: ml_collections.ConfigDict, env: Environment, env_params: Any
     runner, (rollout, (done, ep_return, ep_length)) = jax.lax.scan(
         env_step, runner, None, num_steps)
     key, update_key = jax.random.split(runner.key)
-    agent, metrics = ppo.update(runner.agent, rollout, update_key, network=network,
-                                optimizer=optimizer, cfg=cfg, axis_name=axis_name)
+    agent, aux, metrics = apex.update(runner.agent, runner.aux, rollout, update_key,
+                                      learners=learners, network=network,
+                                      optimizer=optimizer, axis_name=axis_name)
     episodes = _psum(done.sum(), axis_name)
     metrics["episode/count"] = episodes
     metrics["episode/return"] = _psum(jnp.where(done, ep_return, 0).sum(), axis_name) / (
@@ -135,7 +139,8 @@ def make_train(cfg: ml_collections.ConfigDict, env: Environment, env_params: Any
     metrics["episode/length"] = _psum(jnp.where(done, ep_length, 0).sum(), axis_name) / (
         jnp.maximum(episodes, 1))
     metrics["reward/mean"] = _psum(rollout.reward.mean(), axis_name) / num_shards
-    return runner.replace(agent=agent, key=key, update_step=runner.update_step + 1), metrics
+    return runner.replace(agent=agent, aux=aux, key=key,
+                          update_step=runner.update_step + 1), metrics
 
   def train(key: jax.Array) -> tuple[RunnerState, dict]:
     runner = init(key)

@@ -56,6 +56,36 @@ def base_config() -> ml_collections.ConfigDict:
   cfg.network.scan_chunk = 16  # time steps per chunk of the chunked scan
   cfg.network.squash = "clip"  # clip | tanh, see mbjax.nets.hybrid
 
+  # The auxiliary learners run after every PPO update, in this order (mbjax.agents.apex).
+  cfg.world_model = ml_collections.ConfigDict()
+  cfg.world_model.enabled = True  # RSSM trained on every rollout
+  cfg.world_model.seq_len = 32  # training window length; divides ppo.num_steps
+  cfg.world_model.deter = 512  # GRU state size
+  cfg.world_model.stoch = 32  # stochastic latents
+  cfg.world_model.classes = 32  # classes per latent; 0: diagonal Gaussian latents (upstream)
+  cfg.world_model.hidden = 512
+  cfg.world_model.min_std = 0.1  # Gaussian latents only
+  cfg.world_model.unimix = 0.01  # uniform mixture in categorical latents
+  cfg.world_model.lr = 3e-4
+  cfg.world_model.max_grad_norm = 1000.0
+  cfg.world_model.free_nats = 1.0
+  cfg.world_model.dyn_scale = 0.5  # KL(sg(posterior) ‖ prior) weight
+  cfg.world_model.rep_scale = 0.1  # KL(posterior ‖ sg(prior)) weight
+  # Dream training: a latent actor-critic on imagined rollouts (METABONK_USE_DREAM_TRAINING).
+  cfg.dream = _latent_actor_critic(enabled=True)
+  # Active Inference: a latent policy minimising expected free energy
+  # (METABONK_USE_ACTIVE_INFERENCE); see mbjax.agents.efe.
+  cfg.efe = _latent_actor_critic(enabled=True)
+  cfg.efe.risk_weight = 1.0
+  cfg.efe.ambiguity_weight = 0.1
+  cfg.efe.preference_quantile = 0.9  # observations of rewards at or above it are preferred
+  cfg.efe.preference_rate = 0.05  # EMA rate of the preference mean/variance
+  # How the latent policies shape the served (PPO) policy: "none", or KL distillation of
+  # the "dream" or "efe" actor into PPO with distill_coef.
+  cfg.served = ml_collections.ConfigDict()
+  cfg.served.distill_from = "none"
+  cfg.served.distill_coef = 0.0
+
   cfg.run = ml_collections.ConfigDict()
   cfg.run.num_devices = 0  # 0: every local device
   cfg.run.log_every_updates = 10  # updates per jitted chunk and per console/metrics line
@@ -81,6 +111,7 @@ def base_config() -> ml_collections.ConfigDict:
   cfg.bridge.num_actor_threads = 1  # must divide num_envs
   cfg.bridge.num_obs_enemies = 8  # nearest enemies in the shim's observation
   cfg.bridge.arena_size = 24.0  # world units that map positions to [-1, 1]
+  cfg.bridge.distance_reward = 0.0  # weight of the nearest-enemy distance term (bridge.shim)
   cfg.bridge.replay_capacity = 0  # actor replay steps; 0: ppo.num_steps
   cfg.bridge.step_timeout = 2.0  # seconds to wait for a game's next state
   cfg.bridge.reconnect_timeout = 30.0  # seconds a game may stay unreachable
@@ -88,11 +119,29 @@ def base_config() -> ml_collections.ConfigDict:
   return cfg
 
 
+def _latent_actor_critic(enabled: bool) -> ml_collections.ConfigDict:
+  section = ml_collections.ConfigDict()
+  section.enabled = enabled
+  section.horizon = 15  # imagined steps
+  section.num_starts = 256  # posterior start states per update (sampled per device)
+  section.gamma = 0.99
+  section.lambda_ = 0.95
+  section.ent_coef = 3e-4
+  section.actor_lr = 3e-5
+  section.critic_lr = 3e-5
+  section.hidden_sizes = (256, 256)
+  section.max_grad_norm = 100.0
+  section.target_update_rate = 0.02  # slow critic: target ← (1−rate)·target + rate·critic
+  section.return_scale_decay = 0.99  # EMA of the 5th–95th percentile return range
+  return section
+
+
 _CHOICES = {
     "network.core": ("none", "gru", "lstm", "cfc", "mamba"),
     "network.scan_path": ("sequential", "associative", "chunked"),
     "network.squash": ("clip", "tanh"),
     "network.activation": ("tanh", "relu", "silu", "elu"),
+    "served.distill_from": ("none", "dream", "efe"),
 }
 
 
@@ -125,7 +174,21 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         f"config.ppo.num_minibatches={cfg.ppo.num_minibatches}: the rollout's "
         f"{steps // seq_len} chunks of length {seq_len} (ppo.num_steps / ppo.seq_len) must "
         "split evenly into minibatches")
+  _validate_apex(cfg)
   _validate_bridge(cfg)
+
+
+def _validate_apex(cfg: ml_collections.ConfigDict) -> None:
+  if not cfg.world_model.enabled:
+    for name in ("dream", "efe"):
+      if cfg[name].enabled:
+        raise ValueError(f"config.{name}.enabled=True needs config.world_model.enabled=True")
+  if cfg.world_model.enabled and cfg.ppo.num_steps % cfg.world_model.seq_len:
+    raise ValueError(f"config.world_model.seq_len={cfg.world_model.seq_len} must divide "
+                     f"config.ppo.num_steps={cfg.ppo.num_steps}")
+  source = cfg.served.distill_from
+  if source != "none" and not cfg[source].enabled:
+    raise ValueError(f"config.served.distill_from={source!r} needs config.{source}.enabled")
 
 
 def _validate_bridge(cfg: ml_collections.ConfigDict) -> None:

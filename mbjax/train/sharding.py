@@ -1,7 +1,7 @@
 """Data parallelism over a 1-D device mesh with `jax.shard_map`.
 
-The runner state is split by role: the agent (parameters, optimiser state, statistics), the
-key and the counters are replicated; everything with a leading env axis (env state,
+The runner state is split by role: the agents (parameters, optimiser states, statistics,
+auxiliary learners), the key and the counters are replicated; everything with a leading env axis (env state,
 observations, recurrent carries) is split over the `data` axis. Inside, the Anakin
 functions see their local slice and use `axis_name` for the collectives.
 """
@@ -27,7 +27,7 @@ def make_mesh(num_devices: int = 0) -> Mesh:
 
 def runner_specs() -> anakin.RunnerState:
   """PartitionSpecs for a RunnerState (a pytree prefix of it)."""
-  return anakin.RunnerState(agent=P(), env_state=P(DATA_AXIS), obs=P(DATA_AXIS),
+  return anakin.RunnerState(agent=P(), aux=P(), env_state=P(DATA_AXIS), obs=P(DATA_AXIS),
                             is_first=P(DATA_AXIS), carry=P(DATA_AXIS), key=P(),
                             update_step=P())
 

@@ -1,0 +1,42 @@
+"""PPO on BonkArena with vector observations — the main job of `make train`.
+
+Plain PPO (world model, dream and Active-Inference learners off: `configs/arena_apex.py`
+turns them on). 64 envs × 128 steps, 4 epochs × 8 minibatches, lr 3e-4 annealed,
+γ 0.99, λ 0.95, entropy 0.01, separate 2×256 tanh actor and critic, observation
+normalisation.
+
+Command:  python -m experiments.train --config=configs/arena_ppo.py --workdir=runs/arena_ppo
+Expected: see BENCHMARKS.md ("PPO on BonkArena") for the measured return against the
+          scripted baseline (mean return 9.2) and the wall-clock budget on a 2-core CPU.
+Debug:    --config=configs/arena_ppo.py:debug — 8 envs × 32 steps, 4 updates, used by tests.
+"""
+from mbjax.train.config import base_config
+
+
+def get_config(arg: str | None = None):
+  cfg = base_config()
+  cfg.env.name = "bonk_arena"
+  cfg.env.kwargs.observation = "vector"
+  cfg.num_envs = 64
+  cfg.total_env_steps = 10_000_000
+  cfg.ppo.num_steps = 128
+  cfg.ppo.lr = 3e-4
+  cfg.ppo.num_minibatches = 8
+  cfg.ppo.normalize_observations = True
+  cfg.network.hidden_sizes = (256, 256)
+  cfg.world_model.enabled = cfg.dream.enabled = cfg.efe.enabled = False
+  cfg.run.log_every_updates = 20
+  cfg.run.checkpoint_every_updates = 100
+  cfg.run.video_max_frames = 1500
+  if arg == "debug":
+    cfg.num_envs = 8
+    cfg.ppo.num_steps = 32
+    cfg.ppo.num_minibatches = 4
+    cfg.total_env_steps = 8 * 32 * 4
+    cfg.network.hidden_sizes = (32, 32)
+    cfg.run.log_every_updates = 2
+    cfg.run.checkpoint_every_updates = 4
+    cfg.run.video_max_frames = 50
+  elif arg:
+    raise ValueError(f"configs/arena_ppo.py: unknown variant {arg!r}; expected 'debug'")
+  return cfg

@@ -1,0 +1,169 @@
+"""The apex learner step: PPO → world model → dream → Active Inference, on one rollout.
+
+One pure function, `update`, run once per rollout inside the jitted Anakin update:
+
+1. PPO on the real rollout (with an optional distillation term towards a latent policy,
+   `served.distill_from` / `served.distill_coef`: how dream or EFE training shapes the
+   policy that acts);
+2. one world-model step on fixed-length windows cut from the rollout;
+3. one dream actor-critic step on trajectories imagined from the new posteriors;
+4. an update of the EFE preference prior and one EFE actor-critic step.
+
+Each learner owns its parameters and optimiser; gradients stay apart because every loss
+is differentiated only with respect to its own parameters and receives the others as
+`stop_gradient` inputs — nothing is ever frozen or mutated. Switches mirror upstream's
+`METABONK_USE_DREAM_TRAINING` / `METABONK_USE_ACTIVE_INFERENCE` (`dream.enabled`,
+`efe.enabled`; both on by default).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from mbjax.agents import dream, efe, ppo
+from mbjax.agents import world_model as wm_lib
+from mbjax.envs.spaces import HybridActionSpec
+from mbjax.nets.hybrid import to_env_action
+
+
+@flax.struct.dataclass
+class AuxState:
+  """The auxiliary learners' state; a disabled learner holds `()`."""
+
+  world_model: Any = ()
+  dream: Any = ()
+  efe: Any = ()
+  preference: Any = ()
+
+
+class Learners(flax.struct.PyTreeNode):
+  """Static modules and optimisers of the auxiliary learners."""
+
+  cfg: ml_collections.ConfigDict = flax.struct.field(pytree_node=False)
+  spec: HybridActionSpec = flax.struct.field(pytree_node=False)
+  squash: str = flax.struct.field(pytree_node=False)
+  world_model: Any = flax.struct.field(pytree_node=False, default=None)
+  wm_optimizer: Any = flax.struct.field(pytree_node=False, default=None)
+  dream: Any = flax.struct.field(pytree_node=False, default=None)
+  efe: Any = flax.struct.field(pytree_node=False, default=None)
+
+  @property
+  def enabled(self) -> bool:
+    return self.world_model is not None
+
+
+def make_learners(cfg: ml_collections.ConfigDict, spec: HybridActionSpec, obs_shape) -> Learners:
+  squash = cfg.network.squash
+  if not cfg.world_model.enabled:
+    return Learners(cfg, spec, squash)
+  return Learners(
+      cfg, spec, squash,
+      world_model=wm_lib.make_world_model(cfg, obs_shape),
+      wm_optimizer=wm_lib.make_optimizer(cfg),
+      dream=dream.make_networks(cfg.dream, spec, squash) if cfg.dream.enabled else None,
+      efe=dream.make_networks(cfg.efe, spec, squash) if cfg.efe.enabled else None)
+
+
+def init(key, learners: Learners, obs_shape, obs_dtype) -> AuxState:
+  if not learners.enabled:
+    return AuxState()
+  wm_key, dream_key, efe_key = jax.random.split(key, 3)
+  world_model = wm_lib.init(wm_key, learners.world_model, learners.wm_optimizer, obs_shape,
+                            obs_dtype, wm_lib.action_vector_size(learners.spec))
+  rssm = learners.world_model.rssm
+  feature_size = rssm.deter + rssm.stoch_size
+  obs_size = math.prod(obs_shape)
+  return AuxState(
+      world_model=world_model,
+      dream=dream.init(dream_key, learners.dream, feature_size) if learners.dream else (),
+      efe=dream.init(efe_key, learners.efe, feature_size) if learners.efe else (),
+      preference=efe.Preference.create(obs_size) if learners.efe else ())
+
+
+def _model_actions(rollout: ppo.Rollout, learners: Learners) -> jax.Array:
+  return wm_lib.action_vector(to_env_action(rollout.action, learners.squash), learners.spec)
+
+
+def _windows(rollout: ppo.Rollout, learners: Learners) -> wm_lib.Sequence:
+  """[T, E] rollout → [L, (T/L)·E] windows, each starting from a fresh latent state."""
+  length = learners.cfg.world_model.seq_len
+
+  def cut(x):
+    x = x.reshape((x.shape[0] // length, length) + x.shape[1:])  # [T/L, L, E, ...]
+    x = jnp.swapaxes(x, 0, 1)
+    return x.reshape((length, x.shape[1] * x.shape[2]) + x.shape[3:])
+
+  sequence = wm_lib.Sequence(rollout.obs, _model_actions(rollout, learners), rollout.reward,
+                             rollout.terminated, rollout.is_first)
+  sequence = jax.tree.map(cut, sequence)
+  return sequence._replace(is_first=sequence.is_first.at[0].set(True))
+
+
+def _teacher(aux: AuxState, rollout: ppo.Rollout, learners: Learners, key):
+  """The latent policy's action distributions on the rollout's posteriors, masked like the
+  behaviour policy — the distillation target for PPO."""
+  source = learners.cfg.served.distill_from
+  nets, state = (learners.dream, aux.dream) if source == "dream" else (learners.efe, aux.efe)
+  actions = _model_actions(rollout, learners)
+  prev_action = jnp.concatenate([jnp.zeros_like(actions[:1]), actions[:-1]])
+  is_first = rollout.is_first.at[0].set(True)
+  posts, _ = wm_lib.observe(learners.world_model, aux.world_model.params, rollout.obs,
+                            prev_action, is_first, key)
+  teacher = nets.actor.apply(state.actor_params, posts.features, rollout.mask)
+  return jax.lax.stop_gradient(teacher)
+
+
+def _starts(posts: wm_lib.LatentState, num_starts: int, key) -> wm_lib.LatentState:
+  flat = jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]), posts)
+  count = flat.deter.shape[0]
+  index = jax.random.choice(key, count, (min(num_starts, count),), replace=False)
+  return jax.tree.map(lambda x: x[index], flat)
+
+
+def update(agent: ppo.PPOState, aux: AuxState, rollout: ppo.Rollout, key, *, learners: Learners,
+           network, optimizer, axis_name: str | None = None):
+  """One apex learner step; returns (agent, aux, metrics)."""
+  cfg = learners.cfg
+  rollout = jax.tree.map(jnp.asarray, rollout)
+  ppo_key, teacher_key, wm_key, dream_key, dream_start_key, efe_key, efe_start_key = (
+      jax.random.split(key, 7))
+  if learners.enabled and cfg.served.distill_from != "none":
+    rollout = rollout._replace(teacher=_teacher(aux, rollout, learners, teacher_key))
+  agent, metrics = ppo.update(agent, rollout, ppo_key, network=network, optimizer=optimizer,
+                              cfg=cfg, axis_name=axis_name)
+  if not learners.enabled:
+    return agent, aux, metrics
+
+  world_model, posts, wm_metrics = wm_lib.update(
+      aux.world_model, _windows(rollout, learners), wm_key, model=learners.world_model,
+      optimizer=learners.wm_optimizer, cfg=cfg, axis_name=axis_name)
+  metrics.update(wm_metrics)
+  aux = aux.replace(world_model=world_model)
+
+  if learners.dream is not None:
+    reward_fn = dream.world_model_reward(learners.world_model, world_model.params)
+    dream_state, dream_metrics = dream.update(
+        aux.dream, world_model.params, _starts(posts, cfg.dream.num_starts, dream_start_key),
+        dream_key, nets=learners.dream, world_model=learners.world_model,
+        reward_fn=reward_fn, section=cfg.dream, axis_name=axis_name, prefix="dream")
+    metrics.update(dream_metrics)
+    aux = aux.replace(dream=dream_state)
+
+  if learners.efe is not None:
+    flat = lambda x: x.reshape((-1,) + x.shape[2:])
+    preference = efe.update_preference(aux.preference, flat(rollout.obs), flat(rollout.reward),
+                                       cfg.efe, axis_name)
+    reward_fn = efe.negative_free_energy_reward(learners.world_model, world_model.params,
+                                                preference, cfg.efe)
+    efe_state, efe_metrics = dream.update(
+        aux.efe, world_model.params, _starts(posts, cfg.efe.num_starts, efe_start_key),
+        efe_key, nets=learners.efe, world_model=learners.world_model, reward_fn=reward_fn,
+        section=cfg.efe, axis_name=axis_name, prefix="efe")
+    metrics.update(efe_metrics)
+    aux = aux.replace(efe=efe_state, preference=preference)
+  return agent, aux, metrics

@@ -1,0 +1,237 @@
+"""World model, dream and Active-Inference learners: closed forms against hand-computed
+values, λ-returns against a loop, observe/imagine shapes and resets, gradient isolation in
+the apex step, and a small learning check."""
+import math
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from mbjax.agents import apex, dream, efe, ppo
+from mbjax.agents import world_model as wm_lib
+from mbjax.agents.kl import categorical_kl, gaussian_kl
+from mbjax.agents.returns import lambda_returns
+from mbjax.envs.spaces import HybridActionSpec
+from mbjax.nets.hybrid import HybridDistribution
+from mbjax.train import config as config_lib
+
+SPEC = HybridActionSpec(continuous_dim=2, branches=(3,))
+
+
+def _config(classes=4):
+  cfg = config_lib.base_config()
+  cfg.world_model.update(deter=32, stoch=4, classes=classes, hidden=32, seq_len=8)
+  for section in (cfg.dream, cfg.efe):
+    section.update(hidden_sizes=(32,), horizon=5, num_starts=16)
+  return cfg
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_gaussian_kl_hand_computed(jit):
+  fn = jax.jit(gaussian_kl) if jit else gaussian_kl
+  # KL(N(0,1) ‖ N(1,2²)) = log 2 + (1 + 1)/8 − ½ ; KL(N(1,1) ‖ N(1,1)) = 0.
+  value = fn(jnp.array([0.0, 1.0]), jnp.array([1.0, 1.0]), jnp.array([1.0, 1.0]),
+             jnp.array([2.0, 1.0]))
+  np.testing.assert_allclose(value, math.log(2) + 0.25 - 0.5, rtol=1e-6)
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_categorical_kl_hand_computed(jit):
+  fn = jax.jit(categorical_kl) if jit else categorical_kl
+  q = jnp.log(jnp.array([[[0.5, 0.5], [0.9, 0.1]]]))
+  p = jnp.log(jnp.array([[[0.25, 0.75], [0.9, 0.1]]]))
+  expected = 0.5 * math.log(0.5 / 0.25) + 0.5 * math.log(0.5 / 0.75)  # second latent: 0
+  np.testing.assert_allclose(fn(q, p), [expected], rtol=1e-6)
+
+
+def test_hybrid_kl_divergence_hand_computed():
+  spec = HybridActionSpec(1, (2,))
+  mask = jnp.array([[True, True]])
+  a = HybridDistribution.create(spec, jnp.array([[0.0]]), jnp.array([0.0]),
+                                (jnp.log(jnp.array([[0.5, 0.5]])),), mask)
+  b = HybridDistribution.create(spec, jnp.array([[1.0]]), jnp.array([math.log(2.0)]),
+                                (jnp.log(jnp.array([[0.25, 0.75]])),), mask)
+  expected = (math.log(2) + 0.25 - 0.5) + (0.5 * math.log(2) + 0.5 * math.log(0.5 / 0.75))
+  np.testing.assert_allclose(a.kl_divergence(b), [expected], rtol=1e-5)
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_lambda_returns_match_loop(jit):
+  rng = np.random.default_rng(0)
+  rewards = rng.normal(size=(6, 3)).astype(np.float32)
+  continues = rng.uniform(size=(6, 3)).astype(np.float32)
+  continues[2, 1] = 0.0
+  next_values = rng.normal(size=(6, 3)).astype(np.float32)
+  gamma, lam = 0.9, 0.8
+  expected = np.zeros_like(rewards)
+  following = next_values[-1]
+  for t in reversed(range(6)):
+    expected[t] = rewards[t] + gamma * continues[t] * (
+        (1 - lam) * next_values[t] + lam * following)
+    following = expected[t]
+  fn = jax.jit(lambda_returns, static_argnums=(3, 4)) if jit else lambda_returns
+  np.testing.assert_allclose(fn(rewards, continues, next_values, gamma, lam), expected,
+                             rtol=1e-5, atol=1e-6)
+
+
+@pytest.fixture(scope="module", params=[4, 0], ids=["categorical", "gaussian"])
+def model_and_params(request):
+  cfg = _config(classes=request.param)
+  model = wm_lib.make_world_model(cfg, (5,))
+  state = wm_lib.init(jax.random.PRNGKey(0), model, wm_lib.make_optimizer(cfg), (5,),
+                      jnp.float32, wm_lib.action_vector_size(SPEC))
+  return cfg, model, state.params
+
+
+def test_observe_and_imagine_shapes_and_resets(model_and_params):
+  _, model, params = model_and_params
+  length, batch = 6, 3
+  rng = np.random.default_rng(1)
+  obs = rng.normal(size=(length, batch, 5)).astype(np.float32)
+  actions = rng.normal(size=(length, batch, 5)).astype(np.float32)
+  is_first = np.zeros((length, batch), bool)
+  is_first[0] = is_first[3] = True
+  observe = jax.jit(lambda o, a, f, k: wm_lib.observe(model, params, o, a, f, k))
+  posts, priors = observe(obs, actions, is_first, jax.random.PRNGKey(2))
+  rssm = model.rssm
+  assert posts.deter.shape == (length, batch, rssm.deter)
+  assert posts.stoch.shape == (length, batch, rssm.stoch_size)
+  assert priors.features.shape == posts.features.shape
+  # A reset at t=3 forgets everything before it: change the history, keep the future.
+  other = obs.copy()
+  other[:3] += 10.0
+  posts_other, _ = observe(other, actions + 1.0 * (np.arange(length) < 3)[:, None, None],
+                           is_first, jax.random.PRNGKey(2))
+  np.testing.assert_array_equal(posts.features[3:], posts_other.features[3:])
+  assert not np.allclose(posts.features[:3], posts_other.features[:3])
+
+  def policy(features, key):
+    return jnp.zeros(features.shape[:-1] + (5,)), jnp.zeros(features.shape[:-1])
+
+  start = jax.tree.map(lambda x: x[-1], posts)
+  states, raw = wm_lib.imagine(model, params, policy, start, 4, jax.random.PRNGKey(3))
+  assert states.features.shape == (5, batch, posts.features.shape[-1])
+  np.testing.assert_array_equal(states.features[0], start.features)
+  assert raw.shape == (4, batch)
+
+
+def test_free_energy_terms_hand_computed(model_and_params):
+  cfg, model, params = model_and_params
+  # Make the decoder's output constant: mean = b_μ, std = exp(b_σ), whatever the state.
+  decoder = dict(params["params"]["decoder"])
+  b_mean = np.array([0.5, -1.0, 0.0, 2.0, 0.1], np.float32)
+  b_log_std = np.array([0.0, np.log(0.5), 0.2, -0.3, 0.0], np.float32)
+  decoder["mean"] = {"kernel": jnp.zeros_like(decoder["mean"]["kernel"]), "bias": b_mean}
+  decoder["log_std"] = {"kernel": jnp.zeros_like(decoder["log_std"]["kernel"]),
+                        "bias": b_log_std}
+  params = {"params": {**params["params"], "decoder": decoder}}
+  preference = efe.Preference(jnp.array([1.0, 0.0, 0.0, 0.0, 0.0]), jnp.full((5,), 4.0))
+  features = jnp.zeros((2, model.rssm.deter + model.rssm.stoch_size))
+  risk, ambiguity = jax.jit(lambda f: efe.free_energy_terms(model, params, f, preference))(
+      features)
+  std = np.exp(b_log_std)
+  expected_risk = sum(math.log(2.0 / s) + (s * s + (m - mu) ** 2) / 8.0 - 0.5
+                      for m, s, mu in zip(b_mean, std, [1.0, 0, 0, 0, 0]))
+  expected_ambiguity = sum(0.5 * math.log(2 * math.pi * math.e * s * s) for s in std)
+  np.testing.assert_allclose(risk, [expected_risk] * 2, rtol=1e-5)
+  np.testing.assert_allclose(ambiguity, [expected_ambiguity] * 2, rtol=1e-5)
+
+
+def test_preference_moves_towards_high_reward_observations():
+  section = ml_collections.ConfigDict({"preference_quantile": 0.75, "preference_rate": 0.5})
+  obs = jnp.array([[0.0], [1.0], [2.0], [3.0]])
+  reward = jnp.array([0.0, 0.1, 0.2, 5.0])  # only the last is at or above the quantile
+  preference = efe.update_preference(efe.Preference.create(1), obs, reward, section)
+  target = math.log1p(3.0)  # symlog of the preferred observation
+  np.testing.assert_allclose(preference.mean, [0.5 * target], rtol=1e-6)
+  np.testing.assert_allclose(preference.var, [0.5], rtol=1e-6)  # ½·1 + ½·0
+
+
+def _rollout(rng, length=16, envs=2, obs_dim=5):
+  is_first = np.zeros((length, envs), bool)
+  is_first[0] = True
+  terminated = np.zeros((length, envs), bool)
+  terminated[9, 0] = True
+  is_first[10, 0] = True
+  return ppo.Rollout(
+      obs=rng.normal(size=(length, envs, obs_dim)).astype(np.float32), is_first=is_first,
+      carry=(), mask=np.ones((length, envs, 3), bool),
+      action=SPEC.zeros((length, envs))._replace(
+          continuous=rng.normal(size=(length, envs, 2)).astype(np.float32)),
+      log_prob=np.full((length, envs), -2.0, np.float32),
+      value=np.zeros((length, envs), np.float32),
+      reward=rng.normal(size=(length, envs)).astype(np.float32), terminated=terminated,
+      truncated=np.zeros((length, envs), bool),
+      next_value=np.zeros((length, envs), np.float32))
+
+
+def test_apex_step_keeps_gradients_apart():
+  """PPO's update inside the apex step equals PPO alone: the world model, dream and EFE
+  learners never touch the policy unless distillation is switched on."""
+  cfg = _config()
+  cfg.ppo.num_minibatches = 2
+  network = ppo.make_network(cfg, SPEC)
+  optimizer = ppo.make_optimizer(cfg, 10)
+  learners = apex.make_learners(cfg, SPEC, (5,))
+  agent = ppo.init(jax.random.PRNGKey(0), network, optimizer, (5,), jnp.float32)
+  aux = apex.init(jax.random.PRNGKey(1), learners, (5,), jnp.float32)
+  rollout = _rollout(np.random.default_rng(4))
+  key = jax.random.PRNGKey(5)
+  step = jax.jit(lambda a, x, r, k: apex.update(a, x, r, k, learners=learners,
+                                                network=network, optimizer=optimizer))
+  new_agent, new_aux, metrics = step(agent, aux, rollout, key)
+  alone, _ = ppo.update(agent, rollout, jax.random.split(key, 7)[0], network=network,
+                        optimizer=optimizer, cfg=cfg)
+  jax.tree.map(np.testing.assert_array_equal, new_agent.params, alone.params)
+  for name in ("world_model", "dream", "efe"):
+    before = jax.tree.leaves(getattr(aux, name))
+    after = jax.tree.leaves(getattr(new_aux, name))
+    assert any(not np.array_equal(a, b) for a, b in zip(before, after)), name
+  for key_name in ("wm/recon", "wm/kl", "dream/return", "efe/risk", "efe/ambiguity"):
+    assert np.isfinite(metrics[key_name]), key_name
+
+  # With distillation on, the policy does move towards the dream actor.
+  cfg.served.distill_from, cfg.served.distill_coef = "dream", 1.0
+  distill_step = jax.jit(lambda a, x, r, k: apex.update(a, x, r, k, learners=learners,
+                                                        network=network, optimizer=optimizer))
+  distilled, _, metrics = distill_step(agent, aux, rollout, key)
+  assert metrics["loss/distill"] > 0
+  assert not np.array_equal(jax.tree.leaves(distilled.params)[0],
+                            jax.tree.leaves(alone.params)[0])
+
+
+def test_world_model_learns_a_linear_system():
+  """o_{t+1} = R o_t (a rotation) with a small Gaussian-latent model: after 300 steps the
+  one-step error is clearly below that of copying the last observation (measured
+  2026-11-26: 0.054 vs 0.094) and far below its starting value (0.56)."""
+  cfg = _config(classes=0)
+  cfg.world_model.lr = 1e-3
+  model = wm_lib.make_world_model(cfg, (2,))
+  optimizer = wm_lib.make_optimizer(cfg)
+  state = wm_lib.init(jax.random.PRNGKey(0), model, optimizer, (2,), jnp.float32, 5)
+  angle = 0.5
+  rotation = jnp.array([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]])
+
+  def batch(key):
+    start = jax.random.normal(key, (16, 2))
+    obs = jax.lax.scan(lambda o, _: (o @ rotation.T, o), start, None, 16)[1]
+    is_first = jnp.zeros((16, 16), bool).at[0].set(True)
+    return wm_lib.Sequence(obs, jnp.zeros((16, 16, 5)), jnp.zeros((16, 16)),
+                           jnp.zeros((16, 16), bool), is_first)
+
+  @jax.jit
+  def train(state, key):
+    def step(state, key):
+      data_key, update_key = jax.random.split(key)
+      state, _, metrics = wm_lib.update(state, batch(data_key), update_key, model=model,
+                                        optimizer=optimizer, cfg=cfg)
+      return state, metrics
+    return jax.lax.scan(step, state, jax.random.split(key, 300))
+
+  _, metrics = train(state, jax.random.PRNGKey(1))
+  final_error = float(metrics["wm/one_step_error"][-10:].mean())
+  baseline = float(metrics["wm/copy_last_error"][-10:].mean())
+  assert final_error < 0.75 * baseline, (final_error, baseline)
+  assert final_error < float(metrics["wm/one_step_error"][:10].mean()) / 5
