@@ -4,13 +4,15 @@ The same path a real MegaBonk install takes: the learner launches `num_envs` ref
 servers (`python -m mbjax.bridge.server`, ports from base_port), actor threads play them over
 TCP on 127.0.0.1 and the learner updates on device. Point `bridge.launch_server=False`,
 `bridge.base_port=5560` at running BonkLink plugins to train on the real game instead.
-Observation/reward: `mbjax.bridge.shim` (state packet → 69 floats; survival, damage, level-up).
+Observation/reward: `mbjax.bridge.shim` (state packet → 69 floats; survival, damage, level-up
+at the upstream weights, plus a nearest-enemy distance term, `bridge.distance_reward`, that
+makes kiting learnable in short runs — set it to 0 for the upstream terms alone).
 
 Command:  python -m experiments.train --config=configs/bridge_ppo.py --workdir=runs/bridge_ppo
 Expected: 8 games at 60 Hz in real time, ≈ 400 actor steps/s on a 2-core CPU; mean episode
           return rises from ≈ -1.1 (untrained) — see BENCHMARKS.md "Bridges" for measured runs.
-Debug:    --config=configs/bridge_ppo.py:debug — 4 lock-step games, 64-step rollouts, a
-          few thousand steps; what the smoke test runs.
+Debug:    --config=configs/bridge_ppo.py:debug — 4 lock-step games (4 ticks per action),
+          32-step rollouts, 50 updates (6,400 steps, ≈ 50 s); what the smoke test runs.
 """
 from mbjax.train.config import base_config
 
@@ -22,14 +24,17 @@ def get_config(arg: str | None = None):
   cfg.bridge.base_port = 0  # any free ports for the launched servers
   cfg.num_envs = 8
   cfg.total_env_steps = 200_000
-  cfg.ppo.num_steps = 64
+  cfg.ppo.num_steps = 32
   cfg.ppo.num_minibatches = 4
   cfg.ppo.update_epochs = 4
-  cfg.ppo.lr = 3e-4
-  cfg.ppo.gamma = 0.98
+  cfg.ppo.lr = 1e-3
+  cfg.ppo.anneal_lr = False
+  cfg.ppo.ent_coef = 0.0
+  cfg.ppo.gamma = 0.8  # short horizon: contact damage follows a move within a few steps
   cfg.ppo.normalize_observations = True
   cfg.bridge.server_mode = "realtime"
   cfg.bridge.max_episode_steps = 300
+  cfg.bridge.distance_reward = 1.0
   cfg.bridge.num_actor_threads = 2
   cfg.run.log_every_updates = 5
   cfg.run.checkpoint_every_updates = 50
@@ -37,10 +42,12 @@ def get_config(arg: str | None = None):
   if arg == "debug":
     cfg.num_envs = 4
     cfg.bridge.server_mode = "lockstep"
+    cfg.bridge.ticks_per_action = 4  # about what a ~15 Hz actor gets from a 60 Hz game
+    cfg.bridge.max_episode_steps = 100
     cfg.bridge.num_actor_threads = 1
-    cfg.total_env_steps = 4 * 64 * 10
-    cfg.run.log_every_updates = 5
-    cfg.run.checkpoint_every_updates = 10
+    cfg.total_env_steps = 4 * 32 * 50
+    cfg.run.log_every_updates = 10
+    cfg.run.checkpoint_every_updates = 50
   elif arg:
     raise ValueError(f"configs/bridge_ppo.py: unknown variant {arg!r}; expected 'debug'")
   return cfg

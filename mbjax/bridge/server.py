@@ -69,6 +69,7 @@ class ServerConfig:
   epoch: float | None = None  # time.monotonic() base of gameTime; None: server start
   autopilot: str = "none"  # "none" | "scripted" | "random"
   input_snapshot: bool = False  # send the HINP trailer (always on with an autopilot)
+  restart_on_connect: bool = False  # a new client starts a new run (evaluation protocol)
 
   def __post_init__(self):
     if self.mode not in ("realtime", "lockstep"):
@@ -283,6 +284,8 @@ class GameInstance:
     sock.setblocking(False)
     self._client = sock
     self.counters.clients += 1
+    if self.cfg.restart_on_connect:
+      self._new_run()
     if self.cfg.mode == "lockstep":
       self._send(self._packet(with_frame=self.cfg.frame_hz > 0))
 

@@ -16,6 +16,10 @@ Observation (f32, `observation_size(K)`; K = `num_enemies`, default 8 → 69 flo
 Reward (upstream curriculum weights, the terms a state packet can show): survival +0.001 per
 playing, unpaused step; damage −1.0 per health lost; level-up +1.0 when the level-up menu
 opens. XP, boss kills, velocity and wall terms need data the packet does not carry.
+Optionally (`distance_weight` > 0) a dense term rewarding distance to the nearest enemy (a
+kiting incentive, like a role re-weighting): it changes the objective, on purpose, so that
+short runs get a learning signal (potential-based shaping would not, since it leaves every
+policy's discounted return unchanged up to a constant).
 
 Episode ends: `isPlaying` turning false is the end of a run: terminated if health ≤ 0
 (death), truncated otherwise (the game's time limit). The actor adds its own time limit.
@@ -83,13 +87,27 @@ def menu_mask(state: codec.GameState) -> np.ndarray:
   return mask
 
 
-def reward(prev: codec.GameState, cur: codec.GameState) -> float:
-  """The reward of the step that led from `prev` to `cur` (terms in the module doc)."""
+def reward(prev: codec.GameState, cur: codec.GameState, *, distance_weight: float = 0.0,
+           arena_size: float = 24.0) -> float:
+  """The reward of the step that led from `prev` to `cur` (terms in the module doc), plus
+  `distance_weight × enemy_distance(cur)` while playing (0 by default)."""
   survival = float(cur.is_playing and not cur.is_paused and cur.player_health > 0)
   damage = max(prev.player_health - cur.player_health, 0.0) if cur.is_playing or (
       cur.player_health <= 0) else 0.0
   level_up = float(cur.current_menu == LEVEL_UP_MENU and prev.current_menu != LEVEL_UP_MENU)
-  return WEIGHT_SURVIVAL * survival + WEIGHT_DAMAGE * damage + WEIGHT_LEVEL_UP * level_up
+  r = WEIGHT_SURVIVAL * survival + WEIGHT_DAMAGE * damage + WEIGHT_LEVEL_UP * level_up
+  if distance_weight and cur.is_playing and not cur.is_paused:
+    r += distance_weight * enemy_distance(cur, arena_size)
+  return r
+
+
+def enemy_distance(state: codec.GameState, arena_size: float = 24.0) -> float:
+  """Distance to the nearest enemy / arena size, capped at 0.5 (0.5 with no enemies)."""
+  if not state.enemies:
+    return 0.5
+  px, _, pz = state.player_position
+  nearest = min((e.position[0] - px) ** 2 + (e.position[2] - pz) ** 2 for e in state.enemies)
+  return min(float(np.sqrt(nearest)) / arena_size, 0.5)
 
 
 def episode_end(state: codec.GameState) -> tuple[bool, bool]:

@@ -198,7 +198,8 @@ class Actor(threading.Thread):
           final_obs[g] = obs[g]
           observations[g] = self._wait_playing(g)
         else:
-          reward[g] = shim.reward(states[g], o.state)
+          reward[g] = shim.reward(states[g], o.state, distance_weight=b.distance_reward,
+                                  arena_size=b.arena_size)
           ended, dead = shim.episode_end(o.state)
           final_obs[g] = self.observe(o.state)
           ep_length[g] += 1
@@ -331,6 +332,69 @@ class Sebulba:
                 "actions_dropped"):
       out[f"bridge/{key}"] = sum(c[key] for c in counters)
     return out
+
+
+def evaluate(cfg, ports: list[int], agent: ppo.PPOState | None, num_steps: int,
+             seed: int = 0) -> dict:
+  """Plays every game for `num_steps` steps (or until its run ends) from a fresh run with the
+  policy's mode action (`agent`) or, with `agent=None`, uniform random actions and a random
+  allowed menu choice; returns the mean per-step reward and how many runs ended in death.
+
+  Needs servers started with `restart_on_connect=True` (the connection starts the run), and
+  no actor connected to them."""
+  b = cfg.bridge
+  network = ppo.make_network(cfg, ACTION_SPEC)
+  observe = functools.partial(shim.observation, arena_size=b.arena_size,
+                              num_enemies=b.num_obs_enemies)
+  rng = np.random.default_rng(seed)
+  clients = [client_lib.BonkLinkClient(b.host, p, decode_frames=False) for p in ports]
+  if agent is not None:
+    @jax.jit
+    def mode(params, obs_stats, obs, mask):
+      _, dist, _ = network.apply(params, network.initial_carry(obs.shape[0]),
+                                 ppo.prepare_obs(obs, obs_stats, cfg.ppo.normalize_observations),
+                                 jnp.ones(obs.shape[:1], bool), mask)
+      return dist.mode()
+  try:
+    states = []
+    for c in clients:
+      o = c.read(b.reconnect_timeout)
+      if o is None:
+        raise BridgeError(f"no state from {c.address} within {b.reconnect_timeout} s")
+      states.append(o.state)
+    alive = np.ones(len(clients), bool)
+    total, steps, deaths = 0.0, 0, 0
+    for _ in range(num_steps):
+      obs = np.stack([observe(s) for s in states])
+      mask = np.stack([shim.menu_mask(s) for s in states])
+      if agent is None:
+        move = rng.uniform(-1, 1, (len(clients), 2))
+        choice = [int(rng.choice(np.nonzero(m)[0])) for m in mask]
+      else:
+        action = jax.device_get(mode(agent.params, agent.obs_stats, obs, mask))
+        move = np.clip(np.tanh(action.continuous) if network.squash == "tanh"
+                       else action.continuous, -1, 1)
+        choice = action.discrete[:, 0]
+      for g in np.nonzero(alive)[0]:
+        clients[g].send(shim.to_action(move[g], int(choice[g]), (b.pixel_size, b.pixel_size)))
+      for g in np.nonzero(alive)[0]:
+        o = clients[g].read(b.step_timeout)
+        if o is None:
+          raise BridgeError(f"evaluation: {clients[g].address} stopped answering")
+        total += shim.reward(states[g], o.state, distance_weight=b.distance_reward,
+                             arena_size=b.arena_size)
+        steps += 1
+        states[g] = o.state
+        ended, dead = shim.episode_end(o.state)
+        if ended:
+          alive[g] = False
+          deaths += int(dead)
+      if not alive.any():
+        break
+    return {"mean_reward": total / max(steps, 1), "steps": steps, "deaths": deaths}
+  finally:
+    for c in clients:
+      c.close()
 
 
 def server_options(cfg) -> dict:
