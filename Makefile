@@ -3,7 +3,7 @@
 #   make test    set up .venv, then run the test suite (what CI runs)
 PYTHON ?= python3
 VENV ?= .venv
-CONFIG ?= configs/cartpole_ppo.py
+CONFIG ?= configs/arena_ppo.py
 WORKDIR ?= runs/$(basename $(notdir $(CONFIG)))
 # Avoids a jaxlib 0.10 CPU scheduler deadlock (BUILD.md, "Known traps").
 export XLA_FLAGS ?= --xla_cpu_enable_concurrency_optimized_scheduler=false

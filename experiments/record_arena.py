@@ -14,10 +14,13 @@ from absl import app, flags  # noqa: E402
 
 from mbjax.envs.bonk_arena import BonkArena, make_scripted_policy, random_policy  # noqa: E402
 from mbjax.envs.bonk_arena import recording  # noqa: E402
+from mbjax.train import evaluate  # noqa: E402
+from mbjax.train import run as run_lib  # noqa: E402
 
 _POLICY = flags.DEFINE_enum("policy", "scripted", ["scripted", "random", "checkpoint"],
                             "Who plays.")
-_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Checkpoint dir for --policy=checkpoint.")
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None,
+                                  "Workdir of a training run, for --policy=checkpoint.")
 _EPISODES = flags.DEFINE_integer("episodes", 2, "Episodes to record.")
 _OUT_DIR = flags.DEFINE_string("out_dir", "runs/arena_videos", "Where videos and .npz go.")
 _SEED = flags.DEFINE_integer("seed", 0, "Episode i uses fold_in(PRNGKey(seed), i).")
@@ -34,11 +37,12 @@ def make_policy(name: str, env: BonkArena, checkpoint: str | None):
     return make_scripted_policy(env)
   if name == "random":
     return random_policy
-  # A trained agent: restore its params from `checkpoint` and return a pure function that
-  # runs the network on `obs` and samples a masked hybrid action (not wired up yet).
-  raise NotImplementedError(
-      f"--policy=checkpoint ({checkpoint!r}) needs a checkpoint loader: build a "
-      "policy_fn(key, obs, mask) -> HybridAction in make_policy")
+  if not checkpoint:
+    raise app.UsageError("--policy=checkpoint needs --checkpoint=<a train workdir>")
+  trainer, runner = run_lib.restore_trained(checkpoint)
+  if trainer.cfg.env.name != "bonk_arena":
+    raise app.UsageError(f"{checkpoint} trained on {trainer.cfg.env.name!r}, not bonk_arena")
+  return evaluate.stateless_policy(trainer, jax.device_get(runner.agent))
 
 
 def main(argv):

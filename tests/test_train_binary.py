@@ -103,3 +103,16 @@ def test_bad_config_fails_naming_the_key(tmp_path, flag, message):
   assert result.returncode != 0
   assert message in result.stderr
   assert not (tmp_path / "checkpoints").exists()
+
+
+def test_arena_run_writes_a_video_and_its_checkpoint_plays_in_the_recorder(tmp_path):
+  workdir, videos = tmp_path / "run", tmp_path / "recorded"
+  result = _train(workdir, config="configs/arena_ppo.py:debug")
+  video = workdir / "videos" / "update_0000004.mp4"
+  assert f"video: {video}" in result.stdout and video.stat().st_size > 0
+  subprocess.run([sys.executable, "-m", "experiments.record_arena", "--policy=checkpoint",
+                  f"--checkpoint={workdir}", "--episodes=1", f"--out_dir={videos}"],
+                 cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600, check=True)
+  recorded = np.load(videos / "checkpoint_000.npz", allow_pickle=False)
+  assert recorded["rewards"].shape[0] > 0
+  assert (videos / "checkpoint_000.mp4").stat().st_size > 0

@@ -56,3 +56,23 @@ def make_episode_fn(trainer, max_steps: int, deterministic: bool = True,
 
   return episode
 
+
+
+def stateless_policy(trainer, agent: ppo.PPOState, deterministic: bool = False) -> Callable:
+  """`policy_fn(key, obs, mask) -> env action` for one raw env observation, for tools that
+  drive an env themselves (recorders, servers). Only feed-forward agents without frame
+  stacking are stateless; others raise ValueError."""
+  network, cfg = trainer.network, trainer.cfg
+  if network.core != "none" or cfg.env.frame_stack > 1:
+    raise ValueError(
+        f"a stateless policy needs network.core='none' and env.frame_stack=1; this agent has "
+        f"core={network.core!r}, frame_stack={cfg.env.frame_stack}")
+
+  def policy_fn(key, obs, mask):
+    net_obs = ppo.prepare_obs(obs[None], agent.obs_stats, cfg.ppo.normalize_observations)
+    _, dist, _ = network.apply(agent.params, network.initial_carry(1), net_obs,
+                               jnp.ones((1,), bool), mask[None])
+    raw = dist.mode() if deterministic else dist.sample(key)
+    return jax.tree.map(lambda x: x[0], to_env_action(raw, network.squash))
+
+  return policy_fn

@@ -14,6 +14,7 @@ import tempfile
 import time
 
 import jax
+import ml_collections
 import numpy as np
 from absl import logging
 
@@ -120,6 +121,25 @@ def run(cfg, workdir: str) -> dict:
   if cfg.run.video_max_frames > 0 and can_render(trainer.trainer.env):
     outputs["video"] = _record_video(trainer.trainer, runner, cfg, workdir)
   return {**record, "outputs": outputs}
+
+
+def restore_trained(workdir: str):
+  """(trainer, runner) of the latest checkpoint in `workdir`, on one device, built from the
+  config saved beside it — for evaluation and recording tools."""
+  with open(os.path.join(workdir, "config.json")) as f:
+    cfg = ml_collections.ConfigDict(json.load(f))
+  checkpointer = checkpoint_lib.Checkpointer(workdir, cfg.run.keep_checkpoints)
+  step = checkpointer.latest_step()
+  if step is None:
+    raise FileNotFoundError(f"no checkpoint under {checkpointer.directory}")
+  env, env_params = registry.make(cfg.env.name, **cfg.env.kwargs.to_dict())
+  mesh = sharding.make_mesh(1)
+  trainer = sharding.ShardedTrainer(cfg, env, env_params, mesh)
+  abstract = checkpoint_lib.abstract_like(
+      trainer.runner_like, sharding.runner_shardings(mesh, trainer.runner_like))
+  runner = checkpointer.restore(step, abstract, cfg)
+  checkpointer.close()
+  return trainer.trainer, runner
 
 
 def _record_video(trainer, runner, cfg, workdir: str) -> str:
