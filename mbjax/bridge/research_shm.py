@@ -179,6 +179,7 @@ class ResearchShmProducer:
   def __init__(self, path: str, width: int = 84, height: int = 84, *, deterministic: bool = True,
                hz: float = 60.0, seed: int = 0):
     import jax
+    import jax.numpy as jnp
 
     from mbjax.envs.bonk_arena import BonkArena
     from mbjax.envs.spaces import HybridAction
@@ -198,7 +199,6 @@ class ResearchShmProducer:
           key, state, HybridAction(jnp.clip(action6[:2], -1, 1), choice[None]), params)
       return obs, state, reward, terminated | truncated, state.game_time
 
-    import jax.numpy as jnp
     self._step = jax.jit(step)
     self._reset = jax.jit(lambda: env.reset(jax.random.PRNGKey(0), params))
     self._key = jax.random.PRNGKey(seed)

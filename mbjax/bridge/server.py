@@ -402,6 +402,10 @@ class ReferenceServer:
     game = _Game(self.cfg)
     self.instances = [GameInstance(game, self.cfg, p, i) for i, p in enumerate(ports)]
     self.ports = [inst.port for inst in self.instances]
+    # Compile the jitted tick and render now, so the first packets are on time.
+    first = self.instances[0]
+    game.tick(first._key, first._state, np.zeros(2, np.float32), np.int32(3))
+    game.render(first._state)
 
   def __enter__(self):
     self.start()
@@ -435,10 +439,6 @@ def main(argv=None) -> None:
   cfg = ServerConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ServerConfig)})
   ports = [int(x) for x in args.ports.split(",")] if args.ports else None
   server = ReferenceServer(args.num_instances, args.base_port, cfg, ports)
-  # Warm the jitted tick/render before announcing readiness, so the first packets are on time.
-  server.instances[0].game.tick(server.instances[0]._key, server.instances[0]._state,
-                                np.zeros(2, np.float32), np.int32(3))
-  server.instances[0].game.render(server.instances[0]._state)
   stop = threading.Event()
   for sig in (signal.SIGTERM, signal.SIGINT):
     signal.signal(sig, lambda *_: stop.set())

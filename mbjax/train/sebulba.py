@@ -187,10 +187,15 @@ class Actor(threading.Thread):
       reward = np.zeros(num_games, np.float32)
       terminated, truncated = np.zeros(num_games, bool), np.zeros(num_games, bool)
       next_first = np.zeros(num_games, bool)
+      # Wait until every game has answered, then take each game's newest state: games read
+      # early would otherwise hand the policy states aged by the wait for the later ones.
+      connects = [c.counters.connects for c in self.clients]
+      fresh = [c.read(b.step_timeout) for c in self.clients]
       for g, c in enumerate(self.clients):
-        connects = c.counters.connects
-        o = c.read(b.step_timeout)
-        if o is None or c.counters.connects != connects:
+        o = fresh[g]
+        newer = c.read(0.0) if o is not None else None
+        o = newer if newer is not None else o
+        if o is None or c.counters.connects != connects[g]:
           # Bridge fault (stall, or the game restarted): cut the episode, bootstrap from
           # the last observation, and start afresh once the game plays again.
           self.stats.faults += 1

@@ -1,0 +1,32 @@
+"""Recording from a BonkLink game into offline .npz chunks: frames paired with the HINP
+inputs (the reference server's scripted autopilot stands in for a human)."""
+import json
+
+import numpy as np
+
+from mbjax.bridge import client as client_lib
+from mbjax.bridge import record, server
+
+
+def test_records_hinp_labelled_chunks(tmp_path):
+  cfg = server.ServerConfig(frame_hz=30.0, frame_format="jpeg", autopilot="scripted")
+  with server.ReferenceServer(1, base_port=0, cfg=cfg) as srv:
+    c = client_lib.BonkLinkClient(port=srv.ports[0])
+    recorder = record.Recorder(c, str(tmp_path), fps=10.0, frames_per_chunk=8)
+    paths = recorder.run(seconds=4.0, max_frames=16)
+    c.close()
+  assert len(paths) == 2 and recorder.missing_inputs == 0
+  for index, path in enumerate(paths):
+    chunk = np.load(path)
+    assert set(chunk.files) == {"observations", "actions", "click_norm", "rewards", "dones",
+                                "video_source", "meta"}
+    assert chunk["observations"].shape == (8, 64, 64, 3)
+    assert chunk["observations"].dtype == np.uint8
+    assert chunk["actions"].shape == (8, 6) and chunk["actions"].dtype == np.float32
+    assert chunk["dones"][-1] and chunk["rewards"].shape == (8,)
+    # The scripted autopilot moves with unit-norm directions; buttons other than the
+    # menu click stay released.
+    np.testing.assert_allclose(np.linalg.norm(chunk["actions"][:, :2], axis=1), 1.0, atol=1e-3)
+    assert not chunk["actions"][:, 2:5].any()
+    meta = json.loads(str(chunk["meta"]))
+    assert meta["chunk_index"] == index and meta["action_labeling"] == "hinp"
