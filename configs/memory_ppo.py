@@ -26,6 +26,8 @@ def get_config(arg: str | None = None):
   cfg = base_config()
   cfg.env.name = "remember_cue"
   cfg.env.kwargs.delay = 4
+  # Plain PPO: the auxiliary learners (world model, dream, EFE) are not part of this test bed.
+  cfg.world_model.enabled = cfg.dream.enabled = cfg.efe.enabled = False
   cfg.num_envs = 16
   cfg.ppo.num_steps = 24  # 4 whole episodes of 6 steps per env per update
   cfg.ppo.seq_len = 6  # = episode length: BPTT chunks line up with episodes

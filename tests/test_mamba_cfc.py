@@ -208,7 +208,7 @@ def _final_return(core: str) -> float:
 
 @pytest.mark.slow
 def test_mamba_and_cfc_ppo_solve_the_memory_task_feed_forward_cannot():
-  """Debug config (16 envs × 24 steps, 150 updates, 1 seed). Measured 2026-11-27 on the 2-core
+  """Debug config (16 envs × 24 steps, 150 updates, 1 seed). Measured 2026-11-26 on the 2-core
   CPU: mamba and cfc ≥ 0.99, feed-forward ≈ 0 (its optimum without memory is 0)."""
   finals = {core: _final_return(core) for core in ("none", "mamba", "cfc")}
   print(f"\nRememberCue final return (last 10 updates): feed-forward {finals['none']:.2f} | "
