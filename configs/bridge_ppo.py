@@ -23,7 +23,7 @@ def get_config(arg: str | None = None):
   cfg.bridge.enabled = True
   cfg.bridge.base_port = 0  # any free ports for the launched servers
   cfg.num_envs = 8
-  cfg.total_env_steps = 200_000
+  cfg.total_env_steps = 102_400  # 400 updates of 8 × 32
   cfg.ppo.num_steps = 32
   cfg.ppo.num_minibatches = 4
   cfg.ppo.update_epochs = 4
@@ -36,8 +36,9 @@ def get_config(arg: str | None = None):
   cfg.bridge.max_episode_steps = 300
   cfg.bridge.distance_reward = 1.0
   cfg.bridge.num_actor_threads = 2
-  cfg.run.log_every_updates = 5
-  cfg.run.checkpoint_every_updates = 50
+  cfg.bridge.eval_steps = 300  # final evaluation against the random policy
+  cfg.run.log_every_updates = 20
+  cfg.run.checkpoint_every_updates = 100
   cfg.run.video_max_frames = 0
   if arg == "debug":
     cfg.num_envs = 4
@@ -48,6 +49,7 @@ def get_config(arg: str | None = None):
     cfg.total_env_steps = 4 * 32 * 50
     cfg.run.log_every_updates = 10
     cfg.run.checkpoint_every_updates = 50
+    cfg.bridge.eval_steps = 0
   elif arg:
     raise ValueError(f"configs/bridge_ppo.py: unknown variant {arg!r}; expected 'debug'")
   return cfg

@@ -117,6 +117,7 @@ def base_config() -> ml_collections.ConfigDict:
   cfg.bridge.step_timeout = 2.0  # seconds to wait for a game's next state
   cfg.bridge.reconnect_timeout = 30.0  # seconds a game may stay unreachable
   cfg.bridge.rollout_timeout = 120.0  # seconds the learner waits for an actor's rollout
+  cfg.bridge.eval_steps = 0  # after training: trained vs random, steps per game (launched servers)
   return cfg
 
 

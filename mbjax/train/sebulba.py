@@ -425,8 +425,9 @@ def run(cfg, workdir: str) -> dict:
   server, epoch = None, None
   if b.launch_server:
     epoch = time.monotonic()
+    # restart_on_connect: the final evaluation starts fresh runs by reconnecting.
     server = launch.ServerProcess(cfg.num_envs, base_port=b.base_port, epoch=epoch,
-                                  **server_options(cfg))
+                                  restart_on_connect=True, **server_options(cfg))
     ports = server.start()
     if b.server_mode == "lockstep":
       epoch = None  # lock-step gameTime is tick-based: no wall-clock age
@@ -472,6 +473,18 @@ def run(cfg, workdir: str) -> dict:
                                                 "update_step": jnp.int32(learner.update_step)},
                           cfg)
       chunk, start = [], time.perf_counter()
+    if b.eval_steps and server is not None:
+      learner.stop()
+      trained = evaluate(cfg, ports, learner.agent, b.eval_steps, seed=cfg.seed)
+      random = evaluate(cfg, ports, None, b.eval_steps, seed=cfg.seed)
+      record = {**record, "eval/trained_mean_reward": trained["mean_reward"],
+                "eval/random_mean_reward": random["mean_reward"],
+                "eval/trained_deaths": trained["deaths"], "eval/random_deaths": random["deaths"]}
+      writer.write(learner.update_step, learner.update_step * steps_per_update, record)
+      logging.info("evaluation over %d steps per game from fresh runs: trained %.4f / step "
+                   "(%d deaths), random %.4f / step (%d deaths)", b.eval_steps,
+                   trained["mean_reward"], trained["deaths"], random["mean_reward"],
+                   random["deaths"])
     writer.close()
     return {**record, "outputs": {"metrics": writer.path,
                                   "checkpoints": checkpointer.directory}}
