@@ -112,7 +112,6 @@ def base_config() -> ml_collections.ConfigDict:
   cfg.bridge.num_obs_enemies = 8  # nearest enemies in the shim's observation
   cfg.bridge.arena_size = 24.0  # world units that map positions to [-1, 1]
   cfg.bridge.distance_reward = 0.0  # weight of the nearest-enemy distance term (bridge.shim)
-  cfg.bridge.distance_reward = 0.0  # weight of the nearest-enemy distance term (bridge.shim)
   cfg.bridge.replay_capacity = 0  # actor replay steps; 0: ppo.num_steps
   cfg.bridge.step_timeout = 2.0  # seconds to wait for a game's next state
   cfg.bridge.reconnect_timeout = 30.0  # seconds a game may stay unreachable
