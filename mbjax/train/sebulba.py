@@ -156,7 +156,7 @@ class Actor(threading.Thread):
     carry = self.network.initial_carry(num_games)
     key = jax.random.PRNGKey(cfg.seed * 7919 + self.index)
     ep_return, ep_length = np.zeros(num_games), np.zeros(num_games, np.int64)
-    buffer, pending, written, rollout_version = None, None, 0, 0
+    buffer, pending, written, rollout_version, pending_version = None, None, 0, 0, 0
     while not self.stop_event.is_set():
       version, (params, obs_stats) = self.published.value
       key, act_key = jax.random.split(key)
@@ -175,7 +175,7 @@ class Actor(threading.Thread):
         buffer = replay.add_jit(buffer, jax.tree.map(lambda x: jnp.asarray(x)[None], pending))
         written += 1
         if written % num_steps == 1 or num_steps == 1:
-          rollout_version = version  # the oldest policy version in this rollout
+          rollout_version = pending_version  # the oldest policy version in this rollout
         if written % num_steps == 0:
           self._put((replay.latest(buffer, num_steps), rollout_version))
 
@@ -220,6 +220,7 @@ class Actor(threading.Thread):
           ep_return[g], ep_length[g] = 0.0, 0
       self.stats.steps += num_games
 
+      pending_version = version
       pending = ppo.Rollout(
           obs=obs, is_first=is_first, carry=carry, mask=mask,
           action=HybridAction(action.continuous, action.discrete), log_prob=log_prob,
