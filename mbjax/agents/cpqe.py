@@ -156,7 +156,7 @@ def init(key: jax.Array, cfg: ml_collections.ConfigDict, obs_dim: int,
   teacher = net.init(k_net, chunk, jnp.zeros((1,)), obs)
   q = q_net.init(k_q, obs, chunk)
   opt, q_opt = _optimizer(cfg, cfg.lr), _optimizer(cfg, cfg.q_lr)
-  # The student starts from the teacher's weights (Song et al. 2023, §6).
+  # The student starts from the teacher's weights, as in Song et al. 2023.
   return CPQEState(teacher, opt.init(teacher), teacher, teacher, opt.init(teacher), q, q,
                    q_opt.init(q))
 

@@ -1,8 +1,8 @@
 """Closed-form continuous-time (CfC) cell (Hasani et al. 2022, "Closed-form continuous-time
-neural networks", Nature Machine Intelligence, Eq. 10).
+neural networks", Nature Machine Intelligence): the CfC update with a shared backbone.
 
     backbone = tanh(W_b [I_t, x_{t−1}] + b_b)
-    f = W_f backbone + w_τ          (w_τ: a learned per-unit time-constant term, Eq. 9's w_τ)
+    f = W_f backbone + w_τ          (w_τ: a learned per-unit time-constant term, the paper's w_τ)
     g = tanh(W_g backbone + b_g),   h = tanh(W_h backbone + b_h)
     x_t = σ(−f · Δt) ⊙ g + (1 − σ(−f · Δt)) ⊙ h
 
