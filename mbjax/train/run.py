@@ -81,6 +81,11 @@ def run(cfg, workdir: str) -> dict:
   _write_json_atomic(os.path.join(workdir, "config.json"), cfg.to_dict())
   writer = MetricsWriter(workdir, steps_per_update, resume_step)
 
+  served_policy = ("ppo" if cfg.served.distill_from == "none" else
+                   f"ppo+distill({cfg.served.distill_from}, {cfg.served.distill_coef})")
+  logging.info("Learners: ppo%s; served policy: %s", "".join(
+      f", {name}" for name in ("world_model", "dream", "efe") if cfg[name].enabled),
+      served_policy)
   compiled = {}
   record = {}
   update_step = int(runner.update_step)
@@ -99,6 +104,7 @@ def run(cfg, workdir: str) -> dict:
     env_steps = update_step * steps_per_update
 
     record = summarize_chunk(metrics)
+    record["served/policy"] = served_policy
     record["perf/env_steps_per_second"] = chunk_size * steps_per_update / seconds
     if compile_seconds is not None:
       record["perf/compile_seconds"] = compile_seconds

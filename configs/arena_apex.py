@@ -1,0 +1,38 @@
+"""The full apex learner on BonkArena vectors: PPO + RSSM world model + dream + Active
+Inference, all updated after every rollout (mbjax.agents.apex).
+
+Same PPO settings as `configs/arena_ppo.py`; the world model is a CPU-sized RSSM (GRU 256,
+16×16 categorical latents, windows of 32 steps), dream and EFE imagine 15 steps from 256
+posterior states each. The served policy is PPO; set
+`--config.served.distill_from=dream --config.served.distill_coef=0.1` to distil the dream
+actor into it.
+
+Command:  python -m experiments.train --config=configs/arena_apex.py --workdir=runs/arena_apex
+Expected: not yet measured at full length (the PPO / +WM / +dream / +EFE ablation is open);
+          each update costs several times a plain PPO update on a 2-core CPU.
+Debug:    --config=configs/arena_apex.py:debug — tiny sizes, 4 updates, used by tests.
+"""
+import importlib.util
+import os
+
+_ARENA_PPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "arena_ppo.py")
+
+
+def _arena_ppo(arg):
+  spec = importlib.util.spec_from_file_location("arena_ppo", _ARENA_PPO)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def get_config(arg: str | None = None):
+  if arg not in (None, "debug"):
+    raise ValueError(f"configs/arena_apex.py: unknown variant {arg!r}; expected 'debug'")
+  cfg = _arena_ppo(arg)
+  cfg.world_model.enabled = cfg.dream.enabled = cfg.efe.enabled = True
+  cfg.world_model.update(deter=256, hidden=256, stoch=16, classes=16, seq_len=32)
+  if arg == "debug":
+    cfg.world_model.update(deter=32, hidden=32, stoch=4, classes=4, seq_len=16)
+    for section in (cfg.dream, cfg.efe):
+      section.update(hidden_sizes=(32,), horizon=5, num_starts=16)
+  return cfg
