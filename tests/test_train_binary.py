@@ -2,6 +2,7 @@
 
 The binary runs in subprocesses, as a user would run it, on one CPU device.
 """
+import json
 import os
 import signal
 import subprocess
@@ -61,17 +62,7 @@ def test_resume_after_sigkill_is_bitwise_identical(tmp_path):
   uninterrupted, interrupted = tmp_path / "a", tmp_path / "b"
   _train(uninterrupted, *RESUME_FLAGS)
 
-  process = subprocess.Popen(_train_command(interrupted, *RESUME_FLAGS), cwd=ROOT, env=ENV,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  checkpoints = interrupted / "checkpoints"
-  deadline = time.time() + 300
-  while time.time() < deadline and process.poll() is None:
-    if checkpoints.exists() and any(d.isdigit() and int(d) >= 20 for d in os.listdir(checkpoints)):
-      break
-    time.sleep(0.02)
-  process.send_signal(signal.SIGKILL)
-  assert process.wait() == -signal.SIGKILL, "the run finished before it could be killed"
-  killed_at = max(int(d) for d in os.listdir(checkpoints) if d.isdigit())
+  killed_at = _kill_after_checkpoint(interrupted, *RESUME_FLAGS)
   assert killed_at < 400
 
   _train(interrupted, *RESUME_FLAGS)
@@ -126,3 +117,54 @@ def test_apex_config_trains_every_learner_through_the_binary(tmp_path):
   for key in ("wm/recon", "wm/reward", "wm/kl", "dream/return", "dream/actor_loss",
               "dream/critic_loss", "efe/risk", "efe/ambiguity", "loss/distill"):
     assert key in last and np.isfinite(last[key]), key
+
+
+
+def _kill_after_checkpoint(workdir, *flags, env=ENV, at_least=20):
+  """Starts a training run and SIGKILLs it once a checkpoint ≥ `at_least` exists."""
+  process = subprocess.Popen(_train_command(workdir, *flags), cwd=ROOT, env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  checkpoints = workdir / "checkpoints"
+  deadline = time.time() + 300
+  while time.time() < deadline and process.poll() is None:
+    if checkpoints.exists() and any(d.isdigit() and int(d) >= at_least
+                                    for d in os.listdir(checkpoints)):
+      break
+    time.sleep(0.02)
+  process.send_signal(signal.SIGKILL)
+  assert process.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+  return max(int(d) for d in os.listdir(checkpoints) if d.isdigit())
+
+
+
+def test_checkpoint_from_four_devices_restores_on_two(tmp_path):
+  """Checkpoints hold global arrays: written by a 4-device run, they restore bit for bit
+  onto a 2-device mesh (env state re-split 2 envs per device) and training goes on."""
+  import jax
+  import ml_collections
+
+  from mbjax.envs import registry
+  from mbjax.train import checkpoint as checkpoint_lib
+  from mbjax.train import sharding
+
+  env = dict(ENV, XLA_FLAGS=ENV["XLA_FLAGS"] + " --xla_force_host_platform_device_count=4")
+  subprocess.run(_train_command(tmp_path, "--config.run.num_devices=4"), cwd=ROOT, env=env,
+                 capture_output=True, text=True, timeout=600, check=True)
+  cfg = ml_collections.ConfigDict(json.loads((tmp_path / "config.json").read_text()))
+  mesh = sharding.make_mesh(2)
+  trainer = sharding.ShardedTrainer(cfg, *registry.make(cfg.env.name), mesh)
+  abstract = checkpoint_lib.abstract_like(
+      trainer.runner_like, sharding.runner_shardings(mesh, trainer.runner_like))
+  checkpointer = checkpoint_lib.Checkpointer(str(tmp_path), keep=2)
+  runner = checkpointer.restore(40, abstract, cfg)
+  checkpointer.close()
+  assert runner.obs.sharding.num_devices == 2
+  assert {s.data.shape[0] for s in runner.obs.addressable_shards} == {2}
+  _, saved = _final_state(tmp_path)
+  restored = ocp.tree.to_flat_dict(jax.device_get(runner))
+  saved = ocp.tree.to_flat_dict(saved)
+  assert len(restored) == len(saved)
+  for (key, value), saved_value in zip(sorted(restored.items()), (saved[k] for k in sorted(saved))):
+    np.testing.assert_array_equal(value, saved_value, err_msg=str(key))
+  runner, metrics = trainer.chunk(2)(runner)
+  assert int(runner.update_step) == 42 and np.isfinite(metrics["loss/total"]).all()
