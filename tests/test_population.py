@@ -1,5 +1,6 @@
 """Task vectors, merges, gating and PBT against hand-computed values; the merge binary end to
 end on tiny CartPole checkpoints."""
+import functools
 import json
 import os
 import shutil
@@ -11,6 +12,7 @@ import hypothesis
 import hypothesis.strategies as st
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 import pytest
@@ -113,10 +115,11 @@ def test_merges_jitted_equal_unjitted():
   keys = jax.random.split(jax.random.PRNGKey(0), 3)
   vectors = [{"a": jax.random.normal(k, (4, 5)), "b": jax.random.normal(k, (7,)) * 0.1}
              for k in keys]
-  for method in merge.METHODS:
-    for scope in ("tensor", "global"):
-      fn = lambda vs, m=method, s=scope: merge.merge(vs, m, lam=0.7, k=0.3, scope=s)  # noqa
-      chex.assert_trees_all_close(jax.jit(fn)(vectors), fn(vectors), atol=1e-6)
+  # Trim scope matters to the TIES methods only; one of each keeps the compile count low.
+  for method, scope in (("mean", "tensor"), ("task_arithmetic", "tensor"),
+                        ("ties", "global"), ("ties_count", "tensor")):
+    fn = lambda vs, m=method, s=scope: merge.merge(vs, m, lam=0.7, k=0.3, scope=s)  # noqa
+    chex.assert_trees_all_close(jax.jit(fn)(vectors), fn(vectors), atol=1e-6)
   chex.assert_trees_all_close(jax.jit(merge.pair_statistics)(vectors),
                               merge.pair_statistics(vectors), atol=1e-6)
 
@@ -163,6 +166,7 @@ def test_gating_rule():
 # PBT
 
 
+@functools.cache
 def _population(size: int):
   """A stacked population: MLP-shaped params and Adam state after one distinct step each."""
   optimizer = optax.adam(1e-2)
@@ -175,7 +179,9 @@ def _population(size: int):
     _, opt_state = optimizer.update(grads, opt_state, params)
     return {"params": params, "opt_state": opt_state}
 
-  return jax.vmap(member)(jax.random.split(jax.random.PRNGKey(1), size))
+  # On the host: the per-member comparisons below are then numpy, not eager jax, slices.
+  return jax.device_get(
+      jax.jit(jax.vmap(member))(jax.random.split(jax.random.PRNGKey(1), size)))
 
 
 def _member(tree, i):
@@ -188,7 +194,8 @@ def test_exploit_copies_params_and_optimizer_state_exactly():
   # the worst mean, so it is the one replaced; member 4 (best mean) is the only donor.
   returns = jnp.asarray([[100.0, -100.0, -100.0], [1, 1, 1], [0, 0, 0], [2, 2, 2],
                          [0, 0, 9]])
-  new, source, replaced = pbt.exploit(jax.random.PRNGKey(0), population, returns, 0.2)
+  new, source, replaced = jax.device_get(
+      pbt.exploit(jax.random.PRNGKey(0), population, returns, 0.2))
   np.testing.assert_array_equal(source, [4, 1, 2, 3, 4])
   np.testing.assert_array_equal(replaced, [True, False, False, False, False])
   chex.assert_trees_all_equal(_member(new, 0), _member(population, 4))
@@ -197,14 +204,16 @@ def test_exploit_copies_params_and_optimizer_state_exactly():
     chex.assert_trees_all_equal(_member(new, i), _member(population, i))
   jitted = jax.jit(pbt.exploit, static_argnums=3)(jax.random.PRNGKey(0), population,
                                                    returns, 0.2)
-  chex.assert_trees_all_equal(jitted, (new, source, replaced))
+  chex.assert_trees_all_equal(jax.device_get(jitted), (new, source, replaced))
 
 
 def test_exploit_donors_from_top_fraction_and_episode_mask():
   population = _population(6)
   returns = jnp.arange(6, dtype=jnp.float32)[:, None] * jnp.ones((1, 4))
+  exploit = jax.jit(pbt.exploit, static_argnums=3)
   for seed in range(5):
-    new, source, replaced = pbt.exploit(jax.random.PRNGKey(seed), population, returns, 0.3)
+    new, source, replaced = jax.device_get(
+        exploit(jax.random.PRNGKey(seed), population, returns, 0.3))
     np.testing.assert_array_equal(replaced, [True, True, False, False, False, False])
     assert set(np.asarray(source[:2]).tolist()) <= {4, 5}
     for i in range(6):
@@ -218,10 +227,10 @@ def test_exploit_donors_from_top_fraction_and_episode_mask():
 
 
 def test_exploit_ranking_ties_replace_the_lower_index():
-  returns = jnp.ones((4, 2))
-  _, source, replaced = pbt.exploit(jax.random.PRNGKey(0), _population(4), returns, 0.25)
-  np.testing.assert_array_equal(replaced, [True, False, False, False])
-  assert int(source[0]) == 3
+  returns = jnp.ones((5, 2))
+  _, source, replaced = pbt.exploit(jax.random.PRNGKey(0), _population(5), returns, 0.2)
+  np.testing.assert_array_equal(replaced, [True, False, False, False, False])
+  assert int(source[0]) == 4
 
 
 SPECS = {
@@ -231,10 +240,11 @@ SPECS = {
 }
 
 
-@hypothesis.settings(max_examples=12, deadline=None, derandomize=True)
+@hypothesis.settings(max_examples=8, deadline=None, derandomize=True)
 @hypothesis.given(
     size=st.integers(2, 5), seed=st.integers(0, 2**31 - 1),
-    lr=st.floats(1e-5, 1e-2), epochs=st.integers(1, 10), core=st.sampled_from(SPECS["core"].choices),
+    lr=st.floats(1e-5, 1e-2), epochs=st.integers(1, 10),
+    core=st.sampled_from(SPECS["core"].choices),
     factors=st.lists(st.floats(0.1, 5.0), min_size=1, max_size=3))
 def test_explore_keeps_types_and_ranges(size, seed, lr, epochs, core, factors):
   members = [{"lr": lr, "epochs": epochs, "core": core}] * size
@@ -276,18 +286,18 @@ def test_explore_int_rounding_and_jit():
 
 
 def test_step_copies_donor_hyperparameters_then_explores_them():
-  population = _population(4)
+  population = _population(5)
   hparams = pbt.stack_hparams(
-      [{"lr": 1e-3 * (i + 1), "epochs": i + 1, "core": "none"} for i in range(4)], SPECS)
-  returns = jnp.asarray([[0.0], [1.0], [2.0], [3.0]])
-  new, new_h, source, replaced = pbt.step(jax.random.PRNGKey(0), population, hparams,
-                                          returns, SPECS, 0.25, factors=(1.2,),
-                                          resample_prob=0.0)
-  np.testing.assert_array_equal(source, [3, 1, 2, 3])
-  chex.assert_trees_all_equal(_member(new, 0), _member(population, 3))
-  # Member 0 took member 3's hyperparameters (4e-3, 4 epochs) and perturbed them by 1.2.
-  np.testing.assert_allclose(new_h["lr"], [4.8e-3, 2e-3, 3e-3, 4e-3], rtol=1e-6)
-  np.testing.assert_array_equal(new_h["epochs"], [5, 2, 3, 4])
+      [{"lr": 1e-3 * (i + 1), "epochs": i + 1, "core": "none"} for i in range(5)], SPECS)
+  returns = jnp.asarray([[0.0], [1.0], [2.0], [3.0], [4.0]])
+  new, new_h, source, replaced = jax.device_get(pbt.step(
+      jax.random.PRNGKey(0), population, hparams, returns, SPECS, 0.2, factors=(1.2,),
+      resample_prob=0.0))
+  np.testing.assert_array_equal(source, [4, 1, 2, 3, 4])
+  chex.assert_trees_all_equal(_member(new, 0), _member(population, 4))
+  # Member 0 took member 4's hyperparameters (5e-3, 5 epochs) and perturbed them by 1.2.
+  np.testing.assert_allclose(new_h["lr"], [6e-3, 2e-3, 3e-3, 4e-3, 5e-3], rtol=1e-6)
+  np.testing.assert_array_equal(new_h["epochs"], [6, 2, 3, 4, 5])
 
 
 # ---------------------------------------------------------------------------------------
@@ -322,9 +332,7 @@ def test_merge_binary_on_trained_checkpoints(tmp_path):
     workdir = tmp_path / name
     workdir.mkdir()
     shutil.copy(base / "config.json", workdir / "config.json")
-    with open(base / "config.json") as f:
-      import ml_collections
-      cfg = ml_collections.ConfigDict(json.load(f))
+    cfg = ml_collections.ConfigDict(json.loads((base / "config.json").read_text()))
     specialist = runner.replace(agent=runner.agent.replace(
         params=merge.apply_task_vector(base_params, tau)))
     checkpointer = checkpoint_lib.Checkpointer(str(workdir), 1)

@@ -197,14 +197,15 @@ def pair_statistics(vectors: Sequence[PyTree]) -> PairStatistics:
   dots = flat @ flat.T
   denom = norms[:, None] * norms[None, :]
   cosine = jnp.where(denom > 0, dots / jnp.where(denom > 0, denom, 1), 0.0)
-  signs = jnp.sign(flat)
-  nonzero = (signs != 0).astype(jnp.float32)
+  # Integer counts: float32 sums stop being exact past 2²⁴ coordinates.
+  signs = jnp.sign(flat).astype(jnp.int32)
+  nonzero = jnp.abs(signs)
   co_nonzero = nonzero @ nonzero.T
   # For co-non-zero entries sᵢsⱼ = −1 exactly when the signs differ.
-  conflicts = (co_nonzero - signs @ signs.T) / 2
+  conflicts = (co_nonzero - signs @ signs.T) // 2
   sign_conflict = jnp.where(co_nonzero > 0, conflicts / jnp.maximum(co_nonzero, 1), 0.0)
-  return PairStatistics(cosine=cosine, sign_conflict=sign_conflict,
-                        co_nonzero=co_nonzero.astype(jnp.int32))
+  return PairStatistics(cosine=cosine, sign_conflict=sign_conflict.astype(jnp.float32),
+                        co_nonzero=co_nonzero)
 
 
 @dataclasses.dataclass(frozen=True)
