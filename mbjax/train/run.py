@@ -22,7 +22,7 @@ from mbjax.envs import registry
 from mbjax.envs.wrappers import can_render
 from mbjax.train import checkpoint as checkpoint_lib
 from mbjax.train import config as config_lib
-from mbjax.train import evaluate, sharding, video
+from mbjax.train import distributed, evaluate, sharding, video
 from mbjax.train.metrics import MetricsWriter
 
 _COUNT_WEIGHTED = ("episode/return", "episode/length")
@@ -31,7 +31,7 @@ _COUNT_WEIGHTED = ("episode/return", "episode/length")
 def summarize_chunk(metrics: dict) -> dict:
   """Reduces a chunk's per-update metrics [n] to one record: episode statistics weighted by
   the number of episodes that finished in each update, everything else averaged."""
-  metrics = jax.device_get(metrics)
+  metrics = distributed.host_value(metrics)
   counts = np.asarray(metrics["episode/count"], np.float64)
   summary = {}
   for key, values in metrics.items():
@@ -78,8 +78,10 @@ def run(cfg, workdir: str) -> dict:
         trainer.runner_like, sharding.runner_shardings(mesh, trainer.runner_like))
     runner = checkpointer.restore(resume_step, abstract, cfg)
     logging.info("Resumed %s from update %d.", workdir, resume_step)
-  _write_json_atomic(os.path.join(workdir, "config.json"), cfg.to_dict())
-  writer = MetricsWriter(workdir, steps_per_update, resume_step)
+  if distributed.is_primary():
+    _write_json_atomic(os.path.join(workdir, "config.json"), cfg.to_dict())
+  writer = (MetricsWriter(workdir, steps_per_update, resume_step)
+            if distributed.is_primary() else None)
 
   served_policy = ("ppo" if cfg.served.distill_from == "none" else
                    f"ppo+distill({cfg.served.distill_from}, {cfg.served.distill_coef})")
@@ -88,7 +90,7 @@ def run(cfg, workdir: str) -> dict:
       served_policy)
   compiled = {}
   record = {}
-  update_step = int(runner.update_step)
+  update_step = int(distributed.host_value(runner.update_step))
   while update_step < num_updates:
     chunk_size = min(cfg.run.log_every_updates, num_updates - update_step)
     compile_seconds = None
@@ -108,7 +110,8 @@ def run(cfg, workdir: str) -> dict:
     record["perf/env_steps_per_second"] = chunk_size * steps_per_update / seconds
     if compile_seconds is not None:
       record["perf/compile_seconds"] = compile_seconds
-    writer.write(update_step, env_steps, record)
+    if writer:
+      writer.write(update_step, env_steps, record)
     episode_return = record["episode/return"]
     logging.info(
         "update %d/%d | env steps %s | %.0f steps/s | return %s | length %s%s",
@@ -120,11 +123,13 @@ def run(cfg, workdir: str) -> dict:
     if update_step % cfg.run.checkpoint_every_updates == 0 or update_step == num_updates:
       checkpointer.save(update_step, runner, cfg)
   checkpointer.close()
-  writer.close()
+  if writer:
+    writer.close()
 
-  outputs = {"metrics": writer.path, "tensorboard": os.path.join(workdir, "tensorboard"),
+  outputs = {"metrics": os.path.join(workdir, "metrics.jsonl"), "tensorboard": os.path.join(workdir, "tensorboard"),
              "checkpoints": checkpointer.directory}
-  if cfg.run.video_max_frames > 0 and can_render(trainer.trainer.env):
+  if (cfg.run.video_max_frames > 0 and can_render(trainer.trainer.env)
+      and distributed.is_primary()):
     outputs["video"] = _record_video(trainer.trainer, runner, cfg, workdir)
   return {**record, "outputs": outputs}
 
@@ -150,8 +155,9 @@ def restore_trained(workdir: str):
 
 def _record_video(trainer, runner, cfg, workdir: str) -> str:
   episode = jax.jit(evaluate.make_episode_fn(trainer, cfg.run.video_max_frames))
-  agent = jax.device_get(runner.agent)
+  agent = distributed.host_value(runner.agent)
   out = jax.device_get(episode(agent, jax.random.PRNGKey(cfg.seed + 1)))
   frames = out["frames"][out["alive"]]
-  path = os.path.join(workdir, "videos", f"update_{int(runner.update_step):07d}.mp4")
+  update_step = int(distributed.host_value(runner.update_step))
+  path = os.path.join(workdir, "videos", f"update_{update_step:07d}.mp4")
   return video.write_mp4(path, frames, cfg.run.video_fps)
