@@ -104,6 +104,11 @@ def test_arena_run_writes_a_video_and_its_checkpoint_plays_in_the_recorder(tmp_p
   subprocess.run([sys.executable, "-m", "experiments.record_arena", "--policy=checkpoint",
                   f"--checkpoint={workdir}", "--episodes=1", f"--out_dir={videos}"],
                  cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600, check=True)
+  evaluation = subprocess.run(
+      [sys.executable, "-m", "experiments.evaluate_arena", f"--checkpoint={workdir}",
+       "--episodes=2"], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600,
+      check=True).stdout
+  assert all(f"{name}: return" in evaluation for name in ("trained", "scripted", "random"))
   recorded = np.load(videos / "checkpoint_000.npz", allow_pickle=False)
   assert recorded["rewards"].shape[0] > 0
   assert (videos / "checkpoint_000.mp4").stat().st_size > 0
