@@ -47,12 +47,11 @@ class ShardedTrainer:
     self.mesh = mesh
     num_shards = mesh.shape[DATA_AXIS]
     self.trainer = anakin.make_train(cfg, env, env_params, num_shards, DATA_AXIS)
-    # Shapes only: gives the spec tree its structure without running anything.
-    self.runner_like = jax.eval_shape(
-        anakin.make_train(cfg, env, env_params).init, jax.random.PRNGKey(0))
     specs = runner_specs()
     self.init = jax.jit(jax.shard_map(
         self.trainer.init, mesh=mesh, in_specs=P(), out_specs=specs))
+    # Global shapes of the runner state, without running anything (restore targets).
+    self.runner_like = jax.eval_shape(self.init, jax.random.PRNGKey(0))
     self._specs = specs
     self._chunks = {}
 
