@@ -110,10 +110,9 @@ def _teacher(aux: AuxState, rollout: ppo.Rollout, learners: Learners, key):
   source = learners.cfg.served.distill_from
   nets, state = (learners.dream, aux.dream) if source == "dream" else (learners.efe, aux.efe)
   actions = _model_actions(rollout, learners)
-  prev_action = jnp.concatenate([jnp.zeros_like(actions[:1]), actions[:-1]])
   is_first = rollout.is_first.at[0].set(True)
   posts, _ = wm_lib.observe(learners.world_model, aux.world_model.params, rollout.obs,
-                            prev_action, is_first, key)
+                            wm_lib.previous_actions(actions), is_first, key)
   teacher = nets.actor.apply(state.actor_params, posts.features, rollout.mask)
   return jax.lax.stop_gradient(teacher)
 
@@ -130,25 +129,45 @@ def update(agent: ppo.PPOState, aux: AuxState, rollout: ppo.Rollout, key, *, lea
   """One apex learner step; returns (agent, aux, metrics)."""
   cfg = learners.cfg
   rollout = jax.tree.map(jnp.asarray, rollout)
-  ppo_key, teacher_key, wm_key, dream_key, dream_start_key, efe_key, efe_start_key = (
-      jax.random.split(key, 7))
+  ppo_key, teacher_key, aux_key = jax.random.split(key, 3)
   if learners.enabled and cfg.served.distill_from != "none":
     rollout = rollout._replace(teacher=_teacher(aux, rollout, learners, teacher_key))
   agent, metrics = ppo.update(agent, rollout, ppo_key, network=network, optimizer=optimizer,
                               cfg=cfg, axis_name=axis_name)
   if not learners.enabled:
     return agent, aux, metrics
+  aux, aux_metrics = auxiliary_update(aux, _windows(rollout, learners), aux_key,
+                                      learners=learners, axis_name=axis_name)
+  return agent, aux, {**metrics, **aux_metrics}
 
-  world_model, posts, wm_metrics = wm_lib.update(
-      aux.world_model, _windows(rollout, learners), wm_key, model=learners.world_model,
-      optimizer=learners.wm_optimizer, cfg=cfg, axis_name=axis_name)
-  metrics.update(wm_metrics)
-  aux = aux.replace(world_model=world_model)
+
+def auxiliary_update(aux: AuxState, sequence: wm_lib.Sequence, key, *, learners: Learners,
+                     axis_name: str | None = None, train_world_model: bool = True):
+  """World model → dream → EFE on [L, B] windows; returns (aux, metrics).
+
+  The online learner calls it with windows cut from each rollout; the offline entry
+  (`mbjax.train.offline`) with windows sampled from exported episodes. With
+  `train_world_model=False` the world model only supplies posteriors (an offline phase that
+  trains the latent policies against a finished model).
+  """
+  cfg = learners.cfg
+  wm_key, dream_key, dream_start_key, efe_key, efe_start_key = jax.random.split(key, 5)
+  if train_world_model:
+    world_model, posts, metrics = wm_lib.update(
+        aux.world_model, sequence, wm_key, model=learners.world_model,
+        optimizer=learners.wm_optimizer, cfg=cfg, axis_name=axis_name)
+    aux = aux.replace(world_model=world_model)
+  else:
+    posts, _ = wm_lib.observe(learners.world_model, aux.world_model.params, sequence.obs,
+                              wm_lib.previous_actions(sequence.action),
+                              sequence.is_first, wm_key)
+    metrics = {}
+  wm_params = aux.world_model.params
 
   if learners.dream is not None:
-    reward_fn = dream.world_model_reward(learners.world_model, world_model.params)
+    reward_fn = dream.world_model_reward(learners.world_model, wm_params)
     dream_state, dream_metrics = dream.update(
-        aux.dream, world_model.params, _starts(posts, cfg.dream.num_starts, dream_start_key),
+        aux.dream, wm_params, _starts(posts, cfg.dream.num_starts, dream_start_key),
         dream_key, nets=learners.dream, world_model=learners.world_model,
         reward_fn=reward_fn, section=cfg.dream, axis_name=axis_name, prefix="dream")
     metrics.update(dream_metrics)
@@ -156,14 +175,14 @@ def update(agent: ppo.PPOState, aux: AuxState, rollout: ppo.Rollout, key, *, lea
 
   if learners.efe is not None:
     flat = lambda x: x.reshape((-1,) + x.shape[2:])
-    preference = efe.update_preference(aux.preference, flat(rollout.obs), flat(rollout.reward),
-                                       cfg.efe, axis_name)
-    reward_fn = efe.negative_free_energy_reward(learners.world_model, world_model.params,
-                                                preference, cfg.efe)
+    preference = efe.update_preference(aux.preference, flat(sequence.obs),
+                                       flat(sequence.reward), cfg.efe, axis_name)
+    reward_fn = efe.negative_free_energy_reward(learners.world_model, wm_params, preference,
+                                                cfg.efe)
     efe_state, efe_metrics = dream.update(
-        aux.efe, world_model.params, _starts(posts, cfg.efe.num_starts, efe_start_key),
+        aux.efe, wm_params, _starts(posts, cfg.efe.num_starts, efe_start_key),
         efe_key, nets=learners.efe, world_model=learners.world_model, reward_fn=reward_fn,
         section=cfg.efe, axis_name=axis_name, prefix="efe")
     metrics.update(efe_metrics)
     aux = aux.replace(efe=efe_state, preference=preference)
-  return agent, aux, metrics
+  return aux, metrics

@@ -262,6 +262,11 @@ def init(key, model: WorldModel, optimizer, obs_shape, obs_dtype, action_size: i
   return WorldModelState(params, optimizer.init(params))
 
 
+def previous_actions(action: jax.Array) -> jax.Array:
+  """a_{t−1} for every step of [L, ...] actions (zero before the first step)."""
+  return jnp.concatenate([jnp.zeros_like(action[:1]), action[:-1]])
+
+
 def observe(model: WorldModel, params, obs, prev_action, is_first, key):
   """Filters a sequence [L, B, ...] from the zero state; returns (posteriors, priors) with
   leading [L, B]. `prev_action[t]` is a_{t−1} (ignored where `is_first`)."""
@@ -326,8 +331,8 @@ def loss(params, model: WorldModel, cfg: ml_collections.ConfigDict, batch: Seque
   """World-model loss on windows [L, B]; returns (loss, (posteriors, metrics))."""
   wm = cfg.world_model
   observe_key, transition_key = jax.random.split(key)
-  prev_action = jnp.concatenate([jnp.zeros_like(batch.action[:1]), batch.action[:-1]])
-  posts, priors = observe(model, params, batch.obs, prev_action, batch.is_first, observe_key)
+  posts, priors = observe(model, params, batch.obs, previous_actions(batch.action),
+                          batch.is_first, observe_key)
   features = posts.features
   obs_axes = tuple(range(2, batch.obs.ndim))
 
