@@ -117,6 +117,24 @@ def test_observe_and_imagine_shapes_and_resets(model_and_params):
   assert raw.shape == (4, batch)
 
 
+def test_pixel_embedding_scales_uint8_frames_for_sequences_and_single_steps():
+  """observe() embeds [L, B, H, W, 3] frames; they must reach the CNN as pixels / 255,
+  exactly like a [B, H, W, 3] batch (a rank test on the input once routed sequences of
+  frames through the vector path's symlog)."""
+  cfg = _config()
+  model = wm_lib.make_world_model(cfg, (16, 16, 3))
+  params = wm_lib.init(jax.random.PRNGKey(0), model, wm_lib.make_optimizer(cfg), (16, 16, 3),
+                       jnp.uint8, wm_lib.action_vector_size(SPEC)).params
+  frames = np.random.default_rng(0).integers(0, 256, (2, 3, 16, 16, 3), dtype=np.uint8)
+  embed = lambda x: model.apply(params, x, method=wm_lib.WorldModel.embed)
+  sequence = embed(frames)
+  single = jnp.stack([embed(frames[t]) for t in range(2)])
+  np.testing.assert_allclose(sequence, single, rtol=1e-5, atol=1e-6)
+  direct = model.apply(params, frames[0].astype(np.float32),
+                       method=lambda m, x: m.encoder(x))
+  np.testing.assert_allclose(sequence[0], direct, rtol=1e-5, atol=1e-6)
+
+
 def test_free_energy_terms_hand_computed(model_and_params):
   cfg, model, params = model_and_params
   # Make the decoder's output constant: mean = b_μ, std = exp(b_σ), whatever the state.

@@ -157,7 +157,8 @@ class WorldModel(nn.Module):
     self.continue_head = _ScalarHead(self.hidden, self.head_layers)
 
   def embed(self, obs):
-    return self.encoder(obs if obs.ndim == 4 else symlog(obs))
+    # Decided by the model's observation rank, not the input's: observe() passes [L, B, ...].
+    return self.encoder(obs if len(self.obs_shape) == 3 else symlog(obs))
 
   def decode(self, features):
     """Mean and std of p(o | s) — in symlog space for vectors, [0, 1] for pixels."""
