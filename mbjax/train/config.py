@@ -86,6 +86,10 @@ def base_config() -> ml_collections.ConfigDict:
   cfg.served.distill_from = "none"
   cfg.served.distill_coef = 0.0
 
+  # Offline entry (mbjax.train.offline): the learners above trained from recorded episodes.
+  cfg.offline = ml_collections.ConfigDict()
+  cfg.offline.batch_size = 16  # windows of world_model.seq_len steps per update
+
   cfg.run = ml_collections.ConfigDict()
   cfg.run.num_devices = 0  # 0: every local device
   cfg.run.log_every_updates = 10  # updates per jitted chunk and per console/metrics line
