@@ -1,0 +1,6 @@
+"""Edge layer for model-backed decisions at run time: HTTP, threads and clocks live here.
+
+- `llm`: the shared LLM/VLM chat client (OpenAI-compatible and Ollama protocols), schema
+  validation of JSON replies, and `AsyncChat`, the non-blocking wrapper loops use.
+- `reference_llm_server`: a loopback server speaking both protocols, for tests and demos.
+"""
