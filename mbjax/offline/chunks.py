@@ -1,0 +1,298 @@
+"""The `.npz` chunk: one contiguous piece of one video, and every label added to it later.
+
+Layout (the upstream MetaBonk keys and dtypes, so upstream tools read our chunks and
+`import_upstream_chunk` reads theirs; T = frames in the chunk):
+
+| key             | dtype / shape        | written by                                          |
+|-----------------|----------------------|-----------------------------------------------------|
+| observations    | uint8 [T, H, W, 3]   | video → chunks (RGB)                                |
+| dones           | bool [T]             | video → chunks: True on the chunk's last frame only |
+| meta            | 0-d unicode (JSON)   | video → chunks (fields below)                       |
+| video_source    | 0-d unicode          | video → chunks: the source file                     |
+| audio           | int16 [T, spf]       | video → chunks, optional: mono PCM, frame t's slice |
+| proxy_actions   | float32 [T, A]       | upstream optical-flow proxy (import only)           |
+| actions         | float32 [T, A]       | IDM labelling                                       |
+| rewards         | float32 [T]          | reward labelling: (s[t+1] − s[t]) · scale           |
+| progress_scores | float32 [T]          | reward labelling: s[t]                              |
+| skill_tokens    | int32 [T]            | skill labelling (−1 = not covered)                  |
+| audio_tokens    | int32 [T]            | upstream audio labelling (import only)              |
+
+Other keys are kept as they are (any non-object dtype). No key may hold pickled objects:
+every read is `np.load(..., allow_pickle=False)`, and `meta` is a JSON *string*.
+
+`meta` fields written by `video.convert_video`: episode_id (`{stem}_{hash8}`, shared by all
+chunks of one source), chunk_index, last_chunk (whether the video really ended here: as
+upstream, `dones[-1]` is True in *every* chunk, so this is how a consumer tells a cut from
+an end), start_frame and start_time_s (of frame 0 in the output timeline), fps, frame_size
+[H, W], source_fps, action_labeling / reward_labeling ("none" until labelled), and the
+upstream audio fields (audio_sample_rate, audio_samples_per_frame, audio_channels).
+
+File names: `demo_{episode_id}_chunk{NNNN}.npz`, so sorting the names groups the chunks of
+one source in order. Every write goes to a hidden temporary file in the same directory and
+is moved into place with `os.replace`: a crash never leaves a half-written chunk under its
+final name, and `list_chunks` ignores the temporaries.
+
+Compression: chunks are written as a zip of `.npy` members (what `np.savez` writes and
+`np.load` reads). `write_chunk(compression=...)` picks stored, fast deflate (level 1) or
+`np.savez_compressed`'s deflate (level 6); the default `DEFAULT_COMPRESSION` was chosen by
+`experiments/bench_video.py` (BENCHMARKS.md, "Video → chunks"): upstream spent most of its
+conversion time in level-6 deflate.
+
+`manifest.json` (one per output directory, written atomically by `save_manifest`) records
+per source: status ("done" or "skipped"), reason (for skipped), chunks, frames, fps and the
+settings used, so a rerun skips finished sources and retries the rest.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+import zipfile
+from typing import Iterator, Mapping
+
+import numpy as np
+
+MANIFEST = "manifest.json"
+MANIFEST_FORMAT = "mbjax.offline.chunks/1"
+REQUIRED_KEYS = ("observations", "dones", "meta")
+# key -> (numpy dtype, rank); every array key's leading axis is T.
+ARRAY_KEYS: dict[str, tuple[np.dtype, int]] = {
+    "observations": (np.dtype(np.uint8), 4),
+    "dones": (np.dtype(np.bool_), 1),
+    "audio": (np.dtype(np.int16), 2),
+    "proxy_actions": (np.dtype(np.float32), 2),
+    "actions": (np.dtype(np.float32), 2),
+    "rewards": (np.dtype(np.float32), 1),
+    "progress_scores": (np.dtype(np.float32), 1),
+    "skill_tokens": (np.dtype(np.int32), 1),
+    "audio_tokens": (np.dtype(np.int32), 1),
+}
+STRING_KEYS = ("meta", "video_source")
+# None: stored (np.savez); an int: zip deflate at that level (np.savez_compressed uses 6).
+COMPRESSION_LEVELS = {"none": None, "fast": 1, "deflate": 6}
+DEFAULT_COMPRESSION = "fast"
+
+
+class ChunkError(ValueError):
+  """A chunk (or manifest) file is unreadable or does not have the expected layout."""
+
+
+def chunk_name(episode_id: str, index: int) -> str:
+  return f"demo_{episode_id}_chunk{index:04d}.npz"
+
+
+def encode_meta(meta: Mapping) -> np.ndarray:
+  """A 0-d unicode array holding `meta` as JSON (loads without pickle)."""
+  return np.asarray(json.dumps(dict(meta), sort_keys=True))
+
+
+def decode_meta(value: np.ndarray, name: str = "meta") -> dict:
+  if value.dtype.kind != "U" or value.ndim != 0:
+    raise ChunkError(f"{name}: expected a 0-d unicode JSON string, got {value.dtype}{list(value.shape)}")
+  try:
+    meta = json.loads(str(value))
+  except json.JSONDecodeError as e:
+    raise ChunkError(f"{name}: not valid JSON ({e})") from None
+  if not isinstance(meta, dict):
+    raise ChunkError(f"{name}: expected a JSON object, got {type(meta).__name__}")
+  return meta
+
+
+def validate_chunk(arrays: Mapping[str, np.ndarray], name: str = "chunk") -> int:
+  """Checks keys, dtypes and shapes against the layout; returns T. Errors name `name`."""
+  missing = [k for k in REQUIRED_KEYS if k not in arrays]
+  if missing:
+    raise ChunkError(f"{name}: missing key(s) {missing}; a chunk needs {list(REQUIRED_KEYS)}")
+  obs = arrays["observations"]
+  length = obs.shape[0] if obs.ndim else 0
+  for key, value in arrays.items():
+    where = f"{name}: key {key!r}"
+    if value.dtype.kind == "O":
+      raise ChunkError(f"{where} holds Python objects; chunks store plain arrays only")
+    if key in STRING_KEYS:
+      if value.dtype.kind != "U" or value.ndim != 0:
+        raise ChunkError(f"{where}: expected a 0-d unicode string, got {value.dtype}{list(value.shape)}")
+      continue
+    if key in ARRAY_KEYS:
+      dtype, rank = ARRAY_KEYS[key]
+      if value.dtype != dtype or value.ndim != rank:
+        raise ChunkError(f"{where}: expected {dtype} with {rank} axes, got "
+                         f"{value.dtype}{list(value.shape)}")
+    if value.ndim and value.shape[0] != length:
+      raise ChunkError(f"{where}: {value.shape[0]} rows but observations has {length} frames")
+  if obs.shape[-1] != 3 or length == 0:
+    raise ChunkError(f"{name}: observations must be uint8 [T>0, H, W, 3] RGB, got {list(obs.shape)}")
+  decode_meta(arrays["meta"], f"{name}: meta")
+  return length
+
+
+def _write_npz(path: str, arrays: Mapping[str, np.ndarray], level: int | None) -> None:
+  """Writes `arrays` as `.npy` members of a zip (np.load-compatible) via a temporary file."""
+  directory = os.path.dirname(os.path.abspath(path))
+  fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".npz")
+  os.close(fd)
+  compression = zipfile.ZIP_STORED if level is None else zipfile.ZIP_DEFLATED
+  try:
+    with zipfile.ZipFile(tmp, "w", compression=compression, compresslevel=level,
+                         allowZip64=True) as zf:
+      for key, value in arrays.items():
+        with zf.open(key + ".npy", "w", force_zip64=True) as member:
+          np.lib.format.write_array(member, np.asanyarray(value), allow_pickle=False)
+    os.replace(tmp, path)
+  except BaseException:
+    os.unlink(tmp)
+    raise
+
+
+def write_chunk(path: str, arrays: Mapping[str, np.ndarray],
+                compression: str = DEFAULT_COMPRESSION) -> None:
+  """Validates `arrays` and writes them to `path` atomically."""
+  if compression not in COMPRESSION_LEVELS:
+    raise ValueError(f"compression must be one of {sorted(COMPRESSION_LEVELS)}, got {compression!r}")
+  validate_chunk(arrays, path)
+  _write_npz(path, arrays, COMPRESSION_LEVELS[compression])
+
+
+def read_chunk(path: str, keys: tuple[str, ...] | None = None, validate: bool = True) -> dict:
+  """The arrays of a chunk (all keys, or `keys`), validated unless `validate=False`."""
+  try:
+    with np.load(path, allow_pickle=False) as npz:
+      wanted = npz.files if keys is None else keys
+      absent = [k for k in wanted if k not in npz.files]
+      if absent:
+        raise ChunkError(f"{path}: missing key(s) {absent} (has {sorted(npz.files)})")
+      arrays = {key: npz[key] for key in wanted}
+  except ChunkError:
+    raise
+  except (OSError, EOFError, ValueError, zipfile.BadZipFile) as e:
+    raise ChunkError(f"{path}: not a readable .npz chunk ({type(e).__name__}: {e})") from None
+  if validate and keys is None:
+    validate_chunk(arrays, path)
+  return arrays
+
+
+def read_meta(path: str) -> dict:
+  """The decoded `meta` of a chunk, reading nothing else."""
+  return decode_meta(read_chunk(path, keys=("meta",), validate=False)["meta"], f"{path}: meta")
+
+
+def update_chunk(path: str, new_arrays: Mapping[str, np.ndarray],
+                 compression: str = DEFAULT_COMPRESSION) -> dict:
+  """Adds or replaces keys of an existing chunk, keeping every other key; atomic.
+
+  Returns the merged arrays. The new arrays must have the chunk's T rows.
+  """
+  merged = {**read_chunk(path), **new_arrays}
+  write_chunk(path, merged, compression)
+  return merged
+
+
+def list_chunks(directory: str) -> list[str]:
+  """Paths of the chunks directly in `directory`, sorted by name (deterministic order)."""
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(f"chunk directory {directory!r} does not exist")
+  names = sorted(n for n in os.listdir(directory)
+                 if n.endswith(".npz") and not n.startswith("."))
+  return [os.path.join(directory, n) for n in names]
+
+
+def iter_chunks(directory: str, keys: tuple[str, ...] | None = None
+                ) -> Iterator[tuple[str, dict]]:
+  """(path, arrays) of each chunk of `directory` in `list_chunks` order, read lazily."""
+  for path in list_chunks(directory):
+    yield path, read_chunk(path, keys)
+
+
+# -- manifest ---------------------------------------------------------------------------------
+
+
+def load_manifest(directory: str) -> dict:
+  """The directory's manifest, or an empty one if there is none yet."""
+  path = os.path.join(directory, MANIFEST)
+  if not os.path.exists(path):
+    return {"format": MANIFEST_FORMAT, "sources": {}}
+  try:
+    with open(path) as f:
+      manifest = json.load(f)
+  except (OSError, json.JSONDecodeError) as e:
+    raise ChunkError(f"{path}: unreadable manifest ({e}); move it away to start over") from None
+  if not isinstance(manifest, dict) or not isinstance(manifest.get("sources"), dict):
+    raise ChunkError(f"{path}: expected a JSON object with a 'sources' object")
+  return manifest
+
+
+def save_manifest(directory: str, manifest: Mapping) -> None:
+  """Writes `manifest.json` atomically (temporary file, then `os.replace`)."""
+  fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".json")
+  try:
+    with os.fdopen(fd, "w") as f:
+      json.dump(manifest, f, indent=1, sort_keys=True)
+    os.replace(tmp, os.path.join(directory, MANIFEST))
+  except BaseException:
+    if os.path.exists(tmp):
+      os.unlink(tmp)
+    raise
+
+
+# -- upstream import --------------------------------------------------------------------------
+
+_UPSTREAM_CHUNK_INDEX = re.compile(r"_chunk(\d+)$")
+
+
+def from_upstream(arrays: Mapping[str, np.ndarray], name: str) -> dict:
+  """Upstream chunk arrays → this layout.
+
+  Supported upstream layout (`scripts/video_to_trajectory.py` and the labelling phases of
+  `scripts/video_pretrain.py`): observations uint8 [T, H, W, 3] (or [T, 3, H, W], which is
+  transposed), dones bool-like [T] (synthesised, last True, if absent), meta as a 0-d JSON
+  string (or absent), video_source 0-d string, and the optional keys of the table above in
+  any numeric dtype of the same kind (cast to the layout's dtype: the upstream float64
+  rewards of older files become float32). Other keys are kept. Pickled object arrays are
+  refused (`np.load` without pickle cannot read them).
+  """
+  out = dict(arrays)
+  if "observations" not in out:
+    raise ChunkError(f"{name}: an upstream chunk needs 'observations' (has {sorted(out)})")
+  obs = out["observations"]
+  if obs.ndim == 4 and obs.shape[1] == 3 and obs.shape[-1] != 3:
+    obs = np.transpose(obs, (0, 2, 3, 1))
+  if obs.dtype != np.uint8:
+    raise ChunkError(f"{name}: observations must be uint8, got {obs.dtype}")
+  out["observations"] = np.ascontiguousarray(obs)
+  length = obs.shape[0]
+  if "dones" not in out:
+    dones = np.zeros(length, bool)
+    dones[-1] = True
+    out["dones"] = dones
+  for key, (dtype, _) in ARRAY_KEYS.items():
+    if key in out and out[key].dtype != dtype:
+      value = out[key]
+      same_kind = (value.dtype.kind in "biu" and dtype.kind in "biu") or (
+          value.dtype.kind == dtype.kind)
+      if not same_kind and not (key == "dones" and value.dtype.kind in "iuf"):
+        raise ChunkError(f"{name}: key {key!r} has dtype {value.dtype}, expected {dtype}")
+      out[key] = value.astype(dtype)
+  meta = decode_meta(out["meta"], f"{name}: meta") if "meta" in out else {}
+  stem = os.path.splitext(os.path.basename(name))[0]
+  match = _UPSTREAM_CHUNK_INDEX.search(stem)
+  meta.setdefault("chunk_index", int(match.group(1)) if match else 0)
+  meta.setdefault("episode_id", stem[:match.start()] if match else stem)
+  meta["imported_from"] = os.path.basename(name)
+  out["meta"] = encode_meta(meta)
+  validate_chunk(out, name)
+  return out
+
+
+def import_upstream_chunk(src: str, dst: str, compression: str = DEFAULT_COMPRESSION) -> dict:
+  """Reads an upstream `.npz` chunk, converts it (`from_upstream`) and writes it to `dst`."""
+  try:
+    with np.load(src, allow_pickle=False) as npz:
+      arrays = {key: npz[key] for key in npz.files}
+  except ValueError as e:
+    raise ChunkError(f"{src}: holds pickled objects, which are not loaded ({e})") from None
+  except (OSError, EOFError, zipfile.BadZipFile) as e:
+    raise ChunkError(f"{src}: not a readable .npz ({type(e).__name__}: {e})") from None
+  converted = from_upstream(arrays, src)
+  write_chunk(dst, converted, compression)
+  return converted
