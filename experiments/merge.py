@@ -12,6 +12,20 @@ with the merged parameters (orbax writes it to a temporary directory and renames
 base's config.json — so `restore_trained(--out)` and the recorder can load it — and
 merge_summary.json. Optimiser state and observation statistics are the base's, as upstream
 leaves the optimiser untouched on a merge. Exit status 3 when the gate admits fewer than two.
+
+LLM-assisted weighting (`--llm_protocol=openai|ollama`, `--llm_base_url`, `--llm_model`,
+`--llm_timeout_s`, `--llm_api_key_env`): the admitted specialists' per-role returns
+(`--role_returns`, a JSON file `{"roles": [...], "returns": {name: [one per role]}, "base":
+[one per role]}` keyed by workdir basename; optional), task-vector norms and pair statistics go
+to the backend, which proposes each one's share of the merge
+(`mbjax.population.llm_weighting`); the merge uses them (TIES through scaled task vectors). The
+request runs on a background thread; the binary waits at most `--llm_wait_s` for it and
+otherwise — or on any error, logged — merges with the deterministic fallback: shares from the
+role returns when given, else uniform (= the unweighted merge). The shares, their source and
+the rationale or fallback reason go into merge_summary.json.
+
+  python -m mbjax.runtime.reference_llm_server &   # or a real Ollama / OpenAI-compatible one
+  python -m experiments.merge ... --llm_protocol=ollama --llm_base_url=http://127.0.0.1:PORT
 """
 import os
 
@@ -27,7 +41,10 @@ import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
+from mbjax.population import llm_weighting  # noqa: E402
 from mbjax.population import merge as merge_lib  # noqa: E402
+from mbjax.runtime import llm  # noqa: E402
+from mbjax.runtime.weighting import AsyncWeights  # noqa: E402
 from mbjax.train import checkpoint as checkpoint_lib  # noqa: E402
 from mbjax.train.run import restore_trained  # noqa: E402
 
@@ -46,7 +63,36 @@ _MAX_CONFLICT = flags.DEFINE_float("max_sign_conflict", 1.0,
                                    "Gate: largest pairwise sign-conflict rate.")
 _GATE_MODE = flags.DEFINE_enum("gate_mode", "greedy", ["greedy", "all"],
                                "Gate: largest compatible group, or all-or-nothing.")
+_LLM_PROTOCOL = flags.DEFINE_enum("llm_protocol", "", ["", *llm.PROTOCOLS],
+                                  "LLM-weighted merge through this protocol; '' = unweighted.")
+_LLM_BASE_URL = flags.DEFINE_string("llm_base_url", "http://127.0.0.1:11434",
+                                    "LLM backend base URL (openai: usually ending in /v1).")
+_LLM_MODEL = flags.DEFINE_string("llm_model", "qwen2.5", "LLM model name.")
+_LLM_TIMEOUT = flags.DEFINE_float("llm_timeout_s", 30.0, "LLM socket timeout.")
+_LLM_KEY_ENV = flags.DEFINE_string("llm_api_key_env", "",
+                                   "Name of the env var holding the API key, if any.")
+_LLM_WAIT = flags.DEFINE_float("llm_wait_s", 60.0, "Longest wait for the LLM's weights before "
+                               "merging with the fallback.")
+_ROLE_RETURNS = flags.DEFINE_string("role_returns", None, "JSON of evaluated per-role returns "
+                                    "(see the module docstring), for the LLM and the fallback.")
 flags.mark_flags_as_required(["base", "specialists", "out"])
+
+
+def llm_shares(names: list[str], stats: merge_lib.PairStatistics, norms: list[float],
+               method: str, backend: llm.BackendConfig, wait_s: float,
+               role_returns: str | None = None) -> tuple[np.ndarray, dict]:
+  """Each named specialist's share of the merge and the summary entry (see the docstring)."""
+  roles, returns, base_returns = (), None, None
+  if role_returns is not None:
+    with open(role_returns) as f:
+      roles, returns, base_returns = llm_weighting.role_returns_from_json(json.load(f), names)
+  request = llm_weighting.merge_request(names, role_names=roles, returns=returns,
+                                        base_returns=base_returns, stats=stats, norms=norms,
+                                        method=method)
+  with llm.AsyncChat(llm.ChatClient(backend)) as chat:
+    weights = AsyncWeights(request, chat)
+    shares = weights.wait(wait_s)
+  return shares, weights.summary()
 
 
 def _write_json_atomic(path: str, payload: dict) -> None:
@@ -57,8 +103,11 @@ def _write_json_atomic(path: str, payload: dict) -> None:
 
 
 def merge_workdirs(base: str, specialists: list[str], out: str, method: str, lam: float,
-                   k: float, scope: str, rule: merge_lib.GatingRule | None) -> dict:
-  """Does the work of the binary; returns the summary (also written to the output)."""
+                   k: float, scope: str, rule: merge_lib.GatingRule | None,
+                   backend: llm.BackendConfig | None = None, llm_wait_s: float = 60.0,
+                   role_returns: str | None = None) -> dict:
+  """Does the work of the binary; returns the summary (also written to the output). With a
+  `backend`, the merge is LLM-weighted (see the module docstring)."""
   _, base_runner = restore_trained(base)
   base_params = jax.device_get(base_runner.agent.params)
   vectors = []
@@ -95,8 +144,19 @@ def merge_workdirs(base: str, specialists: list[str], out: str, method: str, lam
     summary["checkpoint"] = None
     return summary
 
-  merged_vector = merge_lib.merge([v for v, a in zip(vectors, admitted) if a], method,
-                                  lam=lam, k=k, scope=scope)
+  chosen = [v for v, a in zip(vectors, admitted) if a]
+  if backend is None:
+    merged_vector = merge_lib.merge(chosen, method, lam=lam, k=k, scope=scope)
+  else:
+    shares, summary["llm_weighting"] = llm_shares(
+        [n for n, a in zip(names, admitted) if a],
+        jax.tree.map(lambda x: np.asarray(x)[np.ix_(admitted, admitted)], stats),
+        [w for w, a in zip(summary["task_vector_norms"], admitted) if a], method, backend,
+        llm_wait_s, role_returns)
+    print(f"merge shares ({summary['llm_weighting']['source']}): " + ", ".join(
+        f"{n} {w:.3f}" for n, w in zip(summary["llm_weighting"]["names"], shares)))
+    merged_vector = llm_weighting.weighted_merge(chosen, method, shares, lam=lam, k=k,
+                                                 scope=scope)
   merged_params = merge_lib.apply_task_vector(base_params, merged_vector)
   runner = base_runner.replace(agent=base_runner.agent.replace(params=merged_params))
 
@@ -119,8 +179,13 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   rule = (merge_lib.GatingRule(_MIN_COSINE.value, _MAX_CONFLICT.value, _GATE_MODE.value)
           if _GATE.value else None)
+  backend = (llm.BackendConfig(protocol=_LLM_PROTOCOL.value, base_url=_LLM_BASE_URL.value,
+                               model=_LLM_MODEL.value, timeout_s=_LLM_TIMEOUT.value,
+                               api_key_env=_LLM_KEY_ENV.value)
+             if _LLM_PROTOCOL.value else None)
   summary = merge_workdirs(_BASE.value, _SPECIALISTS.value, _OUT.value, _METHOD.value,
-                           _LAM.value, _K.value, _SCOPE.value, rule)
+                           _LAM.value, _K.value, _SCOPE.value, rule, backend, _LLM_WAIT.value,
+                           _ROLE_RETURNS.value)
   if summary["checkpoint"] is None:
     print("merge gated: fewer than two specialists pass the gating rule; nothing written")
     sys.exit(3)

@@ -257,3 +257,33 @@ def test_training_is_unaffected_by_the_backend(backend, caplog):
     np.testing.assert_allclose(seen[-1], [0.5, 0.5])
   fell_back = any("weighting fell back" in r.getMessage() for r in caplog.records)
   assert fell_back == (backend in ("failing", "timeout")), backend
+
+
+# -- the offline wait (experiments/merge.py) ----------------------------------------------
+
+def test_wait_takes_the_reply_or_falls_back_after_the_deadline(caplog):
+  data = {"roles": ["scout", "tank"], "returns": {"scout": [3.0, 1.0], "tank": [1.0, 1.0]},
+          "base": [1.0, 0.5]}
+  roles, returns, base = lw.role_returns_from_json(data, NAMES)
+  request = lw.merge_request(NAMES, role_names=roles, returns=returns, base_returns=base)
+  reply = '{"weights": {"scout": 0.2, "tank": 0.6}, "rationale": "tank is safer"}'
+  with ReferenceLLMServer(_fixed(200, reply)) as server:
+    weights = _weights(server, request=request)
+    np.testing.assert_allclose(weights.wait(3.0), [0.25, 0.75])
+  assert weights.summary()["source"] == "llm"
+  assert weights.summary()["rationale"] == "tank is safer"
+  prompt = last_user_text(server.requests[0])
+  assert "scout | 3.000 | 1.000" in prompt and "(base) | 1.000 | 0.500" in prompt
+  # Slower than the wait: the fallback from the returns (scout standardises to +½ on
+  # average, tank to −½ → softmax(½, −½)), with the reason logged and summarised.
+  with ReferenceLLMServer(_fixed(200, reply), delay_s=1.0) as server:
+    weights = _weights(server, request=request)
+    start = time.monotonic()
+    with caplog.at_level(logging.WARNING):
+      shares = weights.wait(0.2)
+    assert time.monotonic() - start < 0.5
+  np.testing.assert_allclose(shares, [1 - 1 / (1 + np.e), 1 / (1 + np.e)], rtol=1e-6)
+  assert weights.summary()["fallback_reason"] == "no reply within 0.2 s"
+  assert any("no reply within 0.2 s" in r.getMessage() for r in caplog.records)
+  with pytest.raises(ValueError, match=r"missing \['tank'\]"):
+    lw.role_returns_from_json({"roles": ["scout"], "returns": {"scout": [1.0]}}, NAMES)

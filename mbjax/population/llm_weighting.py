@@ -138,6 +138,28 @@ def fallback_merge_weights(n: int, returns: np.ndarray | None = None,
   return (e / e.sum()).astype(np.float32)
 
 
+def role_returns_from_json(data: dict, names: Sequence[str]):
+  """(roles, f32[N, R] returns in `names` order, f32[R] base returns or None) from
+  `{"roles": [...], "returns": {name: [one per role]}, "base": [one per role]}`."""
+  names = _check_names(names)
+  roles = tuple(str(r) for r in data.get("roles", ()))
+  table = data.get("returns", {})
+  missing = [n for n in names if n not in table]
+  if not roles or missing or any(len(table[n]) != len(roles) for n in names):
+    raise ValueError(f"role returns {_short_json(data)}: expected 'roles' and, for each of "
+                     f"{list(names)}, one return per role; missing {missing}")
+  base = data.get("base")
+  if base is not None and len(base) != len(roles):
+    raise ValueError(f"role returns: 'base' has {len(base)} values for {len(roles)} roles")
+  return (roles, np.asarray([table[n] for n in names], np.float64),
+          None if base is None else np.asarray(base, np.float64))
+
+
+def _short_json(data, limit: int = 200) -> str:
+  text = json.dumps(data)
+  return text if len(text) <= limit else text[:limit] + "…"
+
+
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
   lines = [" | ".join(header), " | ".join("---" for _ in header)]
   lines += [" | ".join(r) for r in rows]

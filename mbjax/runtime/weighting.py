@@ -8,10 +8,14 @@ weights otherwise. Every way of not getting weights is logged (absl, WARNING) wi
 no backend configured, connection refused, timeout, HTTP error, invalid JSON or schema,
 unusable weights (all zero). A failure keeps the weights in use (the last valid reply, else
 the fallback) unless `reset_on_error=True`, which goes back to the fallback.
+
+`wait(seconds)` is for offline tools (`experiments/merge.py`), never for a training loop: it
+asks and polls until a reply is taken in or the time is up (a fallback, logged like the rest).
 """
 from __future__ import annotations
 
 import json
+import time
 
 import numpy as np
 from absl import logging
@@ -79,3 +83,27 @@ class AsyncWeights:
           logging.info("LLM %s weighting applied after %.2f s: %s (%s)", r.kind,
                        reply.latency_s, self._named(weights), self.rationale)
     return self.weights
+
+  def wait(self, seconds: float, poll_s: float = 0.02) -> np.ndarray:
+    """Asks and polls for at most `seconds`; returns the weights then in use."""
+    before = (self.replies, self.failures)
+    if not self.ask():
+      return self.weights
+    deadline = time.monotonic() + seconds
+    while (self.replies, self.failures) == before:
+      self.current()
+      if (self.replies, self.failures) != before:
+        break
+      if time.monotonic() >= deadline:
+        self._fail(f"no reply within {seconds} s")
+        break
+      time.sleep(poll_s)
+    return self.weights
+
+  def summary(self) -> dict:
+    """JSON-ready record of the weights in use and where they came from."""
+    return {"kind": self.request.kind, "names": list(self.request.names),
+            "weights": [float(w) for w in self.weights], "source": self.source,
+            "rationale": self.rationale, "fallback_reason": self.last_error,
+            "fallback": [float(w) for w in self.request.fallback],
+            "endpoint": None if self.chat is None else self.chat.client.cfg.endpoint}
