@@ -5,6 +5,7 @@ One vector env and one small pixel env are shared by every test, with module-lev
 functions taking `params` as an argument, so tuning a param does not recompile.
 """
 import functools
+import json
 import os
 
 import chex
@@ -369,3 +370,64 @@ def test_record_episode_writes_video_and_matching_ground_truth(tmp_path):
   ep = episode_fn(KEY)  # the same key replays the same actions
   np.testing.assert_array_equal(truth["actions_continuous"], ep.actions_continuous)
   np.testing.assert_allclose(truth["rewards"].sum(), summary["return"], rtol=1e-6)
+
+
+# -- render options and ground-truth recording (offline video pipeline) ----------------------
+
+
+def test_follow_camera_palette_and_upgrade_hud():
+  from mbjax.envs.bonk_arena import render
+
+  follow = jax.jit(render.Renderer(64, camera="follow").__call__)
+  # Follow camera: 12 world units across 64 px (5.33 px per unit), player at the centre.
+  state = with_enemy(fresh(player_pos=jnp.asarray([12.0, 12.0])), 0, 9.0, 9.0)
+  frame = np.asarray(follow(state, PARAMS))
+  assert (frame[32, 32] == [250, 250, 250]).all()  # player
+  assert (frame[16, 16] == [220, 50, 50]).all()  # enemy 3 units up-left: floor(3 * 5.33) = 16
+  moved = np.asarray(follow(state.replace(player_pos=jnp.asarray([13.0, 12.0])), PARAMS))
+  assert (moved[32, 32] == [250, 250, 250]).all()  # the player stays in the centre ...
+  assert (moved[16, 10] == [220, 50, 50]).all()  # ... and the scene scrolls left 5.33 px
+  assert (moved[16, 16] != [220, 50, 50]).any()
+  corner = np.asarray(follow(state.replace(player_pos=jnp.asarray([1.0, 1.0])), PARAMS))
+  assert (corner[10, 10] == [8, 8, 10]).all()  # world (-3, -3): outside the arena
+
+  desert = np.asarray(jax.jit(render.Renderer(64, palette="desert").__call__)(fresh(), PARAMS))
+  assert (desert[30, 10] == [196, 172, 124]).all()
+
+  hud = jax.jit(render.Renderer(64, upgrade_hud=True).__call__)
+  upgrades = jnp.asarray([5, 0, 0, 0, 0, 0, 64], jnp.int32)
+  row = np.asarray(hud(fresh(upgrades=upgrades), PARAMS))[62:64]
+  assert (row[0] == row[1]).all()  # the bottom 2 rows
+  empty, damage, regen = [10, 10, 10], [200, 40, 40], [120, 240, 60]
+  # Slot 0 (damage), 9 px: marker, gap, then 5 = 000101 in 6 binary digits.
+  np.testing.assert_array_equal(row[0, :8], [damage, empty, empty, empty, empty, damage,
+                                             empty, damage])
+  np.testing.assert_array_equal(row[0, 54:62], [regen, empty] + [regen] * 6)  # 64 -> 63
+  plain = np.asarray(RENDER(fresh(upgrades=upgrades), PARAMS))
+  assert (plain[62:64, :8] != row[:, :8]).any() and (plain[:62] == np.asarray(
+      hud(fresh(upgrades=upgrades), PARAMS))[:62]).all()
+  with pytest.raises(ValueError, match="camera"):
+    render.Renderer(64, camera="orbit")
+
+
+def test_ground_truth_recording_has_per_frame_state(tmp_path):
+  from mbjax.envs.bonk_arena import recording, render
+
+  params = PARAMS.replace(time_limit=10)
+  renderer = render.Renderer(32, camera="follow", palette="desert", upgrade_hud=True)
+  episode_fn = recording.make_episode_fn(ENV, params, random_policy, renderer)
+  path = str(tmp_path / "ep.mp4")
+  summary = recording.record_episode(episode_fn, KEY, path, fps=10, meta={"policy": "random"})
+  assert summary["frame_size"] == [32, 32]
+  truth = np.load(str(tmp_path / "ep.npz"))
+  pos = truth["player_pos"]
+  np.testing.assert_allclose(truth["player_speed"][:-1],
+                             np.linalg.norm(np.diff(pos, axis=0), axis=1), atol=1e-5)
+  np.testing.assert_allclose(truth["camera_origin"], pos - 6.0, atol=1e-5)  # 12-unit view
+  np.testing.assert_array_equal(truth["game_time"], np.arange(10))  # no menu in 10 steps
+  assert not truth["menu_open"].any() and truth["upgrades"].shape == (10, 7)
+  np.testing.assert_allclose(truth["cumulative_reward"][1:], np.cumsum(truth["rewards"])[:-1],
+                             rtol=1e-6)
+  assert json.loads(str(truth["meta"])) == {"policy": "random"}
+  state = fresh(level=jnp.int32(3), xp=jnp.float32(1.5))
+  assert float(recording.xp_total(PARAMS, state)) == 3.0 + 5.0 + 1.5  # levels 1->2->3, then 1.5

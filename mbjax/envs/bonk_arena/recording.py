@@ -6,19 +6,36 @@ saw when it chose action `t`; `rewards[t]`, `terminated[t]`, `truncated[t]` are 
 of that action. Keys (arrays of length T = episode length; no pickled objects):
   actions_continuous f32[T, 2], actions_discrete i32[T, 1], rewards f32[T],
   reward_terms f32[T, 7], reward_term_names str[7], terminated bool[T], truncated bool[T],
-  fps i32[].
+  fps i32[];
+and the state shown in frame t, for evaluating models per kind of frame:
+  menu_open bool[T]      the level-up menu overlay is on screen (actions are menu choices);
+  player_pos f32[T, 2]   world (x, y);
+  player_speed f32[T]    world units the player moves between frames t and t+1 (the
+                         motion action t caused; 0 on menu frames), the "fast motion" axis;
+  camera_origin f32[T, 2] world (x, y) of the frame's top-left corner (moves with the
+                         follow camera; zeros for the fixed one);
+  upgrades i32[T, 7]     cards taken per kind (`game.CARDS` order);
+  game_time i32[T]       unpaused ticks survived (time alive);
+  level i32[T], kills i32[T], health f32[T];
+  xp_total f32[T]        all XP collected so far (the score: it only grows);
+  cumulative_reward f32[T] sum of rewards[:t] (the return so far);
+  meta str[]             JSON: how the video was drawn (pixel_size, camera, palette,
+                         upgrade_hud) plus whatever the recorder adds (policy, seed, ...).
 Both files are written to a temporary name and moved into place with `os.replace`, so a
 crash never leaves a half-written file under the final name.
 """
 from __future__ import annotations
 
+import json
 import os
 
 import av
 import jax
 import numpy as np
 
-from mbjax.envs.bonk_arena import rewards, rollout
+import jax.numpy as jnp
+
+from mbjax.envs.bonk_arena import game, render, rewards, rollout
 from mbjax.envs.bonk_arena.env import BonkArena
 from mbjax.envs.bonk_arena.game import EnvParams
 
@@ -42,21 +59,63 @@ def write_mp4(frames: np.ndarray, path: str, fps: int, crf: int = 18) -> None:
   os.replace(tmp, path)
 
 
-def write_ground_truth(episode: dict[str, np.ndarray], path: str, fps: int) -> None:
+def write_ground_truth(episode: dict[str, np.ndarray], path: str, fps: int,
+                       meta: dict | None = None) -> None:
   tmp = path + ".tmp"
   with open(tmp, "wb") as f:
     np.savez(f, fps=np.int32(fps), reward_term_names=np.asarray(rewards.REWARD_TERMS),
-             **episode)
+             meta=np.asarray(json.dumps(meta or {}, sort_keys=True)), **episode)
   os.replace(tmp, path)
 
 
-def make_episode_fn(env: BonkArena, params: EnvParams, policy_fn: rollout.PolicyFn):
-  """jit(key -> `rollout.Episode` with frames) for this env, params and policy."""
-  return jax.jit(lambda key: rollout.play_episode(env, params, policy_fn, key,
-                                                  with_frames=True))
+def xp_total(params: EnvParams, state: game.EnvState) -> jax.Array:
+  """All XP collected so far: the cost of the levels gained plus the XP towards the next."""
+  gained = (state.level - 1).astype(jnp.float32)
+  return (gained * params.xp_base + params.xp_growth * gained * (gained - 1.0) / 2.0
+          + state.xp)
 
 
-def record_episode(episode_fn, key: jax.Array, video_path: str, fps: int) -> dict:
+def ground_truth_fn(params: EnvParams, renderer: render.Renderer) -> rollout.RecordFn:
+  """`record_fn` for `rollout.play_episode`: the frame drawn by `renderer` and the per-frame
+  truth of the module docstring."""
+
+  def record(state: game.EnvState, next_state: game.EnvState) -> dict:
+    return {
+        "frame": renderer(state, params),
+        "menu_open": state.menu_open,
+        "player_pos": state.player_pos,
+        "player_speed": jnp.linalg.norm(next_state.player_pos - state.player_pos),
+        "camera_origin": renderer.camera_origin(state, params),
+        "upgrades": state.upgrades,
+        "game_time": state.game_time,
+        "level": state.level,
+        "kills": state.kills,
+        "health": state.health,
+        "xp_total": xp_total(params, state),
+    }
+
+  return record
+
+
+def make_episode_fn(env: BonkArena, params: EnvParams, policy_fn: rollout.PolicyFn,
+                    renderer: render.Renderer | None = None):
+  """jit(key -> `rollout.Episode` with frames and the per-frame truth in `extras`).
+
+  Frames are drawn by `renderer` (default: the env's own), so a video can use another
+  camera, palette or size than the observations the policy acts on.
+  """
+  record = ground_truth_fn(params, env.renderer if renderer is None else renderer)
+
+  def episode(key):
+    ep = rollout.play_episode(env, params, policy_fn, key, record_fn=record)
+    extras = dict(ep.extras)
+    return ep.replace(frames=extras.pop("frame"), extras=extras)
+
+  return jax.jit(episode)
+
+
+def record_episode(episode_fn, key: jax.Array, video_path: str, fps: int,
+                   meta: dict | None = None) -> dict:
   """Plays one episode with `episode_fn` (from `make_episode_fn`) and writes
   `video_path` and the `.npz` beside it (same name, `.npz` suffix). Returns a summary."""
   ep = jax.device_get(episode_fn(key))
@@ -68,8 +127,13 @@ def record_episode(episode_fn, key: jax.Array, video_path: str, fps: int) -> dic
       "reward_terms": ep.reward_terms[:length],
       "terminated": ep.terminated[:length],
       "truncated": ep.truncated[:length],
+      "cumulative_reward": np.concatenate([[0.0], np.cumsum(ep.rewards[:length - 1])]
+                                          ).astype(np.float32),
+      **{name: np.asarray(value)[:length] for name, value in ep.extras.items()},
   }
-  write_mp4(ep.frames[:length], video_path, fps)
-  write_ground_truth(truth, os.path.splitext(video_path)[0] + ".npz", fps)
+  frames = ep.frames[:length]
+  write_mp4(frames, video_path, fps)
+  write_ground_truth(truth, os.path.splitext(video_path)[0] + ".npz", fps, meta)
   return {"length": length, "return": float(np.sum(truth["rewards"])),
-          "terminated": bool(truth["terminated"].any())}
+          "terminated": bool(truth["terminated"].any()),
+          "menu_frames": int(truth["menu_open"].sum()), "frame_size": list(frames.shape[1:3])}

@@ -14,10 +14,11 @@ import jax
 import jax.numpy as jnp
 
 from mbjax.envs.bonk_arena.env import BonkArena
-from mbjax.envs.bonk_arena.game import EnvParams
+from mbjax.envs.bonk_arena.game import EnvParams, EnvState
 from mbjax.envs.spaces import HybridAction
 
 PolicyFn = Callable[[jax.Array, jax.Array, jax.Array], HybridAction]
+RecordFn = Callable[[EnvState, EnvState], dict]
 
 
 @flax.struct.dataclass
@@ -36,6 +37,8 @@ class Episode:
   terminated: jax.Array  # bool[T]
   truncated: jax.Array  # bool[T]
   valid: jax.Array  # bool[T], True up to and including the last step of the episode
+  # Per-step outputs of `play_episode`'s `record_fn` (empty without one).
+  extras: dict = flax.struct.field(default_factory=dict)
 
 
 def _num_steps(params: EnvParams, num_steps: int | None) -> int:
@@ -49,10 +52,13 @@ def _num_steps(params: EnvParams, num_steps: int | None) -> int:
 
 
 def play_episode(env: BonkArena, params: EnvParams, policy_fn: PolicyFn, key: jax.Array,
-                 with_frames: bool = False, num_steps: int | None = None) -> Episode:
+                 with_frames: bool = False, num_steps: int | None = None,
+                 record_fn: RecordFn | None = None) -> Episode:
   """Plays one episode from a reset for `num_steps` (default `params.time_limit`) steps.
 
-  Pure; under jit, `env`, `policy_fn`, `with_frames` and `num_steps` are static.
+  `record_fn(state, next_state)`, if given, returns a dict of arrays recorded per step into
+  `Episode.extras` (`state` is what frame t shows, `next_state` the result of action t).
+  Pure; under jit, `env`, `policy_fn`, `with_frames`, `num_steps` and `record_fn` are static.
   """
   reset_key, key = jax.random.split(key)
   obs, state = env.reset(reset_key, params)
@@ -62,10 +68,12 @@ def play_episode(env: BonkArena, params: EnvParams, policy_fn: PolicyFn, key: ja
     key, act_key, step_key = jax.random.split(key, 3)
     frame = env.render(state, params) if with_frames else jnp.zeros((0,), jnp.uint8)
     action = policy_fn(act_key, obs, env.action_mask(state, params))
-    obs, state, reward, terminated, truncated, info = env.step(step_key, state, action, params)
+    obs, next_state, reward, terminated, truncated, info = env.step(step_key, state, action,
+                                                                    params)
+    extras = {} if record_fn is None else record_fn(state, next_state)
     out = Episode(frame, action.continuous, action.discrete, reward, info["reward_terms"],
-                  terminated, truncated, ~done)
-    return (obs, state, key, done | terminated | truncated), out
+                  terminated, truncated, ~done, extras)
+    return (obs, next_state, key, done | terminated | truncated), out
 
   _, episode = jax.lax.scan(body, (obs, state, key, jnp.zeros((), bool)), None,
                             length=_num_steps(params, num_steps))
