@@ -45,6 +45,14 @@ def _wait(weights, seconds=3.0):
   raise AssertionError("no reply within the wait")
 
 
+def _jit_merge(vectors, method, shares=None, **kwargs):
+  """`weighted_merge` (or the unweighted `merge.merge` when shares is None) under one jit:
+  a single compile is ~3x cheaper here than the many small eager ones."""
+  if shares is None:
+    return jax.jit(lambda v: merge_lib.merge(v, method, **kwargs))(vectors)
+  return jax.jit(lambda v: lw.weighted_merge(v, method, shares, **kwargs))(vectors)
+
+
 # -- pure parts -----------------------------------------------------------------------------
 
 def test_parse_weights_normalises_and_rejects():
@@ -79,18 +87,17 @@ def test_weighted_merge_uniform_is_unweighted_and_shares_change_it():
   vectors = [{"w": jnp.asarray(rng.normal(size=(3, 4)), jnp.float32)} for _ in range(3)]
   uniform = lw.fallback_merge_weights(3)
   for method in ("mean", "ties"):  # the weights path and the vector-scaling path
-    np.testing.assert_array_equal(
-        lw.weighted_merge(vectors, method, uniform, k=0.5)["w"],
-        merge_lib.merge(vectors, method, k=0.5)["w"], err_msg=method)
+    np.testing.assert_array_equal(_jit_merge(vectors, method, uniform, k=0.5)["w"],
+                                  _jit_merge(vectors, method, k=0.5)["w"], err_msg=method)
   # Hand values: τ1 = [1, 0, −1], τ2 = [0, 1, 1], shares (0.8, 0.2) → N·w = (1.6, 0.4).
   t1, t2 = {"w": jnp.array([1.0, 0.0, -1.0])}, {"w": jnp.array([0.0, 1.0, 1.0])}
   shares = np.array([0.8, 0.2], np.float32)
-  np.testing.assert_allclose(lw.weighted_merge([t1, t2], "mean", shares)["w"],
+  np.testing.assert_allclose(_jit_merge([t1, t2], "mean", shares)["w"],
                              [0.8, 0.2, -0.6], rtol=1e-6)
-  np.testing.assert_allclose(lw.weighted_merge([t1, t2], "task_arithmetic", shares, lam=0.5)["w"],
+  np.testing.assert_allclose(_jit_merge([t1, t2], "task_arithmetic", shares, lam=0.5)["w"],
                              [0.8, 0.2, -0.6], rtol=1e-6)
   # TIES (k = 1): coordinate 2 has −1.6 against +0.4 → mass vote elects −, keeps −1.6.
-  np.testing.assert_allclose(lw.weighted_merge([t1, t2], "ties", shares, k=1.0)["w"],
+  np.testing.assert_allclose(_jit_merge([t1, t2], "ties", shares, k=1.0)["w"],
                              [1.6, 0.4, -1.6], rtol=1e-6)
   with pytest.raises(ValueError, match="summing to 1"):
     lw.weighted_merge([t1, t2], "mean", np.array([0.5, 0.6]))
@@ -140,11 +147,12 @@ def test_valid_reply_changes_weights_and_merged_parameters():
   assert "scout" in last_user_text(server.requests[0])
   np.testing.assert_allclose(weights.weights, [0.75, 0.25])
   assert weights.source == "llm" and weights.rationale == "scout generalises"
-  merged = {s: merge_lib.apply_task_vector(base, lw.weighted_merge(vectors, "mean", w))["w"]
+  merged = {s: jax.jit(lambda b, v, w=w: merge_lib.apply_task_vector(
+      b, lw.weighted_merge(v, "mean", w)))(base, vectors)["w"]
             for s, w in (("fallback", before), ("llm", weights.weights))}
   np.testing.assert_allclose(merged["fallback"], [0.5, 0.5])
   np.testing.assert_allclose(merged["llm"], [0.75, 0.25])
-  ties = lw.weighted_merge(vectors, "ties", weights.weights, k=1.0)["w"]
+  ties = _jit_merge(vectors, "ties", weights.weights, k=1.0)["w"]
   np.testing.assert_allclose(ties, [1.5, 0.5])  # N·w = (1.5, 0.5), no conflicts
 
 

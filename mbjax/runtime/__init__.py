@@ -6,4 +6,6 @@
 - `weighting`: `AsyncWeights`, LLM-proposed merge weights / skill scales that a loop reads
   every step without waiting (the pure prompt/parse/fallback parts are
   `mbjax.population.llm_weighting`).
+- `menu_navigator`: `MenuNavigator`, VLM clicks on BonkArena's level-up menu (in process or as
+  BonkLink clicks) with a deadline and a fallback, never blocking the game loop.
 """
