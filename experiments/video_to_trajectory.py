@@ -1,6 +1,7 @@
 """Videos → `.npz` chunks (+ `manifest.json`) for the offline pipeline:
 
-  python -m experiments.video_to_trajectory --video_dir=gameplay_videos --out_dir=rollouts/video_demos
+  python -m experiments.video_to_trajectory --video_dir=gameplay_videos \
+      --out_dir=rollouts/video_demos
   python -m experiments.video_to_trajectory --video=run.mp4 --fps=12 --start_s=30 --end_s=90
 
 Frames are picked at exactly `--fps` by timestamp and resized to `--size` (layout, frame

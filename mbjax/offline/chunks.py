@@ -89,7 +89,8 @@ def encode_meta(meta: Mapping) -> np.ndarray:
 
 def decode_meta(value: np.ndarray, name: str = "meta") -> dict:
   if value.dtype.kind != "U" or value.ndim != 0:
-    raise ChunkError(f"{name}: expected a 0-d unicode JSON string, got {value.dtype}{list(value.shape)}")
+    raise ChunkError(f"{name}: expected a 0-d unicode JSON string, got "
+                     f"{value.dtype}{list(value.shape)}")
   try:
     meta = json.loads(str(value))
   except json.JSONDecodeError as e:
@@ -112,7 +113,8 @@ def validate_chunk(arrays: Mapping[str, np.ndarray], name: str = "chunk") -> int
       raise ChunkError(f"{where} holds Python objects; chunks store plain arrays only")
     if key in STRING_KEYS:
       if value.dtype.kind != "U" or value.ndim != 0:
-        raise ChunkError(f"{where}: expected a 0-d unicode string, got {value.dtype}{list(value.shape)}")
+        raise ChunkError(f"{where}: expected a 0-d unicode string, got "
+                         f"{value.dtype}{list(value.shape)}")
       continue
     if key in ARRAY_KEYS:
       dtype, rank = ARRAY_KEYS[key]
@@ -122,12 +124,13 @@ def validate_chunk(arrays: Mapping[str, np.ndarray], name: str = "chunk") -> int
     if value.ndim and value.shape[0] != length:
       raise ChunkError(f"{where}: {value.shape[0]} rows but observations has {length} frames")
   if obs.shape[-1] != 3 or length == 0:
-    raise ChunkError(f"{name}: observations must be uint8 [T>0, H, W, 3] RGB, got {list(obs.shape)}")
+    raise ChunkError(f"{name}: observations must be uint8 [T>0, H, W, 3] RGB, got "
+                     f"{list(obs.shape)}")
   decode_meta(arrays["meta"], f"{name}: meta")
   return length
 
 
-def _write_npz(path: str, arrays: Mapping[str, np.ndarray], level: int | None) -> None:
+def write_npz(path: str, arrays: Mapping[str, np.ndarray], level: int | None) -> None:
   """Writes `arrays` as `.npy` members of a zip (np.load-compatible) via a temporary file."""
   directory = os.path.dirname(os.path.abspath(path))
   fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".npz")
@@ -149,9 +152,10 @@ def write_chunk(path: str, arrays: Mapping[str, np.ndarray],
                 compression: str = DEFAULT_COMPRESSION) -> None:
   """Validates `arrays` and writes them to `path` atomically."""
   if compression not in COMPRESSION_LEVELS:
-    raise ValueError(f"compression must be one of {sorted(COMPRESSION_LEVELS)}, got {compression!r}")
+    raise ValueError(f"compression must be one of {sorted(COMPRESSION_LEVELS)}, "
+                     f"got {compression!r}")
   validate_chunk(arrays, path)
-  _write_npz(path, arrays, COMPRESSION_LEVELS[compression])
+  write_npz(path, arrays, COMPRESSION_LEVELS[compression])
 
 
 def read_chunk(path: str, keys: tuple[str, ...] | None = None, validate: bool = True) -> dict:

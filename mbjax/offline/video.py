@@ -29,6 +29,7 @@ chunks it had started for it and goes on with the others.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import hashlib
 import os
@@ -288,14 +289,16 @@ def convert_video(path: str, out_dir: str, cfg: ConvertConfig, source_key: str,
                   progress: Callable[[str], None] | None = None) -> dict:
   """Converts one video into chunks under `out_dir`; returns its manifest entry.
 
-  Chunks are written as they fill (one chunk of frames in memory). On any error the
-  chunks already written for this source are removed and `VideoError` is raised.
+  Chunks are written as they fill, by one background thread, so compressing and writing
+  chunk n overlaps decoding chunk n+1 (zlib and file writes release the GIL; at most two
+  chunks of frames are in memory). On any error the chunks already written for this source
+  are removed and the error (a `VideoError` for a bad source) is raised.
   """
   ep_id = episode_id(source_key)
   audio = decode_audio(path, cfg.audio_rate) if cfg.audio else None
   spf = int(round(cfg.audio_rate / cfg.fps))
   info = FrameInfo()
-  written: list[str] = []
+  names: list[str] = []  # chunks handed to the writer, in order
   base_meta = {
       "episode_id": ep_id, "fps": cfg.fps,
       "action_labeling": "none", "reward_labeling": "none",
@@ -303,11 +306,13 @@ def convert_video(path: str, out_dir: str, cfg: ConvertConfig, source_key: str,
       "audio_samples_per_frame": spf if audio is not None else 0,
       "audio_channels": 1 if audio is not None else 0,
   }
+  writer = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+  pending = None
 
-  def flush(frames: list, times: list, last: bool):
-    index = len(written)
-    obs = np.stack(frames)
-    dones = np.zeros(len(frames), bool)
+  def flush(obs: np.ndarray, times: list, last: bool):
+    nonlocal pending
+    index = len(names)
+    dones = np.zeros(len(obs), bool)
     dones[-1] = True
     meta = {**base_meta, "chunk_index": index, "last_chunk": last,
             "start_frame": index * cfg.chunk_frames, "start_time_s": float(times[0]),
@@ -316,30 +321,38 @@ def convert_video(path: str, out_dir: str, cfg: ConvertConfig, source_key: str,
               "video_source": np.asarray(os.path.abspath(path))}
     if audio is not None:
       arrays["audio"] = audio_for_frames(audio[0], audio[1], times, cfg.audio_rate, spf)
-    name = chunks.chunk_name(ep_id, index)
-    chunks.write_chunk(os.path.join(out_dir, name), arrays, cfg.compression)
-    written.append(name)
+    names.append(chunks.chunk_name(ep_id, index))
+    if pending is not None:
+      pending.result()  # one chunk in flight at a time; raises the writer's error here
+    pending = writer.submit(chunks.write_chunk, os.path.join(out_dir, names[-1]), arrays,
+                            cfg.compression)
     if progress:
-      progress(f"{source_key}: chunk {index} ({len(frames)} frames, t={float(times[-1]):.1f} s)")
+      progress(f"{source_key}: chunk {index} ({len(obs)} frames, t={float(times[-1]):.1f} s)")
 
-  frames, times = [], []
+  buffer, times = None, []
   try:
     for t, frame in iter_frames(path, cfg.fps, cfg.size, cfg.start_s, cfg.end_s,
                                 cfg.interpolation, info):
-      if len(frames) == cfg.chunk_frames:  # a further frame exists: this chunk is not last
-        flush(frames, times, last=False)
-        frames, times = [], []
-      frames.append(frame)
+      if len(times) == cfg.chunk_frames:  # a further frame exists: this chunk is not last
+        flush(buffer, times, last=False)
+        buffer, times = None, []
+      if buffer is None:  # filled in place: no stacking copy per chunk
+        buffer = np.empty((cfg.chunk_frames,) + frame.shape, np.uint8)
+      buffer[len(times)] = frame
       times.append(t)
-    if not frames:
+    if not times:
       raise VideoError(f"{path}: no frame between start_s={cfg.start_s} and end_s={cfg.end_s}")
-    flush(frames, times, last=True)
+    flush(buffer[:len(times)], times, last=True)
+    pending.result()
   except BaseException:
-    for name in written:
-      os.unlink(os.path.join(out_dir, name))
+    writer.shutdown(wait=True)
+    for name in names:
+      if os.path.exists(os.path.join(out_dir, name)):
+        os.unlink(os.path.join(out_dir, name))
     raise
-  total = (len(written) - 1) * cfg.chunk_frames + len(frames)
-  return {"status": "done", "episode_id": ep_id, "chunks": written, "frames": total,
+  writer.shutdown()
+  total = (len(names) - 1) * cfg.chunk_frames + len(times)
+  return {"status": "done", "episode_id": ep_id, "chunks": names, "frames": total,
           "fps": cfg.fps, "source_fps": info.source_fps, "duration_s": info.duration_s}
 
 
