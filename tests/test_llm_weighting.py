@@ -224,7 +224,7 @@ def _sgd_step(params, batch):
   return jax.tree.map(lambda p, g: p - 0.1 * g, params, grads)
 
 
-def _train(weights: AsyncWeights | None, steps: int = 30):
+def _train(weights: AsyncWeights | None, steps: int = 40):
   """A small jitted regression loop that consults the weighting every step (as a trainer
   would, e.g. to log or to merge later); returns final params, per-call times, weights seen."""
   rng = np.random.default_rng(0)
@@ -256,8 +256,10 @@ def test_training_is_unaffected_by_the_backend(backend, caplog):
       params, call_s, seen = _train(weights)
     weights.chat.close()
   jax.tree.map(np.testing.assert_array_equal, params, reference)  # bit for bit
-  # Consulting the weighting costs well under the 10 ms step even while a request hangs.
-  assert max(call_s) < 0.02, f"{backend}: a weighting call took {max(call_s) * 1e3:.1f} ms"
+  # Consulting the weighting never waits for the backend (a 2 s reply, a 0.1 s timeout):
+  # the bound leaves room for scheduler noise on a loaded 2-core machine, the median is tight.
+  assert max(call_s) < 0.1, f"{backend}: a weighting call took {max(call_s) * 1e3:.1f} ms"
+  assert np.median(call_s) < 0.002, f"{backend}: median {np.median(call_s) * 1e3:.2f} ms"
   np.testing.assert_allclose(seen[0], [0.5, 0.5])
   if backend == "good":
     np.testing.assert_allclose(seen[-1], [0.25, 0.75])

@@ -31,9 +31,11 @@ menu is open, so waiting costs menu steps, not game time). The caller's fallback
 scripted card pick, or the trained policy's masked choice) is used instead, logged with the
 reason, when the reply is late (`deadline_s` after the menu opened), the backend is absent
 (connection refused, or no backend configured), answers with an error, or answers something
-invalid. One VLM decision per opening: if the menu is still open after it (a `noop`), the
-following steps of that opening take the fallback, so a model that keeps saying noop cannot
-hold the game in the menu.
+invalid. One VLM decision per opening: a chosen card is repeated while the menu still
+looks open for up to `settle_s` (through the bridge the state showing the click's effect
+arrives a packet or more later; a repeated click on a closed menu does nothing), after which
+— and right after a `noop` — the steps of that opening take the fallback, so a model that
+keeps saying noop cannot hold the game in the menu.
 """
 from __future__ import annotations
 
@@ -180,14 +182,17 @@ class MenuNavigator:
   """Per-step menu decisions from a VLM, with a fallback; `step` never blocks."""
 
   def __init__(self, chat: llm.AsyncChat | None, layout: CardLayout, goal: str = DEFAULT_GOAL,
-               deadline_s: float = 2.0):
-    if not deadline_s > 0:
-      raise ValueError(f"deadline_s={deadline_s}: expected > 0")
-    self.chat, self.layout, self.goal, self.deadline_s = chat, layout, goal, deadline_s
+               deadline_s: float = 2.0, settle_s: float = 0.5):
+    if not deadline_s > 0 or settle_s < 0:
+      raise ValueError(f"deadline_s={deadline_s}, settle_s={settle_s}: expected > 0 and >= 0")
+    self.chat, self.layout, self.goal = chat, layout, goal
+    self.deadline_s, self.settle_s = deadline_s, settle_s
     self._opened_at: float | None = None  # when the current menu opening was first seen
     self._asked = False  # a request was submitted for this opening
     self._resolved = False  # this opening already had its VLM (or fallback) decision
-    self.counts = {"vlm": 0, "fallback": 0, "wait": 0}
+    self._decision: MenuDecision | None = None  # the VLM's card decision for this opening
+    self._decided_at = 0.0
+    self.counts = {"vlm": 0, "fallback": 0, "wait": 0, "repeat": 0}
 
   def _fallback(self, choice: int, mask: np.ndarray, why: str) -> MenuDecision:
     self._resolved = True
@@ -207,12 +212,16 @@ class MenuNavigator:
       if self._asked and self.chat is not None:
         self.chat.poll()  # drop a reply for a menu that is gone
       self._opened_at, self._asked, self._resolved = None, False, False
+      self._decision = None
       return None
     mask = np.asarray(mask, bool)
     now = time.monotonic()
     if self._opened_at is None:
       self._opened_at = now
     if self._resolved:
+      if self._decision is not None and now - self._decided_at <= self.settle_s:
+        self.counts["repeat"] += 1
+        return self._decision
       return self._fallback(fallback_choice, mask, "the VLM's decision did not close the menu")
     if self.chat is None:
       return self._fallback(fallback_choice, mask, "no VLM backend configured")
@@ -238,6 +247,8 @@ class MenuNavigator:
       return self._fallback(fallback_choice, mask, f"the reply came after the deadline "
                             f"({reply.latency_s:.2f} s > deadline_s={self.deadline_s})")
     self._resolved = True
+    if decision.kind == "card":
+      self._decision, self._decided_at = decision, now
     self.counts["vlm"] += 1
     logging.info("menu navigator: VLM chose %s after %.2f s (%s)",
                  decision.card if decision.kind == "card" else "noop", reply.latency_s,
