@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import http.client
 import json
 import math
 import os
@@ -202,6 +203,13 @@ def _is_type(value: Any, t: str) -> bool:
   return isinstance(value, int) or (math.isfinite(value) and float(value).is_integer())
 
 
+def _json_equal(a: Any, b: Any) -> bool:
+  """JSON equality: 1 == 1.0, but true ≠ 1 (Python's bool is an int)."""
+  if _is_type(a, "number") and _is_type(b, "number"):
+    return a == b
+  return type(a) is type(b) and a == b
+
+
 def validate(value: Any, schema: dict, path: str = "$") -> None:
   """Raises ValueError naming the first place where `value` breaks `schema` (subset in
   `SCHEMA_KEYWORDS`; `additionalProperties` defaults to allowed, as in JSON Schema)."""
@@ -221,9 +229,7 @@ def validate(value: Any, schema: dict, path: str = "$") -> None:
     if not any(_is_type(value, t) for t in types):
       raise ValueError(f"{path} = {_short(value)} is {type(value).__name__}: expected "
                        f"{' or '.join(types)}")
-  if "enum" in schema and not any(value == e and type(value) is type(e) or
-                                  (_is_type(value, "number") and _is_type(e, "number")
-                                   and value == e) for e in schema["enum"]):
+  if "enum" in schema and not any(_json_equal(value, e) for e in schema["enum"]):
     raise ValueError(f"{path} = {_short(value)}: expected one of {schema['enum']}")
   if _is_type(value, "number"):
     if "minimum" in schema and value < schema["minimum"]:
@@ -403,6 +409,8 @@ class ChatClient:
       raise LLMUnavailable(f"{url}: unreachable ({e.reason})") from None
     except (ConnectionError, OSError) as e:  # reset / closed mid-reply
       raise LLMUnavailable(f"{url}: connection failed ({type(e).__name__}: {e})") from None
+    except http.client.HTTPException as e:  # a malformed status line, a truncated body
+      raise LLMInvalidReply(f"{url}: malformed HTTP response ({type(e).__name__}: {e})") from None
     if len(raw) > MAX_REPLY_BYTES:
       raise LLMInvalidReply(f"{url}: reply larger than {MAX_REPLY_BYTES} bytes")
     try:

@@ -206,7 +206,8 @@ class MenuNavigator:
            mask: np.ndarray, fallback_choice: int, card_names: Sequence[str] = (),
            state_hint: str = "") -> MenuDecision | None:
     """One control step. Returns None when no menu is open (the caller's policy acts),
-    else the menu decision. `frame` may be a callable, rendered only when a request is sent;
+    else the menu decision. `frame` may be a callable, rendered only when a request is sent
+    (None: no frame yet — the navigator waits for one until the deadline);
     `fallback_choice` is the menu-branch value to take when the VLM cannot decide."""
     if not menu_open:
       if self._asked and self.chat is not None:
@@ -230,6 +231,8 @@ class MenuNavigator:
       if self.chat.in_flight:  # the previous opening's request has not finished yet
         return self._wait_or_fallback(now, mask, fallback_choice)
       image = frame() if callable(frame) else frame
+      if image is None:  # e.g. the bridge has not delivered a frame yet
+        return self._wait_or_fallback(now, mask, fallback_choice)
       self._asked = self.chat.submit(menu_messages(self.goal, card_names, state_hint),
                                      menu_schema(mask.shape[0] - 1), images=[image])
     reply = self.chat.poll()

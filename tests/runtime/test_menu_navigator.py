@@ -205,6 +205,12 @@ def test_absent_backend_and_noop_loops_fall_back(arena):
     second = navigator.step(True, frame, MASK_ALL, 2)  # ... then the menu is still open
     assert (second.source, second.card) == ("fallback", 2)
     assert "did not close the menu" in second.reason
+    # No frame yet (a bridge that has not sent one): nothing is asked, then the deadline.
+    blind = _navigator(server.url, arena["layout"], deadline_s=0.1)
+    assert blind.step(True, None, MASK_ALL, 1).kind == "wait"
+    decision = _decide(blind, None, fallback=1)
+    assert (decision.source, decision.card) == ("fallback", 1)
+    assert len(server.requests) == 1  # only the first navigator's
   refused = _navigator(server.url, arena["layout"])  # the server is gone: connection refused
   decision = _decide(refused, frame, fallback=0)
   assert (decision.source, decision.card) == ("fallback", 0)
