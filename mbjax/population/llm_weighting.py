@@ -1,4 +1,4 @@
-"""LLM-assisted weights for merges and for skill scaling: prompts, reply schemas, parsing, fallbacks.
+"""LLM-assisted weights for merges and skill scaling: prompts, reply schemas, parsing, fallbacks.
 
 Two kinds of weights, one per specialist (or skill) name:
 - **Merge weights** (`merge_request`): relative shares wᵢ ≥ 0 with Σ wᵢ = 1 of each

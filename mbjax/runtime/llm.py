@@ -1,4 +1,4 @@
-"""One chat client for every LLM/VLM consumer: JSON replies validated against a schema, sync or async.
+"""One chat client for every LLM/VLM consumer: schema-validated JSON replies, sync or async.
 
 Speaks two wire protocols over plain HTTP (stdlib `urllib`, no SDKs):
 - `protocol="openai"`: `POST {base_url}/chat/completions` (OpenAI-compatible servers: vLLM,
