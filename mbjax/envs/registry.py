@@ -23,6 +23,13 @@ def _bonk_arena(**kwargs):
   return env, env.default_params()
 
 
+def _bonk_arena_directives(**kwargs):
+  from mbjax.envs.bonk_arena.directives import DirectiveArena
+
+  env = DirectiveArena(**kwargs)
+  return env, env.default_params()
+
+
 def _remember_cue(**kwargs):
   from mbjax.envs.memory import RememberCue
 
@@ -36,6 +43,7 @@ _FACTORIES: dict[str, Callable[..., tuple[Environment, Any]]] = {
     "Pendulum-v1": _gymnax("Pendulum-v1"),
     "MountainCarContinuous-v0": _gymnax("MountainCarContinuous-v0"),
     "bonk_arena": _bonk_arena,
+    "bonk_arena_directives": _bonk_arena_directives,
     "remember_cue": _remember_cue,
 }
 
