@@ -1,0 +1,478 @@
+"""Role specialists on BonkArena trained together from one base checkpoint, with PBT.
+
+A population is P = len(roles) × members_per_role PPO agents that all start from the
+parameters and observation statistics of one trained base (`experiments/train.py` with
+`configs/arena_ppo.py`). Member m plays role `roles[m // members_per_role]`: its envs pay
+the reward `dot(role_weights(role), reward_terms)` (`mbjax.envs.bonk_arena.rewards`), so the
+roles differ in what they are rewarded for, not only in two hyperparameters as upstream.
+
+Training: one jitted update advances every member at once — `jax.vmap` over the stacked
+runner states, each member with its own env batch, RNG stream, role weights and PPO
+hyperparameters. The hyperparameters that PBT tunes (`population.hparams`, any of
+`TUNABLE`) are per-member *traced* inputs: inside the vmapped update each member's config
+holds its own values as tracers and `anakin.make_train` builds that member's optimiser
+and loss from it at trace time, so a perturbed learning rate or clip ε changes the next
+update without recompiling.
+
+PBT (`mbjax.population.pbt`): every `pbt_every_updates` updates each member plays
+`eval_episodes` evaluation episodes (the same episode keys for every member) and is scored
+by the mean of its own role's episode returns. Members of one role form a PBT group — the
+roles' rewards have different scales, so only members of the same role are ranked against
+each other. In each group the bottom fraction copies the agent (parameters, optimiser
+state, observation statistics) and hyperparameters of a member of the top fraction; the
+copies' hyperparameters are then perturbed within their declared ranges. Env states stay
+with their member.
+
+Observation statistics are frozen at the base's by default (`freeze_obs_stats`): a task
+vector θᵢ − θ_base only means something when every specialist reads the same normalised
+inputs, which the merges in `mbjax.population.merge` assume.
+
+`run(cfg, workdir)` trains (or resumes) a population like `mbjax.train.run.run` does a single
+agent: chunks of `run.log_every_updates` updates, metrics per member, orbax checkpoints of
+the whole population state, and at the end one standard run workdir per role
+(`<workdir>/specialists/<role>`) holding the role's best member, which
+`experiments/merge.py`, `experiments/evaluate_arena.py` and `restore_trained` read.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+import chex
+import flax.struct
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+
+from mbjax.agents import ppo
+from mbjax.envs import registry
+from mbjax.envs.bonk_arena import rewards, rollout
+from mbjax.population import merge as merge_lib
+from mbjax.population import pbt
+from mbjax.train import anakin, evaluate
+from mbjax.train import checkpoint as checkpoint_lib
+from mbjax.train import config as config_lib
+from mbjax.train.metrics import MetricsWriter
+from mbjax.train.run import _write_json_atomic, restore_trained, summarize_chunk
+
+# cfg.ppo fields that may be per-member hyperparameters: each reaches the update as a
+# traced value (the optimiser's learning rate, the loss coefficients).
+TUNABLE = ("lr", "ent_coef", "clip_eps", "vf_coef")
+# Fields a base checkpoint must share with the population for its parameters to fit.
+_BASE_FIELDS = ("env.", "network.", "ppo.normalize_observations")
+
+
+@flax.struct.dataclass
+class PopulationState:
+  runners: anakin.RunnerState  # every leaf [P, ...]: member m's agent, envs, key, counter
+  hparams: dict  # name → [P] float32, the tuned cfg.ppo values
+  scores: jax.Array  # f32[P], mean own-role return at the last evaluation (NaN before)
+  key: jax.Array  # evaluation and PBT stream
+  update_step: jax.Array  # i32[], updates done by every member
+
+
+def default_section() -> ml_collections.ConfigDict:
+  """The `population` config section, with defaults."""
+  p = ml_collections.ConfigDict()
+  p.base_workdir = "runs/arena_ppo"  # a trained run of the same env and network
+  p.roles = ("scout", "speedrunner", "killer", "tank")
+  p.members_per_role = 2  # PBT needs >= 2 (it ranks members of one role)
+  p.freeze_obs_stats = True  # keep the base's normalisation (comparable task vectors)
+  p.pbt_every_updates = 20  # 0: no PBT; a multiple of run.log_every_updates
+  p.pbt_fraction = 0.5  # bottom share of a role group replaced from its top share
+  p.explore_factors = (0.8, 1.2)  # a replaced member's hyperparameters × one of these
+  p.eval_episodes = 8  # evaluation episodes per member and PBT round (shared keys)
+  p.eval_max_steps = 0  # steps per evaluation episode; 0: the env's time limit
+  p.eval_deterministic = False  # act on the mode instead of sampling
+  # Tuned hyperparameters (names from TUNABLE) → (low, high); start values are cfg.ppo's.
+  p.hparams = ml_collections.ConfigDict()
+  p.hparams.lr = (1e-5, 1e-3)
+  p.hparams.ent_coef = (1e-4, 0.05)
+  p.hparams.clip_eps = (0.05, 0.4)
+  return p
+
+
+def member_roles(cfg) -> tuple[str, ...]:
+  """The role of each member, role-major: member m plays roles[m // members_per_role]."""
+  p = cfg.population
+  return tuple(role for role in p.roles for _ in range(p.members_per_role))
+
+
+def member_names(cfg) -> tuple[str, ...]:
+  k = cfg.population.members_per_role
+  return tuple(f"{role}{m % k}" for m, role in enumerate(member_roles(cfg)))
+
+
+def role_weight_matrix(roles) -> np.ndarray:
+  """f32[len(roles), 7]: each role's absolute reward weights (`rewards.role_weights`)."""
+  return np.asarray([rewards.role_weights(r) for r in roles], np.float32)
+
+
+def hparam_specs(cfg) -> dict[str, pbt.HParam]:
+  return {name: pbt.HParam("float", float(low), float(high))
+          for name, (low, high) in cfg.population.hparams.items()}
+
+
+def validate(cfg) -> None:
+  """config.validate plus the population section; raises ValueError naming the field."""
+  config_lib.validate(cfg)
+  if "population" not in cfg:
+    raise ValueError("config.population is missing; start from configs/arena_population.py")
+  p = cfg.population
+  if cfg.env.name != "bonk_arena":
+    raise ValueError(f"config.env.name={cfg.env.name!r}: role specialists need 'bonk_arena'")
+  if cfg.network.core != "none" or cfg.env.frame_stack != 1:
+    raise ValueError("population evaluation plays a stateless policy: config.network.core "
+                     f"must be 'none' and config.env.frame_stack 1, got "
+                     f"{cfg.network.core!r}, {cfg.env.frame_stack}")
+  if cfg.world_model.enabled:
+    raise ValueError("config.world_model.enabled=True: population training runs PPO alone")
+  if not p.roles:
+    raise ValueError("config.population.roles is empty")
+  for role in p.roles:
+    if role not in rewards.ROLES:
+      raise ValueError(f"config.population.roles: unknown role {role!r}; expected one of "
+                       f"{rewards.ROLES}")
+  if len(set(p.roles)) != len(p.roles):
+    raise ValueError(f"config.population.roles={p.roles} lists a role twice; use "
+                     "members_per_role")
+  for key in ("members_per_role", "eval_episodes"):
+    if p[key] < 1:
+      raise ValueError(f"config.population.{key}={p[key]}: expected a positive integer")
+  if p.eval_max_steps < 0:
+    raise ValueError(f"config.population.eval_max_steps={p.eval_max_steps}: expected >= 0")
+  if p.pbt_every_updates < 0 or p.pbt_every_updates % cfg.run.log_every_updates:
+    raise ValueError(
+        f"config.population.pbt_every_updates={p.pbt_every_updates} must be 0 or a "
+        f"multiple of config.run.log_every_updates={cfg.run.log_every_updates}")
+  if p.pbt_every_updates and p.members_per_role > 1:
+    try:
+      pbt.truncation_count(p.members_per_role, p.pbt_fraction)
+    except ValueError as e:
+      raise ValueError(f"config.population.pbt_fraction={p.pbt_fraction} with "
+                       f"members_per_role={p.members_per_role}: {e}") from None
+  if not p.explore_factors or min(p.explore_factors) <= 0:
+    raise ValueError(f"config.population.explore_factors={p.explore_factors}: expected "
+                     "positive factors")
+  for name, bounds in p.hparams.items():
+    if name not in TUNABLE:
+      raise ValueError(f"config.population.hparams.{name}: not tunable; expected one of "
+                       f"{TUNABLE}")
+    if len(bounds) != 2 or not 0 < bounds[0] <= bounds[1]:
+      raise ValueError(f"config.population.hparams.{name}={bounds}: expected "
+                       "(low, high) with 0 < low <= high")
+    if not bounds[0] <= cfg.ppo[name] <= bounds[1]:
+      raise ValueError(f"config.ppo.{name}={cfg.ppo[name]} lies outside "
+                       f"config.population.hparams.{name}={bounds}")
+
+
+def member_config(cfg, hparams: dict) -> ml_collections.ConfigDict:
+  """A copy of `cfg` whose tuned `ppo.*` fields hold one member's (traced) values."""
+  member = ml_collections.ConfigDict(cfg.to_dict(), type_safe=False)
+  for name, value in hparams.items():
+    member.ppo[name] = value
+  return member
+
+
+class PopulationTrainer:
+  """The population's pure functions for one config, jitted once and reused."""
+
+  def __init__(self, cfg):
+    validate(cfg)
+    self.cfg = cfg
+    p = cfg.population
+    self.env, self.env_params = registry.make(cfg.env.name, **cfg.env.kwargs.to_dict())
+    self.roles = member_roles(cfg)
+    self.names = member_names(cfg)
+    self.num_members = len(self.roles)
+    self.weights = jnp.asarray(role_weight_matrix(self.roles))  # [P, 7]
+    self.specs = hparam_specs(cfg)
+    # Built from the config's own values: init, the network, the update count. Members'
+    # trainers are rebuilt inside the vmapped update with their traced hyperparameters.
+    self.template = anakin.make_train(cfg, self.env, self.env_params)
+    self.num_updates = self.template.num_updates
+    self.env_steps_per_update = self.template.env_steps_per_update  # per member
+    self.eval_steps = int(p.eval_max_steps or self.env_params.time_limit)
+    # Static index groups for PBT: the members of each role, when there are two or more.
+    k = p.members_per_role
+    self.groups = ([np.arange(r * k, (r + 1) * k) for r in range(len(p.roles))]
+                   if k > 1 else [])
+    jitted_init = jax.jit(self._init)
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    # Committed to the device, as a restored checkpoint is: otherwise the jitted chunk would
+    # compile once for fresh states and again for restored ones.
+    self.init = lambda base_agent, key: jax.device_put(jitted_init(base_agent, key), device)
+    self.evaluate = jax.jit(self._evaluate)
+    self.pbt_round = jax.jit(self._pbt_round)
+    self._chunks = {}
+
+  # -- initialisation ---------------------------------------------------------------------
+
+  def _init(self, base_agent: ppo.PPOState, key: jax.Array) -> PopulationState:
+    """Every member starts from `base_agent`'s parameters and observation statistics with
+    a fresh optimiser state, its own envs and its own RNG stream."""
+    key, members_key = jax.random.split(key)
+    # lax.map, not vmap: vmapped orthogonal initialisers can deadlock jaxlib 0.10 on CPU.
+    runners = jax.lax.map(self.template.init, jax.random.split(members_key, self.num_members))
+    stack = lambda x: jnp.broadcast_to(x, (self.num_members,) + x.shape)
+    agent = runners.agent.replace(params=jax.tree.map(stack, base_agent.params),
+                                  obs_stats=jax.tree.map(stack, base_agent.obs_stats))
+    hparams = {name: jnp.full((self.num_members,), self.cfg.ppo[name], jnp.float32)
+               for name in self.specs}
+    return PopulationState(runners.replace(agent=agent), hparams,
+                           jnp.full((self.num_members,), jnp.nan, jnp.float32), key,
+                           jnp.int32(0))
+
+  def abstract_state(self) -> PopulationState:
+    """Shapes and dtypes of a population state (a restore target), computing nothing."""
+    key = jax.random.PRNGKey(0)
+    base_agent = jax.eval_shape(self.template.init, key).agent
+    return jax.eval_shape(self._init, base_agent, key)
+
+  # -- training ---------------------------------------------------------------------------
+
+  def _member_update(self, runner: anakin.RunnerState, hparams: dict, weights: jax.Array):
+    member = anakin.make_train(member_config(self.cfg, hparams), self.env,
+                               self.env_params.replace(reward_weights=weights))
+    new, metrics = member.update(runner)
+    if self.cfg.population.freeze_obs_stats:
+      new = new.replace(agent=new.agent.replace(obs_stats=runner.agent.obs_stats))
+    return new, metrics
+
+  def update(self, state: PopulationState) -> tuple[PopulationState, dict]:
+    """One rollout and PPO update of every member; metrics are [P]."""
+    runners, metrics = jax.vmap(self._member_update)(state.runners, state.hparams,
+                                                     self.weights)
+    return state.replace(runners=runners, update_step=state.update_step + 1), metrics
+
+  def chunk(self, num_updates: int):
+    """Jitted `state -> (state, metrics [num_updates, P])`."""
+    if num_updates not in self._chunks:
+      self._chunks[num_updates] = jax.jit(
+          lambda s: jax.lax.scan(lambda s, _: self.update(s), s, None, num_updates))
+    return self._chunks[num_updates]
+
+  # -- evaluation and PBT -----------------------------------------------------------------
+
+  def episode_terms(self, agent: ppo.PPOState, key: jax.Array,
+                    num_episodes: int | None = None) -> jax.Array:
+    """f32[E, 7]: the summed reward terms of E episodes of one agent (its return under any
+    role is these terms · that role's weights). Episodes are cut at `eval_max_steps`."""
+    policy = evaluate.stateless_policy(self.template, agent,
+                                       self.cfg.population.eval_deterministic)
+    stats = rollout.evaluate(self.env, self.env_params, policy, key,
+                             num_episodes or self.cfg.population.eval_episodes,
+                             self.eval_steps)
+    return stats["reward_terms"]
+
+  def _evaluate(self, agents: ppo.PPOState, key: jax.Array) -> jax.Array:
+    """f32[P, E]: each member's own-role return in E episodes (the same keys for all)."""
+    terms = jax.vmap(self.episode_terms, (0, None))(agents, key)  # [P, E, 7]
+    return jnp.einsum("pet,pt->pe", terms, self.weights)
+
+  def group_step(self, key: jax.Array, agents, hparams: dict, returns: jax.Array):
+    """`pbt.step` within each role group over stacked `agents` (any [P, ...] pytree) and
+    `hparams`, from evaluation returns [P, E]. Returns (agents, hparams, source, replaced):
+    `source[i]` is the member whose agent member i now holds."""
+    chex.assert_shape(returns, (self.num_members, None))
+    p = self.cfg.population
+    hparams = dict(hparams)
+    source = jnp.arange(self.num_members)
+    replaced = jnp.zeros((self.num_members,), bool)
+    for g, idx in enumerate(self.groups):
+      take = lambda x, idx=idx: x[idx]
+      group_agents, group_hparams, group_source, group_replaced = pbt.step(
+          jax.random.fold_in(key, g), jax.tree.map(take, agents),
+          {n: take(v) for n, v in hparams.items()}, returns[idx], self.specs,
+          p.pbt_fraction, tuple(p.explore_factors))
+      put = lambda x, y, idx=idx: x.at[idx].set(y)
+      agents = jax.tree.map(put, agents, group_agents)
+      hparams = {n: put(hparams[n], group_hparams[n]) for n in hparams}
+      source = source.at[idx].set(jnp.asarray(idx)[group_source])
+      replaced = replaced.at[idx].set(group_replaced)
+    return agents, hparams, source, replaced
+
+  def _exploit_explore(self, state: PopulationState, returns: jax.Array, key: jax.Array):
+    """PBT over the members' agents (env states stay); returns (state, info)."""
+    agents, hparams, source, replaced = self.group_step(key, state.runners.agent,
+                                                        state.hparams, returns)
+    # A member's score describes the agent it now holds: its donor's.
+    scores = pbt.member_scores(returns)[source]
+    state = state.replace(runners=state.runners.replace(agent=agents), hparams=hparams,
+                          scores=scores)
+    return state, {"returns": returns, "source": source, "replaced": replaced}
+
+  def _pbt_round(self, state: PopulationState):
+    """Evaluate every member, then exploit and explore within each role group."""
+    key, eval_key, step_key = jax.random.split(state.key, 3)
+    returns = self._evaluate(state.runners.agent, eval_key)
+    state, info = self._exploit_explore(state.replace(key=key), returns, step_key)
+    return state, info
+
+
+# ---------------------------------------------------------------------------------------
+# Merging specialists (used by experiments/bench_population.py)
+
+
+def best_members(trainer: PopulationTrainer, state: PopulationState) -> dict[str, int]:
+  """Role → index of its member with the highest last score (the first if none scored)."""
+  scores = np.nan_to_num(np.asarray(jax.device_get(state.scores)), nan=-np.inf)
+  k = trainer.cfg.population.members_per_role
+  return {role: r * k + int(np.argmax(scores[r * k:(r + 1) * k]))
+          for r, role in enumerate(trainer.cfg.population.roles)}
+
+
+def member(tree, index: int):
+  """Member `index` of a stacked pytree, on the host (numpy slices, nothing to compile)."""
+  return jax.tree.map(lambda x: np.asarray(x)[index], jax.device_get(tree))
+
+
+def member_agent(state: PopulationState, index: int) -> ppo.PPOState:
+  return member(state.runners.agent, index)
+
+
+def merged_agent(base: ppo.PPOState, specialists: list[ppo.PPOState], method: str,
+                 **merge_kwargs) -> ppo.PPOState:
+  """The base agent with parameters θ_base + merge(τ₁…τₙ), τᵢ = θᵢ − θ_base; observation
+  statistics and optimiser state stay the base's (as `experiments/merge.py` writes)."""
+  vectors = [merge_lib.task_vector(s.params, base.params) for s in specialists]
+  merged = merge_lib.merge(vectors, method, **merge_kwargs)
+  return base.replace(params=merge_lib.apply_task_vector(base.params, merged))
+
+
+# ---------------------------------------------------------------------------------------
+# The driver: build, resume, loop, log, save
+
+
+def load_base(cfg) -> ppo.PPOState:
+  """The base agent of `cfg.population.base_workdir`, checked to fit `cfg`'s network."""
+  workdir = cfg.population.base_workdir
+  if not os.path.exists(os.path.join(workdir, "config.json")):
+    raise FileNotFoundError(
+        f"config.population.base_workdir={workdir!r} holds no trained run (config.json); "
+        "train one first: python -m experiments.train --config=configs/arena_ppo.py "
+        f"--workdir={workdir}")
+  base_trainer, base_runner = restore_trained(workdir)
+  old, new = config_lib.flatten(base_trainer.cfg), config_lib.flatten(cfg)
+  differing = [f"{k}: base {old.get(k)!r} vs population {new.get(k)!r}"
+               for k in sorted(set(old) | set(new))
+               if k.startswith(_BASE_FIELDS) and old.get(k) != new.get(k)]
+  if differing:
+    raise ValueError(f"base {workdir} does not fit this population's config:\n  "
+                     + "\n  ".join(differing))
+  return jax.device_get(base_runner.agent)
+
+
+def _single_device(tree):
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  return checkpoint_lib.abstract_like(tree, jax.tree.map(lambda _: device, tree))
+
+
+def restore_population(workdir: str) -> tuple[PopulationTrainer, PopulationState]:
+  """(trainer, state) of the latest checkpoint of a population run, from its config."""
+  with open(os.path.join(workdir, "config.json")) as f:
+    cfg = ml_collections.ConfigDict(json.load(f))
+  trainer = PopulationTrainer(cfg)
+  checkpointer = checkpoint_lib.Checkpointer(workdir, cfg.run.keep_checkpoints)
+  step = checkpointer.latest_step()
+  if step is None:
+    raise FileNotFoundError(f"no checkpoint under {checkpointer.directory}")
+  state = checkpointer.restore(step, _single_device(trainer.abstract_state()), cfg)
+  checkpointer.close()
+  return trainer, state
+
+
+def export_specialists(trainer: PopulationTrainer, state: PopulationState,
+                       workdir: str) -> dict[str, str]:
+  """Writes each role's best member as a single-agent run workdir
+  `<workdir>/specialists/<role>` (checkpoint + config.json) and returns role → path."""
+  cfg = trainer.cfg
+  update_step = int(state.update_step)
+  paths = {}
+  runners = jax.device_get(state.runners)
+  for role, index in best_members(trainer, state).items():
+    path = os.path.join(workdir, "specialists", role)
+    os.makedirs(path, exist_ok=True)
+    runner = member(runners, index)
+    checkpointer = checkpoint_lib.Checkpointer(path, 1)
+    if checkpointer.latest_step() != update_step:
+      checkpointer.save(update_step, runner, cfg)
+    checkpointer.close()
+    _write_json_atomic(os.path.join(path, "config.json"), cfg.to_dict())
+    paths[role] = path
+  return paths
+
+
+def _chunk_record(trainer: PopulationTrainer, metrics: dict, hparams: dict) -> dict:
+  record = {}
+  for m, name in enumerate(trainer.names):
+    summary = summarize_chunk(jax.tree.map(lambda x, m=m: x[:, m], metrics))
+    record.update({f"{name}/{k}": v for k, v in summary.items()})
+    record.update({f"{name}/hparam/{h}": float(v[m]) for h, v in hparams.items()})
+  return record
+
+
+def run(cfg, workdir: str, *, max_updates: int | None = None,
+        trainer: PopulationTrainer | None = None) -> dict:
+  """Trains (or resumes) the population `cfg` in `workdir`, stopping after update
+  `max_updates` when given (a checkpoint is written there, so a rerun continues). Returns
+  the last metrics record, the final state and the output locations."""
+  trainer = trainer or PopulationTrainer(cfg)
+  p = cfg.population
+  workdir = os.path.abspath(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  checkpointer = checkpoint_lib.Checkpointer(workdir, cfg.run.keep_checkpoints)
+  resume_step = checkpointer.latest_step()
+  if resume_step is None:
+    state = trainer.init(load_base(cfg), jax.random.PRNGKey(cfg.seed))
+    logging.info("Starting a population of %d (%s) from %s: %d updates of %d env steps "
+                 "per member.", trainer.num_members, ", ".join(trainer.names),
+                 p.base_workdir, trainer.num_updates, trainer.env_steps_per_update)
+  else:
+    state = checkpointer.restore(resume_step, _single_device(trainer.abstract_state()), cfg)
+    logging.info("Resumed %s from update %d.", workdir, resume_step)
+  _write_json_atomic(os.path.join(workdir, "config.json"), cfg.to_dict())
+  writer = MetricsWriter(workdir, trainer.env_steps_per_update, resume_step)
+
+  last = trainer.num_updates if max_updates is None else min(max_updates, trainer.num_updates)
+  record = {}
+  update_step = int(state.update_step)
+  while update_step < last:
+    size = min(cfg.run.log_every_updates, last - update_step)
+    start = time.perf_counter()
+    state, metrics = trainer.chunk(size)(state)
+    jax.block_until_ready(state)
+    seconds = time.perf_counter() - start
+    update_step += size
+    record = _chunk_record(trainer, jax.device_get(metrics), jax.device_get(state.hparams))
+    record["perf/env_steps_per_second"] = (
+        size * trainer.env_steps_per_update * trainer.num_members / seconds)
+    if p.pbt_every_updates and update_step % p.pbt_every_updates == 0:
+      state, info = trainer.pbt_round(state)
+      info = jax.device_get(info)
+      scores = np.asarray(info["returns"]).mean(axis=1)
+      for m, name in enumerate(trainer.names):
+        record[f"{name}/pbt/eval_return"] = float(scores[m])
+        record[f"{name}/pbt/source"] = int(info["source"][m])
+      copies = [f"{trainer.names[m]}←{trainer.names[int(info['source'][m])]}"
+                for m in np.flatnonzero(info["replaced"])]
+      logging.info("PBT at update %d: eval returns %s; %s", update_step,
+                   ", ".join(f"{n} {s:.2f}" for n, s in zip(trainer.names, scores)),
+                   "copies " + ", ".join(copies) if copies else "no copies")
+    writer.write(update_step, update_step * trainer.env_steps_per_update, record)
+    logging.info("update %d/%d | %.0f env steps/s | returns %s", update_step,
+                 trainer.num_updates, record["perf/env_steps_per_second"], ", ".join(
+                     f"{n} {record[f'{n}/episode/return']:.2f}" for n in trainer.names
+                     if record[f"{n}/episode/return"] is not None))
+    if (update_step % cfg.run.checkpoint_every_updates == 0 or update_step == last):
+      checkpointer.save(update_step, state, cfg)
+  checkpointer.close()
+  writer.close()
+  outputs = {"metrics": writer.path, "checkpoints": checkpointer.directory}
+  if update_step == trainer.num_updates:
+    outputs["specialists"] = export_specialists(trainer, state, workdir)
+  return {**record, "state": state, "outputs": outputs}
