@@ -1,0 +1,29 @@
+"""Runs the dual-system controller: `python -m experiments.run_dual_system
+--config=configs/dual_system.py[:llm,bridge,push] --config.motor.checkpoint=<workdir>`.
+
+Prints the loop summary (achieved rate, step-latency percentiles, directive sources,
+System 2 calls and fallbacks, load average) as JSON.
+"""
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_cpu_enable_concurrency_optimized_scheduler=false")
+
+import json  # noqa: E402
+
+from absl import app  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from mbjax.runtime import dual_system  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/dual_system.py",
+                                          "Runtime config file.", lock_config=True)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  print(json.dumps(dual_system.run(_CONFIG.value), indent=2))
+
+
+if __name__ == "__main__":
+  app.run(main)
