@@ -423,7 +423,12 @@ class BridgeGame:
 
 class RolloutRecorder:
   """Executed steps → a replay ring (`mbjax.data.replay`), staged on the host and written
-  `flush_every` at a time (one compiled `add` of a fixed batch size)."""
+  `flush_every` at a time (one compiled `add` of a fixed batch size).
+
+  A row is one step: the motor's input, the executed raw action, its log-prob under the
+  acting distribution, the value, and the reward / episode end reported by the next fresh
+  game state. Over the bridge a step whose action was replaced by the next one before any
+  new state arrived is dropped (it has no outcome of its own)."""
 
   def __init__(self, obs_size: int, mask_size: int, capacity: int = 4096,
                flush_every: int = 64):
