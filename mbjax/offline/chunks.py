@@ -33,10 +33,15 @@ is moved into place with `os.replace`: a crash never leaves a half-written chunk
 final name, and `list_chunks` ignores the temporaries.
 
 Compression: chunks are written as a zip of `.npy` members (what `np.savez` writes and
-`np.load` reads). `write_chunk(compression=...)` picks stored, fast deflate (level 1) or
-`np.savez_compressed`'s deflate (level 6); the default `DEFAULT_COMPRESSION` was chosen by
-`experiments/bench_video.py` (BENCHMARKS.md, "Video → chunks"): upstream spent most of its
-conversion time in level-6 deflate.
+`np.load` reads, whatever the member compression). `write_chunk(compression=...)` picks
+"none" (stored, as `np.savez`), "fast" (deflate level 1), "deflate" (level 6, as
+`np.savez_compressed`, where upstream spent most of its conversion time) or "auto" (the
+default): deflate level 1 when a sample of the frames (4, evenly spaced) shrinks below
+`AUTO_RATIO` of its size under it, else stored. Measured by `experiments/bench_video.py`
+(BENCHMARKS.md, "Video → chunks"): on flat-coloured game frames level 1 shrinks chunks
+27x and is faster end to end than storing (less to write), while on noisy, detailed
+frames it gains under 10% and costs most of the conversion time; "auto" takes the right
+one per chunk. The key layout is the same for every choice.
 
 `manifest.json` (one per output directory, written atomically by `save_manifest`) records
 per source: status ("done" or "skipped"), reason (for skipped), chunks, frames, fps and the
@@ -49,6 +54,7 @@ import os
 import re
 import tempfile
 import zipfile
+import zlib
 from typing import Iterator, Mapping
 
 import numpy as np
@@ -69,9 +75,11 @@ ARRAY_KEYS: dict[str, tuple[np.dtype, int]] = {
     "audio_tokens": (np.dtype(np.int32), 1),
 }
 STRING_KEYS = ("meta", "video_source")
-# None: stored (np.savez); an int: zip deflate at that level (np.savez_compressed uses 6).
-COMPRESSION_LEVELS = {"none": None, "fast": 1, "deflate": 6}
-DEFAULT_COMPRESSION = "fast"
+# None: stored (np.savez); an int: zip deflate at that level (np.savez_compressed uses 6);
+# "auto" is resolved per chunk by `_auto_level`.
+COMPRESSION_LEVELS = {"none": None, "fast": 1, "deflate": 6, "auto": "auto"}
+DEFAULT_COMPRESSION = "auto"
+AUTO_RATIO = 0.7  # "auto" deflates when a frame sample compresses below this fraction
 
 
 class ChunkError(ValueError):
@@ -148,14 +156,27 @@ def write_npz(path: str, arrays: Mapping[str, np.ndarray], level: int | None) ->
     raise
 
 
-def write_chunk(path: str, arrays: Mapping[str, np.ndarray],
-                compression: str = DEFAULT_COMPRESSION) -> None:
-  """Validates `arrays` and writes them to `path` atomically."""
+def compression_level(compression: str, arrays: Mapping[str, np.ndarray]) -> int | None:
+  """The zip deflate level (None: stored) that `compression` means for these arrays."""
   if compression not in COMPRESSION_LEVELS:
     raise ValueError(f"compression must be one of {sorted(COMPRESSION_LEVELS)}, "
                      f"got {compression!r}")
+  if compression != "auto":
+    return COMPRESSION_LEVELS[compression]
+  biggest = max(arrays.values(), key=lambda a: a.nbytes)  # the frames, in a chunk
+  picks = np.linspace(0, len(biggest) - 1, 4).astype(int) if biggest.ndim else []
+  sample = np.ascontiguousarray(biggest[picks]).tobytes() if len(picks) else b""
+  if len(sample) < 4096:  # too small to matter either way
+    return 1
+  return 1 if len(zlib.compress(sample, 1)) < AUTO_RATIO * len(sample) else None
+
+
+def write_chunk(path: str, arrays: Mapping[str, np.ndarray],
+                compression: str = DEFAULT_COMPRESSION) -> None:
+  """Validates `arrays` and writes them to `path` atomically."""
+  level = compression_level(compression, arrays)
   validate_chunk(arrays, path)
-  write_npz(path, arrays, COMPRESSION_LEVELS[compression])
+  write_npz(path, arrays, level)
 
 
 def read_chunk(path: str, keys: tuple[str, ...] | None = None, validate: bool = True) -> dict:

@@ -14,8 +14,10 @@ integer decimation `skip = int(src / target)` kept every frame at 60 → 45). Ti
 fractions (`fractions.Fraction` of the stream's time base), so no frame is picked twice or
 skipped through rounding. Times before the first frame take the first frame.
 
-Resize: FFmpeg's swscale converts to RGB and scales in one call (bilinear by default, as
-upstream's `cv2.resize`), only for frames that are kept.
+Resize: FFmpeg's swscale converts to RGB and scales in one call, only for frames that are
+kept. The default filter is AREA (pixel averaging): when shrinking it does not alias the
+way bilinear sampling (upstream's `cv2.resize` default) does, and here it was 3x faster
+than swscale's BILINEAR for 448² → 224² (933 vs 312 frames/s, measured under load 11).
 
 Audio (optional; the upstream chunk key): the first audio stream, resampled to mono int16
 at `audio_rate`, cut per output frame into spf = round(audio_rate / fps) samples starting at
@@ -62,7 +64,7 @@ class ConvertConfig:
   chunk_frames: int = 1000  # frames per chunk (the last chunk of a source may be shorter)
   audio: bool = True  # write `audio` when the source has an audio stream
   audio_rate: int = 16000
-  interpolation: str = "BILINEAR"  # swscale filter name (BILINEAR, AREA, BICUBIC, ...)
+  interpolation: str = "AREA"  # swscale filter name (AREA, BILINEAR, BICUBIC, ...)
   compression: str = chunks.DEFAULT_COMPRESSION
 
   def __post_init__(self):
@@ -152,7 +154,7 @@ class FrameInfo:
 
 def iter_frames(path: str, fps: float, size: tuple[int, int] | None = None,
                 start_s: float = 0.0, end_s: float | None = None,
-                interpolation: str = "BILINEAR", info: FrameInfo | None = None
+                interpolation: str = "AREA", info: FrameInfo | None = None
                 ) -> Iterator[tuple[Fraction, np.ndarray]]:
   """Yields (t_k, uint8 [H, W, 3] RGB frame) along the output timeline (module docstring).
 
@@ -180,11 +182,14 @@ def iter_frames(path: str, fps: float, size: tuple[int, int] | None = None,
       container.seek(origin + int(_exact(start_s) / Fraction(time_base)), stream=stream,
                      backward=True)
 
+    # One reformatter for the whole video keeps its swscale context: `frame.reformat`
+    # builds a new one per frame, which cost 1.7x the CPU time here.
+    reformatter = av.video.reformatter.VideoReformatter()
+
     def convert(frame):
-      if size is None:
-        return frame.to_ndarray(format="rgb24")
-      return frame.reformat(width=size[1], height=size[0], format="rgb24",
-                            interpolation=interpolation).to_ndarray()
+      width, height = (frame.width, frame.height) if size is None else (size[1], size[0])
+      return reformatter.reformat(frame, width, height, "rgb24",
+                                  interpolation=interpolation).to_ndarray()
 
     prev, prev_start, count = None, None, 0
     for frame in container.decode(stream):

@@ -166,3 +166,20 @@ def test_upstream_variants_channels_first_no_dones_no_meta_and_float64_rewards(t
   np.savez(src, observations=np.zeros((3, 4, 4, 3), np.float32))
   with pytest.raises(chunks.ChunkError, match="clip_chunk0004.npz: observations must be uint8"):
     chunks.import_upstream_chunk(src, str(tmp_path / "d.npz"))
+
+
+def test_auto_compression_deflates_flat_frames_and_stores_noise(tmp_path):
+  import zipfile
+
+  # 32 frames of 32x32: the sample (4 frames) is 12 KiB, enough to judge.
+  flat = {**make_chunk(32), "observations": np.zeros((32, 32, 32, 3), np.uint8)}
+  flat["observations"][:, 2:5] = 200
+  noise = np.random.default_rng(0).integers(0, 256, (32, 32, 32, 3), dtype=np.uint8)
+  noisy = {**make_chunk(32), "observations": noise}  # deflate cannot shrink random bytes
+  for name, arrays, expected in (("flat", flat, zipfile.ZIP_DEFLATED),
+                                 ("noisy", noisy, zipfile.ZIP_STORED)):
+    path = str(tmp_path / f"{name}.npz")
+    chunks.write_chunk(path, arrays, "auto")
+    with zipfile.ZipFile(path) as zf:
+      assert zf.getinfo("observations.npy").compress_type == expected, name
+    np.testing.assert_array_equal(chunks.read_chunk(path)["observations"], arrays["observations"])
