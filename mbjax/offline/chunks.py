@@ -24,8 +24,11 @@ every read is `np.load(..., allow_pickle=False)`, and `meta` is a JSON *string*.
 chunks of one source), chunk_index, last_chunk (whether the video really ended here: as
 upstream, `dones[-1]` is True in *every* chunk, so this is how a consumer tells a cut from
 an end), start_frame and start_time_s (of frame 0 in the output timeline), fps, frame_size
-[H, W], source_fps, action_labeling / reward_labeling ("none" until labelled), and the
-upstream audio fields (audio_sample_rate, audio_samples_per_frame, audio_channels).
+[H, W], source_fps, timeline_start_s (the conversion's start_s: frame j is at time
+timeline_start_s + (start_frame + j) / fps; `video.source_frame_indices` maps it to a
+source frame, e.g. to index a ground-truth recording), action_labeling / reward_labeling
+("none" until labelled), and the upstream audio fields (audio_sample_rate,
+audio_samples_per_frame, audio_channels).
 
 File names: `demo_{episode_id}_chunk{NNNN}.npz`, so sorting the names groups the chunks of
 one source in order. Every write goes to a hidden temporary file in the same directory and

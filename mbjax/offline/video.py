@@ -34,6 +34,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import hashlib
+import math
 import os
 import re
 from fractions import Fraction
@@ -269,6 +270,19 @@ def audio_for_frames(samples: np.ndarray, samples_start: Fraction, times: Sequen
   return out
 
 
+def source_frame_indices(meta: dict, length: int, source_fps: float | None = None) -> np.ndarray:
+  """int64 [length]: for frames 0..length-1 of a chunk, the index of the source video frame
+  each one is, for a constant-rate source (e.g. a recording whose step t is frame t, so
+  these index its ground truth). Exact: floor(t · source_fps) with t = timeline_start_s +
+  (start_frame + j) / fps as fractions, the frame whose interval [i, i+1) / source_fps
+  contains t."""
+  rate = _exact(meta["source_fps"] if source_fps is None else source_fps)
+  start, step = _exact(meta.get("timeline_start_s", 0.0)), 1 / _exact(meta["fps"])
+  first = meta["start_frame"]
+  return np.asarray([math.floor((start + (first + j) * step) * rate) for j in range(length)],
+                    np.int64)
+
+
 # -- video → chunks ---------------------------------------------------------------------------
 
 
@@ -321,6 +335,7 @@ def convert_video(path: str, out_dir: str, cfg: ConvertConfig, source_key: str,
     dones[-1] = True
     meta = {**base_meta, "chunk_index": index, "last_chunk": last,
             "start_frame": index * cfg.chunk_frames, "start_time_s": float(times[0]),
+            "timeline_start_s": cfg.start_s,
             "frame_size": list(obs.shape[1:3]), "source_fps": info.source_fps}
     arrays = {"observations": obs, "dones": dones, "meta": chunks.encode_meta(meta),
               "video_source": np.asarray(os.path.abspath(path))}

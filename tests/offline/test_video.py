@@ -77,6 +77,8 @@ def test_start_end_and_resize(tmp_path):
   out = list(video.iter_frames(path, fps=12, size=(16, 24), start_s=0.25, end_s=0.75))
   # t = 0.25 + k/12 < 0.75 -> k = 0..5, frame floor(30 t) = floor(7.5 + 2.5 k).
   assert [frame_index(f) for _, f in out] == [7, 10, 12, 15, 17, 20]
+  meta = {"source_fps": 30.0, "fps": 12.0, "timeline_start_s": 0.25, "start_frame": 0}
+  assert video.source_frame_indices(meta, 6).tolist() == [7, 10, 12, 15, 17, 20]
   assert out[0][1].shape == (16, 24, 3)
 
 
@@ -126,6 +128,7 @@ def test_directory_conversion_layout_manifest_and_resume(tmp_path):
     meta = json.loads(str(npz["meta"]))
     assert npz["meta"].shape == () and npz["meta"].dtype.kind == "U"
   assert [frame_index(f) for f in obs] == [12, 15, 17, 20, 22]  # output frames 5..9
+  assert video.source_frame_indices(meta, 5).tolist() == [12, 15, 17, 20, 22]
   assert meta["chunk_index"] == 1 and meta["start_frame"] == 5 and not meta["last_chunk"]
   last = chunks.read_chunk(os.path.join(out, a["chunks"][2]))
   assert chunks.decode_meta(last["meta"])["last_chunk"] and len(last["dones"]) == 2
@@ -186,3 +189,16 @@ def test_bad_config_names_the_field():
     video.ConvertConfig(start_s=2.0, end_s=1.0)
   with pytest.raises(ValueError, match="exactly one"):
     video.sources_for()
+
+
+def test_atari_clip_is_an_out_of_domain_source(tmp_path):
+  pytest.importorskip("ale_py")
+  from experiments import make_ground_truth
+
+  path = str(tmp_path / "atari_pong_0.mp4")
+  summary = make_ground_truth.record_atari_clip("pong", seed=0, steps=24, path=path, fps=30)
+  truth = np.load(str(tmp_path / "atari_pong_0.npz"))
+  assert summary["length"] == 24 and truth["actions_discrete"].shape == (24, 1)
+  manifest = video.convert_many(video.sources_for(video=path), str(tmp_path / "chunks"),
+                                video.ConvertConfig(fps=15, size=(32, 32), chunk_frames=100))
+  assert manifest["sources"]["atari_pong_0.mp4"]["frames"] == 12  # 24 frames at 30 -> 15 fps
