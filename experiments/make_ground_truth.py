@@ -17,6 +17,12 @@ Looks: `--variants` entries are `camera:palette` (camera fixed|follow, palette
 default|desert); `--pixel_size` sets the video side (a second resolution is a second run
 into another directory) and `--upgrade_hud` (on by default) draws the per-card upgrade
 counts the IDM needs to see which card was chosen.
+
+Menu dwell: the baseline and trained policies pick a card on the first menu frame, so a
+1500-step episode has only ~10 menu frames. A player reads the cards first; with
+`--menu_pick_prob=p` every policy waits (no-op) on each menu frame and picks with
+probability p, a geometric dwell of mean 1/p frames (default 0.1: 10 frames, 1/3 s at 30
+fps), so menu frames are common enough to measure models on.
 """
 import os
 
@@ -26,11 +32,13 @@ import json  # noqa: E402
 import tempfile  # noqa: E402
 
 import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 
 from mbjax.envs.bonk_arena import BonkArena, make_scripted_policy, random_policy  # noqa: E402
-from mbjax.envs.bonk_arena import recording, render  # noqa: E402
+from mbjax.envs.bonk_arena import game, recording, render  # noqa: E402
+from mbjax.envs.spaces import HybridAction  # noqa: E402
 from mbjax.train import evaluate  # noqa: E402
 from mbjax.train import run as run_lib  # noqa: E402
 
@@ -46,6 +54,9 @@ _UPGRADE_HUD = flags.DEFINE_bool("upgrade_hud", True, "Draw the per-card upgrade
 _TIME_LIMIT = flags.DEFINE_integer("time_limit", None, "Cap on episode steps (default: env's).")
 _FPS = flags.DEFINE_integer("fps", 30, "Video frame rate (one frame per env step).")
 _SEED = flags.DEFINE_integer("seed", 0, "Episode i uses fold_in(PRNGKey(seed), i).")
+_MENU_PICK_PROB = flags.DEFINE_float("menu_pick_prob", 0.1,
+                                     "Chance per menu frame that the policy's pick is taken "
+                                     "(else no-op); 1 picks at once.")
 _ATARI_GAMES = flags.DEFINE_list("atari_games", [], "ale-py ROM ids (e.g. pong, breakout).")
 _ATARI_CLIPS = flags.DEFINE_integer("atari_clips", 2, "Clips per Atari game.")
 _ATARI_STEPS = flags.DEFINE_integer("atari_steps", 900, "Recorded frames per Atari clip.")
@@ -68,6 +79,23 @@ def make_policy(name: str, checkpoint: str | None):
     raise app.UsageError(f"{checkpoint} trained on {trainer.cfg.env.name!r}, not bonk_arena")
   env = BonkArena(**trainer.cfg.env.kwargs.to_dict())
   return env, evaluate.stateless_policy(trainer, jax.device_get(runner.agent))
+
+
+def with_menu_dwell(policy_fn, pick_prob: float):
+  """`policy_fn` that, on a menu frame, replaces its card pick by the no-op with
+  probability 1 − pick_prob (stateless: the dwell is geometric)."""
+  if pick_prob >= 1.0:
+    return policy_fn
+
+  def policy(key, obs, mask):
+    act_key, wait_key = jax.random.split(key)
+    action = policy_fn(act_key, obs, mask)
+    menu_open = mask[0]  # cards are allowed only while the menu is open
+    wait = menu_open & (jax.random.uniform(wait_key) >= pick_prob)
+    noop = jnp.full_like(action.discrete, game.CARDS_PER_MENU)
+    return HybridAction(action.continuous, jnp.where(wait, noop, action.discrete))
+
+  return policy
 
 
 def parse_variant(text: str) -> tuple[str, str]:
@@ -147,12 +175,12 @@ def main(argv):
       params = params.replace(time_limit=_TIME_LIMIT.value)
     renderer = render.Renderer(_PIXEL_SIZE.value, camera, palette, _UPGRADE_HUD.value)
     if (name, camera, palette) not in episode_fns:
-      episode_fns[(name, camera, palette)] = recording.make_episode_fn(env, params, policy_fn,
-                                                                       renderer)
+      episode_fns[(name, camera, palette)] = recording.make_episode_fn(
+          env, params, with_menu_dwell(policy_fn, _MENU_PICK_PROB.value), renderer)
     meta = {"source": "bonk_arena", "policy": name, "checkpoint": _CHECKPOINT.value,
             "seed": _SEED.value, "episode": i, "pixel_size": _PIXEL_SIZE.value,
             "camera": camera, "palette": palette, "upgrade_hud": _UPGRADE_HUD.value,
-            "view_fraction": renderer.view_fraction}
+            "view_fraction": renderer.view_fraction, "menu_pick_prob": _MENU_PICK_PROB.value}
     key = jax.random.fold_in(jax.random.PRNGKey(_SEED.value), i)
     summary = recording.record_episode(episode_fns[(name, camera, palette)], key, path,
                                        _FPS.value, meta)

@@ -431,3 +431,18 @@ def test_ground_truth_recording_has_per_frame_state(tmp_path):
   assert json.loads(str(truth["meta"])) == {"policy": "random"}
   state = fresh(level=jnp.int32(3), xp=jnp.float32(1.5))
   assert float(recording.xp_total(PARAMS, state)) == 3.0 + 5.0 + 1.5  # levels 1->2->3, then 1.5
+
+
+def test_menu_dwell_waits_on_menu_frames_only():
+  from experiments.make_ground_truth import with_menu_dwell
+
+  always_first = lambda key, obs, mask: act((0.5, 0.0), choice=0)
+  menu, closed = ENV.action_mask(fresh(menu_open=jnp.bool_(True)), PARAMS), ENV.action_mask(
+      fresh(), PARAMS)
+  never = with_menu_dwell(always_first, 0.0)
+  assert int(never(KEY, None, menu).discrete[0]) == 3  # waits (no-op) on the menu
+  assert int(never(KEY, None, closed).discrete[0]) == 0  # untouched outside it
+  half = jax.jit(jax.vmap(lambda k: with_menu_dwell(always_first, 0.5)(k, None, menu)))
+  picks = np.asarray(half(jax.random.split(KEY, 400)).discrete[:, 0] == 0)
+  assert 0.4 < picks.mean() < 0.6
+  assert with_menu_dwell(always_first, 1.0) is always_first
