@@ -13,7 +13,7 @@ Command:  python -m experiments.train --config=configs/arena_ppo.py --workdir=ru
           python -m experiments.merge --base=runs/arena_ppo \
               --specialists=runs/arena_population/specialists/scout,... --out=runs/merged
 Expected: 2 M env steps per member (16 M in all); not run at this size on the shared CPU.
-          The `bench` variant (one member per role, no PBT, 1.5 M steps per member) is what
+          The `bench` variant (one member per role, no PBT, 1 M steps per member) is what
           experiments/bench_population.py trains; its numbers are in BENCHMARKS.md
           ("Population: role specialists and merges").
 Variants: `:bench` as above; `:debug` — 2 roles × 2 members, 8 envs × 32 steps, 4 updates,
@@ -30,7 +30,7 @@ def get_config(arg: str | None = None):
   cfg.total_env_steps = 2_000_000  # per member
   cfg.run.video_max_frames = 0
   if arg == "bench":
-    cfg.total_env_steps = 1_500_000
+    cfg.total_env_steps = 1_000_000
     cfg.population.members_per_role = 1
     cfg.population.pbt_every_updates = 0
     cfg.population.base_workdir = "runs/arena_base"

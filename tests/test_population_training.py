@@ -174,6 +174,17 @@ def test_run_resumes_to_the_uninterrupted_state_and_exports_specialists(setup, t
                                 population.member_agent(whole["state"], best[role]))
 
 
+def test_evaluated_gate_asks_each_role_to_keep_its_share_of_the_gain():
+  # Gains over the base: 2 and 0.5; half of them: 1 and 0.25.
+  base, own = [1.0, 2.0], [3.0, 2.5]
+  assert population.retains_gains(base, own, [2.0, 2.3], 0.5)  # keeps 1 and 0.3
+  assert not population.retains_gains(base, own, [2.0, 2.2], 0.5)  # 0.2 < 0.25
+  assert population.retains_gains(base, own, [2.0, 2.2], 0.4)  # 0.2 >= 0.2
+  # A specialist below the base (gain clipped to 0): the merge may not fall below the base.
+  assert not population.retains_gains([1.0], [0.5], [0.9], 0.5)
+  assert population.retains_gains([1.0], [0.5], [1.0], 0.5)
+
+
 @pytest.mark.parametrize("field, value, message", [
     ("roles", ("scout", "sniper"), "unknown role 'sniper'"),
     ("pbt_every_updates", 3, "multiple of config.run.log_every_updates"),

@@ -208,7 +208,7 @@ class PopulationTrainer:
     self.init = lambda base_agent, key: jax.device_put(jitted_init(base_agent, key), device)
     self.evaluate = jax.jit(self._evaluate)
     self.pbt_round = jax.jit(self._pbt_round)
-    self._chunks = {}
+    self._chunks, self._compiled = {}, {}
 
   # -- initialisation ---------------------------------------------------------------------
 
@@ -255,6 +255,14 @@ class PopulationTrainer:
       self._chunks[num_updates] = jax.jit(
           lambda s: jax.lax.scan(lambda s, _: self.update(s), s, None, num_updates))
     return self._chunks[num_updates]
+
+  def compiled_chunk(self, num_updates: int, state: PopulationState):
+    """(the chunk compiled for `state`'s shapes, compile seconds or None if cached)."""
+    if num_updates in self._compiled:
+      return self._compiled[num_updates], None
+    start = time.perf_counter()
+    self._compiled[num_updates] = self.chunk(num_updates).lower(state).compile()
+    return self._compiled[num_updates], time.perf_counter() - start
 
   # -- evaluation and PBT -----------------------------------------------------------------
 
@@ -342,6 +350,19 @@ def merged_agent(base: ppo.PPOState, specialists: list[ppo.PPOState], method: st
   vectors = [merge_lib.task_vector(s.params, base.params) for s in specialists]
   merged = merge_lib.merge(vectors, method, **merge_kwargs)
   return base.replace(params=merge_lib.apply_task_vector(base.params, merged))
+
+
+def retains_gains(base_returns, own_returns, merged_returns, min_retention: float) -> bool:
+  """The evaluated merge gate: a merge of specialists is accepted when, on each
+  specialist's own role r, it keeps at least `min_retention` of that specialist's gain over
+  the base, merged_r − base_r ≥ min_retention · max(own_r − base_r, 0) — so for a specialist
+  that did not beat the base the merge must not fall below the base. Arrays are [n], one
+  entry per specialist, each on its own role."""
+  base, own, merged = (np.asarray(x, np.float64) for x in
+                       (base_returns, own_returns, merged_returns))
+  chex.assert_equal_shape([base, own, merged])
+  required = min_retention * np.maximum(own - base, 0.0)
+  return bool(np.all(merged - base >= required))
 
 
 # ---------------------------------------------------------------------------------------
@@ -443,14 +464,17 @@ def run(cfg, workdir: str, *, max_updates: int | None = None,
   update_step = int(state.update_step)
   while update_step < last:
     size = min(cfg.run.log_every_updates, last - update_step)
+    chunk, compile_seconds = trainer.compiled_chunk(size, state)
     start = time.perf_counter()
-    state, metrics = trainer.chunk(size)(state)
+    state, metrics = chunk(state)
     jax.block_until_ready(state)
     seconds = time.perf_counter() - start
     update_step += size
     record = _chunk_record(trainer, jax.device_get(metrics), jax.device_get(state.hparams))
     record["perf/env_steps_per_second"] = (
         size * trainer.env_steps_per_update * trainer.num_members / seconds)
+    if compile_seconds is not None:
+      record["perf/compile_seconds"] = compile_seconds
     if p.pbt_every_updates and update_step % p.pbt_every_updates == 0:
       state, info = trainer.pbt_round(state)
       info = jax.device_get(info)
