@@ -42,9 +42,9 @@ Compression: chunks are written as a zip of `.npy` members (what `np.savez` writ
 default): deflate level 1 when a sample of the frames (4, evenly spaced) shrinks below
 `AUTO_RATIO` of its size under it, else stored. Measured by `experiments/bench_video.py`
 (BENCHMARKS.md, "Video → chunks"): on flat-coloured game frames level 1 shrinks chunks
-27x and is faster end to end than storing (less to write), while on noisy, detailed
-frames it gains under 10% and costs most of the conversion time; "auto" takes the right
-one per chunk. The key layout is the same for every choice.
+15-27x for about twice the conversion time of storing, while on noisy, detailed frames it
+gains 10-30% for 4x the time; "auto" takes the right one per chunk. The key layout is the
+same for every choice.
 
 `manifest.json` (one per output directory, written atomically by `save_manifest`) records
 per source: status ("done" or "skipped"), reason (for skipped), chunks, frames, fps and the
@@ -82,7 +82,9 @@ STRING_KEYS = ("meta", "video_source")
 # "auto" is resolved per chunk by `_auto_level`.
 COMPRESSION_LEVELS = {"none": None, "fast": 1, "deflate": 6, "auto": "auto"}
 DEFAULT_COMPRESSION = "auto"
-AUTO_RATIO = 0.7  # "auto" deflates when a frame sample compresses below this fraction
+# "auto" deflates when a frame sample compresses below this fraction: deflating costs 2-4x
+# the conversion time, worth it for a 2x smaller file, not for 30% (bench_video, 224² noise).
+AUTO_RATIO = 0.5
 
 
 class ChunkError(ValueError):
