@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import json
 import os
+import zipfile
 from typing import Callable, Mapping
 
 import numpy as np
@@ -159,7 +160,7 @@ def read_episode(path: str) -> dict:
   try:
     with np.load(path, allow_pickle=False) as npz:
       episode = {key: npz[key] for key in npz.files}
-  except (OSError, EOFError, ValueError) as e:
+  except (OSError, EOFError, ValueError, zipfile.BadZipFile) as e:
     raise EpisodeError(f"{path}: not a readable episode .npz ({type(e).__name__}: {e})") from None
   validate_episode(episode, path)
   return episode

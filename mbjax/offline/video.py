@@ -45,9 +45,6 @@ import numpy as np
 from mbjax.offline import chunks
 
 VIDEO_EXTENSIONS = (".mp4", ".mkv", ".avi", ".webm", ".mov")
-# A decode that ends this much before the declared duration is reported as truncated
-# (declared durations round to the container's time base and the last frame's duration).
-_TRUNCATION_SLACK_S = 0.25
 
 
 class VideoError(RuntimeError):
@@ -135,12 +132,20 @@ def _seconds(pts, time_base) -> Fraction:
   return Fraction(pts) * Fraction(time_base)
 
 
-def _declared_end(container, stream) -> Fraction | None:
-  """End of the video stream as the container declares it (None if it does not say)."""
+def _declared_end(container, stream) -> tuple[Fraction, Fraction] | None:
+  """(end of the video as the file declares it, how far short of it decoding may stop
+  before the file counts as truncated), or None if the file does not say.
+
+  The video stream's own duration is precise to about a frame; the container's (MKV,
+  WebM often have only that) covers every stream, so an audio track that runs on a little
+  longer must not count as missing video: a wider margin there.
+  """
   if stream.duration is not None and stream.time_base is not None:
-    return _seconds(stream.duration, stream.time_base)
+    end = _seconds(stream.duration, stream.time_base)
+    return end, max(Fraction(1, 4), end / 50)
   if container.duration is not None:  # in AV_TIME_BASE (microseconds)
-    return Fraction(container.duration, 1_000_000)
+    end = Fraction(container.duration, 1_000_000)
+    return end, max(Fraction(1), end / 20)
   return None
 
 
@@ -174,7 +179,7 @@ def iter_frames(path: str, fps: float, size: tuple[int, int] | None = None,
     rate = stream.average_rate or stream.guessed_rate or 30
     info.source_fps = float(rate)
     declared = _declared_end(container, stream)
-    info.declared_duration_s = None if declared is None else float(declared)
+    info.declared_duration_s = None if declared is None else float(declared[0])
     # Without end_s the timeline is bounded by the last frame; 1e12 s stands for "never".
     stop = Fraction(10**12) if end_s is None else _exact(end_s)
     times = output_times(fps, start_s, stop)
@@ -214,9 +219,9 @@ def iter_frames(path: str, fps: float, size: tuple[int, int] | None = None,
                 else 1 / Fraction(rate))
     last_end = prev_start + duration
     info.duration_s = float(last_end)
-    if declared is not None and last_end < min(declared, stop) - Fraction(_TRUNCATION_SLACK_S):
+    if declared is not None and last_end < min(declared[0], stop) - declared[1]:
       raise VideoError(f"{path}: truncated: frames stop at {float(last_end):.2f} s of the "
-                       f"declared {float(declared):.2f} s")
+                       f"declared {float(declared[0]):.2f} s")
     rgb = None
     while t is not None and t < last_end:
       rgb = convert(prev) if rgb is None else rgb
@@ -411,16 +416,24 @@ def convert_many(sources: Sequence[tuple[str, str]], out_dir: str, cfg: ConvertC
   manifest["format"] = chunks.MANIFEST_FORMAT
   for number, (path, key) in enumerate(sources, 1):
     entry = manifest["sources"].get(key)
-    fingerprint = _fingerprint(path)
-    if _is_finished(entry, fingerprint, cfg, out_dir):
+    try:
+      fingerprint = _fingerprint(path)
+    except OSError as e:  # vanished or unreadable since it was listed
+      fingerprint = None
+      entry = {"status": "skipped", "reason": f"{path}: {e}", "chunks": [], "frames": 0}
+    if fingerprint is not None and _is_finished(entry, fingerprint, cfg, out_dir):
       if progress:
         progress(f"[{number}/{len(sources)}] {key}: already converted, skipped")
       continue
-    _remove_stale(out_dir, episode_id(key), entry)
-    try:
-      entry = convert_video(path, out_dir, cfg, key, progress)
-    except VideoError as e:
-      entry = {"status": "skipped", "reason": str(e), "chunks": [], "frames": 0}
+    if fingerprint is not None:
+      _remove_stale(out_dir, episode_id(key), entry)
+      try:
+        entry = convert_video(path, out_dir, cfg, key, progress)
+      except (VideoError, ValueError, OSError) as e:
+        # One source's failure (a bad file, frames changing size, a write error) is
+        # recorded and the run goes on; VideoError messages already name the file.
+        reason = str(e) if isinstance(e, VideoError) else f"{path}: {type(e).__name__}: {e}"
+        entry = {"status": "skipped", "reason": reason, "chunks": [], "frames": 0}
     entry.update(path=os.path.abspath(path), source=fingerprint, settings=cfg.settings())
     manifest["sources"][key] = entry
     chunks.save_manifest(out_dir, manifest)
