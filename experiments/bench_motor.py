@@ -2,10 +2,11 @@
 
 Prints (1) selective-scan forward+backward time per path for each `--lengths` (batch 8,
 64 channels, N 16: the shape of the anchor in shared/notes/environment.md, where a
-sequential scan beat `lax.associative_scan` 2.5–4× on this CPU), compile time apart;
+sequential scan beat `lax.associative_scan` 2.5–4× on this CPU), compile time apart, with
+and without the per-block checkpointing of the sequential and chunked paths;
 (2) the latency of one System-1 Mamba step (batch 1, upstream's default size: d_model 512,
 6 layers, N 16, d_inner 1024) measured in windows at several sequence positions, to show it
-is flat in position (target ≤ 2 ms); (3) the same for the PPO-default Mamba core and a CfC
+is flat in position (target ≤ 2 ms), for the flax module and for `mamba.fast_step`; (3) the same for the PPO-default Mamba core and a CfC
 cell; (4) CPQE one-step student vs EDM teacher sampling (target ≥ 10× faster).
 Latencies include dispatch and `block_until_ready`, as an actor would see them.
 """
@@ -26,7 +27,8 @@ from mbjax.nets import mamba, ssm  # noqa: E402
 from mbjax.nets.cfc import CfCCell  # noqa: E402
 
 _LENGTHS = flags.DEFINE_list("lengths", ["256", "1024", "4096"], "Scan lengths L.")
-_CHUNK = flags.DEFINE_integer("chunk", 8, "Chunk size of the chunked path.")
+_CHUNK = flags.DEFINE_integer("chunk", 4, "Chunk size of the chunked path.")
+_BLOCK = flags.DEFINE_integer("block", 32, "Checkpointed block length of the sequential path.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed calls per scan measurement (best is shown).")
 _POSITIONS = flags.DEFINE_list("positions", ["0", "1000", "4000"],
                                "Sequence positions at which step latency is measured.")
@@ -46,15 +48,23 @@ def _scan_inputs(length, batch=8, channels=64, state=16):
 
 
 def bench_scan():
-  print("\n== selective scan fwd+bwd (batch 8, channels 64, N 16, resets at 1%) ==")
-  print(f"{'L':>6} {'path':>12} {'compile s':>10} {'fwd+bwd ms':>11} {'vs sequential':>14}")
+  print(f"\n== selective scan fwd+bwd (batch 8, channels 64, N 16, resets at 1%; best of "
+        f"{_REPEATS.value}), load average {_load()} ==")
+  # chunk: the sequential path's checkpointed block, the chunked path's associative chunk.
+  print(f"{'L':>6} {'path':>12} {'chunk':>6} {'checkpoint':>10} {'compile s':>10} "
+        f"{'fwd+bwd ms':>11} {'vs sequential':>14}")
+  variants = [("sequential", _BLOCK.value, True), ("sequential", _BLOCK.value, False),
+              ("associative", 0, False), ("chunked", _CHUNK.value, True),
+              ("chunked", _CHUNK.value, False)]
   for length in map(int, _LENGTHS.value):
     inputs = _scan_inputs(length)
     sequential_ms = None
-    for path in ssm.SCAN_PATHS:
-      def loss(x, delta, A, B, C, h0, reset, path=path):
+    for path, chunk, checkpoint in variants:
+      def loss(x, delta, A, B, C, h0, reset, path=path, chunk=chunk, checkpoint=checkpoint):
+        sizes = ({"block_size": chunk} if path == "sequential" else
+                 {"chunk_size": chunk} if path == "chunked" else {})
         y, h = ssm.selective_scan(x, delta, A, B, C, h0, reset, path=path,
-                                  chunk_size=_CHUNK.value)
+                                  checkpoint=checkpoint, **sizes)
         return jnp.sum(y) + jnp.sum(h)
 
       fn = jax.grad(loss, argnums=(0, 1, 2, 3, 4))
@@ -69,8 +79,12 @@ def bench_scan():
         times.append(time.perf_counter() - start)
       ms = 1e3 * min(times)
       sequential_ms = sequential_ms or ms
-      print(f"{length:>6} {path:>12} {compile_s:>10.2f} {ms:>11.2f} "
-            f"{ms / sequential_ms:>13.2f}×")
+      print(f"{length:>6} {path:>12} {chunk or '-':>6} {'yes' if checkpoint else 'no':>10} "
+            f"{compile_s:>10.2f} {ms:>11.2f} {ms / sequential_ms:>13.2f}×")
+
+
+def _load() -> str:
+  return "/".join(f"{x:.1f}" for x in os.getloadavg())
 
 
 def _step_latency(name, step, carry, make_input):
@@ -79,7 +93,8 @@ def _step_latency(name, step, carry, make_input):
   compiled = step
   start = time.perf_counter()
   carry, out = jax.block_until_ready(compiled(carry, make_input(0)))
-  print(f"\n== {name}: first call (compile) {time.perf_counter() - start:.2f} s ==")
+  print(f"\n== {name}: first call (compile) {time.perf_counter() - start:.2f} s, load average "
+        f"{_load()} ==")
   positions = sorted(map(int, _POSITIONS.value))
   t, rows = 1, []
   for position in positions:
@@ -99,7 +114,7 @@ def _step_latency(name, step, carry, make_input):
     print(f"position {position:>6}: median {median:.3f} ms | p90 {p90:.3f} ms")
 
 
-def bench_mamba_step(d_model, layers, state, label, closed_too=False):
+def bench_mamba_step(d_model, layers, state, label, system1=False):
   stack = mamba.MambaStack(d_model, layers, state)
   carry = stack.initial_carry(1)
   inputs = jax.random.normal(jax.random.PRNGKey(1), (64, 1, d_model))
@@ -109,17 +124,20 @@ def bench_mamba_step(d_model, layers, state, label, closed_too=False):
 
   name = (f"Mamba step, {label} (d_model {d_model}, {layers} layers, N {state}, "
           f"{num_params / 1e6:.2f}M params, batch 1)")
-  # Parameters as a jit argument (an actor whose weights change every update) and closed
-  # over as constants (a deployed System 1 that recompiles when its weights change).
-  with_params = jax.jit(lambda params, carry, x: stack.apply(params, carry, x, not_first),
+  # Parameters as a jit argument (an actor whose weights change every update); the carry is
+  # donated, so its buffers are updated in place.
+  module_step = jax.jit(lambda params, carry, x: stack.apply(params, carry, x, not_first),
                         donate_argnums=1)
-  _step_latency(name + ", params as argument", lambda carry, x: with_params(params, carry, x),
+  _step_latency(name + ", flax module step", lambda carry, x: module_step(params, carry, x),
                 carry, lambda t: inputs[t % 64])
-  if not closed_too:
+  if not system1:
     return
-  closed = jax.jit(lambda carry, x: stack.apply(params, carry, x, not_first), donate_argnums=0)
-  _step_latency(name + ", params closed over", closed, stack.initial_carry(1),
-                lambda t: inputs[t % 64])
+  # The System-1 path: plain-array weights prepared once per weight update.
+  weights = mamba.step_weights(params)
+  fast = jax.jit(lambda weights, carry, x: mamba.fast_step(weights, carry, x, not_first),
+                 donate_argnums=1)
+  _step_latency(name + ", fast_step", lambda carry, x: fast(weights, carry, x),
+                stack.initial_carry(1), lambda t: inputs[t % 64])
 
 
 def bench_cfc_step(size, in_dim):
@@ -172,7 +190,7 @@ def main(argv):
         f"jax {jax.__version__} on {jax.devices()[0].platform}")
   if not _SKIP_SCAN.value:
     bench_scan()
-  bench_mamba_step(512, 6, 16, "System-1 default (upstream MambaConfig)", closed_too=True)
+  bench_mamba_step(512, 6, 16, "System-1 default (upstream MambaConfig)", system1=True)
   bench_mamba_step(128, 2, 16, "PPO core default (config.network)")
   bench_cfc_step(128, 128)
   bench_cpqe()

@@ -97,6 +97,29 @@ def test_mamba_step_jitted_equals_unjitted():
                eager)
 
 
+def test_fast_step_equals_the_module_step():
+  """System 1's pure step on `step_weights` == `MambaStack` stepped, outputs and carries at
+  every position, resets included."""
+  stack, params, carry, u, is_first = _mamba_setup("sequential")
+  weights = mamba.step_weights(params)
+  assert len(weights.layers) == LAYERS
+
+  @jax.jit
+  def both(carry):
+    def step(carries, inputs):
+      module_carry, fast_carry = carries
+      module_carry, module_out = stack.apply(params, module_carry, *inputs)
+      fast_carry, fast_out = mamba.fast_step(weights, fast_carry, *inputs)
+      return (module_carry, fast_carry), (module_out, fast_out, module_carry, fast_carry)
+    return jax.lax.scan(step, (carry, carry), (u, is_first))[1]
+
+  module_out, fast_out, module_carries, fast_carries = both(carry)
+  assert np.abs(np.asarray(module_out)).max() > 0.1  # not a vacuous comparison
+  np.testing.assert_allclose(fast_out, module_out, rtol=1e-5, atol=1e-5)
+  jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-5),
+               fast_carries, module_carries)
+
+
 def _cfc_with_known_weights(size=3, in_dim=2, w_tau=(0.5, -1.0, 2.0)):
   """Zero backbone weights make the backbone 0, so f = w_τ, g = tanh(b_g), h = tanh(b_h)."""
   cell = CfCCell(size)

@@ -1,5 +1,6 @@
 """Selective scan: the three paths against a plain-Python loop, against each other in values
-and gradients (fp32, 1e-5), exact zeroing on resets, jitted == un-jitted."""
+and gradients (fp32, 1e-5), with and without per-block checkpointing, exact zeroing on
+resets, jitted == un-jitted."""
 import functools
 
 import jax
@@ -11,6 +12,7 @@ from mbjax.nets import ssm
 
 L, BATCH, D, N = 37, 3, 5, 4  # L is not a multiple of the chunk size: padding is exercised
 CHUNK = 8
+BLOCK = 16  # checkpointed block of the sequential path: three blocks, the last one padded
 
 
 def _inputs(seed=0, reset_prob=0.15):
@@ -44,12 +46,13 @@ def _python_reference(x, delta, A, B, C, h0, reset):
   return y, h
 
 
-@functools.partial(jax.jit, static_argnames="path")
-def _value_and_grads(inputs, path):
+@functools.partial(jax.jit, static_argnames=("path", "checkpoint"))
+def _value_and_grads(inputs, path, checkpoint=True):
   x, delta, A, B, C, h0, reset = inputs
 
   def objective(x, delta, A, B, C, h0):
-    y, h = ssm.selective_scan(x, delta, A, B, C, h0, reset, path=path, chunk_size=CHUNK)
+    y, h = ssm.selective_scan(x, delta, A, B, C, h0, reset, path=path, chunk_size=CHUNK,
+                              block_size=BLOCK, checkpoint=checkpoint)
     # Weighted sums so every output position and the final state carry gradient.
     return jnp.sum(y * jnp.cos(y)) + jnp.sum(jnp.sin(h)), (y, h)
 
@@ -61,7 +64,9 @@ def _value_and_grads(inputs, path):
 @pytest.fixture(scope="module")
 def results():
   inputs = _inputs()
-  return inputs, {path: _value_and_grads(inputs, path) for path in ssm.SCAN_PATHS}
+  outputs = {path: _value_and_grads(inputs, path) for path in ssm.SCAN_PATHS}
+  outputs["sequential, stored"] = _value_and_grads(inputs, "sequential", checkpoint=False)
+  return inputs, outputs
 
 
 def test_every_path_matches_the_python_loop(results):
@@ -76,7 +81,7 @@ def test_paths_agree_in_gradients(results):
   _, outputs = results
   _, _, reference = outputs["sequential"]
   names = ("x", "delta", "A", "B", "C", "h0")
-  for path in ("associative", "chunked"):
+  for path in ("associative", "chunked", "sequential, stored"):
     for name, g, g_ref in zip(names, outputs[path][2], reference):
       np.testing.assert_allclose(g, g_ref, rtol=1e-5, atol=1e-5, err_msg=f"{path} d/d{name}")
   # h0 only reaches outputs before each sequence's first reset; batch 1 resets at t = 0.
@@ -87,10 +92,10 @@ def test_reset_zeroes_the_carried_state_exactly():
   x, delta, A, B, C, h0, _ = _inputs()
   t = 11
   reset = jnp.zeros((L, BATCH), bool).at[t].set(True)
-  y, h = ssm.selective_scan(x, delta, A, B, C, h0, reset, path="sequential")
+  y, h = ssm.selective_scan(x, delta, A, B, C, h0, reset, path="sequential", block_size=BLOCK)
   # A fresh run from zeros at t gives bit-identical outputs: nothing before t leaks through.
   y_fresh, h_fresh = ssm.selective_scan(x[t:], delta[t:], A, B[t:], C[t:], jnp.zeros_like(h0),
-                                        reset[t:], path="sequential")
+                                        reset[t:], path="sequential", block_size=BLOCK)
   np.testing.assert_array_equal(y[t:], y_fresh)
   np.testing.assert_array_equal(h, h_fresh)
   for path in ("associative", "chunked"):

@@ -10,6 +10,12 @@ conv inputs and the SSM state. Sequences are time-major [L, b, ...].
 Episode starts (`is_first`) zero both states: the SSM through its decay, the conv by masking
 taps that would read from before the start, in the sequence path as in `step`.
 
+`step_weights` + `fast_step` are the System-1 inference path: the same step as
+`MambaStack.__call__` as a pure function of plain arrays, with A = −exp(A_log) computed once
+per weight update instead of every step, the conv as four multiply-adds, and Δ kept out of
+the per-state fusion. On a 2-core CPU this removed about two thirds of the step's time
+outside the matrix-vector products (BENCHMARKS.md, "Motor policies").
+
 Differs from upstream MetaBonk (`src/neuro_genie/mamba_policy.py`, §5.2 of the notes): the
 conv state is cached, so token-by-token stepping reproduces the sequence output exactly;
 state is an explicit carry (no module attribute, nothing leaks between calls); resets are
@@ -54,6 +60,22 @@ def _conv_ages(is_first: jax.Array, history: int) -> jax.Array:
   t = jnp.arange(is_first.shape[0])[:, None]
   last_start = jax.lax.cummax(jnp.where(is_first, t, -history - 1), axis=0)
   return t - last_start
+
+
+def _conv_step(history, x, kernel, bias):
+  """The causal depthwise conv at one step: history [b, K−1, d] (oldest first), x [b, d].
+
+  Written as K multiply-adds: XLA fuses them into one loop, where an einsum over the
+  [b, K, d] window became a transpose and a reduction per layer."""
+  out = bias + x * kernel[-1]
+  for k in range(history.shape[1]):
+    out = out + history[:, k] * kernel[k]
+  return out
+
+
+def _push(history, x):
+  """The conv state after x: drop the oldest input, append x."""
+  return jnp.concatenate([history[:, 1:], x[:, None]], axis=1)
 
 
 class MambaBlock(nn.Module):
@@ -133,11 +155,10 @@ class MambaBlock(nn.Module):
     chex.assert_shape(u, (is_first.shape[0], self.d_model))
     x, z = jnp.split(self.in_proj(self.norm(u)), 2, axis=-1)
     history = jnp.where(is_first[:, None, None], 0.0, state.conv)
-    window = jnp.concatenate([history, x[:, None]], axis=1)  # [b, conv_size, d_inner]
-    xc = nn.silu(jnp.einsum("bkd,kd->bd", window, self.conv_kernel) + self.conv_bias)
+    xc = nn.silu(_conv_step(history, x, self.conv_kernel, self.conv_bias))
     delta, B, C = self._ssm_inputs(xc)
     h, y = ssm.selective_step(state.ssm, xc, delta, -jnp.exp(self.A_log), B, C, is_first)
-    return MambaState(window[:, 1:], h), self._output(u, xc, y, z)
+    return MambaState(_push(history, x), h), self._output(u, xc, y, z)
 
 
 class MambaStack(nn.Module):
@@ -184,3 +205,67 @@ def initial_state(batch_size: int, d_model: int, num_layers: int, d_state: int =
   return tuple(MambaState(jnp.zeros((batch_size, conv_size - 1, d_inner), jnp.float32),
                           jnp.zeros((batch_size, d_inner, d_state), jnp.float32))
                for _ in range(num_layers))
+
+
+class LayerWeights(NamedTuple):
+  """One block's parameters as plain arrays, for `fast_step`."""
+
+  norm_scale: jax.Array  # [d_model]
+  norm_bias: jax.Array  # [d_model]
+  in_proj: jax.Array  # [d_model, 2·d_inner]: x then z
+  conv_kernel: jax.Array  # [conv_size, d_inner], oldest tap first
+  conv_bias: jax.Array  # [d_inner]
+  x_proj: jax.Array  # [d_inner, rank + 2N]: Δ_low, B, C
+  dt_proj: jax.Array  # [rank, d_inner]
+  dt_bias: jax.Array  # [d_inner]
+  A: jax.Array  # [d_inner, N] = −exp(A_log)
+  D: jax.Array  # [d_inner]
+  out_proj: jax.Array  # [d_inner, d_model]
+
+
+class StepWeights(NamedTuple):
+  layers: tuple[LayerWeights, ...]
+  norm_scale: jax.Array  # final LayerNorm
+  norm_bias: jax.Array
+
+
+def step_weights(variables) -> StepWeights:
+  """`MambaStack` variables → `StepWeights` (run once per weight update, not per step)."""
+  params = variables["params"]
+  layers = []
+  for i in range(sum(name.startswith("blocks_") for name in params)):
+    p = params[f"blocks_{i}"]
+    layers.append(LayerWeights(
+        p["norm"]["scale"], p["norm"]["bias"], p["in_proj"]["kernel"], p["conv_kernel"],
+        p["conv_bias"], p["x_proj"]["kernel"], p["dt_proj"]["kernel"], p["dt_proj"]["bias"],
+        -jnp.exp(p["A_log"]), p["D"], p["out_proj"]["kernel"]))
+  return StepWeights(tuple(layers), params["norm"]["scale"], params["norm"]["bias"])
+
+
+def _layer_norm(x, scale, bias, epsilon=1e-6):
+  centred = x - x.mean(-1, keepdims=True)
+  return centred * jax.lax.rsqrt(jnp.square(centred).mean(-1, keepdims=True) + epsilon) * (
+      scale) + bias
+
+
+def fast_step(weights: StepWeights, carry: tuple[MambaState, ...], u: jax.Array,
+              is_first: jax.Array):
+  """`MambaStack.__call__` (one token, every layer) on `step_weights(variables)`: the same
+  numbers up to float rounding. u [b, d_model], is_first bool[b] → (carry, out [b, d_model])."""
+  chex.assert_equal(len(carry), len(weights.layers))
+  chex.assert_shape(u, (is_first.shape[0], weights.norm_scale.shape[0]))
+  keep = 1.0 - is_first.astype(u.dtype)
+  new_carry = []
+  for w, state in zip(weights.layers, carry):
+    x, z = jnp.split(_layer_norm(u, w.norm_scale, w.norm_bias) @ w.in_proj, 2, axis=-1)
+    history = state.conv * keep[:, None, None]
+    xc = nn.silu(_conv_step(history, x, w.conv_kernel, w.conv_bias))
+    rank, size = w.dt_proj.shape[0], w.A.shape[1]
+    dt_low, B, C = jnp.split(xc @ w.x_proj, [rank, rank + size], axis=-1)
+    # The barrier keeps XLA from re-evaluating softplus for each of the N state entries
+    # inside the fused state update.
+    delta = jax.lax.optimization_barrier(nn.softplus(dt_low @ w.dt_proj + w.dt_bias))
+    h, y = ssm.selective_step(state.ssm, xc, delta, w.A, B, C, is_first)
+    u = u + ((y + w.D * xc) * nn.silu(z)) @ w.out_proj
+    new_carry.append(MambaState(_push(history, x), h))
+  return tuple(new_carry), _layer_norm(u, weights.norm_scale, weights.norm_bias)

@@ -12,15 +12,16 @@ An episode start at t (`reset[t]`) means h_{t−1} is replaced by zeros. That is
 multiplying ā_t by 0, so the reset is folded into the decay and survives every path below.
 
 `selective_scan` has three interchangeable paths over a time-major sequence [L, ...]:
-* `"sequential"`: `lax.scan` of `selective_step`; never materialises h for all t in the
-  forward pass (fastest on CPU).
+* `"sequential"`: `lax.scan` of the recurrence, one step at a time (fastest on CPU).
 * `"associative"`: `lax.associative_scan` over (ā, b̄) with the operator
   (a₁, b₁) ∘ (a₂, b₂) = (a₁a₂, a₂b₁ + b₂); O(log L) depth, the GPU/TPU path.
 * `"chunked"`: associative within chunks of `chunk_size`, sequential across chunks (the
   chunk's start state folded into its first drive), so only one chunk of states is live at
-  a time: L / chunk_size loop steps of log(chunk_size) depth. (A blocked variant, every
-  chunk's prefix at once and then a boundary scan, was 2–4× slower on a 2-core CPU: it
-  materialises all L states.)
+  a time: L / chunk_size loop steps of log(chunk_size) depth.
+With `checkpoint` (default) the sequential path runs in blocks of `block_size` steps and the
+chunked path chunk by chunk, and each block keeps only its start state for the backward
+pass, which recomputes the block (`jax.checkpoint`). Storing every step's state instead made
+the backward pass memory-bound on a 2-core CPU (BENCHMARKS.md has the measurements).
 All take an initial state h₀ and return the final state, so a long sequence can be cut
 anywhere and resumed. Differs from upstream MetaBonk (`src/neuro_genie/mamba_policy.py`):
 upstream runs a Python loop over L with no resets and no parallel path.
@@ -61,16 +62,46 @@ def _combine(earlier, later):
   return a1 * a2, a2 * b1 + b2
 
 
+def _sequential_states(decay, drive, h0):
+  """All states h_1..h_T from h0, one step at a time."""
+  def step(h, decay_drive):
+    h = decay_drive[0] * h + decay_drive[1]
+    return h, h
+
+  return jax.lax.scan(step, h0, (decay, drive))[1]
+
+
 def _associative_states(decay, drive, h0):
-  """All states h_1..h_L from h0, by a parallel prefix over axis 0."""
+  """All states h_1..h_L from h0, by `lax.associative_scan` over axis 0."""
   # h0 enters as part of the first drive: h_1 = ā_1 h_0 + b̄_1 (ā_1 = 0 on a reset).
   drive = drive.at[0].add(decay[0] * h0)
   _, states = jax.lax.associative_scan(_combine, (decay, drive), axis=0)
   return states
 
 
+def _blocked_scan(states_fn, x, delta, A, B, C, h0, reset, block: int, checkpoint: bool):
+  """Sequential over blocks of `block` steps; `states_fn` gives the states inside a block."""
+  length = x.shape[0]
+  block = min(block, length)
+  padded = -length % block
+  # Padding with Δ = 0 gives ā = 1 and b̄ = 0: the state passes through unchanged.
+  pad = lambda v: jnp.pad(v, [(0, padded)] + [(0, 0)] * (v.ndim - 1))
+  split = lambda v: pad(v).reshape((-1, block) + v.shape[1:])
+
+  def run_block(h, inputs):
+    xb, db, bb, cb, rb = inputs
+    decay, drive = discretize(xb, db, A, bb, rb)
+    states = states_fn(decay, drive, h)
+    return states[-1], jnp.einsum("lbdn,lbn->lbd", states, cb)
+
+  if checkpoint:
+    run_block = jax.checkpoint(run_block)
+  h_last, y = jax.lax.scan(run_block, h0, tuple(map(split, (x, delta, B, C, reset))))
+  return y.reshape((-1,) + y.shape[2:])[:length], h_last
+
+
 def selective_scan(x, delta, A, B, C, h0, reset, *, path: ScanPath = "sequential",
-                   chunk_size: int = 64):
+                   chunk_size: int = 4, block_size: int = 32, checkpoint: bool = True):
   """Runs the selective recurrence over a time-major sequence.
 
   Args:
@@ -80,7 +111,11 @@ def selective_scan(x, delta, A, B, C, h0, reset, *, path: ScanPath = "sequential
     h0: f32[b, d, N] state before the first step.
     reset: bool[L, b]; True zeroes the carried state before that step.
     path: "sequential" | "associative" | "chunked" (same result up to float rounding).
-    chunk_size: time steps per chunk for the chunked path.
+    chunk_size: time steps per associative chunk of the chunked path (4 was fastest on a
+      2-core CPU).
+    block_size: time steps per checkpointed block of the sequential path.
+    checkpoint: recompute each block's (chunk's) states in the backward pass rather than
+      storing them (sequential and chunked paths; no effect on values).
 
   Returns:
     (y f32[L, b, d], h_L f32[b, d, N]).
@@ -92,35 +127,18 @@ def selective_scan(x, delta, A, B, C, h0, reset, *, path: ScanPath = "sequential
   chex.assert_shape([B, C], (length, batch, state_size))
   chex.assert_shape(h0, (batch, channels, state_size))
   chex.assert_shape(reset, (length, batch))
-
-  if path == "sequential":
-    def step(h, inputs):
-      return selective_step(h, *inputs[:2], A, *inputs[2:])
-
-    h_last, y = jax.lax.scan(step, h0, (x, delta, B, C, reset))
-    return y, h_last
+  if chunk_size < 1 or block_size < 1:
+    raise ValueError(f"chunk_size and block_size must be positive, got {chunk_size} and "
+                     f"{block_size}")
 
   if path == "associative":
     decay, drive = discretize(x, delta, A, B, reset)
     states = _associative_states(decay, drive, h0)
     return jnp.einsum("lbdn,lbn->lbd", states, C), states[-1]
-
+  if path == "sequential":
+    return _blocked_scan(_sequential_states, x, delta, A, B, C, h0, reset, block_size,
+                         checkpoint)
   if path == "chunked":
-    if chunk_size < 1:
-      raise ValueError(f"chunk_size must be positive, got {chunk_size}")
-    chunk_size = min(chunk_size, length)
-    padded = -length % chunk_size
-    # Padding with Δ = 0 gives ā = 1 and b̄ = 0: the state passes through unchanged.
-    pad = lambda v: jnp.pad(v, [(0, padded)] + [(0, 0)] * (v.ndim - 1))
-    split = lambda v: pad(v).reshape((-1, chunk_size) + v.shape[1:])
-
-    def chunk(h, inputs):
-      xc, dc, bc, cc, rc = inputs
-      decay, drive = discretize(xc, dc, A, bc, rc)
-      states = _associative_states(decay, drive, h)
-      return states[-1], jnp.einsum("lbdn,lbn->lbd", states, cc)
-
-    h_last, y = jax.lax.scan(chunk, h0, tuple(map(split, (x, delta, B, C, reset))))
-    return y.reshape((-1,) + y.shape[2:])[:length], h_last
-
+    return _blocked_scan(_associative_states, x, delta, A, B, C, h0, reset, chunk_size,
+                         checkpoint)
   raise ValueError(f"scan path must be one of {SCAN_PATHS}, got {path!r}")
