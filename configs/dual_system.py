@@ -20,9 +20,9 @@ Command:  python -m experiments.run_dual_system --config=configs/dual_system.py:
           python -m experiments.bench_dual_system --checkpoint=runs/directives
 Expected: (experiments/bench_dual_system.py, trained motor, 20 s per case, 2026-11-26, the
           shared 2-core CPU at load average 10–12 from other jobs) System 1 step p50
-          1.7–2.0 ms, free-running 550 steps/s with the 2 s LLM System 2; at 60 Hz the
-          achieved rate was 56.6–59.1 Hz with 0.75–2.3% of steps overrun (p99 12.8–34 ms),
-          the same with the 2 s LLM backend as with the instant rule planner: the misses
+          1.7–2.5 ms, free-running 320–1400 steps/s with the 2 s LLM System 2; at 60 Hz
+          the achieved rate was 49–59.5 Hz with 0–7% of steps overrun (p99 7.7–71 ms),
+          no worse with the 2 s LLM backend than with the instant rule planner: the misses
           are the OS scheduler under that load, not System 2 (BENCHMARKS.md, "Dual system").
 """
 import ml_collections
