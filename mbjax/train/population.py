@@ -206,7 +206,7 @@ class PopulationTrainer:
     # Committed to the device, as a restored checkpoint is: otherwise the jitted chunk would
     # compile once for fresh states and again for restored ones.
     self.init = lambda base_agent, key: jax.device_put(jitted_init(base_agent, key), device)
-    self.evaluate = jax.jit(self._evaluate)
+    self.score = jax.jit(self._score)
     self.pbt_round = jax.jit(self._pbt_round)
     self._chunks, self._compiled = {}, {}
 
@@ -313,6 +313,12 @@ class PopulationTrainer:
     state = state.replace(runners=state.runners.replace(agent=agents), hparams=hparams,
                           scores=scores)
     return state, {"returns": returns, "source": source, "replaced": replaced}
+
+  def _score(self, state: PopulationState) -> PopulationState:
+    """Evaluates every member and records its score, copying nothing."""
+    key, eval_key = jax.random.split(state.key)
+    scores = pbt.member_scores(self._evaluate(state.runners.agent, eval_key))
+    return state.replace(key=key, scores=scores)
 
   def _pbt_round(self, state: PopulationState):
     """Evaluate every member, then exploit and explore within each role group."""
@@ -498,5 +504,8 @@ def run(cfg, workdir: str, *, max_updates: int | None = None,
   writer.close()
   outputs = {"metrics": writer.path, "checkpoints": checkpointer.directory}
   if update_step == trainer.num_updates:
+    if p.members_per_role > 1 and (not p.pbt_every_updates
+                                   or update_step % p.pbt_every_updates):
+      state = trainer.score(state)  # pick each role's best on its final parameters
     outputs["specialists"] = export_specialists(trainer, state, workdir)
   return {**record, "state": state, "outputs": outputs}
