@@ -50,6 +50,8 @@ _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Train workdir for the che
 _VARIANTS = flags.DEFINE_list("variants", ["fixed:default", "follow:default", "fixed:desert",
                                            "follow:desert"], "camera:palette looks, cycled.")
 _PIXEL_SIZE = flags.DEFINE_integer("pixel_size", 128, "Video frame side (even).")
+_VIEW_FRACTION = flags.DEFINE_float("view_fraction", 0.5, "Follow camera: visible part of the "
+                                    "arena side (smaller: more zoom, faster apparent motion).")
 _UPGRADE_HUD = flags.DEFINE_bool("upgrade_hud", True, "Draw the per-card upgrade counts.")
 _TIME_LIMIT = flags.DEFINE_integer("time_limit", None, "Cap on episode steps (default: env's).")
 _FPS = flags.DEFINE_integer("fps", 30, "Video frame rate (one frame per env step).")
@@ -173,7 +175,8 @@ def main(argv):
     params = env.default_params()
     if _TIME_LIMIT.value:
       params = params.replace(time_limit=_TIME_LIMIT.value)
-    renderer = render.Renderer(_PIXEL_SIZE.value, camera, palette, _UPGRADE_HUD.value)
+    renderer = render.Renderer(_PIXEL_SIZE.value, camera, palette, _UPGRADE_HUD.value,
+                               _VIEW_FRACTION.value)
     if (name, camera, palette) not in episode_fns:
       episode_fns[(name, camera, palette)] = recording.make_episode_fn(
           env, params, with_menu_dwell(policy_fn, _MENU_PICK_PROB.value), renderer)
