@@ -12,6 +12,7 @@ from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from mbjax.train import distributed  # noqa: E402
+from mbjax.train import metrics  # noqa: E402
 from mbjax.train import run as run_lib  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
@@ -25,17 +26,10 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", -1, "This process's index in [0
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-class _QuietLibraries(logging.logging.Filter):
-  """Keeps orbax's per-save INFO chatter out of the console; warnings still show."""
-
-  def filter(self, record):
-    return record.levelno >= logging.logging.WARNING or "/orbax/" not in record.pathname
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  logging.get_absl_handler().addFilter(_QuietLibraries())
+  metrics.quiet_library_logging()
   distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   result = run_lib.run(_CONFIG.value, _WORKDIR.value)
   logging.info("Done. Final metrics: %s", {k: v for k, v in result.items() if k != "outputs"})

@@ -12,6 +12,7 @@ import os
 import tempfile
 
 import numpy as np
+from absl import logging
 from tensorboardX import SummaryWriter
 
 METRICS_FILE = "metrics.jsonl"
@@ -56,3 +57,15 @@ class MetricsWriter:
   def close(self) -> None:
     self._file.close()
     self._tensorboard.close()
+
+
+class _QuietLibraries(logging.logging.Filter):
+  """Drops orbax's per-save INFO records; its warnings still show."""
+
+  def filter(self, record):
+    return record.levelno >= logging.logging.WARNING or "/orbax/" not in record.pathname
+
+
+def quiet_library_logging() -> None:
+  """Keeps library chatter (orbax's per-save INFO lines) out of a binary's console."""
+  logging.get_absl_handler().addFilter(_QuietLibraries())

@@ -1,0 +1,45 @@
+"""The offline video pipeline (mbjax/offline/pipeline.py): gameplay video → chunks → IDM
+actions → video rewards → episodes → skill tokens → offline world model and dream policy.
+
+Your own videos (a directory of .mp4/.mkv/.webm/.avi files):
+  python -m experiments.video_pretrain --config=configs/video_pretrain.py \\
+      --config.source.video_dir=path/to/videos --workdir=runs/video
+  (idm_train needs some chunks with labelled `actions`: meta action_labeling "human".)
+
+Validation against ground truth (`:arena`): records BonkArena gameplay (scripted and random
+policies, fixed and player-following cameras, two palettes) with its true actions, labels
+10% of the chunks with them, runs every phase and prints the report table:
+  python -m experiments.video_pretrain --config=configs/video_pretrain.py:arena \\
+      --workdir=runs/video_arena
+Expected: see BENCHMARKS.md, "Offline video pipeline" (measured 2026-11-26).
+
+Debug (`:debug`): a few short episodes and tiny models; tests/offline/test_pipeline.py.
+"""
+from mbjax.offline import pipeline
+
+
+def get_config(arg: str | None = None):
+  if arg not in (None, "arena", "debug"):
+    raise ValueError(f"configs/video_pretrain.py: unknown variant {arg!r}; expected 'arena' "
+                     "or 'debug'")
+  cfg = pipeline.base_config()
+  if arg in ("arena", "debug"):
+    cfg.ground_truth.enabled = True
+    cfg.ground_truth.variants = ("fixed:default", "follow:default", "fixed:desert",
+                                 "follow:desert")
+  if arg == "debug":
+    cfg.ground_truth.update(episodes=4, time_limit=120, label_fraction=0.5, pixel_size=64)
+    cfg.convert.update(size=32, chunk_frames=60)
+    cfg.idm.update(steps=20, batch=4, clip_length=9, channels=(8, 16), embed_dim=32,
+                   hidden=32, keypoints=4, stem=4, label_batch=32)
+    cfg.reward.update(steps=20, batch=8, channels=(8, 16), embed_dim=32, stem=4,
+                      score_batch=32)
+    cfg.skills.update(steps=20, batch=16, num_codes=16, code_dim=8, hidden=32)
+    cfg.learner.world_model.update(deter=16, stoch=4, classes=4, hidden=16, seq_len=8)
+    cfg.learner.dream.update(hidden_sizes=(16,), horizon=3, num_starts=8)
+    cfg.learner.offline.batch_size = 4
+    cfg.export.min_length = 8
+    cfg.world_model_steps = cfg.dream_steps = 10
+    cfg.log_every = 5
+    cfg.eval.update(episodes=2, max_steps=50)
+  return cfg

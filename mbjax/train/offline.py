@@ -1,0 +1,202 @@
+"""Offline entry to the apex learners: the world model, dream and EFE actor-critics trained
+from recorded episodes instead of live rollouts, and the trained latent policy played in
+an environment.
+
+The same `apex.auxiliary_update` the online learner runs after every PPO step is applied
+to fixed-length windows sampled uniformly from the concatenated episodes (a window may
+cross an episode boundary: `is_first` resets the latent state there, exactly as in online
+windows). Two phases, as in the offline video pipeline: `train_world_model=True` trains
+the model (and, if enabled, the latent policies alongside it); `False` trains the latent
+policies against a finished model, which then only supplies posterior start states.
+
+The latent policy acts through the world model's filter: each step, o_t and a_{t−1} update
+the posterior s_t and the dream (or EFE) actor picks a_t from s_t's features — so the
+policy that is saved and evaluated is the one dream training optimised (upstream saved an
+untrained actor).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import chex
+import flax.struct
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from mbjax.agents import apex
+from mbjax.agents import world_model as wm_lib
+from mbjax.envs.spaces import HybridAction, HybridActionSpec
+from mbjax.nets.hybrid import to_env_action
+
+
+class EpisodeData(NamedTuple):
+  """All steps of all episodes, concatenated in time: leading axis N.
+
+  `action` is the action taken at observation t (env space: clipped continuous, integer
+  branches), `reward[t]` and `terminated[t]` its outcome, `is_first[t]` marks the first
+  step of an episode.
+  """
+
+  obs: Any  # [N, *obs_shape]: uint8 frames or float vectors
+  action: HybridAction  # continuous f32[N, C], discrete i32[N, K]
+  reward: Any  # f32[N]
+  terminated: Any  # bool[N]
+  is_first: Any  # bool[N]
+
+  @classmethod
+  def concatenate(cls, episodes: list[dict], spec: HybridActionSpec) -> "EpisodeData":
+    """Episodes as dicts with `obs`, `action_continuous`, `action_discrete`, `reward` and
+    `terminated` ([T_i, ...] each) → one EpisodeData, validating shapes and values."""
+    if not episodes:
+      raise ValueError("no episodes to train on")
+    parts = {key: [] for key in ("obs", "continuous", "discrete", "reward", "terminated",
+                                 "is_first")}
+    for index, episode in enumerate(episodes):
+      length = len(episode["reward"])
+      name = episode.get("name", f"episode {index}")
+      continuous = np.asarray(episode["action_continuous"], np.float32).reshape(
+          length, spec.continuous_dim)
+      discrete = np.asarray(episode["action_discrete"]).reshape(length, spec.num_branches)
+      reward = np.asarray(episode["reward"], np.float32)
+      if len(episode["obs"]) != length:
+        raise ValueError(f"{name}: {len(episode['obs'])} observations but {length} rewards")
+      if not np.all(np.isfinite(reward)) or not np.all(np.isfinite(continuous)):
+        raise ValueError(f"{name}: rewards and continuous actions must be finite")
+      for branch, size in enumerate(spec.branches):
+        if discrete.size and (discrete[:, branch].min() < 0 or discrete[:, branch].max() >= size):
+          raise ValueError(f"{name}: discrete branch {branch} outside [0, {size})")
+      first = np.zeros(length, bool)
+      first[0] = True
+      parts["obs"].append(np.asarray(episode["obs"]))
+      parts["continuous"].append(continuous)
+      parts["discrete"].append(discrete.astype(np.int32))
+      parts["reward"].append(reward)
+      parts["terminated"].append(np.asarray(episode["terminated"], bool).reshape(length))
+      parts["is_first"].append(first)
+    cat = {key: np.concatenate(value) for key, value in parts.items()}
+    return cls(cat["obs"], HybridAction(cat["continuous"], cat["discrete"]), cat["reward"],
+               cat["terminated"], cat["is_first"])
+
+  @property
+  def num_steps(self) -> int:
+    return int(self.reward.shape[0])
+
+
+def sample_windows(data: EpisodeData, key, batch_size: int, length: int,
+                   spec: HybridActionSpec) -> wm_lib.Sequence:
+  """`batch_size` windows of `length` consecutive steps, uniform over start positions;
+  returns a world-model Sequence [length, batch_size, ...] whose first step is a start."""
+  num_steps = data.reward.shape[0]
+  chex.assert_rank(data.reward, 1)
+  starts = jax.random.randint(key, (batch_size,), 0, num_steps - length + 1)
+  index = starts[None, :] + jnp.arange(length)[:, None]  # [L, B]
+  take = lambda x: jnp.asarray(x)[index]
+  action = wm_lib.action_vector(jax.tree.map(take, data.action), spec)
+  is_first = take(data.is_first).at[0].set(True)
+  return wm_lib.Sequence(take(data.obs), action, take(data.reward), take(data.terminated),
+                         is_first)
+
+
+@flax.struct.dataclass
+class OfflineState:
+  aux: apex.AuxState
+  key: jax.Array
+  step: jax.Array  # learner updates done
+
+
+class OfflineTrainer(NamedTuple):
+  """Pure functions of one offline learner (jit them; `data` is a device-resident input)."""
+
+  init: Callable[[jax.Array], OfflineState]
+  update: Callable[..., tuple[OfflineState, dict]]  # (state, data, train_world_model, n)
+  learners: apex.Learners
+  cfg: ml_collections.ConfigDict
+
+
+def make_offline_trainer(cfg: ml_collections.ConfigDict, obs_shape: tuple[int, ...], obs_dtype,
+                         spec: HybridActionSpec) -> OfflineTrainer:
+  """`cfg` is an experiment config (`mbjax.train.config.base_config`): its world_model,
+  dream, efe and network.squash sections, plus `offline.batch_size` windows per update."""
+  if not cfg.world_model.enabled:
+    raise ValueError("offline training needs config.world_model.enabled=True")
+  learners = apex.make_learners(cfg, spec, obs_shape)
+  length, batch_size = cfg.world_model.seq_len, cfg.offline.batch_size
+
+  def init(key) -> OfflineState:
+    init_key, key = jax.random.split(key)
+    return OfflineState(apex.init(init_key, learners, obs_shape, obs_dtype), key,
+                        jnp.int32(0))
+
+  def update(state: OfflineState, data: EpisodeData, train_world_model: bool = True,
+             num_updates: int = 1):
+    """`num_updates` learner steps in one scan; returns (state, metrics of the last)."""
+
+    def one(state, _):
+      key, window_key, update_key = jax.random.split(state.key, 3)
+      windows = sample_windows(data, window_key, batch_size, length, spec)
+      aux, metrics = apex.auxiliary_update(state.aux, windows, update_key, learners=learners,
+                                           train_world_model=train_world_model)
+      return OfflineState(aux, key, state.step + 1), metrics
+
+    state, metrics = jax.lax.scan(one, state, None, length=num_updates)
+    return state, jax.tree.map(lambda x: x[-1], metrics)
+
+  return OfflineTrainer(init, update, learners, cfg)
+
+
+def latent_policy(learners: apex.Learners, aux: apex.AuxState, source: str = "dream",
+                  deterministic: bool = False, obs_fn: Callable | None = None):
+  """(initial_carry(batch), step(carry, obs, is_first, mask, key) -> (carry, env_action))
+  for a latent actor (`source`: "dream" or "efe") acting through the world model's filter.
+  `obs_fn` maps the env's observations [B, ...] to what the world model was trained on
+  (e.g. frames → the reward model's embeddings); identity by default."""
+  nets, state = (learners.dream, aux.dream) if source == "dream" else (learners.efe, aux.efe)
+  if nets is None:
+    raise ValueError(f"latent_policy: the {source!r} learner is disabled in this config")
+  model, wm_params, spec = learners.world_model, aux.world_model.params, learners.spec
+
+  def initial_carry(batch: int):
+    latent = model.apply(wm_params, batch, method=lambda m, b: m.rssm.initial(b))
+    return latent, jnp.zeros((batch, wm_lib.action_vector_size(spec)))
+
+  def step(carry, obs, is_first, mask, key):
+    latent, prev_action = carry
+    filter_key, act_key = jax.random.split(key)
+    obs = obs if obs_fn is None else obs_fn(obs)
+    embed = model.apply(wm_params, obs, method=wm_lib.WorldModel.embed)
+    post, _ = model.apply(wm_params, latent, prev_action, embed, is_first, filter_key,
+                          method=lambda m, *a: m.rssm.obs_step(*a))
+    dist = nets.actor.apply(state.actor_params, post.features, mask)
+    raw = dist.mode() if deterministic else dist.sample(act_key)
+    action = to_env_action(raw, learners.squash)
+    return (post, wm_lib.action_vector(action, spec)), action
+
+  return initial_carry, step
+
+
+def play_latent_policy(env, env_params, learners: apex.Learners, aux: apex.AuxState, key,
+                       max_steps: int, source: str = "dream", deterministic: bool = False,
+                       obs_fn: Callable | None = None) -> jax.Array:
+  """Plays one episode (up to `max_steps`) in a single env; returns its return."""
+  initial_carry, policy_step = latent_policy(learners, aux, source, deterministic, obs_fn)
+  reset_key, key = jax.random.split(key)
+  obs, env_state = env.reset(reset_key, env_params)
+
+  def step(carry, step_key):
+    obs, env_state, policy_carry, is_first, alive, total = carry
+    act_key, env_key = jax.random.split(step_key)
+    mask = env.action_mask(env_state, env_params)[None]
+    policy_carry, action = policy_step(policy_carry, obs[None], is_first, mask, act_key)
+    action = jax.tree.map(lambda x: x[0], action)
+    obs, env_state, reward, terminated, truncated, _ = env.step(env_key, env_state, action,
+                                                                env_params)
+    total = total + jnp.where(alive, reward, 0.0)
+    alive = alive & ~(terminated | truncated)
+    return (obs, env_state, policy_carry, jnp.zeros((1,), bool), alive, total), None
+
+  init = (obs, env_state, initial_carry(1), jnp.ones((1,), bool), jnp.bool_(True),
+          jnp.float32(0.0))
+  (_, _, _, _, _, total), _ = jax.lax.scan(step, init, jax.random.split(key, max_steps))
+  return total

@@ -1,0 +1,112 @@
+"""The offline video pipeline end to end on a tiny recorded BonkArena dataset (every phase,
+on CPU), its resumability, bad-input handling, phase names, and the action layout."""
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+from configs import video_pretrain
+from mbjax.envs.spaces import HybridActionSpec
+from mbjax.offline import chunks, pipeline
+
+
+def test_phase_names_and_aliases():
+  cfg = pipeline.base_config()
+  assert pipeline.resolve_phases("all", cfg)[0] == "convert"
+  assert "ground_truth" not in pipeline.resolve_phases("all", cfg)
+  cfg.ground_truth.enabled = True
+  assert pipeline.resolve_phases("all", cfg)[:3] == ["ground_truth", "convert", "attach_labels"]
+  assert pipeline.resolve_phases("label_rewards,train_idm", cfg) == ["idm_train",
+                                                                     "reward_label"]
+  assert pipeline.resolve_phases("export_rollouts", cfg) == ["export"]
+  with pytest.raises(ValueError, match="unknown phase.*'idm_trian'"):
+    pipeline.resolve_phases("idm_trian", cfg)
+
+
+def test_actions_pack_and_unpack_by_hand():
+  spec = HybridActionSpec(continuous_dim=2, branches=(3, 2))
+  probs = [np.array([[0.2, 0.5, 0.3], [1.0, 0.0, 0.0]]), np.array([[0.9, 0.1], [0.4, 0.6]])]
+  actions = pipeline.pack_actions(np.array([[0.5, -1.0], [0.0, 0.25]]), probs)
+  np.testing.assert_allclose(actions, [[0.5, -1.0, 0.2, 0.5, 0.3, 0.9, 0.1],
+                                       [0.0, 0.25, 1.0, 0.0, 0.0, 0.4, 0.6]])
+  assert actions.dtype == np.float32
+  continuous, discrete = pipeline.unpack_actions(actions, spec)
+  np.testing.assert_array_equal(continuous, [[0.5, -1.0], [0.0, 0.25]])
+  np.testing.assert_array_equal(discrete, [[1, 0], [0, 1]])
+  with pytest.raises(chunks.ChunkError, match=r"expected f32\[T, 7\]"):
+    pipeline.unpack_actions(actions[:, :6], spec)
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+  """Every phase of `configs/video_pretrain.py:debug`, run once for the module's tests."""
+  workdir = str(tmp_path_factory.mktemp("video"))
+  cfg = video_pretrain.get_config("debug")
+  results = pipeline.run(workdir, cfg, "all")
+  return workdir, cfg, results
+
+
+@pytest.mark.slow
+def test_every_phase_runs_and_writes_the_upstream_layout(finished_run):
+  workdir, cfg, results = finished_run
+  assert list(results) == pipeline.resolve_phases("all", cfg)
+  paths = chunks.list_chunks(os.path.join(workdir, "chunks"))
+  assert len(paths) == results["convert"]["frames"] // cfg.convert.chunk_frames
+  labellings = []
+  for path in paths:
+    arrays = chunks.read_chunk(path)
+    length = len(arrays["observations"])
+    assert arrays["observations"].dtype == np.uint8
+    assert arrays["observations"].shape[1:] == (cfg.convert.size, cfg.convert.size, 3)
+    assert arrays["actions"].dtype == np.float32 and arrays["actions"].shape == (length, 2 + 4)
+    assert arrays["rewards"].dtype == np.float32 and arrays["rewards"].shape == (length,)
+    assert arrays["progress_scores"].dtype == np.float32
+    assert arrays["skill_tokens"].dtype == np.int32
+    meta = chunks.decode_meta(arrays["meta"])
+    labellings.append(meta["action_labeling"])
+    if meta["action_labeling"] == "idm":
+      # IDM actions: the continuous part clipped, each branch a probability vector.
+      assert np.all(np.abs(arrays["actions"][:, :2]) <= 1.0)
+      np.testing.assert_allclose(arrays["actions"][:, 2:].sum(-1), 1.0, rtol=1e-5)
+  assert labellings.count("ground_truth") == len(results["attach_labels"]["labelled_chunks"])
+  assert 0 < labellings.count("ground_truth") < len(paths)
+  assert "idm" in labellings
+
+  report = json.load(open(os.path.join(workdir, "report.json")))
+  assert report["idm"]["all/frames"] == sum(
+      n == "idm" for n in labellings) * cfg.convert.chunk_frames
+  assert 0.0 <= report["idm"]["all/accuracy_0"] <= 1.0
+  assert report["reward"]["all"]["episodes"] >= 1
+  assert 1.0 <= report["skills"]["perplexity"] <= cfg.skills.num_codes
+  assert report["dream"]["episodes"] == cfg.eval.episodes
+  assert np.isfinite(report["dream"]["dream_return_mean"])
+  # The saved dream policy is the trained one: the dream phase changed the actor.
+  assert results["dream"]["final"]["dream/actor_loss"] != 0.0
+
+
+@pytest.mark.slow
+def test_rerun_resumes_and_skips_a_corrupt_chunk(finished_run, tmp_path):
+  workdir, cfg, _ = finished_run
+  copy = str(tmp_path / "copy")
+  shutil.copytree(workdir, copy)
+  rerun = pipeline.run(copy, cfg, "idm_train,idm_label,reward_train,skills_label")
+  assert rerun["idm_train"]["resumed"] == "already trained"
+  assert rerun["idm_label"]["labelled"] == 0
+  assert rerun["skills_label"]["labelled"] == 0
+
+  # A chunk turned to garbage is reported by name and skipped; the others keep their labels.
+  paths = chunks.list_chunks(os.path.join(copy, "chunks"))
+  victim = paths[-1]
+  with open(victim, "wb") as f:
+    f.write(b"not a zip file at all")
+  shutil.rmtree(os.path.join(copy, "models", "idm"))
+  before = {p: chunks.read_chunk(p)["actions"] for p in paths[:-1]}
+  info = pipeline.run(copy, cfg, "idm_train,idm_label")["idm_label"]
+  assert list(info["skipped"]) == [os.path.basename(victim)]
+  assert "not a readable .npz chunk" in info["skipped"][os.path.basename(victim)]
+  record = json.load(open(os.path.join(copy, "phases.json")))
+  assert os.path.basename(victim) in record["idm_label"]["skipped"]
+  for path, actions in before.items():
+    assert chunks.read_chunk(path)["actions"].shape == actions.shape
