@@ -193,7 +193,8 @@ class Renderer:
     wx, wy = origin[0] + centres[None, :], origin[1] + centres[:, None]
     wall_width = self.unit / scale * (1.0 / self.view_fraction)
     pixel = 1.0 / scale
-    grid = ((wx - jnp.floor(wx / GRID) * GRID) < pixel) | ((wy - jnp.floor(wy / GRID) * GRID) < pixel)
+    grid = (((wx - jnp.floor(wx / GRID) * GRID) < pixel)
+            | ((wy - jnp.floor(wy / GRID) * GRID) < pixel))
     inside = (wx >= 0) & (wx < arena) & (wy >= 0) & (wy < arena)
     near_edge = ((wx < wall_width) | (wx >= arena - wall_width) | (wy < wall_width)
                  | (wy >= arena - wall_width))
