@@ -49,6 +49,7 @@ from absl import logging
 from mbjax.envs.spaces import HybridActionSpec
 from mbjax.offline import chunks as chunks_lib
 from mbjax.offline import episodes as episodes_lib
+from mbjax.offline import ground_truth as ground_truth_lib
 from mbjax.offline import idm as idm_lib
 from mbjax.offline import reward_model as reward_lib
 from mbjax.offline import skills as skills_lib
@@ -89,6 +90,11 @@ def base_config() -> ml_collections.ConfigDict:
   cfg.ground_truth.upgrade_hud = True
   cfg.ground_truth.time_limit = 0  # 0: the game's own
   cfg.ground_truth.fps = 30
+  cfg.ground_truth.view_fraction = 0.5  # follow camera: visible part of the arena side
+  cfg.ground_truth.menu_pick_prob = 0.1  # geometric menu dwell, see ground_truth.py
+  cfg.ground_truth.atari_games = ()  # ale-py ROM ids: out-of-domain clips for the reward model
+  cfg.ground_truth.atari_clips = 1
+  cfg.ground_truth.atari_steps = 900
   cfg.ground_truth.label_fraction = 0.1  # chunks given their true actions (idm_train data)
 
   cfg.convert = ml_collections.ConfigDict()
@@ -295,8 +301,8 @@ def unpack_actions(actions: np.ndarray, spec: HybridActionSpec):
 
 
 def truth_for_chunk(arrays: dict, name: str) -> dict | None:
-  """The ground-truth arrays of a chunk's frames (from the `.npz` beside its source video),
-  or None when the source has none. Chunks must be at the recording's frame rate."""
+  """The ground-truth arrays of a chunk's frames (from the `.npz` beside its source video,
+  one entry per recorded frame), or None when the source has none."""
   source = str(arrays["video_source"]) if "video_source" in arrays else ""
   truth_path = os.path.splitext(source)[0] + ".npz"
   if not source or not os.path.exists(truth_path):
@@ -304,16 +310,13 @@ def truth_for_chunk(arrays: dict, name: str) -> dict | None:
   meta = chunks_lib.decode_meta(arrays["meta"], name)
   with np.load(truth_path, allow_pickle=False) as npz:
     truth = {k: npz[k] for k in npz.files}
-  if abs(float(truth["fps"]) - float(meta["fps"])) > 1e-6:
-    raise chunks_lib.ChunkError(f"{name}: converted at {meta['fps']} fps but its ground truth "
-                                f"{truth_path} is per frame at {int(truth['fps'])} fps")
-  start = int(round(meta["start_time_s"] * float(truth["fps"])))
-  length = arrays["observations"].shape[0]
   steps = len(truth["rewards"])
-  if start + length > steps:
-    raise chunks_lib.ChunkError(f"{name}: frames {start}..{start + length} exceed the "
-                                f"{steps} steps of {truth_path}")
-  return {k: v[start:start + length] for k, v in truth.items() if v.ndim and len(v) == steps}
+  index = video_lib.source_frame_indices(meta, arrays["observations"].shape[0],
+                                         float(truth["fps"]))
+  if index[-1] >= steps:
+    raise chunks_lib.ChunkError(f"{name}: its frames map to recorded steps up to {index[-1]}, "
+                                f"but {truth_path} has {steps}")
+  return {k: v[index] for k, v in truth.items() if v.ndim and len(v) == steps}
 
 
 def _one_hot(index: np.ndarray, size: int) -> np.ndarray:
@@ -330,57 +333,18 @@ def _update_meta(arrays: dict, name: str, **fields) -> np.ndarray:
 
 
 def ground_truth(ws: Workspace, cfg) -> dict:
-  """Records `ground_truth.episodes` BonkArena episodes into the video directory: episode i
-  is played by policy i mod P in look (i div P) mod V, with key fold_in(seed, i); MP4 plus
-  the true per-frame `.npz` (`mbjax.envs.bonk_arena.recording`). Finished episodes are kept."""
-  from mbjax.envs.bonk_arena import BonkArena, make_scripted_policy, random_policy
-  from mbjax.envs.bonk_arena import recording, render
+  """Records the BonkArena (and optional Atari) ground-truth videos into the video
+  directory (`mbjax.offline.ground_truth`); finished episodes are kept."""
   gt = cfg.ground_truth
-  os.makedirs(ws.videos, exist_ok=True)
-  policies, episode_fns, written = {}, {}, 0
-
-  def policy(name):
-    if name == "scripted":
-      env = BonkArena(observation="vector")
-      return env, make_scripted_policy(env)
-    if name == "random":
-      return BonkArena(observation="vector"), random_policy
-    if name == "checkpoint" and gt.checkpoint:
-      from mbjax.train import evaluate as evaluate_lib
-      from mbjax.train import run as run_lib
-      trainer, runner = run_lib.restore_trained(gt.checkpoint)
-      return (BonkArena(**trainer.cfg.env.kwargs.to_dict()),
-              evaluate_lib.stateless_policy(trainer, jax.device_get(runner.agent)))
-    raise ValueError(f"ground_truth.policies: {name!r} is not scripted, random or checkpoint "
-                     "(checkpoint needs ground_truth.checkpoint)")
-
-  for i in range(gt.episodes):
-    name = gt.policies[i % len(gt.policies)]
-    camera, _, palette = gt.variants[(i // len(gt.policies)) % len(gt.variants)].partition(":")
-    path = os.path.join(ws.videos, f"{i:04d}_{name}_{camera}_{palette}.mp4")
-    if os.path.exists(path) and os.path.exists(os.path.splitext(path)[0] + ".npz"):
-      continue
-    if name not in policies:
-      policies[name] = policy(name)
-    env, policy_fn = policies[name]
-    params = env.default_params()
-    if gt.time_limit:
-      params = params.replace(time_limit=gt.time_limit)
-    if (name, camera, palette) not in episode_fns:
-      renderer = render.Renderer(gt.pixel_size, camera, palette, gt.upgrade_hud)
-      episode_fns[(name, camera, palette)] = recording.make_episode_fn(env, params, policy_fn,
-                                                                       renderer)
-    meta = {"source": "bonk_arena", "policy": name, "seed": cfg.seed, "episode": i,
-            "pixel_size": gt.pixel_size, "camera": camera, "palette": palette,
-            "upgrade_hud": gt.upgrade_hud}
-    summary = recording.record_episode(episode_fns[(name, camera, palette)],
-                                       jax.random.fold_in(jax.random.PRNGKey(cfg.seed), i),
-                                       path, gt.fps, meta)
-    written += 1
-    logging.info("ground_truth [%d/%d] %s: %d steps, return %.2f, %d menu frames", i + 1,
-                 gt.episodes, os.path.basename(path), summary["length"], summary["return"],
-                 summary["menu_frames"])
-  return {"recorded": written, "episodes": gt.episodes, "video_dir": ws.videos}
+  settings = ground_truth_lib.Settings(
+      episodes=gt.episodes, policies=tuple(gt.policies), checkpoint=gt.checkpoint or None,
+      variants=tuple(gt.variants), pixel_size=gt.pixel_size, view_fraction=gt.view_fraction,
+      upgrade_hud=gt.upgrade_hud, time_limit=gt.time_limit or None, fps=gt.fps,
+      seed=cfg.seed, menu_pick_prob=gt.menu_pick_prob, atari_games=tuple(gt.atari_games),
+      atari_clips=gt.atari_clips, atari_steps=gt.atari_steps)
+  index = ground_truth_lib.record_dataset(ws.videos, settings, progress=logging.info)
+  return {"episodes": len(index), "frames": sum(e["length"] for e in index.values()),
+          "video_dir": ws.videos}
 
 
 def convert(ws: Workspace, cfg) -> dict:

@@ -434,7 +434,7 @@ def test_ground_truth_recording_has_per_frame_state(tmp_path):
 
 
 def test_menu_dwell_waits_on_menu_frames_only():
-  from experiments.make_ground_truth import with_menu_dwell
+  from mbjax.offline.ground_truth import with_menu_dwell
 
   always_first = lambda key, obs, mask: act((0.5, 0.0), choice=0)
   menu, closed = ENV.action_mask(fresh(menu_open=jnp.bool_(True)), PARAMS), ENV.action_mask(

@@ -193,10 +193,10 @@ def test_bad_config_names_the_field():
 
 def test_atari_clip_is_an_out_of_domain_source(tmp_path):
   pytest.importorskip("ale_py")
-  from experiments import make_ground_truth
+  from mbjax.offline import ground_truth
 
   path = str(tmp_path / "atari_pong_0.mp4")
-  summary = make_ground_truth.record_atari_clip("pong", seed=0, steps=24, path=path, fps=30)
+  summary = ground_truth.record_atari_clip("pong", seed=0, steps=24, path=path, fps=30)
   truth = np.load(str(tmp_path / "atari_pong_0.npz"))
   assert summary["length"] == 24 and truth["actions_discrete"].shape == (24, 1)
   manifest = video.convert_many(video.sources_for(video=path), str(tmp_path / "chunks"),
