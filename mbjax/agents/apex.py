@@ -9,11 +9,15 @@ One pure function, `update`, run once per rollout inside the jitted Anakin updat
 3. one dream actor-critic step on trajectories imagined from the new posteriors;
 4. an update of the EFE preference prior and one EFE actor-critic step.
 
+With `cpqe.enabled`, CPQE (teacher, consistency student, Q-ensemble; `mbjax.agents.cpqe`)
+also takes one step on the rollout's transitions after PPO, from its own key stream, so the
+other learners compute the same numbers with it on or off.
+
 Each learner owns its parameters and optimiser; gradients stay apart because every loss
 is differentiated only with respect to its own parameters and receives the others as
 `stop_gradient` inputs — nothing is ever frozen or mutated. Switches mirror upstream's
-`METABONK_USE_DREAM_TRAINING` / `METABONK_USE_ACTIVE_INFERENCE` (`dream.enabled`,
-`efe.enabled`; both on by default).
+`METABONK_USE_DREAM_TRAINING` / `METABONK_USE_ACTIVE_INFERENCE` / `METABONK_TRAIN_CPQE`
+(`dream.enabled`, `efe.enabled`, both on by default; `cpqe.enabled`, off).
 """
 from __future__ import annotations
 
@@ -25,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from mbjax.agents import cpqe as cpqe_lib
 from mbjax.agents import dream, efe, ppo
 from mbjax.agents import world_model as wm_lib
 from mbjax.envs.spaces import HybridActionSpec
@@ -39,6 +44,18 @@ class AuxState:
   dream: Any = ()
   efe: Any = ()
   preference: Any = ()
+
+
+@flax.struct.dataclass
+class AuxStateWithCPQE(AuxState):
+  """`AuxState` plus the CPQE learners (`cpqe.enabled`). A class of its own so that runs
+  without CPQE keep the checkpoint layout of the runs written before it existed."""
+
+  cpqe: Any = ()
+
+
+# Folded into the init and update keys for CPQE, leaving the other learners' splits alone.
+_CPQE_STREAM = 0x43505145
 
 
 class Learners(flax.struct.PyTreeNode):
@@ -56,9 +73,19 @@ class Learners(flax.struct.PyTreeNode):
   def enabled(self) -> bool:
     return self.world_model is not None
 
+  @property
+  def cpqe(self) -> ml_collections.ConfigDict | None:
+    """The CPQE config section when it trains in the learner (absent from configs saved
+    before the switch existed)."""
+    section = self.cfg.get("cpqe")
+    return section if section is not None and section.enabled else None
+
 
 def make_learners(cfg: ml_collections.ConfigDict, spec: HybridActionSpec, obs_shape) -> Learners:
   squash = cfg.network.squash
+  if Learners(cfg, spec, squash).cpqe is not None and spec.continuous_dim == 0:
+    raise ValueError("config.cpqe.enabled=True needs continuous action dims; the env "
+                     f"{cfg.env.name!r} has none (branches {spec.branches})")
   if not cfg.world_model.enabled:
     return Learners(cfg, spec, squash)
   return Learners(
@@ -70,15 +97,20 @@ def make_learners(cfg: ml_collections.ConfigDict, spec: HybridActionSpec, obs_sh
 
 
 def init(key, learners: Learners, obs_shape, obs_dtype) -> AuxState:
+  aux = AuxState()
+  if learners.cpqe is not None:
+    aux = AuxStateWithCPQE(cpqe=cpqe_lib.init(
+        jax.random.fold_in(key, _CPQE_STREAM), learners.cpqe, math.prod(obs_shape),
+        learners.spec.continuous_dim))
   if not learners.enabled:
-    return AuxState()
+    return aux
   wm_key, dream_key, efe_key = jax.random.split(key, 3)
   world_model = wm_lib.init(wm_key, learners.world_model, learners.wm_optimizer, obs_shape,
                             obs_dtype, wm_lib.action_vector_size(learners.spec))
   rssm = learners.world_model.rssm
   feature_size = rssm.deter + rssm.stoch_size
   obs_size = math.prod(obs_shape)
-  return AuxState(
+  return aux.replace(
       world_model=world_model,
       dream=dream.init(dream_key, learners.dream, feature_size) if learners.dream else (),
       efe=dream.init(efe_key, learners.efe, feature_size) if learners.efe else (),
@@ -134,6 +166,14 @@ def update(agent: ppo.PPOState, aux: AuxState, rollout: ppo.Rollout, key, *, lea
     rollout = rollout._replace(teacher=_teacher(aux, rollout, learners, teacher_key))
   agent, metrics = ppo.update(agent, rollout, ppo_key, network=network, optimizer=optimizer,
                               cfg=cfg, axis_name=axis_name)
+  if learners.cpqe is not None:
+    chunks = cpqe_lib.rollout_chunks(
+        rollout.obs, to_env_action(rollout.action, learners.squash).continuous, rollout.reward,
+        rollout.terminated, rollout.truncated, learners.cpqe.horizon)
+    cpqe_state, cpqe_metrics = cpqe_lib.learner_update(
+        aux.cpqe, chunks, jax.random.fold_in(key, _CPQE_STREAM), learners.cpqe, axis_name)
+    aux = aux.replace(cpqe=cpqe_state)
+    metrics = {**metrics, **cpqe_metrics}
   if not learners.enabled:
     return agent, aux, metrics
   aux, aux_metrics = auxiliary_update(aux, _windows(rollout, learners), aux_key,

@@ -23,6 +23,14 @@ ensemble, and returns the best chunk and its first action, clipped to [−1, 1];
 `deterministic=True` draws the candidates from a fixed key, so an observation always maps to
 the same action.
 
+Inside a learner (upstream `METABONK_TRAIN_CPQE`; `config.cpqe.enabled`, wired in
+`mbjax.agents.apex`), `rollout_chunks` turns a time-major rollout into per-step transitions
+and `learner_update` takes one step of all three learners on a sample of them. Acting is
+receding-horizon (execute a chunk's first action, then choose again), so a transition is one
+env step — (o_t, the H actions taken from t, r_t, o_{t+1}) — and Q bootstraps one step
+ahead. Teacher and student learn only from chunks inside one episode; Q from every step
+whose successor is real (not a truncation's reset observation).
+
 Differs from upstream MetaBonk (`src/learner/consistency_policy.py`, notes §4): the
 consistency target is on the correct side of the schedule and comes from a teacher ODE step
 (real distillation, not consistency training on teacher samples); boundary-form f; the EMA
@@ -68,6 +76,7 @@ def default_config() -> ml_collections.ConfigDict:
   cfg.q_target_rate = 0.005  # Polyak rate of the Q target networks
   cfg.num_samples = 8  # K candidates scored per observation
   cfg.beta = 1.0  # pessimism: score = mean − β·std
+  cfg.batch_size = 256  # transitions per learner per `learner_update`
   return cfg
 
 
@@ -271,16 +280,24 @@ def q_loss(q_params, q_target, student, cfg, batch: Transitions, key):
   return jnp.square(q - jax.lax.stop_gradient(target)).mean()
 
 
-def update_teacher(state: CPQEState, obs, chunk, key, cfg):
-  loss, grads = jax.value_and_grad(teacher_loss)(state.teacher, cfg, obs, chunk, key)
+def _pmean(x, axis_name):
+  return x if axis_name is None else jax.lax.pmean(x, axis_name)
+
+
+# With `axis_name` (under shard_map, each device holding part of the batch) every loss is
+# averaged over the devices before differentiation, so replicated parameters take the
+# global-batch step on every device.
+def update_teacher(state: CPQEState, obs, chunk, key, cfg, axis_name: str | None = None):
+  loss, grads = jax.value_and_grad(
+      lambda p: _pmean(teacher_loss(p, cfg, obs, chunk, key), axis_name))(state.teacher)
   updates, opt = _optimizer(cfg, cfg.lr).update(grads, state.teacher_opt, state.teacher)
   return state.replace(teacher=optax.apply_updates(state.teacher, updates),
                        teacher_opt=opt), {"cpqe/teacher_loss": loss}
 
 
-def update_student(state: CPQEState, obs, chunk, key, cfg):
-  loss, grads = jax.value_and_grad(distill_loss)(state.student, state.student_target,
-                                                 state.teacher, cfg, obs, chunk, key)
+def update_student(state: CPQEState, obs, chunk, key, cfg, axis_name: str | None = None):
+  loss, grads = jax.value_and_grad(lambda p: _pmean(distill_loss(
+      p, state.student_target, state.teacher, cfg, obs, chunk, key), axis_name))(state.student)
   updates, opt = _optimizer(cfg, cfg.lr).update(grads, state.student_opt, state.student)
   student = optax.apply_updates(state.student, updates)
   target = optax.incremental_update(student, state.student_target, 1.0 - cfg.ema_decay)
@@ -288,9 +305,9 @@ def update_student(state: CPQEState, obs, chunk, key, cfg):
                        student_opt=opt), {"cpqe/distill_loss": loss}
 
 
-def update_q(state: CPQEState, batch: Transitions, key, cfg):
-  loss, grads = jax.value_and_grad(q_loss)(state.q, state.q_target, state.student, cfg,
-                                           batch, key)
+def update_q(state: CPQEState, batch: Transitions, key, cfg, axis_name: str | None = None):
+  loss, grads = jax.value_and_grad(lambda p: _pmean(q_loss(
+      p, state.q_target, state.student, cfg, batch, key), axis_name))(state.q)
   updates, opt = _optimizer(cfg, cfg.q_lr).update(grads, state.q_opt, state.q)
   q = optax.apply_updates(state.q, updates)
   q_target = optax.incremental_update(q, state.q_target, cfg.q_target_rate)
@@ -304,6 +321,65 @@ def update(state: CPQEState, batch: Transitions, key: jax.Array, cfg):
   state, m_teacher = update_teacher(state, batch.obs, batch.chunk, k_teacher, cfg)
   state, m_student = update_student(state, batch.obs, batch.chunk, k_student, cfg)
   state, m_q = update_q(state, batch, k_q, cfg)
+  return state, {**m_teacher, **m_student, **m_q}
+
+
+class RolloutChunks(NamedTuple):
+  """Per-step CPQE transitions of a rollout, [n, E, ...] for start steps t = 0..n−1."""
+
+  transitions: Transitions
+  chunk_valid: jax.Array  # bool[n, E]: the H actions from t belong to one episode
+  td_valid: jax.Array  # bool[n, E]: o_{t+1} is t's real successor (no truncation at t)
+
+
+def rollout_chunks(obs, actions, reward, terminated, truncated, horizon: int) -> RolloutChunks:
+  """Transitions (o_t, a_{t..t+H−1}, r_t, o_{t+1}, terminated_t) of a time-major rollout.
+
+  Args:
+    obs: [T, E, ...] observations (flattened to f32[T, E, F]).
+    actions: f32[T, E, A] actions in env space ([−1, 1]).
+    reward, terminated, truncated: [T, E]; an episode that ends at t auto-resets, so o_{t+1}
+      is the next episode's first observation.
+    horizon: H, the chunk length.
+  """
+  length, envs = reward.shape
+  chex.assert_shape(actions, (length, envs, None))
+  starts = min(length - horizon + 1, length - 1)  # the chunk and o_{t+1} inside the rollout
+  if starts < 1:
+    raise ValueError(f"a rollout of {length} steps is too short for CPQE chunks of "
+                     f"{horizon} (config.cpqe.horizon)")
+  flat = obs.reshape((length, envs, -1)).astype(jnp.float32)
+  chunk = jnp.stack([actions[k:k + starts] for k in range(horizon)], axis=2)
+  done = terminated | truncated
+  ends_inside = jnp.zeros((starts, envs), bool)
+  for k in range(horizon - 1):  # an episode ending before the chunk's last action
+    ends_inside = ends_inside | done[k:k + starts]
+  transitions = Transitions(flat[:starts], chunk, reward[:starts], flat[1:starts + 1],
+                            terminated[:starts])
+  return RolloutChunks(transitions, ~ends_inside, ~truncated[:starts])
+
+
+def learner_update(state: CPQEState, chunks: RolloutChunks, key: jax.Array, cfg,
+                   axis_name: str | None = None):
+  """One step of teacher, student and Q-ensemble on `cfg.batch_size` transitions each,
+  sampled uniformly from the valid ones of `chunks` (teacher and student: `chunk_valid`;
+  Q: `td_valid`). The rollout is data: no gradient reaches whatever produced it."""
+  chunks = jax.lax.stop_gradient(chunks)
+  flat = jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]), chunks.transitions)
+  k_policy, k_td, k_teacher, k_student, k_q = jax.random.split(key, 5)
+
+  def sample(k, valid):
+    # The tiny floor keeps the draw defined when nothing is valid (then it is uniform).
+    weight = valid.reshape(-1).astype(jnp.float32) + 1e-12
+    index = jax.random.choice(k, weight.shape[0], (cfg.batch_size,), p=weight / weight.sum())
+    return jax.tree.map(lambda x: x[index], flat)
+
+  policy_batch = sample(k_policy, chunks.chunk_valid)
+  state, m_teacher = update_teacher(state, policy_batch.obs, policy_batch.chunk, k_teacher,
+                                    cfg, axis_name)
+  state, m_student = update_student(state, policy_batch.obs, policy_batch.chunk, k_student,
+                                    cfg, axis_name)
+  state, m_q = update_q(state, sample(k_td, chunks.td_valid), k_q, cfg, axis_name)
   return state, {**m_teacher, **m_student, **m_q}
 
 

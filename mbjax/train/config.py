@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from mbjax.agents import cpqe
+
 # Fields that may differ between a checkpoint's config and the resuming run's: they steer
 # logging and saving only, never the numbers a run computes.
 RUN_CONTROL_PREFIX = "run."
@@ -85,6 +87,11 @@ def base_config() -> ml_collections.ConfigDict:
   cfg.served = ml_collections.ConfigDict()
   cfg.served.distill_from = "none"
   cfg.served.distill_coef = 0.0
+  # CPQE (mbjax.agents.cpqe: diffusion teacher, consistency student, Q-ensemble) trained
+  # inside the learner on every rollout (upstream METABONK_TRAIN_CPQE); needs continuous
+  # action dims. Its other fields are cpqe.default_config()'s.
+  cfg.cpqe = cpqe.default_config()
+  cfg.cpqe.enabled = False
 
   # Offline entry (mbjax.train.offline): the learners above trained from recorded episodes.
   cfg.offline = ml_collections.ConfigDict()
@@ -161,7 +168,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
               "ppo.num_minibatches", "ppo.seq_len", "run.log_every_updates",
               "run.checkpoint_every_updates", "env.frame_stack", "network.mamba_layers",
               "network.ssm_state_size", "network.conv_size", "network.mamba_expand",
-              "network.scan_chunk")
+              "network.scan_chunk", "cpqe.horizon", "cpqe.batch_size")
   for key in positive:
     value = _get(cfg, key)
     if value < 1:
@@ -229,8 +236,13 @@ def flatten(cfg: ml_collections.ConfigDict | dict, prefix: str = "") -> dict:
 
 
 def incompatible_fields(saved: dict, current: ml_collections.ConfigDict) -> list[str]:
-  """Fields (outside `run.*`) whose values differ between a checkpoint and this run."""
-  old, new = flatten(saved), flatten(current)
+  """Fields (outside `run.*`) whose values differ between a checkpoint and this run.
+
+  A field missing from either config counts as its `base_config()` default: fields are
+  added with defaults that keep the earlier behaviour, so an older checkpoint still resumes
+  unless the run changes a new field."""
+  defaults = flatten(base_config())
+  old, new = {**defaults, **flatten(saved)}, {**defaults, **flatten(current)}
   keys = sorted(set(old) | set(new))
   return [f"{k}: checkpoint {old.get(k, '<absent>')!r} vs now {new.get(k, '<absent>')!r}"
           for k in keys if not k.startswith(RUN_CONTROL_PREFIX) and old.get(k) != new.get(k)]
