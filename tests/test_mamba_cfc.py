@@ -12,10 +12,11 @@ import pytest
 
 from mbjax.agents import ppo
 from mbjax.envs import registry
-from mbjax.envs.spaces import HybridAction
+from mbjax.envs.spaces import HybridAction, HybridActionSpec
 from mbjax.nets import cores, mamba
 from mbjax.nets.cfc import CfCCell
 from mbjax.train import anakin
+from mbjax.train import config as config_lib
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from configs import memory_ppo  # noqa: E402
@@ -118,6 +119,28 @@ def test_fast_step_equals_the_module_step():
   np.testing.assert_allclose(fast_out, module_out, rtol=1e-5, atol=1e-5)
   jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-5),
                fast_carries, module_carries)
+
+
+def test_pilot_roles_default_to_a_cfc_core():
+  """`config.role` containing "pilot" (upstream: a liquid net for any policy named *pilot*)
+  makes CfC the core unless `network.core` is set, in either order."""
+  cfg = config_lib.base_config()
+  assert (cfg.role, cfg.network.core) == ("", "none")
+  cfg.role = "pilot"
+  assert cfg.network.core == "cfc" and cfg.to_dict()["network"]["core"] == "cfc"
+  network = ppo.make_network(cfg, HybridActionSpec(2, (3,)))
+  assert network.core == "cfc" and network.initial_carry(5).shape == (5, cfg.network.core_size)
+  cfg.role = "Pilot_2"
+  assert cfg.network.core == "cfc"
+  cfg.role = "scout"
+  assert cfg.network.core == "none"
+  explicit = config_lib.base_config()
+  explicit.network.core = "none"  # set explicitly: the role no longer decides
+  explicit.role = "pilot"
+  assert explicit.network.core == "none"
+  memory = memory_ppo.get_config("mamba")  # a config file that names its core
+  memory.role = "pilot"
+  assert memory.network.core == "mamba"
 
 
 def _cfc_with_known_weights(size=3, in_dim=2, w_tau=(0.5, -1.0, 2.0)):

@@ -10,6 +10,9 @@ neural networks", Nature Machine Intelligence): the CfC update with a shared bac
 sampling changes the update: Δt = 0 gives (g + h)/2, and a long Δt moves the state to h where
 f > 0 (to g where f < 0). The state is an explicit carry, zeroed where `is_first`.
 
+The default PPO core of pilot roles: `config.role` containing "pilot" sets `network.core` to
+"cfc" unless the config names a core itself (`mbjax.train.config`).
+
 Differs from upstream MetaBonk (`src/learner/liquid_policy.py`, §5.1 of the notes): the
 state is carried between steps (upstream reset it on every 2-D call, so its policy had no
 memory when acting); Δt is an input (upstream fixed t = 1); the time constants are learned

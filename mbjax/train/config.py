@@ -16,9 +16,17 @@ from mbjax.agents import cpqe
 RUN_CONTROL_PREFIX = "run."
 
 
+def core_for_role(role: str) -> str:
+  """The default `network.core` of a role: "cfc" for pilot roles, "none" otherwise."""
+  return "cfc" if "pilot" in role.lower() else "none"
+
+
 def base_config() -> ml_collections.ConfigDict:
   cfg = ml_collections.ConfigDict()
   cfg.seed = 0
+  # The policy's role name (upstream's policy names). A role containing "pilot" makes CfC
+  # the default core, as upstream serves a liquid network to any policy named *pilot*.
+  cfg.role = ""
   cfg.num_envs = 4  # global: split evenly over the devices
   cfg.total_env_steps = 500_000
 
@@ -48,7 +56,9 @@ def base_config() -> ml_collections.ConfigDict:
   cfg.network = ml_collections.ConfigDict()
   cfg.network.hidden_sizes = (64, 64)
   cfg.network.activation = "tanh"
-  cfg.network.core = "none"  # none | gru | lstm | cfc | mamba (mbjax.nets.cores)
+  # none | gru | lstm | cfc | mamba (mbjax.nets.cores). Unless set, it follows `role`:
+  # "cfc" for pilot roles, else "none" (a lazily computed ml_collections reference).
+  cfg.network.core = cfg.get_ref("role")._apply_op(core_for_role)
   cfg.network.core_size = 128  # core width; Mamba's d_model
   cfg.network.mamba_layers = 2  # Mamba blocks in the core
   cfg.network.ssm_state_size = 16  # Mamba SSM state N per channel
