@@ -1,0 +1,220 @@
+"""Reward from video: a temporal-ranking progress model (Bradley–Terry over frame pairs).
+
+A per-frame score f(x) is trained so that, for frames i < j of the same episode,
+P(j is later than i) = σ(f(x_j) − f(x_i)) (Bradley & Terry 1952; the time-contrastive
+"later is better" objective upstream MetaBonk uses). Pairs are sampled uniformly among the
+ordered pairs of one episode (or chunk) at least `min_gap` frames apart: nearby frames are
+often indistinguishable, and a larger gap asks only for coarse progress. Scoring a video
+gives `progress` f32[T], and `rewards_from_progress` turns it into per-step rewards.
+
+Network: the IDM's `FrameEncoder` (space-to-depth stem, strided 3×3 convolutions, dense,
+layer norm) → embedding z (the observation embedding the episode export may use) → score =
+dense(tanh(z)), upstream's head. uint8 frames are converted inside the jit.
+
+API (`RewardConfig` is hashable and a static field of `RewardState`):
+  init(key, cfg, frame_shape) -> RewardState
+  update(state, pairs u8[B, 2, H, W, 3]) -> (state, metrics)   [:, 0] earlier, [:, 1] later
+  score(params, cfg, frames u8[T, H, W, 3]) -> progress f32[T]   (fixed jitted pieces)
+  embed(params, cfg, frames) -> (z f32[T, D], progress f32[T])
+  rewards_from_progress(progress, scale) -> rewards f32[T]
+  sample_pairs / fit: host-side pair sampling and a plain training loop.
+  spearman(a, b): rank correlation, for evaluating progress against the truth.
+
+Reward alignment: `rewards[t] = (progress[t+1] − progress[t]) · scale` and the last reward
+is 0 — reward t is the outcome of the action chosen on frame t, as in the environment's
+recordings and the chunk layout (`mbjax/offline/chunks.py`), and as upstream labels it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable, Sequence
+
+import chex
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from mbjax.offline.idm import FrameEncoder
+
+
+@dataclasses.dataclass(frozen=True)
+class RewardConfig:
+  """Progress-model hyperparameters (hashable: a static jit argument)."""
+
+  stem: int = 8  # space-to-depth block of the first layer
+  channels: tuple[int, ...] = (32, 64, 64)  # stem width, then one 3×3/2 conv per entry
+  embed_dim: int = 256
+  pool: str = "mean"  # "mean" (position-invariant) or "flatten"
+  min_gap: int = 1  # frames between the two frames of a training pair, at least
+  lr: float = 3e-4
+  weight_decay: float = 1e-4
+  max_grad_norm: float = 1.0
+  score_batch: int = 64  # frames per jitted scoring piece
+
+  def __post_init__(self):
+    if self.min_gap < 1:
+      raise ValueError(f"RewardConfig.min_gap must be >= 1, got {self.min_gap}")
+    object.__setattr__(self, "channels", tuple(int(c) for c in self.channels))
+
+
+class ProgressNet(nn.Module):
+  cfg: RewardConfig
+
+  @nn.compact
+  def __call__(self, frames: jax.Array):
+    """uint8 [N, H, W, 3] → (embedding z f32[N, D], score f32[N])."""
+    cfg = self.cfg
+    z = FrameEncoder(cfg.stem, cfg.channels, cfg.embed_dim, cfg.pool, name="encoder")(frames)
+    return z, nn.Dense(1, name="score")(jnp.tanh(z))[:, 0]
+
+
+@flax.struct.dataclass
+class RewardState:
+  params: Any
+  opt_state: Any
+  step: jax.Array  # i32[]
+  cfg: RewardConfig = flax.struct.field(pytree_node=False)
+
+
+def make_optimizer(cfg: RewardConfig) -> optax.GradientTransformation:
+  return optax.chain(optax.clip_by_global_norm(cfg.max_grad_norm),
+                     optax.adamw(cfg.lr, weight_decay=cfg.weight_decay))
+
+
+def init(key: jax.Array, cfg: RewardConfig, frame_shape: tuple[int, int, int]) -> RewardState:
+  if len(frame_shape) != 3 or frame_shape[-1] != 3:
+    raise ValueError(f"frame_shape must be (H, W, 3), got {frame_shape}")
+  params = ProgressNet(cfg).init(key, jnp.zeros((1,) + tuple(frame_shape), jnp.uint8))
+  return RewardState(params, make_optimizer(cfg).init(params), jnp.zeros((), jnp.int32), cfg)
+
+
+def bradley_terry_loss(earlier: jax.Array, later: jax.Array) -> jax.Array:
+  """Mean −log σ(f_later − f_earlier) over the pairs (softplus form, stable)."""
+  return jnp.mean(jax.nn.softplus(earlier - later))
+
+
+def loss(params, cfg: RewardConfig, pairs: jax.Array):
+  b = pairs.shape[0]
+  chex.assert_shape(pairs, (b, 2, None, None, 3))
+  _, scores = ProgressNet(cfg).apply(params, pairs.reshape((2 * b,) + pairs.shape[2:]))
+  scores = scores.reshape(b, 2)
+  margin = scores[:, 1] - scores[:, 0]
+  return bradley_terry_loss(scores[:, 0], scores[:, 1]), {
+      "pair_accuracy": jnp.mean((margin > 0).astype(jnp.float32)),
+      "margin": jnp.mean(margin),
+  }
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def update(state: RewardState, pairs: jax.Array):
+  """One AdamW step on pairs uint8[B, 2, H, W, 3] ([:, 0] earlier, [:, 1] later)."""
+  (value, metrics), grads = jax.value_and_grad(loss, has_aux=True)(state.params, state.cfg,
+                                                                   pairs)
+  updates, opt_state = make_optimizer(state.cfg).update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  metrics = dict(metrics, loss=value, grad_norm=optax.tree.norm(grads))
+  return state.replace(params=params, opt_state=opt_state, step=state.step + 1), metrics
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _embed_piece(params, cfg: RewardConfig, frames):
+  return ProgressNet(cfg).apply(params, frames)
+
+
+def embed(params, cfg: RewardConfig, frames) -> tuple[np.ndarray, np.ndarray]:
+  """uint8[T, H, W, 3] → (embeddings z f32[T, D], progress f32[T]), jitted in fixed pieces
+  of `cfg.score_batch` frames (the last piece padded by repeating its last frame)."""
+  frames = np.asarray(frames)
+  if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8 or not len(frames):
+    raise ValueError(f"frames must be uint8[T >= 1, H, W, 3], got {frames.dtype}"
+                     f"{list(frames.shape)}")
+  piece = cfg.score_batch
+  zs, scores = [], []
+  for start in range(0, frames.shape[0], piece):
+    chunk = frames[start:start + piece]
+    if chunk.shape[0] < piece:
+      chunk = np.concatenate([chunk, np.repeat(chunk[-1:], piece - chunk.shape[0], 0)])
+    z, s = _embed_piece(params, cfg, chunk)
+    n = min(piece, frames.shape[0] - start)
+    zs.append(np.asarray(z)[:n])
+    scores.append(np.asarray(s)[:n])
+  return np.concatenate(zs), np.concatenate(scores)
+
+
+def score(params, cfg: RewardConfig, frames) -> np.ndarray:
+  """Progress f32[T] of every frame of uint8[T, H, W, 3]."""
+  return embed(params, cfg, frames)[1]
+
+
+def rewards_from_progress(progress, scale: float = 1.0) -> np.ndarray:
+  """rewards[t] = (progress[t+1] − progress[t]) · scale, rewards[T−1] = 0 (f32[T])."""
+  progress = np.asarray(progress, np.float32)
+  if progress.ndim != 1:
+    raise ValueError(f"progress must be f32[T], got shape {progress.shape}")
+  rewards = np.zeros_like(progress)
+  rewards[:-1] = np.diff(progress) * np.float32(scale)
+  return rewards
+
+
+def sample_pairs(rng: np.random.Generator, lengths: Sequence[int], batch: int,
+                 min_gap: int = 1):
+  """Ordered frame pairs within episodes → (episode i64[B], earlier i64[B], later i64[B]).
+
+  Uniform over all pairs (i, j) of one episode with j − i ≥ min_gap; episodes are drawn in
+  proportion to their number of such pairs.
+  """
+  lengths = np.asarray(lengths, np.int64)
+  span = np.maximum(lengths - min_gap, 0)  # pairs: sum_{g>=min_gap} (T − g)
+  counts = span * (span + 1) // 2
+  if counts.sum() == 0:
+    raise ValueError(f"no episode is longer than min_gap={min_gap} (lengths {lengths})")
+  episode = rng.choice(len(lengths), size=batch, p=counts / counts.sum())
+  # A uniform index into the triangle {(i, k): 0 ≤ i ≤ k < span}, decoded row by row
+  # (row k starts at k(k+1)/2); the later frame is k + min_gap.
+  index = (rng.random(batch) * counts[episode]).astype(np.int64)
+  k = ((np.sqrt(8.0 * index + 1.0) - 1.0) // 2).astype(np.int64)
+  k = np.where(k * (k + 1) // 2 > index, k - 1, k)  # float rounding, either way
+  k = np.where((k + 1) * (k + 2) // 2 <= index, k + 1, k)
+  return episode, index - k * (k + 1) // 2, k + min_gap
+
+
+def fit(state: RewardState, episodes: Sequence[np.ndarray], num_steps: int,
+        rng: np.random.Generator, batch: int = 32,
+        log_fn: Callable[[int, dict], None] | None = None, log_every: int = 50):
+  """`num_steps` updates on random pairs from in-memory episodes (uint8[T, H, W, 3] each);
+  returns (state, last metrics as floats)."""
+  lengths = [e.shape[0] for e in episodes]
+  metrics = {}
+  for step in range(num_steps):
+    ids, earlier, later = sample_pairs(rng, lengths, batch, state.cfg.min_gap)
+    pairs = np.stack([np.stack([episodes[e][i], episodes[e][j]])
+                      for e, i, j in zip(ids, earlier, later)])
+    state, metrics = update(state, pairs)
+    if log_fn is not None and (step + 1) % log_every == 0:
+      log_fn(step + 1, jax.tree.map(float, metrics))
+  return state, jax.tree.map(float, metrics)
+
+
+def _ranks(x: np.ndarray) -> np.ndarray:
+  """Ranks 0..n−1, ties sharing their mean rank."""
+  order = np.argsort(x, kind="stable")
+  ranks = np.empty(len(x), np.float64)
+  ranks[order] = np.arange(len(x))
+  _, inverse, counts = np.unique(x, return_inverse=True, return_counts=True)
+  sums = np.bincount(inverse, weights=ranks)
+  return (sums / counts)[inverse]
+
+
+def spearman(a, b) -> float:
+  """Spearman rank correlation of two 1-D sequences (NaN when either is constant)."""
+  a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
+  if a.shape != b.shape:
+    raise ValueError(f"spearman: shapes differ, {a.shape} vs {b.shape}")
+  ra, rb = _ranks(a), _ranks(b)
+  ra, rb = ra - ra.mean(), rb - rb.mean()
+  denom = np.sqrt(np.sum(ra * ra) * np.sum(rb * rb))
+  return float(np.sum(ra * rb) / denom) if denom > 0 else float("nan")

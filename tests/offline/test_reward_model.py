@@ -1,0 +1,83 @@
+"""Reward from video: the Bradley–Terry loss by hand, ranking learns a monotone synthetic
+progress, and the scoring/reward/Spearman helpers match hand-computed values."""
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mbjax.offline import reward_model as rm
+
+TINY = rm.RewardConfig(stem=4, channels=(8, 16), embed_dim=16, min_gap=4, score_batch=8)
+
+
+def test_bradley_terry_loss_by_hand():
+  # −log σ(1 − 0) = log(1 + e^−1) = 0.313262; −log σ(0 − 1) = log(1 + e) = 1.313262.
+  loss = rm.bradley_terry_loss(jnp.array([0.0, 1.0]), jnp.array([1.0, 0.0]))
+  assert float(loss) == pytest.approx((0.3132617 + 1.3132617) / 2, rel=1e-6)
+
+
+def progress_episode(rng: np.random.Generator, length: int) -> np.ndarray:
+  """Frames whose filled fraction grows with time (a bar, rows top to bottom), under
+  per-frame noise, so progress is visible but no single pixel gives it away exactly."""
+  frames = rng.integers(0, 60, (length, 16, 16, 3), dtype=np.uint8)
+  for t in range(length):
+    rows = int(round(16 * t / (length - 1)))
+    frames[t, :rows, :, 1] = 200
+  return frames
+
+
+def test_ranking_learns_monotone_progress():
+  rng = np.random.default_rng(0)
+  train = [progress_episode(rng, int(n)) for n in rng.integers(40, 80, size=4)]
+  state = rm.init(jax.random.PRNGKey(0), TINY, (16, 16, 3))
+  state, metrics = rm.fit(state, train, 150, np.random.default_rng(1), batch=32)
+  held_out = progress_episode(rng, 64)
+  progress = rm.score(state.params, TINY, held_out)
+  assert progress.shape == (64,)
+  # Measured 0.976–0.985 over three seeds (−0.66 to 0.12 before training).
+  assert rm.spearman(progress, np.arange(64)) > 0.9, metrics
+
+
+def test_score_in_pieces_equals_one_pass():
+  frames = np.random.default_rng(2).integers(0, 256, (13, 16, 16, 3), dtype=np.uint8)
+  state = rm.init(jax.random.PRNGKey(3), TINY, (16, 16, 3))
+  z, progress = rm.embed(state.params, TINY, frames)  # pieces of 8, the last one padded
+  z_ref, progress_ref = rm.ProgressNet(TINY).apply(state.params, frames)
+  np.testing.assert_allclose(progress, progress_ref, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(z, z_ref, rtol=1e-5, atol=1e-6)
+
+
+def test_rewards_from_progress_by_hand():
+  np.testing.assert_allclose(rm.rewards_from_progress([0.0, 1.0, 3.0], scale=2.0), [2, 4, 0])
+  np.testing.assert_allclose(rm.rewards_from_progress([5.0]), [0])
+
+
+def test_spearman_by_hand_with_ties():
+  # Ranks (0, 1.5, 1.5, 3) and (0, 1, 2, 3): centred (−1.5, 0, 0, 1.5) · (−1.5, −.5, .5, 1.5)
+  # = 4.5; norms² 4.5 and 5 → 4.5 / √22.5 = 0.948683.
+  assert rm.spearman([1, 2, 2, 3], [10, 20, 30, 40]) == pytest.approx(0.9486833)
+  assert rm.spearman([3, 2, 1], [1, 2, 3]) == pytest.approx(-1.0)
+  assert np.isnan(rm.spearman([1, 1, 1], [1, 2, 3]))
+
+
+def test_sample_pairs_is_uniform_over_ordered_pairs_with_the_gap():
+  rng = np.random.default_rng(0)
+  episode, earlier, later = rm.sample_pairs(rng, [5, 2], 60000, min_gap=2)
+  assert np.all(episode == 0)  # the 2-frame episode has no pair 2 apart
+  expected = [(i, j) for i, j in itertools.combinations(range(5), 2) if j - i >= 2]
+  counts = {pair: 0 for pair in expected}
+  for pair in zip(earlier.tolist(), later.tolist()):
+    counts[pair] += 1  # a KeyError would be a pair outside the allowed set
+  np.testing.assert_allclose(np.array(list(counts.values())) / 60000, 1 / len(expected),
+                             atol=0.01)
+
+
+def test_bad_inputs_raise_clear_errors():
+  with pytest.raises(ValueError, match="min_gap"):
+    rm.RewardConfig(min_gap=0)
+  with pytest.raises(ValueError, match="uint8"):
+    rm.score(None, TINY, np.zeros((2, 16, 16, 3), np.float32))
+  with pytest.raises(ValueError, match="no episode"):
+    rm.sample_pairs(np.random.default_rng(0), [3], 4, min_gap=3)
