@@ -6,8 +6,8 @@ sequential scan beat `lax.associative_scan` 2.5–4× on this CPU), compile time
 and without the per-block checkpointing of the sequential and chunked paths;
 (2) the latency of one System-1 Mamba step (batch 1, upstream's default size: d_model 512,
 6 layers, N 16, d_inner 1024) measured in windows at several sequence positions, to show it
-is flat in position (target ≤ 2 ms), for the flax module and for `mamba.fast_step`; (3) the same for the PPO-default Mamba core and a CfC
-cell; (4) CPQE one-step student vs EDM teacher sampling (target ≥ 10× faster).
+is flat in position (target ≤ 2 ms), for the flax module and for `mamba.fast_step`;
+(3) the same for the PPO-default Mamba core and a CfC cell; (4) CPQE one-step student vs EDM teacher sampling (target ≥ 10× faster).
 Latencies include dispatch and `block_until_ready`, as an actor would see them.
 """
 import os
@@ -22,8 +22,9 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
+from experiments import throughput  # noqa: E402
 from mbjax.agents import cpqe  # noqa: E402
-from mbjax.nets import mamba, ssm  # noqa: E402
+from mbjax.nets import mamba  # noqa: E402
 from mbjax.nets.cfc import CfCCell  # noqa: E402
 
 _LENGTHS = flags.DEFINE_list("lengths", ["256", "1024", "4096"], "Scan lengths L.")
@@ -36,17 +37,6 @@ _WINDOW = flags.DEFINE_integer("window", 200, "Steps timed at each position.")
 _SKIP_SCAN = flags.DEFINE_bool("skip_scan", False, "Only the step latencies.")
 
 
-def _scan_inputs(length, batch=8, channels=64, state=16):
-  k = jax.random.split(jax.random.PRNGKey(0), 6)
-  return (jax.random.normal(k[0], (length, batch, channels)),
-          jax.nn.softplus(jax.random.normal(k[1], (length, batch, channels))),
-          -jnp.exp(jax.random.normal(k[2], (channels, state))),
-          jax.random.normal(k[3], (length, batch, state)),
-          jax.random.normal(k[4], (length, batch, state)),
-          jnp.zeros((batch, channels, state)),
-          jax.random.bernoulli(k[5], 0.01, (length, batch)))
-
-
 def bench_scan():
   print(f"\n== selective scan fwd+bwd (batch 8, channels 64, N 16, resets at 1%; best of "
         f"{_REPEATS.value}), load average {_load()} ==")
@@ -57,61 +47,57 @@ def bench_scan():
               ("associative", 0, False), ("chunked", _CHUNK.value, True),
               ("chunked", _CHUNK.value, False)]
   for length in map(int, _LENGTHS.value):
-    inputs = _scan_inputs(length)
+    inputs = throughput.scan_inputs(length)
     sequential_ms = None
     for path, chunk, checkpoint in variants:
-      def loss(x, delta, A, B, C, h0, reset, path=path, chunk=chunk, checkpoint=checkpoint):
-        sizes = ({"block_size": chunk} if path == "sequential" else
-                 {"chunk_size": chunk} if path == "chunked" else {})
-        y, h = ssm.selective_scan(x, delta, A, B, C, h0, reset, path=path,
-                                  checkpoint=checkpoint, **sizes)
-        return jnp.sum(y) + jnp.sum(h)
-
-      fn = jax.grad(loss, argnums=(0, 1, 2, 3, 4))
-      start = time.perf_counter()
-      compiled = jax.jit(fn).lower(*inputs).compile()
-      compile_s = time.perf_counter() - start
-      jax.block_until_ready(compiled(*inputs))
-      times = []
-      for _ in range(_REPEATS.value):
-        start = time.perf_counter()
-        jax.block_until_ready(compiled(*inputs))
-        times.append(time.perf_counter() - start)
-      ms = 1e3 * min(times)
+      sizes = ({"block_size": chunk} if path == "sequential" else
+               {"chunk_size": chunk} if path == "chunked" else {})
+      result = throughput.scan_forward_backward(inputs, path, _REPEATS.value,
+                                                checkpoint=checkpoint, **sizes)
+      ms = 1e3 * result["best_s"]
       sequential_ms = sequential_ms or ms
       print(f"{length:>6} {path:>12} {chunk or '-':>6} {'yes' if checkpoint else 'no':>10} "
-            f"{compile_s:>10.2f} {ms:>11.2f} {ms / sequential_ms:>13.2f}×")
+            f"{result['compile_s']:>10.2f} {ms:>11.2f} {ms / sequential_ms:>13.2f}×")
 
 
 def _load() -> str:
   return "/".join(f"{x:.1f}" for x in os.getloadavg())
 
 
-def _step_latency(name, step, carry, make_input):
-  """Steps continuously; at each position, the median and p90 of `--window` step times.
-  `step(carry, x) -> (carry, out)` is already jitted, so its first call includes compiling."""
-  compiled = step
-  start = time.perf_counter()
-  carry, out = jax.block_until_ready(compiled(carry, make_input(0)))
-  print(f"\n== {name}: first call (compile) {time.perf_counter() - start:.2f} s, load average "
-        f"{_load()} ==")
-  positions = sorted(map(int, _POSITIONS.value))
+def _step_latency(name, steps: dict, carry, make_input):
+  """Steps each variant of `steps` ({label: jitted step(carry, x) -> (carry, out)})
+  continuously through the sequence; at each position, the median and p90 of `--window`
+  step times per variant. The variants take turns in 10 slices of the window, so they see
+  the same machine load (this CPU is shared)."""
+  carries = {}
+  for label, step in steps.items():
+    start = time.perf_counter()
+    carries[label], _ = jax.block_until_ready(step(carry, make_input(0)))
+    print(f"\n== {name}, {label}: first call (compile) {time.perf_counter() - start:.2f} s ==")
+    carry = jax.tree.map(jnp.copy, carries[label])  # the next variant's own (donated) carry
+  print(f"load average before timing: {_load()}")
+  slices = 10
   t, rows = 1, []
-  for position in positions:
-    while t < position:  # advance through the sequence at full speed
-      carry, out = compiled(carry, make_input(t))
-      t += 1
-    jax.block_until_ready(out)
-    times = []
-    for _ in range(_WINDOW.value):
-      start = time.perf_counter()
-      carry, out = jax.block_until_ready(compiled(carry, make_input(t)))
-      times.append(time.perf_counter() - start)
-      t += 1
-    times = 1e3 * np.asarray(times)
-    rows.append((position, np.median(times), np.percentile(times, 90)))
-  for position, median, p90 in rows:
-    print(f"position {position:>6}: median {median:.3f} ms | p90 {p90:.3f} ms")
+  for position in sorted(map(int, _POSITIONS.value)):
+    times = {label: [] for label in steps}
+    for label, step in steps.items():
+      for k in range(t, position):  # advance through the sequence at full speed
+        carries[label], out = step(carries[label], make_input(k))
+      jax.block_until_ready(carries[label])
+    t = max(t, position)
+    for _ in range(slices):
+      for label, step in steps.items():
+        for k in range(t, t + _WINDOW.value // slices):
+          start = time.perf_counter()
+          carries[label], _ = jax.block_until_ready(step(carries[label], make_input(k)))
+          times[label].append(time.perf_counter() - start)
+      t += _WINDOW.value // slices
+    rows.append((position, {label: 1e3 * np.asarray(x) for label, x in times.items()}))
+  print(f"load average after timing: {_load()}")
+  for position, times in rows:
+    print(f"position {position:>6}: " + " | ".join(
+        f"{label} median {np.median(x):.3f} ms, p90 {np.percentile(x, 90):.3f} ms"
+        for label, x in times.items()))
 
 
 def bench_mamba_step(d_model, layers, state, label, system1=False):
@@ -128,16 +114,14 @@ def bench_mamba_step(d_model, layers, state, label, system1=False):
   # donated, so its buffers are updated in place.
   module_step = jax.jit(lambda params, carry, x: stack.apply(params, carry, x, not_first),
                         donate_argnums=1)
-  _step_latency(name + ", flax module step", lambda carry, x: module_step(params, carry, x),
-                carry, lambda t: inputs[t % 64])
-  if not system1:
-    return
-  # The System-1 path: plain-array weights prepared once per weight update.
-  weights = mamba.step_weights(params)
-  fast = jax.jit(lambda weights, carry, x: mamba.fast_step(weights, carry, x, not_first),
-                 donate_argnums=1)
-  _step_latency(name + ", fast_step", lambda carry, x: fast(weights, carry, x),
-                stack.initial_carry(1), lambda t: inputs[t % 64])
+  steps = {"flax module": lambda carry, x: module_step(params, carry, x)}
+  if system1:
+    # The System-1 path: plain-array weights prepared once per weight update.
+    weights = mamba.step_weights(params)
+    fast = jax.jit(lambda weights, carry, x: mamba.fast_step(weights, carry, x, not_first),
+                   donate_argnums=1)
+    steps["fast_step"] = lambda carry, x: fast(weights, carry, x)
+  _step_latency(name, steps, carry, lambda t: inputs[t % 64])
 
 
 def bench_cfc_step(size, in_dim):
@@ -150,18 +134,14 @@ def bench_cfc_step(size, in_dim):
   dt = jnp.full((1,), 1 / 60)  # a 60 Hz control step
   step = jax.jit(lambda params, carry, x: cell.apply(params, carry, x, not_first, dt),
                  donate_argnums=1)
-  _step_latency(f"CfC step (size {size}, input {in_dim}, batch 1), params as argument",
-                lambda carry, x: step(params, carry, x), carry, lambda t: inputs[t % 64])
+  _step_latency(f"CfC step (size {size}, input {in_dim}, batch 1)",
+                {"params as argument": lambda carry, x: step(params, carry, x)}, carry,
+                lambda t: inputs[t % 64])
 
 
 def _latency_ms(fn, *args, repeats=200):
   jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
-  return 1e3 * np.median(times)
+  return 1e3 * throughput.time_calls(lambda: fn(*args), repeats)
 
 
 def bench_cpqe(obs_dim=256, action_dim=2):

@@ -1,0 +1,130 @@
+"""Steady-state throughput of the training steps, on a given number of devices.
+
+Shared by `experiments/bench_scaling.py` (weak scaling on 1, 2, 4, ... devices),
+`experiments/accelerator_check.py` (the GPU/TPU table) and `experiments/bench_motor.py`
+(the selective-scan paths). Each measurement compiles once, reports the compile time
+apart, runs once more to warm up, then times `repeats` calls (median). Everything here
+is timing glue; the measured functions are the library's own.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from mbjax.agents import world_model as wm_lib
+from mbjax.envs import registry
+from mbjax.nets import ssm
+from mbjax.train import sharding
+
+
+def call_times(call: Callable[[], Any], repeats: int) -> list[float]:
+  """Seconds of each of `repeats` calls of `call` (each waits for its result)."""
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(call())
+    times.append(time.perf_counter() - start)
+  return times
+
+
+def time_calls(call: Callable[[], Any], repeats: int) -> float:
+  """Median seconds of `repeats` calls of `call`."""
+  return float(np.median(call_times(call, repeats)))
+
+
+def ppo_update(cfg: ml_collections.ConfigDict, num_devices: int, repeats: int,
+               updates_per_call: int = 1) -> dict:
+  """The Anakin update (a rollout of `cfg.ppo.num_steps` × `cfg.num_envs` env steps, then
+  the PPO update) sharded over the first `num_devices` devices, as `experiments/train.py`
+  runs it. Returns compile seconds, seconds per update and env-steps/s."""
+  env, env_params = registry.make(cfg.env.name, **cfg.env.kwargs.to_dict())
+  mesh = sharding.make_mesh(num_devices)
+  trainer = sharding.ShardedTrainer(cfg, env, env_params, mesh)
+  runner = trainer.init(jax.random.PRNGKey(cfg.seed))
+  chunk = trainer.chunk(updates_per_call)
+  state = {"runner": runner}
+
+  def call():
+    # The chunk donates its input: keep the newest runner for the next call.
+    state["runner"], metrics = chunk(state["runner"])
+    return metrics
+
+  start = time.perf_counter()
+  jax.block_until_ready(call())
+  compile_seconds = time.perf_counter() - start
+  jax.block_until_ready(call())
+  seconds = time_calls(call, repeats) / updates_per_call
+  return {"compile_s": compile_seconds, "update_s": seconds,
+          "env_steps_per_s": trainer.trainer.env_steps_per_update / seconds}
+
+
+def world_model_update(cfg: ml_collections.ConfigDict, obs_dim: int, action_size: int,
+                       batch_per_device: int, length: int, num_devices: int,
+                       repeats: int) -> dict:
+  """One world-model optimiser step on `batch_per_device` windows of `length` steps per
+  device (random vector observations), data-parallel over the first `num_devices` devices
+  with device-mean losses, as the apex learner runs it. Returns compile seconds, seconds
+  per step and transitions/s."""
+  mesh = sharding.make_mesh(num_devices)
+  model = wm_lib.make_world_model(cfg, (obs_dim,))
+  optimizer = wm_lib.make_optimizer(cfg)
+  state = wm_lib.init(jax.random.PRNGKey(0), model, optimizer, (obs_dim,), jnp.float32,
+                      action_size)
+  batch = batch_per_device * num_devices
+  data = wm_lib.Sequence(
+      jax.random.normal(jax.random.PRNGKey(1), (length, batch, obs_dim)),
+      jnp.zeros((length, batch, action_size)), jnp.zeros((length, batch)),
+      jnp.zeros((length, batch), bool), jnp.zeros((length, batch), bool).at[0].set(True))
+  data = jax.device_put(data, NamedSharding(mesh, P(None, sharding.DATA_AXIS)))
+  state = jax.device_put(state, NamedSharding(mesh, P()))
+
+  def step(state, data, key):
+    state, _, metrics = wm_lib.update(state, data, key, model=model, optimizer=optimizer,
+                                      cfg=cfg, axis_name=sharding.DATA_AXIS)
+    return state, metrics["wm/loss"]
+
+  update = jax.jit(jax.shard_map(step, mesh=mesh,
+                                 in_specs=(P(), P(None, sharding.DATA_AXIS), P()),
+                                 out_specs=(P(), P())))
+  key = jax.random.PRNGKey(2)
+  start = time.perf_counter()
+  compiled = update.lower(state, data, key).compile()
+  compile_seconds = time.perf_counter() - start
+  jax.block_until_ready(compiled(state, data, key))
+  seconds = time_calls(lambda: compiled(state, data, key), repeats)
+  return {"compile_s": compile_seconds, "update_s": seconds,
+          "transitions_per_s": batch * length / seconds}
+
+
+def scan_inputs(length: int, batch: int = 8, channels: int = 64, state: int = 16):
+  """Selective-scan inputs (x, Δ, A, B, C, h0, reset) with resets at 1% of the steps."""
+  k = jax.random.split(jax.random.PRNGKey(0), 6)
+  return (jax.random.normal(k[0], (length, batch, channels)),
+          jax.nn.softplus(jax.random.normal(k[1], (length, batch, channels))),
+          -jnp.exp(jax.random.normal(k[2], (channels, state))),
+          jax.random.normal(k[3], (length, batch, state)),
+          jax.random.normal(k[4], (length, batch, state)),
+          jnp.zeros((batch, channels, state)),
+          jax.random.bernoulli(k[5], 0.01, (length, batch)))
+
+
+def scan_forward_backward(inputs, path: str, repeats: int, **scan_options) -> dict:
+  """Gradient of sum(y) + sum(h_L) through `ssm.selective_scan` with respect to x, Δ, A, B
+  and C. Returns compile seconds and the best of `repeats` seconds (the scan is short
+  enough that the minimum is the least noisy statistic on a shared machine)."""
+  def loss(x, delta, A, B, C, h0, reset):
+    y, h = ssm.selective_scan(x, delta, A, B, C, h0, reset, path=path, **scan_options)
+    return jnp.sum(y) + jnp.sum(h)
+
+  start = time.perf_counter()
+  compiled = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4))).lower(*inputs).compile()
+  compile_seconds = time.perf_counter() - start
+  jax.block_until_ready(compiled(*inputs))
+  return {"compile_s": compile_seconds,
+          "best_s": min(call_times(lambda: compiled(*inputs), repeats))}
