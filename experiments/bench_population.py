@@ -146,10 +146,15 @@ def main(argv):
   verdicts = {}
   for name in _merges():
     wins = table[name].mean(0) > table["base"].mean(0)
-    verdicts[name] = {role: bool(w) for role, w in zip(roles, wins)}
+    # Paired by seed: within a seed every policy plays the same episodes.
+    seed_wins = (table[name] > table["base"]).sum(0)
+    verdicts[name] = {role: {"mean_beats_base": bool(w), "seeds_beating_base": int(k)}
+                      for role, w, k in zip(roles, wins, seed_wins)}
     below = [r for r, w in zip(roles, wins) if not w]
     print(f"{name}: " + ("beats the base on every role" if not below else
-                         "does not beat the base on " + ", ".join(below)))
+                         "does not beat the base on " + ", ".join(below))
+          + " (seeds in which it beats the base: " + ", ".join(
+              f"{r} {k}/{n_seeds}" for r, k in zip(roles, seed_wins)) + ")")
 
   rule = merge_lib.GatingRule(_MIN_COSINE.value, _MAX_CONFLICT.value, "greedy")
   cosine = np.mean([r["cosine"] for r in runs], axis=0)
