@@ -21,7 +21,8 @@ not exceed the local device count), e.g. on an 8-GPU node:
 import os
 import sys
 
-# Only the parent sets up simulated devices for its children; it never imports jax itself.
+# The parent only starts a process per device count (it never initialises a jax backend);
+# each child sees its own number of simulated devices.
 if "--worker" not in sys.argv:
   os.environ.setdefault("XLA_FLAGS", "--xla_cpu_enable_concurrency_optimized_scheduler=false")
 
@@ -30,6 +31,8 @@ import subprocess  # noqa: E402
 
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
+
+from experiments import throughput as throughput_lib  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", "configs/arena_ppo.py", "PPO config (env, network, rollout length).",
@@ -52,7 +55,6 @@ def _measure(num_devices: int) -> dict:
   """Runs in a worker process whose jax sees (at least) `num_devices` devices."""
   import jax
 
-  from experiments import throughput
   from mbjax.agents import world_model as wm_lib
   from mbjax.envs import registry
 
@@ -60,14 +62,14 @@ def _measure(num_devices: int) -> dict:
   cfg.num_envs = _ENVS.value * num_devices
   cfg.total_env_steps = 1_000 * cfg.num_envs * cfg.ppo.num_steps  # only sets the lr schedule
   cfg.run.num_devices = num_devices
-  ppo = throughput.ppo_update(cfg, num_devices, _REPEATS.value)
+  ppo = throughput_lib.ppo_update(cfg, num_devices, _REPEATS.value)
   env, env_params = registry.make(cfg.env.name, **cfg.env.kwargs.to_dict())
   obs_shape = env.observation_shape(env_params)
   if len(obs_shape) != 1:
     raise ValueError(f"the world-model measurement needs vector observations; "
                      f"{cfg.env.name} has shape {obs_shape}")
   action_size = wm_lib.action_vector_size(env.action_spec(env_params))
-  wm = throughput.world_model_update(cfg, obs_shape[0], action_size, _WM_BATCH.value,
+  wm = throughput_lib.world_model_update(cfg, obs_shape[0], action_size, _WM_BATCH.value,
                                      _WM_LENGTH.value, num_devices, _REPEATS.value)
   device = jax.devices()[0]
   return {"devices": num_devices, "platform": device.platform,
@@ -97,18 +99,19 @@ def _accelerator_present() -> bool:
 
 
 def _table(results: list[dict]) -> str:
-  base = results[0]
+  ppo_eff = throughput_lib.weak_scaling_efficiency(
+      {r["devices"]: r["ppo"]["env_steps_per_s"] for r in results})
+  wm_eff = throughput_lib.weak_scaling_efficiency(
+      {r["devices"]: r["wm"]["transitions_per_s"] for r in results})
   lines = [f"{'devices':>7} {'PPO env-steps/s':>16} {'PPO eff.':>9} {'update s':>9} "
            f"{'compile s':>9} | {'WM transitions/s':>17} {'WM eff.':>8} {'step ms':>8} "
            f"{'compile s':>9}"]
   for r in results:
-    n = r["devices"] / base["devices"]
-    ppo_eff = r["ppo"]["env_steps_per_s"] / n / base["ppo"]["env_steps_per_s"]
-    wm_eff = r["wm"]["transitions_per_s"] / n / base["wm"]["transitions_per_s"]
+    n = r["devices"]
     lines.append(
-        f"{r['devices']:>7} {r['ppo']['env_steps_per_s']:>16,.0f} {ppo_eff:>9.2f} "
+        f"{n:>7} {r['ppo']['env_steps_per_s']:>16,.0f} {ppo_eff[n]:>9.2f} "
         f"{r['ppo']['update_s']:>9.3f} {r['ppo']['compile_s']:>9.1f} | "
-        f"{r['wm']['transitions_per_s']:>17,.0f} {wm_eff:>8.2f} "
+        f"{r['wm']['transitions_per_s']:>17,.0f} {wm_eff[n]:>8.2f} "
         f"{1e3 * r['wm']['update_s']:>8.1f} {r['wm']['compile_s']:>9.1f}")
   return "\n".join(lines)
 

@@ -38,6 +38,14 @@ def time_calls(call: Callable[[], Any], repeats: int) -> float:
   return float(np.median(call_times(call, repeats)))
 
 
+def weak_scaling_efficiency(throughputs: dict[int, float]) -> dict[int, float]:
+  """{devices: throughput} at a fixed batch per device → {devices: (throughput_n / n) /
+  (throughput_b / b)} against the smallest device count b (1 in a weak-scaling run)."""
+  base = min(throughputs)
+  per_device = throughputs[base] / base
+  return {n: throughput / n / per_device for n, throughput in throughputs.items()}
+
+
 def ppo_update(cfg: ml_collections.ConfigDict, num_devices: int, repeats: int,
                updates_per_call: int = 1) -> dict:
   """The Anakin update (a rollout of `cfg.ppo.num_steps` × `cfg.num_envs` env steps, then

@@ -1,0 +1,14 @@
+"""Weak-scaling arithmetic of `experiments/bench_scaling.py`, by hand. (The measurements
+themselves are run by the benchmark; compiling them here would cost more than they check.)"""
+import pytest
+
+from experiments import throughput
+
+
+def test_weak_scaling_efficiency_by_hand():
+  # 1 device: 100/s; 2 devices: 150/s → 75 per device → 0.75; 4 devices: 100/s → 0.25.
+  efficiency = throughput.weak_scaling_efficiency({1: 100.0, 2: 150.0, 4: 100.0})
+  assert efficiency == pytest.approx({1: 1.0, 2: 0.75, 4: 0.25})
+  # Against the smallest count when it is not 1: 2 devices 200/s, 8 devices 400/s → 0.5.
+  assert throughput.weak_scaling_efficiency({8: 400.0, 2: 200.0}) == pytest.approx(
+      {2: 1.0, 8: 0.5})
