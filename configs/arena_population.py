@@ -12,10 +12,14 @@ Command:  python -m experiments.train --config=configs/arena_ppo.py --workdir=ru
               --workdir=runs/arena_population
           python -m experiments.merge --base=runs/arena_ppo \
               --specialists=runs/arena_population/specialists/scout,... --out=runs/merged
-Expected: 2 M env steps per member (16 M in all); not run at this size on the shared CPU.
+Expected: 2 M env steps per member (16 M in all); the full run was not made on the shared
+          CPU. Its first 20 updates ran at 12k env-steps/s (compile 19 s) and the PBT round at
+          update 20 replaced one member per role (measured 2026-11-26, load average 5).
           The `bench` variant (one member per role, no PBT, 1 M steps per member) is what
-          experiments/bench_population.py trains; its numbers are in BENCHMARKS.md
-          ("Population: role specialists and merges").
+          experiments/bench_population.py trains: 6–12 min per seed on the shared CPU;
+          over 3 seeds × 128 episodes the role returns (scout, speedrunner, killer, tank) are
+          base 7.36 / 11.62 / 7.55 / 3.07, mean merge 7.48 / 12.07 / 7.81 / 2.07 (BENCHMARKS.md,
+          "Population: role specialists and merges").
 Variants: `:bench` as above; `:debug` — 2 roles × 2 members, 8 envs × 32 steps, 4 updates,
           PBT every update on 2 short evaluation episodes (used by the tests; its base is an
           arena_ppo:debug run).
