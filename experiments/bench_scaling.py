@@ -47,8 +47,9 @@ _PLATFORM = flags.DEFINE_string(
     "platform", "", "cpu: simulate the devices; empty: cpu when no accelerator is found.")
 _WORKER = flags.DEFINE_integer("worker", 0, "Internal: measure on this many devices.")
 
-CPU_NOTE = ("CPU: the simulated devices share the host's cores, so efficiency shows the "
-            "sharded program's overhead, not a speed-up (ideal on {cores} cores: ~1/n).")
+CPU_NOTE = ("CPU: the n simulated devices share the host's {cores} cores, so this shows the "
+            "sharded program's overheads, not a speed-up: once one device keeps the cores "
+            "busy, ~1/n is the best possible.")
 
 
 def _measure(num_devices: int) -> dict:

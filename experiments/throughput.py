@@ -122,17 +122,23 @@ def scan_inputs(length: int, batch: int = 8, channels: int = 64, state: int = 16
           jax.random.bernoulli(k[5], 0.01, (length, batch)))
 
 
-def scan_forward_backward(inputs, path: str, repeats: int, **scan_options) -> dict:
-  """Gradient of sum(y) + sum(h_L) through `ssm.selective_scan` with respect to x, Δ, A, B
-  and C. Returns compile seconds and the best of `repeats` seconds (the scan is short
-  enough that the minimum is the least noisy statistic on a shared machine)."""
+def compile_scan_gradient(inputs, path: str, **scan_options):
+  """The jitted gradient of sum(y) + sum(h_L) through `ssm.selective_scan` with respect to
+  x, Δ, A, B and C, compiled for `inputs`; returns (compiled, compile seconds)."""
   def loss(x, delta, A, B, C, h0, reset):
     y, h = ssm.selective_scan(x, delta, A, B, C, h0, reset, path=path, **scan_options)
     return jnp.sum(y) + jnp.sum(h)
 
   start = time.perf_counter()
   compiled = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4))).lower(*inputs).compile()
-  compile_seconds = time.perf_counter() - start
+  return compiled, time.perf_counter() - start
+
+
+def scan_forward_backward(inputs, path: str, repeats: int, **scan_options) -> dict:
+  """Compile seconds and the best of `repeats` seconds of `compile_scan_gradient`'s
+  function (the scan is short enough that the minimum is the least noisy statistic on a
+  shared machine)."""
+  compiled, compile_seconds = compile_scan_gradient(inputs, path, **scan_options)
   jax.block_until_ready(compiled(*inputs))
   return {"compile_s": compile_seconds,
           "best_s": min(call_times(lambda: compiled(*inputs), repeats))}

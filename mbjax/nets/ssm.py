@@ -101,7 +101,7 @@ def _blocked_scan(states_fn, x, delta, A, B, C, h0, reset, block: int, checkpoin
 
 
 def selective_scan(x, delta, A, B, C, h0, reset, *, path: ScanPath = "sequential",
-                   chunk_size: int = 4, block_size: int = 32, checkpoint: bool = True):
+                   chunk_size: int = 2, block_size: int = 32, checkpoint: bool = True):
   """Runs the selective recurrence over a time-major sequence.
 
   Args:
@@ -111,8 +111,9 @@ def selective_scan(x, delta, A, B, C, h0, reset, *, path: ScanPath = "sequential
     h0: f32[b, d, N] state before the first step.
     reset: bool[L, b]; True zeroes the carried state before that step.
     path: "sequential" | "associative" | "chunked" (same result up to float rounding).
-    chunk_size: time steps per associative chunk of the chunked path (4 was fastest on a
-      2-core CPU).
+    chunk_size: time steps per associative chunk of the chunked path. 2 was fastest on a
+      2-core CPU (two steps per loop iteration; longer chunks add log-depth work there);
+      accelerators want longer chunks.
     block_size: time steps per checkpointed block of the sequential path.
     checkpoint: recompute each block's (chunk's) states in the backward pass rather than
       storing them (sequential and chunked paths; no effect on values).
