@@ -27,6 +27,12 @@ def get_config(arg: str | None = None):
     cfg.ground_truth.enabled = True
     cfg.ground_truth.variants = ("fixed:default", "follow:default", "fixed:desert",
                                  "follow:desert")
+  if arg == "arena":
+    # The trained policy is the main job's agent (`make train`); Atari clips test the reward
+    # model out of domain.
+    cfg.ground_truth.policies = ("scripted", "random", "checkpoint")
+    cfg.ground_truth.checkpoint = "runs/arena_ppo"
+    cfg.ground_truth.atari_games = ("pong", "breakout")
   if arg == "debug":
     cfg.ground_truth.update(episodes=4, time_limit=120, label_fraction=0.5, pixel_size=64)
     cfg.convert.update(size=32, chunk_frames=60)
