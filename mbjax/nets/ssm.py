@@ -12,12 +12,13 @@ An episode start at t (`reset[t]`) means h_{t−1} is replaced by zeros. That is
 multiplying ā_t by 0, so the reset is folded into the decay and survives every path below.
 
 `selective_scan` has three interchangeable paths over a time-major sequence [L, ...]:
-* `"sequential"`: `lax.scan` of the recurrence, one step at a time (fastest on CPU).
+* `"sequential"`: `lax.scan` of the recurrence, one step at a time.
 * `"associative"`: `lax.associative_scan` over (ā, b̄) with the operator
   (a₁, b₁) ∘ (a₂, b₂) = (a₁a₂, a₂b₁ + b₂); O(log L) depth, the GPU/TPU path.
 * `"chunked"`: associative within chunks of `chunk_size`, sequential across chunks (the
   chunk's start state folded into its first drive), so only one chunk of states is live at
-  a time: L / chunk_size loop steps of log(chunk_size) depth.
+  a time: L / chunk_size loop steps of log(chunk_size) depth. With chunks of 2 (the default)
+  it was the fastest forward+backward on a 2-core CPU, 0.7–1.0× the sequential scan.
 With `checkpoint` (default) the sequential path runs in blocks of `block_size` steps and the
 chunked path chunk by chunk, and each block keeps only its start state for the backward
 pass, which recomputes the block (`jax.checkpoint`). Storing every step's state instead made
