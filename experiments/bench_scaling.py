@@ -12,7 +12,8 @@ do n times the work in the same time.
 
 On a CPU the simulated devices share the same cores (2 on the project's machines), so the
 efficiency there measures the overhead of the sharded program (collectives, per-device
-dispatch), not a speed-up: expect about 1/n at best. On accelerators the same command
+dispatch), not a speed-up: once one device keeps the cores busy, about 1/n is the best
+possible (above 1/n only where one device left a core idle). On accelerators the same command
 measures real scaling over the local GPUs/TPU cores (no device simulation; `--devices` must
 not exceed the local device count), e.g. on an 8-GPU node:
   python -m experiments.bench_scaling --devices=1,2,4,8 --envs_per_device=2048 \
