@@ -18,12 +18,13 @@ Variants (the `arg` string, comma-separated):
 Command:  python -m experiments.run_dual_system --config=configs/dual_system.py:llm \
               --config.motor.checkpoint=runs/directives
           python -m experiments.bench_dual_system --checkpoint=runs/directives
-Expected: (experiments/bench_dual_system.py, trained motor, 20 s per case, 2026-11-26, the
-          shared 2-core CPU at load average 10–12 from other jobs) System 1 step p50
-          1.7–2.5 ms, free-running 320–1400 steps/s with the 2 s LLM System 2; at 60 Hz
-          the achieved rate was 49–59.5 Hz with 0–7% of steps overrun (p99 7.7–71 ms),
-          no worse with the 2 s LLM backend than with the instant rule planner: the misses
-          are the OS scheduler under that load, not System 2 (BENCHMARKS.md, "Dual system").
+Expected: (experiments/bench_dual_system.py, 30 s per case, 2026-11-26, the 2-core CPU with
+          nothing else running) 60.00 Hz achieved in all four cases (arena / bridge × rule /
+          2 s LLM System 2), 0 of 1800 steps overrun, System 1 step p50 1.1–1.7 ms, p99
+          1.9–2.8 ms; free-running 1,850 steps/s. Under a load average of 10–12 from other
+          jobs the rate fell to 49–59.5 Hz with 0–7% of steps overrun, no worse with the
+          2 s LLM backend than with the instant rule planner: the OS scheduler, not System 2
+          (BENCHMARKS.md, "Dual system").
 """
 import ml_collections
 
