@@ -66,3 +66,23 @@ class ShardedTrainer:
                         out_specs=(self._specs, P())),
           donate_argnums=0)
     return self._chunks[num_updates]
+
+
+def batch_sharding(mesh: Mesh, batch_size: int, config_key: str, axis: int = 0
+                   ) -> NamedSharding:
+  """Splits a global batch of `batch_size` (on `axis` of every leaf) over the `data` axis.
+
+  For the learners that train on batches rather than on a RunnerState (the offline
+  phases): place the batch with this and the state with `NamedSharding(mesh, P())`, and
+  call the unchanged jitted update. Sharding propagation then runs each device's rows
+  locally and inserts the all-reduce where the loss means over the batch, so the gradient
+  is the global-batch gradient (as on one device, up to the order of the sums) and the
+  replicated parameters stay identical everywhere. `config_key` names the setting the
+  batch size comes from, for the error when it does not split evenly.
+  """
+  devices = mesh.shape[DATA_AXIS]
+  if batch_size % devices:
+    raise ValueError(f"{config_key}={batch_size} is the global batch and must be divisible "
+                     f"by the {devices} devices of the mesh (set run.num_devices or the "
+                     "batch size)")
+  return NamedSharding(mesh, P(*([None] * axis), DATA_AXIS))
