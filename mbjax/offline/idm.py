@@ -71,6 +71,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from mbjax.envs.spaces import HybridActionSpec
 
@@ -84,7 +85,9 @@ class IDMConfig:
   channels: tuple[int, ...] = (32, 64, 64)  # stem width, then one 3×3/2 conv per entry
   embed_dim: int = 256  # per-frame embedding
   motion_channels: tuple[int, ...] = (32, 64, 64)  # motion encoder: 1×1 mix, then 3×3/2 convs
-  motion_input: str = "stem"  # what the motion encoder compares: "stem" maps or raw "patches"
+  motion_input: str = "stem"  # what the motion encoder compares: "stem" maps, raw "patches"
+  #                             or full-resolution "pixels" (early fusion, see module doc)
+  motion_stride: int = 2  # "pixels": stride of the first pair convolution (kernel 2·stride)
   hidden: int = 256  # temporal head width
   continuous_from_motion: bool = True  # the continuous head reads only the motion vectors
   shift: int = 4  # training augmentation: each clip rolled by up to ± shift pixels (0: off)
@@ -105,9 +108,11 @@ class IDMConfig:
                        f"stem={self.stem}, channels={self.channels}")
     object.__setattr__(self, "channels", tuple(int(c) for c in self.channels))
     object.__setattr__(self, "motion_channels", tuple(int(c) for c in self.motion_channels))
-    if self.motion_input not in ("stem", "patches"):
-      raise ValueError(f"IDMConfig.motion_input must be 'stem' or 'patches', got "
+    if self.motion_input not in ("stem", "patches", "pixels"):
+      raise ValueError(f"IDMConfig.motion_input must be 'stem', 'patches' or 'pixels', got "
                        f"{self.motion_input!r}")
+    if self.motion_stride < 1:
+      raise ValueError(f"IDMConfig.motion_stride must be >= 1, got {self.motion_stride}")
 
   @property
   def context(self) -> int:
@@ -199,19 +204,29 @@ class FrameEncoder(nn.Module):
 
 
 class MotionEncoder(nn.Module):
-  """Two consecutive stem maps [N, h, w, c] → a motion vector f32[N, 2·channels[-1]].
+  """Two consecutive maps [N, h, w, c] (stem maps, patch vectors or frames) → a motion
+  vector f32[N, 2·channels[-1]].
 
-  A 1×1 layer over (a, b, b − a) and 3×3 stride-2 convolutions see local changes
+  A first layer over (a, b, b − a) — 1×1 (`stride` 0), or for full-resolution frames a
+  2·stride × 2·stride convolution with that stride, whose overlapping receptive fields see
+  a one-pixel shift wherever it falls — then 3×3 stride-2 convolutions see local changes
   anywhere in the frame; mean and max pooling over space make the result translation
   invariant (a sprite's displacement reads the same wherever it happens), which is what
   lets a few thousand labelled frames generalise.
   """
 
   channels: Sequence[int]
+  stride: int = 0
 
   @nn.compact
   def __call__(self, a: jax.Array, b: jax.Array) -> jax.Array:
-    x = nn.relu(nn.Dense(self.channels[0], name="mix")(jnp.concatenate([a, b, b - a], -1)))
+    pair = jnp.concatenate([a, b, b - a], -1)
+    if self.stride:
+      k = 2 * self.stride
+      x = nn.relu(nn.Conv(self.channels[0], (k, k), (self.stride, self.stride),
+                          name="mix")(pair))
+    else:
+      x = nn.relu(nn.Dense(self.channels[0], name="mix")(pair))
     x = _conv_stack(x, [nn.Conv(c, (3, 3), (2, 2), name=f"conv_{i}")
                         for i, c in enumerate(self.channels[1:])])
     return jnp.concatenate([x.mean(axis=(1, 2)), x.max(axis=(1, 2))], -1)
@@ -253,7 +268,8 @@ class IDMNet(nn.Module):
   def setup(self):
     cfg = self.cfg
     self.encoder = FrameEncoder(cfg.stem, cfg.channels, cfg.embed_dim)
-    self.motion = MotionEncoder(cfg.motion_channels)
+    self.motion = MotionEncoder(cfg.motion_channels,
+                                cfg.motion_stride if cfg.motion_input == "pixels" else 0)
     self.head = TemporalHead(self.spec, cfg.hidden, cfg.continuous_from_motion)
 
   def _encode_sequences(self, frames: jax.Array):
@@ -262,7 +278,10 @@ class IDMNet(nn.Module):
     patches = self.encoder.patches(frames.reshape((b * length,) + frames.shape[2:]))
     stem = self.encoder.stem_map(patches)
     emb = self.encoder.embed_map(stem).reshape(b, length, -1)
-    source = patches if self.cfg.motion_input == "patches" else stem
+    if self.cfg.motion_input == "pixels":  # full resolution, in [0, 1]
+      source = frames.reshape((b * length,) + frames.shape[2:]).astype(jnp.float32) / 255.0
+    else:
+      source = patches if self.cfg.motion_input == "patches" else stem
     source = source.reshape((b, length) + source.shape[1:])
     motion = self.motion(source[:, :-1].reshape((-1,) + source.shape[2:]),
                          source[:, 1:].reshape((-1,) + source.shape[2:]))
@@ -532,14 +551,22 @@ def gather_clips(episodes: Sequence[Episode], episode_ids, starts, length: int):
 def fit(state: IDMState, episodes: Sequence[Episode], num_steps: int,
         rng: np.random.Generator, batch: int = 8, clip_length: int = 16,
         focus: Sequence[np.ndarray] | None = None, focus_fraction: float = 0.0,
-        log_fn: Callable[[int, dict], None] | None = None, log_every: int = 50):
-  """`num_steps` updates on random clips; returns (state, last metrics as floats)."""
+        log_fn: Callable[[int, dict], None] | None = None, log_every: int = 50,
+        data_sharding: NamedSharding | None = None):
+  """`num_steps` updates on random clips; returns (state, last metrics as floats).
+
+  `data_sharding` (`mbjax.train.sharding.batch_sharding`): each global batch of `batch`
+  clips is split over its mesh and the state replicated there (data-parallel; the same
+  updates as on one device up to the order of the sums)."""
+  if data_sharding is not None:
+    state = jax.device_put(state, NamedSharding(data_sharding.mesh, P()))
   lengths = [e.frames.shape[0] for e in episodes]
   metrics = {}
   for step in range(num_steps):
     ids, starts = sample_clips(rng, lengths, batch, clip_length, state.cfg.window, focus,
                                focus_fraction)
-    state, metrics = update(state, *gather_clips(episodes, ids, starts, clip_length))
+    clips = jax.device_put(gather_clips(episodes, ids, starts, clip_length), data_sharding)
+    state, metrics = update(state, *clips)
     if log_fn is not None and (step + 1) % log_every == 0:
       log_fn(step + 1, jax.tree.map(float, metrics))
   return state, jax.tree.map(float, metrics)
