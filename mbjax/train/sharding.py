@@ -1,9 +1,13 @@
 """Data parallelism over a 1-D device mesh with `jax.shard_map`.
 
 The runner state is split by role: the agents (parameters, optimiser states, statistics,
-auxiliary learners), the key and the counters are replicated; everything with a leading env axis (env state,
+auxiliary learners), the key and the counters are replicated; everything with an env axis (env state,
 observations, recurrent carries) is split over the `data` axis. Inside, the Anakin
 functions see their local slice and use `axis_name` for the collectives.
+
+The same layout serves the other learners: the population trainer (`mbjax.train.population`)
+stacks runner states over members and splits each member's env axis (`runner_specs(1)`), and
+the Sebulba learner (`mbjax.train.sebulba`) splits the env axis of the rollouts it receives.
 """
 from __future__ import annotations
 
@@ -25,19 +29,24 @@ def make_mesh(num_devices: int = 0) -> Mesh:
   return Mesh(np.asarray(devices), (DATA_AXIS,), axis_types=(AxisType.Auto,))
 
 
-def runner_specs() -> anakin.RunnerState:
-  """PartitionSpecs for a RunnerState (a pytree prefix of it)."""
-  return anakin.RunnerState(agent=P(), aux=P(), env_state=P(DATA_AXIS), obs=P(DATA_AXIS),
-                            is_first=P(DATA_AXIS), carry=P(DATA_AXIS), key=P(),
-                            update_step=P())
+def runner_specs(leading_axes: int = 0) -> anakin.RunnerState:
+  """PartitionSpecs for a RunnerState (a pytree prefix of it) whose leaves have
+  `leading_axes` unsplit axes (e.g. members) before the env axis."""
+  env = P(*(None,) * leading_axes, DATA_AXIS)
+  return anakin.RunnerState(agent=P(), aux=P(), env_state=env, obs=env, is_first=env,
+                            carry=env, key=P(), update_step=P())
+
+
+def tree_shardings(mesh: Mesh, specs, tree):
+  """NamedShardings for every leaf of `tree`, from `specs` (a pytree prefix of it)."""
+  return jax.tree.map(
+      lambda spec, subtree: jax.tree.map(lambda _: NamedSharding(mesh, spec), subtree),
+      specs, tree, is_leaf=lambda x: isinstance(x, P))
 
 
 def runner_shardings(mesh: Mesh, runner_like) -> anakin.RunnerState:
   """NamedShardings for every leaf of a RunnerState (for placing restored checkpoints)."""
-  specs = runner_specs()
-  return jax.tree.map(
-      lambda spec, subtree: jax.tree.map(lambda _: NamedSharding(mesh, spec), subtree),
-      specs, runner_like, is_leaf=lambda x: isinstance(x, P))
+  return tree_shardings(mesh, runner_specs(), runner_like)
 
 
 class ShardedTrainer:
