@@ -108,7 +108,8 @@ def base_config() -> ml_collections.ConfigDict:
   cfg.offline.batch_size = 16  # windows of world_model.seq_len steps per update
 
   cfg.run = ml_collections.ConfigDict()
-  cfg.run.num_devices = 0  # 0: every local device
+  cfg.run.num_devices = 0  # 0: every local device (Sebulba: its learner's devices)
+  cfg.run.actor_device = -1  # Sebulba actors' policy device: -1 host CPU, k: jax.devices()[k]
   cfg.run.log_every_updates = 10  # updates per jitted chunk and per console/metrics line
   cfg.run.checkpoint_every_updates = 50  # a multiple of log_every_updates
   cfg.run.keep_checkpoints = 2
