@@ -20,6 +20,9 @@ Expected: 2 M env steps per member (16 M in all); the full run was not made on t
           over 3 seeds × 128 episodes the role returns (scout, speedrunner, killer, tank) are
           base 7.36 / 11.62 / 7.55 / 3.07, mean merge 7.48 / 12.07 / 7.81 / 2.07 (BENCHMARKS.md,
           "Population: role specialists and merges").
+Devices:  `--config.run.num_devices=N` (0, the default: all) splits each member's 64 envs
+          over N devices, the same global batch (mbjax/train/population.py); a checkpoint
+          resumes on any N dividing 64.
 Variants: `:bench` as above; `:debug` — 2 roles × 2 members, 8 envs × 32 steps, 4 updates,
           PBT every update on 2 short evaluation episodes (used by the tests; its base is an
           arena_ppo:debug run).

@@ -13,6 +13,11 @@ Expected: 8 games at 60 Hz in real time, 300–470 actor steps/s while learning 
           2-core CPU, ≈ 5 min; the final evaluation (300 steps per game from fresh runs)
           gives the trained policy ≈ 0.25 reward/step vs ≈ 0.18 for the random policy
           (measured 2026-11-26, BENCHMARKS.md "Bridges").
+Devices:  actors act on the host CPU (`run.actor_device=-1`; k: jax.devices()[k]); the
+          learner's update is data-parallel over the first `run.num_devices` devices (0: all;
+          `num_envs` must divide by it); `--config.run.num_devices=2 --config.run.actor_device=2`
+          puts the 8 games' actors on GPU 2, apart from the learner on GPUs 0 and 1
+          (mbjax/train/sebulba.py).
 Debug:    --config=configs/bridge_ppo.py:debug — 4 lock-step games (4 ticks per action),
           32-step rollouts, 50 updates (6,400 steps, ≈ 50 s); what the smoke test runs.
 """

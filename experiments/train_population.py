@@ -4,6 +4,8 @@
 Rerunning the same command with the same --workdir resumes from its latest checkpoint;
 `--max_updates=N` stops after update N (checkpointed), so a long run can be done in parts.
 At the end each role's best member is written to `<workdir>/specialists/<role>`.
+`--config.run.num_devices=N` splits every member's envs over N local devices (0, the
+default: all; `num_envs` must divide by N); a run may resume on another device count.
 """
 import os
 

@@ -23,6 +23,22 @@ state, observation statistics) and hyperparameters of a member of the top fracti
 copies' hyperparameters are then perturbed within their declared ranges. Env states stay
 with their member.
 
+Devices: the population runs on a 1-D `data` mesh of `run.num_devices` devices (0: all;
+`mbjax.train.sharding`). Each member's `num_envs` envs are split over the mesh — every
+device steps every member on its own `num_envs / D` envs, the Anakin layout with a member axis
+in front — while agents, hyperparameters, scores and keys are replicated. The global batch
+is unchanged by D: per member and update, `num_envs × ppo.num_steps` transitions, cut into
+the same minibatches (`ppo.update` shares the chunk permutation across devices). Inside the
+vmapped update the loss, the advantage and observation statistics are `lax.pmean`-ed over
+`data` and the gradient is taken of the averaged loss, so each member's update equals its
+single-device update up to float reduction order; each env's random stream is folded from
+its global index, so trajectories do not depend on D either. The env axis is split rather
+than the member axis because it works for any member count (role groups rarely divide the
+device count), keeps PBT's copies between members local (agents are replicated), and is the
+layout of single-agent runs, so a checkpoint restores onto any device count that divides
+`num_envs`. The PBT evaluation is small next to training and runs replicated on every
+device.
+
 Observation statistics are frozen at the base's by default (`freeze_obs_stats`): a task
 vector θᵢ − θ_base only means something when every specialist reads the same normalised
 inputs, which the merges in `mbjax.population.merge` assume.
@@ -47,13 +63,14 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
+from jax.sharding import Mesh, PartitionSpec as P
 
 from mbjax.agents import ppo
 from mbjax.envs import registry
 from mbjax.envs.bonk_arena import rewards, rollout
 from mbjax.population import merge as merge_lib
 from mbjax.population import pbt
-from mbjax.train import anakin, evaluate
+from mbjax.train import anakin, distributed, evaluate, sharding
 from mbjax.train import checkpoint as checkpoint_lib
 from mbjax.train import config as config_lib
 from mbjax.train.metrics import MetricsWriter
@@ -179,21 +196,31 @@ def member_config(cfg, hparams: dict) -> ml_collections.ConfigDict:
 
 
 class PopulationTrainer:
-  """The population's pure functions for one config, jitted once and reused."""
+  """The population's pure functions for one config, jitted once and reused, sharded over
+  `mesh` (default: `run.num_devices` devices)."""
 
-  def __init__(self, cfg):
+  def __init__(self, cfg, mesh: Mesh | None = None):
     validate(cfg)
     self.cfg = cfg
     p = cfg.population
+    self.mesh = sharding.make_mesh(cfg.run.num_devices) if mesh is None else mesh
+    num_shards = self.mesh.shape[sharding.DATA_AXIS]
+    if cfg.num_envs % num_shards:
+      raise ValueError(f"config.num_envs={cfg.num_envs} (envs per member) must be divisible "
+                       f"by the {num_shards} devices of the mesh (config.run.num_devices="
+                       f"{cfg.run.num_devices})")
     self.env, self.env_params = registry.make(cfg.env.name, **cfg.env.kwargs.to_dict())
     self.roles = member_roles(cfg)
     self.names = member_names(cfg)
     self.num_members = len(self.roles)
     self.weights = jnp.asarray(role_weight_matrix(self.roles))  # [P, 7]
     self.specs = hparam_specs(cfg)
-    # Built from the config's own values: init, the network, the update count. Members'
+    # Built from the config's own values: the network, the update count, shapes. Members'
     # trainers are rebuilt inside the vmapped update with their traced hyperparameters.
     self.template = anakin.make_train(cfg, self.env, self.env_params)
+    self._num_shards = num_shards
+    self._sharded = anakin.make_train(cfg, self.env, self.env_params, num_shards,
+                                      sharding.DATA_AXIS)
     self.num_updates = self.template.num_updates
     self.env_steps_per_update = self.template.env_steps_per_update  # per member
     self.eval_steps = int(p.eval_max_steps or self.env_params.time_limit)
@@ -201,23 +228,30 @@ class PopulationTrainer:
     k = p.members_per_role
     self.groups = ([np.arange(r * k, (r + 1) * k) for r in range(len(p.roles))]
                    if k > 1 else [])
-    jitted_init = jax.jit(self._init)
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    # Committed to the device, as a restored checkpoint is: otherwise the jitted chunk would
-    # compile once for fresh states and again for restored ones.
-    self.init = lambda base_agent, key: jax.device_put(jitted_init(base_agent, key), device)
-    self.score = jax.jit(self._score)
-    self.pbt_round = jax.jit(self._pbt_round)
+    # PartitionSpecs of a PopulationState: member envs split, everything else replicated.
+    self.partition = PopulationState(runners=sharding.runner_specs(leading_axes=1),
+                                     hparams=P(), scores=P(), key=P(), update_step=P())
+    # `init(base_agent, key)`; its output is placed as a restored checkpoint is, so the
+    # compiled chunk serves fresh and restored states alike.
+    self.init = jax.jit(jax.shard_map(self._init, mesh=self.mesh, in_specs=(P(), P()),
+                                      out_specs=self.partition))
+    self.shardings = sharding.tree_shardings(self.mesh, self.partition, self.abstract_state())
+    replicated = jax.sharding.NamedSharding(self.mesh, P())
+    # The evaluation reads replicated agents; pinning the output layout keeps env states
+    # where the chunk expects them.
+    self.score = jax.jit(self._score, out_shardings=self.shardings)
+    self.pbt_round = jax.jit(self._pbt_round, out_shardings=(self.shardings, replicated))
     self._chunks, self._compiled = {}, {}
 
   # -- initialisation ---------------------------------------------------------------------
 
   def _init(self, base_agent: ppo.PPOState, key: jax.Array) -> PopulationState:
     """Every member starts from `base_agent`'s parameters and observation statistics with
-    a fresh optimiser state, its own envs and its own RNG stream."""
+    a fresh optimiser state, its own envs and its own RNG stream. Per device (under
+    `shard_map`): the envs are this device's slice."""
     key, members_key = jax.random.split(key)
     # lax.map, not vmap: vmapped orthogonal initialisers can deadlock jaxlib 0.10 on CPU.
-    runners = jax.lax.map(self.template.init, jax.random.split(members_key, self.num_members))
+    runners = jax.lax.map(self._sharded.init, jax.random.split(members_key, self.num_members))
     stack = lambda x: jnp.broadcast_to(x, (self.num_members,) + x.shape)
     agent = runners.agent.replace(params=jax.tree.map(stack, base_agent.params),
                                   obs_stats=jax.tree.map(stack, base_agent.obs_stats))
@@ -228,32 +262,43 @@ class PopulationTrainer:
                            jnp.int32(0))
 
   def abstract_state(self) -> PopulationState:
-    """Shapes and dtypes of a population state (a restore target), computing nothing."""
+    """Global shapes and dtypes of a population state, computing nothing."""
     key = jax.random.PRNGKey(0)
     base_agent = jax.eval_shape(self.template.init, key).agent
-    return jax.eval_shape(self._init, base_agent, key)
+    return jax.eval_shape(self.init, base_agent, key)
+
+  def restore_target(self) -> PopulationState:
+    """`abstract_state` placed on this trainer's mesh: restores a checkpoint written on any
+    device count onto this one."""
+    return checkpoint_lib.abstract_like(self.abstract_state(), self.shardings)
 
   # -- training ---------------------------------------------------------------------------
 
   def _member_update(self, runner: anakin.RunnerState, hparams: dict, weights: jax.Array):
     member = anakin.make_train(member_config(self.cfg, hparams), self.env,
-                               self.env_params.replace(reward_weights=weights))
+                               self.env_params.replace(reward_weights=weights),
+                               self._num_shards, sharding.DATA_AXIS)
     new, metrics = member.update(runner)
     if self.cfg.population.freeze_obs_stats:
       new = new.replace(agent=new.agent.replace(obs_stats=runner.agent.obs_stats))
     return new, metrics
 
   def update(self, state: PopulationState) -> tuple[PopulationState, dict]:
-    """One rollout and PPO update of every member; metrics are [P]."""
+    """One rollout and PPO update of every member; metrics are [P]. Per device: call it
+    under `shard_map` over `mesh` with `partition` (as `chunk` does)."""
     runners, metrics = jax.vmap(self._member_update)(state.runners, state.hparams,
                                                      self.weights)
     return state.replace(runners=runners, update_step=state.update_step + 1), metrics
 
   def chunk(self, num_updates: int):
-    """Jitted `state -> (state, metrics [num_updates, P])`."""
+    """Jitted `state -> (state, metrics [num_updates, P])`, sharded over the mesh; the
+    metrics are global (reduced over devices) and replicated."""
     if num_updates not in self._chunks:
-      self._chunks[num_updates] = jax.jit(
-          lambda s: jax.lax.scan(lambda s, _: self.update(s), s, None, num_updates))
+      def run(state):
+        return jax.lax.scan(lambda s, _: self.update(s), state, None, num_updates)
+
+      self._chunks[num_updates] = jax.jit(jax.shard_map(
+          run, mesh=self.mesh, in_specs=(self.partition,), out_specs=(self.partition, P())))
     return self._chunks[num_updates]
 
   def compiled_chunk(self, num_updates: int, state: PopulationState):
@@ -394,21 +439,18 @@ def load_base(cfg) -> ppo.PPOState:
   return jax.device_get(base_runner.agent)
 
 
-def _single_device(tree):
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  return checkpoint_lib.abstract_like(tree, jax.tree.map(lambda _: device, tree))
-
-
-def restore_population(workdir: str) -> tuple[PopulationTrainer, PopulationState]:
-  """(trainer, state) of the latest checkpoint of a population run, from its config."""
+def restore_population(workdir: str, num_devices: int = 1
+                       ) -> tuple[PopulationTrainer, PopulationState]:
+  """(trainer, state) of the latest checkpoint of a population run, from its config, on a
+  mesh of `num_devices` devices (whatever device count wrote it)."""
   with open(os.path.join(workdir, "config.json")) as f:
     cfg = ml_collections.ConfigDict(json.load(f))
-  trainer = PopulationTrainer(cfg)
+  trainer = PopulationTrainer(cfg, sharding.make_mesh(num_devices))
   checkpointer = checkpoint_lib.Checkpointer(workdir, cfg.run.keep_checkpoints)
   step = checkpointer.latest_step()
   if step is None:
     raise FileNotFoundError(f"no checkpoint under {checkpointer.directory}")
-  state = checkpointer.restore(step, _single_device(trainer.abstract_state()), cfg)
+  state = checkpointer.restore(step, trainer.restore_target(), cfg)
   checkpointer.close()
   return trainer, state
 
@@ -446,8 +488,9 @@ def _chunk_record(trainer: PopulationTrainer, metrics: dict, hparams: dict) -> d
 def run(cfg, workdir: str, *, max_updates: int | None = None,
         trainer: PopulationTrainer | None = None) -> dict:
   """Trains (or resumes) the population `cfg` in `workdir`, stopping after update
-  `max_updates` when given (a checkpoint is written there, so a rerun continues). Returns
-  the last metrics record, the final state and the output locations."""
+  `max_updates` when given (a checkpoint is written there, so a rerun continues; it may
+  continue on another device count). Returns the last metrics record, the final state and
+  the output locations."""
   trainer = trainer or PopulationTrainer(cfg)
   p = cfg.population
   workdir = os.path.abspath(workdir)
@@ -457,10 +500,12 @@ def run(cfg, workdir: str, *, max_updates: int | None = None,
   if resume_step is None:
     state = trainer.init(load_base(cfg), jax.random.PRNGKey(cfg.seed))
     logging.info("Starting a population of %d (%s) from %s: %d updates of %d env steps "
-                 "per member.", trainer.num_members, ", ".join(trainer.names),
-                 p.base_workdir, trainer.num_updates, trainer.env_steps_per_update)
+                 "per member over %d device(s).", trainer.num_members,
+                 ", ".join(trainer.names), p.base_workdir, trainer.num_updates,
+                 trainer.env_steps_per_update, trainer.mesh.size)
   else:
-    state = checkpointer.restore(resume_step, _single_device(trainer.abstract_state()), cfg)
+    # Onto this run's mesh, whatever device count wrote the checkpoint.
+    state = checkpointer.restore(resume_step, trainer.restore_target(), cfg)
     logging.info("Resumed %s from update %d.", workdir, resume_step)
   _write_json_atomic(os.path.join(workdir, "config.json"), cfg.to_dict())
   writer = MetricsWriter(workdir, trainer.env_steps_per_update, resume_step)

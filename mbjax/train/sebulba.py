@@ -17,11 +17,26 @@ reconnect to a restarted game: `truncated`, and the next observation starts a ne
 After a run ends the actor clicks through the game-over screen.
 
 Learner. Waits for one rollout from every actor (bounded by `bridge.rollout_timeout`),
-concatenates them along the env axis, runs the same jitted `ppo.update` as the Anakin loop,
+concatenates them along the env axis, runs the same `ppo.update` as the Anakin loop,
 and publishes the new parameters, which actors pick up at their next step. Rollouts can thus
 be one or two policy versions old; the stored behaviour log-probs keep the PPO ratio right.
-One learner device (no sharding) in this version. V(s') of a transition is computed with the
-parameters current at the next step, which may be one version newer.
+V(s') of a transition is computed with the parameters current at the next step, which may be
+one version newer.
+
+Devices (the Sebulba split). Actors run their jitted policy on one device, `run.actor_device`
+(-1, the default: the host CPU, where the observations arrive and the actions leave; k:
+`jax.devices()[k]`). The learner runs data-parallel on a 1-D `data` mesh over the first
+`run.num_devices` devices (0: all; `mbjax.train.sharding`): the rollout's env axis — the
+`num_envs` games, the global batch of `num_envs × ppo.num_steps` transitions per update — is
+split over the mesh, parameters and optimiser state are replicated, and `ppo.update` runs
+under `shard_map` with `axis_name`: the loss and the advantage and observation statistics are
+`lax.pmean`-ed over `data` and the gradient is taken of the averaged loss, so the update
+equals the one-device update on the same rollout up to float reduction order. The
+minibatches are the same whatever the device count (one key, shared by every device, draws
+the chunk permutation); the actors' sampling keys are per actor thread. To keep actors and
+learner apart on an accelerator host, point `run.actor_device` at a device past the first
+`run.num_devices`, e.g. `run.num_devices=2`, `run.actor_device=2`: learner on devices 0
+and 1, actors on device 2. `num_envs` must divide by `run.num_devices`.
 
 I/O lives here only: sockets and threads in the actors, files in `run`. Metrics include the
 observation age at the actor (time from the game stamping a state to the policy using it;
@@ -42,11 +57,14 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
 from mbjax.agents import ppo
 from mbjax.bridge import client as client_lib
 from mbjax.bridge import launch, shim
 from mbjax.data import replay
 from mbjax.envs.spaces import HybridAction, HybridActionSpec
+from mbjax.train import sharding
 
 ACTION_SPEC = HybridActionSpec(continuous_dim=2, branches=(shim.MENU_BRANCH,))
 
@@ -80,6 +98,28 @@ class ActorStats:
     self.steps, self.episodes, self.ages_ms, self.receive_ages_ms = 0, [], [], []
     self.faults = 0
     return out
+
+
+def make_learner_update(cfg, network, optimizer, mesh: Mesh):
+  """Jitted `(agent, rollout [T, E, ...], key) -> (agent, metrics)`: `ppo.update`
+  data-parallel over `mesh`, the rollout's env axis split over `data` (E must divide by the
+  device count), agent, key and metrics replicated."""
+  update = functools.partial(ppo.update, network=network, optimizer=optimizer, cfg=cfg,
+                             axis_name=sharding.DATA_AXIS)
+  return jax.jit(jax.shard_map(update, mesh=mesh,
+                               in_specs=(P(), P(None, sharding.DATA_AXIS), P()),
+                               out_specs=(P(), P())))
+
+
+def actor_device(index: int):
+  """The device actors run their policy on: -1 the host CPU, k `jax.devices()[k]`."""
+  if index == -1:
+    return jax.devices("cpu")[0]
+  devices = jax.devices()
+  if not 0 <= index < len(devices):
+    raise ValueError(f"config.run.actor_device={index}: expected -1 (host CPU) or an index "
+                     f"into the {len(devices)} devices {devices}")
+  return devices[index]
 
 
 def make_act_fn(network, normalize: bool):
@@ -242,16 +282,25 @@ class Actor(threading.Thread):
 
 
 class Sebulba:
-  """Actors + learner around running games. `step()` = one PPO update on fresh rollouts."""
+  """Actors + learner around running games. `step()` = one PPO update on fresh rollouts,
+  on the learner mesh (`run.num_devices` devices unless `mesh` is given)."""
 
   def __init__(self, cfg, ports: list[int], clock_epoch: float | None = None,
-               agent: ppo.PPOState | None = None, update_step: int = 0):
+               agent: ppo.PPOState | None = None, update_step: int = 0,
+               mesh: Mesh | None = None):
     b = cfg.bridge
     if cfg.num_envs != len(ports):
       raise ValueError(f"num_envs={cfg.num_envs} but {len(ports)} game ports were given")
     if not 1 <= b.num_actor_threads <= cfg.num_envs or cfg.num_envs % b.num_actor_threads:
       raise ValueError(f"bridge.num_actor_threads={b.num_actor_threads} must divide "
                        f"num_envs={cfg.num_envs}")
+    self.mesh = sharding.make_mesh(cfg.run.num_devices) if mesh is None else mesh
+    if cfg.num_envs % self.mesh.size:
+      raise ValueError(f"num_envs={cfg.num_envs} (games) must be divisible by the "
+                       f"{self.mesh.size} learner devices (config.run.num_devices="
+                       f"{cfg.run.num_devices})")
+    self.replicated = NamedSharding(self.mesh, P())
+    self.rollout_sharding = NamedSharding(self.mesh, P(None, sharding.DATA_AXIS))
     self.cfg = cfg
     self.num_updates = int(cfg.total_env_steps) // (cfg.num_envs * cfg.ppo.num_steps)
     if self.num_updates < 1:
@@ -261,14 +310,13 @@ class Sebulba:
     self.optimizer = ppo.make_optimizer(cfg, self.num_updates)
     self.obs_shape = (shim.observation_size(b.num_obs_enemies),)
     key = jax.random.PRNGKey(cfg.seed)
-    self.key, init_key = jax.random.split(key)
-    self.agent = agent if agent is not None else ppo.init(
-        init_key, self.network, self.optimizer, self.obs_shape, jnp.float32)
+    key, init_key = jax.random.split(key)
+    self.key = jax.device_put(key, self.replicated)
+    self.agent = jax.device_put(agent if agent is not None else ppo.init(
+        init_key, self.network, self.optimizer, self.obs_shape, jnp.float32), self.replicated)
     self.update_step = update_step
-    self._update = jax.jit(functools.partial(ppo.update, network=self.network,
-                                             optimizer=self.optimizer, cfg=cfg))
-    actor_device = jax.devices("cpu")[0]
-    self.published = _Published(self.agent, actor_device)
+    self._update = make_learner_update(cfg, self.network, self.optimizer, self.mesh)
+    self.published = _Published(self.agent, actor_device(cfg.run.actor_device))
     self.stop_event = threading.Event()
     act_fn = make_act_fn(self.network, cfg.ppo.normalize_observations)
     per_actor = cfg.num_envs // b.num_actor_threads
@@ -300,7 +348,8 @@ class Sebulba:
   def step(self) -> dict:
     """Waits for a rollout from every actor, updates, publishes; returns the metrics."""
     parts, versions = zip(*[self._get_rollout(a) for a in self.actors])
-    rollout = jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=1), *parts)
+    rollout = jax.device_put(jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=1), *parts),
+                             self.rollout_sharding)
     # Policy lag: how many updates older than the learner's parameters the data's policy is.
     lag = self.update_step - min(versions)
     self.key, update_key = jax.random.split(self.key)
@@ -441,11 +490,11 @@ def run(cfg, workdir: str) -> dict:
     resume = checkpointer.latest_step()
     if resume is not None:
       like = {"agent": learner.agent, "key": learner.key, "update_step": jnp.int32(0)}
-      sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-      restored = checkpointer.restore(
-          resume, checkpoint_lib.abstract_like(like, jax.tree.map(lambda _: sharding, like)), cfg)
+      # Replicated on this run's learner mesh, whatever device count wrote the checkpoint.
+      restored = checkpointer.restore(resume, checkpoint_lib.abstract_like(
+          like, jax.tree.map(lambda _: learner.replicated, like)), cfg)
       learner = Sebulba(cfg, ports, clock_epoch=epoch, agent=restored["agent"],
-                        update_step=int(restored["update_step"]))
+                        update_step=int(restored["update_step"]), mesh=learner.mesh)
       learner.key = restored["key"]
       logging.info("Resumed %s from update %d.", workdir, resume)
     writer = MetricsWriter(workdir, steps_per_update, resume)
