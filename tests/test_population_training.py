@@ -178,12 +178,13 @@ def test_run_resumes_to_the_uninterrupted_state_and_exports_specialists(setup, t
 
 
 def test_a_four_device_checkpoint_restores_on_one_device_and_continues_alike(setup, tmp_path):
-  """Written on 4 devices, a checkpoint restores bit for bit on 1 and the two go on with the
-  same members: env randomness is keyed by global env index, so the trajectories are equal,
-  and the 4-device update averages loss and statistics over devices, so parameters differ
-  only by float reduction order — measured max |Δθ| = 1.8e-7 after two updates of every
-  member. The tolerance, 1e-5, is far below what the two updates move (3.4e-3)."""
-  cfg, trainer, _, _ = setup
+  """Written on 4 devices, a checkpoint restores bit for bit on 1, a fresh init is the same
+  on both, and the two go on with the same members: env randomness is keyed by global env
+  index, so the trajectories are equal, and the 4-device update averages loss and
+  statistics over devices, so parameters differ only by float reduction order — measured
+  max |Δθ| = 1.8e-7 after two updates of every member. The tolerance, 1e-5, is far below
+  what the two updates move (3.4e-3)."""
+  cfg, trainer, _, base = setup
   workdir = str(tmp_path / "four")
   four = population.run(cfg, workdir, max_updates=2, trainer=trainer)["state"]
   assert four.runners.obs.sharding.num_devices == 4
@@ -191,6 +192,9 @@ def test_a_four_device_checkpoint_restores_on_one_device_and_continues_alike(set
   one_trainer, one = population.restore_population(workdir, num_devices=1)
   assert one_trainer.mesh.size == 1 and one.runners.obs.sharding.num_devices == 1
   chex.assert_trees_all_equal(jax.device_get(one), jax.device_get(four))
+  # A fresh start is the same on both too: envs are reset from their global indices.
+  chex.assert_trees_all_equal(jax.device_get(one_trainer.init(base, jax.random.PRNGKey(1))),
+                              jax.device_get(trainer.init(base, jax.random.PRNGKey(1))))
   start = jax.device_get(four.runners.agent.params)
   for _ in range(2):
     four, _ = trainer.chunk(1)(four)
@@ -202,6 +206,9 @@ def test_a_four_device_checkpoint_restores_on_one_device_and_continues_alike(set
   assert int(one.update_step) == 4 and np.isfinite(metrics["loss/total"]).all()
   moved = jax.tree.map(lambda a, b: np.abs(a - b).max(), start, one.runners.agent.params)
   assert max(jax.tree.leaves(moved)) > 1e-3
+  with pytest.raises(ValueError, match=r"config.num_envs=8 \(envs per member\) must be "
+                     "divisible by the 3 devices"):
+    population.PopulationTrainer(cfg, sharding.make_mesh(3))
 
 
 def test_evaluated_gate_asks_each_role_to_keep_its_share_of_the_gain():

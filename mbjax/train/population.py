@@ -70,7 +70,7 @@ from mbjax.envs import registry
 from mbjax.envs.bonk_arena import rewards, rollout
 from mbjax.population import merge as merge_lib
 from mbjax.population import pbt
-from mbjax.train import anakin, distributed, evaluate, sharding
+from mbjax.train import anakin, evaluate, sharding
 from mbjax.train import checkpoint as checkpoint_lib
 from mbjax.train import config as config_lib
 from mbjax.train.metrics import MetricsWriter

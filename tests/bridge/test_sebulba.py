@@ -145,3 +145,8 @@ def test_learner_update_on_four_devices_equals_one_device():
                                err_msg=name)
   moved = jax.tree.map(lambda a, b: np.abs(a - b).max(), start.params, one.params)
   assert max(jax.tree.leaves(moved)) > 1e-3
+  # Placements that cannot work are named.
+  with pytest.raises(ValueError, match=r"num_envs=4 \(games\) must be divisible by the 3"):
+    sebulba.Sebulba(cfg, list(range(4)), mesh=sharding.make_mesh(3))
+  with pytest.raises(ValueError, match=r"config.run.actor_device=4: expected -1"):
+    sebulba.actor_device(4)
