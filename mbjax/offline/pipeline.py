@@ -45,6 +45,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from mbjax.envs.spaces import HybridActionSpec
 from mbjax.offline import chunks as chunks_lib
@@ -56,6 +57,7 @@ from mbjax.offline import skills as skills_lib
 from mbjax.offline import video as video_lib
 from mbjax.train import config as learner_config
 from mbjax.train import offline as offline_lib
+from mbjax.train import sharding
 
 PHASES = ("ground_truth", "convert", "attach_labels", "idm_train", "idm_label", "reward_train",
           "reward_label", "export", "skills_train", "skills_label", "world_model", "dream",
@@ -73,6 +75,10 @@ def base_config() -> ml_collections.ConfigDict:
   """Every field the pipeline reads, with defaults (configs/video_pretrain.py overrides)."""
   cfg = ml_collections.ConfigDict()
   cfg.seed = 0
+  # Every training phase (idm_train, reward_train, skills_train, world_model, dream) runs
+  # data-parallel over a mesh of this many devices (0: all); each phase's batch size is the
+  # global batch and must divide by it. (`learner.run` is not read by the pipeline.)
+  cfg.run = ml_collections.ConfigDict({"num_devices": 0})
   # The action space the videos were played with: continuous dims, then discrete branches.
   cfg.action = ml_collections.ConfigDict({"continuous_dim": 2, "branches": (4,)})
 
@@ -426,10 +432,18 @@ def _labelled_episodes(ws: Workspace, spec: HybridActionSpec, skipped: Skipped):
   return episodes, focus
 
 
+def _mesh(cfg) -> Mesh:
+  try:
+    return sharding.make_mesh(cfg.run.num_devices)
+  except ValueError as e:
+    raise ValueError(f"run.num_devices={cfg.run.num_devices}: {e}") from None
+
+
 def idm_train(ws: Workspace, cfg) -> dict:
   directory = ws.model_dir("idm")
   if model_exists(directory):
     return {"model": directory, "resumed": "already trained"}
+  data_sharding = sharding.batch_sharding(_mesh(cfg), cfg.idm.batch, "idm.batch")
   spec, skipped = action_spec(cfg), Skipped("idm_train")
   episodes, focus = _labelled_episodes(ws, spec, skipped)
   discrete = np.concatenate([e.labels.discrete for e in episodes])
@@ -442,7 +456,8 @@ def idm_train(ws: Workspace, cfg) -> dict:
       state, episodes, cfg.idm.steps, np.random.default_rng(cfg.seed), cfg.idm.batch,
       cfg.idm.clip_length, focus, cfg.idm.focus_fraction,
       log_fn=lambda step, m: logging.info("idm_train %d/%d: %s", step, cfg.idm.steps,
-                                          _fmt(m)), log_every=cfg.log_every)
+                                          _fmt(m)), log_every=cfg.log_every,
+      data_sharding=data_sharding)
   model_id = save_model(directory, state.params, {
       "idm": dataclasses.asdict(idm_cfg), "frame_shape": list(_frame_shape(cfg)),
       "class_weights": [w.tolist() for w in weights]})
@@ -506,6 +521,7 @@ def reward_train(ws: Workspace, cfg) -> dict:
   directory = ws.model_dir("reward")
   if model_exists(directory):
     return {"model": directory, "resumed": "already trained"}
+  data_sharding = sharding.batch_sharding(_mesh(cfg), cfg.reward.batch, "reward.batch")
   skipped = Skipped("reward_train")
   grouped = episodes_of(ws.chunk_paths(), skipped)
   held_out = _split_episodes(sorted(grouped), cfg.reward.holdout_fraction, cfg.seed)
@@ -523,7 +539,8 @@ def reward_train(ws: Workspace, cfg) -> dict:
   state, metrics = reward_lib.fit(
       state, frames, cfg.reward.steps, np.random.default_rng(cfg.seed), cfg.reward.batch,
       log_fn=lambda step, m: logging.info("reward_train %d/%d: %s", step, cfg.reward.steps,
-                                          _fmt(m)), log_every=cfg.log_every)
+                                          _fmt(m)), log_every=cfg.log_every,
+      data_sharding=data_sharding)
   model_id = save_model(directory, state.params, {
       "reward": dataclasses.asdict(reward_cfg), "frame_shape": list(_frame_shape(cfg)),
       "held_out_episodes": sorted(held_out)})
@@ -602,6 +619,7 @@ def skills_train(ws: Workspace, cfg) -> dict:
   directory = ws.model_dir("skills")
   if model_exists(directory):
     return {"model": directory, "resumed": "already trained"}
+  data_sharding = sharding.batch_sharding(_mesh(cfg), cfg.skills.batch, "skills.batch")
   spec, skill_cfg, skipped = action_spec(cfg), _skill_config(cfg), Skipped("skills_train")
   windows = [skills_lib.training_windows(skills_lib.action_vectors(c, d, spec),
                                          skill_cfg.window, skill_cfg.stride)
@@ -616,7 +634,8 @@ def skills_train(ws: Workspace, cfg) -> dict:
       state, windows, cfg.skills.steps, np.random.default_rng(cfg.seed),
       jax.random.fold_in(key, 1), cfg.skills.batch,
       log_fn=lambda step, m: logging.info("skills_train %d/%d: %s", step, cfg.skills.steps,
-                                          _fmt(m)), log_every=cfg.log_every)
+                                          _fmt(m)), log_every=cfg.log_every,
+      data_sharding=data_sharding)
   model_id = save_model(directory, {"params": state.params, "codebook": state.codebook},
                         {"skills": dataclasses.asdict(skill_cfg)})
   return {"model": directory, "model_id": model_id, "windows": int(len(windows)),
@@ -674,11 +693,13 @@ def _learner_data(ws: Workspace, cfg):
 
 def _train_learners(ws: Workspace, cfg, name: str, steps: int, train_world_model: bool,
                     start: Any = None) -> tuple[Any, dict, dict]:
+  mesh = _mesh(cfg)
   data, obs_shape, obs_dtype = _learner_data(ws, cfg)
   trainer = offline_lib.make_offline_trainer(cfg.learner, obs_shape, obs_dtype,
-                                             action_spec(cfg))
+                                             action_spec(cfg), mesh, config_prefix="learner.")
   state = trainer.init(jax.random.PRNGKey(cfg.seed)) if start is None else start
-  data = jax.device_put(data)
+  # The episodes and the state replicated; the trainer splits each sampled batch.
+  state, data = jax.device_put((state, data), NamedSharding(mesh, P()))
   update = jax.jit(trainer.update, static_argnums=(2, 3))
   chunk = max(1, min(cfg.log_every, steps))
   metrics, started = {}, time.time()

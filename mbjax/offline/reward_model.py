@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from mbjax.offline.idm import FrameEncoder
 
@@ -184,16 +185,21 @@ def sample_pairs(rng: np.random.Generator, lengths: Sequence[int], batch: int,
 
 def fit(state: RewardState, episodes: Sequence[np.ndarray], num_steps: int,
         rng: np.random.Generator, batch: int = 32,
-        log_fn: Callable[[int, dict], None] | None = None, log_every: int = 50):
+        log_fn: Callable[[int, dict], None] | None = None, log_every: int = 50,
+        data_sharding: NamedSharding | None = None):
   """`num_steps` updates on random pairs from in-memory episodes (uint8[T, H, W, 3] each);
-  returns (state, last metrics as floats)."""
+  returns (state, last metrics as floats). `data_sharding`
+  (`mbjax.train.sharding.batch_sharding`): each global batch of `batch` pairs is split over
+  its mesh and the state replicated there (data-parallel, as `idm.fit`)."""
+  if data_sharding is not None:
+    state = jax.device_put(state, NamedSharding(data_sharding.mesh, P()))
   lengths = [e.shape[0] for e in episodes]
   metrics = {}
   for step in range(num_steps):
     ids, earlier, later = sample_pairs(rng, lengths, batch, state.cfg.min_gap)
     pairs = np.stack([np.stack([episodes[e][i], episodes[e][j]])
                       for e, i, j in zip(ids, earlier, later)])
-    state, metrics = update(state, pairs)
+    state, metrics = update(state, jax.device_put(pairs, data_sharding))
     if log_fn is not None and (step + 1) % log_every == 0:
       log_fn(step + 1, jax.tree.map(float, metrics))
   return state, jax.tree.map(float, metrics)

@@ -40,6 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from mbjax.agents.world_model import action_vector, action_vector_size
 from mbjax.envs.spaces import HybridAction, HybridActionSpec
@@ -240,14 +241,20 @@ def update(state: SkillState, windows: jax.Array, key: jax.Array):
 
 def fit(state: SkillState, windows: np.ndarray, num_steps: int, rng: np.random.Generator,
         key: jax.Array, batch: int = 64, log_fn: Callable[[int, dict], None] | None = None,
-        log_every: int = 100):
-  """`num_steps` updates on random minibatches of `windows` f32[N, window, A]."""
+        log_every: int = 100, data_sharding: NamedSharding | None = None):
+  """`num_steps` updates on random minibatches of `windows` f32[N, window, A].
+
+  `data_sharding` (`mbjax.train.sharding.batch_sharding`): each global minibatch is split
+  over its mesh and the state replicated there (data-parallel, as `idm.fit`); the codebook
+  EMA sums over the global batch, so it too is the single-device update."""
+  if data_sharding is not None:
+    state = jax.device_put(state, NamedSharding(data_sharding.mesh, P()))
   windows = np.asarray(windows, np.float32)
   metrics = {}
   for step in range(num_steps):
     key, step_key = jax.random.split(key)
     idx = rng.integers(0, windows.shape[0], size=batch)
-    state, metrics = update(state, windows[idx], step_key)
+    state, metrics = update(state, jax.device_put(windows[idx], data_sharding), step_key)
     if log_fn is not None and (step + 1) % log_every == 0:
       log_fn(step + 1, jax.tree.map(float, metrics))
   return state, jax.tree.map(float, metrics)

@@ -24,11 +24,13 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from jax.sharding import Mesh
 
 from mbjax.agents import apex
 from mbjax.agents import world_model as wm_lib
 from mbjax.envs.spaces import HybridAction, HybridActionSpec
 from mbjax.nets.hybrid import to_env_action
+from mbjax.train import sharding
 
 
 class EpisodeData(NamedTuple):
@@ -116,13 +118,25 @@ class OfflineTrainer(NamedTuple):
 
 
 def make_offline_trainer(cfg: ml_collections.ConfigDict, obs_shape: tuple[int, ...], obs_dtype,
-                         spec: HybridActionSpec) -> OfflineTrainer:
+                         spec: HybridActionSpec, mesh: Mesh | None = None,
+                         config_prefix: str = "") -> OfflineTrainer:
   """`cfg` is an experiment config (`mbjax.train.config.base_config`): its world_model,
-  dream, efe and network.squash sections, plus `offline.batch_size` windows per update."""
+  dream, efe and network.squash sections, plus `offline.batch_size` windows per update.
+
+  With a `mesh` the update is data-parallel: the `offline.batch_size` windows (the global
+  batch) are sampled from the whole dataset with the one key, exactly as on one device, and
+  only then split over the `data` axis, so every device count trains on the same windows;
+  the caller places the state and the data replicated (`NamedSharding(mesh, P())`) and
+  sharding propagation averages the gradients. `config_prefix` is where `cfg` sits in the
+  caller's config, for the error when the batch does not divide the device count.
+  """
   if not cfg.world_model.enabled:
     raise ValueError("offline training needs config.world_model.enabled=True")
   learners = apex.make_learners(cfg, spec, obs_shape)
   length, batch_size = cfg.world_model.seq_len, cfg.offline.batch_size
+  # Windows are time-major [L, B, ...]: the batch is axis 1.
+  window_sharding = None if mesh is None else sharding.batch_sharding(
+      mesh, batch_size, f"{config_prefix}offline.batch_size", axis=1)
 
   def init(key) -> OfflineState:
     init_key, key = jax.random.split(key)
@@ -136,6 +150,8 @@ def make_offline_trainer(cfg: ml_collections.ConfigDict, obs_shape: tuple[int, .
     def one(state, _):
       key, window_key, update_key = jax.random.split(state.key, 3)
       windows = sample_windows(data, window_key, batch_size, length, spec)
+      if window_sharding is not None:
+        windows = jax.lax.with_sharding_constraint(windows, window_sharding)
       aux, metrics = apex.auxiliary_update(state.aux, windows, update_key, learners=learners,
                                            train_world_model=train_world_model)
       return OfflineState(aux, key, state.step + 1), metrics
