@@ -241,8 +241,12 @@ def load_model(directory: str, abstract_params: Any) -> tuple[Any, dict]:
   if not os.path.exists(os.path.join(directory, "config.json")):
     raise FileNotFoundError(f"no trained model in {directory}: run its training phase first")
   config = json.load(open(os.path.join(directory, "config.json")))
-  params = ocp.StandardCheckpointer().restore(os.path.join(directory, "params"),
-                                              abstract_params)
+  # Onto this process's first device, whatever mesh the training phase ran over: orbax
+  # would otherwise look for the devices the arrays were saved from.
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+                        abstract_params)
+  params = ocp.StandardCheckpointer().restore(os.path.join(directory, "params"), target)
   return params, config
 
 

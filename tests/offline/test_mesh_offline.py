@@ -170,3 +170,15 @@ def test_batches_that_do_not_divide_the_devices_name_their_config_key(mesh, tmp_
   learner.offline.batch_size = 6
   with pytest.raises(ValueError, match=r"learner\.offline\.batch_size=6 .* the 4 devices"):
     offline.make_offline_trainer(learner, (5,), jnp.float32, SPEC, mesh, "learner.")
+
+
+def test_a_model_saved_from_a_mesh_loads_onto_one_device(mesh, tmp_path):
+  # A phase trained over a mesh saves replicated arrays; the labelling phases (and a later
+  # run with another device count) load them onto the first device.
+  params = {"w": np.arange(8, dtype=np.float32).reshape(2, 4)}
+  replicated = jax.device_put(params, sharding.NamedSharding(mesh, sharding.P()))
+  pipeline.save_model(str(tmp_path / "model"), replicated, {"note": "mesh"})
+  loaded, config = pipeline.load_model(str(tmp_path / "model"), jax.eval_shape(lambda: params))
+  assert loaded["w"].sharding.device_set == {jax.devices()[0]}
+  np.testing.assert_array_equal(loaded["w"], params["w"])
+  assert config["note"] == "mesh"
