@@ -14,6 +14,10 @@ policies, fixed and player-following cameras, two palettes) with its true action
 Expected: see BENCHMARKS.md, "Offline video pipeline" (measured 2026-11-26).
 
 Debug (`:debug`): a few short episodes and tiny models; tests/offline/test_pipeline.py.
+
+Devices: every training phase is data-parallel over `--config.run.num_devices=N` (0, the
+default: all local devices); idm.batch, reward.batch, skills.batch and
+learner.offline.batch_size are global batches and must divide by N.
 """
 from mbjax.offline import pipeline
 
