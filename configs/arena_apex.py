@@ -30,7 +30,8 @@ def get_config(arg: str | None = None):
     raise ValueError(f"configs/arena_apex.py: unknown variant {arg!r}; expected 'debug'")
   cfg = _arena_ppo(arg)
   cfg.world_model.enabled = cfg.dream.enabled = cfg.efe.enabled = True
-  cfg.world_model.update(deter=256, hidden=256, stoch=16, classes=16, seq_len=32)
+  cfg.world_model.update(deter=256, hidden=256, stoch=16, classes=16, seq_len=32,
+                         predict_delta=True)
   if arg == "debug":
     cfg.world_model.update(deter=32, hidden=32, stoch=4, classes=4, seq_len=16)
     for section in (cfg.dream, cfg.efe):

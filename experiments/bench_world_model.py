@@ -20,6 +20,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
 
 from mbjax.agents import dream  # noqa: E402
 from mbjax.agents import world_model as wm_lib  # noqa: E402
@@ -29,7 +30,12 @@ from mbjax.envs.wrappers import VecEnv  # noqa: E402
 from mbjax.train import config as config_lib  # noqa: E402
 
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed steps per throughput measurement.")
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", "configs/arena_apex.py", "Config whose world_model section is trained in the "
+    "learning half.", lock_config=True)
 _LEARN_STEPS = flags.DEFINE_integer("learn_steps", 2000, "World-model updates (0: skip).")
+_THROUGHPUT = flags.DEFINE_bool("throughput", True, "Run the throughput half.")
+_EVAL_EVERY = flags.DEFINE_integer("eval_every", 200, "Updates between held-out evaluations.")
 _LEARN_ENVS = flags.DEFINE_integer("learn_envs", 64, "Envs recorded for the learning data.")
 _LEARN_LENGTH = flags.DEFINE_integer("learn_length", 512, "Steps recorded per env.")
 
@@ -112,6 +118,7 @@ def collect(env, params, num_envs, length, key):
 
 
 def learning(cfg):
+  """Trains `cfg`'s world model on recorded play; prints held-out one-step errors."""
   env = BonkArena()
   params = env.default_params()
   spec = env.action_spec(params)
@@ -140,47 +147,67 @@ def learning(cfg):
       state, _, metrics = wm_lib.update(state, windows(train_data, data_key), update_key,
                                         model=model, optimizer=optimizer, cfg=cfg)
       return state, metrics["wm/one_step_error"]
-    return jax.lax.scan(step, state, jax.random.split(key, 100))
+    return jax.lax.scan(step, state, jax.random.split(key, _EVAL_EVERY.value))
 
-  @jax.jit
-  def evaluate(params, key):
-    def one(key):
-      _, (_, metrics) = wm_lib.loss(params, model, cfg, windows(test_data, key), key)
-      return metrics["wm/one_step_error"], metrics["wm/copy_last_error"]
-    errors, baselines = jax.vmap(one)(jax.random.split(key, 16))
-    return errors.mean(), baselines.mean()
+  def evaluate(params):
+    """Per-dimension mean squared errors of the model and of copy-last over every held-out
+    window (each o_{t+1} that stays in o_t's episode counts once)."""
+    data = jax.tree.map(lambda x: x.reshape((num_windows, LENGTH) + x.shape[1:]), test_data)
 
+    def one(window, key):
+      batch = jax.tree.map(lambda x: x[window], data)
+      batch = batch._replace(is_first=batch.is_first.at[0].set(True))
+      model_sq, copy_sq, inside = wm_lib.one_step_squared_errors(params, model, batch, key)
+      weight = inside[..., None]
+      return (model_sq * weight).sum((0, 1)), (copy_sq * weight).sum((0, 1)), inside.sum()
+
+    keys = jax.random.split(jax.random.PRNGKey(12), num_windows)
+    model_sq, copy_sq, count = jax.vmap(one)(jnp.arange(num_windows), keys)
+    return np.asarray(model_sq.sum(0) / count.sum()), np.asarray(copy_sq.sum(0) / count.sum())
+
+  evaluate = jax.jit(evaluate)
+  layout = env.vector_layout
   start = time.perf_counter()
   key = jax.random.PRNGKey(1)
-  for done in range(100, _LEARN_STEPS.value + 1, 100):
-    key, train_key, eval_key = jax.random.split(key, 3)
+  for done in range(_EVAL_EVERY.value, _LEARN_STEPS.value + 1, _EVAL_EVERY.value):
+    key, train_key = jax.random.split(key)
     state, _ = train(state, train_key)
-    if done % 500 == 0 or done == _LEARN_STEPS.value:
-      error, baseline = evaluate(state.params, eval_key)
-      print(f"  {done:5d} updates ({time.perf_counter() - start:6.0f} s): held-out one-step "
-            f"error {float(error):.5f} vs copy-last {float(baseline):.5f} "
-            f"(ratio {float(baseline) / float(error):.1f}x)")
+    model_error, copy_error = evaluate(state.params)
+    print(f"  {done:5d} updates ({time.perf_counter() - start:5.0f} s, load "
+          f"{os.getloadavg()[0]:4.1f}): held-out one-step error {model_error.mean():.5f} vs "
+          f"copy-last {copy_error.mean():.5f} (ratio {copy_error.mean() / model_error.mean():.1f}x)",
+          flush=True)
+  print("  per block at the end: share of the copy-last error, model / copy-last")
+  for name, part in layout.items():
+    print(f"    {name:14s} {copy_error[part].sum() / copy_error.sum():6.3f}  "
+          f"{model_error[part].sum() / max(copy_error[part].sum(), 1e-12):6.3f}")
 
 
 def main(argv):
   del argv
   print(f"jax {jax.__version__} on {jax.devices()[0].platform}, {os.cpu_count()} cores; "
         f"batch {BATCH} x {LENGTH}")
-  cfg = config_lib.base_config()
-  spec = BonkArena().action_spec(BonkArena().default_params())
-  obs_dim = BonkArena().observation_shape(BonkArena().default_params())[0]
-  throughput(cfg, obs_dim, spec, with_dream=True,
-             label=f"default (deter 512, 32x32 categorical), WM + dream H={cfg.dream.horizon}")
-  throughput(cfg, obs_dim, spec, with_dream=False, label="default, WM only")
-  upstream = config_lib.base_config()
-  upstream.world_model.update(deter=256, stoch=64, classes=0, hidden=256)
-  seconds = throughput(upstream, 204, spec, with_dream=False,
-                       label="upstream size (obs 204, embed 256, deter 256, Gaussian 64), WM only")
-  print(f"  vs upstream PyTorch 300-390 ms: {0.300 / seconds:.1f}-{0.390 / seconds:.1f}x faster")
+  if _THROUGHPUT.value:
+    cfg = config_lib.base_config()
+    spec = BonkArena().action_spec(BonkArena().default_params())
+    obs_dim = BonkArena().observation_shape(BonkArena().default_params())[0]
+    throughput(cfg, obs_dim, spec, with_dream=True,
+               label=f"default (deter 512, 32x32 categorical), WM + dream H={cfg.dream.horizon}")
+    throughput(cfg, obs_dim, spec, with_dream=False, label="default, WM only")
+    upstream = config_lib.base_config()
+    upstream.world_model.update(deter=256, stoch=64, classes=0, hidden=256)
+    seconds = throughput(upstream, 204, spec, with_dream=False,
+                         label="upstream size (obs 204, embed 256, deter 256, Gaussian 64), "
+                         "WM only")
+    print(f"  vs upstream PyTorch 300-390 ms: {0.300 / seconds:.1f}-{0.390 / seconds:.1f}x faster")
   if _LEARN_STEPS.value:
+    wm = _CONFIG.value.world_model
     print(f"learning on BonkArena ({_LEARN_ENVS.value} envs x {_LEARN_LENGTH.value} steps of "
-          "noisy scripted play; held-out trajectories from another seed):")
-    learning(cfg)
+          "noisy scripted play; held-out trajectories from another seed; errors in the "
+          f"decoder's target space, symlog, mean over all 96 dims): deter {wm.deter}, hidden "
+          f"{wm.hidden}, stoch {wm.stoch}x{wm.classes or 'Gaussian'}, lr {wm.lr}, "
+          f"predict_delta {wm.predict_delta}")
+    learning(_CONFIG.value)
 
 
 if __name__ == "__main__":

@@ -253,3 +253,33 @@ def test_world_model_learns_a_linear_system():
   baseline = float(metrics["wm/copy_last_error"][-10:].mean())
   assert final_error < 0.75 * baseline, (final_error, baseline)
   assert final_error < float(metrics["wm/one_step_error"][:10].mean()) / 5
+
+
+def test_delta_head_starts_as_copy_last_and_errors_are_per_dimension():
+  """With `predict_delta` the one-step prediction is o_t + head(...), and the head's output
+  layer starts at zero: at initialisation the model's per-dimension errors equal copying
+  o_t, computed here by hand in symlog space, over the steps that stay in an episode."""
+  cfg = _config()
+  cfg.world_model.predict_delta = True
+  model = wm_lib.make_world_model(cfg, (3,))
+  params = wm_lib.init(jax.random.PRNGKey(0), model, wm_lib.make_optimizer(cfg), (3,),
+                       jnp.float32, 5).params
+  obs = np.array([[[0.0, 1.0, -2.0]], [[1.0, 1.0, 0.0]], [[3.0, 0.0, 0.0]]], np.float32)
+  is_first = np.array([[True], [False], [True]])  # o_2 starts a new episode
+  batch = wm_lib.Sequence(obs, np.zeros((3, 1, 5), np.float32), np.zeros((3, 1), np.float32),
+                          np.zeros((3, 1), bool), is_first)
+  model_sq, copy_sq, inside = jax.jit(
+      lambda p, b: wm_lib.one_step_squared_errors(p, model, b, jax.random.PRNGKey(1)))(
+          params, batch)
+  log2 = math.log(2.0)
+  np.testing.assert_allclose(copy_sq[0, 0], [log2 ** 2, 0.0, math.log(3.0) ** 2], rtol=1e-6)
+  np.testing.assert_allclose(model_sq, copy_sq, rtol=1e-6)
+  np.testing.assert_array_equal(inside, [[True], [False]])
+  _, (_, metrics) = wm_lib.loss(params, model, cfg, batch, jax.random.PRNGKey(1))
+  expected = (log2 ** 2 + math.log(3.0) ** 2) / 3  # mean over dims of the one inside step
+  np.testing.assert_allclose(metrics["wm/one_step_error"], expected, rtol=1e-6)
+  np.testing.assert_allclose(metrics["wm/copy_last_error"], expected, rtol=1e-6)
+  with pytest.raises(ValueError, match="predict_delta=True needs vector observations"):
+    wm_lib.make_world_model(cfg, (8, 8, 3)).init(
+        jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 3), jnp.uint8), jnp.zeros((1, 5)),
+        jnp.ones((1,), bool), jax.random.PRNGKey(0))

@@ -147,14 +147,20 @@ class WorldModel(nn.Module):
   rssm: RSSM
   hidden: int = 512
   head_layers: int = 2
+  predict_delta: bool = False  # vectors only: a head for o_{t+1} − o_t, see next_obs_delta
 
   def setup(self):
     pixels = len(self.obs_shape) == 3
+    if pixels and self.predict_delta:
+      raise ValueError("world_model.predict_delta=True needs vector observations; got "
+                       f"observation shape {self.obs_shape}")
     self.encoder = PixelEncoder(self.hidden) if pixels else _MLPStack(self.hidden, 2)
     self.decoder = PixelDecoder(self.obs_shape) if pixels else VectorDecoder(
         self.obs_shape[0], self.hidden, self.head_layers)
     self.reward_head = _ScalarHead(self.hidden, self.head_layers)
     self.continue_head = _ScalarHead(self.hidden, self.head_layers)
+    if self.predict_delta:
+      self.delta_head = _VectorHead(self.obs_shape[0], self.hidden, self.head_layers)
 
   def embed(self, obs):
     # Decided by the model's observation rank, not the input's: observe() passes [L, B, ...].
@@ -170,12 +176,19 @@ class WorldModel(nn.Module):
   def continue_logit(self, features):
     return self.continue_head(features)
 
+  def next_obs_delta(self, features, obs):
+    """symlog(o_{t+1}) − symlog(o_t) from the prior state that follows a_t and the
+    embedding of the observed o_t (the one-step predictor conditions on o_t, as copy-last
+    does; imagination never calls it)."""
+    return self.delta_head(jnp.concatenate([features, self.embed(obs)], -1))
+
   def __call__(self, obs, action, is_first, key):
     """Touches every parameter (for `init`): one observe step plus all heads."""
     state = self.rssm.initial(obs.shape[0])
     post, _ = self.rssm.obs_step(state, action, self.embed(obs), is_first, key)
-    return (self.decode(post.features), self.reward(post.features),
-            self.continue_logit(post.features))
+    heads = (self.decode(post.features), self.reward(post.features),
+             self.continue_logit(post.features))
+    return heads + ((self.next_obs_delta(post.features, obs),) if self.predict_delta else ())
 
 
 class _MLPStack(nn.Module):
@@ -195,6 +208,19 @@ class _ScalarHead(nn.Module):
   def __call__(self, x):
     x = _mlp(x, (self.width,) * self.layers, "layer")
     return nn.Dense(1, kernel_init=nn.initializers.zeros)(x)[..., 0]
+
+
+class _VectorHead(nn.Module):
+  """MLP → a vector, zero at initialisation (a delta head starts as copy-last)."""
+
+  size: int
+  width: int
+  layers: int
+
+  @nn.compact
+  def __call__(self, x):
+    x = _mlp(x, (self.width,) * self.layers, "layer")
+    return nn.Dense(self.size, kernel_init=nn.initializers.zeros)(x)
 
 
 class VectorDecoder(nn.Module):
@@ -249,7 +275,8 @@ def make_world_model(cfg: ml_collections.ConfigDict, obs_shape) -> WorldModel:
   wm = cfg.world_model
   rssm = RSSM(deter=wm.deter, stoch=wm.stoch, classes=wm.classes, hidden=wm.hidden,
               min_std=wm.min_std, unimix=wm.unimix)
-  return WorldModel(obs_shape=tuple(obs_shape), rssm=rssm, hidden=wm.hidden)
+  return WorldModel(obs_shape=tuple(obs_shape), rssm=rssm, hidden=wm.hidden,
+                    predict_delta=wm.predict_delta)
 
 
 def make_optimizer(cfg: ml_collections.ConfigDict) -> optax.GradientTransformation:
@@ -327,18 +354,58 @@ def observation_target(obs):
   return symlog(obs)
 
 
+class _Rollforward(NamedTuple):
+  posts: LatentState  # [L, B] posteriors
+  priors: LatentState  # [L, B] priors of the same steps
+  next_prior: LatentState  # [L·B] prior after a_t, from each posterior
+  target: jax.Array  # [L, B, ...] the decoder's target for each o_t
+  predicted: jax.Array  # [L−1, B, ...] one-step prediction of target[1:]
+  inside: jax.Array  # bool[L−1, B]: o_{t+1} belongs to o_t's episode
+
+
+def _rollforward(params, model: WorldModel, batch: Sequence, key) -> _Rollforward:
+  """Filters the windows, steps every posterior once through the prior with its action,
+  and predicts each next observation: from the delta head added to the observed o_t
+  (`predict_delta`), else by decoding that prior state."""
+  observe_key, transition_key = jax.random.split(key)
+  posts, priors = observe(model, params, batch.obs, previous_actions(batch.action),
+                          batch.is_first, observe_key)
+  flat = lambda x: x.reshape((-1,) + x.shape[2:])
+  next_prior = img_step(model, params, jax.tree.map(flat, posts), flat(batch.action),
+                        transition_key)
+  target = observation_target(batch.obs)
+  if model.predict_delta:
+    delta = model.apply(params, next_prior.features, flat(batch.obs),
+                        method=WorldModel.next_obs_delta)
+    predicted = target + delta.reshape(target.shape)
+  else:
+    predicted, _ = model.apply(params, next_prior.features, method=WorldModel.decode)
+    predicted = predicted.reshape(target.shape)
+  return _Rollforward(posts, priors, next_prior, target, predicted[:-1], ~batch.is_first[1:])
+
+
+def one_step_squared_errors(params, model: WorldModel, batch: Sequence, key):
+  """Per-dimension squared errors of the one-step prediction and of copying o_t, both
+  against the decoder's target of o_{t+1}: (model [L−1, B, ...], copy-last [L−1, B, ...],
+  bool inside [L−1, B]). Steps whose o_{t+1} starts a new episode are marked outside."""
+  out = _rollforward(params, model, batch, key)
+  return (jnp.square(out.predicted - out.target[1:]),
+          jnp.square(out.target[:-1] - out.target[1:]), out.inside)
+
+
+def _masked_mean(x, inside):
+  return (x * inside).sum() / jnp.maximum(inside.sum(), 1)
+
+
 def loss(params, model: WorldModel, cfg: ml_collections.ConfigDict, batch: Sequence, key,
          axis_name: str | None = None):
   """World-model loss on windows [L, B]; returns (loss, (posteriors, metrics))."""
   wm = cfg.world_model
-  observe_key, transition_key = jax.random.split(key)
-  posts, priors = observe(model, params, batch.obs, previous_actions(batch.action),
-                          batch.is_first, observe_key)
+  posts, priors, next_prior, target, predicted, inside = _rollforward(params, model, batch, key)
   features = posts.features
   obs_axes = tuple(range(2, batch.obs.ndim))
 
   mean, std = model.apply(params, features, method=WorldModel.decode)
-  target = observation_target(batch.obs)
   squared_error = jnp.square(mean - target).sum(obs_axes)
   # The std head learns the residual scale without rescaling the mean's gradient.
   residual = jax.lax.stop_gradient(mean) - target
@@ -346,26 +413,22 @@ def loss(params, model: WorldModel, cfg: ml_collections.ConfigDict, batch: Seque
 
   # Reward and continuation of each transition, from the prior that follows a_t.
   flat = lambda x: x.reshape((-1,) + x.shape[2:])
-  next_prior = img_step(model, params, jax.tree.map(flat, posts), flat(batch.action),
-                        transition_key)
   reward_pred = model.apply(params, next_prior.features, method=lambda m, f: m.reward_head(f))
   reward_loss = jnp.square(reward_pred - symlog(flat(batch.reward)))
   continue_logit = model.apply(params, next_prior.features, method=WorldModel.continue_logit)
   continue_loss = optax.sigmoid_binary_cross_entropy(
       continue_logit, 1.0 - flat(batch.terminated).astype(jnp.float32))
 
-  # One-step prediction of o_{t+1} from (s_t, a_t), where t+1 is in the same episode.
-  predicted, _ = model.apply(params, next_prior.features, method=WorldModel.decode)
-  predicted = predicted.reshape(target.shape)[:-1]
-  inside = ~batch.is_first[1:]
-  one_step_error = (jnp.square(predicted - target[1:]).mean(obs_axes) * inside).sum() / (
-      jnp.maximum(inside.sum(), 1))
+  # One-step prediction of o_{t+1} from (s_t, a_t), where t+1 is in the same episode. The
+  # delta head is trained on it; a decoded prediction is only measured.
+  one_step = jnp.square(predicted - target[1:])
+  delta_loss = _masked_mean(one_step.sum(obs_axes), inside) if model.predict_delta else 0.0
 
   dyn, rep = kl_terms(model, posts, priors)
   kl_loss = (wm.dyn_scale * jnp.maximum(dyn, wm.free_nats)
              + wm.rep_scale * jnp.maximum(rep, wm.free_nats))
   total = (squared_error.mean() + std_nll.mean() + reward_loss.mean() + continue_loss.mean()
-           + kl_loss.mean())
+           + kl_loss.mean() + delta_loss)
   pmean = (lambda x: x) if axis_name is None else (lambda x: jax.lax.pmean(x, axis_name))
   metrics = {
       "wm/loss": total,
@@ -374,7 +437,7 @@ def loss(params, model: WorldModel, cfg: ml_collections.ConfigDict, batch: Seque
       "wm/continue": continue_loss.mean(),
       "wm/kl": rep.mean(),
       "wm/obs_std": std.mean(),
-      "wm/one_step_error": jax.lax.stop_gradient(one_step_error),
+      "wm/one_step_error": jax.lax.stop_gradient(_masked_mean(one_step.mean(obs_axes), inside)),
       "wm/copy_last_error": copy_last_observation_error(batch.obs, batch.is_first),
   }
   return pmean(total), (jax.lax.stop_gradient(posts), jax.tree.map(pmean, metrics))
@@ -395,6 +458,5 @@ def copy_last_observation_error(obs: jax.Array, is_first: jax.Array) -> jax.Arra
   predicting o_{t+1} = o_t, over steps that stay inside an episode."""
   target = observation_target(obs)
   error = jnp.square(target[1:] - target[:-1]).mean(tuple(range(2, obs.ndim)))
-  inside = ~is_first[1:]
-  return (error * inside).sum() / jnp.maximum(inside.sum(), 1)
+  return _masked_mean(error, ~is_first[1:])
 

@@ -81,6 +81,9 @@ def base_config() -> ml_collections.ConfigDict:
   cfg.world_model.lr = 3e-4
   cfg.world_model.max_grad_norm = 1000.0
   cfg.world_model.free_nats = 1.0
+  # Vectors: a head trained on symlog(o_{t+1}) − symlog(o_t) from the prior after a_t (the
+  # one-step prediction adds it to o_t). Off keeps the parameter layout of older checkpoints.
+  cfg.world_model.predict_delta = False
   cfg.world_model.dyn_scale = 0.5  # KL(sg(posterior) ‖ prior) weight
   cfg.world_model.rep_scale = 0.1  # KL(posterior ‖ sg(prior)) weight
   # Dream training: a latent actor-critic on imagined rollouts (METABONK_USE_DREAM_TRAINING).
