@@ -38,7 +38,11 @@ def get_config(arg: str | None = None):
     cfg.ground_truth.checkpoint = "runs/arena_ppo"
     cfg.ground_truth.atari_games = ("pong", "breakout")
   if arg == "debug":
-    cfg.ground_truth.update(episodes=4, time_limit=120, label_fraction=0.5, pixel_size=64)
+    # One policy in two looks: two compiled episode functions (each policy × look is one),
+    # and one short Atari clip, so the always-held-out source path runs too.
+    cfg.ground_truth.update(episodes=4, time_limit=120, label_fraction=0.5, pixel_size=64,
+                            policies=("scripted",), variants=("fixed:default", "follow:desert"),
+                            atari_games=("space_invaders",), atari_clips=1, atari_steps=120)
     cfg.convert.update(size=32, chunk_frames=60)
     cfg.idm.update(steps=20, batch=4, clip_length=9, channels=(8, 16), embed_dim=32,
                    hidden=32, keypoints=4, stem=4, label_batch=32)
@@ -50,6 +54,7 @@ def get_config(arg: str | None = None):
     cfg.learner.offline.batch_size = 4
     cfg.export.min_length = 8
     cfg.world_model_steps = cfg.dream_steps = 10
+    cfg.fast_compile = True
     cfg.log_every = 5
     cfg.eval.update(episodes=2, max_steps=50)
   return cfg

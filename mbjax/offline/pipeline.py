@@ -33,12 +33,13 @@ recorded under `skipped` in `phases.json`, and the phase goes on with the others
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import hashlib
 import json
 import os
 import tempfile
 import time
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import ml_collections
@@ -69,6 +70,14 @@ ALIASES = {"train_idm": "idm_train", "label_actions": "idm_label",
            "skills": "skills_train"}
 # `meta["action_labeling"]` of chunks whose actions are labels (not IDM predictions).
 LABELLED = ("ground_truth", "human")
+# XLA options that trade run speed for compile speed (backend optimisation level 0: about
+# half the compile time of the learner's update, a third or less of an initialiser's,
+# measured 2026-11-26). Initialisers run once, so they always compile this way, as one
+# jitted program each rather than one eager compilation per parameter shape.
+_FAST_COMPILE = {"xla_backend_optimization_level": 0}
+_idm_init = jax.jit(idm_lib.init, static_argnums=(1, 2, 3), compiler_options=_FAST_COMPILE)
+_reward_init = jax.jit(reward_lib.init, static_argnums=(1, 2), compiler_options=_FAST_COMPILE)
+_skills_init = jax.jit(skills_lib.init, static_argnums=(1, 2), compiler_options=_FAST_COMPILE)
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -121,7 +130,10 @@ def base_config() -> ml_collections.ConfigDict:
   cfg.reward.steps = 2000
   cfg.reward.batch = 64
   cfg.reward.scale = 1.0  # rewards = Δprogress × scale
-  cfg.reward.holdout_fraction = 0.2  # episodes kept out of reward_train, for eval
+  cfg.reward.holdout_fraction = 0.2  # of each look's episodes, kept out of reward_train
+  # Glob patterns over episode ids (video file stem + "_" + hash): matching episodes are
+  # always held out — a source the model never trains on, for an out-of-domain number.
+  cfg.reward.holdout_sources = ("atari_*",)
 
   cfg.export = ml_collections.ConfigDict()
   # embeddings (the reward model's features, as upstream) | frames. A pixel world model is
@@ -142,6 +154,9 @@ def base_config() -> ml_collections.ConfigDict:
   cfg.world_model_steps = 2000
   cfg.dream_steps = 1000
   cfg.log_every = 100  # updates per jitted chunk / progress line
+  # Compile the learner and the dream evaluation for compile speed (`_FAST_COMPILE`), at
+  # the cost of slower steps: for tiny models (`:debug`), where compiling is most of a phase.
+  cfg.fast_compile = False
 
   cfg.eval = ml_collections.ConfigDict()
   cfg.eval.episodes = 16  # dream-policy episodes played in BonkArena
@@ -454,7 +469,7 @@ def idm_train(ws: Workspace, cfg) -> dict:
   valid = np.concatenate([e.labels.discrete_valid for e in episodes])
   weights = idm_lib.class_weights_from_labels(discrete, spec, cfg.idm.class_weight_power, valid)
   idm_cfg = _idm_config(cfg)
-  state = idm_lib.init(jax.random.PRNGKey(cfg.seed), idm_cfg, _frame_shape(cfg), spec, weights)
+  state = _idm_init(jax.random.PRNGKey(cfg.seed), idm_cfg, _frame_shape(cfg), spec, weights)
   started = time.time()
   state, metrics = idm_lib.fit(
       state, episodes, cfg.idm.steps, np.random.default_rng(cfg.seed), cfg.idm.batch,
@@ -507,12 +522,35 @@ def idm_label(ws: Workspace, cfg) -> dict:
 
 
 
-def _split_episodes(episode_ids: list[str], fraction: float, seed: int) -> set[str]:
-  """The held-out episode ids: a seeded choice of ceil(fraction · N), at least one when
-  there are two or more episodes and fraction > 0."""
-  count = int(np.ceil(fraction * len(episode_ids))) if len(episode_ids) > 1 else 0
-  order = np.random.default_rng(seed + 1).permutation(len(episode_ids))
-  return {episode_ids[i] for i in order[:count]}
+def _split_episodes(looks: dict[str, str], fraction: float, sources: Sequence[str],
+                    seed: int) -> set[str]:
+  """The held-out episode ids, given each episode's look (`_episode_look`).
+
+  Every episode whose id matches one of the glob patterns `sources` is held out (a whole
+  video source kept from training, e.g. "atari_*": the out-of-domain clips). Of the others,
+  each look contributes a seeded choice of ceil(fraction · n) of its n episodes — at least
+  one when it has two or more — so every look gets a held-out number and the split does not
+  depend on the luck of one draw over all episodes.
+  """
+  held_out = {e for e in looks if any(fnmatch.fnmatchcase(e, p) for p in sources)}
+  by_look: dict[str, list[str]] = {}
+  for episode_id in sorted(looks):
+    if episode_id not in held_out:
+      by_look.setdefault(looks[episode_id], []).append(episode_id)
+  rng = np.random.default_rng(seed + 1)
+  for _, ids in sorted(by_look.items()):
+    count = int(np.ceil(fraction * len(ids))) if len(ids) > 1 else 0
+    held_out.update(ids[i] for i in rng.permutation(len(ids))[:count])
+  return held_out
+
+
+def _episode_look(paths: list[str]) -> str:
+  """The source look of an episode (see `_source_look`) from its first chunk's recording."""
+  try:
+    arrays = chunks_lib.read_chunk(paths[0], keys=("video_source",), validate=False)
+  except chunks_lib.ChunkError:
+    arrays = {}  # no recording to go by (imported chunks, or unreadable: skipped later)
+  return _source_look(_truth_meta(arrays))
 
 
 def _reward_config(cfg) -> reward_lib.RewardConfig:
@@ -521,14 +559,17 @@ def _reward_config(cfg) -> reward_lib.RewardConfig:
 
 def reward_train(ws: Workspace, cfg) -> dict:
   """Bradley–Terry progress model on frame pairs within chunks of the training episodes
-  (`reward.holdout_fraction` of the episodes are kept out, for eval)."""
+  (the episodes matching `reward.holdout_sources`, and `reward.holdout_fraction` of each
+  look's others, are kept out, for eval; `_split_episodes`)."""
   directory = ws.model_dir("reward")
   if model_exists(directory):
     return {"model": directory, "resumed": "already trained"}
   data_sharding = sharding.batch_sharding(_mesh(cfg), cfg.reward.batch, "reward.batch")
   skipped = Skipped("reward_train")
   grouped = episodes_of(ws.chunk_paths(), skipped)
-  held_out = _split_episodes(sorted(grouped), cfg.reward.holdout_fraction, cfg.seed)
+  looks = {episode_id: _episode_look(paths) for episode_id, paths in grouped.items()}
+  held_out = _split_episodes(looks, cfg.reward.holdout_fraction,
+                             tuple(cfg.reward.holdout_sources), cfg.seed)
   frames = []
   for episode_id, paths in grouped.items():
     if episode_id in held_out:
@@ -538,7 +579,7 @@ def reward_train(ws: Workspace, cfg) -> dict:
   if not frames:
     raise ValueError(f"reward_train: no readable training chunk in {ws.chunks}")
   reward_cfg = _reward_config(cfg)
-  state = reward_lib.init(jax.random.PRNGKey(cfg.seed), reward_cfg, _frame_shape(cfg))
+  state = _reward_init(jax.random.PRNGKey(cfg.seed), reward_cfg, _frame_shape(cfg))
   started = time.time()
   state, metrics = reward_lib.fit(
       state, frames, cfg.reward.steps, np.random.default_rng(cfg.seed), cfg.reward.batch,
@@ -633,7 +674,7 @@ def skills_train(ws: Workspace, cfg) -> dict:
     raise ValueError(f"skills_train: no chunk in {ws.chunks} has {skill_cfg.window} labelled "
                      "actions; run idm_label first")
   key = jax.random.PRNGKey(cfg.seed)
-  state = skills_lib.init(key, skill_cfg, spec)
+  state = _skills_init(key, skill_cfg, spec)
   state, metrics = skills_lib.fit(
       state, windows, cfg.skills.steps, np.random.default_rng(cfg.seed),
       jax.random.fold_in(key, 1), cfg.skills.batch,
@@ -695,40 +736,53 @@ def _learner_data(ws: Workspace, cfg):
   return data, data.obs.shape[1:], data.obs.dtype
 
 
-def _train_learners(ws: Workspace, cfg, name: str, steps: int, train_world_model: bool,
-                    start: Any = None) -> tuple[Any, dict, dict]:
+class _LearnerSetup(NamedTuple):
+  """The exported episodes (read once per phase) and the offline trainer built for them."""
+
+  data: offline_lib.EpisodeData
+  trainer: offline_lib.OfflineTrainer
+  mesh: Mesh
+
+
+def _learner_setup(ws: Workspace, cfg) -> _LearnerSetup:
   mesh = _mesh(cfg)
   data, obs_shape, obs_dtype = _learner_data(ws, cfg)
   trainer = offline_lib.make_offline_trainer(cfg.learner, obs_shape, obs_dtype,
                                              action_spec(cfg), mesh, config_prefix="learner.")
-  state = trainer.init(jax.random.PRNGKey(cfg.seed)) if start is None else start
+  return _LearnerSetup(data, trainer, mesh)
+
+
+def _train_learners(setup: _LearnerSetup, cfg, name: str, steps: int, train_world_model: bool,
+                    start: Any = None) -> tuple[Any, dict]:
+  trainer = setup.trainer
+  init = jax.jit(trainer.init, compiler_options=_FAST_COMPILE)
+  state = init(jax.random.PRNGKey(cfg.seed)) if start is None else start
   # The episodes and the state replicated; the trainer splits each sampled batch.
-  state, data = jax.device_put((state, data), NamedSharding(mesh, P()))
-  update = jax.jit(trainer.update, static_argnums=(2, 3))
+  state, data = jax.device_put((state, setup.data), NamedSharding(setup.mesh, P()))
+  update = jax.jit(trainer.update, static_argnums=(2, 3),
+                   compiler_options=_compiler_options(cfg))
   chunk = max(1, min(cfg.log_every, steps))
   metrics, started = {}, time.time()
   for done in range(0, steps, chunk):
     state, metrics = update(state, data, train_world_model, min(chunk, steps - done))
     logging.info("%s %d/%d: %s", name, min(done + chunk, steps), steps,
                  _fmt(jax.tree.map(float, metrics)))
-  info = {"steps": steps, "data_steps": data.num_steps, "obs_shape": list(obs_shape),
+  info = {"steps": steps, "data_steps": data.num_steps, "obs_shape": list(data.obs.shape[1:]),
           "seconds": round(time.time() - started, 1),
           "final": {k: float(v) for k, v in metrics.items()}}
-  return state, info, {"trainer": trainer, "obs_shape": obs_shape, "obs_dtype": obs_dtype}
+  return state, info
 
 
-def _abstract_offline_state(ws: Workspace, cfg):
-  data, obs_shape, obs_dtype = _learner_data(ws, cfg)
-  trainer = offline_lib.make_offline_trainer(cfg.learner, obs_shape, obs_dtype,
-                                             action_spec(cfg))
-  return trainer, jax.eval_shape(trainer.init, jax.random.PRNGKey(0))
+def _compiler_options(cfg) -> dict | None:
+  return _FAST_COMPILE if cfg.fast_compile else None
 
 
 def world_model(ws: Workspace, cfg) -> dict:
   directory = ws.model_dir("world_model")
   if model_exists(directory):
     return {"model": directory, "resumed": "already trained"}
-  state, info, _ = _train_learners(ws, cfg, "world_model", cfg.world_model_steps, True)
+  state, info = _train_learners(_learner_setup(ws, cfg), cfg, "world_model",
+                                cfg.world_model_steps, True)
   info["model_id"] = save_model(directory, state, {"learner": cfg.learner.to_dict()})
   return {"model": directory, **info}
 
@@ -737,15 +791,16 @@ def dream(ws: Workspace, cfg) -> dict:
   """The dream actor-critic against the finished world model (which stays fixed), saved,
   then played in BonkArena against the uniform random policy."""
   directory = ws.model_dir("dream")
-  trainer, abstract = _abstract_offline_state(ws, cfg)
+  setup = _learner_setup(ws, cfg)  # the episodes are read once, for both uses below
+  abstract = jax.eval_shape(setup.trainer.init, jax.random.PRNGKey(0))
   if model_exists(directory):
     state, _ = load_model(directory, abstract)
     info = {"model": directory, "resumed": "already trained"}
   else:
     start, _ = load_model(ws.model_dir("world_model"), abstract)
-    state, info, _ = _train_learners(ws, cfg, "dream", cfg.dream_steps, False, start)
+    state, info = _train_learners(setup, cfg, "dream", cfg.dream_steps, False, start)
     info["model_id"] = save_model(directory, state, {"learner": cfg.learner.to_dict()})
-  info["evaluation"] = evaluate_dream_policy(ws, trainer, state, cfg)
+  info["evaluation"] = evaluate_dream_policy(ws, setup.trainer, state, cfg)
   return {"model": directory, **info}
 
 
@@ -754,7 +809,8 @@ def evaluate_dream_policy(ws: Workspace, trainer: offline_lib.OfflineTrainer, st
   """Mean return of the saved dream policy in BonkArena vs the uniform random policy (same
   keys). The game is drawn like the videos (the first ground-truth look, at the chunks'
   frame size) and each frame is turned into what the world model saw: resized to
-  `export.frame_size`, or embedded by the reward model."""
+  `export.frame_size`, or embedded by the reward model. The random policy ignores its
+  observations, so it plays the same game with vector observations (no drawing to compile)."""
   if trainer.learners.dream is None or not cfg.ground_truth.enabled:
     return {"skipped": "needs the dream learner and the BonkArena ground-truth set-up"}
   from mbjax.envs.bonk_arena import BonkArena, random_policy, rollout  # the validation env
@@ -771,11 +827,16 @@ def evaluate_dream_policy(ws: Workspace, trainer: offline_lib.OfflineTrainer, st
         frames, (frames.shape[0], size, size, 3), "linear").round().clip(0, 255).astype(
             np.uint8)
   keys = jax.random.split(jax.random.PRNGKey(cfg.seed + 7), cfg.eval.episodes)
+  options = _compiler_options(cfg)
   play = jax.jit(jax.vmap(lambda key: offline_lib.play_latent_policy(
-      env, params, trainer.learners, state.aux, key, cfg.eval.max_steps, obs_fn=obs_fn)))
+      env, params, trainer.learners, state.aux, key, cfg.eval.max_steps, obs_fn=obs_fn)),
+                 compiler_options=options)
   dream_returns = np.asarray(play(keys))
-  random_returns = np.asarray(rollout.evaluate(env, params, random_policy, keys[0],
-                                               cfg.eval.episodes, cfg.eval.max_steps)["return"])
+  vector_env = BonkArena(observation="vector")
+  play_random = jax.jit(lambda key: rollout.evaluate(
+      vector_env, params, random_policy, key, cfg.eval.episodes, cfg.eval.max_steps)["return"],
+                        compiler_options=options)
+  random_returns = np.asarray(play_random(keys[0]))
   return {"episodes": cfg.eval.episodes,
           "dream_return_mean": float(dream_returns.mean()),
           "dream_return_std": float(dream_returns.std()),
@@ -835,16 +896,31 @@ def evaluate_idm(ws: Workspace, cfg) -> dict:
 
 
 def _source_look(truth_meta: dict) -> str:
+  """camera:palette@size of a BonkArena recording, atari_<game>, or "video" (no truth)."""
+  if not truth_meta:
+    return "video"
   if truth_meta.get("source") == "atari":
     return f"atari_{truth_meta.get('game', '?')}"
   return (f"{truth_meta.get('camera', '?')}:{truth_meta.get('palette', '?')}"
           f"@{truth_meta.get('pixel_size', '?')}")
 
 
+def _mean_defined(values) -> float | None:
+  """Mean of the finite values (a Spearman is undefined when a sequence is constant)."""
+  values = [v for v in values if np.isfinite(v)]
+  return float(np.mean(values)) if values else None
+
+
 def evaluate_rewards(ws: Workspace, cfg) -> dict:
-  """Spearman rank correlation of the progress scores with the true progress (BonkArena:
-  all XP collected so far; Atari: the score) and with time, over each held-out episode;
-  the mean per source look (camera:palette@size, or the Atari game) and over all."""
+  """Spearman rank correlation of each held-out episode's progress scores with its true
+  progress and with time; per source look (camera:palette@size, or atari_<game>), per
+  source (BonkArena, Atari) and over all, the mean over episodes where it is defined.
+
+  True progress: BonkArena, the XP collected so far (`xp_total`); Atari, the game score so
+  far (`score`: ale-py's rewards summed before the frame — points scored, or in Pong the
+  net points). A clip whose score never changes has no defined score correlation; it still
+  counts for the correlation with time, the order the model was trained to recover.
+  """
   if not model_exists(ws.model_dir("reward")):
     return {"reward": "no reward model"}
   held_out = set(json.load(open(os.path.join(ws.model_dir("reward"), "config.json")))
@@ -865,21 +941,22 @@ def evaluate_rewards(ws: Workspace, cfg) -> dict:
       continue
     true_score = np.concatenate([t[score_key] for t in truths])
     look = _source_look(_truth_meta(parts[0][1]))
-    entry = per_look.setdefault(look, {"score": [], "time": [], "episodes": 0})
+    entry = per_look.setdefault(look, {"score": [], "time": []})
     entry["score"].append(reward_lib.spearman(progress, true_score))
     entry["time"].append(reward_lib.spearman(progress, np.arange(len(progress))))
-    entry["episodes"] += 1
-  summary = {look: {"episodes": e["episodes"],
-                    "spearman_score": float(np.nanmean(e["score"])),
-                    "spearman_time": float(np.nanmean(e["time"]))}
-             for look, e in sorted(per_look.items())}
-  scores = [v for e in per_look.values() for v in e["score"]]
-  bonk = [v for look, e in per_look.items() if not look.startswith("atari")
-          for v in e["score"]]
-  summary["all_bonk_arena"] = {"episodes": len(bonk),
-                               "spearman_score": float(np.nanmean(bonk)) if bonk else None}
-  summary["all"] = {"episodes": len(scores),
-                    "spearman_score": float(np.nanmean(scores)) if scores else None}
+
+  def summarise(entries) -> dict:
+    score = [v for e in entries for v in e["score"]]
+    time_ = [v for e in entries for v in e["time"]]
+    return {"episodes": len(score), "episodes_score_defined": int(np.isfinite(score).sum()),
+            "spearman_score": _mean_defined(score), "spearman_time": _mean_defined(time_)}
+
+  summary = {look: summarise([e]) for look, e in sorted(per_look.items())}
+  summary["all_bonk_arena"] = summarise([e for look, e in per_look.items()
+                                         if not look.startswith("atari")])
+  summary["all_atari"] = summarise([e for look, e in per_look.items()
+                                    if look.startswith("atari")])
+  summary["all"] = summarise(per_look.values())
   return {"reward": summary}
 
 
@@ -931,8 +1008,12 @@ def format_report(report: dict) -> str:
   reward = report.get("reward")
   if isinstance(reward, dict):
     for look, entry in reward.items():
-      if entry.get("spearman_score") is not None:
-        add(f"reward Spearman vs true progress [{look}]", entry["spearman_score"])
+      if not entry.get("episodes"):
+        continue
+      defined = f"{entry['episodes_score_defined']}/{entry['episodes']} episodes"
+      add(f"reward Spearman vs true progress [{look}] ({defined})",
+          "undefined" if entry["spearman_score"] is None else entry["spearman_score"])
+      add(f"reward Spearman vs time [{look}]", entry["spearman_time"])
   skills = report.get("skills")
   if isinstance(skills, dict):
     add("skills: perplexity", skills["perplexity"])

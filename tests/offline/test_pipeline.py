@@ -1,5 +1,6 @@
 """The offline video pipeline end to end on a tiny recorded BonkArena dataset (every phase,
 on CPU), its resumability, bad-input handling, phase names, and the action layout."""
+import collections
 import json
 import os
 import shutil
@@ -9,7 +10,7 @@ import pytest
 
 from configs import video_pretrain
 from mbjax.envs.spaces import HybridActionSpec
-from mbjax.offline import chunks, pipeline
+from mbjax.offline import chunks, episodes, pipeline
 
 
 def test_phase_names_and_aliases():
@@ -39,22 +40,48 @@ def test_actions_pack_and_unpack_by_hand():
     pipeline.unpack_actions(actions[:, :6], spec)
 
 
+def test_reward_holdout_by_source_pattern_then_per_look():
+  looks = {"atari_pong_0_ab": "atari_pong", "atari_pong_1_cd": "atari_pong",
+           "a1": "fixed", "a2": "fixed", "a3": "fixed", "a4": "fixed", "a5": "fixed",
+           "b1": "follow", "b2": "follow", "c1": "lonely"}
+  held_out = pipeline._split_episodes(looks, 0.2, ("atari_*",), seed=0)
+  # Both Atari clips by the pattern; of the others per look: ceil(0.2·5) = 1 "fixed",
+  # ceil(0.2·2) = 1 "follow", none of the single "lonely" episode.
+  assert {"atari_pong_0_ab", "atari_pong_1_cd"} <= held_out
+  by_look = collections.Counter(looks[e] for e in held_out)
+  assert by_look == {"atari_pong": 2, "fixed": 1, "follow": 1}
+  assert pipeline._split_episodes(dict(reversed(looks.items())), 0.2, ("atari_*",),
+                                  seed=0) == held_out  # deterministic, order-free
+  # Without the pattern the Atari clips are one more look: ceil(0.5·2) = 1 of them.
+  by_look = collections.Counter(looks[e] for e in pipeline._split_episodes(looks, 0.5, (), 0))
+  assert by_look == {"atari_pong": 1, "fixed": 3, "follow": 1}  # fixed: ceil(0.5·5) = 3
+
+
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
-  """Every phase of `configs/video_pretrain.py:debug`, run once for the module's tests."""
+  """Every phase of `configs/video_pretrain.py:debug`, run once for the module's tests;
+  also counts how often each exported episode file is read."""
   workdir = str(tmp_path_factory.mktemp("video"))
   cfg = video_pretrain.get_config("debug")
-  results = pipeline.run(workdir, cfg, "all")
-  return workdir, cfg, results
+  reads, read_episode = collections.Counter(), episodes.read_episode
+
+  def counting_read(path, *args, **kwargs):
+    reads[os.path.basename(path)] += 1
+    return read_episode(path, *args, **kwargs)
+
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(episodes, "read_episode", counting_read)
+    results = pipeline.run(workdir, cfg, "all")
+  return workdir, cfg, results, reads
 
 
 @pytest.mark.slow
 def test_every_phase_runs_and_writes_the_upstream_layout(finished_run):
-  workdir, cfg, results = finished_run
+  workdir, cfg, results, reads = finished_run
   assert list(results) == pipeline.resolve_phases("all", cfg)
   paths = chunks.list_chunks(os.path.join(workdir, "chunks"))
   assert len(paths) == results["convert"]["frames"] // cfg.convert.chunk_frames
-  labellings = []
+  labellings, bonk_arena_idm = [], 0
   for path in paths:
     arrays = chunks.read_chunk(path)
     length = len(arrays["observations"])
@@ -66,6 +93,8 @@ def test_every_phase_runs_and_writes_the_upstream_layout(finished_run):
     assert arrays["skill_tokens"].dtype == np.int32
     meta = chunks.decode_meta(arrays["meta"])
     labellings.append(meta["action_labeling"])
+    atari = os.path.basename(str(arrays["video_source"])).startswith("atari_")
+    bonk_arena_idm += meta["action_labeling"] == "idm" and not atari
     if meta["action_labeling"] == "idm":
       # IDM actions: the continuous part clipped, each branch a probability vector.
       assert np.all(np.abs(arrays["actions"][:, :2]) <= 1.0)
@@ -75,20 +104,31 @@ def test_every_phase_runs_and_writes_the_upstream_layout(finished_run):
   assert "idm" in labellings
 
   report = json.load(open(os.path.join(workdir, "report.json")))
-  assert report["idm"]["all/frames"] == sum(
-      n == "idm" for n in labellings) * cfg.convert.chunk_frames
+  # IDM accuracy is measured where the true actions are BonkArena's (not the Atari clip's).
+  assert report["idm"]["all/frames"] == bonk_arena_idm * cfg.convert.chunk_frames
   assert 0.0 <= report["idm"]["all/accuracy_0"] <= 1.0
-  assert report["reward"]["all"]["episodes"] >= 1
+  # The Atari clip is always held out of reward training, and each BonkArena look (two
+  # episodes each) has one held-out episode: one Spearman entry per source look.
+  held_out = results["reward_train"]["held_out_episodes"]
+  assert sum(e.startswith("atari_space_invaders") for e in held_out) == 1
+  assert len(held_out) == 3
+  reward = report["reward"]
+  assert {look: reward[look]["episodes"] for look in reward if not look.startswith("all")} == {
+      "atari_space_invaders": 1, "fixed:default@64": 1, "follow:desert@64": 1}
+  assert reward["all_atari"]["episodes"] == 1 and reward["all_bonk_arena"]["episodes"] == 2
+  assert -1.0 <= reward["all"]["spearman_time"] <= 1.0
   assert 1.0 <= report["skills"]["perplexity"] <= cfg.skills.num_codes
   assert report["dream"]["episodes"] == cfg.eval.episodes
   assert np.isfinite(report["dream"]["dream_return_mean"])
   # The saved dream policy is the trained one: the dream phase changed the actor.
   assert results["dream"]["final"]["dream/actor_loss"] != 0.0
+  # Each exported episode was read once by world_model and once by dream (not twice there).
+  assert results["export"]["episodes"] == len(reads) and set(reads.values()) == {2}
 
 
 @pytest.mark.slow
 def test_rerun_resumes_and_skips_a_corrupt_chunk(finished_run, tmp_path):
-  workdir, cfg, _ = finished_run
+  workdir, cfg, _, _ = finished_run
   copy = str(tmp_path / "copy")
   shutil.copytree(workdir, copy)
   rerun = pipeline.run(copy, cfg, "idm_train,idm_label,reward_train,skills_label")
