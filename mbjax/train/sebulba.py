@@ -56,7 +56,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
-
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from mbjax.agents import ppo
