@@ -12,9 +12,21 @@ after) predicts the action chosen on frame t, whose effect shows in frame t+1.
     maps (`motion_input="stem"`, the default) or raw patch vectors ("patches": 6× the
     first-layer cost) and their difference with a 1×1 layer, then 3×3 stride-2
     convolutions, mean and max pooled over space → a motion vector that is translation
-    invariant (a displacement reads the same wherever it happens). On BonkArena "patches"
-    learned faster (held-out R² 0.53 vs 0.37 after 500 steps) but not better (0.83 vs 0.86
-    after ~1,250 steps, one run each).
+    invariant (a displacement reads the same wherever it happens). With
+    `motion_input="cost_volume"` the 1×1 layer also reads a parameter-free cost volume
+    computed from the full-resolution frames before any striding (`cost_volume`: squared
+    luma differences for every displacement up to ± `motion_radius` half-resolution pixels,
+    pooled per stem cell), and the encoder adds `flow_heads` soft-arg-min flow estimates
+    pooled by learned attention over the cells (see `MotionEncoder`).
+    Measured on BonkArena ground truth (128² chunks from 256-px recordings, 12 labelled
+    chunks, 16 held-out chunks, gameplay frames; one run each, 2026-11-26): "stem" stayed
+    at held-out R² ≈ 0 after 1,000 steps (−0.04; the player's ~1.6 px per frame is lost in
+    the 8×8 stem patches); a full-resolution convolution over the frame pair cost 4.4× the
+    training-step CPU time of "stem" and was not pursued; the cost volume read the
+    following camera at once (R² 0.91 after 125 steps) but not the fixed one (≈ 0 after
+    250: uniform attention averages the one moving sprite away) until the attention
+    started from where something changed (the cost of not moving): fixed 0.38 after 125
+    steps. BENCHMARKS.md has the pipeline's numbers.
   * Per window: `TemporalHead` reads the W embeddings and W−1 motion vectors; the
     continuous head reads only the motion vectors (`continuous_from_motion`, default), so
     it cannot fit the move from where things are in the frame — with a few thousand
@@ -29,7 +41,9 @@ Training: masked MSE on the continuous dims, class-weighted masked cross-entropy
 AdamW. Each clip is rolled by a random shift of up to `cfg.shift` pixels (the same for all
 its frames, so displacements are unchanged), so motion is not tied to where a sprite sits
 on the patch grid; it matters when labelled frames are few (synthetic test, 400 frames:
-R² 0.50 → 0.79) and not with more (1,600 frames: 0.95 either way).
+R² 0.50 → 0.79) and not with more (1,600 frames: 0.95 either way). A `motion_fraction`
+of each batch is placed on frames whose move is visible (BonkArena's labelled clips of the
+trained agent were mostly paused menu frames, which teach the move nothing).
 
 API (all shapes static; `IDMConfig` and the `HybridActionSpec` are hashable, so they are
 static jit arguments, carried as static fields of `IDMState`):
@@ -50,7 +64,9 @@ Ground truth (BonkArena, `mbjax/envs/bonk_arena`):
     policy output (a random policy's diagonals exceed norm 1).
   * While the level-up menu is open the game is paused: the move has no visible effect,
     so those frames carry no movement label (`continuous_valid` False when the menu flag
-    is known). A move into a wall is likewise invisible; it stays labelled (no flag).
+    is known) and are not scored for it (`evaluate_labels(move_visible=...)`). A move
+    into a wall is likewise invisible; it stays labelled (no flag; 1 of ~2,200 held-out
+    gameplay frames in the 2026-11-26 recordings).
   * The card choice is visible only on menu frames (next frame: menu closed, and, with the
     renderer's upgrade HUD strip, which count went up). On gameplay frames the cards are
     masked and the label is always the no-op, so overall accuracy is dominated by them:
@@ -76,6 +92,9 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from mbjax.envs.spaces import HybridActionSpec
 
 
+MOTION_INPUTS = ("stem", "patches", "cost_volume")
+
+
 @dataclasses.dataclass(frozen=True)
 class IDMConfig:
   """IDM hyperparameters (hashable: a static jit argument)."""
@@ -85,12 +104,16 @@ class IDMConfig:
   channels: tuple[int, ...] = (32, 64, 64)  # stem width, then one 3×3/2 conv per entry
   embed_dim: int = 256  # per-frame embedding
   motion_channels: tuple[int, ...] = (32, 64, 64)  # motion encoder: 1×1 mix, then 3×3/2 convs
-  motion_input: str = "stem"  # what the motion encoder compares: "stem" maps, raw "patches"
-  #                             or full-resolution "pixels" (early fusion, see module doc)
-  motion_stride: int = 2  # "pixels": stride of the first pair convolution (kernel 2·stride)
+  motion_input: str = "stem"  # what the motion encoder compares: "stem" maps, raw "patches",
+  #                             or stem maps plus a full-resolution "cost_volume"
+  motion_radius: int = 3  # "cost_volume": displacements up to ± this many half-resolution
+  #                         pixels per axis
+  flow_heads: int = 4  # "cost_volume": attention-pooled flow estimates per frame pair
   hidden: int = 256  # temporal head width
   continuous_from_motion: bool = True  # the continuous head reads only the motion vectors
   shift: int = 4  # training augmentation: each clip rolled by up to ± shift pixels (0: off)
+  motion_fraction: float = 0.0  # share of each training batch placed on frames with a
+  #                               visible move (continuous_valid), see `fit`
   lr: float = 1e-3
   lr_decay_steps: int = 0  # > 0: cosine decay of lr to 0 over this many updates (set it to
   #                          the number of training steps; the last iterate is then stable)
@@ -108,11 +131,9 @@ class IDMConfig:
                        f"stem={self.stem}, channels={self.channels}")
     object.__setattr__(self, "channels", tuple(int(c) for c in self.channels))
     object.__setattr__(self, "motion_channels", tuple(int(c) for c in self.motion_channels))
-    if self.motion_input not in ("stem", "patches", "pixels"):
-      raise ValueError(f"IDMConfig.motion_input must be 'stem', 'patches' or 'pixels', got "
+    if self.motion_input not in MOTION_INPUTS:
+      raise ValueError(f"IDMConfig.motion_input must be one of {MOTION_INPUTS}, got "
                        f"{self.motion_input!r}")
-    if self.motion_stride < 1:
-      raise ValueError(f"IDMConfig.motion_stride must be >= 1, got {self.motion_stride}")
 
   @property
   def context(self) -> int:
@@ -204,32 +225,81 @@ class FrameEncoder(nn.Module):
 
 
 class MotionEncoder(nn.Module):
-  """Two consecutive maps [N, h, w, c] (stem maps, patch vectors or frames) → a motion
-  vector f32[N, 2·channels[-1]].
+  """Two consecutive maps [N, h, w, c] (stem maps or patch vectors), optionally with their
+  matching costs [N, h, w, D] (`cost_volume`) → a motion vector f32[N, M].
 
-  A first layer over (a, b, b − a) — 1×1 (`stride` 0), or for full-resolution frames a
-  2·stride × 2·stride convolution with that stride, whose overlapping receptive fields see
-  a one-pixel shift wherever it falls — then 3×3 stride-2 convolutions see local changes
+  A 1×1 layer over (a, b, b − a[, costs]) and 3×3 stride-2 convolutions see local changes
   anywhere in the frame; mean and max pooling over space make the result translation
   invariant (a sprite's displacement reads the same wherever it happens), which is what
-  lets a few thousand labelled frames generalise.
+  lets a few thousand labelled frames generalise: M = 2·channels[-1].
+
+  With costs, each cell also gets a flow estimate, the soft arg-min of its costs (the
+  expected displacement under softmax(−β·cost / mean cost), β learned from 8; Kendall et
+  al. 2017; the normalisation makes it independent of the cell's contrast, a flat cell
+  reads 0), and `flow_heads` attention maps over the cells (softmax over space of a 1×1
+  layer on the same inputs plus the log of the cell's cost of not moving, so attention
+  starts where something changed) pool it into one (dx, dy) each: M = 2·channels[-1] +
+  2·flow_heads. Which cells to trust (the player's sprite, or the scrolling floor of a
+  following camera) is all that is left to learn; the displacement itself is measured.
   """
 
   channels: Sequence[int]
-  stride: int = 0
+  flow_heads: int = 4
 
   @nn.compact
-  def __call__(self, a: jax.Array, b: jax.Array) -> jax.Array:
-    pair = jnp.concatenate([a, b, b - a], -1)
-    if self.stride:
-      k = 2 * self.stride
-      x = nn.relu(nn.Conv(self.channels[0], (k, k), (self.stride, self.stride),
-                          name="mix")(pair))
-    else:
-      x = nn.relu(nn.Dense(self.channels[0], name="mix")(pair))
+  def __call__(self, a: jax.Array, b: jax.Array, costs: jax.Array | None = None) -> jax.Array:
+    pair = jnp.concatenate([a, b, b - a] + ([] if costs is None else [costs]), -1)
+    x = nn.relu(nn.Dense(self.channels[0], name="mix")(pair))
     x = _conv_stack(x, [nn.Conv(c, (3, 3), (2, 2), name=f"conv_{i}")
                         for i, c in enumerate(self.channels[1:])])
-    return jnp.concatenate([x.mean(axis=(1, 2)), x.max(axis=(1, 2))], -1)
+    out = [x.mean(axis=(1, 2)), x.max(axis=(1, 2))]
+    if costs is not None:
+      n, h, w, d = costs.shape
+      r = (int(round(d ** 0.5)) - 1) // 2
+      steps = np.arange(-r, r + 1, dtype=np.float32)
+      grid = np.stack(np.meshgrid(steps, steps, indexing="ij"), -1).reshape(-1, 2)[:, ::-1]
+      log_beta = self.param("log_beta", nn.initializers.constant(np.log(8.0)), ())
+      relative = costs / (costs.mean(axis=-1, keepdims=True) + 1e-4)
+      flow = jax.nn.softmax(-jnp.exp(log_beta) * relative, axis=-1) @ grid  # [N, h, w, 2]
+      # Start from attending where something changed (the cost of d = 0 above the best):
+      # a moving sprite among static cells is found at once, the rest is learned.
+      change = jnp.log(costs[..., (d - 1) // 2] + 1e-3)[..., None]
+      attention = (nn.Dense(self.flow_heads, name="attention")(pair) + change).reshape(
+          n, h * w, -1)
+      attention = jax.nn.softmax(attention, axis=1)
+      out.append(jnp.einsum("npk,npc->nkc", attention, flow.reshape(n, h * w, 2))
+                 .reshape(n, -1))
+    return jnp.concatenate(out, -1)
+
+
+def cost_volume(a: jax.Array, b: jax.Array, radius: int, cell: int) -> jax.Array:
+  """Matching costs of frame `b` against frame `a` (f32[N, H, W, 3] in [0, 1]) for every
+  displacement d in [−radius, radius]² at half resolution: both frames are turned to luma
+  and 2×2 mean-pooled, then the mean of (a(x) − b(x + d))² over each cell of `cell` × `cell`
+  full-resolution pixels, minus the cell's lowest cost →
+  f32[N, H/cell, W/cell, (2·radius + 1)²] (dy-major; d in half-resolution pixels).
+
+  A thing that moved by d between the frames matches at d (FlowNetC's correlation layer,
+  Dosovitskiy et al. 2015, with squared differences); with anti-aliased frames the costs
+  around the best integer d also encode the sub-pixel part. No parameters: every cell sees
+  the same comparison, and the network only learns to read it. Half resolution and luma
+  keep it cheap on a CPU (the (2r + 1)² shifted copies dominate); `b` is edge-padded.
+  """
+  n, h, w, _ = a.shape
+  if h % cell or w % cell or cell % 2:
+    raise ValueError(f"cost_volume: frame {h}x{w} must divide into even cells of {cell}")
+  luma = jnp.asarray([0.299, 0.587, 0.114], a.dtype)
+  a, b = (jnp.dot(x, luma).reshape(n, h // 2, 2, w // 2, 2).mean(axis=(2, 4)) for x in (a, b))
+  h, w, c, r = h // 2, w // 2, cell // 2, radius
+  padded = jnp.pad(b, ((0, 0), (r, r), (r, r)), mode="edge")
+  costs = []
+  for dy in range(-r, r + 1):  # one row shift at a time: all dx of it in one fused op
+    rows = padded[:, r + dy:r + dy + h]
+    shifted = jnp.stack([rows[:, :, r + dx:r + dx + w] for dx in range(-r, r + 1)], 1)
+    sq = jnp.square(shifted - a[:, None])
+    costs.append(sq.reshape(n, 2 * r + 1, h // c, c, w // c, c).mean(axis=(3, 5)))
+  volume = jnp.concatenate(costs, 1).transpose(0, 2, 3, 1)
+  return volume - volume.min(axis=-1, keepdims=True)
 
 
 class TemporalHead(nn.Module):
@@ -268,8 +338,7 @@ class IDMNet(nn.Module):
   def setup(self):
     cfg = self.cfg
     self.encoder = FrameEncoder(cfg.stem, cfg.channels, cfg.embed_dim)
-    self.motion = MotionEncoder(cfg.motion_channels,
-                                cfg.motion_stride if cfg.motion_input == "pixels" else 0)
+    self.motion = MotionEncoder(cfg.motion_channels, cfg.flow_heads)
     self.head = TemporalHead(self.spec, cfg.hidden, cfg.continuous_from_motion)
 
   def _encode_sequences(self, frames: jax.Array):
@@ -278,13 +347,16 @@ class IDMNet(nn.Module):
     patches = self.encoder.patches(frames.reshape((b * length,) + frames.shape[2:]))
     stem = self.encoder.stem_map(patches)
     emb = self.encoder.embed_map(stem).reshape(b, length, -1)
-    if self.cfg.motion_input == "pixels":  # full resolution, in [0, 1]
-      source = frames.reshape((b * length,) + frames.shape[2:]).astype(jnp.float32) / 255.0
-    else:
-      source = patches if self.cfg.motion_input == "patches" else stem
-    source = source.reshape((b, length) + source.shape[1:])
-    motion = self.motion(source[:, :-1].reshape((-1,) + source.shape[2:]),
-                         source[:, 1:].reshape((-1,) + source.shape[2:]))
+    def pairs(x):  # [B·L, ...] → (frames 0..L−2, frames 1..L−1) of every clip, flattened
+      x = x.reshape((b, length) + x.shape[1:])
+      return x[:, :-1].reshape((-1,) + x.shape[2:]), x[:, 1:].reshape((-1,) + x.shape[2:])
+
+    costs = None
+    if self.cfg.motion_input == "cost_volume":
+      full = frames.reshape((b * length,) + frames.shape[2:]).astype(jnp.float32) / 255.0
+      costs = cost_volume(*pairs(full), self.cfg.motion_radius, self.cfg.stem)
+    motion = self.motion(*pairs(patches if self.cfg.motion_input == "patches" else stem),
+                         costs)
     return emb, motion.reshape(b, length - 1, -1)
 
   def encode(self, frames: jax.Array):
@@ -561,10 +633,16 @@ def fit(state: IDMState, episodes: Sequence[Episode], num_steps: int,
   if data_sharding is not None:
     state = jax.device_put(state, NamedSharding(data_sharding.mesh, P()))
   lengths = [e.frames.shape[0] for e in episodes]
-  metrics = {}
+  window, metrics = state.cfg.window, {}
+  # `motion_fraction` of each batch: clips centred on frames whose move is visible.
+  moving = [np.flatnonzero(np.asarray(e.labels.continuous_valid)) for e in episodes]
+  on_moves = int(round(batch * state.cfg.motion_fraction))
   for step in range(num_steps):
-    ids, starts = sample_clips(rng, lengths, batch, clip_length, state.cfg.window, focus,
+    ids, starts = sample_clips(rng, lengths, batch - on_moves, clip_length, window, focus,
                                focus_fraction)
+    if on_moves:
+      more = sample_clips(rng, lengths, on_moves, clip_length, window, moving, 1.0)
+      ids, starts = np.concatenate([ids, more[0]]), np.concatenate([starts, more[1]])
     clips = jax.device_put(gather_clips(episodes, ids, starts, clip_length), data_sharding)
     state, metrics = update(state, *clips)
     if log_fn is not None and (step + 1) % log_every == 0:
@@ -585,14 +663,22 @@ def r2_score(pred: np.ndarray, truth: np.ndarray) -> float:
 
 
 def evaluate_labels(pred: IDMLabels, continuous: np.ndarray, discrete: np.ndarray,
-                    groups: dict[str, np.ndarray]) -> dict[str, float]:
+                    groups: dict[str, np.ndarray],
+                    move_visible: np.ndarray | None = None) -> dict[str, float]:
   """Accuracy per branch and movement R²/MSE of `pred` against the truth, per group of
   frames (`groups`: name → bool[T] mask, e.g. "all", "menu", "gameplay").
 
-  Keys: `{group}/frames`, `{group}/accuracy_{i}`, `{group}/move_r2`, `{group}/move_mse`.
+  `move_visible` (bool[T], default all): the frames whose move the video shows; movement
+  is scored on those alone (BonkArena pauses while the level-up menu is open, so a move
+  chosen then has no effect any frame could show).
+
+  Keys: `{group}/frames`, `{group}/accuracy_{i}`, `{group}/move_r2`, `{group}/move_mse`
+  and `{group}/move_frames` (the frames movement was scored on).
   """
   out = {}
   discrete = np.asarray(discrete).reshape(len(discrete), -1)
+  visible = (np.ones(len(discrete), bool) if move_visible is None
+             else np.asarray(move_visible, bool))
   for name, mask in groups.items():
     mask = np.asarray(mask, bool)
     out[f"{name}/frames"] = int(mask.sum())
@@ -600,6 +686,8 @@ def evaluate_labels(pred: IDMLabels, continuous: np.ndarray, discrete: np.ndarra
       hits = np.asarray(pred.discrete)[mask, i] == discrete[mask, i]
       out[f"{name}/accuracy_{i}"] = float(hits.mean()) if mask.any() else float("nan")
     if np.asarray(continuous).shape[-1]:
+      mask = mask & visible
+      out[f"{name}/move_frames"] = int(mask.sum())
       p, t = np.asarray(pred.continuous)[mask], np.asarray(continuous)[mask]
       out[f"{name}/move_r2"] = r2_score(p, t)
       out[f"{name}/move_mse"] = float(np.mean(np.sum(np.square(p - t), -1))) if mask.any() \

@@ -81,10 +81,10 @@ def per_window_labels(params, cfg, spec, frames):
   return np.stack(continuous), [np.stack([p[i] for p in probs]) for i in range(len(probs[0]))]
 
 
-@pytest.mark.parametrize("length,motion_input", [(1, "stem"), (11, "patches")])
+@pytest.mark.parametrize("length,motion_input", [(1, "stem"), (11, "cost_volume")])
 def test_label_equals_per_window_computation_jitted_or_not(length, motion_input):
   cfg = idm.IDMConfig(window=5, stem=4, channels=(8, 8), embed_dim=16, motion_channels=(8, 8),
-                      hidden=16, motion_input=motion_input,
+                      hidden=16, motion_input=motion_input, motion_radius=1,
                       label_batch=4)  # 11 frames: several pieces, the last one padded
   frames = np.random.default_rng(1).integers(0, 256, (length, 16, 16, 3), dtype=np.uint8)
   state = idm.init(jax.random.PRNGKey(2), cfg, (16, 16, 3), SPEC)
@@ -97,6 +97,29 @@ def test_label_equals_per_window_computation_jitted_or_not(length, motion_input)
     np.testing.assert_allclose(got.continuous, expected_cont, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(got.probs[0], expected_probs[0], rtol=1e-4, atol=1e-6)
     np.testing.assert_array_equal(got.discrete[:, 0], np.argmax(got.probs[0], -1))
+
+
+def test_cost_volume_by_hand():
+  # 8×8 frames → 4×4 half-resolution luma, cells of 4 px → a 2×2 grid of cells, radius 1.
+  # A white 2×2 block (one half-res pixel of luma 1) moves from half-res (1, 1) to (1, 2).
+  a = np.zeros((1, 8, 8, 3), np.float32)
+  b = np.zeros_like(a)
+  a[0, 2:4, 2:4] = 1.0
+  b[0, 2:4, 4:6] = 1.0
+  got = np.asarray(idm.cost_volume(jnp.asarray(a), jnp.asarray(b), radius=1, cell=4))
+  assert got.shape == (1, 2, 2, 9)
+  ha, hb = np.zeros((4, 4)), np.zeros((4, 4))
+  ha[1, 1] = hb[1, 2] = 1.0
+  padded = np.pad(hb, 1, mode="edge")
+  for cy in range(2):
+    for cx in range(2):
+      costs = [np.mean([(ha[y, x] - padded[y + dy + 1, x + dx + 1]) ** 2
+                        for y in range(2 * cy, 2 * cy + 2) for x in range(2 * cx, 2 * cx + 2)])
+               for dy in (-1, 0, 1) for dx in (-1, 0, 1)]
+      np.testing.assert_allclose(got[0, cy, cx], np.asarray(costs) - min(costs), atol=1e-6)
+  # The cell the block left matches best at d = (0, +1) (index 5), the only zero cost.
+  assert np.flatnonzero(got[0, 0, 0] == 0).tolist() == [5]
+  np.testing.assert_allclose(got[0, 0, 0, 4], 0.25, atol=1e-6)  # d = 0: one pixel of four
 
 
 def test_norm_clipped_is_what_the_game_applies():
@@ -128,6 +151,15 @@ def test_r2_and_grouped_accuracy_by_hand():
   # Per dim the truth is (0, 2, 0), mean 2/3: Σ (y − ȳ)² = 8/3, so 16/3 over both dims;
   # Σ‖y − ŷ‖² = 2 → R² = 1 − 2 / (16/3) = 0.625.
   assert metrics["all/move_r2"] == pytest.approx(0.625)
+  # Movement scored only where it is visible: frames 0 and 1, the first assert's R² 0.5;
+  # the menu group keeps one such frame (too few for an R²) but all its frames for accuracy.
+  visible = idm.evaluate_labels(pred, np.array([[0, 0], [2, 2], [0, 0.]]),
+                                np.array([[0], [2], [2]]),
+                                {"all": np.ones(3, bool), "menu": np.array([0, 1, 1], bool)},
+                                move_visible=np.array([1, 1, 0], bool))
+  assert visible["all/move_r2"] == pytest.approx(0.5)
+  assert visible["all/move_frames"] == 2 and visible["menu/move_frames"] == 1
+  assert np.isnan(visible["menu/move_r2"]) and visible["menu/accuracy_0"] == pytest.approx(0.5)
 
 
 def test_sample_clips_puts_focus_frames_among_the_trained_centres():
