@@ -9,6 +9,11 @@ fold_in(PRNGKey(seed), i), so every policy meets every look once N >= P·V. File
 clips `atari_<game>_<j>.{mp4,npz}`, and `dataset.json` listing every episode with its
 length, return and number of menu frames. Rerunning skips the episodes already written.
 
+True progress, what the reward model's scores are ranked against: BonkArena's `xp_total`
+(all XP collected so far); an Atari clip's `score`, the game score before each frame
+(ale-py's rewards summed from the clip's start: the points the game counts up, in Pong
+the player's minus the opponent's). The Atari clips play uniformly random actions.
+
 Looks: `variants` entries are `camera:palette` (camera fixed|follow, palette
 default|desert); `pixel_size` sets the video side and `upgrade_hud` draws the per-card
 upgrade counts an IDM needs to see which card was chosen.
