@@ -39,14 +39,6 @@ def get_config(arg: str | None = None):
     cfg.ground_truth.policies = ("scripted", "random", "checkpoint")
     cfg.ground_truth.checkpoint = "runs/arena_ppo"
     cfg.ground_truth.update(atari_games=("space_invaders", "ms_pacman"), atari_clips=2)
-    # Movement: 256-px recordings area-resampled to 128² chunks, where the player moves
-    # ~1.6 px per frame drawn anti-aliased (sub-pixel positions show); the IDM reads it
-    # through a cost volume (mbjax/offline/idm.py), with half of each training batch placed
-    # on frames whose move is visible (the trained agent's clips are mostly menu frames).
-    cfg.ground_truth.pixel_size = 256
-    cfg.convert.size = 128
-    cfg.idm.update(motion_input="cost_volume", motion_fraction=0.5, steps=1000,
-                   lr_decay_steps=1000)
   if arg == "debug":
     # One policy in two looks: two compiled episode functions (each policy × look is one),
     # and one short Atari clip, so the always-held-out source path runs too.
