@@ -60,7 +60,10 @@ def test_server_killed_and_restarted_mid_run():
     assert np.isfinite(learner.step()["loss/total"])
     learner.step()
     before = learner.drain_stats()
-    assert before["bridge/faults"] == 0
+    # Connected throughout before the kill. (A game starved for more than the 0.5 s step
+    # timeout on a loaded machine counts as a fault without a disconnect: seen once at load
+    # average 13, so faults are not required to be 0 here.)
+    assert before["bridge/disconnects"] == 0
     server.kill()
     time.sleep(0.5)
     server.start()  # same ports
