@@ -2,8 +2,11 @@
 Inference, all updated after every rollout (mbjax.agents.apex).
 
 Same PPO settings as `configs/arena_ppo.py`; the world model is a CPU-sized RSSM (GRU 256,
-16×16 categorical latents, windows of 32 steps), dream and EFE imagine 15 steps from 256
-posterior states each. The served policy is PPO; set
+16×16 categorical latents, windows of 32 steps) with the one-step delta head
+(`world_model.predict_delta`: without it the model's one-step prediction was worse than
+copying the last observation, 0.78× after 1000 updates; with it 3.0× after 200, see
+BENCHMARKS.md "World model"); dream and EFE imagine 15 steps from 256 posterior states
+each. The served policy is PPO; set
 `--config.served.distill_from=dream --config.served.distill_coef=0.1` to distil the dream
 actor into it.
 

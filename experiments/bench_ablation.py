@@ -115,7 +115,9 @@ def train_seeds(cfg: ml_collections.ConfigDict, num_seeds: int, chunk: int, log=
   def run_chunk(runner, length):
     return jax.lax.scan(lambda r, _: trainer.update(r), runner, None, length)
 
-  runner = jax.jit(jax.vmap(trainer.init))(keys)
+  # lax.map, not vmap: vmapped orthogonal initialisers can deadlock jaxlib 0.10 on this CPU
+  # (shared/notes/environment.md; seen here at 0% CPU with the XLA flag set).
+  runner = jax.jit(lambda k: jax.lax.map(trainer.init, k))(keys)
   compiled = {}
   returns, counts = [], []
   seconds = compile_seconds = 0.0
