@@ -93,26 +93,27 @@ def test_dream_policy_learned_offline_beats_the_recording_policy():
   random_return = np.mean([len(e["reward"]) for e in episodes])
   spec = env.action_spec(params)
   cfg = config_lib.base_config()
-  cfg.world_model.update(deter=64, stoch=8, classes=8, hidden=64, seq_len=16)
-  cfg.dream.update(hidden_sizes=(64,), horizon=15, num_starts=128, actor_lr=3e-4,
+  # World-model lr 1e-3 (3e-4 needed ~1200 updates to pass): mean dream returns 50.7 /
+  # 119.3 at 400 updates, 89.3 / 177.9 at 600, 198.5 / 131.8 at 800 in two runs (different
+  # data and init keys), random ≈ 21 (2026-11-26).
+  cfg.world_model.update(deter=64, stoch=8, classes=8, hidden=64, seq_len=16, lr=1e-3)
+  cfg.dream.update(hidden_sizes=(64,), horizon=10, num_starts=64, actor_lr=3e-4,
                    critic_lr=3e-4)
   cfg.efe.enabled = False
   trainer = offline.make_offline_trainer(cfg, (4,), jnp.float32, spec)
   data = jax.device_put(offline.EpisodeData.concatenate(episodes, spec))
   update = jax.jit(trainer.update, static_argnums=(2, 3))
-  state = jax.jit(trainer.init)(jax.random.PRNGKey(1))
-  for _ in range(24):  # 1200 updates: 80–135 mean return in sweeps of 2 seeds, random ≈ 23
+  # Programs that run once compile for compile time (XLA backend optimisation level 0).
+  run_once = {"xla_backend_optimization_level": 0}
+  state = jax.jit(trainer.init, compiler_options=run_once)(jax.random.PRNGKey(1))
+  for _ in range(12):
     state, metrics = update(state, data, True, 50)
-  assert int(state.step) == 1200
-
-  # The second phase trains only the latent policy: the world model stays bit-identical.
-  frozen, _ = update(state, data, False, 1)
-  jax.tree.map(np.testing.assert_array_equal, frozen.aux.world_model, state.aux.world_model)
-  assert not np.allclose(jax.flatten_util.ravel_pytree(frozen.aux.dream.actor_params)[0],
-                         jax.flatten_util.ravel_pytree(state.aux.dream.actor_params)[0])
+  assert int(state.step) == 600
+  # (The dream-only phase, train_world_model=False, leaving the world model bit-identical
+  # is checked on the video pipeline's dream phase, tests/offline/test_pipeline.py.)
 
   play = jax.jit(jax.vmap(lambda key: offline.play_latent_policy(
-      env, params, trainer.learners, state.aux, key, 500)))
+      env, params, trainer.learners, state.aux, key, 500)), compiler_options=run_once)
   dream_return = float(play(jax.random.split(jax.random.PRNGKey(2), 32)).mean())
   print(f"random {random_return:.1f}, offline dream policy {dream_return:.1f}")
   assert dream_return > 2.0 * random_return

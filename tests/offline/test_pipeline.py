@@ -5,7 +5,9 @@ import json
 import os
 import shutil
 
+import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from configs import video_pretrain
@@ -120,8 +122,16 @@ def test_every_phase_runs_and_writes_the_upstream_layout(finished_run):
   assert 1.0 <= report["skills"]["perplexity"] <= cfg.skills.num_codes
   assert report["dream"]["episodes"] == cfg.eval.episodes
   assert np.isfinite(report["dream"]["dream_return_mean"])
-  # The saved dream policy is the trained one: the dream phase changed the actor.
+  # The saved dream policy is the trained one, trained against a fixed world model: the
+  # dream checkpoint holds the world model checkpoint's model bit for bit, another actor.
   assert results["dream"]["final"]["dream/actor_loss"] != 0.0
+  saved = {name: ocp.StandardCheckpointer().restore(
+      os.path.join(workdir, "models", name, "params")) for name in ("world_model", "dream")}
+  jax.tree.map(np.testing.assert_array_equal, saved["world_model"]["aux"]["world_model"],
+               saved["dream"]["aux"]["world_model"])
+  actors = [jax.tree.leaves(saved[name]["aux"]["dream"]["actor_params"])
+            for name in ("world_model", "dream")]
+  assert not all(np.array_equal(a, b) for a, b in zip(*actors))
   # Each exported episode was read once by world_model and once by dream (not twice there).
   assert results["export"]["episodes"] == len(reads) and set(reads.values()) == {2}
 
