@@ -268,14 +268,15 @@ def test_delta_head_starts_as_copy_last_and_errors_are_per_dimension():
   is_first = np.array([[True], [False], [True]])  # o_2 starts a new episode
   batch = wm_lib.Sequence(obs, np.zeros((3, 1, 5), np.float32), np.zeros((3, 1), np.float32),
                           np.zeros((3, 1), bool), is_first)
-  model_sq, copy_sq, inside = jax.jit(
-      lambda p, b: wm_lib.one_step_squared_errors(p, model, b, jax.random.PRNGKey(1)))(
-          params, batch)
+  key = jax.random.PRNGKey(1)
+  # One compiled program for both: the per-dimension errors and the loss's metrics.
+  (model_sq, copy_sq, inside), metrics = jax.jit(lambda p, b: (
+      wm_lib.one_step_squared_errors(p, model, b, key),
+      wm_lib.loss(p, model, cfg, b, key)[1][1]))(params, batch)
   log2 = math.log(2.0)
   np.testing.assert_allclose(copy_sq[0, 0], [log2 ** 2, 0.0, math.log(3.0) ** 2], rtol=1e-6)
   np.testing.assert_allclose(model_sq, copy_sq, rtol=1e-6)
   np.testing.assert_array_equal(inside, [[True], [False]])
-  _, (_, metrics) = wm_lib.loss(params, model, cfg, batch, jax.random.PRNGKey(1))
   expected = (log2 ** 2 + math.log(3.0) ** 2) / 3  # mean over dims of the one inside step
   np.testing.assert_allclose(metrics["wm/one_step_error"], expected, rtol=1e-6)
   np.testing.assert_allclose(metrics["wm/copy_last_error"], expected, rtol=1e-6)
