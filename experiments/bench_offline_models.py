@@ -12,12 +12,16 @@ Anchors at the same load: the upstream MetaBonk architectures in JAX, timed the 
 the IDM that encodes all 7 frames of every window with a Nature CNN and feeds the
 7×36,864 concatenation to a 256-unit dense layer, and the 4-convolution reward model.
 Upstream on this CPU (PyTorch): IDM labelling 38–40 frames/s, reward scoring ~230 frames/s.
+The reward part times the `:arena` pipeline's reward model (`--parts=reward`: only it) at
+each of `--reward_sizes` (96², that pipeline's chunks; 224², upstream's), each size with the
+upstream-style reward anchor.
 Prints frames/s of wall time, frames per CPU-second of this process, and the load average.
 """
 import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_cpu_enable_concurrency_optimized_scheduler=false")
 
+import dataclasses  # noqa: E402
 import time  # noqa: E402
 
 import flax.linen as nn  # noqa: E402
@@ -26,8 +30,9 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
+from configs import video_pretrain  # noqa: E402
 from mbjax.envs.spaces import HybridActionSpec  # noqa: E402
-from mbjax.offline import idm, reward_model  # noqa: E402
+from mbjax.offline import idm, pipeline, reward_model  # noqa: E402
 
 _SIZE = flags.DEFINE_integer("size", 224, "Frame side.")
 _FRAMES = flags.DEFINE_integer("frames", 512, "Frames in the timed chunk.")
@@ -35,6 +40,10 @@ _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed runs per case (best is repo
 _BATCHES = flags.DEFINE_list("batches", ["16", "32", "64", "128"], "Piece sizes to try.")
 _ANCHOR_FRAMES = flags.DEFINE_integer("anchor_frames", 128,
                                       "Frames for the (slow) upstream-style anchors; 0: skip.")
+_PARTS = flags.DEFINE_list("parts", ["reward", "idm"], "What to time: reward and/or idm.")
+_REWARD_SIZES = flags.DEFINE_list(
+    "reward_sizes", ["96", "224"], "Frame sides for the reward model: 96 is the :arena "
+    "pipeline's chunk size (where BENCHMARKS.md measures its Spearman), 224 upstream's.")
 
 SPEC = HybridActionSpec(continuous_dim=2, branches=(4,))  # BonkArena's action space
 
@@ -109,6 +118,26 @@ def upstream_score(params, frames, batch):
   return np.concatenate(out)
 
 
+def time_reward(key, count, batches):
+  """`reward_model.score` with the `:arena` pipeline's reward model (`reward.*` of
+  configs/video_pretrain.py:arena) at each of `--reward_sizes`, every piece size, then
+  the upstream-style reward model at the same sizes (piece 64)."""
+  base = pipeline._reward_config(video_pretrain.get_config("arena"))
+  for side in (int(s) for s in _REWARD_SIZES.value):
+    frames = np.random.default_rng(0).integers(0, 256, (count, side, side, 3), dtype=np.uint8)
+    for batch in batches:
+      cfg = dataclasses.replace(base, score_batch=batch)
+      state = reward_model.init(key, cfg, (side, side, 3))
+      wall, cpu = best_of(_REPEATS.value,
+                          lambda: reward_model.score(state.params, cfg, frames))
+      report(f"reward score {side}²", batch, count, wall, cpu)
+    anchor = frames[:_ANCHOR_FRAMES.value]
+    if len(anchor):
+      params = UpstreamReward().init(key, anchor[:1])
+      wall, cpu = best_of(_REPEATS.value, lambda: upstream_score(params, anchor, 64))
+      report(f"upstream-style reward {side}²", 64, len(anchor), wall, cpu)
+
+
 def main(argv):
   del argv
   size, count = _SIZE.value, _FRAMES.value
@@ -118,24 +147,21 @@ def main(argv):
         f"load average before: {os.getloadavg()}")
   print(f"{'model':<26} | {'batch':>5} | {'frames/s':>9} | {'frames/CPU-s':>12} | load")
   key = jax.random.PRNGKey(0)
+  if "reward" in _PARTS.value:
+    time_reward(key, count, batches)
+  if "idm" not in _PARTS.value:
+    print(f"load average after: {os.getloadavg()}")
+    return
   for batch in batches:
     cfg = idm.IDMConfig(label_batch=batch)
     state = idm.init(key, cfg, (size, size, 3), SPEC)
     wall, cpu = best_of(_REPEATS.value, lambda: idm.label(state.params, cfg, SPEC, frames))
     report(f"IDM label (window {cfg.window})", batch, count, wall, cpu)
-  for batch in batches:
-    cfg = reward_model.RewardConfig(score_batch=batch)
-    state = reward_model.init(key, cfg, (size, size, 3))
-    wall, cpu = best_of(_REPEATS.value, lambda: reward_model.score(state.params, cfg, frames))
-    report("reward score", batch, count, wall, cpu)
   anchor = frames[:_ANCHOR_FRAMES.value]
   if len(anchor):
     params = UpstreamIDM().init(key, anchor[:1, None].repeat(7, 1))
     wall, cpu = best_of(_REPEATS.value, lambda: upstream_idm_label(params, anchor, 32))
     report("upstream-style IDM label", 32, len(anchor), wall, cpu)
-    params = UpstreamReward().init(key, anchor[:1])
-    wall, cpu = best_of(_REPEATS.value, lambda: upstream_score(params, anchor, 64))
-    report("upstream-style reward", 64, len(anchor), wall, cpu)
   print(f"load average after: {os.getloadavg()}")
 
 
