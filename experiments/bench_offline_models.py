@@ -1,11 +1,14 @@
-"""IDM labelling and reward-model scoring throughput at 224² on this CPU:
+"""IDM labelling and reward-model scoring throughput on this CPU:
 
   python -m experiments.bench_offline_models [--frames=512] [--repeats=3]
 
-Times `idm.label` (7-frame window, default `IDMConfig`) and `reward_model.score` (default
-`RewardConfig`) over one chunk of `--frames` frames, end to end from a uint8 numpy chunk
-(edge padding, fixed-size jitted pieces, results back in numpy), for each piece size in
-`--batches`; compilation is excluded (one warm-up run), the best of `--repeats` is kept.
+Times `idm.label` and `reward_model.score` over one chunk of `--frames` frames, end to end
+from a uint8 numpy chunk (edge padding, fixed-size jitted pieces, results back in numpy),
+for each piece size in `--batches`; compilation is excluded (one warm-up run), the best of
+`--repeats` is kept. The IDM is timed as `--config` (default
+`configs/video_pretrain.py:arena`, the configuration whose accuracy BENCHMARKS.md reports)
+sets it, at that config's chunk size (`convert.size`) and at each of `--idm_sizes`, and,
+for comparison, the default `IDMConfig` at `--size`² (`--parts=idm`: only the IDM).
 Throughput does not depend on the weights, so freshly initialised models are timed.
 
 Anchors at the same load: the upstream MetaBonk architectures in JAX, timed the same way —
@@ -13,8 +16,8 @@ the IDM that encodes all 7 frames of every window with a Nature CNN and feeds th
 7×36,864 concatenation to a 256-unit dense layer, and the 4-convolution reward model.
 Upstream on this CPU (PyTorch): IDM labelling 38–40 frames/s, reward scoring ~230 frames/s.
 The reward part times the `:arena` pipeline's reward model (`--parts=reward`: only it) at
-each of `--reward_sizes` (96², that pipeline's chunks; 224², upstream's), each size with the
-upstream-style reward anchor.
+each of `--reward_sizes` (96²: that pipeline's chunks until 2026-11-26, now 128²; 224²:
+upstream's), each size with the upstream-style reward anchor.
 Prints frames/s of wall time, frames per CPU-second of this process, and the load average.
 """
 import os
@@ -29,12 +32,17 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
 
 from configs import video_pretrain  # noqa: E402
 from mbjax.envs.spaces import HybridActionSpec  # noqa: E402
 from mbjax.offline import idm, pipeline, reward_model  # noqa: E402
 
-_SIZE = flags.DEFINE_integer("size", 224, "Frame side.")
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/video_pretrain.py:arena",
+                                          "Pipeline config whose IDM is timed.")
+_SIZE = flags.DEFINE_integer("size", 224, "Frame side (reward model, default IDM, anchors).")
+_IDM_SIZES = flags.DEFINE_list("idm_sizes", ["224"], "Further frame sides for the config's "
+                               "IDM (its own chunk size is always timed).")
 _FRAMES = flags.DEFINE_integer("frames", 512, "Frames in the timed chunk.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed runs per case (best is reported).")
 _BATCHES = flags.DEFINE_list("batches", ["16", "32", "64", "128"], "Piece sizes to try.")
@@ -89,7 +97,7 @@ def best_of(repeats, fn):
 
 
 def report(name, batch, frames, wall, cpu):
-  print(f"{name:<26} | {batch:>5} | {frames / wall:>9.0f} | {frames / cpu:>12.0f} | "
+  print(f"{name:<34} | {batch:>5} | {frames / wall:>9.0f} | {frames / cpu:>12.0f} | "
         f"{os.getloadavg()[0]:.2f}", flush=True)
 
 
@@ -118,6 +126,10 @@ def upstream_score(params, frames, batch):
   return np.concatenate(out)
 
 
+def rng_frames(count, side):
+  return np.random.default_rng(0).integers(0, 256, (count, side, side, 3), dtype=np.uint8)
+
+
 def time_reward(key, count, batches):
   """`reward_model.score` with the `:arena` pipeline's reward model (`reward.*` of
   configs/video_pretrain.py:arena) at each of `--reward_sizes`, every piece size, then
@@ -141,22 +153,28 @@ def time_reward(key, count, batches):
 def main(argv):
   del argv
   size, count = _SIZE.value, _FRAMES.value
-  frames = np.random.default_rng(0).integers(0, 256, (count, size, size, 3), dtype=np.uint8)
+  frames = rng_frames(count, size)
   batches = [int(b) for b in _BATCHES.value]
-  print(f"{count} frames of {size}²x3 uint8, best of {_REPEATS.value}; "
+  print(f"{count} random uint8 frames per case, best of {_REPEATS.value}; "
         f"load average before: {os.getloadavg()}")
-  print(f"{'model':<26} | {'batch':>5} | {'frames/s':>9} | {'frames/CPU-s':>12} | load")
+  print(f"{'model':<34} | {'batch':>5} | {'frames/s':>9} | {'frames/CPU-s':>12} | load")
   key = jax.random.PRNGKey(0)
   if "reward" in _PARTS.value:
     time_reward(key, count, batches)
   if "idm" not in _PARTS.value:
     print(f"load average after: {os.getloadavg()}")
     return
-  for batch in batches:
-    cfg = idm.IDMConfig(label_batch=batch)
-    state = idm.init(key, cfg, (size, size, 3), SPEC)
-    wall, cpu = best_of(_REPEATS.value, lambda: idm.label(state.params, cfg, SPEC, frames))
-    report(f"IDM label (window {cfg.window})", batch, count, wall, cpu)
+  arena = pipeline._idm_config(_CONFIG.value)  # what the pipeline trains and labels with
+  cases = [(f"config IDM {s}²", arena, s) for s in dict.fromkeys(
+      [_CONFIG.value.convert.size] + [int(s) for s in _IDM_SIZES.value])]
+  cases.append((f"default IDM {size}²", idm.IDMConfig(), size))
+  for name, base, side in cases:
+    chunk = frames if side == size else rng_frames(count, side)
+    for batch in batches:
+      cfg = dataclasses.replace(base, label_batch=batch)
+      state = idm.init(key, cfg, (side, side, 3), SPEC)
+      wall, cpu = best_of(_REPEATS.value, lambda: idm.label(state.params, cfg, SPEC, chunk))
+      report(f"{name} (window {cfg.window})", batch, count, wall, cpu)
   anchor = frames[:_ANCHOR_FRAMES.value]
   if len(anchor):
     params = UpstreamIDM().init(key, anchor[:1, None].repeat(7, 1))
