@@ -50,8 +50,9 @@ _ANCHOR_FRAMES = flags.DEFINE_integer("anchor_frames", 128,
                                       "Frames for the (slow) upstream-style anchors; 0: skip.")
 _PARTS = flags.DEFINE_list("parts", ["reward", "idm"], "What to time: reward and/or idm.")
 _REWARD_SIZES = flags.DEFINE_list(
-    "reward_sizes", ["96", "224"], "Frame sides for the reward model: 96 is the :arena "
-    "pipeline's chunk size (where BENCHMARKS.md measures its Spearman), 224 upstream's.")
+    "reward_sizes", ["96", "128", "224"], "Frame sides for the reward model: 96, the "
+    "chunks BENCHMARKS.md's reward Spearman was measured on; 128, :arena's now; 224, "
+    "upstream's.")
 
 SPEC = HybridActionSpec(continuous_dim=2, branches=(4,))  # BonkArena's action space
 
