@@ -122,6 +122,30 @@ def test_cost_volume_by_hand():
   np.testing.assert_allclose(got[0, 0, 0, 4], 0.25, atol=1e-6)  # d = 0: one pixel of four
 
 
+def test_random_symmetry_moves_labels_with_the_frames():
+  # One lit pixel goes from (y 1, x 2) to (y 1, x 5): move (dx, dy) = (3, 0). After any
+  # flip/transpose the pixel's displacement must equal the transformed label.
+  clip = np.zeros((1, 2, 8, 8, 3), np.uint8)
+  clip[0, 0, 1, 2] = clip[0, 1, 1, 5] = 255
+  labels = idm.ActionLabels(jnp.asarray([[[3.0, 0.0], [0.0, 0.0]]]),
+                            jnp.zeros((1, 2, 1), jnp.int32), jnp.ones((1, 2), bool),
+                            jnp.ones((1, 2), bool))
+  seen = set()
+  for seed in range(16):
+    frames, moved = idm.random_symmetry(jax.random.PRNGKey(seed), jnp.asarray(clip), labels, 1.0)
+    frames = np.asarray(frames)
+    start, end = np.argwhere(frames[0, 0, ..., 0])[0], np.argwhere(frames[0, 1, ..., 0])[0]
+    displacement = tuple((end - start)[::-1].tolist())  # (dx, dy)
+    assert displacement == tuple(np.asarray(moved.continuous[0, 0]).tolist())
+    assert not np.asarray(moved.discrete_valid).any()  # choices dropped on transformed clips
+    seen.add(displacement)
+  # Every transform keeps |move| = 3 on one axis; all four directions appear.
+  assert seen == {(3, 0), (-3, 0), (0, 3), (0, -3)}
+  frames, same = idm.random_symmetry(jax.random.PRNGKey(0), jnp.asarray(clip), labels, 0.0)
+  np.testing.assert_array_equal(np.asarray(frames), clip)
+  assert np.asarray(same.discrete_valid).all()
+
+
 def test_norm_clipped_is_what_the_game_applies():
   moves = np.array([[2.0, 0.0], [1.0, 1.0], [0.3, -0.4], [-3.0, 3.0]], np.float32)
   expected = [[1, 0], [0.70710678, 0.70710678], [0.3, -0.4], [-0.70710678, 0.70710678]]
