@@ -14,8 +14,9 @@ policies, fixed and player-following cameras, two palettes) with its true action
 Expected (measured 2026-11-26 on the shared 2-core CPU at load 8–15; BENCHMARKS.md,
 "Offline video pipeline"): on the 90% of chunks the IDM labels, menu-card accuracy 0.99 on
 menu frames and movement R² 0.80 on the frames whose move is visible (fixed camera 0.75,
-following 0.86; the 0.9 target is not met); IDM training 1,000 steps in ~18 min, labelling
-≈ 270–380 frames/s at 128².
+following 0.86; the 0.9 target is not met); IDM training 1,000 steps in ~18 min (load
+~10); IDM labelling 1,838 frames/s at 128² and 485 at 224² with the machine idle
+(experiments/bench_offline_models.py --parts=idm), 270–380 under load 10–13.
 
 Debug (`:debug`): a few short episodes and tiny models; tests/offline/test_pipeline.py.
 

@@ -81,18 +81,19 @@ def per_window_labels(params, cfg, spec, frames):
   return np.stack(continuous), [np.stack([p[i] for p in probs]) for i in range(len(probs[0]))]
 
 
-@pytest.mark.parametrize("length,motion_input", [(1, "stem"), (11, "cost_volume")])
+@pytest.mark.parametrize("length,motion_input", [(6, "stem"), (1, "cost_volume")])
 def test_label_equals_per_window_computation_jitted_or_not(length, motion_input):
   cfg = idm.IDMConfig(window=5, stem=4, channels=(8, 8), embed_dim=16, motion_channels=(8, 8),
                       hidden=16, motion_input=motion_input, motion_radius=1,
-                      label_batch=4)  # 11 frames: several pieces, the last one padded
+                      label_batch=4)  # 6 frames: two pieces, the last one padded
   frames = np.random.default_rng(1).integers(0, 256, (length, 16, 16, 3), dtype=np.uint8)
   state = idm.init(jax.random.PRNGKey(2), cfg, (16, 16, 3), SPEC)
   expected_cont, expected_probs = per_window_labels(state.params, cfg, SPEC, frames)
-  jitted = idm.label(state.params, cfg, SPEC, frames)
-  with jax.disable_jit():
-    plain = idm.label(state.params, cfg, SPEC, frames)
-  for got in (jitted, plain):
+  runs = [idm.label(state.params, cfg, SPEC, frames)]
+  if motion_input == "stem":  # the un-jitted pieces and padding do not depend on the encoder
+    with jax.disable_jit():
+      runs.append(idm.label(state.params, cfg, SPEC, frames))
+  for got in runs:
     assert got.continuous.shape == (length, 2) and got.discrete.shape == (length, 1)
     np.testing.assert_allclose(got.continuous, expected_cont, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(got.probs[0], expected_probs[0], rtol=1e-4, atol=1e-6)
