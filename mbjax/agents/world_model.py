@@ -200,14 +200,19 @@ class _MLPStack(nn.Module):
     return _mlp(x, (self.width,) * self.layers, "layer")
 
 
+def _zero_init_head(x, size: int, width: int, layers: int):
+  """MLP → `size` outputs, zero at initialisation (called inside a compact module)."""
+  x = _mlp(x, (width,) * layers, "layer")
+  return nn.Dense(size, kernel_init=nn.initializers.zeros)(x)
+
+
 class _ScalarHead(nn.Module):
   width: int
   layers: int
 
   @nn.compact
   def __call__(self, x):
-    x = _mlp(x, (self.width,) * self.layers, "layer")
-    return nn.Dense(1, kernel_init=nn.initializers.zeros)(x)[..., 0]
+    return _zero_init_head(x, 1, self.width, self.layers)[..., 0]
 
 
 class _VectorHead(nn.Module):
@@ -219,8 +224,7 @@ class _VectorHead(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    x = _mlp(x, (self.width,) * self.layers, "layer")
-    return nn.Dense(self.size, kernel_init=nn.initializers.zeros)(x)
+    return _zero_init_head(x, self.size, self.width, self.layers)
 
 
 class VectorDecoder(nn.Module):
