@@ -6,7 +6,8 @@ sequential scan beat `lax.associative_scan` 2.5–4× on this CPU), compile time
 and without the per-block checkpointing of the sequential and chunked paths;
 (2) the latency of one System-1 Mamba step (batch 1, upstream's default size: d_model 512,
 6 layers, N 16, d_inner 1024) measured in windows at several sequence positions, to show it
-is flat in position (target ≤ 2 ms), for the flax module and for `mamba.fast_step`;
+is flat in position (target ≤ 2 ms), for the flax module and for `mamba.fast_step`
+(bf16 and f32 projections);
 (3) the same for the PPO-default Mamba core and a CfC cell; (4) CPQE one-step student vs EDM teacher sampling (target ≥ 10× faster).
 Latencies include dispatch and `block_until_ready`, as an actor would see them.
 """
@@ -124,11 +125,14 @@ def bench_mamba_step(d_model, layers, state, label, system1=False):
                         donate_argnums=1)
   steps = {"flax module": lambda carry, x: module_step(params, carry, x)}
   if system1:
-    # The System-1 path: plain-array weights prepared once per weight update.
-    weights = mamba.step_weights(params)
+    # The System-1 path: plain-array weights prepared once per weight update, with the
+    # projections in bf16 (the default) and in f32.
     fast = jax.jit(lambda weights, carry, x: mamba.fast_step(weights, carry, x, not_first),
                    donate_argnums=1)
-    steps["fast_step"] = lambda carry, x: fast(weights, carry, x)
+    for dtype in (jnp.bfloat16, jnp.float32):
+      weights = mamba.step_weights(params, dtype)
+      steps[f"fast_step {jnp.dtype(dtype).name}"] = (
+          lambda carry, x, weights=weights: fast(weights, carry, x))
   _step_latency(name, steps, carry, lambda t: inputs[t % 64])
 
 

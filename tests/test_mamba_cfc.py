@@ -98,12 +98,16 @@ def test_mamba_step_jitted_equals_unjitted():
                eager)
 
 
-def test_fast_step_equals_the_module_step():
+@pytest.mark.parametrize("projection_dtype, tolerance", [(jnp.float32, 1e-5),
+                                                         (jnp.bfloat16, 3e-2)])
+def test_fast_step_equals_the_module_step(projection_dtype, tolerance):
   """System 1's pure step on `step_weights` == `MambaStack` stepped, outputs and carries at
-  every position, resets included."""
+  every position, resets included: to float rounding with f32 projections, to bf16 rounding
+  with the default bf16 ones (which must then differ, or the cast did not happen)."""
   stack, params, carry, u, is_first = _mamba_setup("sequential")
-  weights = mamba.step_weights(params)
+  weights = mamba.step_weights(params, projection_dtype)
   assert len(weights.layers) == LAYERS
+  assert weights.layers[0].in_proj.dtype == projection_dtype
 
   @jax.jit
   def both(carry):
@@ -116,9 +120,12 @@ def test_fast_step_equals_the_module_step():
 
   module_out, fast_out, module_carries, fast_carries = both(carry)
   assert np.abs(np.asarray(module_out)).max() > 0.1  # not a vacuous comparison
-  np.testing.assert_allclose(fast_out, module_out, rtol=1e-5, atol=1e-5)
-  jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-5),
+  assert fast_out.dtype == jnp.float32
+  np.testing.assert_allclose(fast_out, module_out, rtol=tolerance, atol=tolerance)
+  jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=tolerance, atol=tolerance),
                fast_carries, module_carries)
+  if projection_dtype == jnp.bfloat16:
+    assert np.abs(np.asarray(fast_out) - np.asarray(module_out)).max() > 1e-5
 
 
 def test_pilot_roles_default_to_a_cfc_core():

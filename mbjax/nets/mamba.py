@@ -13,8 +13,11 @@ taps that would read from before the start, in the sequence path as in `step`.
 `step_weights` + `fast_step` are the System-1 inference path: the same step as
 `MambaStack.__call__` as a pure function of plain arrays, with A = −exp(A_log) computed once
 per weight update instead of every step, the conv as four multiply-adds, and Δ kept out of
-the per-state fusion. On a 2-core CPU this removed about two thirds of the step's time
-outside the matrix-vector products (BENCHMARKS.md, "Motor policies").
+the per-state fusion. At batch 1 the step is bound by reading the in/out projections
+(40 MB in f32 at the System-1 size, more than a 32 MiB L3), so `step_weights` stores them by
+default in bf16 as [out, in] rows: 20 MB that stay in cache, read by row dot products with f32
+accumulation. On a 2-core CPU that took the step from about 2.5 to 1.4 ms (BENCHMARKS.md,
+"Motor policies"); `projection_dtype=jnp.float32` gives the module's numbers exactly.
 
 Differs from upstream MetaBonk (`src/neuro_genie/mamba_policy.py`, §5.2 of the notes): the
 conv state is cached, so token-by-token stepping reproduces the sequence output exactly;
@@ -212,7 +215,7 @@ class LayerWeights(NamedTuple):
 
   norm_scale: jax.Array  # [d_model]
   norm_bias: jax.Array  # [d_model]
-  in_proj: jax.Array  # [d_model, 2·d_inner]: x then z
+  in_proj: jax.Array  # [2·d_inner, d_model] ([out, in]): x rows then z rows
   conv_kernel: jax.Array  # [conv_size, d_inner], oldest tap first
   conv_bias: jax.Array  # [d_inner]
   x_proj: jax.Array  # [d_inner, rank + 2N]: Δ_low, B, C
@@ -220,7 +223,7 @@ class LayerWeights(NamedTuple):
   dt_bias: jax.Array  # [d_inner]
   A: jax.Array  # [d_inner, N] = −exp(A_log)
   D: jax.Array  # [d_inner]
-  out_proj: jax.Array  # [d_inner, d_model]
+  out_proj: jax.Array  # [d_model, d_inner] ([out, in])
 
 
 class StepWeights(NamedTuple):
@@ -229,17 +232,26 @@ class StepWeights(NamedTuple):
   norm_bias: jax.Array
 
 
-def step_weights(variables) -> StepWeights:
-  """`MambaStack` variables → `StepWeights` (run once per weight update, not per step)."""
+def step_weights(variables, projection_dtype=jnp.bfloat16) -> StepWeights:
+  """`MambaStack` variables → `StepWeights` (run once per weight update, not per step).
+
+  in_proj and out_proj are stored transposed, in `projection_dtype` (see the module
+  docstring for why bf16 is the default; float32 reproduces the module step)."""
   params = variables["params"]
   layers = []
   for i in range(sum(name.startswith("blocks_") for name in params)):
     p = params[f"blocks_{i}"]
     layers.append(LayerWeights(
-        p["norm"]["scale"], p["norm"]["bias"], p["in_proj"]["kernel"], p["conv_kernel"],
-        p["conv_bias"], p["x_proj"]["kernel"], p["dt_proj"]["kernel"], p["dt_proj"]["bias"],
-        -jnp.exp(p["A_log"]), p["D"], p["out_proj"]["kernel"]))
+        p["norm"]["scale"], p["norm"]["bias"],
+        p["in_proj"]["kernel"].T.astype(projection_dtype), p["conv_kernel"], p["conv_bias"],
+        p["x_proj"]["kernel"], p["dt_proj"]["kernel"], p["dt_proj"]["bias"],
+        -jnp.exp(p["A_log"]), p["D"], p["out_proj"]["kernel"].T.astype(projection_dtype)))
   return StepWeights(tuple(layers), params["norm"]["scale"], params["norm"]["bias"])
+
+
+def _project(x, rows):
+  """x [b, in] @ rowsᵀ for `rows` [out, in] in any float dtype, accumulated in x's dtype."""
+  return jnp.dot(x.astype(rows.dtype), rows.T, preferred_element_type=x.dtype)
 
 
 def _layer_norm(x, scale, bias, epsilon=1e-6):
@@ -251,13 +263,16 @@ def _layer_norm(x, scale, bias, epsilon=1e-6):
 def fast_step(weights: StepWeights, carry: tuple[MambaState, ...], u: jax.Array,
               is_first: jax.Array):
   """`MambaStack.__call__` (one token, every layer) on `step_weights(variables)`: the same
-  numbers up to float rounding. u [b, d_model], is_first bool[b] → (carry, out [b, d_model])."""
+  numbers up to float rounding with float32 projections, up to bf16 rounding of the
+  projections' inputs and weights with the default. u [b, d_model], is_first bool[b] →
+  (carry, out [b, d_model])."""
   chex.assert_equal(len(carry), len(weights.layers))
   chex.assert_shape(u, (is_first.shape[0], weights.norm_scale.shape[0]))
   keep = 1.0 - is_first.astype(u.dtype)
   new_carry = []
   for w, state in zip(weights.layers, carry):
-    x, z = jnp.split(_layer_norm(u, w.norm_scale, w.norm_bias) @ w.in_proj, 2, axis=-1)
+    x, z = jnp.split(_project(_layer_norm(u, w.norm_scale, w.norm_bias), w.in_proj), 2,
+                     axis=-1)
     history = state.conv * keep[:, None, None]
     xc = nn.silu(_conv_step(history, x, w.conv_kernel, w.conv_bias))
     rank, size = w.dt_proj.shape[0], w.A.shape[1]
@@ -266,6 +281,6 @@ def fast_step(weights: StepWeights, carry: tuple[MambaState, ...], u: jax.Array,
     # inside the fused state update.
     delta = jax.lax.optimization_barrier(nn.softplus(dt_low @ w.dt_proj + w.dt_bias))
     h, y = ssm.selective_step(state.ssm, xc, delta, w.A, B, C, is_first)
-    u = u + ((y + w.D * xc) * nn.silu(z)) @ w.out_proj
+    u = u + _project((y + w.D * xc) * nn.silu(z), w.out_proj)
     new_carry.append(MambaState(_push(history, x), h))
   return tuple(new_carry), _layer_norm(u, weights.norm_scale, weights.norm_bias)
