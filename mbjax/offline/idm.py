@@ -15,8 +15,9 @@ after) predicts the action chosen on frame t, whose effect shows in frame t+1.
     invariant (a displacement reads the same wherever it happens). With
     `motion_input="cost_volume"` the 1×1 layer also reads a parameter-free cost volume
     computed from the full-resolution frames before any striding (`cost_volume`: squared
-    luma differences for every displacement up to ± `motion_radius` half-resolution pixels,
-    pooled per stem cell), and the encoder adds `flow_heads` soft-arg-min flow estimates
+    luma differences for every displacement up to ± `motion_radius` pixels of a grid pooled
+    by `cost_pool` — half resolution by default, full with 1 — averaged per stem cell), and
+    the encoder adds `flow_heads` soft-arg-min flow estimates
     pooled by learned attention over the cells (see `MotionEncoder`).
     Measured on BonkArena ground truth (128² chunks from 256-px recordings, 12 labelled
     chunks, 16 held-out chunks, gameplay frames; one run each, 2026-11-26): "stem" stayed
@@ -26,7 +27,9 @@ after) predicts the action chosen on frame t, whose effect shows in frame t+1.
     following camera at once (R² 0.91 after 125 steps) but not the fixed one (≈ 0 after
     250: uniform attention averages the one moving sprite away) until the attention
     started from where something changed (the cost of not moving): fixed 0.38 after 125
-    steps. BENCHMARKS.md has the pipeline's numbers.
+    steps. Matching at full resolution (`cost_pool=1`) took the 4,000-step `:arena` IDM from
+    0.884 to 0.913 on the same data (fixed camera 0.83 → 0.88), at 1.7× the training-step
+    time. BENCHMARKS.md has the pipeline's numbers.
   * Per window: `TemporalHead` reads the W embeddings and W−1 motion vectors; the
     continuous head reads only the motion vectors (`continuous_from_motion`, default), so
     it cannot fit the move from where things are in the frame — with a few thousand
@@ -111,8 +114,10 @@ class IDMConfig:
   motion_channels: tuple[int, ...] = (32, 64, 64)  # motion encoder: 1×1 mix, then 3×3/2 convs
   motion_input: str = "stem"  # what the motion encoder compares: "stem" maps, raw "patches",
   #                             or stem maps plus a full-resolution "cost_volume"
-  motion_radius: int = 3  # "cost_volume": displacements up to ± this many half-resolution
+  motion_radius: int = 3  # "cost_volume": displacements up to ± this many matching-grid
   #                         pixels per axis
+  cost_pool: int = 2  # "cost_volume": frames mean-pooled by this factor before matching
+  #                     (2: half resolution; 1: full resolution, 4× the matching work)
   flow_heads: int = 4  # "cost_volume": attention-pooled flow estimates per frame pair
   hidden: int = 256  # temporal head width
   continuous_from_motion: bool = True  # the continuous head reads only the motion vectors
@@ -278,25 +283,28 @@ class MotionEncoder(nn.Module):
     return jnp.concatenate(out, -1)
 
 
-def cost_volume(a: jax.Array, b: jax.Array, radius: int, cell: int) -> jax.Array:
+def cost_volume(a: jax.Array, b: jax.Array, radius: int, cell: int, pool: int = 2
+                ) -> jax.Array:
   """Matching costs of frame `b` against frame `a` (f32[N, H, W, 3] in [0, 1]) for every
-  displacement d in [−radius, radius]² at half resolution: both frames are turned to luma
-  and 2×2 mean-pooled, then the mean of (a(x) − b(x + d))² over each cell of `cell` × `cell`
-  full-resolution pixels, minus the cell's lowest cost →
-  f32[N, H/cell, W/cell, (2·radius + 1)²] (dy-major; d in half-resolution pixels).
+  displacement d in [−radius, radius]² on a grid pooled by `pool`: both frames are turned
+  to luma and pool × pool mean-pooled, then the mean of (a(x) − b(x + d))² over each cell
+  of `cell` × `cell` full-resolution pixels, minus the cell's lowest cost →
+  f32[N, H/cell, W/cell, (2·radius + 1)²] (dy-major; d in pooled pixels).
 
   A thing that moved by d between the frames matches at d (FlowNetC's correlation layer,
   Dosovitskiy et al. 2015, with squared differences); with anti-aliased frames the costs
   around the best integer d also encode the sub-pixel part. No parameters: every cell sees
-  the same comparison, and the network only learns to read it. Half resolution and luma
-  keep it cheap on a CPU (the (2r + 1)² shifted copies dominate); `b` is edge-padded.
+  the same comparison, and the network only learns to read it. Pooling and luma keep it
+  cheap on a CPU (the (2r + 1)² shifted copies dominate); `b` is edge-padded.
   """
   n, h, w, _ = a.shape
-  if h % cell or w % cell or cell % 2:
-    raise ValueError(f"cost_volume: frame {h}x{w} must divide into even cells of {cell}")
+  if h % cell or w % cell or cell % pool:
+    raise ValueError(f"cost_volume: frame {h}x{w} must divide into cells of {cell}, and the "
+                     f"cells into pools of {pool}")
   luma = jnp.asarray([0.299, 0.587, 0.114], a.dtype)
-  a, b = (jnp.dot(x, luma).reshape(n, h // 2, 2, w // 2, 2).mean(axis=(2, 4)) for x in (a, b))
-  h, w, c, r = h // 2, w // 2, cell // 2, radius
+  a, b = (jnp.dot(x, luma).reshape(n, h // pool, pool, w // pool, pool).mean(axis=(2, 4))
+          for x in (a, b))
+  h, w, c, r = h // pool, w // pool, cell // pool, radius
   padded = jnp.pad(b, ((0, 0), (r, r), (r, r)), mode="edge")
   costs = []
   for dy in range(-r, r + 1):  # one row shift at a time: all dx of it in one fused op
@@ -360,7 +368,8 @@ class IDMNet(nn.Module):
     costs = None
     if self.cfg.motion_input == "cost_volume":
       full = frames.reshape((b * length,) + frames.shape[2:]).astype(jnp.float32) / 255.0
-      costs = cost_volume(*pairs(full), self.cfg.motion_radius, self.cfg.stem)
+      costs = cost_volume(*pairs(full), self.cfg.motion_radius, self.cfg.stem,
+                          self.cfg.cost_pool)
     motion = self.motion(*pairs(patches if self.cfg.motion_input == "patches" else stem),
                          costs)
     return emb, motion.reshape(b, length - 1, -1)

@@ -123,6 +123,30 @@ def test_cost_volume_by_hand():
   np.testing.assert_allclose(got[0, 0, 0, 4], 0.25, atol=1e-6)  # d = 0: one pixel of four
 
 
+def test_cost_volume_at_full_resolution_by_hand():
+  # pool 1: matching on the 4×4 luma itself, cells of 2 px → a 2×2 grid, radius 1. One
+  # white pixel moves from (1, 1) to (1, 2): a one-pixel move, half a pixel at pool 2.
+  a = np.zeros((1, 4, 4, 3), np.float32)
+  b = np.zeros_like(a)
+  a[0, 1, 1] = 1.0
+  b[0, 1, 2] = 1.0
+  got = np.asarray(idm.cost_volume(jnp.asarray(a), jnp.asarray(b), radius=1, cell=2, pool=1))
+  assert got.shape == (1, 2, 2, 9)
+  padded = np.pad(b[0, ..., 0], 1, mode="edge")
+  for cy in range(2):
+    for cx in range(2):
+      costs = [np.mean([(a[0, y, x, 0] - padded[y + dy + 1, x + dx + 1]) ** 2
+                        for y in range(2 * cy, 2 * cy + 2) for x in range(2 * cx, 2 * cx + 2)])
+               for dy in (-1, 0, 1) for dx in (-1, 0, 1)]
+      np.testing.assert_allclose(got[0, cy, cx], np.asarray(costs) - min(costs), atol=1e-6)
+  # The cell the pixel left matches best at d = (0, +1) (index 5) alone; not moving costs
+  # one pixel of its four (the pixel arrived in the neighbouring cell).
+  assert np.flatnonzero(got[0, 0, 0] == 0).tolist() == [5]
+  np.testing.assert_allclose(got[0, 0, 0, 4], 0.25, atol=1e-6)
+  with pytest.raises(ValueError, match="pools of 4"):
+    idm.cost_volume(jnp.asarray(a), jnp.asarray(b), radius=1, cell=2, pool=4)
+
+
 def test_random_symmetry_moves_labels_with_the_frames():
   # One lit pixel goes from (y 1, x 2) to (y 1, x 5): move (dx, dy) = (3, 0). After any
   # flip/transpose the pixel's displacement must equal the transformed label.
