@@ -177,10 +177,11 @@ class WorldModel(nn.Module):
     return self.continue_head(features)
 
   def next_obs_delta(self, features, obs):
-    """symlog(o_{t+1}) − symlog(o_t) from the prior state that follows a_t and the
-    embedding of the observed o_t (the one-step predictor conditions on o_t, as copy-last
-    does; imagination never calls it)."""
-    return self.delta_head(jnp.concatenate([features, self.embed(obs)], -1))
+    """symlog(o_{t+1}) − symlog(o_t) from the prior state that follows a_t, the embedding of
+    the observed o_t and symlog(o_t) itself (the one-step predictor conditions on o_t, as
+    copy-last does; the raw values give it the exact offsets and distances the change
+    depends on; imagination never calls it)."""
+    return self.delta_head(jnp.concatenate([features, self.embed(obs), symlog(obs)], -1))
 
   def __call__(self, obs, action, is_first, key):
     """Touches every parameter (for `init`): one observe step plus all heads."""
