@@ -6,18 +6,19 @@ Your own videos (a directory of .mp4/.mkv/.webm/.avi files):
       --config.source.video_dir=path/to/videos --workdir=runs/video
   (idm_train needs some chunks with labelled `actions`: meta action_labeling "human".)
 
-Validation against ground truth (`:arena`): records BonkArena gameplay (scripted and random
-policies, fixed and player-following cameras, two palettes) with its true actions, labels
-10% of the chunks with them, runs every phase and prints the report table:
+Validation against ground truth (`:arena`): records BonkArena gameplay (scripted, random and
+trained policies, fixed and player-following cameras, two palettes) with its true actions,
+labels 10% of the chunks with them, runs every phase and prints the report table:
   python -m experiments.video_pretrain --config=configs/video_pretrain.py:arena \\
-      --workdir=runs/video_arena
-Expected (measured 2026-11-26; BENCHMARKS.md, "Offline video pipeline"): on the 90% of
-chunks the IDM labels, menu-card accuracy 0.99 on menu frames and movement R² 0.884 on the
-frames whose move is visible (fixed camera 0.83, following 0.94; the 0.9 target is not
-met) — the IDM phases of these settings rerun on the recorded workspace of a full run with
-window 7 / 1,000 steps (R² 0.80); IDM training 4,000 steps in ~15 min and labelling 23.5k
-frames in 27 s on the idle machine; IDM labelling 1,838 frames/s at 128² and 485 at 224²
-(experiments/bench_offline_models.py --parts=idm, idle), 270–380 under load 10–13.
+      --config.ground_truth.checkpoint=runs/arena_base --workdir=runs/video_arena
+(`checkpoint`: the trained policy's run directory; the default, runs/arena_ppo, is where
+`make train` writes.) Expected (measured 2026-11-26 on the 2-core CPU, 42.5 min; BENCHMARKS.md,
+"Offline video pipeline"), on the 90% of chunks the IDM labels (23,502 frames): menu-card
+accuracy 0.992 on menu frames (0.997 on all), movement R² 0.913 on the frames whose move is
+visible (fixed camera 0.88, following 0.95); reward-model Spearman 0.830 against true
+progress on the 8 held-out BonkArena episodes; skill perplexity 144 (249 of 256 codes used);
+the offline dream policy returns −29.8 in BonkArena (random play −6.7). IDM training 4,000
+steps takes ~28 min of the run.
 
 Debug (`:debug`): a few short episodes and tiny models; tests/offline/test_pipeline.py.
 
@@ -54,12 +55,12 @@ def get_config(arg: str | None = None):
     # on frames whose move is visible (the trained agent's clips are mostly menu frames).
     cfg.ground_truth.pixel_size = 256
     cfg.convert.size = 128
-    # A 3-frame window, half the clips mirrored/transposed, 4,000 steps, and matching at
-    # full resolution (the player's ~1.6 px per frame is 0.8 px at half resolution): held-out
-    # movement R² 0.913 on a recorded workspace (half resolution: 0.884; window 7 and 1,000
-    # steps: 0.80; BENCHMARKS.md).
+    # A 3-frame window, half the clips mirrored/transposed, 4,000 steps, and a 128-px
+    # matching grid (full resolution at 128²: the player's ~1.6 px per frame is 0.8 px at
+    # half resolution): held-out movement R² 0.913 (half resolution: 0.884; window 7 and
+    # 1,000 steps: 0.80; BENCHMARKS.md).
     cfg.idm.update(motion_input="cost_volume", motion_fraction=0.5, window=3,
-                   symmetry_fraction=0.5, steps=4000, lr_decay_steps=4000, cost_pool=1)
+                   symmetry_fraction=0.5, steps=4000, lr_decay_steps=4000, cost_grid=128)
     # The offline world model and dream policy at the budget of the recorded run.
     cfg.world_model_steps, cfg.dream_steps = 1000, 500
   if arg == "debug":

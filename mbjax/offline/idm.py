@@ -16,7 +16,8 @@ after) predicts the action chosen on frame t, whose effect shows in frame t+1.
     `motion_input="cost_volume"` the 1×1 layer also reads a parameter-free cost volume
     computed from the full-resolution frames before any striding (`cost_volume`: squared
     luma differences for every displacement up to ± `motion_radius` pixels of a grid pooled
-    by `cost_pool` — half resolution by default, full with 1 — averaged per stem cell), and
+    pooled to `cost_grid` pixels a side — half resolution by default — averaged per stem
+    cell), and
     the encoder adds `flow_heads` soft-arg-min flow estimates
     pooled by learned attention over the cells (see `MotionEncoder`).
     Measured on BonkArena ground truth (128² chunks from 256-px recordings, 12 labelled
@@ -27,7 +28,8 @@ after) predicts the action chosen on frame t, whose effect shows in frame t+1.
     following camera at once (R² 0.91 after 125 steps) but not the fixed one (≈ 0 after
     250: uniform attention averages the one moving sprite away) until the attention
     started from where something changed (the cost of not moving): fixed 0.38 after 125
-    steps. Matching at full resolution (`cost_pool=1`) took the 4,000-step `:arena` IDM from
+    steps. Matching at full resolution (`cost_grid=128` on 128² frames) took the 4,000-step
+    `:arena` IDM from
     0.884 to 0.913 on the same data (fixed camera 0.83 → 0.88), at 1.7× the training-step
     time. BENCHMARKS.md has the pipeline's numbers.
   * Per window: `TemporalHead` reads the W embeddings and W−1 motion vectors; the
@@ -116,8 +118,10 @@ class IDMConfig:
   #                             or stem maps plus a full-resolution "cost_volume"
   motion_radius: int = 3  # "cost_volume": displacements up to ± this many matching-grid
   #                         pixels per axis
-  cost_pool: int = 2  # "cost_volume": frames mean-pooled by this factor before matching
-  #                     (2: half resolution; 1: full resolution, 4× the matching work)
+  cost_grid: int = 0  # "cost_volume": side of the matching grid in pixels; frames are
+  #                     mean-pooled by round(frame side / cost_grid) before matching, so a
+  #                     move spans the same grid distance, and the radius covers the same
+  #                     moves, at any frame size (0: half resolution at every size)
   flow_heads: int = 4  # "cost_volume": attention-pooled flow estimates per frame pair
   hidden: int = 256  # temporal head width
   continuous_from_motion: bool = True  # the continuous head reads only the motion vectors
@@ -283,6 +287,11 @@ class MotionEncoder(nn.Module):
     return jnp.concatenate(out, -1)
 
 
+def matching_pool(cfg: IDMConfig, side: int) -> int:
+  """The mean-pooling factor of `cost_volume` for frames `side` pixels high (`cfg.cost_grid`)."""
+  return 2 if cfg.cost_grid == 0 else max(1, round(side / cfg.cost_grid))
+
+
 def cost_volume(a: jax.Array, b: jax.Array, radius: int, cell: int, pool: int = 2
                 ) -> jax.Array:
   """Matching costs of frame `b` against frame `a` (f32[N, H, W, 3] in [0, 1]) for every
@@ -369,7 +378,7 @@ class IDMNet(nn.Module):
     if self.cfg.motion_input == "cost_volume":
       full = frames.reshape((b * length,) + frames.shape[2:]).astype(jnp.float32) / 255.0
       costs = cost_volume(*pairs(full), self.cfg.motion_radius, self.cfg.stem,
-                          self.cfg.cost_pool)
+                          matching_pool(self.cfg, frames.shape[2]))
     motion = self.motion(*pairs(patches if self.cfg.motion_input == "patches" else stem),
                          costs)
     return emb, motion.reshape(b, length - 1, -1)

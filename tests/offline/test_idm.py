@@ -147,6 +147,14 @@ def test_cost_volume_at_full_resolution_by_hand():
     idm.cost_volume(jnp.asarray(a), jnp.asarray(b), radius=1, cell=2, pool=4)
 
 
+def test_matching_pool_keeps_the_grid_size():
+  half = idm.IDMConfig()
+  assert [idm.matching_pool(half, side) for side in (64, 128, 224)] == [2, 2, 2]
+  grid = idm.IDMConfig(cost_grid=128)
+  # 224 / 128 = 1.75 → 2: a 112-px grid, the nearest to 128 that the frame divides into.
+  assert [idm.matching_pool(grid, side) for side in (64, 128, 224, 256, 512)] == [1, 1, 2, 2, 4]
+
+
 def test_random_symmetry_moves_labels_with_the_frames():
   # One lit pixel goes from (y 1, x 2) to (y 1, x 5): move (dx, dy) = (3, 0). After any
   # flip/transpose the pixel's displacement must equal the transformed label.
