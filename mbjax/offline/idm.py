@@ -15,11 +15,10 @@ after) predicts the action chosen on frame t, whose effect shows in frame t+1.
     invariant (a displacement reads the same wherever it happens). With
     `motion_input="cost_volume"` the 1×1 layer also reads a parameter-free cost volume
     computed from the full-resolution frames before any striding (`cost_volume`: squared
-    luma differences for every displacement up to ± `motion_radius` pixels of a grid pooled
+    luma differences for every displacement up to ± `motion_radius` pixels of a grid
     pooled to `cost_grid` pixels a side — half resolution by default — averaged per stem
-    cell), and
-    the encoder adds `flow_heads` soft-arg-min flow estimates
-    pooled by learned attention over the cells (see `MotionEncoder`).
+    cell), and the encoder adds `flow_heads` soft-arg-min flow estimates pooled by learned
+    attention over the cells (see `MotionEncoder`).
     Measured on BonkArena ground truth (128² chunks from 256-px recordings, 12 labelled
     chunks, 16 held-out chunks, gameplay frames; one run each, 2026-11-26): "stem" stayed
     at held-out R² ≈ 0 after 1,000 steps (−0.04; the player's ~1.6 px per frame is lost in
@@ -28,10 +27,9 @@ after) predicts the action chosen on frame t, whose effect shows in frame t+1.
     following camera at once (R² 0.91 after 125 steps) but not the fixed one (≈ 0 after
     250: uniform attention averages the one moving sprite away) until the attention
     started from where something changed (the cost of not moving): fixed 0.38 after 125
-    steps. Matching at full resolution (`cost_grid=128` on 128² frames) took the 4,000-step
-    `:arena` IDM from
-    0.884 to 0.913 on the same data (fixed camera 0.83 → 0.88), at 1.7× the training-step
-    time. BENCHMARKS.md has the pipeline's numbers.
+    steps. Matching at full resolution (`cost_grid=128` on 128² frames) took the
+    4,000-step `:arena` IDM from 0.884 to 0.913 on the same data (fixed camera 0.83 →
+    0.88), at 1.7× the training-step time. BENCHMARKS.md has the pipeline's numbers.
   * Per window: `TemporalHead` reads the W embeddings and W−1 motion vectors; the
     continuous head reads only the motion vectors (`continuous_from_motion`, default), so
     it cannot fit the move from where things are in the frame — with a few thousand
@@ -53,7 +51,7 @@ trained agent were mostly paused menu frames, which teach the move nothing). A
 match (`random_symmetry`; top-down games only): on the BonkArena run it moved held-out R²
 from 0.80 to 0.81 (fixed camera 0.75 → 0.76; one run each, so within noise); with a
 3-frame window as well it gave 0.84 (fixed 0.78, follow 0.91), and 0.884 after 4,000 steps
-(fixed 0.83, follow 0.94), the settings `:arena` now uses.
+(fixed 0.83, follow 0.94); `:arena` uses these settings with a 128-px matching grid (0.913).
 
 API (all shapes static; `IDMConfig` and the `HybridActionSpec` are hashable, so they are
 static jit arguments, carried as static fields of `IDMState`):
