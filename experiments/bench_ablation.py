@@ -97,9 +97,11 @@ def arm_config(arm: str, budget: Budget, distill_coef: float) -> ml_collections.
   cfg.dream.enabled = arm not in ("ppo", "ppo+wm")
   cfg.efe.enabled = arm == "ppo+wm+dream+efe"
   # Only the dream arms distil (the config's own default is overridden either way).
-  cfg.served.distill_from = ("efe" if cfg.efe.enabled else "dream") if cfg.dream.enabled else (
-      "none")
-  cfg.served.distill_coef = distill_coef if cfg.dream.enabled else 0.0
+  if cfg.dream.enabled:
+    cfg.served.distill_from = "efe" if cfg.efe.enabled else "dream"
+    cfg.served.distill_coef = distill_coef
+  else:
+    cfg.served.distill_from, cfg.served.distill_coef = "none", 0.0
   if arm.startswith("dream_h"):
     cfg.dream.horizon = int(arm[len("dream_h"):])
   config_lib.validate(cfg)

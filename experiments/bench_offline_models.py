@@ -137,7 +137,7 @@ def time_reward(key, count, batches):
   the upstream-style reward model at the same sizes (piece 64)."""
   base = pipeline._reward_config(video_pretrain.get_config("arena"))
   for side in (int(s) for s in _REWARD_SIZES.value):
-    frames = np.random.default_rng(0).integers(0, 256, (count, side, side, 3), dtype=np.uint8)
+    frames = rng_frames(count, side)
     for batch in batches:
       cfg = dataclasses.replace(base, score_batch=batch)
       state = reward_model.init(key, cfg, (side, side, 3))
