@@ -3,7 +3,9 @@
 1. Throughput: one world-model step plus one dream (imagination, horizon 15) step on a batch
    of 16 windows × 64 steps of BonkArena vector observations at the default size
    (deterministic state 512), and the world-model step alone at upstream MetaBonk's size
-   (observation 204, embedding 256, deterministic 256, Gaussian stochastic 64). Compile
+   (observation 204, embedding 256, deterministic 256, Gaussian stochastic 64), once with
+   mbjax's layers and once with upstream's (`rssm_layers=0`: linear maps around the GRU;
+   `head_layers=1`; the continue and std heads remain). Compile
    and steady-state times are printed apart. Anchor: the upstream PyTorch RSSM update
    takes 300–390 ms per 16 × 64 batch on this 2-core CPU. `--nothroughput` skips it.
 2. Learning: trains the world model of `--config` (default `configs/arena_apex.py`) on
@@ -199,12 +201,15 @@ def main(argv):
     throughput(cfg, obs_dim, spec, with_dream=True,
                label=f"default (deter 512, 32x32 categorical), WM + dream H={cfg.dream.horizon}")
     throughput(cfg, obs_dim, spec, with_dream=False, label="default, WM only")
-    upstream = config_lib.base_config()
-    upstream.world_model.update(deter=256, stoch=64, classes=0, hidden=256)
-    seconds = throughput(upstream, 204, spec, with_dream=False,
-                         label="upstream size (obs 204, embed 256, deter 256, Gaussian 64), "
-                         "WM only")
-    print(f"  vs upstream PyTorch 300-390 ms: {0.300 / seconds:.1f}-{0.390 / seconds:.1f}x faster")
+    for layers, label in ((dict(rssm_layers=1, head_layers=2), "mbjax's layers"),
+                          (dict(rssm_layers=0, head_layers=1), "upstream's layers")):
+      upstream = config_lib.base_config()
+      upstream.world_model.update(deter=256, stoch=64, classes=0, hidden=256, **layers)
+      seconds = throughput(upstream, 204, spec, with_dream=False,
+                           label=f"upstream size (obs 204, embed 256, deter 256, Gaussian 64), "
+                           f"{label} ({layers}), WM only")
+      print(f"  vs upstream PyTorch 300-390 ms: {0.300 / seconds:.1f}-{0.390 / seconds:.1f}x "
+            "faster")
   if _LEARN_STEPS.value:
     wm = _CONFIG.value.world_model
     print(f"learning on BonkArena ({_LEARN_ENVS.value} envs x {_LEARN_LENGTH.value} steps of "

@@ -117,6 +117,37 @@ def test_observe_and_imagine_shapes_and_resets(model_and_params):
   assert raw.shape == (4, batch)
 
 
+@pytest.mark.parametrize("rssm_layers", [1, 0])
+@pytest.mark.parametrize("jit", [False, True])
+def test_prior_after_each_action_equals_a_separate_transition(rssm_layers, jit):
+  """The reward and continue heads read the prior after (s_t, a_t). The filter's scan
+  already computes it as step t+1's prior from the carried state, also where o_{t+1}
+  starts a new episode (the terminal transition); it must equal stepping s_t with a_t."""
+  cfg = _config(classes=0)
+  cfg.world_model.rssm_layers = rssm_layers
+  model = wm_lib.make_world_model(cfg, (5,))
+  params = wm_lib.init(jax.random.PRNGKey(0), model, wm_lib.make_optimizer(cfg), (5,),
+                       jnp.float32, wm_lib.action_vector_size(SPEC)).params
+  length, batch = 6, 3
+  rng = np.random.default_rng(4)
+  is_first = np.zeros((length, batch), bool)
+  is_first[0] = is_first[3, 1] = True
+  sequence = wm_lib.Sequence(rng.normal(size=(length, batch, 5)).astype(np.float32),
+                             rng.normal(size=(length, batch, 5)).astype(np.float32),
+                             np.zeros((length, batch), np.float32),
+                             np.zeros((length, batch), bool), is_first)
+  rollforward = lambda p, b, k: wm_lib._rollforward(p, model, b, k)
+  out = (jax.jit(rollforward) if jit else rollforward)(params, sequence, jax.random.PRNGKey(1))
+  flat = lambda x: x.reshape((-1,) + x.shape[2:])
+  expected = wm_lib.img_step(model, params, jax.tree.map(flat, out.posts),
+                             flat(sequence.action), jax.random.PRNGKey(2))
+  np.testing.assert_allclose(out.next_prior.deter, expected.deter, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(out.next_prior.stats, expected.stats, rtol=1e-5, atol=1e-6)
+  # ...and it is not the reset prior that the filter itself uses for env 1 at t = 3.
+  after_reset = out.priors.deter[3, 1]
+  assert not np.allclose(out.next_prior.deter.reshape(length, batch, -1)[2, 1], after_reset)
+
+
 def test_pixel_embedding_scales_uint8_frames_for_sequences_and_single_steps():
   """observe() embeds [L, B, H, W, 3] frames; they must reach the CNN as pixels / 255,
   exactly like a [B, H, W, 3] batch (a rank test on the input once routed sequences of

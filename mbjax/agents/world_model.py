@@ -78,17 +78,41 @@ def _mlp(x, sizes, name):
   return x
 
 
+class GRU(nn.Module):
+  """GRU cell (Cho et al. 2014, flax's gate equations) with the three gates' input and
+  recurrent maps each fused into one matrix: two matrix products per step instead of six."""
+
+  size: int
+
+  @nn.compact
+  def __call__(self, h, x):
+    ir, iz, i_n = jnp.split(nn.Dense(3 * self.size, name="input")(x), 3, -1)
+    hr, hz, h_n = jnp.split(nn.Dense(3 * self.size, name="recurrent")(h), 3, -1)
+    reset, update = nn.sigmoid(ir + hr), nn.sigmoid(iz + hz)
+    candidate = jnp.tanh(i_n + reset * h_n)
+    return (1.0 - update) * candidate + update * h
+
+
 class RSSM(nn.Module):
+  """`layers` hidden MLP layers sit on each side of the GRU (DreamerV3: 1): before its
+  input, before the prior's and before the posterior's statistics; 0 gives upstream
+  MetaBonk's linear maps ([z, a] straight into the GRU, linear prior and posterior)."""
+
   deter: int = 512
   stoch: int = 32
   classes: int = 32  # 0: diagonal Gaussian latents
   hidden: int = 512
+  layers: int = 1
   min_std: float = 0.1
   unimix: float = 0.01
 
   @property
   def stoch_size(self) -> int:
     return self.stoch * max(self.classes, 1)
+
+  @property
+  def _stats_size(self) -> int:
+    return self.stoch * self.classes if self.classes else 2 * self.stoch
 
   def initial(self, batch: int) -> LatentState:
     if self.classes:
@@ -97,13 +121,13 @@ class RSSM(nn.Module):
       stats = jnp.concatenate([jnp.zeros((batch, self.stoch)), jnp.ones((batch, self.stoch))], -1)
     return LatentState(jnp.zeros((batch, self.deter)), jnp.zeros((batch, self.stoch_size)), stats)
 
-  def _stats(self, x, name):
+  def _stats(self, raw):
+    """Raw outputs of the last linear map → log-probabilities or (mean, std)."""
     if self.classes:
-      logits = nn.Dense(self.stoch * self.classes, name=name)(x)
-      logits = logits.reshape(x.shape[:-1] + (self.stoch, self.classes))
+      logits = raw.reshape(raw.shape[:-1] + (self.stoch, self.classes))
       probs = (1.0 - self.unimix) * jax.nn.softmax(logits, -1) + self.unimix / self.classes
       return jnp.log(probs)
-    mean, raw_std = jnp.split(nn.Dense(2 * self.stoch, name=name)(x), 2, -1)
+    mean, raw_std = jnp.split(raw, 2, -1)
     return jnp.concatenate([mean, nn.softplus(raw_std) + self.min_std], -1)
 
   def _sample(self, stats, key):
@@ -119,25 +143,46 @@ class RSSM(nn.Module):
   @nn.compact
   def img_step(self, state: LatentState, action: jax.Array, key: jax.Array) -> LatentState:
     """Prior transition: p(s_t | s_{t−1}, a_{t−1})."""
-    x = _mlp(jnp.concatenate([state.stoch, action], -1), (self.hidden,), "img_in")
-    deter, _ = nn.GRUCell(self.deter, name="gru")(state.deter, x)
-    stats = self._stats(_mlp(deter, (self.hidden,), "img_out"), "prior_stats")
+    x = _mlp(jnp.concatenate([state.stoch, action], -1), (self.hidden,) * self.layers, "img_in")
+    deter = GRU(self.deter, name="gru")(state.deter, x)
+    x = _mlp(deter, (self.hidden,) * self.layers, "img_out")
+    stats = self._stats(nn.Dense(self._stats_size, name="prior_stats")(x))
     return LatentState(deter, self._sample(stats, key), stats)
 
   @nn.compact
-  def obs_step(self, state: LatentState, action: jax.Array, embed: jax.Array,
-               is_first: jax.Array, key: jax.Array) -> tuple[LatentState, LatentState]:
-    """Posterior q(s_t | s_{t−1}, a_{t−1}, o_t) and the prior it refines."""
+  def embed_projection(self, embed: jax.Array) -> jax.Array:
+    """The observation's term in the posterior's first linear map, whose input is
+    [h_t, embed(o_t)]: it does not depend on h_t, so `observe` computes it for a whole
+    window in one matrix product instead of one per step."""
+    return nn.Dense(self.hidden if self.layers else self._stats_size, use_bias=False,
+                    name="post_embed")(embed)
+
+  @nn.compact
+  def obs_step(self, state: LatentState, action: jax.Array, embed_projection: jax.Array,
+               is_first: jax.Array, key: jax.Array
+               ) -> tuple[LatentState, LatentState, LatentState]:
+    """(posterior q(s_t | s_{t−1}, a_{t−1}, o_t), the prior p(s_t | s_{t−1}, a_{t−1}) it
+    refines, `continued`): the observation enters as `embed_projection(embed(o_t))`. Where
+    o_t starts an episode the prior starts from the reset state; `continued` is the prior
+    from the carried state everywhere, i.e. the state after the previous transition, whose
+    reward and continue flag belong to the episode that ended."""
     prior_key, post_key = jax.random.split(key)
-    initial = self.initial(is_first.shape[0])
-    reset = lambda fresh, old: jnp.where(is_first.reshape((-1,) + (1,) * (old.ndim - 1)),
-                                         fresh, old)
-    state = jax.tree.map(reset, initial, state)
-    action = reset(jnp.zeros_like(action), action)
-    prior = self.img_step(state, action, prior_key)
-    x = _mlp(jnp.concatenate([prior.deter, embed], -1), (self.hidden,), "obs_out")
-    stats = self._stats(x, "post_stats")
-    return LatentState(prior.deter, self._sample(stats, post_key), stats), prior
+    continued = self.img_step(state, action, prior_key)
+    # The reset state and action are zeros, so every env's reset prior is the same row.
+    fresh = self.img_step(self.initial(1), jnp.zeros((1, action.shape[-1]), action.dtype),
+                          prior_key)
+    prior = jax.tree.map(
+        lambda f, c: jnp.where(is_first.reshape((-1,) + (1,) * (c.ndim - 1)), f, c),
+        fresh, continued)
+    if self.layers:
+      x = nn.Dense(self.hidden, name="post_deter")(prior.deter) + embed_projection
+      x = nn.silu(nn.LayerNorm(epsilon=1e-3, name="post_norm")(x))
+      x = _mlp(x, (self.hidden,) * (self.layers - 1), "post_hidden")
+      raw = nn.Dense(self._stats_size, name="post_stats")(x)
+    else:
+      raw = nn.Dense(self._stats_size, name="post_deter")(prior.deter) + embed_projection
+    stats = self._stats(raw)
+    return LatentState(prior.deter, self._sample(stats, post_key), stats), prior, continued
 
 
 class WorldModel(nn.Module):
@@ -166,6 +211,10 @@ class WorldModel(nn.Module):
     # Decided by the model's observation rank, not the input's: observe() passes [L, B, ...].
     return self.encoder(obs if len(self.obs_shape) == 3 else symlog(obs))
 
+  def projected_embed(self, obs):
+    """What `RSSM.obs_step` takes for o_t (see `RSSM.embed_projection`)."""
+    return self.rssm.embed_projection(self.embed(obs))
+
   def decode(self, features):
     """Mean and std of p(o | s) — in symlog space for vectors, [0, 1] for pixels."""
     return self.decoder(features)
@@ -186,7 +235,7 @@ class WorldModel(nn.Module):
   def __call__(self, obs, action, is_first, key):
     """Touches every parameter (for `init`): one observe step plus all heads."""
     state = self.rssm.initial(obs.shape[0])
-    post, _ = self.rssm.obs_step(state, action, self.embed(obs), is_first, key)
+    post, _, _ = self.rssm.obs_step(state, action, self.projected_embed(obs), is_first, key)
     heads = (self.decode(post.features), self.reward(post.features),
              self.continue_logit(post.features))
     return heads + ((self.next_obs_delta(post.features, obs),) if self.predict_delta else ())
@@ -279,9 +328,9 @@ class Sequence(NamedTuple):
 def make_world_model(cfg: ml_collections.ConfigDict, obs_shape) -> WorldModel:
   wm = cfg.world_model
   rssm = RSSM(deter=wm.deter, stoch=wm.stoch, classes=wm.classes, hidden=wm.hidden,
-              min_std=wm.min_std, unimix=wm.unimix)
+              layers=wm.rssm_layers, min_std=wm.min_std, unimix=wm.unimix)
   return WorldModel(obs_shape=tuple(obs_shape), rssm=rssm, hidden=wm.hidden,
-                    predict_delta=wm.predict_delta)
+                    head_layers=wm.head_layers, predict_delta=wm.predict_delta)
 
 
 def make_optimizer(cfg: ml_collections.ConfigDict) -> optax.GradientTransformation:
@@ -303,23 +352,29 @@ def previous_actions(action: jax.Array) -> jax.Array:
 def observe(model: WorldModel, params, obs, prev_action, is_first, key):
   """Filters a sequence [L, B, ...] from the zero state; returns (posteriors, priors) with
   leading [L, B]. `prev_action[t]` is a_{t−1} (ignored where `is_first`)."""
+  posts, priors, _ = _filter(model, params, obs, prev_action, is_first, key)
+  return posts, priors
+
+
+def _filter(model: WorldModel, params, obs, prev_action, is_first, key):
+  """`observe` plus each step's `continued` prior (see `RSSM.obs_step`)."""
   chex.assert_rank(is_first, 2)
-  embed = model.apply(params, obs, method=WorldModel.embed)
+  projected = model.apply(params, obs, method=WorldModel.projected_embed)
 
   def step(state, inputs):
-    embed_t, action_t, first_t, key_t = inputs
-    post, prior = model.apply(params, state, action_t, embed_t, first_t, key_t,
-                              method=lambda m, *a: m.rssm.obs_step(*a))
-    return post, (post, prior)
+    projected_t, action_t, first_t, key_t = inputs
+    post, prior, continued = model.apply(params, state, action_t, projected_t, first_t, key_t,
+                                         method=lambda m, *a: m.rssm.obs_step(*a))
+    return post, (post, prior, continued)
 
   keys = jax.random.split(key, is_first.shape[0])
   initial = model.apply(params, is_first.shape[1], method=lambda m, b: m.rssm.initial(b))
   # Derive the zero state from the data so that, under shard_map, it varies over the data
   # axis like the states the scan produces (a constant would be device-invariant).
-  anchor = jnp.zeros_like(embed[0, :, 0])
+  anchor = jnp.zeros_like(projected[0, :, 0])
   initial = jax.tree.map(lambda x: x + anchor.reshape((-1,) + (1,) * (x.ndim - 1)), initial)
-  _, (posts, priors) = jax.lax.scan(step, initial, (embed, prev_action, is_first, keys))
-  return posts, priors
+  _, outputs = jax.lax.scan(step, initial, (projected, prev_action, is_first, keys))
+  return outputs
 
 
 def img_step(model: WorldModel, params, state: LatentState, action, key) -> LatentState:
@@ -373,11 +428,15 @@ def _rollforward(params, model: WorldModel, batch: Sequence, key) -> _Rollforwar
   and predicts each next observation: from the delta head added to the observed o_t
   (`predict_delta`), else by decoding that prior state."""
   observe_key, transition_key = jax.random.split(key)
-  posts, priors = observe(model, params, batch.obs, previous_actions(batch.action),
-                          batch.is_first, observe_key)
+  posts, priors, continued = _filter(model, params, batch.obs, previous_actions(batch.action),
+                                     batch.is_first, observe_key)
+  # The prior after (s_t, a_t) is the scan's `continued` prior of step t + 1; only the
+  # window's last step needs a further transition.
+  last = img_step(model, params, jax.tree.map(lambda x: x[-1], posts), batch.action[-1],
+                  transition_key)
   flat = lambda x: x.reshape((-1,) + x.shape[2:])
-  next_prior = img_step(model, params, jax.tree.map(flat, posts), flat(batch.action),
-                        transition_key)
+  next_prior = jax.tree.map(lambda c, x: flat(jnp.concatenate([c[1:], x[None]])), continued,
+                            last)
   target = observation_target(batch.obs)
   if model.predict_delta:
     delta = model.apply(params, next_prior.features, flat(batch.obs),

@@ -76,6 +76,10 @@ def base_config() -> ml_collections.ConfigDict:
   cfg.world_model.stoch = 32  # stochastic latents
   cfg.world_model.classes = 32  # classes per latent; 0: diagonal Gaussian latents (upstream)
   cfg.world_model.hidden = 512
+  # Hidden MLP layers around the GRU (before its input, the prior and the posterior):
+  # 1 as DreamerV3; 0 as upstream MetaBonk (linear maps).
+  cfg.world_model.rssm_layers = 1
+  cfg.world_model.head_layers = 2  # hidden layers of the decoder, reward and continue heads
   cfg.world_model.min_std = 0.1  # Gaussian latents only
   cfg.world_model.unimix = 0.01  # uniform mixture in categorical latents
   cfg.world_model.lr = 3e-4
@@ -182,11 +186,15 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
               "ppo.num_minibatches", "ppo.seq_len", "run.log_every_updates",
               "run.checkpoint_every_updates", "env.frame_stack", "network.mamba_layers",
               "network.ssm_state_size", "network.conv_size", "network.mamba_expand",
-              "network.scan_chunk", "cpqe.horizon", "cpqe.batch_size")
+              "network.scan_chunk", "cpqe.horizon", "cpqe.batch_size",
+              "world_model.head_layers")
   for key in positive:
     value = _get(cfg, key)
     if value < 1:
       raise ValueError(f"config.{key}={value}: expected a positive integer")
+  if cfg.world_model.rssm_layers < 0:
+    raise ValueError(f"config.world_model.rssm_layers={cfg.world_model.rssm_layers}: "
+                     "expected 0 (linear maps, as upstream) or more hidden layers")
   if cfg.run.checkpoint_every_updates % cfg.run.log_every_updates:
     raise ValueError(
         f"config.run.checkpoint_every_updates={cfg.run.checkpoint_every_updates} must be a "

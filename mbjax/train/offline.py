@@ -181,9 +181,9 @@ def latent_policy(learners: apex.Learners, aux: apex.AuxState, source: str = "dr
     latent, prev_action = carry
     filter_key, act_key = jax.random.split(key)
     obs = obs if obs_fn is None else obs_fn(obs)
-    embed = model.apply(wm_params, obs, method=wm_lib.WorldModel.embed)
-    post, _ = model.apply(wm_params, latent, prev_action, embed, is_first, filter_key,
-                          method=lambda m, *a: m.rssm.obs_step(*a))
+    projected = model.apply(wm_params, obs, method=wm_lib.WorldModel.projected_embed)
+    post, _, _ = model.apply(wm_params, latent, prev_action, projected, is_first, filter_key,
+                             method=lambda m, *a: m.rssm.obs_step(*a))
     dist = nets.actor.apply(state.actor_params, post.features, mask)
     raw = dist.mode() if deterministic else dist.sample(act_key)
     action = to_env_action(raw, learners.squash)
