@@ -15,7 +15,10 @@
    observation (target: 10× below it). Both errors are the same mean squared error over
    all 96 dimensions in the decoder's target space (symlog), over the steps whose next
    observation belongs to the same episode. Each evaluation also prints, per observation
-   block, the model's error over copy-last's and [that block's share of copy-last's].
+   block, the model's error over copy-last's and [that block's share of copy-last's], and
+   the same split by what happens to the five enemy slots between the two observations:
+   the same enemies in the same slots, the same enemies re-sorted by distance, or a
+   different set (a kill, a spawn, or an unseen enemy coming nearer than the fifth).
 """
 import os
 
@@ -32,6 +35,7 @@ from ml_collections import config_flags  # noqa: E402
 from mbjax.agents import dream  # noqa: E402
 from mbjax.agents import world_model as wm_lib  # noqa: E402
 from mbjax.envs.bonk_arena import BonkArena, make_scripted_policy  # noqa: E402
+from mbjax.envs.bonk_arena.observation import visible_enemies  # noqa: E402
 from mbjax.envs.spaces import HybridAction  # noqa: E402
 from mbjax.envs.wrappers import VecEnv  # noqa: E402
 from mbjax.train import config as config_lib  # noqa: E402
@@ -100,7 +104,8 @@ def throughput(cfg, obs_dim: int, spec, with_dream: bool, label: str):
 
 
 def collect(env, params, num_envs, length, key):
-  """Scripted play with Gaussian action noise: [T, E] obs, actions, rewards, flags."""
+  """Scripted play with Gaussian action noise: [T, E] obs, actions, rewards, flags, and
+  i32[T, E, K] which enemies the observation's K enemy slots show."""
   vec_env = VecEnv(env)
   scripted = make_scripted_policy(env)
   spec = env.action_spec(params)
@@ -115,7 +120,8 @@ def collect(env, params, num_envs, length, key):
     next_obs, state, reward, terminated, truncated, _ = vec_env.step(
         jax.random.split(env_key, num_envs), state, action, params)
     out = wm_lib.Sequence(obs, wm_lib.action_vector(action, spec), reward, terminated, is_first)
-    return (next_obs, state, terminated | truncated), out
+    shown = jax.vmap(lambda s: visible_enemies(s, env.num_obs_enemies))(state)
+    return (next_obs, state, terminated | truncated), (out, shown)
 
   reset_key, key = jax.random.split(key)
   obs, state = vec_env.reset(jax.random.split(reset_key, num_envs), params)
@@ -131,7 +137,16 @@ def learning(cfg):
   spec = env.action_spec(params)
   obs_dim = env.observation_shape(params)[0]
   collect_fn = jax.jit(lambda k: collect(env, params, _LEARN_ENVS.value, _LEARN_LENGTH.value, k))
-  train_data, test_data = collect_fn(jax.random.PRNGKey(10)), collect_fn(jax.random.PRNGKey(11))
+  (train_data, _), (test_data, test_shown) = map(
+      collect_fn, (jax.random.PRNGKey(10), jax.random.PRNGKey(11)))
+  # Held-out steps by what happens to the enemy slots between o_t and o_{t+1}: the same
+  # enemies in the same slots; the same enemies re-sorted; a different set (kill, spawn, or
+  # an unseen enemy coming nearer than the fifth).
+  same_order = (test_shown[1:] == test_shown[:-1]).all(-1)
+  same_set = (jnp.sort(test_shown[1:], -1) == jnp.sort(test_shown[:-1], -1)).all(-1)
+  events = jnp.stack([same_order, same_set & ~same_order, ~same_set], -1)  # [T−1, E, 3]
+  # Aligned with the data so windows can slice it: the last step has no successor.
+  events = jnp.concatenate([events, jnp.zeros_like(events[:1])]).astype(jnp.float32)
   model = wm_lib.make_world_model(cfg, (obs_dim,))
   optimizer = wm_lib.make_optimizer(cfg)
   state = wm_lib.init(jax.random.PRNGKey(0), model, optimizer, (obs_dim,), jnp.float32,
@@ -158,19 +173,25 @@ def learning(cfg):
 
   def evaluate(params):
     """Per-dimension mean squared errors of the model and of copy-last over every held-out
-    window (each o_{t+1} that stays in o_t's episode counts once)."""
-    data = jax.tree.map(lambda x: x.reshape((num_windows, LENGTH) + x.shape[1:]), test_data)
+    window (each o_{t+1} that stays in o_t's episode counts once), and both errors summed
+    over dimensions per enemy-slot event class (see `events`)."""
+    data = jax.tree.map(lambda x: x.reshape((num_windows, LENGTH) + x.shape[1:]),
+                        (test_data, events))
 
     def one(window, key):
-      batch = jax.tree.map(lambda x: x[window], data)
+      batch, event = jax.tree.map(lambda x: x[window], data)
       batch = batch._replace(is_first=batch.is_first.at[0].set(True))
       model_sq, copy_sq, inside = wm_lib.one_step_squared_errors(params, model, batch, key)
       weight = inside[..., None]
-      return (model_sq * weight).sum((0, 1)), (copy_sq * weight).sum((0, 1)), inside.sum()
+      by_event = lambda sq: jnp.einsum("tb,tbk->k", sq.sum(-1) * inside, event[:-1])
+      return ((model_sq * weight).sum((0, 1)), (copy_sq * weight).sum((0, 1)), inside.sum(),
+              by_event(model_sq), by_event(copy_sq))
 
     keys = jax.random.split(jax.random.PRNGKey(12), num_windows)
-    model_sq, copy_sq, count = jax.vmap(one)(jnp.arange(num_windows), keys)
-    return model_sq.sum(0) / count.sum(), copy_sq.sum(0) / count.sum()
+    model_sq, copy_sq, count, model_event, copy_event = jax.vmap(one)(
+        jnp.arange(num_windows), keys)
+    return (model_sq.sum(0) / count.sum(), copy_sq.sum(0) / count.sum(), model_event.sum(0),
+            copy_event.sum(0))
 
   evaluate_jit = jax.jit(evaluate)
   layout = env.vector_layout
@@ -179,7 +200,8 @@ def learning(cfg):
   for done in range(_EVAL_EVERY.value, _LEARN_STEPS.value + 1, _EVAL_EVERY.value):
     key, train_key = jax.random.split(key)
     state, _ = train(state, train_key)
-    model_error, copy_error = map(np.asarray, evaluate_jit(state.params))
+    model_error, copy_error, model_event, copy_event = map(np.asarray,
+                                                           evaluate_jit(state.params))
     print(f"  {done:5d} updates ({time.perf_counter() - start:5.0f} s, load "
           f"{os.getloadavg()[0]:4.1f}): held-out one-step error {model_error.mean():.5f} vs "
           f"copy-last {copy_error.mean():.5f} (ratio {copy_error.mean() / model_error.mean():.1f}x)",
@@ -188,6 +210,9 @@ def learning(cfg):
     print("    " + ", ".join(
         f"{name} {model_error[part].sum() / max(copy_error[part].sum(), 1e-12):.2f} "
         f"[{copy_error[part].sum() / copy_error.sum():.2f}]" for name, part in layout.items()))
+    print("    steps by enemy slots (all dims): " + ", ".join(
+        f"{name} {m / c:.2f} [{c / copy_event.sum():.2f}]" for name, m, c in zip(
+            ("unchanged", "re-sorted", "set changed"), model_event, copy_event)))
 
 
 def main(argv):

@@ -36,11 +36,26 @@ def vector_size(num_obs_enemies: int, num_obs_gems: int) -> int:
   return list(vector_layout(num_obs_enemies, num_obs_gems).values())[-1].stop
 
 
+def _nearest_indices(dist: jax.Array, alive: jax.Array, k: int) -> jax.Array:
+  """i32[k]: indices of the k nearest alive entities, nearest first; −1 past the number
+  alive."""
+  key, idx = jax.lax.top_k(-jnp.where(alive, dist, jnp.inf), k)
+  return jnp.where(jnp.isfinite(key), idx, -1)
+
+
 def _nearest(features: jax.Array, dist: jax.Array, alive: jax.Array, k: int) -> jax.Array:
   """f32[k, F]: `features` (f32[F, N]) of the k nearest alive entities, nearest first; rows
   past the number alive are zeros."""
-  _, idx = jax.lax.top_k(-jnp.where(alive, dist, jnp.inf), k)
-  return (features[:, idx] * alive[idx][None, :]).T
+  idx = _nearest_indices(dist, alive, k)
+  return jnp.where(idx[:, None] >= 0, features[:, idx].T, 0.0)
+
+
+def visible_enemies(state: game.EnvState, num_obs_enemies: int) -> jax.Array:
+  """i32[num_obs_enemies]: which enemies the vector observation's slots show, in slot
+  order (−1: empty slot). For analyses of what changes between observations."""
+  rel = state.enemy_pos - state.player_pos[:, None]
+  dist = jnp.sqrt(jnp.sum(rel * rel, axis=0) + 1e-12)
+  return _nearest_indices(dist, state.enemy_alive, num_obs_enemies)
 
 
 def vector_observation(state: game.EnvState, params: game.EnvParams, num_obs_enemies: int,
