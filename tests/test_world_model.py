@@ -250,6 +250,29 @@ def test_apex_step_keeps_gradients_apart():
   assert not np.array_equal(jax.tree.leaves(distilled.params)[0],
                             jax.tree.leaves(alone.params)[0])
 
+  # A linear schedule at the end of the run weighs the teacher by 0: PPO alone again.
+  cfg.served.distill_schedule = "linear"
+  end_step = jax.jit(lambda a, x, r, k: apex.update(a, x, r, k, learners=learners,
+                                                    network=network, optimizer=optimizer,
+                                                    progress=1.0))
+  ended, _, metrics = end_step(agent, aux, rollout, key)
+  assert metrics["loss/distill"] > 0 and metrics["loss/distill_coef"] == 0.0
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
+               ended.params, alone.params)
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_distill_coef_schedules_hand_computed(jit):
+  cfg = _config()
+  cfg.served.distill_coef = 0.1
+  for schedule, cases in (("constant", ((0.0, 0.1), (0.5, 0.1), (1.0, 0.1))),
+                          ("linear", ((0.0, 0.1), (0.25, 0.075), (1.0, 0.0), (1.5, 0.0)))):
+    cfg.served.distill_schedule = schedule
+    coef = lambda progress: apex.distill_coef(cfg, progress)
+    coef = jax.jit(coef) if jit else coef
+    for progress, expected in cases:
+      np.testing.assert_allclose(coef(progress), expected, rtol=1e-6, atol=1e-9)
+
 
 def test_world_model_learns_a_linear_system():
   """o_{t+1} = R o_t (a rotation) with a small Gaussian-latent model: after 300 steps the

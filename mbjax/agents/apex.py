@@ -156,16 +156,28 @@ def _starts(posts: wm_lib.LatentState, num_starts: int, key) -> wm_lib.LatentSta
   return jax.tree.map(lambda x: x[index], flat)
 
 
+def distill_coef(cfg: ml_collections.ConfigDict, progress: jax.Array | float) -> jax.Array:
+  """The distillation coefficient after `progress` (the fraction of the run's updates done):
+  `served.distill_coef` throughout ("constant"), or decaying linearly from it to 0 at the
+  end of the run ("linear": the latent teacher guides PPO early, then lets it go)."""
+  coef = jnp.asarray(cfg.served.distill_coef, jnp.float32)
+  if cfg.served.distill_schedule == "linear":
+    coef = coef * jnp.clip(1.0 - jnp.asarray(progress, jnp.float32), 0.0, 1.0)
+  return coef
+
+
 def update(agent: ppo.PPOState, aux: AuxState, rollout: ppo.Rollout, key, *, learners: Learners,
-           network, optimizer, axis_name: str | None = None):
-  """One apex learner step; returns (agent, aux, metrics)."""
+           network, optimizer, axis_name: str | None = None, progress: jax.Array | float = 0.0):
+  """One apex learner step; returns (agent, aux, metrics). `progress` is the fraction of
+  the run's updates done before this one (for `served.distill_schedule`)."""
   cfg = learners.cfg
   rollout = jax.tree.map(jnp.asarray, rollout)
   ppo_key, teacher_key, aux_key = jax.random.split(key, 3)
   if learners.enabled and cfg.served.distill_from != "none":
     rollout = rollout._replace(teacher=_teacher(aux, rollout, learners, teacher_key))
   agent, metrics = ppo.update(agent, rollout, ppo_key, network=network, optimizer=optimizer,
-                              cfg=cfg, axis_name=axis_name)
+                              cfg=cfg, axis_name=axis_name,
+                              distill_coef=distill_coef(cfg, progress))
   if learners.cpqe is not None:
     chunks = cpqe_lib.rollout_chunks(
         rollout.obs, to_env_action(rollout.action, learners.squash).continuous, rollout.reward,

@@ -160,11 +160,14 @@ class Minibatch(NamedTuple):
 
 
 def loss(params, network: ActorCritic, cfg: ml_collections.ConfigDict, batch: Minibatch,
-         obs_stats: ObservationStatistics, axis_name: str | None = None):
+         obs_stats: ObservationStatistics, axis_name: str | None = None,
+         distill_coef: jax.Array | float | None = None):
   """Clipped-surrogate PPO loss on one minibatch; returns (loss, metrics).
 
   loss = −E[min(ρA, clip(ρ, 1±ε)A)] + c_v · ½E[(V − R)²] (optionally clipped around the old
-  value) − c_e · E[H[π]], with ρ = π(a|s)/π_old(a|s). Averaged over devices when sharded.
+  value) − c_e · E[H[π]], with ρ = π(a|s)/π_old(a|s), plus c_d · E[KL(teacher ‖ π)] when the
+  rollout carries a teacher (c_d: `distill_coef`, by default `served.distill_coef`).
+  Averaged over devices when sharded.
   """
   ppo = cfg.ppo
   data = batch.rollout
@@ -194,8 +197,9 @@ def loss(params, network: ActorCritic, cfg: ml_collections.ConfigDict, batch: Mi
   distill = {}
   if data.teacher is not None:
     distill_loss = data.teacher.kl_divergence(dist).mean()
-    total += cfg.served.distill_coef * distill_loss
-    distill = {"loss/distill": distill_loss}
+    coef = cfg.served.distill_coef if distill_coef is None else distill_coef
+    total += coef * distill_loss
+    distill = {"loss/distill": distill_loss, "loss/distill_coef": jnp.asarray(coef, jnp.float32)}
   metrics = {
       **distill,
       "loss/total": total,
@@ -240,8 +244,10 @@ def _gather_minibatch(chunks, indices) -> Minibatch:
 
 def update(state: PPOState, rollout: Rollout, key: jax.Array, *, network: ActorCritic,
            optimizer: optax.GradientTransformation, cfg: ml_collections.ConfigDict,
-           axis_name: str | None = None) -> tuple[PPOState, dict[str, jax.Array]]:
-  """One PPO update on a rollout [T, E, ...]; `key` must be equal on every device."""
+           axis_name: str | None = None, distill_coef: jax.Array | float | None = None
+           ) -> tuple[PPOState, dict[str, jax.Array]]:
+  """One PPO update on a rollout [T, E, ...]; `key` must be equal on every device.
+  `distill_coef` overrides `served.distill_coef` (a schedule, see `mbjax.agents.apex`)."""
   ppo = cfg.ppo
   rollout = jax.tree.map(jnp.asarray, rollout)  # host arrays cannot be indexed by tracers
   num_steps = rollout.reward.shape[0]
@@ -262,7 +268,7 @@ def update(state: PPOState, rollout: Rollout, key: jax.Array, *, network: ActorC
   def minibatch_step(train, indices):
     params, opt_state = train
     grads, metrics = grad_fn(params, network, cfg, _gather_minibatch(chunks, indices),
-                             state.obs_stats, axis_name)
+                             state.obs_stats, axis_name, distill_coef)
     updates, opt_state = optimizer.update(grads, opt_state, params)
     metrics["optim/grad_norm"] = optax.tree.norm(grads)
     return (optax.apply_updates(params, updates), opt_state), metrics

@@ -131,7 +131,8 @@ def make_train(cfg: ml_collections.ConfigDict, env: Environment, env_params: Any
     key, update_key = jax.random.split(runner.key)
     agent, aux, metrics = apex.update(runner.agent, runner.aux, rollout, update_key,
                                       learners=learners, network=network,
-                                      optimizer=optimizer, axis_name=axis_name)
+                                      optimizer=optimizer, axis_name=axis_name,
+                                      progress=runner.update_step / num_updates)
     episodes = _psum(done.sum(), axis_name)
     metrics["episode/count"] = episodes
     metrics["episode/return"] = _psum(jnp.where(done, ep_return, 0).sum(), axis_name) / (

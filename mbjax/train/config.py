@@ -104,6 +104,8 @@ def base_config() -> ml_collections.ConfigDict:
   cfg.served = ml_collections.ConfigDict()
   cfg.served.distill_from = "none"
   cfg.served.distill_coef = 0.0
+  # "constant", or "linear": the coefficient decays to 0 over the run (as ppo.anneal_lr).
+  cfg.served.distill_schedule = "constant"
   # CPQE (mbjax.agents.cpqe: diffusion teacher, consistency student, Q-ensemble) trained
   # inside the learner on every rollout (upstream METABONK_TRAIN_CPQE); needs continuous
   # action dims. Its other fields are cpqe.default_config()'s.
@@ -172,6 +174,7 @@ _CHOICES = {
     "network.squash": ("clip", "tanh"),
     "network.activation": ("tanh", "relu", "silu", "elu"),
     "served.distill_from": ("none", "dream", "efe"),
+    "served.distill_schedule": ("constant", "linear"),
 }
 
 
