@@ -84,7 +84,8 @@ def run(cfg, workdir: str) -> dict:
             if distributed.is_primary() else None)
 
   served_policy = ("ppo" if cfg.served.distill_from == "none" else
-                   f"ppo+distill({cfg.served.distill_from}, {cfg.served.distill_coef})")
+                   f"ppo+distill({cfg.served.distill_from}, {cfg.served.distill_coef}, "
+                   f"{cfg.served.distill_schedule})")
   logging.info("Learners: ppo%s; served policy: %s", "".join(
       f", {name}" for name in ("world_model", "dream", "efe") if cfg[name].enabled),
       served_policy)
