@@ -12,6 +12,8 @@ arm trained together under `vmap`:
   dream_h5/h30       the dream arm with imagination horizon 5 / 30 (15 is the dream arm)
   dream_linear       the dream arm with the distillation coefficient decaying linearly to 0
                      over the run (served.distill_schedule=linear)
+  dream_early        the dream arm distilling for the first quarter of the run only
+                     (served.distill_end=0.25), then PPO alone
 
 `ppo+wm` leaves the acting policy untouched by construction (its gradients never reach
 PPO, see `mbjax.agents.apex`); it is run for its cost and as a check of that claim.
@@ -47,7 +49,7 @@ from mbjax.train import anakin  # noqa: E402
 from mbjax.train import config as config_lib  # noqa: E402
 
 ARMS = ("ppo", "ppo+wm", "ppo+wm+dream", "ppo+wm+dream+efe", "dream_h5", "dream_h30",
-        "dream_linear")
+        "dream_linear", "dream_early")
 
 _BUDGET = flags.DEFINE_enum("budget", "small", ("ci", "small", "medium", "long"), "Run size.")
 _ARMS = flags.DEFINE_list("arms", list(ARMS), f"Arms to run, from {ARMS}.")
@@ -114,6 +116,7 @@ def arm_config(arm: str, budget: Budget, distill_coef: float) -> ml_collections.
   if arm.startswith("dream_h"):
     cfg.dream.horizon = int(arm[len("dream_h"):])
   cfg.served.distill_schedule = "linear" if arm == "dream_linear" else "constant"
+  cfg.served.distill_end = 0.25 if arm == "dream_early" else 1.0
   config_lib.validate(cfg)
   return cfg
 

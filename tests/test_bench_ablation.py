@@ -9,19 +9,20 @@ from experiments import bench_ablation
 
 def test_arm_switches_and_served_policy():
   budget = bench_ablation.BUDGETS["ci"]
-  expected = {  # world model, dream, efe, distillation source and schedule, dream horizon
-      "ppo": (False, False, False, "none", "constant", 5),
-      "ppo+wm": (True, False, False, "none", "constant", 5),
-      "ppo+wm+dream": (True, True, False, "dream", "constant", 5),
-      "ppo+wm+dream+efe": (True, True, True, "efe", "constant", 5),
-      "dream_h30": (True, True, False, "dream", "constant", 30),
-      "dream_linear": (True, True, False, "dream", "linear", 5),
+  expected = {  # world model, dream, efe, distillation source, schedule and end, horizon
+      "ppo": (False, False, False, "none", "constant", 1.0, 5),
+      "ppo+wm": (True, False, False, "none", "constant", 1.0, 5),
+      "ppo+wm+dream": (True, True, False, "dream", "constant", 1.0, 5),
+      "ppo+wm+dream+efe": (True, True, True, "efe", "constant", 1.0, 5),
+      "dream_h30": (True, True, False, "dream", "constant", 1.0, 30),
+      "dream_linear": (True, True, False, "dream", "linear", 1.0, 5),
+      "dream_early": (True, True, False, "dream", "constant", 0.25, 5),
   }
-  for arm, (wm, dream, efe, source, schedule, horizon) in expected.items():
+  for arm, (wm, dream, efe, source, schedule, end, horizon) in expected.items():
     cfg = bench_ablation.arm_config(arm, budget, 0.25)
     assert (cfg.world_model.enabled, cfg.dream.enabled, cfg.efe.enabled,
-            cfg.served.distill_from, cfg.served.distill_schedule,
-            cfg.dream.horizon) == (wm, dream, efe, source, schedule, horizon), arm
+            cfg.served.distill_from, cfg.served.distill_schedule, cfg.served.distill_end,
+            cfg.dream.horizon) == (wm, dream, efe, source, schedule, end, horizon), arm
     assert cfg.served.distill_coef == (0.25 if dream else 0.0)
     assert (cfg.num_envs, cfg.ppo.num_steps, cfg.total_env_steps) == (8, 32, 1024)
   with pytest.raises(ValueError, match="unknown arm 'dream'"):

@@ -118,7 +118,7 @@ def test_apex_config_trains_every_learner_through_the_binary(tmp_path):
   _train(tmp_path, "--config.served.distill_from=dream", "--config.served.distill_coef=0.1",
          config="configs/arena_apex.py:debug")
   last = read_jsonl(tmp_path / "metrics.jsonl")[-1]
-  assert last["served/policy"] == "ppo+distill(dream, 0.1, constant)"
+  assert last["served/policy"] == "ppo+distill(dream, 0.1, constant to 1.0)"
   for key in ("wm/recon", "wm/reward", "wm/kl", "dream/return", "dream/actor_loss",
               "dream/critic_loss", "efe/risk", "efe/ambiguity", "loss/distill"):
     assert key in last and np.isfinite(last[key]), key

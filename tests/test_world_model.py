@@ -265,13 +265,24 @@ def test_apex_step_keeps_gradients_apart():
 def test_distill_coef_schedules_hand_computed(jit):
   cfg = _config()
   cfg.served.distill_coef = 0.1
-  for schedule, cases in (("constant", ((0.0, 0.1), (0.5, 0.1), (1.0, 0.1))),
-                          ("linear", ((0.0, 0.1), (0.25, 0.075), (1.0, 0.0), (1.5, 0.0)))):
-    cfg.served.distill_schedule = schedule
+  for schedule, end, cases in (
+      ("constant", 1.0, ((0.0, 0.1), (0.5, 0.1), (0.999, 0.1))),
+      ("constant", 0.25, ((0.0, 0.1), (0.24, 0.1), (0.25, 0.0), (0.6, 0.0))),
+      ("linear", 1.0, ((0.0, 0.1), (0.25, 0.075), (1.0, 0.0), (1.5, 0.0))),
+      ("linear", 0.5, ((0.0, 0.1), (0.125, 0.075), (0.5, 0.0), (0.9, 0.0)))):
+    cfg.served.distill_schedule, cfg.served.distill_end = schedule, end
     coef = lambda progress: apex.distill_coef(cfg, progress)
     coef = jax.jit(coef) if jit else coef
     for progress, expected in cases:
-      np.testing.assert_allclose(coef(progress), expected, rtol=1e-6, atol=1e-9)
+      np.testing.assert_allclose(coef(progress), expected, rtol=1e-6, atol=1e-9,
+                                 err_msg=f"{schedule} to {end} at {progress}")
+
+
+def test_distill_end_is_validated():
+  cfg = _config()
+  cfg.served.distill_end = 0.0
+  with pytest.raises(ValueError, match="served.distill_end=0.0"):
+    config_lib.validate(cfg)
 
 
 def test_world_model_learns_a_linear_system():

@@ -157,13 +157,18 @@ def _starts(posts: wm_lib.LatentState, num_starts: int, key) -> wm_lib.LatentSta
 
 
 def distill_coef(cfg: ml_collections.ConfigDict, progress: jax.Array | float) -> jax.Array:
-  """The distillation coefficient after `progress` (the fraction of the run's updates done):
-  `served.distill_coef` throughout ("constant"), or decaying linearly from it to 0 at the
-  end of the run ("linear": the latent teacher guides PPO early, then lets it go)."""
+  """The distillation coefficient after `progress` (the fraction of the run's updates done).
+
+  Distillation runs until `served.distill_end` (a fraction of the run) and is 0 after it:
+  at `served.distill_coef` throughout ("constant"), or decaying linearly from it to 0 at
+  the end ("linear"). The latent teacher can guide PPO early and then let it go.
+  """
   coef = jnp.asarray(cfg.served.distill_coef, jnp.float32)
+  progress = jnp.asarray(progress, jnp.float32)
+  end = cfg.served.distill_end
   if cfg.served.distill_schedule == "linear":
-    coef = coef * jnp.clip(1.0 - jnp.asarray(progress, jnp.float32), 0.0, 1.0)
-  return coef
+    return coef * jnp.clip(1.0 - progress / end, 0.0, 1.0)
+  return jnp.where(progress < end, coef, 0.0)
 
 
 def update(agent: ppo.PPOState, aux: AuxState, rollout: ppo.Rollout, key, *, learners: Learners,

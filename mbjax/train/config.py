@@ -104,8 +104,10 @@ def base_config() -> ml_collections.ConfigDict:
   cfg.served = ml_collections.ConfigDict()
   cfg.served.distill_from = "none"
   cfg.served.distill_coef = 0.0
-  # "constant", or "linear": the coefficient decays to 0 over the run (as ppo.anneal_lr).
+  # "constant", or "linear": the coefficient decays to 0 (as ppo.anneal_lr) at distill_end,
+  # the fraction of the run after which distillation is off under either schedule.
   cfg.served.distill_schedule = "constant"
+  cfg.served.distill_end = 1.0
   # CPQE (mbjax.agents.cpqe: diffusion teacher, consistency student, Q-ensemble) trained
   # inside the learner on every rollout (upstream METABONK_TRAIN_CPQE); needs continuous
   # action dims. Its other fields are cpqe.default_config()'s.
@@ -223,6 +225,9 @@ def _validate_apex(cfg: ml_collections.ConfigDict) -> None:
   if cfg.world_model.enabled and cfg.ppo.num_steps % cfg.world_model.seq_len:
     raise ValueError(f"config.world_model.seq_len={cfg.world_model.seq_len} must divide "
                      f"config.ppo.num_steps={cfg.ppo.num_steps}")
+  if not 0.0 < cfg.served.distill_end <= 1.0:
+    raise ValueError(f"config.served.distill_end={cfg.served.distill_end}: expected a "
+                     "fraction of the run in (0, 1]")
   source = cfg.served.distill_from
   if source != "none" and not cfg[source].enabled:
     raise ValueError(f"config.served.distill_from={source!r} needs config.{source}.enabled")

@@ -85,7 +85,7 @@ def run(cfg, workdir: str) -> dict:
 
   served_policy = ("ppo" if cfg.served.distill_from == "none" else
                    f"ppo+distill({cfg.served.distill_from}, {cfg.served.distill_coef}, "
-                   f"{cfg.served.distill_schedule})")
+                   f"{cfg.served.distill_schedule} to {cfg.served.distill_end})")
   logging.info("Learners: ppo%s; served policy: %s", "".join(
       f", {name}" for name in ("world_model", "dream", "efe") if cfg[name].enabled),
       served_policy)
