@@ -25,6 +25,10 @@ reach it are counted apart and enter the mean as the whole budget (a lower bound
 the `ppo` arm runs, every arm's steps until its running return reaches PPO's mean final
 return follow (the goal: the full stack within 50% of the budget).
 
+Arms run at different times compare through their saved curves:
+`--reread=runs/a.npz,runs/b.npz` trains nothing and prints the same table for every arm in
+the files (PPO's final return taken from the file that has `ppo`).
+
 Budgets (`--budget`): `ci` (seconds, for tests), `small` (82k steps per seed with small
 learners: what a shared 2-core CPU runs in about 40 minutes, but no arm learns yet),
 `medium` (the config's PPO rollout of 64 envs × 128 steps, 3.1 M steps per seed, the same
@@ -63,6 +67,9 @@ _FINAL_FRACTION = flags.DEFINE_float("final_fraction", 0.1,
                                      "return.")
 _SAVE = flags.DEFINE_string("save", "", "Optional .npz for every arm's per-update episode "
                             "returns and counts (to re-read thresholds later).")
+_REREAD = flags.DEFINE_list(
+    "reread", [], "Train nothing: report the arms saved by earlier --save runs of one "
+    "budget (comma-separated files; PPO's final return is read from whichever has `ppo`).")
 _DISTILL_COEF = flags.DEFINE_float("distill_coef", 0.1, "served.distill_coef of the dream "
                                    "and EFE arms.")
 
@@ -196,8 +203,78 @@ def _mean_std(x) -> str:
   return f"{np.mean(x):8.2f} ± {np.std(x):5.2f}"
 
 
+def _seconds(x: float) -> str:
+  return "—" if np.isnan(x) else f"{x:.0f}"
+
+
+class ArmRun(NamedTuple):
+  returns: np.ndarray  # f32[seeds, updates] mean return of the episodes ended per update
+  counts: np.ndarray  # i32[seeds, updates] episodes ended per update
+  seconds: float  # train wall seconds, compile apart (NaN when re-read from a file)
+  compile_seconds: float
+
+
+def load_runs(paths: list[str]) -> tuple[dict[str, ArmRun], int]:
+  """Arms saved by earlier runs (`--save`), in file order; returns (runs, steps per update).
+  A later file's arm of the same name replaces an earlier one's."""
+  runs, steps_per_update = {}, None
+  for path in paths:
+    with np.load(path, allow_pickle=False) as data:
+      if "steps_per_update" not in data:
+        raise ValueError(f"{path}: not a bench_ablation --save file (no steps_per_update)")
+      steps = int(data["steps_per_update"])
+      if steps_per_update not in (None, steps):
+        raise ValueError(f"{path}: {steps} env steps per update, but an earlier file has "
+                         f"{steps_per_update}; only runs of one budget can be compared")
+      steps_per_update = steps
+      for key in data.files:
+        if key.endswith("/return"):
+          arm = key[:-len("/return")]
+          runs[arm] = ArmRun(data[key], data[f"{arm}/count"], float("nan"), float("nan"))
+  if not runs:
+    raise ValueError(f"no arms in {paths}")
+  return runs, steps_per_update
+
+
+def report(runs: dict[str, ArmRun], steps_per_update: int, threshold: float, window: int,
+           final_fraction: float) -> None:
+  """Prints the table: final return and steps to `threshold` per arm, then (with a `ppo`
+  arm) every arm's steps until its running return reaches PPO's mean final return."""
+  summary_at = lambda run, level: summarize(run.returns, run.counts, steps_per_update, level,
+                                           window, final_fraction)
+  print(f"\n{'arm':18s} {'final return':>17s} {'steps to ' + str(threshold):>24s} "
+        f"{'reached':>7s} {'train s':>8s} {'compile s':>9s}")
+  for arm, run in runs.items():
+    summary = summary_at(run, threshold)
+    steps = summary.steps_to_threshold
+    print(f"{arm:18s} {_mean_std(summary.final):>17s} "
+          f"{np.mean(steps):11,.0f} ± {np.std(steps):9,.0f} "
+          f"{summary.reached.sum():3d}/{summary.reached.size:<3d} {_seconds(run.seconds):>8s} "
+          f"{_seconds(run.compile_seconds):>9s}")
+    print(f"{'':18s} per seed: final {np.array2string(summary.final, precision=2)}, steps "
+          f"{steps.tolist()} of {run.returns.shape[-1] * steps_per_update:,}")
+  if "ppo" not in runs or not np.isfinite(summary_at(runs["ppo"], threshold).final).any():
+    return
+  # The issue's goal, read from the same curves: env steps until each arm's running return
+  # first reaches PPO's mean final return (≤ 50% of the budget is the target).
+  target = float(np.nanmean(summary_at(runs["ppo"], threshold).final))
+  print(f"\nsteps to PPO's final return {target:.2f} (running return over {window} updates):")
+  for arm, run in runs.items():
+    reach = summary_at(run, target)
+    steps = reach.steps_to_threshold
+    print(f"  {arm:18s} {np.mean(steps):11,.0f} ± {np.std(steps):9,.0f} "
+          f"({np.mean(steps) / (run.returns.shape[-1] * steps_per_update):.0%} of the budget), "
+          f"reached {reach.reached.sum()}/{reach.reached.size}")
+
+
 def main(argv):
   del argv
+  report_args = dict(threshold=_THRESHOLD.value, window=_WINDOW.value,
+                     final_fraction=_FINAL_FRACTION.value)
+  if _REREAD.value:
+    runs, steps_per_update = load_runs(_REREAD.value)
+    report(runs, steps_per_update, **report_args)
+    return
   budget = BUDGETS[_BUDGET.value]
   if _TOTAL.value:
     budget = budget._replace(total_env_steps=_TOTAL.value)
@@ -208,7 +285,7 @@ def main(argv):
         f"budget {_BUDGET.value}: {budget.num_envs} envs x {budget.num_steps} steps, "
         f"{budget.total_env_steps:,} env steps per seed, {_SEEDS.value} seeds per arm; "
         f"threshold {_THRESHOLD.value}")
-  rows, saved = [], {}
+  runs, saved = {}, {}
   for arm in _ARMS.value:
     cfg = arm_config(arm, budget, _DISTILL_COEF.value)
     print(f"{arm}: world model {cfg.world_model.enabled}, dream {cfg.dream.enabled} "
@@ -216,35 +293,12 @@ def main(argv):
           f"{cfg.served.distill_from}/{cfg.served.distill_coef}", flush=True)
     returns, counts, steps_per_update, seconds, compile_seconds = train_seeds(
         cfg, _SEEDS.value, budget.chunk, log=lambda line: print(line, flush=True))
-    summary = summarize(returns, counts, steps_per_update, _THRESHOLD.value, _WINDOW.value,
-                        _FINAL_FRACTION.value)
-    rows.append((arm, summary, seconds, compile_seconds, returns.shape[-1] * steps_per_update))
+    runs[arm] = ArmRun(returns, counts, seconds, compile_seconds)
     saved[f"{arm}/return"], saved[f"{arm}/count"] = returns, counts
     if _SAVE.value:  # after every arm, so a stopped run keeps what it finished
       np.savez(_SAVE.value + ".tmp.npz", steps_per_update=steps_per_update, **saved)
       os.replace(_SAVE.value + ".tmp.npz", _SAVE.value)
-  print(f"\n{'arm':18s} {'final return':>17s} {'steps to ' + str(_THRESHOLD.value):>24s} "
-        f"{'reached':>7s} {'train s':>8s} {'compile s':>9s}")
-  for arm, summary, seconds, compile_seconds, steps in rows:
-    print(f"{arm:18s} {_mean_std(summary.final):>17s} "
-          f"{np.mean(summary.steps_to_threshold):11,.0f} ± {np.std(summary.steps_to_threshold):9,.0f} "
-          f"{summary.reached.sum():3d}/{summary.reached.size:<3d} {seconds:8.0f} "
-          f"{compile_seconds:9.0f}")
-    print(f"{'':18s} per seed: final {np.array2string(summary.final, precision=2)}, steps "
-          f"{summary.steps_to_threshold.tolist()} of {steps:,}")
-  # The issue's goal, read from the same curves: env steps until each arm's running return
-  # first reaches PPO's mean final return (≤ 50% of the budget is the target).
-  ppo_final = rows[_ARMS.value.index("ppo")][1].final if "ppo" in _ARMS.value else None
-  if ppo_final is not None and np.isfinite(ppo_final).any():
-    target = float(np.nanmean(ppo_final))
-    print(f"\nsteps to PPO's final return {target:.2f} (running return over {_WINDOW.value} "
-          "updates):")
-    for arm, _, _, _, steps in rows:
-      reach = summarize(saved[f"{arm}/return"], saved[f"{arm}/count"], steps_per_update,
-                        target, _WINDOW.value, _FINAL_FRACTION.value)
-      print(f"  {arm:18s} {np.mean(reach.steps_to_threshold):11,.0f} ± "
-            f"{np.std(reach.steps_to_threshold):9,.0f} ({np.mean(reach.steps_to_threshold) / steps:.0%}"
-            f" of the budget), reached {reach.reached.sum()}/{reach.reached.size}")
+  report(runs, steps_per_update, **report_args)
 
 
 if __name__ == "__main__":

@@ -45,3 +45,31 @@ def test_running_return_and_steps_to_threshold_by_hand():
   np.testing.assert_array_equal(summary.reached, [True, False])
   # Final: the last 2 updates' episodes, seed 0: (-6 + 0 + 0)/3 = -2; seed 1: -7.
   np.testing.assert_allclose(summary.final, [-2.0, -7.0])
+
+
+def test_reread_combines_saved_runs_and_reports_steps_to_ppo_final(tmp_path, capsys):
+  # PPO ends at -2 (final fraction 0.5: last 2 updates); "fast" reaches -2 at update 2.
+  ppo = (np.array([[-8.0, -6.0, -2.0, -2.0]]), np.ones((1, 4), np.int32))
+  fast = (np.array([[-6.0, -2.0, -1.0, -1.0]]), np.ones((1, 4), np.int32))
+  np.savez(tmp_path / "a.npz", steps_per_update=10, **{"ppo/return": ppo[0],
+                                                       "ppo/count": ppo[1]})
+  np.savez(tmp_path / "b.npz", steps_per_update=10, **{"fast/return": fast[0],
+                                                       "fast/count": fast[1]})
+  runs, steps_per_update = bench_ablation.load_runs([str(tmp_path / "a.npz"),
+                                                     str(tmp_path / "b.npz")])
+  assert list(runs) == ["ppo", "fast"] and steps_per_update == 10
+  np.testing.assert_array_equal(runs["fast"].returns, fast[0])
+  bench_ablation.report(runs, steps_per_update, threshold=-5.0, window=1, final_fraction=0.5)
+  lines = capsys.readouterr().out.splitlines()
+  assert "steps to PPO's final return -2.00 (running return over 1 updates):" in lines
+  # PPO first reaches -2 at its third update (30 steps), "fast" at its second (20).
+  assert any(line.split()[:3] == ["ppo", "30", "±"] for line in lines)
+  assert any(line.split()[:3] == ["fast", "20", "±"] for line in lines)
+
+  np.savez(tmp_path / "c.npz", steps_per_update=20, **{"fast/return": fast[0],
+                                                       "fast/count": fast[1]})
+  with pytest.raises(ValueError, match="c.npz: 20 env steps per update"):
+    bench_ablation.load_runs([str(tmp_path / "a.npz"), str(tmp_path / "c.npz")])
+  np.savez(tmp_path / "d.npz", other=np.zeros(2))
+  with pytest.raises(ValueError, match="d.npz: not a bench_ablation --save file"):
+    bench_ablation.load_runs([str(tmp_path / "d.npz")])
