@@ -8,17 +8,24 @@ copying the last observation, 0.78× after 1000 updates; with it 3.0× after 200
 BENCHMARKS.md "World model"); dream and EFE imagine 15 steps from 256 posterior states
 each.
 
-Served policy: PPO, with the dream actor distilled into it (`served.distill_from=dream`,
-`distill_coef=0.1`). Chosen by measurement (`experiments/bench_ablation.py --budget=small`,
-3 seeds, 82k env steps each, 2026-11-26): final return −5.88 ± 0.34 with dream
-distillation, −6.68 ± 0.48 distilling the EFE actor instead, −7.87 ± 0.34 without
-distillation (where dream and EFE shape nothing the agent does). A small budget only; the
-alternative of letting the latent actor act has no acting path in the Anakin loop yet.
-`--config.served.distill_from=none` restores plain PPO serving.
+Served policy: PPO alone (`served.distill_from=none`); the world model, dream and EFE
+learners train after every rollout but shape nothing the agent does. Chosen by
+measurement (`experiments/bench_ablation.py --budget=medium`, 3 seeds, 3.1 M env steps
+each with small learners, 2026-11-26; BENCHMARKS.md "Apex ablation"): final return PPO
+−1.20 ± 0.97; dream actor distilled into PPO (coefficient 0.1) −4.66 ± 0.21; EFE actor
+distilled −4.06 ± 0.09; distillation decaying linearly to 0 over the run −3.04 ± 0.85;
+distillation for the first quarter only −1.91 ± 1.17. Distillation reaches −5.0 about 2×
+sooner (0.42–0.50 M steps vs PPO's 0.93 M) and then caps the return near the latent actor's
+(about −4.3); stopping it lets PPO catch up but not overtake. For short runs (≲ 1 M steps)
+`--config.served.distill_from=dream --config.served.distill_coef=0.1` is the better
+choice; `served.distill_schedule` and `served.distill_end` shape it over the run. The
+alternative of letting the latent actor act has no acting path in the Anakin loop.
 
 Command:  python -m experiments.train --config=configs/arena_apex.py --workdir=runs/arena_apex
-Expected: not yet measured at full length (`python -m experiments.bench_ablation
-          --budget=long` is the full ablation; see BENCHMARKS.md "Apex ablation").
+Expected: the served policy learns like `configs/arena_ppo.py`'s (same PPO settings; the
+          other learners' gradients never reach it; 15.6 ± 8.0 there after 30 M steps); not
+          measured at this config's own sizes and 30 M steps on this CPU
+          (`python -m experiments.bench_ablation --budget=long`).
 Debug:    --config=configs/arena_apex.py:debug — tiny sizes, 4 updates, used by tests.
 """
 import importlib.util
@@ -41,7 +48,6 @@ def get_config(arg: str | None = None):
   cfg.world_model.enabled = cfg.dream.enabled = cfg.efe.enabled = True
   cfg.world_model.update(deter=256, hidden=256, stoch=16, classes=16, seq_len=32,
                          predict_delta=True)
-  cfg.served.distill_from, cfg.served.distill_coef = "dream", 0.1
   if arg == "debug":
     cfg.world_model.update(deter=32, hidden=32, stoch=4, classes=4, seq_len=16)
     for section in (cfg.dream, cfg.efe):
