@@ -214,6 +214,16 @@ class ArmRun(NamedTuple):
   compile_seconds: float
 
 
+def save_runs(path: str, runs: dict[str, ArmRun], steps_per_update: int) -> None:
+  """Writes every arm's curves to `path` (temp file, then rename: a stopped run keeps the
+  arms it finished); `load_runs` reads them back."""
+  arrays = {}
+  for arm, run in runs.items():
+    arrays[f"{arm}/return"], arrays[f"{arm}/count"] = run.returns, run.counts
+  np.savez(path + ".tmp.npz", steps_per_update=steps_per_update, **arrays)
+  os.replace(path + ".tmp.npz", path)
+
+
 def load_runs(paths: list[str]) -> tuple[dict[str, ArmRun], int]:
   """Arms saved by earlier runs (`--save`), in file order; returns (runs, steps per update).
   A later file's arm of the same name replaces an earlier one's."""
@@ -253,11 +263,12 @@ def report(runs: dict[str, ArmRun], steps_per_update: int, threshold: float, win
           f"{_seconds(run.compile_seconds):>9s}")
     print(f"{'':18s} per seed: final {np.array2string(summary.final, precision=2)}, steps "
           f"{steps.tolist()} of {run.returns.shape[-1] * steps_per_update:,}")
-  if "ppo" not in runs or not np.isfinite(summary_at(runs["ppo"], threshold).final).any():
+  ppo_final = summary_at(runs["ppo"], threshold).final if "ppo" in runs else np.array([np.nan])
+  if not np.isfinite(ppo_final).any():
     return
   # The issue's goal, read from the same curves: env steps until each arm's running return
   # first reaches PPO's mean final return (≤ 50% of the budget is the target).
-  target = float(np.nanmean(summary_at(runs["ppo"], threshold).final))
+  target = float(np.nanmean(ppo_final))
   print(f"\nsteps to PPO's final return {target:.2f} (running return over {window} updates):")
   for arm, run in runs.items():
     reach = summary_at(run, target)
@@ -285,7 +296,7 @@ def main(argv):
         f"budget {_BUDGET.value}: {budget.num_envs} envs x {budget.num_steps} steps, "
         f"{budget.total_env_steps:,} env steps per seed, {_SEEDS.value} seeds per arm; "
         f"threshold {_THRESHOLD.value}")
-  runs, saved = {}, {}
+  runs = {}
   for arm in _ARMS.value:
     cfg = arm_config(arm, budget, _DISTILL_COEF.value)
     print(f"{arm}: world model {cfg.world_model.enabled}, dream {cfg.dream.enabled} "
@@ -294,10 +305,8 @@ def main(argv):
     returns, counts, steps_per_update, seconds, compile_seconds = train_seeds(
         cfg, _SEEDS.value, budget.chunk, log=lambda line: print(line, flush=True))
     runs[arm] = ArmRun(returns, counts, seconds, compile_seconds)
-    saved[f"{arm}/return"], saved[f"{arm}/count"] = returns, counts
-    if _SAVE.value:  # after every arm, so a stopped run keeps what it finished
-      np.savez(_SAVE.value + ".tmp.npz", steps_per_update=steps_per_update, **saved)
-      os.replace(_SAVE.value + ".tmp.npz", _SAVE.value)
+    if _SAVE.value:  # after every arm
+      save_runs(_SAVE.value, runs, steps_per_update)
   report(runs, steps_per_update, **report_args)
 
 

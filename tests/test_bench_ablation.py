@@ -51,10 +51,12 @@ def test_reread_combines_saved_runs_and_reports_steps_to_ppo_final(tmp_path, cap
   # PPO ends at -2 (final fraction 0.5: last 2 updates); "fast" reaches -2 at update 2.
   ppo = (np.array([[-8.0, -6.0, -2.0, -2.0]]), np.ones((1, 4), np.int32))
   fast = (np.array([[-6.0, -2.0, -1.0, -1.0]]), np.ones((1, 4), np.int32))
-  np.savez(tmp_path / "a.npz", steps_per_update=10, **{"ppo/return": ppo[0],
-                                                       "ppo/count": ppo[1]})
-  np.savez(tmp_path / "b.npz", steps_per_update=10, **{"fast/return": fast[0],
-                                                       "fast/count": fast[1]})
+  nan = float("nan")
+  bench_ablation.save_runs(str(tmp_path / "a.npz"), {"ppo": bench_ablation.ArmRun(*ppo, nan, nan)},
+                           10)
+  bench_ablation.save_runs(str(tmp_path / "b.npz"),
+                           {"fast": bench_ablation.ArmRun(*fast, nan, nan)}, 10)
+  assert not list(tmp_path.glob("*.tmp.npz"))
   runs, steps_per_update = bench_ablation.load_runs([str(tmp_path / "a.npz"),
                                                      str(tmp_path / "b.npz")])
   assert list(runs) == ["ppo", "fast"] and steps_per_update == 10
