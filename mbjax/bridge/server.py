@@ -121,7 +121,9 @@ class _Game:
                   enemy_pos=state.enemy_pos, enemy_health=state.enemy_health,
                   enemy_alive=state.enemy_alive)
 
-    def tick(key, state, move, choice):
+    noop = env.action_spec().branches[0] - 1
+
+    def one_tick(key, state, move, choice):
       act_key, step_key = jax.random.split(key)
       if autopilot is not None:
         auto = autopilot(act_key, env.vector_observation(state, params),
@@ -129,13 +131,33 @@ class _Game:
         move, choice = auto.continuous, auto.discrete[0]
       action = HybridAction(jnp.clip(move, -1.0, 1.0), choice[None])
       _, state, _, terminated, truncated, _ = env.step(step_key, state, action, params)
-      return state, terminated | truncated, summary(state), move, choice
+      return state, terminated | truncated, move, choice
+
+    def ticks(key, state, move, choice, num_ticks):
+      """Up to `num_ticks` ticks holding `move` (the card `choice` on the first tick only),
+      stopping after the tick that ends the run: one dispatch and one transfer per action
+      instead of one per tick (the server's cost in lock-step training)."""
+
+      def body(carry):
+        key, state, _, _, _, done = carry
+        key, tick_key = jax.random.split(key)
+        chosen = jnp.where(done == 0, choice, noop).astype(jnp.int32)
+        state, over, ticked_move, ticked_choice = one_tick(tick_key, state, move, chosen)
+        return key, state, over, ticked_move, ticked_choice, done + 1
+
+      def more(carry):
+        *_, over, _, _, done = carry
+        return (done < num_ticks) & ~over
+
+      carry = (key, state, jnp.bool_(False), move, choice.astype(jnp.int32), jnp.int32(0))
+      key, state, over, move, choice, done = jax.lax.while_loop(more, body, carry)
+      return key, state, over, summary(state), move, choice, done
 
     def reset():
       _, state = env.reset(jax.random.PRNGKey(0), params)
       return state, summary(state)
 
-    self.tick = jax.jit(tick)
+    self.ticks = jax.jit(ticks)
     self.reset = jax.jit(reset)
     self.render = jax.jit(lambda state: env.render(state, params))
     self.jax = jax
@@ -189,19 +211,24 @@ class GameInstance:
         if card >= 0:
           self._pending_choice = card
 
-  def _tick(self) -> None:
-    self.counters.ticks += 1
-    self._tick_count += 1
+  def _tick(self, num_ticks: int = 1) -> None:
+    """Advances the game up to `num_ticks` ticks (fewer if the run ends) with the last
+    received input; a finished run restarts on a click or with an autopilot, which takes
+    one tick of its own."""
     noop = self.game.env.action_spec().branches[0] - 1
     if not self._playing:
+      self.counters.ticks += 1
+      self._tick_count += 1
       if self._pending_click or self.cfg.autopilot != "none":
         self._new_run()
     else:
-      self._key, key = self.game.jax.random.split(self._key)
-      self._state, over, summary, move, choice = self.game.tick(
-          key, self._state, self._move, np.int32(self._pending_choice))
-      over, self._summary, move, choice = self.game.jax.device_get(
-          (over, summary, move, choice))
+      self._key, self._state, over, summary, move, choice, done = self.game.ticks(
+          self._key, self._state, self._move, np.int32(self._pending_choice),
+          np.int32(num_ticks))
+      over, self._summary, move, choice, done = self.game.jax.device_get(
+          (over, summary, move, choice, done))
+      self.counters.ticks += int(done)
+      self._tick_count += int(done)
       self._playing = not bool(over)
       if self.cfg.autopilot != "none":
         self._last_input = self._human_input(move, int(choice))
@@ -252,12 +279,14 @@ class GameInstance:
       self.counters.frames_sent += 1
     return codec.encode_packet(codec.encode_state(state), frame)
 
-  def _frame_due(self) -> bool:
+  def _frame_due(self, ticks_before: int = 0) -> bool:
+    """Lock-step: whether a tick since `ticks_before` fell on the frame period.
+    Real time: whether the wall clock passed the next frame time."""
     if self.cfg.frame_hz <= 0:
       return False
     if self.cfg.mode == "lockstep":
       every = max(int(round(self.cfg.update_hz / self.cfg.frame_hz)), 1)
-      return self._tick_count % every == 0
+      return self._tick_count // every > ticks_before // every
     now = time.monotonic()
     if now >= self._next_frame:
       self._next_frame = max(self._next_frame + 1.0 / self.cfg.frame_hz, now)
@@ -367,13 +396,13 @@ class GameInstance:
         for action in self._receive():
           self._apply(action)
           if self.cfg.mode == "lockstep":
-            frame_due = False
-            for _ in range(max(self.cfg.ticks_per_action, 1)):
+            ticks_before, remaining = self._tick_count, max(self.cfg.ticks_per_action, 1)
+            if not self._playing:  # a restart (or a wait for the click) takes one tick
               self._tick()
-              frame_due |= self._frame_due()
-              if not self._playing:
-                break
-            self._send(self._packet(frame_due))
+              remaining -= 1
+            if self._playing and remaining:
+              self._tick(remaining)
+            self._send(self._packet(self._frame_due(ticks_before)))
       if self.cfg.mode == "realtime" and time.monotonic() >= next_tick:
         self._tick()
         if self._client is not None:
@@ -404,7 +433,7 @@ class ReferenceServer:
     self.ports = [inst.port for inst in self.instances]
     # Compile the jitted tick and render now, so the first packets are on time.
     first = self.instances[0]
-    game.tick(first._key, first._state, np.zeros(2, np.float32), np.int32(3))
+    game.ticks(first._key, first._state, np.zeros(2, np.float32), np.int32(3), np.int32(1))
     game.render(first._state)
 
   def __enter__(self):

@@ -211,7 +211,8 @@ class Actor(threading.Thread):
         pending = pending._replace(next_value=final_value)
         if buffer is None:
           buffer = replay.init(jax.tree.map(jnp.asarray, pending), capacity)
-        buffer = replay.add_jit(buffer, jax.tree.map(lambda x: jnp.asarray(x)[None], pending))
+        # numpy adds the time axis: eager jnp indexing here cost more than the policy.
+        buffer = replay.add_jit(buffer, jax.tree.map(lambda x: np.asarray(x)[None], pending))
         written += 1
         if written % num_steps == 1 or num_steps == 1:
           rollout_version = pending_version  # the oldest policy version in this rollout
