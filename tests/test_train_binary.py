@@ -18,8 +18,8 @@ from mbjax.train.metrics import read_jsonl
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, XLA_FLAGS="--xla_cpu_enable_concurrency_optimized_scheduler=false",
            JAX_PLATFORMS="cpu")
-# 400 small updates, a checkpoint every 5: long enough to be killed part-way.
-RESUME_FLAGS = ["--config.total_env_steps=51200", "--config.run.log_every_updates=5",
+# 100 small updates, a checkpoint every 5: long enough to be killed part-way.
+RESUME_FLAGS = ["--config.total_env_steps=12800", "--config.run.log_every_updates=5",
                 "--config.run.checkpoint_every_updates=5", "--config.run.keep_checkpoints=1"]
 
 
@@ -60,15 +60,19 @@ def test_train_writes_metrics_checkpoints_and_reports_them(tmp_path):
 
 def test_resume_after_sigkill_is_bitwise_identical(tmp_path):
   uninterrupted, interrupted = tmp_path / "a", tmp_path / "b"
-  _train(uninterrupted, *RESUME_FLAGS)
-
-  killed_at = _kill_after_checkpoint(interrupted, *RESUME_FLAGS)
-  assert killed_at < 400
+  # The uninterrupted run goes on beside the one that is killed (two processes, two cores).
+  log = open(tmp_path / "uninterrupted.log", "w")
+  reference = subprocess.Popen(_train_command(uninterrupted, *RESUME_FLAGS), cwd=ROOT, env=ENV,
+                               stdout=log, stderr=subprocess.STDOUT)
+  killed_at = _kill_after_checkpoint(interrupted, *RESUME_FLAGS, at_least=10)
+  assert killed_at < 100
 
   _train(interrupted, *RESUME_FLAGS)
+  assert reference.wait(timeout=600) == 0, (tmp_path / "uninterrupted.log").read_text()
+  log.close()
   step_a, state_a = _final_state(uninterrupted)
   step_b, state_b = _final_state(interrupted)
-  assert step_a == step_b == 400
+  assert step_a == step_b == 100
   flat_a = ocp.tree.to_flat_dict(state_a)
   flat_b = ocp.tree.to_flat_dict(state_b)
   assert flat_a.keys() == flat_b.keys()
@@ -96,9 +100,17 @@ def test_bad_config_fails_naming_the_key(tmp_path, flag, message):
   assert not (tmp_path / "checkpoints").exists()
 
 
-def test_arena_run_writes_a_video_and_its_checkpoint_plays_in_the_recorder(tmp_path):
+def test_apex_run_trains_every_learner_and_its_checkpoint_plays_in_the_recorder(tmp_path):
+  """The arena's apex config through the binary (PPO → world model → dream → EFE, dream
+  distilled into PPO), then its checkpoint through the recorder and the evaluator."""
   workdir, videos = tmp_path / "run", tmp_path / "recorded"
-  result = _train(workdir, config="configs/arena_ppo.py:debug")
+  result = _train(workdir, "--config.served.distill_from=dream",
+                  "--config.served.distill_coef=0.1", config="configs/arena_apex.py:debug")
+  last = read_jsonl(workdir / "metrics.jsonl")[-1]
+  assert last["served/policy"] == "ppo+distill(dream, 0.1, constant to 1.0)"
+  for key in ("wm/recon", "wm/reward", "wm/kl", "dream/return", "dream/actor_loss",
+              "dream/critic_loss", "efe/risk", "efe/ambiguity", "loss/distill"):
+    assert key in last and np.isfinite(last[key]), key
   video = workdir / "videos" / "update_0000004.mp4"
   assert f"video: {video}" in result.stdout and video.stat().st_size > 0
   subprocess.run([sys.executable, "-m", "experiments.record_arena", "--policy=checkpoint",
@@ -112,17 +124,6 @@ def test_arena_run_writes_a_video_and_its_checkpoint_plays_in_the_recorder(tmp_p
   recorded = np.load(videos / "checkpoint_000.npz", allow_pickle=False)
   assert recorded["rewards"].shape[0] > 0
   assert (videos / "checkpoint_000.mp4").stat().st_size > 0
-
-
-def test_apex_config_trains_every_learner_through_the_binary(tmp_path):
-  _train(tmp_path, "--config.served.distill_from=dream", "--config.served.distill_coef=0.1",
-         config="configs/arena_apex.py:debug")
-  last = read_jsonl(tmp_path / "metrics.jsonl")[-1]
-  assert last["served/policy"] == "ppo+distill(dream, 0.1, constant to 1.0)"
-  for key in ("wm/recon", "wm/reward", "wm/kl", "dream/return", "dream/actor_loss",
-              "dream/critic_loss", "efe/risk", "efe/ambiguity", "loss/distill"):
-    assert key in last and np.isfinite(last[key]), key
-
 
 
 def _kill_after_checkpoint(workdir, *flags, env=ENV, at_least=20):
