@@ -5,6 +5,9 @@ PYTHON ?= python3
 VENV ?= .venv
 CONFIG ?= configs/arena_ppo.py
 WORKDIR ?= runs/$(basename $(notdir $(CONFIG)))
+# Test processes (pytest-xdist): compiles are single-threaded, so two processes keep both
+# cores of a CI machine busy; each test file stays in one process (module fixtures).
+TEST_WORKERS ?= 2
 # Avoids a jaxlib 0.10 CPU scheduler deadlock (BUILD.md, "Known traps").
 export XLA_FLAGS ?= --xla_cpu_enable_concurrency_optimized_scheduler=false
 
@@ -22,7 +25,7 @@ train: $(VENV)/.installed
 	$(VENV)/bin/python -m experiments.train --config=$(CONFIG) --workdir=$(WORKDIR)
 
 test: $(VENV)/.installed
-	$(VENV)/bin/python -m pytest
+	$(VENV)/bin/python -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 bench: $(VENV)/.installed
 	$(VENV)/bin/python -m experiments.bench_ppo
