@@ -393,7 +393,8 @@ def evaluate(cfg, ports: list[int], agent: ppo.PPOState | None, num_steps: int,
              seed: int = 0) -> dict:
   """Plays every game for `num_steps` steps (or until its run ends) from a fresh run with the
   policy's mode action (`agent`) or, with `agent=None`, uniform random actions and a random
-  allowed menu choice; returns the mean per-step reward and how many runs ended in death.
+  allowed menu choice; returns the mean per-step reward, the mean return per game (a run
+  that ends early stops adding to it) and how many runs ended in death.
 
   Needs servers started with `restart_on_connect=True` (the connection starts the run), and
   no actor connected to them."""
@@ -446,7 +447,8 @@ def evaluate(cfg, ports: list[int], agent: ppo.PPOState | None, num_steps: int,
           deaths += int(dead)
       if not alive.any():
         break
-    return {"mean_reward": total / max(steps, 1), "steps": steps, "deaths": deaths}
+    return {"mean_reward": total / max(steps, 1), "mean_return": total / len(clients),
+            "steps": steps, "deaths": deaths}
   finally:
     for c in clients:
       c.close()

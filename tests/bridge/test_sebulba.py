@@ -78,29 +78,31 @@ def test_server_killed_and_restarted_mid_run():
 
 
 def test_ppo_through_the_bridge_beats_random():
-  """The debug config's 4 lock-step games, trained for 100 updates, against the uniform
-  random policy, both evaluated from fresh runs on the same reward (mbjax.bridge.shim).
-  (After the debug config's 50 updates the margin over random, 0.01–0.035 in four runs, was
-  too close to the threshold for a test that threads make nondeterministic.)"""
-  cfg = debug_config(total_env_steps=4 * 32 * 100)
+  """The debug config's 4 lock-step games, trained for 150 updates, against the uniform
+  random policy, both evaluated from fresh runs on the same reward (mbjax.bridge.shim), by
+  the return per game over up to 200 steps (the per-step mean reward, used before, favours
+  a policy that dies early: in one run the trained policy survived 732 of 800 steps and
+  random 454–497 at nearly the same per-step mean). Measured returns, trained vs random:
+  19.5–23.3 vs 9.2–11.4; the test asks for 1.3× random."""
+  cfg = debug_config(total_env_steps=4 * 32 * 150)
   server = launch.ServerProcess(4, base_port=0, restart_on_connect=True,
                                 **sebulba.server_options(cfg))
   ports = server.start()
   learner = sebulba.Sebulba(cfg, ports)
   try:
-    random_before = sebulba.evaluate(cfg, ports, None, 150, seed=0)
+    random_before = sebulba.evaluate(cfg, ports, None, 200, seed=0)
     learner.start()
     while learner.update_step < learner.num_updates:
       learner.step()
     learner.stop()
-    trained = sebulba.evaluate(cfg, ports, learner.agent, 150)
-    random_after = sebulba.evaluate(cfg, ports, None, 150, seed=1)
+    trained = sebulba.evaluate(cfg, ports, learner.agent, 200)
+    random_after = sebulba.evaluate(cfg, ports, None, 200, seed=1)
   finally:
     learner.stop()
     server.stop()
-  random = (random_before["mean_reward"] + random_after["mean_reward"]) / 2
+  random = (random_before["mean_return"] + random_after["mean_return"]) / 2
   print(f"trained {trained} random {random_before} {random_after}")
-  assert trained["mean_reward"] > random + 0.02, (trained, random_before, random_after)
+  assert trained["mean_return"] > 1.3 * random, (trained, random_before, random_after)
 
 
 def _synthetic_rollout(rng, num_steps, num_envs, obs_size):
