@@ -18,7 +18,8 @@
    block, the model's error over copy-last's and [that block's share of copy-last's], and
    the same split by what happens to the five enemy slots between the two observations:
    the same enemies in the same slots, the same enemies re-sorted by distance, or a
-   different set (a kill, a spawn, or an unseen enemy coming nearer than the fifth).
+   different set (a kill, a spawn, or an unseen enemy coming nearer than the fifth), and the
+   error on the last 100 training batches (against the held-out error: overfitting).
 """
 import os
 
@@ -199,13 +200,14 @@ def learning(cfg):
   key = jax.random.PRNGKey(1)
   for done in range(_EVAL_EVERY.value, _LEARN_STEPS.value + 1, _EVAL_EVERY.value):
     key, train_key = jax.random.split(key)
-    state, _ = train(state, train_key)
+    state, train_errors = train(state, train_key)
     model_error, copy_error, model_event, copy_event = map(np.asarray,
                                                            evaluate_jit(state.params))
     print(f"  {done:5d} updates ({time.perf_counter() - start:5.0f} s, load "
           f"{os.getloadavg()[0]:4.1f}): held-out one-step error {model_error.mean():.5f} vs "
-          f"copy-last {copy_error.mean():.5f} (ratio {copy_error.mean() / model_error.mean():.1f}x)",
-          flush=True)
+          f"copy-last {copy_error.mean():.5f} "
+          f"(ratio {copy_error.mean() / model_error.mean():.1f}x); "
+          f"training batches {np.mean(train_errors[-100:]):.5f}", flush=True)
     # Per block (so a run stopped early still shows it): model / copy-last [share].
     print("    " + ", ".join(
         f"{name} {model_error[part].sum() / max(copy_error[part].sum(), 1e-12):.2f} "
@@ -241,7 +243,7 @@ def main(argv):
           "noisy scripted play; held-out trajectories from another seed; errors in the "
           f"decoder's target space, symlog, mean over all 96 dims): deter {wm.deter}, hidden "
           f"{wm.hidden}, stoch {wm.stoch}x{wm.classes or 'Gaussian'}, lr {wm.lr}, "
-          f"predict_delta {wm.predict_delta}")
+          f"predict_delta {wm.predict_delta}, delta_slots {tuple(wm.delta_slots)}")
     learning(_CONFIG.value)
 
 

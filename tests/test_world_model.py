@@ -317,6 +317,54 @@ def test_world_model_learns_a_linear_system():
   assert final_error < float(metrics["wm/one_step_error"][:10].mean()) / 5
 
 
+@pytest.mark.parametrize("jit", [False, True])
+def test_slot_delta_head_is_slot_equivariant_and_writes_only_its_block(jit):
+  """Slots are tokens of one attention stack: permuting the slots (with their learned slot
+  embeddings) permutes the output slots; a slot's change reads the other slots; dimensions
+  outside the block stay exactly 0; the output layer starts at 0."""
+  head = wm_lib.SlotDeltaHead(((2, 3, 2),), obs_dim=10, width=16)
+  rng = np.random.default_rng(0)
+  context = rng.normal(size=(4, 7)).astype(np.float32)
+  obs = rng.normal(size=(4, 10)).astype(np.float32)
+  params = head.init(jax.random.PRNGKey(0), context, obs)
+  apply = jax.jit(head.apply) if jit else head.apply
+  np.testing.assert_array_equal(apply(params, context, obs), 0.0)
+  params = jax.tree.map(lambda x: x + 0.3 * jnp.asarray(rng.normal(size=x.shape), x.dtype),
+                        params)  # moves the zero-initialised output layer too
+  delta = np.asarray(apply(params, context, obs))
+  np.testing.assert_array_equal(delta[:, :2], 0.0)
+  np.testing.assert_array_equal(delta[:, 8:], 0.0)
+  assert np.abs(delta[:, 2:8]).min() > 0.0
+
+  order = np.array([2, 0, 1])
+  permuted_obs = obs.copy()
+  permuted_obs[:, 2:8] = obs[:, 2:8].reshape(4, 3, 2)[:, order].reshape(4, 6)
+  permuted = jax.tree.map(lambda x: x, params)
+  permuted["params"]["slot_embedding_0"] = params["params"]["slot_embedding_0"][order]
+  expected = delta[:, 2:8].reshape(4, 3, 2)[:, order].reshape(4, 6)
+  np.testing.assert_allclose(np.asarray(apply(permuted, context, permuted_obs))[:, 2:8],
+                             expected, rtol=1e-5, atol=1e-6)
+
+  moved = obs.copy()
+  moved[:, 2:4] += 1.0  # slot 0 only
+  assert np.abs(np.asarray(apply(params, context, moved))[:, 4:6] - delta[:, 4:6]).min() > 0
+
+
+def test_delta_slots_are_validated():
+  cfg = _config()
+  cfg.world_model.predict_delta = True
+  for slots, message in ((((2, 3, 3),), r"block \(2, 3, 3\): expected"),
+                         (((0, 2, 2), (3, 1, 2)), "blocks overlap")):
+    cfg.world_model.delta_slots = slots
+    with pytest.raises(ValueError, match=message):
+      wm_lib.init(jax.random.PRNGKey(0), wm_lib.make_world_model(cfg, (10,)),
+                  wm_lib.make_optimizer(cfg), (10,), jnp.float32, 5)
+  cfg.world_model.predict_delta = False
+  with pytest.raises(ValueError, match="delta_slots needs world_model.predict_delta=True"):
+    wm_lib.init(jax.random.PRNGKey(0), wm_lib.make_world_model(cfg, (10,)),
+                wm_lib.make_optimizer(cfg), (10,), jnp.float32, 5)
+
+
 def test_delta_head_starts_as_copy_last_and_errors_are_per_dimension():
   """With `predict_delta` the one-step prediction is o_t + head(...), and the head's output
   layer starts at zero: at initialisation the model's per-dimension errors equal copying

@@ -31,6 +31,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 
 from mbjax.agents.kl import categorical_kl, gaussian_kl
@@ -193,6 +194,9 @@ class WorldModel(nn.Module):
   hidden: int = 512
   head_layers: int = 2
   predict_delta: bool = False  # vectors only: a head for o_{t+1} − o_t, see next_obs_delta
+  # Slot lists inside the vector observation, (start, slots, features per slot) each: their
+  # part of the delta also comes from attention over the slots (`SlotDeltaHead`).
+  delta_slots: tuple[tuple[int, int, int], ...] = ()
 
   def setup(self):
     pixels = len(self.obs_shape) == 3
@@ -204,8 +208,20 @@ class WorldModel(nn.Module):
         self.obs_shape[0], self.hidden, self.head_layers)
     self.reward_head = _ScalarHead(self.hidden, self.head_layers)
     self.continue_head = _ScalarHead(self.hidden, self.head_layers)
+    if self.delta_slots and not self.predict_delta:
+      raise ValueError("world_model.delta_slots needs world_model.predict_delta=True")
+    covered = np.zeros(self.obs_shape[0] if not pixels else 0, int)
+    for start, count, size in self.delta_slots:
+      if start < 0 or count < 1 or size < 1 or start + count * size > len(covered):
+        raise ValueError(f"world_model.delta_slots block {(start, count, size)}: expected "
+                         f"(start, slots, features) inside the {len(covered)}-d observation")
+      covered[start:start + count * size] += 1
+    if (covered > 1).any():
+      raise ValueError(f"world_model.delta_slots={self.delta_slots}: blocks overlap")
     if self.predict_delta:
       self.delta_head = _VectorHead(self.obs_shape[0], self.hidden, self.head_layers)
+    if self.delta_slots:
+      self.slot_head = SlotDeltaHead(self.delta_slots, self.obs_shape[0], self.hidden)
 
   def embed(self, obs):
     # Decided by the model's observation rank, not the input's: observe() passes [L, B, ...].
@@ -230,7 +246,11 @@ class WorldModel(nn.Module):
     the observed o_t and symlog(o_t) itself (the one-step predictor conditions on o_t, as
     copy-last does; the raw values give it the exact offsets and distances the change
     depends on; imagination never calls it)."""
-    return self.delta_head(jnp.concatenate([features, self.embed(obs), symlog(obs)], -1))
+    context = jnp.concatenate([features, self.embed(obs), symlog(obs)], -1)
+    delta = self.delta_head(context)
+    if self.delta_slots:
+      delta = delta + self.slot_head(context, symlog(obs))
+    return delta
 
   def __call__(self, obs, action, is_first, key):
     """Touches every parameter (for `init`): one observe step plus all heads."""
@@ -275,6 +295,45 @@ class _VectorHead(nn.Module):
   @nn.compact
   def __call__(self, x):
     return _zero_init_head(x, self.size, self.width, self.layers)
+
+
+class SlotDeltaHead(nn.Module):
+  """The change of slot-list blocks (e.g. the nearest enemies, sorted by distance) from
+  self-attention over all their slots: each slot is a token (its features, a learned slot
+  embedding and the shared context), so one set of weights predicts every slot's change
+  and a slot can read the others (an enemy moving into a nearer slot). Zero at
+  initialisation; added to the plain delta head."""
+
+  slots: tuple[tuple[int, int, int], ...]  # (start, count, features per slot)
+  obs_dim: int
+  width: int
+  layers: int = 2
+  heads: int = 4
+
+  @nn.compact
+  def __call__(self, context, obs):
+    lead = obs.shape[:-1]
+    shared = nn.Dense(self.width, name="context")(context)[..., None, :]
+    tokens = []
+    for k, (start, count, size) in enumerate(self.slots):
+      block = obs[..., start:start + count * size].reshape(lead + (count, size))
+      position = self.param(f"slot_embedding_{k}", nn.initializers.normal(0.02),
+                            (count, self.width))
+      tokens.append(nn.Dense(self.width, name=f"slot_input_{k}")(block) + position + shared)
+    h = jnp.concatenate(tokens, -2)
+    for layer in range(self.layers):
+      y = nn.LayerNorm(name=f"attention_norm_{layer}")(h)
+      h = h + nn.MultiHeadDotProductAttention(self.heads, name=f"attention_{layer}")(y, y)
+      y = nn.LayerNorm(name=f"mlp_norm_{layer}")(h)
+      h = h + nn.Dense(self.width, name=f"mlp_out_{layer}")(
+          nn.silu(nn.Dense(2 * self.width, name=f"mlp_in_{layer}")(y)))
+    delta, first = jnp.zeros(lead + (self.obs_dim,), obs.dtype), 0
+    for k, (start, count, size) in enumerate(self.slots):
+      out = nn.Dense(size, kernel_init=nn.initializers.zeros, name=f"slot_output_{k}")(
+          h[..., first:first + count, :])
+      delta = delta.at[..., start:start + count * size].add(out.reshape(lead + (-1,)))
+      first += count
+    return delta
 
 
 class VectorDecoder(nn.Module):
@@ -330,7 +389,8 @@ def make_world_model(cfg: ml_collections.ConfigDict, obs_shape) -> WorldModel:
   rssm = RSSM(deter=wm.deter, stoch=wm.stoch, classes=wm.classes, hidden=wm.hidden,
               layers=wm.rssm_layers, min_std=wm.min_std, unimix=wm.unimix)
   return WorldModel(obs_shape=tuple(obs_shape), rssm=rssm, hidden=wm.hidden,
-                    head_layers=wm.head_layers, predict_delta=wm.predict_delta)
+                    head_layers=wm.head_layers, predict_delta=wm.predict_delta,
+                    delta_slots=tuple(tuple(int(v) for v in block) for block in wm.delta_slots))
 
 
 def make_optimizer(cfg: ml_collections.ConfigDict) -> optax.GradientTransformation:
