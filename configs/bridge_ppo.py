@@ -19,8 +19,8 @@ Devices:  actors act on the host CPU (`run.actor_device=-1`; k: jax.devices()[k]
           puts the 8 games' actors on GPU 2, apart from the learner on GPUs 0 and 1
           (mbjax/train/sebulba.py).
 Debug:    --config=configs/bridge_ppo.py:debug — 4 lock-step games (4 ticks per action),
-          32-step rollouts, 50 updates (6,400 steps, ≈ 50 s); the smoke test
-          (tests/bridge/test_sebulba.py) trains it for 100 updates.
+          32-step rollouts, 50 updates (6,400 steps, ≈ 25 s); the smoke test
+          (tests/bridge/test_sebulba.py) trains it for 150 updates.
 """
 from mbjax.train.config import base_config
 
