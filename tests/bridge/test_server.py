@@ -34,6 +34,29 @@ def test_lockstep_states_actions_and_frames(raw_server):
   c.close()
 
 
+def test_lockstep_action_repeat_runs_its_ticks_and_frames_on_their_period():
+  """ticks_per_action=3: one action moves the player 3 ticks (0.3 a tick) and the game clock
+  3/60 s; with a frame every 5 ticks (12 Hz of 60) frames come with the packets whose three
+  ticks include a multiple of 5 (ticks 4–6 and 10–12), not the others."""
+  cfg = server.ServerConfig(mode="lockstep", ticks_per_action=3, frame_hz=12.0,
+                            frame_format="raw", pixel_size=64)
+  with server.ReferenceServer(1, base_port=0, cfg=cfg) as srv:
+    c = client_lib.BonkLinkClient(port=srv.ports[0], connect_timeout=2.0)
+    greeting = c.read(10.0)
+    assert greeting.state.player_position == (12.0, 0.0, 12.0)
+    framed, frames_seen = [], greeting.frame_seq
+    for step in range(1, 5):
+      assert c.send(codec.Action(move_x=1.0))
+      obs = c.read(10.0)
+      assert obs.state.player_position[0] == pytest.approx(12.0 + 0.9 * step, abs=1e-4)
+      assert obs.state.game_time == pytest.approx(3 * step / 60.0)
+      framed.append(obs.frame_seq > frames_seen)
+      frames_seen = obs.frame_seq
+    assert framed == [False, True, False, True]
+    assert srv.instances[0].counters.ticks == 12
+    c.close()
+
+
 def test_card_click_is_mapped_to_the_card_under_it(raw_server):
   inst = raw_server.instances[0]
   state = inst._state.replace(menu_open=jax.numpy.asarray(True),
