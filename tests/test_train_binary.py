@@ -61,15 +61,15 @@ def test_train_writes_metrics_checkpoints_and_reports_them(tmp_path):
 def test_resume_after_sigkill_is_bitwise_identical(tmp_path):
   uninterrupted, interrupted = tmp_path / "a", tmp_path / "b"
   # The uninterrupted run goes on beside the one that is killed (two processes, two cores).
-  log = open(tmp_path / "uninterrupted.log", "w")
-  reference = subprocess.Popen(_train_command(uninterrupted, *RESUME_FLAGS), cwd=ROOT, env=ENV,
-                               stdout=log, stderr=subprocess.STDOUT)
-  killed_at = _kill_after_checkpoint(interrupted, *RESUME_FLAGS, at_least=10)
-  assert killed_at < 100
+  log = tmp_path / "uninterrupted.log"
+  with open(log, "w") as out:
+    reference = subprocess.Popen(_train_command(uninterrupted, *RESUME_FLAGS), cwd=ROOT,
+                                 env=ENV, stdout=out, stderr=subprocess.STDOUT)
+    killed_at = _kill_after_checkpoint(interrupted, *RESUME_FLAGS, at_least=10)
+    assert killed_at < 100
 
-  _train(interrupted, *RESUME_FLAGS)
-  assert reference.wait(timeout=600) == 0, (tmp_path / "uninterrupted.log").read_text()
-  log.close()
+    _train(interrupted, *RESUME_FLAGS)
+    assert reference.wait(timeout=600) == 0, log.read_text()
   step_a, state_a = _final_state(uninterrupted)
   step_b, state_b = _final_state(interrupted)
   assert step_a == step_b == 100

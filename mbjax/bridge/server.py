@@ -121,7 +121,7 @@ class _Game:
                   enemy_pos=state.enemy_pos, enemy_health=state.enemy_health,
                   enemy_alive=state.enemy_alive)
 
-    noop = env.action_spec().branches[0] - 1
+    self.noop = noop = env.action_spec().branches[0] - 1  # the menu branch's no-op
 
     def one_tick(key, state, move, choice):
       act_key, step_key = jax.random.split(key)
@@ -185,7 +185,7 @@ class GameInstance:
     self._tick_count = 0
     self._new_run()
     self._move = np.zeros(2, np.float32)
-    self._pending_choice = game.env.action_spec().branches[0] - 1  # the no-op
+    self._pending_choice = game.noop
     self._pending_click = False
     self._last_input = codec.HumanInput((0.0, 0.0), (0.0, 0.0), False, False, False, False,
                                         (0.0, 0.0))
@@ -215,24 +215,22 @@ class GameInstance:
     """Advances the game up to `num_ticks` ticks (fewer if the run ends) with the last
     received input; a finished run restarts on a click or with an autopilot, which takes
     one tick of its own."""
-    noop = self.game.env.action_spec().branches[0] - 1
     if not self._playing:
-      self.counters.ticks += 1
-      self._tick_count += 1
+      ticked = 1
       if self._pending_click or self.cfg.autopilot != "none":
         self._new_run()
     else:
       self._key, self._state, over, summary, move, choice, done = self.game.ticks(
           self._key, self._state, self._move, np.int32(self._pending_choice),
           np.int32(num_ticks))
-      over, self._summary, move, choice, done = self.game.jax.device_get(
+      over, self._summary, move, choice, ticked = self.game.jax.device_get(
           (over, summary, move, choice, done))
-      self.counters.ticks += int(done)
-      self._tick_count += int(done)
       self._playing = not bool(over)
       if self.cfg.autopilot != "none":
         self._last_input = self._human_input(move, int(choice))
-    self._pending_choice, self._pending_click = noop, False
+    self.counters.ticks += int(ticked)
+    self._tick_count += int(ticked)
+    self._pending_choice, self._pending_click = self.game.noop, False
 
   def _human_input(self, move, choice) -> codec.HumanInput:
     """The autopilot's input as the plugin's snapshot would report it (click centre of the
