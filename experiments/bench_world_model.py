@@ -19,7 +19,10 @@
    the same split by what happens to the five enemy slots between the two observations:
    the same enemies in the same slots, the same enemies re-sorted by distance, or a
    different set (a kill, a spawn, or an unseen enemy coming nearer than the fifth), and the
-   error on the last 100 training batches (against the held-out error: overfitting).
+   error on the last 100 training batches (against the held-out error: overfitting). Once,
+   before training, it prints the full-state floor: the error of E[o_{t+1} | game state,
+   a_t], estimated over `--floor_keys` env keys per held-out step, which bounds what any
+   one-step predictor can reach (the game's randomness: spawn points, kinds, card deals).
 """
 import os
 
@@ -50,6 +53,8 @@ _THROUGHPUT = flags.DEFINE_bool("throughput", True, "Run the throughput half.")
 _EVAL_EVERY = flags.DEFINE_integer("eval_every", 200, "Updates between held-out evaluations.")
 _LEARN_ENVS = flags.DEFINE_integer("learn_envs", 64, "Envs recorded for the learning data.")
 _LEARN_LENGTH = flags.DEFINE_integer("learn_length", 512, "Steps recorded per env.")
+_FLOOR_KEYS = flags.DEFINE_integer("floor_keys", 16, "Env keys per held-out step for the "
+                                   "full-state floor of the one-step error.")
 
 BATCH, LENGTH = 16, 64
 
@@ -104,9 +109,10 @@ def throughput(cfg, obs_dim: int, spec, with_dream: bool, label: str):
   return seconds
 
 
-def collect(env, params, num_envs, length, key):
+def collect(env, params, num_envs, length, key, floor_keys: int = 0):
   """Scripted play with Gaussian action noise: [T, E] obs, actions, rewards, flags, and
-  i32[T, E, K] which enemies the observation's K enemy slots show."""
+  i32[T, E, K] which enemies the observation's K enemy slots show. With `floor_keys`, also
+  the full-state floor's per-dimension squared error [T, E, D] (`_floor_squared_error`)."""
   vec_env = VecEnv(env)
   scripted = make_scripted_policy(env)
   spec = env.action_spec(params)
@@ -115,14 +121,19 @@ def collect(env, params, num_envs, length, key):
     obs, state, is_first = carry
     policy_key, noise_key, env_key = jax.random.split(key, 3)
     mask = vec_env.action_mask(state, params)
+    shown = jax.vmap(lambda s: visible_enemies(s, env.num_obs_enemies))(state)  # o_t's slots
     action = jax.vmap(scripted)(jax.random.split(policy_key, num_envs), obs, mask)
     noise = 0.5 * jax.random.normal(noise_key, action.continuous.shape)
     action = HybridAction(jnp.clip(action.continuous + noise, -1, 1), action.discrete)
-    next_obs, state, reward, terminated, truncated, _ = vec_env.step(
-        jax.random.split(env_key, num_envs), state, action, params)
+    step_env = lambda key: vec_env.step(jax.random.split(key, num_envs), state, action, params)
+    next_obs, next_state, reward, terminated, truncated, _ = step_env(env_key)
     out = wm_lib.Sequence(obs, wm_lib.action_vector(action, spec), reward, terminated, is_first)
-    shown = jax.vmap(lambda s: visible_enemies(s, env.num_obs_enemies))(state)
-    return (next_obs, state, terminated | truncated), (out, shown)
+    extras = (shown,)
+    if floor_keys:
+      others = jax.vmap(lambda k: step_env(k)[0])(
+          jax.random.split(jax.random.fold_in(env_key, 1), floor_keys))
+      extras += (_floor_squared_error(others, next_obs),)
+    return (next_obs, next_state, terminated | truncated), (out,) + extras
 
   reset_key, key = jax.random.split(key)
   obs, state = vec_env.reset(jax.random.split(reset_key, num_envs), params)
@@ -131,15 +142,26 @@ def collect(env, params, num_envs, length, key):
   return data
 
 
+def _floor_squared_error(others, next_obs):
+  """Squared error of E[symlog o_{t+1} | full game state s_t, a_t], estimated over the env
+  keys of `others` [K, E, D] (spawn points, enemy kinds and card deals are the game's only
+  randomness): no predictor can beat it on average, even one that sees the whole state."""
+  target = wm_lib.observation_target
+  return jnp.square(target(others).mean(0) - target(next_obs))
+
+
 def learning(cfg):
   """Trains `cfg`'s world model on recorded play; prints held-out one-step errors."""
   env = BonkArena()
   params = env.default_params()
   spec = env.action_spec(params)
   obs_dim = env.observation_shape(params)[0]
-  collect_fn = jax.jit(lambda k: collect(env, params, _LEARN_ENVS.value, _LEARN_LENGTH.value, k))
-  (train_data, _), (test_data, test_shown) = map(
-      collect_fn, (jax.random.PRNGKey(10), jax.random.PRNGKey(11)))
+  collect_fn = jax.jit(lambda k, envs, floor_keys: collect(env, params, envs,
+                                                         _LEARN_LENGTH.value, k, floor_keys),
+                       static_argnums=(1, 2))
+  train_data, _ = collect_fn(jax.random.PRNGKey(10), _LEARN_ENVS.value, 0)
+  test_data, test_shown, floor_sq = collect_fn(jax.random.PRNGKey(11), _LEARN_ENVS.value,
+                                               _FLOOR_KEYS.value)
   # Held-out steps by what happens to the enemy slots between o_t and o_{t+1}: the same
   # enemies in the same slots; the same enemies re-sorted; a different set (kill, spawn, or
   # an unseen enemy coming nearer than the fifth).
@@ -196,6 +218,17 @@ def learning(cfg):
 
   evaluate_jit = jax.jit(evaluate)
   layout = env.vector_layout
+  # The floor over every held-out step whose o_{t+1} is in o_t's episode.
+  inside = np.asarray(~test_data.is_first[1:])[..., None]
+  target = np.asarray(wm_lib.observation_target(test_data.obs))
+  floor_error = (np.asarray(floor_sq[:-1]) * inside).sum((0, 1)) / inside.sum()
+  copy_error = (np.square(np.diff(target, axis=0)) * inside).sum((0, 1)) / inside.sum()
+  print(f"  full-state floor (E[o_(t+1) | game state, a_t] over {_FLOOR_KEYS.value} env "
+        f"keys): {floor_error.mean():.5f} vs copy-last {copy_error.mean():.5f} (ratio "
+        f"{copy_error.sum() / floor_error.sum():.1f}x); per block, floor / copy-last: " +
+        ", ".join(f"{name} {floor_error[part].sum() / copy_error[part].sum():.2f}"
+                  for name, part in layout.items()
+                  if copy_error[part].sum() > 1e-3 * copy_error.sum()), flush=True)
   start = time.perf_counter()
   key = jax.random.PRNGKey(1)
   for done in range(_EVAL_EVERY.value, _LEARN_STEPS.value + 1, _EVAL_EVERY.value):

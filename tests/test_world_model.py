@@ -365,6 +365,28 @@ def test_delta_slots_are_validated():
                 wm_lib.make_optimizer(cfg), (10,), jnp.float32, 5)
 
 
+@pytest.mark.parametrize("jit", [False, True])
+def test_delta_head_reads_the_action_itself(jit):
+  """The one-step head takes a_t beside the prior state that follows it: with the prior's
+  features and o_t held fixed, a different a_t changes the predicted delta (once the
+  zero-initialised output layer has moved)."""
+  cfg = _config()
+  cfg.world_model.predict_delta = True
+  model = wm_lib.make_world_model(cfg, (3,))
+  params = wm_lib.init(jax.random.PRNGKey(0), model, wm_lib.make_optimizer(cfg), (3,),
+                       jnp.float32, 5).params
+  rng = np.random.default_rng(0)
+  params = jax.tree.map(lambda x: x + 0.3 * jnp.asarray(rng.normal(size=x.shape), x.dtype),
+                        params)
+  features = jnp.asarray(rng.normal(size=(2, 32 + 4 * 4)), jnp.float32)
+  obs = jnp.asarray(rng.normal(size=(2, 3)), jnp.float32)
+  delta = lambda action: model.apply(params, features, obs, action,
+                                     method=wm_lib.WorldModel.next_obs_delta)
+  delta = jax.jit(delta) if jit else delta
+  still, moving = jnp.zeros((2, 5)), jnp.zeros((2, 5)).at[:, 0].set(1.0)
+  assert np.abs(np.asarray(delta(moving)) - np.asarray(delta(still))).min() > 0.0
+
+
 def test_delta_head_starts_as_copy_last_and_errors_are_per_dimension():
   """With `predict_delta` the one-step prediction is o_t + head(...), and the head's output
   layer starts at zero: at initialisation the model's per-dimension errors equal copying

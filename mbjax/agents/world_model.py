@@ -241,12 +241,13 @@ class WorldModel(nn.Module):
   def continue_logit(self, features):
     return self.continue_head(features)
 
-  def next_obs_delta(self, features, obs):
+  def next_obs_delta(self, features, obs, action):
     """symlog(o_{t+1}) − symlog(o_t) from the prior state that follows a_t, the embedding of
-    the observed o_t and symlog(o_t) itself (the one-step predictor conditions on o_t, as
-    copy-last does; the raw values give it the exact offsets and distances the change
-    depends on; imagination never calls it)."""
-    context = jnp.concatenate([features, self.embed(obs), symlog(obs)], -1)
+    the observed o_t, symlog(o_t) itself and a_t (the one-step predictor conditions on o_t,
+    as copy-last does; the raw values give it the exact offsets and distances the change
+    depends on, and a_t the player's own move without the prior's sampling noise;
+    imagination never calls it)."""
+    context = jnp.concatenate([features, self.embed(obs), symlog(obs), action], -1)
     delta = self.delta_head(context)
     if self.delta_slots:
       delta = delta + self.slot_head(context, symlog(obs))
@@ -258,7 +259,8 @@ class WorldModel(nn.Module):
     post, _, _ = self.rssm.obs_step(state, action, self.projected_embed(obs), is_first, key)
     heads = (self.decode(post.features), self.reward(post.features),
              self.continue_logit(post.features))
-    return heads + ((self.next_obs_delta(post.features, obs),) if self.predict_delta else ())
+    return heads + ((self.next_obs_delta(post.features, obs, action),)
+                    if self.predict_delta else ())
 
 
 class _MLPStack(nn.Module):
@@ -499,7 +501,7 @@ def _rollforward(params, model: WorldModel, batch: Sequence, key) -> _Rollforwar
                             last)
   target = observation_target(batch.obs)
   if model.predict_delta:
-    delta = model.apply(params, next_prior.features, flat(batch.obs),
+    delta = model.apply(params, next_prior.features, flat(batch.obs), flat(batch.action),
                         method=WorldModel.next_obs_delta)
     predicted = target + delta.reshape(target.shape)
   else:
