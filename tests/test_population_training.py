@@ -181,9 +181,11 @@ def test_a_four_device_checkpoint_restores_on_one_device_and_continues_alike(set
   """Written on 4 devices, a checkpoint restores bit for bit on 1, a fresh init is the same
   on both, and the two go on with the same members: env randomness is keyed by global env
   index, so the trajectories are equal, and the 4-device update averages loss and
-  statistics over devices, so parameters differ only by float reduction order — measured
-  max |Δθ| = 1.8e-7 after two updates of every member. The tolerance, 1e-5, is far below
-  what the two updates move (3.4e-3)."""
+  statistics over devices, so parameters differ only by float reduction order. Adam
+  divides by √v, which magnifies that order's effect where a gradient is nearly zero (an
+  input dimension that is rarely non-zero): max |Δθ| was 1.8e-7 in one run and 2.4e-5 (10
+  of 12,288 weights of one kernel) in another on a loaded machine. The tolerance, 1e-4, is
+  still far below what the two updates move (3.4e-3)."""
   cfg, trainer, _, base = setup
   workdir = str(tmp_path / "four")
   four = population.run(cfg, workdir, max_updates=2, trainer=trainer)["state"]
@@ -202,7 +204,7 @@ def test_a_four_device_checkpoint_restores_on_one_device_and_continues_alike(set
   four, one = jax.device_get((four, one))
   np.testing.assert_array_equal(one.runners.is_first, four.runners.is_first)
   chex.assert_trees_all_close(one.runners.agent.params, four.runners.agent.params, rtol=0,
-                              atol=1e-5)
+                              atol=1e-4)
   assert int(one.update_step) == 4 and np.isfinite(metrics["loss/total"]).all()
   moved = jax.tree.map(lambda a, b: np.abs(a - b).max(), start, one.runners.agent.params)
   assert max(jax.tree.leaves(moved)) > 1e-3
