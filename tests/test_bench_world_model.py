@@ -10,7 +10,7 @@ from mbjax.envs.bonk_arena import BonkArena
 def test_slots_belong_to_o_t_and_the_floor_is_zero_where_the_game_is_deterministic():
   env = BonkArena()
   params = env.default_params()
-  (data, shown, floor_sq) = jax.jit(
+  data, shown, floor_sq = jax.jit(
       lambda key: bench_world_model.collect(env, params, 4, 24, key, floor_keys=4))(
           jax.random.PRNGKey(0))
   layout = env.vector_layout

@@ -378,7 +378,8 @@ def test_delta_head_reads_the_action_itself(jit):
   rng = np.random.default_rng(0)
   params = jax.tree.map(lambda x: x + 0.3 * jnp.asarray(rng.normal(size=x.shape), x.dtype),
                         params)
-  features = jnp.asarray(rng.normal(size=(2, 32 + 4 * 4)), jnp.float32)
+  features = jnp.asarray(rng.normal(size=(2, model.rssm.deter + model.rssm.stoch_size)),
+                         jnp.float32)
   obs = jnp.asarray(rng.normal(size=(2, 3)), jnp.float32)
   delta = lambda action: model.apply(params, features, obs, action,
                                      method=wm_lib.WorldModel.next_obs_delta)
