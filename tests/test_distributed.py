@@ -24,6 +24,7 @@ FLAGS = ["--config=configs/cartpole_ppo.py:debug", "--config.total_env_steps=256
 def _env(devices):
   return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=(
       "--xla_cpu_enable_concurrency_optimized_scheduler=false "
+      "--xla_backend_optimization_level=0 "  # faster compiles, as in conftest.py
       f"--xla_force_host_platform_device_count={devices}"))
 
 

@@ -93,9 +93,11 @@ def test_dream_policy_learned_offline_beats_the_recording_policy():
   random_return = np.mean([len(e["reward"]) for e in episodes])
   spec = env.action_spec(params)
   cfg = config_lib.base_config()
-  # World-model lr 1e-3 (3e-4 needed ~1200 updates to pass): mean dream returns 50.7 /
-  # 119.3 at 400 updates, 89.3 / 177.9 at 600, 198.5 / 131.8 at 800 in two runs (different
-  # data and init keys), random ≈ 21 (2026-11-26).
+  # World-model lr 1e-3 (3e-4 needed ~1200 updates to pass). The return is not monotone in
+  # the updates and moves with float rounding: under the suite's XLA level 0 (conftest.py)
+  # three (data, init) key pairs gave mean dream returns 26 / 23 / 23 at 200 updates,
+  # 58 / 34 / 48 at 400, 25 / 75 / 122 at 600 and 77 / 114 / 83 at 800, against random
+  # 20.9 / 23.3 / 21.4 (2026-11-27); hence 800 updates.
   cfg.world_model.update(deter=64, stoch=8, classes=8, hidden=64, seq_len=16, lr=1e-3)
   cfg.dream.update(hidden_sizes=(64,), horizon=10, num_starts=64, actor_lr=3e-4,
                    critic_lr=3e-4)
@@ -103,17 +105,15 @@ def test_dream_policy_learned_offline_beats_the_recording_policy():
   trainer = offline.make_offline_trainer(cfg, (4,), jnp.float32, spec)
   data = jax.device_put(offline.EpisodeData.concatenate(episodes, spec))
   update = jax.jit(trainer.update, static_argnums=(2, 3))
-  # Programs that run once compile for compile time (XLA backend optimisation level 0).
-  run_once = {"xla_backend_optimization_level": 0}
-  state = jax.jit(trainer.init, compiler_options=run_once)(jax.random.PRNGKey(1))
-  for _ in range(12):
+  state = jax.jit(trainer.init)(jax.random.PRNGKey(1))
+  for _ in range(16):
     state, metrics = update(state, data, True, 50)
-  assert int(state.step) == 600
+  assert int(state.step) == 800
   # (The dream-only phase, train_world_model=False, leaving the world model bit-identical
   # is checked on the video pipeline's dream phase, tests/offline/test_pipeline.py.)
 
   play = jax.jit(jax.vmap(lambda key: offline.play_latent_policy(
-      env, params, trainer.learners, state.aux, key, 500)), compiler_options=run_once)
+      env, params, trainer.learners, state.aux, key, 500)))
   dream_return = float(play(jax.random.split(jax.random.PRNGKey(2), 32)).mean())
   print(f"random {random_return:.1f}, offline dream policy {dream_return:.1f}")
   assert dream_return > 2.0 * random_return

@@ -305,8 +305,9 @@ def test_step_copies_donor_hyperparameters_then_explores_them():
 
 
 def _env():
-  return {**os.environ, "XLA_FLAGS": "--xla_cpu_enable_concurrency_optimized_scheduler=false",
-          "JAX_PLATFORMS": "cpu"}
+  # Optimisation level 0 for faster compiles, as in conftest.py.
+  return {**os.environ, "XLA_FLAGS": "--xla_cpu_enable_concurrency_optimized_scheduler=false "
+          "--xla_backend_optimization_level=0", "JAX_PLATFORMS": "cpu"}
 
 
 @pytest.mark.slow

@@ -16,8 +16,9 @@ import pytest
 from mbjax.train.metrics import read_jsonl
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = dict(os.environ, XLA_FLAGS="--xla_cpu_enable_concurrency_optimized_scheduler=false",
-           JAX_PLATFORMS="cpu")
+# Optimisation level 0 for faster compiles, as in conftest.py.
+ENV = dict(os.environ, XLA_FLAGS="--xla_cpu_enable_concurrency_optimized_scheduler=false "
+           "--xla_backend_optimization_level=0", JAX_PLATFORMS="cpu")
 # 100 small updates, a checkpoint every 5: long enough to be killed part-way.
 RESUME_FLAGS = ["--config.total_env_steps=12800", "--config.run.log_every_updates=5",
                 "--config.run.checkpoint_every_updates=5", "--config.run.keep_checkpoints=1"]

@@ -82,8 +82,14 @@ def test_ppo_through_the_bridge_beats_random():
   random policy, both evaluated from fresh runs on the same reward (mbjax.bridge.shim), by
   the return per game over up to 200 steps (the per-step mean reward, used before, favours
   a policy that dies early: in one run the trained policy survived 732 of 800 steps and
-  random 454–497 at nearly the same per-step mean). Measured returns, trained vs random:
-  19.5–23.3 vs 9.2–11.4; the test asks for 1.3× random."""
+  random 454–497 at nearly the same per-step mean).
+
+  Each policy is scored over three rounds of fresh runs (12 games): one round of 4 is too
+  noisy. Three rounds each of one trained policy, measured 2026-11-27, gave 24.2, 24.1,
+  20.8 / 20.1, 22.3, 16.4 / 18.6, 19.4, 25.8 against random rounds of 9.3–11.4; beside a
+  busy process on the other core (as in CI), three training seeds gave means of 18.2,
+  19.4 and 15.1 against random rounds of 5.5–11.4. One CI run's single round gave 14.2
+  against random 11.0, below the 1.3× that this test asks of the means."""
   cfg = debug_config(total_env_steps=4 * 32 * 150)
   server = launch.ServerProcess(4, base_port=0, restart_on_connect=True,
                                 **sebulba.server_options(cfg))
@@ -95,14 +101,15 @@ def test_ppo_through_the_bridge_beats_random():
     while learner.update_step < learner.num_updates:
       learner.step()
     learner.stop()
-    trained = sebulba.evaluate(cfg, ports, learner.agent, 200)
-    random_after = sebulba.evaluate(cfg, ports, None, 200, seed=1)
+    trained = [sebulba.evaluate(cfg, ports, learner.agent, 200) for _ in range(3)]
+    random_after = [sebulba.evaluate(cfg, ports, None, 200, seed=s) for s in (1, 2)]
   finally:
     learner.stop()
     server.stop()
-  random = (random_before["mean_return"] + random_after["mean_return"]) / 2
+  random = np.mean([r["mean_return"] for r in [random_before, *random_after]])
+  trained_return = np.mean([t["mean_return"] for t in trained])
   print(f"trained {trained} random {random_before} {random_after}")
-  assert trained["mean_return"] > 1.3 * random, (trained, random_before, random_after)
+  assert trained_return > 1.3 * random, (trained, random_before, random_after)
 
 
 def _synthetic_rollout(rng, num_steps, num_envs, obs_size):

@@ -26,19 +26,11 @@ from mbjax.train import offline, sharding
 DEVICES = 4
 SPEC = HybridActionSpec(continuous_dim=2, branches=(3,))
 SIZE = 8  # frame side
-FAST_COMPILE = {"xla_backend_optimization_level": 0}
-
-
-def fast_compiling(monkeypatch, module) -> None:
-  """`module.update` re-jitted (same function, same donation) with `FAST_COMPILE`."""
-  monkeypatch.setattr(module, "update", jax.jit(module.update.__wrapped__, donate_argnums=0,
-                                                compiler_options=FAST_COMPILE))
 
 
 def jitted_init(module, *static):
   """`module.init(key, *static)`, compiled once (op by op it costs several times more)."""
-  init = jax.jit(module.init, static_argnums=tuple(range(1, 1 + len(static))),
-                 compiler_options=FAST_COMPILE)
+  init = jax.jit(module.init, static_argnums=tuple(range(1, 1 + len(static))))
   return lambda: init(jax.random.PRNGKey(0), *static)
 
 
@@ -59,8 +51,7 @@ def frames(rng, length):
   return rng.integers(0, 256, (length, SIZE, SIZE, 3), dtype=np.uint8)
 
 
-def test_idm_fit_on_four_devices_equals_one(mesh, monkeypatch):
-  fast_compiling(monkeypatch, idm)
+def test_idm_fit_on_four_devices_equals_one(mesh):
   rng = np.random.default_rng(0)
   episodes = []
   for _ in range(2):
@@ -80,8 +71,7 @@ def test_idm_fit_on_four_devices_equals_one(mesh, monkeypatch):
   assert sharded_metrics == pytest.approx(plain_metrics, rel=1e-5)
 
 
-def test_reward_model_fit_on_four_devices_equals_one(mesh, monkeypatch):
-  fast_compiling(monkeypatch, reward_model)
+def test_reward_model_fit_on_four_devices_equals_one(mesh):
   rng = np.random.default_rng(0)
   episodes = [frames(rng, 12), frames(rng, 20)]
   cfg = reward_model.RewardConfig(stem=4, channels=(8,), embed_dim=8)
@@ -94,8 +84,7 @@ def test_reward_model_fit_on_four_devices_equals_one(mesh, monkeypatch):
   assert sharded_metrics == pytest.approx(plain_metrics, rel=1e-5)
 
 
-def test_skills_fit_on_four_devices_equals_one(mesh, monkeypatch):
-  fast_compiling(monkeypatch, skills)
+def test_skills_fit_on_four_devices_equals_one(mesh):
   rng = np.random.default_rng(0)
   vectors = skills.action_vectors(rng.uniform(-1, 1, (200, 2)).astype(np.float32),
                                   rng.integers(0, 3, (200, 1)), SPEC)
@@ -135,12 +124,11 @@ def test_offline_world_model_and_dream_on_four_devices_equal_one(mesh):
   cfg = _learner_config()
 
   trainer = offline.make_offline_trainer(cfg, (5,), jnp.float32, SPEC)
-  start = jax.jit(trainer.init, compiler_options=FAST_COMPILE)(jax.random.PRNGKey(0))
+  start = jax.jit(trainer.init)(jax.random.PRNGKey(0))
 
   def run(trainer, state, data):
     # train_world_model=True: the world model and the dream actor-critic both update.
-    update = jax.jit(trainer.update, static_argnums=(2, 3)).lower(state, data, True, 2).compile(
-        FAST_COMPILE)
+    update = jax.jit(trainer.update, static_argnums=(2, 3)).lower(state, data, True, 2).compile()
     return update(state, data), update.as_text()
 
   (plain, plain_metrics), plain_hlo = run(trainer, start, data)
