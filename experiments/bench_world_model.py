@@ -276,7 +276,7 @@ def main(argv):
           "noisy scripted play; held-out trajectories from another seed; errors in the "
           f"decoder's target space, symlog, mean over all 96 dims): deter {wm.deter}, hidden "
           f"{wm.hidden}, stoch {wm.stoch}x{wm.classes or 'Gaussian'}, lr {wm.lr}, "
-          f"predict_delta {wm.predict_delta}, delta_slots {tuple(wm.delta_slots)}")
+          f"predict_delta {wm.predict_delta}, entity_slots {tuple(wm.entity_slots)}")
     learning(_CONFIG.value)
 
 

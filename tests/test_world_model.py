@@ -13,6 +13,7 @@ from mbjax.agents import apex, dream, efe, ppo
 from mbjax.agents import world_model as wm_lib
 from mbjax.agents.kl import categorical_kl, gaussian_kl
 from mbjax.agents.returns import lambda_returns
+from mbjax.agents.world_model import resort_and_shift
 from mbjax.envs.spaces import HybridActionSpec
 from mbjax.nets.hybrid import HybridDistribution
 from mbjax.train import config as config_lib
@@ -318,14 +319,37 @@ def test_world_model_learns_a_linear_system():
 
 
 @pytest.mark.parametrize("jit", [False, True])
-def test_slot_delta_head_is_slot_equivariant_and_writes_only_its_block(jit):
-  """Slots are tokens of one attention stack: permuting the slots (with their learned slot
-  embeddings) permutes the output slots; a slot's change reads the other slots; dimensions
-  outside the block stay exactly 0; the output layer starts at 0."""
-  head = wm_lib.SlotDeltaHead(((2, 3, 2),), obs_dim=10, width=16)
+def test_resort_and_shift_hand_computed(jit):
+  """Three slots (presence, distance, kind). Batch 0: the first two entities trade places
+  and nothing leaves. Batch 1: no re-sort; the nearest leaves with probability 0.25 and
+  the second with 0.5, so slot 0 is shifted with probability 0.25, slots 1 and 2 with 0.75;
+  the absent third entity's 0.9 counts for nothing."""
+  fn = jax.jit(resort_and_shift, static_argnums=3) if jit else resort_and_shift
+  entities = jnp.array([[[1.0, 0.4, 7.0], [1.0, 0.3, 8.0], [1.0, 0.5, 9.0]],
+                        [[1.0, 0.1, 1.0], [1.0, 0.2, 2.0], [0.0, 0.0, 0.0]]])
+  leave = jnp.array([[0.0, 0.0, 0.0], [0.25, 0.5, 0.9]])
+  newcomer = jnp.array([[1.0, 0.6, 5.0], [1.0, 0.8, 4.0]])
+  out = fn(entities, leave, newcomer, 1)
+  np.testing.assert_allclose(out[0], [[1.0, 0.3, 8.0], [1.0, 0.4, 7.0], [1.0, 0.5, 9.0]])
+  np.testing.assert_allclose(out[1], [
+      [1.0, 0.75 * 0.1 + 0.25 * 0.2, 0.75 * 1.0 + 0.25 * 2.0],
+      [0.25, 0.25 * 0.2, 0.25 * 2.0],
+      [0.75, 0.75 * 0.8, 0.75 * 4.0]], rtol=1e-6)
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_entity_head_ignores_slot_order_and_writes_only_its_block(jit):
+  """One MLP serves every slot and the output is re-sorted, so shuffling the input slots
+  leaves the output unchanged; dimensions outside the block stay exactly 0; with the
+  output layer at its zero initialisation and leaving made impossible the head is exactly
+  copy-last on sorted input (and presence never changes)."""
+  head = wm_lib.EntityDeltaHead(((2, 3, 3, 1),), obs_dim=12, width=16, leave_bias=-1e9)
   rng = np.random.default_rng(0)
   context = rng.normal(size=(4, 7)).astype(np.float32)
-  obs = rng.normal(size=(4, 10)).astype(np.float32)
+  obs = rng.normal(size=(4, 12)).astype(np.float32)
+  slots = np.stack([np.ones((4, 3)), np.sort(rng.uniform(0, 1, (4, 3)), -1),
+                    rng.normal(size=(4, 3))], -1)
+  obs[:, 2:11] = slots.reshape(4, 9)
   params = head.init(jax.random.PRNGKey(0), context, obs)
   apply = jax.jit(head.apply) if jit else head.apply
   np.testing.assert_array_equal(apply(params, context, obs), 0.0)
@@ -333,36 +357,39 @@ def test_slot_delta_head_is_slot_equivariant_and_writes_only_its_block(jit):
                         params)  # moves the zero-initialised output layer too
   delta = np.asarray(apply(params, context, obs))
   np.testing.assert_array_equal(delta[:, :2], 0.0)
-  np.testing.assert_array_equal(delta[:, 8:], 0.0)
-  assert np.abs(delta[:, 2:8]).min() > 0.0
+  np.testing.assert_array_equal(delta[:, 11:], 0.0)
+  changes = delta[:, 2:11].reshape(4, 3, 3)
+  np.testing.assert_array_equal(changes[..., 0], 0.0)  # presence moves only by leaving
+  assert np.abs(changes[..., 1:]).min() > 0.0
 
-  order = np.array([2, 0, 1])
-  permuted_obs = obs.copy()
-  permuted_obs[:, 2:8] = obs[:, 2:8].reshape(4, 3, 2)[:, order].reshape(4, 6)
-  permuted = jax.tree.map(lambda x: x, params)
-  permuted["params"]["slot_embedding_0"] = params["params"]["slot_embedding_0"][order]
-  expected = delta[:, 2:8].reshape(4, 3, 2)[:, order].reshape(4, 6)
-  np.testing.assert_allclose(np.asarray(apply(permuted, context, permuted_obs))[:, 2:8],
-                             expected, rtol=1e-5, atol=1e-6)
-
-  moved = obs.copy()
-  moved[:, 2:4] += 1.0  # slot 0 only
-  assert np.abs(np.asarray(apply(params, context, moved))[:, 4:6] - delta[:, 4:6]).min() > 0
+  shuffled = obs.copy()
+  shuffled[:, 2:11] = slots[:, [2, 0, 1]].reshape(4, 9)
+  # The delta is against the observed slots; the prediction itself must not move.
+  predicted = lambda o, d: wm_lib.symlog(o[:, 2:11]) + d[:, 2:11]
+  np.testing.assert_allclose(predicted(shuffled, np.asarray(apply(params, context, shuffled))),
+                             predicted(obs, delta), rtol=1e-5, atol=1e-6)
 
 
-def test_delta_slots_are_validated():
+def test_entity_slots_are_validated():
   cfg = _config()
   cfg.world_model.predict_delta = True
   for slots, message in ((((2, 3, 3),), r"block \(2, 3, 3\): expected"),
-                         (((0, 2, 2), (3, 1, 2)), "blocks overlap")):
-    cfg.world_model.delta_slots = slots
-    with pytest.raises(ValueError, match=message):
-      wm_lib.init(jax.random.PRNGKey(0), wm_lib.make_world_model(cfg, (10,)),
-                  wm_lib.make_optimizer(cfg), (10,), jnp.float32, 5)
+                         (((2, 3, 3, 3),), r"block \(2, 3, 3, 3\): expected"),
+                         (((2, 3, 3, 0),), r"block \(2, 3, 3, 0\): expected"),
+                         (((2, 3, 3, 1),), None),
+                         (((0, 2, 2, 1), (3, 1, 2, 1)), "blocks overlap")):
+    cfg.world_model.entity_slots = slots
+    init = lambda: wm_lib.init(jax.random.PRNGKey(0), wm_lib.make_world_model(cfg, (12,)),
+                               wm_lib.make_optimizer(cfg), (12,), jnp.float32, 5)
+    if message is None:
+      init()
+    else:
+      with pytest.raises(ValueError, match=message):
+        init()
   cfg.world_model.predict_delta = False
-  with pytest.raises(ValueError, match="delta_slots needs world_model.predict_delta=True"):
-    wm_lib.init(jax.random.PRNGKey(0), wm_lib.make_world_model(cfg, (10,)),
-                wm_lib.make_optimizer(cfg), (10,), jnp.float32, 5)
+  with pytest.raises(ValueError, match="entity_slots needs world_model.predict_delta=True"):
+    wm_lib.init(jax.random.PRNGKey(0), wm_lib.make_world_model(cfg, (12,)),
+                wm_lib.make_optimizer(cfg), (12,), jnp.float32, 5)
 
 
 @pytest.mark.parametrize("jit", [False, True])

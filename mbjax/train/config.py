@@ -88,9 +88,10 @@ def base_config() -> ml_collections.ConfigDict:
   # Vectors: a head trained on symlog(o_{t+1}) − symlog(o_t) from the prior after a_t (the
   # one-step prediction adds it to o_t). Off keeps the parameter layout of older checkpoints.
   cfg.world_model.predict_delta = False
-  # ((start, slots, features per slot), ...): slot lists whose delta also comes from
-  # attention over their slots (mbjax.agents.world_model.SlotDeltaHead).
-  cfg.world_model.delta_slots = ()
+  # ((start, slots, features per slot, sort feature), ...): slot lists (presence first,
+  # sorted by the sort feature) whose delta comes entity by entity, re-sorted
+  # (mbjax.agents.world_model.EntityDeltaHead); BonkArena's: ((16, 5, 8, 3), (59, 3, 4, 3)).
+  cfg.world_model.entity_slots = ()
   cfg.world_model.dyn_scale = 0.5  # KL(sg(posterior) ‖ prior) weight
   cfg.world_model.rep_scale = 0.1  # KL(posterior ‖ sg(prior)) weight
   # Dream training: a latent actor-critic on imagined rollouts (METABONK_USE_DREAM_TRAINING).
