@@ -53,6 +53,9 @@ _THROUGHPUT = flags.DEFINE_bool("throughput", True, "Run the throughput half.")
 _EVAL_EVERY = flags.DEFINE_integer("eval_every", 200, "Updates between held-out evaluations.")
 _LEARN_ENVS = flags.DEFINE_integer("learn_envs", 64, "Envs recorded for the learning data.")
 _LEARN_LENGTH = flags.DEFINE_integer("learn_length", 512, "Steps recorded per env.")
+_TRAIN_WINDOWS = flags.DEFINE_integer("train_windows", 16, "Windows per training batch.")
+_TRAIN_WINDOW_LENGTH = flags.DEFINE_integer(
+    "train_window_length", 64, "Steps per training window (held-out windows stay 64 long).")
 _FLOOR_KEYS = flags.DEFINE_integer("floor_keys", 16, "Env keys per held-out step for the "
                                    "full-state floor of the one-step error.")
 
@@ -175,12 +178,15 @@ def learning(cfg):
   state = wm_lib.init(jax.random.PRNGKey(0), model, optimizer, (obs_dim,), jnp.float32,
                       wm_lib.action_vector_size(spec))
   num_windows = _LEARN_LENGTH.value // LENGTH
+  train_length, train_batch = _TRAIN_WINDOW_LENGTH.value, _TRAIN_WINDOWS.value
+  num_train_windows = _LEARN_LENGTH.value // train_length
 
   def windows(data, key):
-    window = jax.random.randint(key, (BATCH,), 0, num_windows)
-    env_index = jax.random.randint(jax.random.fold_in(key, 1), (BATCH,), 0, _LEARN_ENVS.value)
+    window = jax.random.randint(key, (train_batch,), 0, num_train_windows)
+    env_index = jax.random.randint(jax.random.fold_in(key, 1), (train_batch,), 0,
+                                   _LEARN_ENVS.value)
     def take(x):
-      x = x.reshape((num_windows, LENGTH) + x.shape[1:])  # [W, L, E, ...]
+      x = x.reshape((num_train_windows, train_length) + x.shape[1:])  # [W, L, E, ...]
       return jnp.moveaxis(x[window, :, env_index], 0, 1)  # [L, B, ...]
     batch = jax.tree.map(take, data)
     return batch._replace(is_first=batch.is_first.at[0].set(True))
@@ -276,7 +282,8 @@ def main(argv):
           "noisy scripted play; held-out trajectories from another seed; errors in the "
           f"decoder's target space, symlog, mean over all 96 dims): deter {wm.deter}, hidden "
           f"{wm.hidden}, stoch {wm.stoch}x{wm.classes or 'Gaussian'}, lr {wm.lr}, "
-          f"predict_delta {wm.predict_delta}, entity_slots {tuple(wm.entity_slots)}")
+          f"predict_delta {wm.predict_delta}, entity_slots {tuple(wm.entity_slots)}; training "
+          f"batches of {_TRAIN_WINDOWS.value} x {_TRAIN_WINDOW_LENGTH.value}")
     learning(_CONFIG.value)
 
 
