@@ -256,8 +256,18 @@ def learning(cfg):
             ("unchanged", "re-sorted", "set changed"), model_event, copy_event)))
 
 
+def check_window_lengths(learn_length: int, train_window_length: int):
+  """The recorded steps per env are cut into whole windows: training and held-out ones."""
+  for length, name in ((LENGTH, "the held-out windows' length"),
+                       (train_window_length, "--train_window_length")):
+    if length < 2 or learn_length % length:
+      raise app.UsageError(f"--learn_length={learn_length} must be a multiple of {name}, "
+                           f"{length}, which must be at least 2 (o_t and o_(t+1))")
+
+
 def main(argv):
   del argv
+  check_window_lengths(_LEARN_LENGTH.value, _TRAIN_WINDOW_LENGTH.value)
   print(f"jax {jax.__version__} on {jax.devices()[0].platform}, {os.cpu_count()} cores; "
         f"batch {BATCH} x {LENGTH}")
   if _THROUGHPUT.value:

@@ -2,6 +2,8 @@
 enemies each observation's slots show, and the full-state floor of the one-step error."""
 import jax
 import numpy as np
+import pytest
+from absl import app
 
 from experiments import bench_world_model
 from mbjax.envs.bonk_arena import BonkArena
@@ -25,3 +27,13 @@ def test_slots_belong_to_o_t_and_the_floor_is_zero_where_the_game_is_determinist
   np.testing.assert_array_equal(floor_sq[..., layout["player_vel"]], 0.0)
   np.testing.assert_array_equal(floor_sq[..., layout["attack_timer"]], 0.0)
   assert floor_sq[..., layout["enemies"]].max() > 1e-4
+
+
+def test_window_lengths_must_cut_the_recording_into_whole_windows():
+  bench_world_model.check_window_lengths(512, 16)
+  with pytest.raises(app.UsageError, match="--train_window_length, 3"):
+    bench_world_model.check_window_lengths(512, 3)
+  with pytest.raises(app.UsageError, match="must be at least 2"):
+    bench_world_model.check_window_lengths(512, 1)
+  with pytest.raises(app.UsageError, match="held-out windows' length, 64"):
+    bench_world_model.check_window_lengths(480, 16)

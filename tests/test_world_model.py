@@ -346,16 +346,17 @@ def test_entity_head_ignores_slot_order_and_writes_only_its_block(jit):
   head = wm_lib.EntityDeltaHead(((2, 3, 3, 1),), obs_dim=12, width=16, leave_bias=-1e9)
   rng = np.random.default_rng(0)
   context = rng.normal(size=(4, 7)).astype(np.float32)
+  action = rng.normal(size=(4, 2)).astype(np.float32)
   obs = rng.normal(size=(4, 12)).astype(np.float32)
   slots = np.stack([np.ones((4, 3)), np.sort(rng.uniform(0, 1, (4, 3)), -1),
                     rng.normal(size=(4, 3))], -1)
   obs[:, 2:11] = slots.reshape(4, 9)
-  params = head.init(jax.random.PRNGKey(0), context, obs)
+  params = head.init(jax.random.PRNGKey(0), context, obs, action)
   apply = jax.jit(head.apply) if jit else head.apply
-  np.testing.assert_array_equal(apply(params, context, obs), 0.0)
+  np.testing.assert_array_equal(apply(params, context, obs, action), 0.0)
   params = jax.tree.map(lambda x: x + 0.3 * jnp.asarray(rng.normal(size=x.shape), x.dtype),
                         params)  # moves the zero-initialised output layer too
-  delta = np.asarray(apply(params, context, obs))
+  delta = np.asarray(apply(params, context, obs, action))
   np.testing.assert_array_equal(delta[:, :2], 0.0)
   np.testing.assert_array_equal(delta[:, 11:], 0.0)
   changes = delta[:, 2:11].reshape(4, 3, 3)
@@ -366,7 +367,7 @@ def test_entity_head_ignores_slot_order_and_writes_only_its_block(jit):
   shuffled[:, 2:11] = slots[:, [2, 0, 1]].reshape(4, 9)
   # The delta is against the observed slots; the prediction itself must not move.
   predicted = lambda o, d: wm_lib.symlog(o[:, 2:11]) + d[:, 2:11]
-  np.testing.assert_allclose(predicted(shuffled, np.asarray(apply(params, context, shuffled))),
+  np.testing.assert_allclose(predicted(shuffled, np.asarray(apply(params, context, shuffled, action))),
                              predicted(obs, delta), rtol=1e-5, atol=1e-6)
 
 
@@ -394,25 +395,26 @@ def test_entity_slots_are_validated():
 
 @pytest.mark.parametrize("jit", [False, True])
 def test_delta_head_reads_the_action_itself(jit):
-  """The one-step head takes a_t beside the prior state that follows it: with the prior's
-  features and o_t held fixed, a different a_t changes the predicted delta (once the
-  zero-initialised output layer has moved)."""
+  """The one-step head reads o_t and a_t: with o_t held fixed, a different a_t changes the
+  predicted delta (once the zero-initialised output layer has moved), in the plain head's
+  dimensions and in an entity block's."""
   cfg = _config()
   cfg.world_model.predict_delta = True
-  model = wm_lib.make_world_model(cfg, (3,))
-  params = wm_lib.init(jax.random.PRNGKey(0), model, wm_lib.make_optimizer(cfg), (3,),
+  cfg.world_model.entity_slots = ((3, 2, 3, 1),)
+  model = wm_lib.make_world_model(cfg, (9,))
+  params = wm_lib.init(jax.random.PRNGKey(0), model, wm_lib.make_optimizer(cfg), (9,),
                        jnp.float32, 5).params
   rng = np.random.default_rng(0)
   params = jax.tree.map(lambda x: x + 0.3 * jnp.asarray(rng.normal(size=x.shape), x.dtype),
                         params)
-  features = jnp.asarray(rng.normal(size=(2, model.rssm.deter + model.rssm.stoch_size)),
-                         jnp.float32)
-  obs = jnp.asarray(rng.normal(size=(2, 3)), jnp.float32)
-  delta = lambda action: model.apply(params, features, obs, action,
+  obs = jnp.asarray(rng.normal(size=(2, 9)), jnp.float32)
+  obs = obs.at[:, (3, 6)].set(1.0).at[:, 4].set(0.2).at[:, 7].set(0.7)  # sorted, present
+  delta = lambda action: model.apply(params, obs, action,
                                      method=wm_lib.WorldModel.next_obs_delta)
   delta = jax.jit(delta) if jit else delta
   still, moving = jnp.zeros((2, 5)), jnp.zeros((2, 5)).at[:, 0].set(1.0)
-  assert np.abs(np.asarray(delta(moving)) - np.asarray(delta(still))).min() > 0.0
+  change = np.abs(np.asarray(delta(moving)) - np.asarray(delta(still)))
+  assert change[:, :3].min() > 0.0 and change[:, (4, 5, 7, 8)].min() > 0.0
 
 
 def test_delta_head_starts_as_copy_last_and_errors_are_per_dimension():

@@ -246,16 +246,17 @@ class WorldModel(nn.Module):
   def continue_logit(self, features):
     return self.continue_head(features)
 
-  def next_obs_delta(self, features, obs, action):
-    """symlog(o_{t+1}) − symlog(o_t) from the prior state that follows a_t, the embedding of
-    the observed o_t, symlog(o_t) itself and a_t (the one-step predictor conditions on o_t,
-    as copy-last does; the raw values give it the exact offsets and distances the change
-    depends on, and a_t the player's own move without the prior's sampling noise;
-    imagination never calls it)."""
-    context = jnp.concatenate([features, self.embed(obs), symlog(obs), action], -1)
+  def next_obs_delta(self, obs, action):
+    """symlog(o_{t+1}) − symlog(o_t) from symlog(o_t) and a_t alone: the one-step predictor
+    conditions on o_t, as copy-last does, and the raw values give it the exact offsets and
+    distances the change depends on. It reads no latent state: with the prior state after
+    a_t beside them (all of it, or its deterministic part with or without a stop-gradient)
+    it did worse, 3.5–3.7× below copy-last against 4.4–4.7× after 250–500 updates
+    (BENCHMARKS.md "World model", tenth session). Imagination never calls it."""
+    context = jnp.concatenate([symlog(obs), action], -1)
     delta = self.delta_head(context)
     if self.entity_slots:
-      delta = jnp.where(self._entity_dims, self.entity_head(context, obs), delta)
+      delta = jnp.where(self._entity_dims, self.entity_head(context, obs, action), delta)
     return delta
 
   def __call__(self, obs, action, is_first, key):
@@ -264,7 +265,7 @@ class WorldModel(nn.Module):
     post, _, _ = self.rssm.obs_step(state, action, self.projected_embed(obs), is_first, key)
     heads = (self.decode(post.features), self.reward(post.features),
              self.continue_logit(post.features))
-    return heads + ((self.next_obs_delta(post.features, obs, action),)
+    return heads + ((self.next_obs_delta(obs, action),)
                     if self.predict_delta else ())
 
 
@@ -331,13 +332,17 @@ def resort_and_shift(entities: jax.Array, leave_prob: jax.Array, newcomer: jax.A
 
 class EntityDeltaHead(nn.Module):
   """The change of slot-list blocks (e.g. the nearest enemies, sorted by distance), entity
-  by entity: one MLP, shared by every slot, maps a slot's own raw features and the shared
-  context to the change of that entity's features (all but presence) and the logit that it
-  leaves the list; then `resort_and_shift` re-sorts them by the predicted sort feature and
-  shifts a learned newcomer (from the context) in behind a leaver. When two enemies trade
-  places the slots trade contents, which a per-dimension delta can only blur: on BonkArena,
-  exact chase dynamics plus the re-sort remove 99% of copy-last's error on such steps
-  (BENCHMARKS.md "World model").
+  by entity: one MLP, shared by every slot, maps a slot's own raw features, a narrow
+  projection of the shared context and a_t to the change of that entity's features (all
+  but presence) and the logit that it leaves the list; then `resort_and_shift` re-sorts
+  them by the predicted sort feature and shifts a learned newcomer (from the context) in
+  behind a leaver. When two enemies trade places the slots trade contents, which a
+  per-dimension delta can only blur: on BonkArena, exact chase dynamics plus the re-sort
+  remove 99% of copy-last's error on such steps (BENCHMARKS.md "World model").
+
+  The context projection is narrow (`context_width`, 64) so that a slot's own few features
+  are not drowned in the first layer: with 256 the enemy block learned more slowly (0.66 of
+  its copy-last error after 500 probe steps against 0.60, tenth session).
 
   Returns symlog(next) − symlog(o_t) on the blocks and 0 elsewhere (the world model uses it
   in place of the plain delta head there). Near copy-last at initialisation: zero feature
@@ -347,19 +352,22 @@ class EntityDeltaHead(nn.Module):
   obs_dim: int
   width: int
   layers: int = 2
+  context_width: int = 64
   leave_bias: float = -4.0
 
   @nn.compact
-  def __call__(self, context, obs):
+  def __call__(self, context, obs, action):
     lead = obs.shape[:-1]
-    shared = nn.Dense(self.width, name="context")(context)
+    shared = nn.Dense(self.context_width, name="context")(context)
+    per_slot = jnp.concatenate([shared, action], -1)
     delta = jnp.zeros(lead + (self.obs_dim,), obs.dtype)
     for k, (start, count, size, sort_feature) in enumerate(self.blocks):
       stop = start + count * size
       block = obs[..., start:stop].reshape(lead + (count, size))
       present = (block[..., :1] > 0.5).astype(obs.dtype)
       inputs = jnp.concatenate(
-          [block, jnp.broadcast_to(shared[..., None, :], lead + (count, self.width))], -1)
+          [block, jnp.broadcast_to(per_slot[..., None, :], lead + (count, per_slot.shape[-1]))],
+          -1)
       # Features 1.. change; presence only through leaving (and the newcomer).
       out = _VectorHead(size, self.width, self.layers, name=f"entity_{k}")(inputs)
       entities = jnp.concatenate([block[..., :1], block[..., 1:] + out[..., 1:] * present], -1)
@@ -535,7 +543,7 @@ def _rollforward(params, model: WorldModel, batch: Sequence, key) -> _Rollforwar
                             last)
   target = observation_target(batch.obs)
   if model.predict_delta:
-    delta = model.apply(params, next_prior.features, flat(batch.obs), flat(batch.action),
+    delta = model.apply(params, flat(batch.obs), flat(batch.action),
                         method=WorldModel.next_obs_delta)
     predicted = target + delta.reshape(target.shape)
   else:
