@@ -587,8 +587,8 @@ def loss(params, model: WorldModel, cfg: ml_collections.ConfigDict, batch: Seque
   continue_loss = optax.sigmoid_binary_cross_entropy(
       continue_logit, 1.0 - flat(batch.terminated).astype(jnp.float32))
 
-  # One-step prediction of o_{t+1} from (s_t, a_t), where t+1 is in the same episode. The
-  # delta head is trained on it; a decoded prediction is only measured.
+  # One-step prediction of o_{t+1}, where t+1 is in the same episode: the delta heads'
+  # (from o_t, a_t) is trained on it; a decoded one (from s_t, a_t) is only measured.
   one_step = jnp.square(predicted - target[1:])
   delta_loss = _masked_mean(one_step.sum(obs_axes), inside) if model.predict_delta else 0.0
 
