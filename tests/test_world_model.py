@@ -367,8 +367,9 @@ def test_entity_head_ignores_slot_order_and_writes_only_its_block(jit):
   shuffled[:, 2:11] = slots[:, [2, 0, 1]].reshape(4, 9)
   # The delta is against the observed slots; the prediction itself must not move.
   predicted = lambda o, d: wm_lib.symlog(o[:, 2:11]) + d[:, 2:11]
-  np.testing.assert_allclose(predicted(shuffled, np.asarray(apply(params, context, shuffled, action))),
-                             predicted(obs, delta), rtol=1e-5, atol=1e-6)
+  shuffled_delta = np.asarray(apply(params, context, shuffled, action))
+  np.testing.assert_allclose(predicted(shuffled, shuffled_delta), predicted(obs, delta),
+                             rtol=1e-5, atol=1e-6)
 
 
 def test_entity_slots_are_validated():
