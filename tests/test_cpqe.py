@@ -85,6 +85,7 @@ def trained():
   return cfg, state, metrics
 
 
+@pytest.mark.slow
 def test_one_step_student_covers_every_mode(trained):
   cfg, state, _ = trained
   obs = 0.1 * jax.random.normal(jax.random.PRNGKey(3), (1000, OBS_DIM))
@@ -103,6 +104,7 @@ def test_one_step_student_covers_every_mode(trained):
     assert shares.min() >= 0.15, (name, shares)
 
 
+@pytest.mark.slow
 def test_q_guided_selection_picks_the_high_value_mode(trained):
   cfg, state, _ = trained
   obs = 0.1 * jax.random.normal(jax.random.PRNGKey(5), (200, OBS_DIM))
@@ -122,6 +124,7 @@ def test_q_guided_selection_picks_the_high_value_mode(trained):
   assert (_mode_of(a1)[0] == HIGH_VALUE_MODE).mean() >= 0.9
 
 
+@pytest.mark.slow
 def test_losses_fell(trained):
   _, _, (teacher, student, q) = trained
   # The EDM loss has an irreducible part at large σ, so "fell" means by a third, not to 0.

@@ -15,6 +15,8 @@ import pytest
 
 from mbjax.train.metrics import read_jsonl
 
+pytestmark = pytest.mark.slow  # every test runs the binary in subprocesses
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Optimisation level 0 for faster compiles, as in conftest.py.
 ENV = dict(os.environ, XLA_FLAGS="--xla_cpu_enable_concurrency_optimized_scheduler=false "

@@ -283,6 +283,7 @@ def test_distill_end_is_validated():
     config_lib.validate(cfg)
 
 
+@pytest.mark.slow
 def test_world_model_learns_a_linear_system():
   """o_{t+1} = R o_t (a rotation) with a small Gaussian-latent model: after 300 steps the
   one-step error is clearly below that of copying the last observation (measured

@@ -33,6 +33,7 @@ def debug_config(**overrides):
   return cfg
 
 
+@pytest.mark.slow
 def test_server_killed_and_restarted_mid_run():
   cfg = debug_config(num_envs=2, **{"ppo.num_steps": 16, "ppo.num_minibatches": 2,
                                     "bridge.step_timeout": 0.5,
@@ -77,6 +78,7 @@ def test_server_killed_and_restarted_mid_run():
     server.stop()
 
 
+@pytest.mark.slow
 def test_ppo_through_the_bridge_beats_random():
   """The debug config's 4 lock-step games, trained for 150 updates, against the uniform
   random policy, both evaluated from fresh runs on the same reward (mbjax.bridge.shim), by

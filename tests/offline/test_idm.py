@@ -47,6 +47,7 @@ def as_episode(frames, moves, choice, menu):
   return idm.Episode(frames, idm.ActionLabels(moves, choice, valid, valid))
 
 
+@pytest.mark.slow
 def test_idm_learns_synthetic_moves_and_menu_choices():
   rng = np.random.default_rng(0)
   train = [as_episode(*synthetic_episode(rng, 200)) for _ in range(8)]
