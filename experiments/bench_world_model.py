@@ -292,7 +292,8 @@ def main(argv):
           "noisy scripted play; held-out trajectories from another seed; errors in the "
           f"decoder's target space, symlog, mean over all 96 dims): deter {wm.deter}, hidden "
           f"{wm.hidden}, stoch {wm.stoch}x{wm.classes or 'Gaussian'}, lr {wm.lr}, "
-          f"predict_delta {wm.predict_delta}, entity_slots {tuple(wm.entity_slots)}; training "
+          f"predict_delta {wm.predict_delta}, entity_slots {tuple(wm.entity_slots)}, agent_position "
+          f"{tuple(wm.agent_position)}; training "
           f"batches of {_TRAIN_WINDOWS.value} x {_TRAIN_WINDOW_LENGTH.value}")
     learning(_CONFIG.value)
 

@@ -373,6 +373,79 @@ def test_entity_head_ignores_slot_order_and_writes_only_its_block(jit):
                              rtol=1e-5, atol=1e-6)
 
 
+def _with_output_bias(params, head_name, bias):
+  """`params` with the zero-initialised output layer of `head_name` giving `bias` (its
+  kernel stays zero, so the head outputs exactly `bias`)."""
+  params = jax.tree.map(lambda x: x, params)  # a copy to edit
+  layer = params["params"][head_name]["Dense_0"]
+  layer["bias"] = jnp.asarray(bias, layer["bias"].dtype)
+  return params
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_polar_entity_head_hand_computed(jit):
+  """Three entities (presence, dx, dy, distance), sorted by distance, and the agent moving
+  by (−0.1, 0). Relative to its next position they sit at (0.15, 0), (0.45, 0), (−0.3, 0).
+  A radial step of −0.2 takes the first onto the agent (its distance stops at 0), the second
+  to (0.25, 0) and the third to (−0.1, 0), which re-sorts the last two. A turn of π/2 alone
+  rotates each relative position a quarter turn anticlockwise."""
+  head = wm_lib.EntityDeltaHead(((2, 3, 4, 3),), obs_dim=15, width=8, polar=True)
+  obs = np.zeros((1, 15), np.float32)
+  obs[0, 2:14] = [1.0, 0.05, 0.0, 0.05, 1.0, 0.35, 0.0, 0.35, 1.0, -0.4, 0.0, 0.4]
+  context, action = np.ones((1, 3), np.float32), np.ones((1, 2), np.float32)
+  agent_move = np.array([[-0.1, 0.0]], np.float32)
+  params = head.init(jax.random.PRNGKey(0), context, obs, action, agent_move)
+  apply = jax.jit(head.apply) if jit else head.apply
+  no_leaving = [-1e9, 0.0, 0.0, 0.0]  # leave logit, then the additive changes
+
+  def predicted(radial_step, turn):
+    biased = _with_output_bias(params, "entity_0", no_leaving + [radial_step, turn])
+    delta = np.asarray(apply(biased, context, obs, action, agent_move))
+    np.testing.assert_array_equal(delta[:, :2], 0.0)
+    np.testing.assert_array_equal(delta[:, 14:], 0.0)
+    return np.asarray(wm_lib.symexp(wm_lib.symlog(obs[:, 2:14]) + delta[:, 2:14]))
+
+  np.testing.assert_allclose(
+      predicted(-0.2, 0.0)[0],
+      [1.0, 0.0, 0.0, 0.0, 1.0, -0.1, 0.0, 0.1, 1.0, 0.25, 0.0, 0.25], atol=1e-6)
+  np.testing.assert_allclose(
+      predicted(0.0, math.pi / 2)[0],
+      [1.0, 0.0, 0.15, 0.15, 1.0, 0.0, -0.3, 0.3, 1.0, 0.0, 0.45, 0.45], atol=1e-6)
+
+
+def test_polar_entities_move_against_the_agents_predicted_move():
+  """With `agent_position` the entity head takes the agent's move from the plain delta
+  head's prediction of the agent's position: with that head outputting a symlog change of
+  the position (everything else at zero) and the entity head at zero, each entity's
+  relative position moves by −(the agent's move) / scale, and its distance follows."""
+  cfg = _config()
+  cfg.world_model.predict_delta = True
+  cfg.world_model.entity_slots = ((2, 2, 4, 3),)
+  cfg.world_model.agent_position = (0, 2.0)
+  model = wm_lib.make_world_model(cfg, (11,))
+  params = wm_lib.init(jax.random.PRNGKey(0), model, wm_lib.make_optimizer(cfg), (11,),
+                       jnp.float32, 5).params
+  agent = np.array([0.2, -0.5], np.float32)
+  moved_agent = np.array([0.6, -0.3], np.float32)
+  plain_bias = np.zeros(11, np.float32)
+  plain_bias[:2] = wm_lib.symlog(moved_agent) - wm_lib.symlog(agent)
+  params = _with_output_bias(params, "delta_head", plain_bias)
+  entity = params["params"]["entity_head"]["entity_0"]["Dense_0"]
+  entity["bias"] = entity["bias"].at[0].set(-1e9)  # nothing leaves
+  obs = np.zeros((1, 11), np.float32)
+  obs[0, :2] = agent
+  obs[0, 2:10] = [1.0, 0.3, 0.0, 0.3, 1.0, 0.0, 0.4, 0.4]
+  delta = jax.jit(lambda p, o: model.apply(p, o, jnp.zeros((1, 5)),
+                                           method=wm_lib.WorldModel.next_obs_delta))(
+      params, jnp.asarray(obs))
+  following = np.asarray(wm_lib.symexp(wm_lib.symlog(obs) + delta))[0]
+  np.testing.assert_allclose(following[:2], moved_agent, rtol=1e-5)
+  # The agent moved by (0.4, 0.2) in its own units, (0.2, 0.1) in the slots' units.
+  np.testing.assert_allclose(
+      following[2:10], [1.0, 0.1, -0.1, math.hypot(0.1, 0.1), 1.0, -0.2, 0.3,
+                        math.hypot(0.2, 0.3)], atol=1e-5)
+
+
 def test_entity_slots_are_validated():
   cfg = _config()
   cfg.world_model.predict_delta = True
@@ -389,6 +462,20 @@ def test_entity_slots_are_validated():
     else:
       with pytest.raises(ValueError, match=message):
         init()
+  # agent_position: the agent's two dims outside the blocks, blocks of (presence, dx, dy,
+  # distance, ...) sorted by distance.
+  for slots, agent_position in ((((2, 2, 4, 3),), (0, 0.0)),  # scale 0
+                                (((2, 2, 4, 3),), (1, 2.0)),  # overlaps the block
+                                (((2, 2, 4, 3),), (11, 2.0)),  # past the end
+                                (((2, 2, 4, 1),), (0, 2.0)),  # sorted by another feature
+                                ((), (0, 2.0))):  # no entity blocks
+    cfg.world_model.entity_slots = slots
+    cfg.world_model.agent_position = agent_position
+    with pytest.raises(ValueError, match=r"world_model.agent_position=.*expected"):
+      wm_lib.init(jax.random.PRNGKey(0), wm_lib.make_world_model(cfg, (12,)),
+                  wm_lib.make_optimizer(cfg), (12,), jnp.float32, 5)
+  cfg.world_model.agent_position = ()
+  cfg.world_model.entity_slots = ((2, 3, 3, 1),)
   cfg.world_model.predict_delta = False
   with pytest.raises(ValueError, match="entity_slots needs world_model.predict_delta=True"):
     wm_lib.init(jax.random.PRNGKey(0), wm_lib.make_world_model(cfg, (12,)),

@@ -92,6 +92,11 @@ def base_config() -> ml_collections.ConfigDict:
   # sorted by the sort feature) whose delta comes entity by entity, re-sorted
   # (mbjax.agents.world_model.EntityDeltaHead); BonkArena's: ((16, 5, 8, 3), (59, 3, 4, 3)).
   cfg.world_model.entity_slots = ()
+  # (start, scale) of the agent's position in the observation (a change of `scale` in it is
+  # 1 in the slots' relative units): entities move in polar coordinates around the agent's
+  # predicted next position. () off; BonkArena's: (0, 2.0) (positions are 2·p/arena − 1,
+  # relative offsets p/arena).
+  cfg.world_model.agent_position = ()
   cfg.world_model.dyn_scale = 0.5  # KL(sg(posterior) ‖ prior) weight
   cfg.world_model.rep_scale = 0.1  # KL(posterior ‖ sg(prior)) weight
   # Dream training: a latent actor-critic on imagined rollouts (METABONK_USE_DREAM_TRAINING).
