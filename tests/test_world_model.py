@@ -339,12 +339,29 @@ def test_resort_and_shift_hand_computed(jit):
 
 
 @pytest.mark.parametrize("jit", [False, True])
+def test_insert_arrival_hand_computed(jit):
+  """Slots (presence, distance, kind), the third empty. Batch 0: an arrival at distance
+  0.2 with probability 0.5 goes between the two present entities (and pushes the second
+  into the empty slot). Batch 1: a full list; an arrival at 0.05 with probability 0.25
+  goes first and pushes the last out of view."""
+  fn = jax.jit(wm_lib.insert_arrival, static_argnums=3) if jit else wm_lib.insert_arrival
+  entities = jnp.array([[[1.0, 0.1, 7.0], [1.0, 0.3, 8.0], [0.0, 0.0, 0.0]],
+                        [[1.0, 0.1, 1.0], [1.0, 0.2, 2.0], [1.0, 0.4, 3.0]]])
+  arrival = jnp.array([[1.0, 0.2, 5.0], [1.0, 0.05, 4.0]])
+  out = fn(entities, jnp.array([0.5, 0.25]), arrival, 1)
+  np.testing.assert_allclose(out[0], [[1.0, 0.1, 7.0], [1.0, 0.25, 6.5], [0.5, 0.15, 4.0]])
+  np.testing.assert_allclose(out[1], [[1.0, 0.0875, 1.75], [1.0, 0.175, 1.75],
+                                      [1.0, 0.35, 2.75]], rtol=1e-6)
+
+
+@pytest.mark.parametrize("jit", [False, True])
 def test_entity_head_ignores_slot_order_and_writes_only_its_block(jit):
   """One MLP serves every slot and the output is re-sorted, so shuffling the input slots
   leaves the output unchanged; dimensions outside the block stay exactly 0; with the
-  output layer at its zero initialisation and leaving made impossible the head is exactly
+  output layer at its zero initialisation and leaving and arriving made impossible the head is exactly
   copy-last on sorted input (and presence never changes)."""
-  head = wm_lib.EntityDeltaHead(((2, 3, 3, 1),), obs_dim=12, width=16, leave_bias=-1e9)
+  head = wm_lib.EntityDeltaHead(((2, 3, 3, 1),), obs_dim=12, width=16, leave_bias=-1e9,
+                                arrive_bias=-1e9)
   rng = np.random.default_rng(0)
   context = rng.normal(size=(4, 7)).astype(np.float32)
   action = rng.normal(size=(4, 2)).astype(np.float32)
@@ -389,7 +406,8 @@ def test_polar_entity_head_hand_computed(jit):
   A radial step of −0.2 takes the first onto the agent (its distance stops at 0), the second
   to (0.25, 0) and the third to (−0.1, 0), which re-sorts the last two. A turn of π/2 alone
   rotates each relative position a quarter turn anticlockwise."""
-  head = wm_lib.EntityDeltaHead(((2, 3, 4, 3),), obs_dim=15, width=8, polar=True)
+  head = wm_lib.EntityDeltaHead(((2, 3, 4, 3),), obs_dim=15, width=8, polar=True,
+                                arrive_bias=-1e9)
   obs = np.zeros((1, 15), np.float32)
   obs[0, 2:14] = [1.0, 0.05, 0.0, 0.05, 1.0, 0.35, 0.0, 0.35, 1.0, -0.4, 0.0, 0.4]
   context, action = np.ones((1, 3), np.float32), np.ones((1, 2), np.float32)
@@ -432,6 +450,8 @@ def test_polar_entities_move_against_the_agents_predicted_move():
   params = _with_output_bias(params, "delta_head", plain_bias)
   entity = params["params"]["entity_head"]["entity_0"]["Dense_0"]
   entity["bias"] = entity["bias"].at[0].set(-1e9)  # nothing leaves
+  arrival = params["params"]["entity_head"]["arrival_0"]["Dense_0"]
+  arrival["bias"] = arrival["bias"].at[0].set(-1e9)  # nothing arrives
   obs = np.zeros((1, 11), np.float32)
   obs[0, :2] = agent
   obs[0, 2:10] = [1.0, 0.3, 0.0, 0.3, 1.0, 0.0, 0.4, 0.4]

@@ -355,13 +355,36 @@ def resort_and_shift(entities: jax.Array, leave_prob: jax.Array, newcomer: jax.A
   return (1.0 - shifted) * entities + shifted * behind
 
 
+def insert_arrival(entities: jax.Array, arrive_prob: jax.Array, arrival: jax.Array,
+                   sort_feature: int) -> jax.Array:
+  """Expected contents of a sorted slot list into which one entity may arrive.
+
+  entities [..., K, F]: the slots without the arrival (feature 0: presence), sorted;
+  arrive_prob [...]: the probability that `arrival` [..., F] (present) joins the list.
+  The arrival goes in at its place by `sort_feature` and pushes the slots behind it back
+  one (the last drops out of view); the result mixes that list and `entities` by the
+  probability (the squared-error optimum between the two). Example: an XP gem dropped by a
+  kill beside the player becomes the nearest gem. The sort takes no gradient; the values do.
+  """
+  chex.assert_rank(entities, arrive_prob.ndim + 2)
+  chex.assert_equal_shape((entities[..., 0, :], arrival))
+  count = entities.shape[-2]
+  joined = jnp.concatenate([entities, arrival[..., None, :]], axis=-2)
+  key = jnp.where(joined[..., 0] > 0.5, joined[..., sort_feature], jnp.inf)
+  order = jnp.argsort(jax.lax.stop_gradient(key), axis=-1, stable=True)[..., :count]
+  inserted = jnp.take_along_axis(joined, order[..., None], axis=-2)
+  arrive_prob = arrive_prob[..., None, None]
+  return (1.0 - arrive_prob) * entities + arrive_prob * inserted
+
+
 class EntityDeltaHead(nn.Module):
   """The change of slot-list blocks (e.g. the nearest enemies, sorted by distance), entity
   by entity: one MLP, shared by every slot, maps a slot's own raw features, a narrow
   projection of the shared context and a_t to the change of that entity's features (all
   but presence) and the logit that it leaves the list; then `resort_and_shift` re-sorts
   them by the predicted sort feature and shifts a learned newcomer (from the context) in
-  behind a leaver. When two enemies trade places the slots trade contents, which a
+  behind a leaver; last, `insert_arrival` lets one entity (an MLP of the context) arrive
+  at its sorted place. When two enemies trade places the slots trade contents, which a
   per-dimension delta can only blur: on BonkArena, exact chase dynamics plus the re-sort
   remove 99% of copy-last's error on such steps (BENCHMARKS.md "World model").
 
@@ -382,7 +405,8 @@ class EntityDeltaHead(nn.Module):
   Returns symlog(next) − symlog(o_t) on the blocks and 0 elsewhere (the world model uses it
   in place of the plain delta head there). Near copy-last at initialisation: zero feature
   changes (with `polar`: zero radial step and turn, and the agent's move as given), leave
-  probability sigmoid(`leave_bias`) per present entity."""
+  probability sigmoid(`leave_bias`) per present entity, arrival probability
+  sigmoid(`arrive_bias`)."""
 
   blocks: tuple[tuple[int, int, int, int], ...]  # (start, slots, features, sort feature)
   obs_dim: int
@@ -390,6 +414,7 @@ class EntityDeltaHead(nn.Module):
   layers: int = 2
   context_width: int = 64
   leave_bias: float = -4.0
+  arrive_bias: float = -4.0
   polar: bool = False
 
   @nn.compact
@@ -426,6 +451,13 @@ class EntityDeltaHead(nn.Module):
       leave_prob = jax.nn.sigmoid(out[..., 0] + self.leave_bias)
       newcomer = nn.Dense(size, name=f"newcomer_{k}")(shared)
       following = resort_and_shift(entities, leave_prob, newcomer, sort_feature)
+      # One entity may arrive anywhere in the list (not only behind a leaver): its
+      # probability and features need the whole context (a kill's gem lands where the
+      # nearest enemy in range stood), so an MLP of it rather than a linear map.
+      arriving = _VectorHead(size, self.width, self.layers, name=f"arrival_{k}")(context)
+      arrival = jnp.concatenate([jnp.ones_like(arriving[..., :1]), arriving[..., 1:]], -1)
+      following = insert_arrival(following, jax.nn.sigmoid(arriving[..., 0] + self.arrive_bias),
+                                 arrival, sort_feature)
       delta = delta.at[..., start:stop].set(
           (symlog(following) - symlog(block)).reshape(lead + (-1,)))
     return delta
