@@ -291,7 +291,8 @@ def main(argv):
     print(f"learning on BonkArena ({_LEARN_ENVS.value} envs x {_LEARN_LENGTH.value} steps of "
           "noisy scripted play; held-out trajectories from another seed; errors in the "
           f"decoder's target space, symlog, mean over all 96 dims): deter {wm.deter}, hidden "
-          f"{wm.hidden}, stoch {wm.stoch}x{wm.classes or 'Gaussian'}, lr {wm.lr}, "
+          f"{wm.hidden}, stoch {wm.stoch}x{wm.classes or 'Gaussian'}, lr {wm.lr} (cosine decay "
+          f"over {wm.lr_decay_updates or 'no'} updates), "
           f"predict_delta {wm.predict_delta}, entity_slots {tuple(wm.entity_slots)}, agent_position "
           f"{tuple(wm.agent_position)}; training "
           f"batches of {_TRAIN_WINDOWS.value} x {_TRAIN_WINDOW_LENGTH.value}")

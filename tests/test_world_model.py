@@ -466,6 +466,25 @@ def test_polar_entities_move_against_the_agents_predicted_move():
                         math.hypot(0.2, 0.3)], atol=1e-5)
 
 
+def test_world_model_lr_decays_to_zero_over_its_updates():
+  """Cosine decay over 2 updates: lr, lr/2, then 0. With a constant gradient each Adam
+  step is the learning rate itself (bias-corrected m / √v = 1)."""
+  cfg = _config()
+  cfg.world_model.lr_decay_updates = 2
+  optimizer = wm_lib.make_optimizer(cfg)
+  params = {"w": jnp.ones(3)}
+  state = optimizer.init(params)
+  steps = []
+  for _ in range(3):
+    updates, state = optimizer.update({"w": jnp.ones(3)}, state, params)
+    steps.append(float(jnp.abs(updates["w"]).max()))
+  np.testing.assert_allclose(steps, [cfg.world_model.lr, cfg.world_model.lr / 2, 0.0],
+                             rtol=1e-4, atol=1e-12)
+  cfg.world_model.lr_decay_updates = -1
+  with pytest.raises(ValueError, match="lr_decay_updates=-1: expected ≥ 0"):
+    wm_lib.make_optimizer(cfg)
+
+
 def test_entity_slots_are_validated():
   cfg = _config()
   cfg.world_model.predict_delta = True

@@ -523,8 +523,13 @@ def make_world_model(cfg: ml_collections.ConfigDict, obs_shape) -> WorldModel:
 
 
 def make_optimizer(cfg: ml_collections.ConfigDict) -> optax.GradientTransformation:
-  return optax.chain(optax.clip_by_global_norm(cfg.world_model.max_grad_norm),
-                     optax.adam(cfg.world_model.lr, eps=1e-8))
+  wm = cfg.world_model
+  if wm.lr_decay_updates < 0:
+    raise ValueError(f"world_model.lr_decay_updates={wm.lr_decay_updates}: expected ≥ 0 "
+                     "(0: a constant learning rate)")
+  lr = (optax.cosine_decay_schedule(wm.lr, wm.lr_decay_updates) if wm.lr_decay_updates
+        else wm.lr)
+  return optax.chain(optax.clip_by_global_norm(wm.max_grad_norm), optax.adam(lr, eps=1e-8))
 
 
 def init(key, model: WorldModel, optimizer, obs_shape, obs_dtype, action_size: int):

@@ -83,6 +83,7 @@ def base_config() -> ml_collections.ConfigDict:
   cfg.world_model.min_std = 0.1  # Gaussian latents only
   cfg.world_model.unimix = 0.01  # uniform mixture in categorical latents
   cfg.world_model.lr = 3e-4
+  cfg.world_model.lr_decay_updates = 0  # > 0: cosine decay of lr to 0 over that many updates
   cfg.world_model.max_grad_norm = 1000.0
   cfg.world_model.free_nats = 1.0
   # Vectors: a head trained on symlog(o_{t+1}) − symlog(o_t) from o_t and a_t (the one-step
