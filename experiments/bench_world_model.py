@@ -293,8 +293,8 @@ def main(argv):
           f"decoder's target space, symlog, mean over all 96 dims): deter {wm.deter}, hidden "
           f"{wm.hidden}, stoch {wm.stoch}x{wm.classes or 'Gaussian'}, lr {wm.lr} (cosine decay "
           f"over {wm.lr_decay_updates or 'no'} updates), "
-          f"predict_delta {wm.predict_delta}, entity_slots {tuple(wm.entity_slots)}, agent_position "
-          f"{tuple(wm.agent_position)}; training "
+          f"predict_delta {wm.predict_delta}, entity_slots {tuple(wm.entity_slots)}, "
+          f"agent_position {tuple(wm.agent_position)}; training "
           f"batches of {_TRAIN_WINDOWS.value} x {_TRAIN_WINDOW_LENGTH.value}")
     learning(_CONFIG.value)
 

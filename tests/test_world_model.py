@@ -358,8 +358,8 @@ def test_insert_arrival_hand_computed(jit):
 def test_entity_head_ignores_slot_order_and_writes_only_its_block(jit):
   """One MLP serves every slot and the output is re-sorted, so shuffling the input slots
   leaves the output unchanged; dimensions outside the block stay exactly 0; with the
-  output layer at its zero initialisation and leaving and arriving made impossible the head is exactly
-  copy-last on sorted input (and presence never changes)."""
+  output layer at its zero initialisation and leaving and arriving made impossible the head
+  is exactly copy-last on sorted input (and presence never changes)."""
   head = wm_lib.EntityDeltaHead(((2, 3, 3, 1),), obs_dim=12, width=16, leave_bias=-1e9,
                                 arrive_bias=-1e9)
   rng = np.random.default_rng(0)

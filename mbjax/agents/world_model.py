@@ -456,8 +456,8 @@ class EntityDeltaHead(nn.Module):
       # nearest enemy in range stood), so an MLP of it rather than a linear map.
       arriving = _VectorHead(size, self.width, self.layers, name=f"arrival_{k}")(context)
       arrival = jnp.concatenate([jnp.ones_like(arriving[..., :1]), arriving[..., 1:]], -1)
-      following = insert_arrival(following, jax.nn.sigmoid(arriving[..., 0] + self.arrive_bias),
-                                 arrival, sort_feature)
+      arrive_prob = jax.nn.sigmoid(arriving[..., 0] + self.arrive_bias)
+      following = insert_arrival(following, arrive_prob, arrival, sort_feature)
       delta = delta.at[..., start:stop].set(
           (symlog(following) - symlog(block)).reshape(lead + (-1,)))
     return delta
