@@ -390,11 +390,13 @@ def test_entity_head_ignores_slot_order_and_writes_only_its_block(jit):
                              rtol=1e-5, atol=1e-6)
 
 
-def _with_output_bias(params, head_name, bias):
-  """`params` with the zero-initialised output layer of `head_name` giving `bias` (its
-  kernel stays zero, so the head outputs exactly `bias`)."""
+def _with_output_bias(params, head_path, bias):
+  """`params` with the zero-initialised output layer of the head at `head_path` (module
+  names) giving `bias` (its kernel stays zero, so the head outputs exactly `bias`)."""
   params = jax.tree.map(lambda x: x, params)  # a copy to edit
-  layer = params["params"][head_name]["Dense_0"]
+  layer = params["params"]
+  for name in head_path + ("Dense_0",):
+    layer = layer[name]
   layer["bias"] = jnp.asarray(bias, layer["bias"].dtype)
   return params
 
@@ -417,7 +419,7 @@ def test_polar_entity_head_hand_computed(jit):
   no_leaving = [-1e9, 0.0, 0.0, 0.0]  # leave logit, then the additive changes
 
   def predicted(radial_step, turn):
-    biased = _with_output_bias(params, "entity_0", no_leaving + [radial_step, turn])
+    biased = _with_output_bias(params, ("entity_0",), no_leaving + [radial_step, turn])
     delta = np.asarray(apply(biased, context, obs, action, agent_move))
     np.testing.assert_array_equal(delta[:, :2], 0.0)
     np.testing.assert_array_equal(delta[:, 14:], 0.0)
@@ -447,11 +449,11 @@ def test_polar_entities_move_against_the_agents_predicted_move():
   moved_agent = np.array([0.6, -0.3], np.float32)
   plain_bias = np.zeros(11, np.float32)
   plain_bias[:2] = wm_lib.symlog(moved_agent) - wm_lib.symlog(agent)
-  params = _with_output_bias(params, "delta_head", plain_bias)
-  entity = params["params"]["entity_head"]["entity_0"]["Dense_0"]
-  entity["bias"] = entity["bias"].at[0].set(-1e9)  # nothing leaves
-  arrival = params["params"]["entity_head"]["arrival_0"]["Dense_0"]
-  arrival["bias"] = arrival["bias"].at[0].set(-1e9)  # nothing arrives
+  params = _with_output_bias(params, ("delta_head",), plain_bias)
+  never = np.zeros(6, np.float32)
+  never[0] = -1e9  # the leave logit (then 3 feature changes, radial step, turn)
+  params = _with_output_bias(params, ("entity_head", "entity_0"), never)
+  params = _with_output_bias(params, ("entity_head", "arrival_0"), never[:4])  # no arrival
   obs = np.zeros((1, 11), np.float32)
   obs[0, :2] = agent
   obs[0, 2:10] = [1.0, 0.3, 0.0, 0.3, 1.0, 0.0, 0.4, 0.4]

@@ -330,6 +330,13 @@ class _VectorHead(nn.Module):
     return _zero_init_head(x, self.size, self.width, self.layers)
 
 
+def _slot_order(entities: jax.Array, sort_feature: int) -> jax.Array:
+  """Indices that sort a slot list [..., K, F] by `sort_feature`, ascending, absent
+  entities (presence, feature 0, ≤ 0.5) last and ties in their order; no gradient."""
+  key = jnp.where(entities[..., 0] > 0.5, entities[..., sort_feature], jnp.inf)
+  return jnp.argsort(jax.lax.stop_gradient(key), axis=-1, stable=True)
+
+
 def resort_and_shift(entities: jax.Array, leave_prob: jax.Array, newcomer: jax.Array,
                      sort_feature: int) -> jax.Array:
   """Expected next contents of a slot list from per-entity predictions.
@@ -346,8 +353,7 @@ def resort_and_shift(entities: jax.Array, leave_prob: jax.Array, newcomer: jax.A
   chex.assert_rank(entities, leave_prob.ndim + 1)
   chex.assert_equal_shape_prefix((entities, leave_prob), leave_prob.ndim)
   present = entities[..., 0] > 0.5
-  key = jnp.where(present, entities[..., sort_feature], jnp.inf)
-  order = jnp.argsort(jax.lax.stop_gradient(key), axis=-1, stable=True)
+  order = _slot_order(entities, sort_feature)
   entities = jnp.take_along_axis(entities, order[..., None], axis=-2)
   leave_prob = jnp.take_along_axis(leave_prob * present, order, axis=-1)
   behind = jnp.concatenate([entities[..., 1:, :], newcomer[..., None, :]], axis=-2)
@@ -370,8 +376,7 @@ def insert_arrival(entities: jax.Array, arrive_prob: jax.Array, arrival: jax.Arr
   chex.assert_equal_shape((entities[..., 0, :], arrival))
   count = entities.shape[-2]
   joined = jnp.concatenate([entities, arrival[..., None, :]], axis=-2)
-  key = jnp.where(joined[..., 0] > 0.5, joined[..., sort_feature], jnp.inf)
-  order = jnp.argsort(jax.lax.stop_gradient(key), axis=-1, stable=True)[..., :count]
+  order = _slot_order(joined, sort_feature)[..., :count]
   inserted = jnp.take_along_axis(joined, order[..., None], axis=-2)
   arrive_prob = arrive_prob[..., None, None]
   return (1.0 - arrive_prob) * entities + arrive_prob * inserted
