@@ -36,6 +36,7 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from experiments import throughput as throughput_lib  # noqa: E402
 from mbjax.agents import dream  # noqa: E402
 from mbjax.agents import world_model as wm_lib  # noqa: E402
 from mbjax.envs.bonk_arena import BonkArena, make_scripted_policy  # noqa: E402
@@ -277,15 +278,16 @@ def main(argv):
     throughput(cfg, obs_dim, spec, with_dream=True,
                label=f"default (deter 512, 32x32 categorical), WM + dream H={cfg.dream.horizon}")
     throughput(cfg, obs_dim, spec, with_dream=False, label="default, WM only")
-    for layers, label in ((dict(rssm_layers=1, head_layers=2), "mbjax's layers"),
-                          (dict(rssm_layers=0, head_layers=1), "upstream's layers")):
-      upstream = config_lib.base_config()
-      upstream.world_model.update(deter=256, stoch=64, classes=0, hidden=256, **layers)
-      seconds = throughput(upstream, 204, spec, with_dream=False,
-                           label=f"upstream size (obs 204, embed 256, deter 256, Gaussian 64), "
-                           f"{label} ({layers}), WM only")
-      print(f"  vs upstream PyTorch 300-390 ms: {0.300 / seconds:.1f}-{0.390 / seconds:.1f}x "
-            "faster")
+    for upstream_layers, label in ((False, "mbjax's layers"), (True, "upstream's layers")):
+      upstream = throughput_lib.upstream_world_model_config(upstream_layers)
+      wm = upstream.world_model
+      seconds = throughput(upstream, throughput_lib.UPSTREAM_OBS_DIM, spec, with_dream=False,
+                           label=f"upstream size (obs {throughput_lib.UPSTREAM_OBS_DIM}, embed "
+                           f"{wm.hidden}, deter {wm.deter}, Gaussian {wm.stoch}), {label} "
+                           f"(rssm_layers={wm.rssm_layers}, head_layers={wm.head_layers}), "
+                           "WM only")
+      low, high = throughput_lib.speedup_over_upstream(seconds)
+      print(f"  vs upstream PyTorch 300-390 ms: {low:.1f}-{high:.1f}x faster")
   if _LEARN_STEPS.value:
     wm = _CONFIG.value.world_model
     print(f"learning on BonkArena ({_LEARN_ENVS.value} envs x {_LEARN_LENGTH.value} steps of "

@@ -20,7 +20,31 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from mbjax.agents import world_model as wm_lib
 from mbjax.envs import registry
 from mbjax.nets import ssm
+from mbjax.train import config as config_lib
 from mbjax.train import sharding
+
+# Upstream MetaBonk's RSSM, the issue's speed anchor: observation 204, embedding 256, GRU 256,
+# Gaussian latents 64; its PyTorch update takes 300–390 ms per 16 × 64 batch on the
+# project's 2-core CPU.
+UPSTREAM_OBS_DIM = 204
+UPSTREAM_PYTORCH_STEP_S = (0.300, 0.390)
+
+
+def upstream_world_model_config(upstream_layers: bool = True) -> ml_collections.ConfigDict:
+  """The base config with upstream's world-model sizes. `upstream_layers`: its layer counts
+  too (linear maps around the GRU, one hidden layer per head; mbjax keeps its continue and
+  std heads), else mbjax's (one hidden layer around the GRU, two per head)."""
+  cfg = config_lib.base_config()
+  layers = (dict(rssm_layers=0, head_layers=1) if upstream_layers
+            else dict(rssm_layers=1, head_layers=2))
+  cfg.world_model.update(deter=256, stoch=64, classes=0, hidden=256, **layers)
+  return cfg
+
+
+def speedup_over_upstream(seconds: float) -> tuple[float, float]:
+  """How many times faster than upstream's PyTorch update (low, high) a world-model step of
+  `seconds` at upstream's size is."""
+  return tuple(anchor / seconds for anchor in UPSTREAM_PYTORCH_STEP_S)
 
 
 def call_times(call: Callable[[], Any], repeats: int) -> list[float]:
