@@ -96,8 +96,9 @@ BUDGETS = {
 
 def _small_models(cfg: ml_collections.ConfigDict) -> None:
   """Learners a shared 2-core CPU can afford for several arms × seeds: GRU 64, 8×8
-  categorical latents, latent actor-critics of 2×64 imagining from 64 starts."""
-  cfg.world_model.update(deter=64, hidden=64, stoch=8, classes=8)
+  categorical latents, an entity head of width 64, latent actor-critics of 2×64 imagining
+  from 64 starts."""
+  cfg.world_model.update(deter=64, hidden=64, stoch=8, classes=8, entity_width=64)
   for section in (cfg.dream, cfg.efe):
     section.update(hidden_sizes=(64, 64), num_starts=64)
 

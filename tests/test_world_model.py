@@ -503,6 +503,11 @@ def test_entity_slots_are_validated():
     else:
       with pytest.raises(ValueError, match=message):
         init()
+  cfg.world_model.entity_slots, cfg.world_model.entity_width = ((2, 3, 3, 1),), 0
+  with pytest.raises(ValueError, match=r"world_model.entity_width=0: expected ≥ 1"):
+    wm_lib.init(jax.random.PRNGKey(0), wm_lib.make_world_model(cfg, (12,)),
+                wm_lib.make_optimizer(cfg), (12,), jnp.float32, 5)
+  cfg.world_model.entity_width = 16
   # agent_position: the agent's two dims outside the blocks, blocks of (presence, dx, dy,
   # distance, ...) sorted by distance.
   for slots, agent_position in ((((2, 2, 4, 3),), (0, 0.0)),  # scale 0
@@ -521,6 +526,26 @@ def test_entity_slots_are_validated():
   with pytest.raises(ValueError, match="entity_slots needs world_model.predict_delta=True"):
     wm_lib.init(jax.random.PRNGKey(0), wm_lib.make_world_model(cfg, (12,)),
                 wm_lib.make_optimizer(cfg), (12,), jnp.float32, 5)
+
+
+def test_arena_apex_entity_head_must_match_the_envs_observation():
+  """configs/arena_apex.py derives the entity head's blocks from BonkArena's layout; the
+  trainer refuses a config whose blocks no longer match the env's (changed env kwargs)."""
+  from configs import arena_apex
+  from mbjax.envs.bonk_arena import BonkArena
+  from mbjax.train.anakin import check_world_model_slots
+
+  cfg = arena_apex.get_config("debug")
+  assert tuple(cfg.world_model.entity_slots) == ((16, 5, 8, 3), (59, 3, 4, 3))
+  assert tuple(cfg.world_model.agent_position) == (0, 2.0)
+  check_world_model_slots(cfg, BonkArena())
+  for env, expected in ((BonkArena(num_obs_enemies=2), r"\(\(16, 2, 8, 3\), \(35, 3, 4, 3\)\)"),
+                        (BonkArena(observation="pixels"), r"expected entity_slots=\(\)")):
+    with pytest.raises(ValueError, match=r"entity_slots=.*do not match.*" + expected):
+      check_world_model_slots(cfg, env)
+  # The head switched off: nothing to check.
+  cfg.world_model.entity_slots, cfg.world_model.agent_position = (), ()
+  check_world_model_slots(cfg, BonkArena(num_obs_enemies=2))
 
 
 @pytest.mark.parametrize("jit", [False, True])

@@ -201,6 +201,7 @@ class WorldModel(nn.Module):
   # it moves the slots' relative positions by 1. Set, the entity head moves each entity in
   # polar coordinates around the agent's predicted next position (`EntityDeltaHead.polar`).
   agent_position: tuple[int, float] = ()
+  entity_width: int = 128  # the entity head's MLPs (per slot and arrival)
 
   def setup(self):
     pixels = len(self.obs_shape) == 3
@@ -226,6 +227,8 @@ class WorldModel(nn.Module):
       covered[start:start + count * size] += 1
     if (covered > 1).any():
       raise ValueError(f"world_model.entity_slots={self.entity_slots}: blocks overlap")
+    if self.entity_slots and self.entity_width < 1:
+      raise ValueError(f"world_model.entity_width={self.entity_width}: expected ≥ 1")
     self._entity_dims = covered > 0
     if self.agent_position:
       start, scale = (tuple(self.agent_position) + (None, None))[:2]
@@ -240,8 +243,8 @@ class WorldModel(nn.Module):
     if self.predict_delta:
       self.delta_head = _VectorHead(self.obs_shape[0], self.hidden, self.head_layers)
     if self.entity_slots:
-      self.entity_head = EntityDeltaHead(self.entity_slots, self.obs_shape[0], self.hidden,
-                                         polar=bool(self.agent_position))
+      self.entity_head = EntityDeltaHead(self.entity_slots, self.obs_shape[0],
+                                         self.entity_width, polar=bool(self.agent_position))
 
   def embed(self, obs):
     # Decided by the model's observation rank, not the input's: observe() passes [L, B, ...].
@@ -524,7 +527,7 @@ def make_world_model(cfg: ml_collections.ConfigDict, obs_shape) -> WorldModel:
                     head_layers=wm.head_layers, predict_delta=wm.predict_delta,
                     entity_slots=tuple(tuple(int(v) for v in block)
                                        for block in wm.entity_slots),
-                    agent_position=tuple(wm.agent_position))
+                    agent_position=tuple(wm.agent_position), entity_width=wm.entity_width)
 
 
 def make_optimizer(cfg: ml_collections.ConfigDict) -> optax.GradientTransformation:

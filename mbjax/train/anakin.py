@@ -66,6 +66,24 @@ def _psum(x, axis_name):
   return x if axis_name is None else jax.lax.psum(x, axis_name)
 
 
+def check_world_model_slots(cfg: ml_collections.ConfigDict, env: Environment) -> None:
+  """Raises if the world model's entity head (`world_model.entity_slots`, `agent_position`)
+  reads blocks other than those of the env's observation, for envs that state theirs
+  (`world_model_slots()`, e.g. BonkArena's): the head would silently treat other dims as
+  entities."""
+  wm = cfg.world_model
+  if not (wm.enabled and wm.entity_slots and hasattr(env, "world_model_slots")):
+    return
+  env_slots, env_position = env.world_model_slots()
+  slots = tuple(tuple(block) for block in wm.entity_slots)
+  if slots != env_slots or (wm.agent_position and tuple(wm.agent_position) != env_position):
+    raise ValueError(
+        f"world_model.entity_slots={slots}, agent_position={tuple(wm.agent_position)} do "
+        f"not match {cfg.env.name!r}'s observation (env.kwargs {cfg.env.kwargs.to_dict()}): "
+        f"expected entity_slots={env_slots}, agent_position={env_position} (or () to "
+        "turn the entity head off)")
+
+
 def make_train(cfg: ml_collections.ConfigDict, env: Environment, env_params: Any,
                num_shards: int = 1, axis_name: str | None = None) -> Trainer:
   """Builds the pure training functions for `num_shards` equal slices of the envs."""
@@ -79,6 +97,7 @@ def make_train(cfg: ml_collections.ConfigDict, env: Environment, env_params: Any
     raise ValueError(f"total_env_steps={cfg.total_env_steps} is less than one update of "
                      f"num_envs × ppo.num_steps = {env_steps_per_update} env steps")
 
+  check_world_model_slots(cfg, env)
   env = wrap_env(env, cfg)
   vec_env = VecEnv(env, cfg.env.reset_fraction)
   spec = env.action_spec(env_params)

@@ -91,13 +91,19 @@ def base_config() -> ml_collections.ConfigDict:
   cfg.world_model.predict_delta = False
   # ((start, slots, features per slot, sort feature), ...): slot lists (presence first,
   # sorted by the sort feature) whose delta comes entity by entity, re-sorted
-  # (mbjax.agents.world_model.EntityDeltaHead); BonkArena's: ((16, 5, 8, 3), (59, 3, 4, 3)).
+  # (mbjax.agents.world_model.EntityDeltaHead); BonkArena's (`BonkArena.world_model_slots()`,
+  # set by configs/arena_apex.py): ((16, 5, 8, 3), (59, 3, 4, 3)).
   cfg.world_model.entity_slots = ()
   # (start, scale) of the agent's position in the observation (a change of `scale` in it is
   # 1 in the slots' relative units): entities move in polar coordinates around the agent's
   # predicted next position. () off; BonkArena's: (0, 2.0) (positions are 2·p/arena − 1,
   # relative offsets p/arena).
   cfg.world_model.agent_position = ()
+  # Width of the entity head's MLPs. They run once per slot and step, so their cost grows
+  # with the slots: on BonkArena's 8 slots the apex update took 1.43× as long as without
+  # the head at width 256, 1.23× at 128, which learns as well (BENCHMARKS.md "World model",
+  # thirteenth session).
+  cfg.world_model.entity_width = 128
   cfg.world_model.dyn_scale = 0.5  # KL(sg(posterior) ‖ prior) weight
   cfg.world_model.rep_scale = 0.1  # KL(posterior ‖ sg(prior)) weight
   # Dream training: a latent actor-critic on imagined rollouts (METABONK_USE_DREAM_TRAINING).
