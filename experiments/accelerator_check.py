@@ -93,7 +93,7 @@ def _world_model_rows(repeats: int):
       cfg.world_model.update(deter=32, hidden=32, stoch=4,
                              classes=4 if cfg.world_model.classes else 0)
     result = throughput.world_model_update(cfg, obs_dim, action_size, batch, length, 1,
-                                           repeats)
+                                           repeats, shard=False)
     wm = cfg.world_model
     latents = f"{wm.stoch}×{wm.classes}" if wm.classes else f"Gaussian {wm.stoch}"
     name = (f"world-model step, {batch} × {length}, obs {obs_dim}, deter {wm.deter}, "
