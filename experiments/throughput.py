@@ -1,8 +1,9 @@
 """Steady-state throughput of the training steps, on a given number of devices.
 
 Shared by `experiments/bench_scaling.py` (weak scaling on 1, 2, 4, ... devices),
-`experiments/accelerator_check.py` (the GPU/TPU table) and `experiments/bench_motor.py`
-(the selective-scan paths). Each measurement compiles once, reports the compile time
+`experiments/accelerator_check.py` (the GPU/TPU table), `experiments/bench_world_model.py`
+(the world-model steps, against upstream's time at its size) and
+`experiments/bench_motor.py` (the selective-scan paths). Each measurement compiles once, reports the compile time
 apart, runs once more to warm up, then times `repeats` calls (median). Everything here
 is timing glue; the measured functions are the library's own.
 """
