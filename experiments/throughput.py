@@ -115,7 +115,6 @@ def world_model_update(cfg: ml_collections.ConfigDict, obs_dim: int, action_size
   if not shard and num_devices != 1:
     raise ValueError(f"shard=False times one device; got num_devices={num_devices}")
   axis_name = sharding.DATA_AXIS if shard else None
-  mesh = sharding.make_mesh(num_devices)
   model = wm_lib.make_world_model(cfg, (obs_dim,))
   optimizer = wm_lib.make_optimizer(cfg)
   state = wm_lib.init(jax.random.PRNGKey(0), model, optimizer, (obs_dim,), jnp.float32,
@@ -129,8 +128,10 @@ def world_model_update(cfg: ml_collections.ConfigDict, obs_dim: int, action_size
       jax.random.normal(jax.random.PRNGKey(1), (length, batch, obs_dim)),
       jnp.zeros((length, batch, action_size)), jnp.zeros((length, batch)),
       jnp.zeros((length, batch), bool), jnp.zeros((length, batch), bool).at[0].set(True))
-  data = jax.device_put(data, NamedSharding(mesh, P(None, sharding.DATA_AXIS)))
-  state = jax.device_put(state, NamedSharding(mesh, P()))
+  if shard:
+    mesh = sharding.make_mesh(num_devices)
+    data = jax.device_put(data, NamedSharding(mesh, P(None, sharding.DATA_AXIS)))
+    state = jax.device_put(state, NamedSharding(mesh, P()))
 
   def step(state, data, key):
     wm_state = state if dream_spec is None else state[0]

@@ -490,14 +490,17 @@ def test_world_model_lr_decays_to_zero_over_its_updates():
 def test_entity_slots_are_validated():
   cfg = _config()
   cfg.world_model.predict_delta = True
+
+  def init():  # the model is built, and so validated, with `cfg` as it is at the call
+    wm_lib.init(jax.random.PRNGKey(0), wm_lib.make_world_model(cfg, (12,)),
+                wm_lib.make_optimizer(cfg), (12,), jnp.float32, 5)
+
   for slots, message in ((((2, 3, 3),), r"block \(2, 3, 3\): expected"),
                          (((2, 3, 3, 3),), r"block \(2, 3, 3, 3\): expected"),
                          (((2, 3, 3, 0),), r"block \(2, 3, 3, 0\): expected"),
                          (((2, 3, 3, 1),), None),
                          (((0, 2, 2, 1), (3, 1, 2, 1)), "blocks overlap")):
     cfg.world_model.entity_slots = slots
-    init = lambda: wm_lib.init(jax.random.PRNGKey(0), wm_lib.make_world_model(cfg, (12,)),
-                               wm_lib.make_optimizer(cfg), (12,), jnp.float32, 5)
     if message is None:
       init()
     else:
@@ -505,8 +508,7 @@ def test_entity_slots_are_validated():
         init()
   cfg.world_model.entity_slots, cfg.world_model.entity_width = ((2, 3, 3, 1),), 0
   with pytest.raises(ValueError, match=r"world_model.entity_width=0: expected ≥ 1"):
-    wm_lib.init(jax.random.PRNGKey(0), wm_lib.make_world_model(cfg, (12,)),
-                wm_lib.make_optimizer(cfg), (12,), jnp.float32, 5)
+    init()
   cfg.world_model.entity_width = 16
   # agent_position: the agent's two dims outside the blocks, blocks of (presence, dx, dy,
   # distance, ...) sorted by distance.
@@ -518,14 +520,12 @@ def test_entity_slots_are_validated():
     cfg.world_model.entity_slots = slots
     cfg.world_model.agent_position = agent_position
     with pytest.raises(ValueError, match=r"world_model.agent_position=.*expected"):
-      wm_lib.init(jax.random.PRNGKey(0), wm_lib.make_world_model(cfg, (12,)),
-                  wm_lib.make_optimizer(cfg), (12,), jnp.float32, 5)
+      init()
   cfg.world_model.agent_position = ()
   cfg.world_model.entity_slots = ((2, 3, 3, 1),)
   cfg.world_model.predict_delta = False
   with pytest.raises(ValueError, match="entity_slots needs world_model.predict_delta=True"):
-    wm_lib.init(jax.random.PRNGKey(0), wm_lib.make_world_model(cfg, (12,)),
-                wm_lib.make_optimizer(cfg), (12,), jnp.float32, 5)
+    init()
 
 
 def test_arena_apex_entity_head_must_match_the_envs_observation():

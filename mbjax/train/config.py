@@ -96,8 +96,8 @@ def base_config() -> ml_collections.ConfigDict:
   cfg.world_model.entity_slots = ()
   # (start, scale) of the agent's position in the observation (a change of `scale` in it is
   # 1 in the slots' relative units): entities move in polar coordinates around the agent's
-  # predicted next position. () off; BonkArena's: (0, 2.0) (positions are 2·p/arena − 1,
-  # relative offsets p/arena).
+  # predicted next position. () off; BonkArena's: (0, 2.0) (`BonkArena.world_model_slots()`
+  # says why).
   cfg.world_model.agent_position = ()
   # Width of the entity head's MLPs. They run once per slot and step, so their cost grows
   # with the slots: on BonkArena's 8 slots the apex update took 1.43× as long as without
