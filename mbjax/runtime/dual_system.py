@@ -344,7 +344,9 @@ def arena_observation(state: codec.GameState, *, run_time_s: float, arena_size: 
         cards[slot, game.CARDS.index(name)] = 1.0
     out[layout["menu_cards"]] = cards.reshape(-1)
   ticks = max(run_time_s, 0.0) * update_hz
-  out[layout["time"]] = [min(ticks / time_limit, 1.0), min(ticks / time_limit, 1.0),
+  # The dwell entry is 0: a bridged game does not force a card after a dwell, so it does
+  # not count one.
+  out[layout["time"]] = [min(ticks / time_limit, 1.0), 0.0,
                          1.0 - (ticks % params.boss_interval) / params.boss_interval]
   return np.nan_to_num(out, nan=0.0, posinf=0.0, neginf=0.0)
 
