@@ -10,6 +10,7 @@ from __future__ import annotations
 import ml_collections
 
 from mbjax.agents import cpqe
+from mbjax.envs import registry
 
 # Fields that may differ between a checkpoint's config and the resuming run's: they steer
 # logging and saving only, never the numbers a run computes.
@@ -35,6 +36,9 @@ def base_config() -> ml_collections.ConfigDict:
   cfg.env.kwargs = ml_collections.ConfigDict()  # constructor arguments of that env
   cfg.env.frame_stack = 1
   cfg.env.reset_fraction = 1.0  # < 1: optimistic resets, see VecEnv
+  # The env's rules version (`mbjax.envs.registry.version`), filled in from env.name and
+  # recorded with every checkpoint, so one trained under other rules is refused on resume.
+  cfg.env.version = cfg.env.get_ref("name")._apply_op(registry.version)
 
   cfg.ppo = ml_collections.ConfigDict()
   cfg.ppo.num_steps = 128  # rollout length per env per update
@@ -219,6 +223,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     raise ValueError(
         f"config.run.checkpoint_every_updates={cfg.run.checkpoint_every_updates} must be a "
         f"multiple of config.run.log_every_updates={cfg.run.log_every_updates}")
+  check_env_version(cfg)
   if not 0.0 < cfg.env.reset_fraction <= 1.0:
     raise ValueError(f"config.env.reset_fraction={cfg.env.reset_fraction}: expected (0, 1]")
   steps = cfg.ppo.num_steps
@@ -230,6 +235,20 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         "split evenly into minibatches")
   _validate_apex(cfg)
   _validate_bridge(cfg)
+
+
+def check_env_version(cfg: ml_collections.ConfigDict | dict, source: str = "config") -> None:
+  """Raises ValueError unless `cfg` (a config, or one read back from a run's config.json)
+  names the rules version of its env that this code implements. A config written before
+  versions were recorded counts as version "1" for a versioned env."""
+  env = cfg["env"]
+  implemented = registry.version(env["name"])
+  recorded = env.get("version", "1" if implemented else "")
+  if recorded != implemented:
+    raise ValueError(
+        f"{source}: env.version={recorded!r}, but {env['name']!r} here implements rules "
+        f"version {implemented!r}; returns under other rules are not comparable (retrain, "
+        "or evaluate with the code of that version)")
 
 
 def _validate_apex(cfg: ml_collections.ConfigDict) -> None:
