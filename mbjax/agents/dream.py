@@ -29,6 +29,7 @@ import ml_collections
 import optax
 
 from mbjax.agents import world_model as wm_lib
+from mbjax.agents.collectives import pmean
 from mbjax.agents.returns import lambda_returns
 from mbjax.envs.spaces import HybridActionSpec
 from mbjax.nets.actor_critic import MLP
@@ -103,10 +104,6 @@ def init(key, nets: Networks, feature_size: int) -> LatentActorCriticState:
                                 nets.critic_optimizer.init(critic_params), jnp.float32(1.0))
 
 
-def _pmean(x, axis_name):
-  return x if axis_name is None else jax.lax.pmean(x, axis_name)
-
-
 def update(state: LatentActorCriticState, wm_params, start: wm_lib.LatentState, key, *,
            nets: Networks, world_model: wm_lib.WorldModel,
            reward_fn: Callable[[jax.Array], tuple[jax.Array, dict]],
@@ -138,10 +135,10 @@ def update(state: LatentActorCriticState, wm_params, start: wm_lib.LatentState, 
 
   def critic_loss(params):
     values = nets.critic.apply(params, features[:-1])
-    return _pmean((0.5 * weights * jnp.square(values - returns)).mean(), axis_name)
+    return pmean((0.5 * weights * jnp.square(values - returns)).mean(), axis_name)
 
   percentile_range = (jnp.percentile(returns, 95) - jnp.percentile(returns, 5))
-  percentile_range = _pmean(percentile_range, axis_name)
+  percentile_range = pmean(percentile_range, axis_name)
   return_scale = (section.return_scale_decay * state.return_scale
                   + (1.0 - section.return_scale_decay) * percentile_range)
   baseline = nets.critic.apply(state.critic_params, features[:-1])
@@ -152,7 +149,7 @@ def update(state: LatentActorCriticState, wm_params, start: wm_lib.LatentState, 
     log_prob = dist.log_prob(raw_actions)
     entropy = dist.entropy()
     loss = -(weights * (log_prob * advantages + section.ent_coef * entropy)).mean()
-    return _pmean(loss, axis_name), entropy.mean()
+    return pmean(loss, axis_name), entropy.mean()
 
   (actor_value, entropy), actor_grads = jax.value_and_grad(actor_loss, has_aux=True)(
       state.actor_params)
@@ -170,11 +167,11 @@ def update(state: LatentActorCriticState, wm_params, start: wm_lib.LatentState, 
   metrics = {
       f"{prefix}/actor_loss": actor_value,
       f"{prefix}/critic_loss": critic_value,
-      f"{prefix}/return": _pmean(returns[0].mean(), axis_name),
-      f"{prefix}/reward": _pmean(rewards.mean(), axis_name),
-      f"{prefix}/entropy": _pmean(entropy, axis_name),
+      f"{prefix}/return": pmean(returns[0].mean(), axis_name),
+      f"{prefix}/reward": pmean(rewards.mean(), axis_name),
+      f"{prefix}/entropy": pmean(entropy, axis_name),
       f"{prefix}/return_scale": return_scale,
-      **{f"{prefix}/{k}": _pmean(v, axis_name) for k, v in reward_metrics.items()},
+      **{f"{prefix}/{k}": pmean(v, axis_name) for k, v in reward_metrics.items()},
   }
   return new_state, metrics
 

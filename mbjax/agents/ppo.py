@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from mbjax.agents.collectives import pmean
 from mbjax.agents.returns import generalized_advantage_estimation
 from mbjax.envs.spaces import HybridAction
 from mbjax.nets import cores
@@ -52,8 +53,8 @@ class ObservationStatistics:
   def update(self, obs: jax.Array, axis_name: str | None) -> "ObservationStatistics":
     """Folds in a batch of observations [N, *shape] (all devices' N when sharded)."""
     batch_axes = tuple(range(obs.ndim - self.mean.ndim))
-    batch_mean = _pmean(obs.mean(batch_axes), axis_name)
-    batch_var = _pmean(jnp.square(obs - batch_mean).mean(batch_axes), axis_name)
+    batch_mean = pmean(obs.mean(batch_axes), axis_name)
+    batch_var = pmean(jnp.square(obs - batch_mean).mean(batch_axes), axis_name)
     batch_count = jnp.float32(obs.size // self.mean.size)
     if axis_name is not None:
       batch_count = jax.lax.psum(batch_count, axis_name)
@@ -88,10 +89,6 @@ class Rollout(NamedTuple):
   next_value: jax.Array  # V of the observation that followed the action
   # Optional distillation target [T, E] (a HybridDistribution from a latent policy).
   teacher: Any = None
-
-
-def _pmean(x, axis_name):
-  return x if axis_name is None else jax.lax.pmean(x, axis_name)
 
 
 def make_network(cfg: ml_collections.ConfigDict, spec) -> ActorCritic:
@@ -178,8 +175,8 @@ def loss(params, network: ActorCritic, cfg: ml_collections.ConfigDict, batch: Mi
 
   advantage = batch.advantage
   if ppo.normalize_advantages:
-    mean = _pmean(advantage.mean(), axis_name)
-    var = _pmean(jnp.square(advantage - mean).mean(), axis_name)
+    mean = pmean(advantage.mean(), axis_name)
+    var = pmean(jnp.square(advantage - mean).mean(), axis_name)
     advantage = (advantage - mean) / (jnp.sqrt(var) + 1e-8)
 
   log_ratio = log_prob - data.log_prob
@@ -210,7 +207,7 @@ def loss(params, network: ActorCritic, cfg: ml_collections.ConfigDict, batch: Mi
       "policy/clip_fraction": (jnp.abs(ratio - 1.0) > ppo.clip_eps).mean(),
   }
   # Differentiating the device-mean gives the mean gradient (see module docstring).
-  return _pmean(total, axis_name), jax.tree.map(lambda m: _pmean(m, axis_name), metrics)
+  return pmean(total, axis_name), jax.tree.map(lambda m: pmean(m, axis_name), metrics)
 
 
 def _chunk(rollout: Rollout, advantage, target, seq_len: int):
@@ -283,5 +280,5 @@ def update(state: PPOState, rollout: Rollout, key: jax.Array, *, network: ActorC
   if ppo.normalize_observations and jnp.issubdtype(rollout.obs.dtype, jnp.floating):
     obs_stats = obs_stats.update(rollout.obs, axis_name)
   metrics = jax.tree.map(jnp.mean, metrics)
-  metrics["value/target_mean"] = _pmean(target.mean(), axis_name)
+  metrics["value/target_mean"] = pmean(target.mean(), axis_name)
   return PPOState(params, opt_state, obs_stats), metrics

@@ -34,6 +34,7 @@ import ml_collections
 import numpy as np
 import optax
 
+from mbjax.agents.collectives import pmean
 from mbjax.agents.kl import categorical_kl, gaussian_kl
 from mbjax.envs.spaces import HybridAction, HybridActionSpec
 from mbjax.nets.actor_critic import PixelEncoder
@@ -695,7 +696,6 @@ def loss(params, model: WorldModel, cfg: ml_collections.ConfigDict, batch: Seque
              + wm.rep_scale * jnp.maximum(rep, wm.free_nats))
   total = (squared_error.mean() + std_nll.mean() + reward_loss.mean() + continue_loss.mean()
            + kl_loss.mean() + delta_loss)
-  pmean = (lambda x: x) if axis_name is None else (lambda x: jax.lax.pmean(x, axis_name))
   metrics = {
       "wm/loss": total,
       "wm/recon": jnp.square(mean - target).mean(),
@@ -706,7 +706,8 @@ def loss(params, model: WorldModel, cfg: ml_collections.ConfigDict, batch: Seque
       "wm/one_step_error": jax.lax.stop_gradient(_masked_mean(one_step.mean(obs_axes), inside)),
       "wm/copy_last_error": copy_last_observation_error(batch.obs, batch.is_first),
   }
-  return pmean(total), (jax.lax.stop_gradient(posts), jax.tree.map(pmean, metrics))
+  return pmean(total, axis_name), (jax.lax.stop_gradient(posts),
+                                    jax.tree.map(lambda m: pmean(m, axis_name), metrics))
 
 
 def update(state: WorldModelState, batch: Sequence, key, *, model: WorldModel, optimizer,
