@@ -243,7 +243,7 @@ def test_cpqe_switch_trains_cpqe_in_the_learner_and_leaves_the_others_alone():
   rollout, key = _learner_rollout(), jax.random.PRNGKey(5)
   agent, aux_off, update_off = _learner_setup(enabled=False)
   _, aux_on, update_on = _learner_setup(enabled=True)
-  assert not hasattr(aux_off, "cpqe") and jax.tree.leaves(aux_on.cpqe)
+  assert aux_off.cpqe == () and jax.tree.leaves(aux_on.cpqe)
   with pytest.raises(ValueError, match="config.cpqe.enabled=True needs continuous"):
     _learner_setup(enabled=True, spec=HybridActionSpec(0, (2,)))
 

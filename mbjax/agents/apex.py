@@ -44,13 +44,6 @@ class AuxState:
   dream: Any = ()
   efe: Any = ()
   preference: Any = ()
-
-
-@flax.struct.dataclass
-class AuxStateWithCPQE(AuxState):
-  """`AuxState` plus the CPQE learners (`cpqe.enabled`). A class of its own so that runs
-  without CPQE keep the checkpoint layout of the runs written before it existed."""
-
   cpqe: Any = ()
 
 
@@ -75,10 +68,8 @@ class Learners(flax.struct.PyTreeNode):
 
   @property
   def cpqe(self) -> ml_collections.ConfigDict | None:
-    """The CPQE config section when it trains in the learner (absent from configs saved
-    before the switch existed)."""
-    section = self.cfg.get("cpqe")
-    return section if section is not None and section.enabled else None
+    """The CPQE config section when it trains in the learner."""
+    return self.cfg.cpqe if self.cfg.cpqe.enabled else None
 
 
 def make_learners(cfg: ml_collections.ConfigDict, spec: HybridActionSpec, obs_shape) -> Learners:
@@ -99,7 +90,7 @@ def make_learners(cfg: ml_collections.ConfigDict, spec: HybridActionSpec, obs_sh
 def init(key, learners: Learners, obs_shape, obs_dtype) -> AuxState:
   aux = AuxState()
   if learners.cpqe is not None:
-    aux = AuxStateWithCPQE(cpqe=cpqe_lib.init(
+    aux = aux.replace(cpqe=cpqe_lib.init(
         jax.random.fold_in(key, _CPQE_STREAM), learners.cpqe, math.prod(obs_shape),
         learners.spec.continuous_dim))
   if not learners.enabled:
