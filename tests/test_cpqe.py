@@ -210,8 +210,8 @@ def _learner_setup(enabled: bool, spec=HybridActionSpec(2, (3,))):
   cfg.world_model.enabled = cfg.dream.enabled = cfg.efe.enabled = False
   cfg.cpqe.update(_small_learner_config().to_dict())
   cfg.cpqe.enabled = enabled
-  network = ppo.make_network(cfg, spec)
-  optimizer = ppo.make_optimizer(cfg, 10)
+  network = ppo.make_network(cfg.network, spec)
+  optimizer = ppo.make_optimizer(cfg.ppo, 10)
   learners = apex.make_learners(cfg, spec, (OBS_DIM,))
   agent = jax.jit(lambda k: ppo.init(k, network, optimizer, (OBS_DIM,), jnp.float32))(
       jax.random.PRNGKey(0))

@@ -80,8 +80,8 @@ def test_lambda_returns_match_loop(jit):
 @pytest.fixture(scope="module", params=[4, 0], ids=["categorical", "gaussian"])
 def model_and_params(request):
   cfg = _config(classes=request.param)
-  model = wm_lib.make_world_model(cfg, (5,))
-  state = wm_lib.init(jax.random.PRNGKey(0), model, wm_lib.make_optimizer(cfg), (5,),
+  model = wm_lib.make_world_model(cfg.world_model, (5,))
+  state = wm_lib.init(jax.random.PRNGKey(0), model, wm_lib.make_optimizer(cfg.world_model), (5,),
                       jnp.float32, wm_lib.action_vector_size(SPEC))
   return cfg, model, state.params
 
@@ -126,8 +126,8 @@ def test_prior_after_each_action_equals_a_separate_transition(rssm_layers, jit):
   starts a new episode (the terminal transition); it must equal stepping s_t with a_t."""
   cfg = _config(classes=0)
   cfg.world_model.rssm_layers = rssm_layers
-  model = wm_lib.make_world_model(cfg, (5,))
-  params = wm_lib.init(jax.random.PRNGKey(0), model, wm_lib.make_optimizer(cfg), (5,),
+  model = wm_lib.make_world_model(cfg.world_model, (5,))
+  params = wm_lib.init(jax.random.PRNGKey(0), model, wm_lib.make_optimizer(cfg.world_model), (5,),
                        jnp.float32, wm_lib.action_vector_size(SPEC)).params
   length, batch = 6, 3
   rng = np.random.default_rng(4)
@@ -154,8 +154,8 @@ def test_pixel_embedding_scales_uint8_frames_for_sequences_and_single_steps():
   exactly like a [B, H, W, 3] batch (a rank test on the input once routed sequences of
   frames through the vector path's symlog)."""
   cfg = _config()
-  model = wm_lib.make_world_model(cfg, (16, 16, 3))
-  params = wm_lib.init(jax.random.PRNGKey(0), model, wm_lib.make_optimizer(cfg), (16, 16, 3),
+  model = wm_lib.make_world_model(cfg.world_model, (16, 16, 3))
+  params = wm_lib.init(jax.random.PRNGKey(0), model, wm_lib.make_optimizer(cfg.world_model), (16, 16, 3),
                        jnp.uint8, wm_lib.action_vector_size(SPEC)).params
   frames = np.random.default_rng(0).integers(0, 256, (2, 3, 16, 16, 3), dtype=np.uint8)
   embed = lambda x: model.apply(params, x, method=wm_lib.WorldModel.embed)
@@ -222,8 +222,8 @@ def test_apex_step_keeps_gradients_apart():
   learners never touch the policy unless distillation is switched on."""
   cfg = _config()
   cfg.ppo.num_minibatches = 2
-  network = ppo.make_network(cfg, SPEC)
-  optimizer = ppo.make_optimizer(cfg, 10)
+  network = ppo.make_network(cfg.network, SPEC)
+  optimizer = ppo.make_optimizer(cfg.ppo, 10)
   learners = apex.make_learners(cfg, SPEC, (5,))
   agent = ppo.init(jax.random.PRNGKey(0), network, optimizer, (5,), jnp.float32)
   aux = apex.init(jax.random.PRNGKey(1), learners, (5,), jnp.float32)
@@ -232,8 +232,8 @@ def test_apex_step_keeps_gradients_apart():
   step = jax.jit(lambda a, x, r, k: apex.update(a, x, r, k, learners=learners,
                                                 network=network, optimizer=optimizer))
   new_agent, new_aux, metrics = step(agent, aux, rollout, key)
-  alone, _ = ppo.update(agent, rollout, jax.random.split(key, 7)[0], network=network,
-                        optimizer=optimizer, cfg=cfg)
+  alone, _ = ppo.update(agent, rollout, jax.random.split(key, 7)[0], cfg.ppo, network=network,
+                        optimizer=optimizer)
   jax.tree.map(np.testing.assert_array_equal, new_agent.params, alone.params)
   for name in ("world_model", "dream", "efe"):
     before = jax.tree.leaves(getattr(aux, name))
@@ -269,7 +269,7 @@ def test_distill_coef_schedules_hand_computed(jit):
       ("linear", 1.0, ((0.0, 0.1), (0.25, 0.075), (1.0, 0.0), (1.5, 0.0))),
       ("linear", 0.5, ((0.0, 0.1), (0.125, 0.075), (0.5, 0.0), (0.9, 0.0)))):
     cfg.served.distill_schedule, cfg.served.distill_end = schedule, end
-    coef = lambda progress: apex.distill_coef(cfg, progress)
+    coef = lambda progress: apex.distill_coef(cfg.served, progress)
     coef = jax.jit(coef) if jit else coef
     for progress, expected in cases:
       np.testing.assert_allclose(coef(progress), expected, rtol=1e-6, atol=1e-9,
@@ -290,8 +290,8 @@ def test_world_model_learns_a_linear_system():
   2026-11-26: 0.054 vs 0.094) and far below its starting value (0.56)."""
   cfg = _config(classes=0)
   cfg.world_model.lr = 1e-3
-  model = wm_lib.make_world_model(cfg, (2,))
-  optimizer = wm_lib.make_optimizer(cfg)
+  model = wm_lib.make_world_model(cfg.world_model, (2,))
+  optimizer = wm_lib.make_optimizer(cfg.world_model)
   state = wm_lib.init(jax.random.PRNGKey(0), model, optimizer, (2,), jnp.float32, 5)
   angle = 0.5
   rotation = jnp.array([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]])
@@ -307,8 +307,8 @@ def test_world_model_learns_a_linear_system():
   def train(state, key):
     def step(state, key):
       data_key, update_key = jax.random.split(key)
-      state, _, metrics = wm_lib.update(state, batch(data_key), update_key, model=model,
-                                        optimizer=optimizer, cfg=cfg)
+      state, _, metrics = wm_lib.update(state, batch(data_key), update_key, cfg.world_model,
+                                        model=model, optimizer=optimizer)
       return state, metrics
     return jax.lax.scan(step, state, jax.random.split(key, 300))
 
@@ -442,8 +442,8 @@ def test_polar_entities_move_against_the_agents_predicted_move():
   cfg.world_model.predict_delta = True
   cfg.world_model.entity_slots = ((2, 2, 4, 3),)
   cfg.world_model.agent_position = (0, 2.0)
-  model = wm_lib.make_world_model(cfg, (11,))
-  params = wm_lib.init(jax.random.PRNGKey(0), model, wm_lib.make_optimizer(cfg), (11,),
+  model = wm_lib.make_world_model(cfg.world_model, (11,))
+  params = wm_lib.init(jax.random.PRNGKey(0), model, wm_lib.make_optimizer(cfg.world_model), (11,),
                        jnp.float32, 5).params
   agent = np.array([0.2, -0.5], np.float32)
   moved_agent = np.array([0.6, -0.3], np.float32)
@@ -473,7 +473,7 @@ def test_world_model_lr_decays_to_zero_over_its_updates():
   step is the learning rate itself (bias-corrected m / √v = 1)."""
   cfg = _config()
   cfg.world_model.lr_decay_updates = 2
-  optimizer = wm_lib.make_optimizer(cfg)
+  optimizer = wm_lib.make_optimizer(cfg.world_model)
   params = {"w": jnp.ones(3)}
   state = optimizer.init(params)
   steps = []
@@ -484,7 +484,7 @@ def test_world_model_lr_decays_to_zero_over_its_updates():
                              rtol=1e-4, atol=1e-12)
   cfg.world_model.lr_decay_updates = -1
   with pytest.raises(ValueError, match="lr_decay_updates=-1: expected ≥ 0"):
-    wm_lib.make_optimizer(cfg)
+    wm_lib.make_optimizer(cfg.world_model)
 
 
 def test_entity_slots_are_validated():
@@ -492,8 +492,8 @@ def test_entity_slots_are_validated():
   cfg.world_model.predict_delta = True
 
   def init():  # the model is built, and so validated, with `cfg` as it is at the call
-    wm_lib.init(jax.random.PRNGKey(0), wm_lib.make_world_model(cfg, (12,)),
-                wm_lib.make_optimizer(cfg), (12,), jnp.float32, 5)
+    wm_lib.init(jax.random.PRNGKey(0), wm_lib.make_world_model(cfg.world_model, (12,)),
+                wm_lib.make_optimizer(cfg.world_model), (12,), jnp.float32, 5)
 
   for slots, message in ((((2, 3, 3),), r"block \(2, 3, 3\): expected"),
                          (((2, 3, 3, 3),), r"block \(2, 3, 3, 3\): expected"),
@@ -556,8 +556,8 @@ def test_delta_head_reads_the_action_itself(jit):
   cfg = _config()
   cfg.world_model.predict_delta = True
   cfg.world_model.entity_slots = ((3, 2, 3, 1),)
-  model = wm_lib.make_world_model(cfg, (9,))
-  params = wm_lib.init(jax.random.PRNGKey(0), model, wm_lib.make_optimizer(cfg), (9,),
+  model = wm_lib.make_world_model(cfg.world_model, (9,))
+  params = wm_lib.init(jax.random.PRNGKey(0), model, wm_lib.make_optimizer(cfg.world_model), (9,),
                        jnp.float32, 5).params
   rng = np.random.default_rng(0)
   params = jax.tree.map(lambda x: x + 0.3 * jnp.asarray(rng.normal(size=x.shape), x.dtype),
@@ -578,8 +578,8 @@ def test_delta_head_starts_as_copy_last_and_errors_are_per_dimension():
   o_t, computed here by hand in symlog space, over the steps that stay in an episode."""
   cfg = _config()
   cfg.world_model.predict_delta = True
-  model = wm_lib.make_world_model(cfg, (3,))
-  params = wm_lib.init(jax.random.PRNGKey(0), model, wm_lib.make_optimizer(cfg), (3,),
+  model = wm_lib.make_world_model(cfg.world_model, (3,))
+  params = wm_lib.init(jax.random.PRNGKey(0), model, wm_lib.make_optimizer(cfg.world_model), (3,),
                        jnp.float32, 5).params
   obs = np.array([[[0.0, 1.0, -2.0]], [[1.0, 1.0, 0.0]], [[3.0, 0.0, 0.0]]], np.float32)
   is_first = np.array([[True], [False], [True]])  # o_2 starts a new episode
@@ -589,7 +589,7 @@ def test_delta_head_starts_as_copy_last_and_errors_are_per_dimension():
   # One compiled program for both: the per-dimension errors and the loss's metrics.
   (model_sq, copy_sq, inside), metrics = jax.jit(lambda p, b: (
       wm_lib.one_step_squared_errors(p, model, b, key),
-      wm_lib.loss(p, model, cfg, b, key)[1][1]))(params, batch)
+      wm_lib.loss(p, b, key, cfg.world_model, model=model)[1][1]))(params, batch)
   log2 = math.log(2.0)
   np.testing.assert_allclose(copy_sq[0, 0], [log2 ** 2, 0.0, math.log(3.0) ** 2], rtol=1e-6)
   np.testing.assert_allclose(model_sq, copy_sq, rtol=1e-6)
@@ -598,6 +598,6 @@ def test_delta_head_starts_as_copy_last_and_errors_are_per_dimension():
   np.testing.assert_allclose(metrics["wm/one_step_error"], expected, rtol=1e-6)
   np.testing.assert_allclose(metrics["wm/copy_last_error"], expected, rtol=1e-6)
   with pytest.raises(ValueError, match="predict_delta=True needs vector observations"):
-    wm_lib.make_world_model(cfg, (8, 8, 3)).init(
+    wm_lib.make_world_model(cfg.world_model, (8, 8, 3)).init(
         jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 3), jnp.uint8), jnp.zeros((1, 5)),
         jnp.ones((1,), bool), jax.random.PRNGKey(0))

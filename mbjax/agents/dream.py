@@ -41,8 +41,8 @@ class LatentActor(nn.Module):
   is given: imagination has no menu state to mask with)."""
 
   spec: HybridActionSpec
-  hidden_sizes: tuple[int, ...] = (256, 256)
-  squash: str = "clip"
+  hidden_sizes: tuple[int, ...]
+  squash: str
 
   @nn.compact
   def __call__(self, features, mask=None):
@@ -60,7 +60,7 @@ class LatentActor(nn.Module):
 
 
 class LatentCritic(nn.Module):
-  hidden_sizes: tuple[int, ...] = (256, 256)
+  hidden_sizes: tuple[int, ...]
 
   @nn.compact
   def __call__(self, features):
@@ -87,6 +87,7 @@ class Networks(flax.struct.PyTreeNode):
 
 def make_networks(section: ml_collections.ConfigDict, spec: HybridActionSpec,
                   squash: str) -> Networks:
+  """Actor, critic and their optimisers from the learner's config section (`dream`/`efe`)."""
   sizes = tuple(section.hidden_sizes)
   clip = lambda lr: optax.chain(optax.clip_by_global_norm(section.max_grad_norm),
                                 optax.adam(lr, eps=1e-5))
@@ -104,14 +105,15 @@ def init(key, nets: Networks, feature_size: int) -> LatentActorCriticState:
                                 nets.critic_optimizer.init(critic_params), jnp.float32(1.0))
 
 
-def update(state: LatentActorCriticState, wm_params, start: wm_lib.LatentState, key, *,
-           nets: Networks, world_model: wm_lib.WorldModel,
+def update(state: LatentActorCriticState, wm_params, start: wm_lib.LatentState, key,
+           section: ml_collections.ConfigDict, *, nets: Networks,
+           world_model: wm_lib.WorldModel,
            reward_fn: Callable[[jax.Array], tuple[jax.Array, dict]],
-           section: ml_collections.ConfigDict,
            axis_name: str | None = None, prefix: str = "dream"):
   """Imagines from `start` [N] (no gradient to the world model) and takes one actor and
-  one critic step. `reward_fn(features [H, N, F]) -> (rewards [H, N], metrics)` scores
-  each imagined transition by the state it leads to. Returns (state, metrics)."""
+  one critic step, with the learner's config section (`dream` or `efe`).
+  `reward_fn(features [H, N, F]) -> (rewards [H, N], metrics)` scores each imagined
+  transition by the state it leads to. Returns (state, metrics)."""
   spec = nets.actor.spec
   start = jax.lax.stop_gradient(start)
 
