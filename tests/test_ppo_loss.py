@@ -71,6 +71,10 @@ def test_loss_matches_the_clipped_surrogate_formula(clip_value_loss, jit):
   np.testing.assert_allclose(metrics["loss/value"], value_loss, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(metrics["policy/entropy"], entropy, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(total, expected, rtol=1e-5, atol=1e-6)
+  # A distillation teacher without its coefficient is refused.
+  taught = batch._replace(rollout=batch.rollout._replace(teacher=dist))
+  with pytest.raises(ValueError, match="carries a distillation teacher; pass distill_coef"):
+    loss_fn(state.params, taught, state.obs_stats)
 
 
 def test_observation_statistics_track_mean_and_variance():

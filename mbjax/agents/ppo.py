@@ -170,6 +170,8 @@ def loss(params, batch: Minibatch, ppo: ml_collections.ConfigDict, *, network: A
   when sharded.
   """
   data = batch.rollout
+  if data.teacher is not None and distill_coef is None:
+    raise ValueError("ppo.loss: the rollout carries a distillation teacher; pass distill_coef")
   obs = prepare_obs(data.obs, obs_stats, ppo.normalize_observations)
   dist, value = unroll(network, params, data.carry, obs, data.is_first, data.mask)
   log_prob = dist.log_prob(data.action)
@@ -195,8 +197,6 @@ def loss(params, batch: Minibatch, ppo: ml_collections.ConfigDict, *, network: A
   total = policy_loss + ppo.vf_coef * value_loss - ppo.ent_coef * entropy
   distill = {}
   if data.teacher is not None:
-    if distill_coef is None:
-      raise ValueError("the rollout carries a distillation teacher: pass distill_coef")
     distill_loss = data.teacher.kl_divergence(dist).mean()
     total += distill_coef * distill_loss
     distill = {"loss/distill": distill_loss,
