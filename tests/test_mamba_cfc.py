@@ -135,7 +135,7 @@ def test_pilot_roles_default_to_a_cfc_core():
   assert (cfg.role, cfg.network.core) == ("", "none")
   cfg.role = "pilot"
   assert cfg.network.core == "cfc" and cfg.to_dict()["network"]["core"] == "cfc"
-  network = ppo.make_network(cfg, HybridActionSpec(2, (3,)))
+  network = ppo.make_network(cfg.network, HybridActionSpec(2, (3,)))
   assert network.core == "cfc" and network.initial_carry(5).shape == (5, cfg.network.core_size)
   cfg.role = "Pilot_2"
   assert cfg.network.core == "cfc"
@@ -203,7 +203,7 @@ def test_ppo_unroll_equals_stepping_in_values_and_gradients(core):
   cfg = memory_ppo.get_config(f"{core},debug")
   cfg.network.scan_path = "associative"
   env, env_params = registry.make(cfg.env.name)
-  network = ppo.make_network(cfg, env.action_spec(env_params))
+  network = ppo.make_network(cfg.network, env.action_spec(env_params))
   k = jax.random.split(jax.random.PRNGKey(2), 4)
   length, batch = 12, 4
   obs = jax.random.normal(k[0], (length, batch) + env.observation_shape(env_params))

@@ -39,11 +39,12 @@ def _minibatch(rng, length, batch):
 @pytest.mark.parametrize("jit", [True, False])
 def test_loss_matches_the_clipped_surrogate_formula(clip_value_loss, jit):
   cfg = _config(clip_value_loss)
-  network = ppo.make_network(cfg, SPEC)
-  state = ppo.init(jax.random.PRNGKey(0), network, ppo.make_optimizer(cfg, 10), (5,),
+  network = ppo.make_network(cfg.network, SPEC)
+  state = ppo.init(jax.random.PRNGKey(0), network, ppo.make_optimizer(cfg.ppo, 10), (5,),
                    jnp.float32)
   batch = _minibatch(np.random.default_rng(0), 4, 6)
-  loss_fn = lambda params, batch, stats: ppo.loss(params, network, cfg, batch, stats)
+  loss_fn = lambda params, batch, stats: ppo.loss(params, batch, cfg.ppo, network=network,
+                                                 obs_stats=stats)
   loss_fn = jax.jit(loss_fn) if jit else loss_fn
   total, metrics = loss_fn(state.params, batch, state.obs_stats)
 
@@ -70,6 +71,10 @@ def test_loss_matches_the_clipped_surrogate_formula(clip_value_loss, jit):
   np.testing.assert_allclose(metrics["loss/value"], value_loss, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(metrics["policy/entropy"], entropy, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(total, expected, rtol=1e-5, atol=1e-6)
+  # A distillation teacher without its coefficient is refused.
+  taught = batch._replace(rollout=batch.rollout._replace(teacher=dist))
+  with pytest.raises(ValueError, match="carries a distillation teacher; pass distill_coef"):
+    loss_fn(state.params, taught, state.obs_stats)
 
 
 def test_observation_statistics_track_mean_and_variance():

@@ -65,12 +65,12 @@ class ActorCritic(nn.Module):
   """
 
   spec: HybridActionSpec
-  hidden_sizes: Sequence[int] = (64, 64)
-  activation: str = "tanh"
-  core: str = "none"  # one of cores.CORES
-  core_size: int = 128
-  squash: Squash = "clip"
-  core_options: CoreOptions = CoreOptions()
+  hidden_sizes: Sequence[int]
+  activation: str
+  core: str  # one of cores.CORES
+  core_size: int
+  squash: Squash
+  core_options: CoreOptions
 
   def setup(self):
     if self.core not in cores.CORES:

@@ -101,8 +101,8 @@ def make_train(cfg: ml_collections.ConfigDict, env: Environment, env_params: Any
   env = wrap_env(env, cfg)
   vec_env = VecEnv(env, cfg.env.reset_fraction)
   spec = env.action_spec(env_params)
-  network = ppo.make_network(cfg, spec)
-  optimizer = ppo.make_optimizer(cfg, num_updates)
+  network = ppo.make_network(cfg.network, spec)
+  optimizer = ppo.make_optimizer(cfg.ppo, num_updates)
   obs_shape, obs_dtype = env.observation_shape(env_params), env.observation_dtype(env_params)
   learners = apex.make_learners(cfg, spec, obs_shape)
   normalize = cfg.ppo.normalize_observations

@@ -91,7 +91,7 @@ def base_config() -> ml_collections.ConfigDict:
   cfg.world_model.max_grad_norm = 1000.0
   cfg.world_model.free_nats = 1.0
   # Vectors: a head trained on symlog(o_{t+1}) − symlog(o_t) from o_t and a_t (the one-step
-  # prediction adds it to o_t). Off keeps the parameter layout of older checkpoints.
+  # prediction adds it to o_t); off, the one-step prediction decodes the prior after a_t.
   cfg.world_model.predict_delta = False
   # ((start, slots, features per slot, sort feature), ...): slot lists (presence first,
   # sorted by the sort feature) whose delta comes entity by entity, re-sorted
