@@ -56,8 +56,9 @@ class CfCCell(nn.Module):
     batch = x.shape[0]
     chex.assert_shape(carry, (batch, self.size))
     chex.assert_shape(is_first, (batch,))
-    dt = jnp.ones((batch, 1), x.dtype) if dt is None else jnp.asarray(dt, x.dtype)[:, None]
-    chex.assert_shape(dt, (batch, 1))
+    dt = jnp.ones((batch,), x.dtype) if dt is None else jnp.asarray(dt, x.dtype)
+    chex.assert_shape(dt, (batch,))
+    dt = dt[:, None]
     dense = lambda features, name: nn.Dense(  # noqa: E731
         features, kernel_init=nn.initializers.xavier_uniform(), name=name)
     state = jnp.where(is_first[:, None], 0.0, carry)

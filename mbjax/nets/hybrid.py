@@ -9,11 +9,12 @@ branch has its own mask slice, and the continuous part has an explicit squash:
 * `"tanh"`: the env receives a = tanh(u), and the log-prob includes the change of variables,
   log p(a) = log N(u; μ, σ) − Σ log(1 − tanh²(u)). `entropy()` returns the Gaussian's, the
   usual surrogate for the entropy bonus, which overstates the entropy of a by
-  −Σ_d E[log(1 − tanh²(u_d))] (0.5–11 nats over 3 dims on random policies).
+  −Σ_d E[log(1 − tanh²(u_d))] ≥ 0 (2 to 22 nats over 3 dims in tests/test_hybrid.py's cases).
   `entropy(squashed=True)` returns the entropy of a itself: the Gaussian's plus that
   expectation, one integral per dim (the dims are independent), taken by quadrature — no
-  samples, no key, deterministic, accurate to ~1e-6 nats per dim, and differentiable in μ
-  and σ. With g(u) = log(1 − tanh²(u)) = −2 log cosh u (analytic):
+  samples, no key, deterministic, differentiable in μ and σ, and within 2e-7 nats per dim of
+  a fine-grid integral in float64 over μ ∈ [−5, 10], σ ∈ [1e-3, 100]. With
+  g(u) = log(1 − tanh²(u)) = −2 log cosh u (analytic):
   - σ ≤ 0.7: 16-node Gauss–Hermite in the reparameterised u = μ + √2·σ·xᵢ.
   - σ > 0.7, where Gauss–Hermite nodes become too sparse for the curvature of g near 0:
     g(u) = 2 log 2 − 2|u| − 2 log(1 + e^{−2|u|}), with E|u| in closed form (the folded

@@ -43,13 +43,15 @@ differently; each is an argument here (`trim_rule`, `sign_tie`):
   zeros never count; a coordinate where nothing agrees merges to 0.
 
 So `scope="global", trim_rule="floor_plus_one", sign_tie="majority"` is the authors' code and
-`scope="tensor", trim_rule="floor_first", sign_tie="positive"` is mergekit's `ties`
-(`vote="count"`: its `consensus_method: count`); `tests/test_parity.py` checks both against
-outputs of their code. The defaults are kept because they are the only choices that are
-local, permutation-invariant and odd: a coordinate's result depends on neither the order of
-the parameters in memory (as `"floor_first"` does) nor on other coordinates (as `"majority"`
-does), and negating every task vector negates the merge (`"positive"` breaks that); ⌈k·n⌉
-keeps exactly k·n entries when that is whole, where ⌊k·n⌋ + 1 keeps one more.
+`scope="tensor", trim_rule="floor_first", sign_tie="positive"` is mergekit's `ties` (with
+`vote="mass"` its default consensus "sum", with `vote="count"` its "count");
+`tests/test_parity.py` checks both against
+outputs of their code. The defaults are kept for three properties the alternatives lack: the
+merge does not depend on the order of the parameters in memory (`"floor_first"` does, at
+threshold ties); a zero-sum coordinate is not decided by the rest of the vector (as with
+`"majority"`); and negating every task vector negates the merge (`"positive"` favours +).
+Of the counts that keep threshold ties, ⌈k·n⌉ keeps exactly k·n entries when that is whole,
+where ⌊k·n⌋ + 1 keeps one more than asked.
 
 Gating (the architecture note's open question "what metrics should gate merging vs keeping
 specialists apart"): per pair of task vectors, the cosine similarity and the sign-conflict
@@ -186,7 +188,8 @@ def resolve_sign_ties(signs: PyTree, sign_tie: str = "zero") -> PyTree:
   if sign_tie == "positive":
     fill = 1.0
   elif sign_tie == "majority":
-    fill = jnp.sign(sum(jnp.sum(s, dtype=jnp.float32) for s in jax.tree.leaves(signs)))
+    # Integer counts: a float32 sum of ±1 stops being exact past 2²⁴ coordinates.
+    fill = jnp.sign(sum(jnp.sum(s.astype(jnp.int32)) for s in jax.tree.leaves(signs)))
   else:
     raise ValueError(f"sign_tie must be one of {SIGN_TIES}, got {sign_tie!r}")
   return jax.tree.map(lambda s: jnp.where(s == 0, fill, s).astype(s.dtype), signs)
