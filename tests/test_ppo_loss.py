@@ -1,4 +1,5 @@
-"""The PPO objective and observation statistics against formulas computed in numpy."""
+"""The PPO objective (with the Gaussian or the squashed entropy bonus) and observation
+statistics against formulas computed in numpy."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -6,13 +7,16 @@ import pytest
 
 from mbjax.agents import ppo
 from mbjax.envs.spaces import HybridAction, HybridActionSpec
+from mbjax.nets.hybrid import expected_tanh_log_det
 from mbjax.train import config as config_lib
 
 SPEC = HybridActionSpec(continuous_dim=2, branches=(3,))
 
 
-def _config(clip_value_loss):
+def _config(clip_value_loss, squashed_entropy=False):
   cfg = config_lib.base_config()
+  cfg.network.squash = "tanh" if squashed_entropy else "clip"
+  cfg.ppo.squashed_entropy = squashed_entropy
   cfg.ppo.clip_value_loss = clip_value_loss
   cfg.ppo.clip_eps = 0.2
   cfg.ppo.vf_coef = 0.5
@@ -35,10 +39,11 @@ def _minibatch(rng, length, batch):
   return ppo.Minibatch(rollout, advantage, target)
 
 
-@pytest.mark.parametrize("clip_value_loss", [True, False])
-@pytest.mark.parametrize("jit", [True, False])
-def test_loss_matches_the_clipped_surrogate_formula(clip_value_loss, jit):
-  cfg = _config(clip_value_loss)
+@pytest.mark.parametrize("clip_value_loss,jit,squashed_entropy", [
+    (True, True, False), (True, False, False), (False, True, False), (False, False, False),
+    (True, True, True)])
+def test_loss_matches_the_clipped_surrogate_formula(clip_value_loss, jit, squashed_entropy):
+  cfg = _config(clip_value_loss, squashed_entropy)
   network = ppo.make_network(cfg.network, SPEC)
   state = ppo.init(jax.random.PRNGKey(0), network, ppo.make_optimizer(cfg.ppo, 10), (5,),
                    jnp.float32)
@@ -54,6 +59,8 @@ def test_loss_matches_the_clipped_surrogate_formula(clip_value_loss, jit):
   log_prob = np.asarray(dist.log_prob(jax.tree.map(lambda x: x.reshape(24, -1),
                                                    batch.rollout.action)))
   entropy = np.asarray(dist.entropy()).mean()
+  if squashed_entropy:  # the bonus is on tanh(u): H[u] + Σ_d E[log(1 − tanh²(u_d))]
+    entropy += np.asarray(expected_tanh_log_det(dist.mean, jnp.exp(dist.log_std))).sum(-1).mean()
   value = np.asarray(value)
   adv = batch.advantage.reshape(-1)
   adv = (adv - adv.mean()) / (adv.std() + 1e-8)

@@ -89,6 +89,7 @@ class Rollout(NamedTuple):
   next_value: jax.Array  # V of the observation that followed the action
   # Optional distillation target [T, E] (a HybridDistribution from a latent policy).
   teacher: Any = None
+  dt: Any = None  # optional f32[T, E]: elapsed time before each step (CfC cores); None = 1
 
 
 def make_network(net: ml_collections.ConfigDict, spec) -> ActorCritic:
@@ -96,7 +97,8 @@ def make_network(net: ml_collections.ConfigDict, spec) -> ActorCritic:
   options = cores.CoreOptions(
       mamba_layers=net.mamba_layers, ssm_state_size=net.ssm_state_size,
       conv_size=net.conv_size, expand=net.mamba_expand, scan_path=net.scan_path,
-      scan_chunk=net.scan_chunk)
+      scan_chunk=net.scan_chunk,
+      cfc_mode=net.cfc_mode)
   return ActorCritic(spec=spec, hidden_sizes=tuple(net.hidden_sizes), activation=net.activation,
                      core=net.core, core_size=net.core_size, squash=net.squash,
                      core_options=options)
@@ -131,10 +133,11 @@ def prepare_obs(obs: jax.Array, stats: ObservationStatistics, normalize: bool) -
   return obs
 
 
-def unroll(network: ActorCritic, params, carry: Carry, obs, is_first, mask):
+def unroll(network: ActorCritic, params, carry: Carry, obs, is_first, mask, dt=None):
   """Applies the network over a sequence [L, N, ...] from `carry`; returns (dist, value)
   with leading [L, N]. Feed-forward networks are applied to all steps at once, cores with a
-  whole-sequence path (Mamba) use it, the others are stepped by `lax.scan`."""
+  whole-sequence path (Mamba) use it, the others are stepped by `lax.scan` (with the
+  per-step elapsed time `dt` [L, N] where the core takes it)."""
   if network.core == "none":
     length, batch = is_first.shape
     merge = lambda x: x.reshape((length * batch,) + x.shape[2:])
@@ -148,7 +151,9 @@ def unroll(network: ActorCritic, params, carry: Carry, obs, is_first, mask):
     carry, dist, value = network.apply(params, carry, *inputs)
     return carry, (dist, value)
 
-  _, (dist, value) = jax.lax.scan(step, carry, (obs, is_first, mask))
+  timed = dt is not None and cores.takes_dt(network.core)
+  _, (dist, value) = jax.lax.scan(
+      step, carry, (obs, is_first, mask, dt) if timed else (obs, is_first, mask))
   return dist, value
 
 
@@ -165,7 +170,8 @@ def loss(params, batch: Minibatch, ppo: ml_collections.ConfigDict, *, network: A
   returns (loss, metrics).
 
   loss = −E[min(ρA, clip(ρ, 1±ε)A)] + c_v · ½E[(V − R)²] (optionally clipped around the old
-  value) − c_e · E[H[π]], with ρ = π(a|s)/π_old(a|s), plus c_d · E[KL(teacher ‖ π)] when the
+  value) − c_e · E[H[π]] (H of the squashed action with `ppo.squashed_entropy`, see
+  `mbjax.nets.hybrid`), with ρ = π(a|s)/π_old(a|s), plus c_d · E[KL(teacher ‖ π)] when the
   rollout carries a teacher (c_d: `distill_coef`, required then). Averaged over devices
   when sharded.
   """
@@ -173,9 +179,9 @@ def loss(params, batch: Minibatch, ppo: ml_collections.ConfigDict, *, network: A
   if data.teacher is not None and distill_coef is None:
     raise ValueError("ppo.loss: the rollout carries a distillation teacher; pass distill_coef")
   obs = prepare_obs(data.obs, obs_stats, ppo.normalize_observations)
-  dist, value = unroll(network, params, data.carry, obs, data.is_first, data.mask)
+  dist, value = unroll(network, params, data.carry, obs, data.is_first, data.mask, data.dt)
   log_prob = dist.log_prob(data.action)
-  entropy = dist.entropy().mean()
+  entropy = dist.entropy(ppo.squashed_entropy).mean()
 
   advantage = batch.advantage
   if ppo.normalize_advantages:

@@ -56,6 +56,9 @@ def base_config() -> ml_collections.ConfigDict:
   cfg.ppo.normalize_advantages = True
   cfg.ppo.normalize_observations = False  # running mean/std of vector observations
   cfg.ppo.seq_len = 16  # BPTT chunk length for recurrent cores
+  # Entropy bonus on the tanh-squashed action's entropy instead of the pre-squash Gaussian's
+  # (network.squash="tanh" only; mbjax.nets.hybrid).
+  cfg.ppo.squashed_entropy = False
 
   cfg.network = ml_collections.ConfigDict()
   cfg.network.hidden_sizes = (64, 64)
@@ -71,6 +74,7 @@ def base_config() -> ml_collections.ConfigDict:
   cfg.network.scan_path = "sequential"  # sequential | associative | chunked (same numbers)
   cfg.network.scan_chunk = 16  # time steps per chunk of the chunked scan
   cfg.network.squash = "clip"  # clip | tanh, see mbjax.nets.hybrid
+  cfg.network.cfc_mode = "default"  # default | no_gate | pure (ncps's modes, mbjax.nets.cfc)
 
   # The auxiliary learners run after every PPO update, in this order (mbjax.agents.apex).
   cfg.world_model = ml_collections.ConfigDict()
@@ -193,6 +197,7 @@ _CHOICES = {
     "network.core": ("none", "gru", "lstm", "cfc", "mamba"),
     "network.scan_path": ("sequential", "associative", "chunked"),
     "network.squash": ("clip", "tanh"),
+    "network.cfc_mode": ("default", "no_gate", "pure"),
     "network.activation": ("tanh", "relu", "silu", "elu"),
     "served.distill_from": ("none", "dream", "efe"),
     "served.distill_schedule": ("constant", "linear"),
@@ -226,6 +231,9 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   check_env_version(cfg)
   if not 0.0 < cfg.env.reset_fraction <= 1.0:
     raise ValueError(f"config.env.reset_fraction={cfg.env.reset_fraction}: expected (0, 1]")
+  if cfg.ppo.squashed_entropy and cfg.network.squash != "tanh":
+    raise ValueError("config.ppo.squashed_entropy=True: expected config.network.squash='tanh'"
+                     f", got {cfg.network.squash!r}")
   steps = cfg.ppo.num_steps
   seq_len = cfg.ppo.seq_len if cfg.network.core != "none" else 1
   if steps % seq_len or (steps // seq_len) % cfg.ppo.num_minibatches:
