@@ -76,3 +76,19 @@ def test_bad_sizes_are_named():
     replay.add(state, jnp.arange(5))
   with pytest.raises(ValueError, match="seq_len=5"):
     replay.sample_sequences(state, jax.random.PRNGKey(0), 1, 5)
+
+
+def test_stream_windows_stay_in_one_stream_and_never_cross_the_write_head():
+  # 3 streams written together; item t of stream s holds 100·s + t. Capacity 6, 9 steps
+  # written: steps 3..8 are stored, and a window of 4 starts at step 3, 4 or 5.
+  capacity, seq_len, streams = 6, 4, 3
+  state = replay.init_streams(jnp.int32(0), capacity, streams)
+  steps = jnp.arange(9)[None, :] + 100 * jnp.arange(streams)[:, None]  # [S, T]
+  state = replay.add_streams(state, steps[:, :5])
+  state = replay.add_streams(state, steps[:, 5:])
+  np.testing.assert_array_equal(state.head, [3, 3, 3])
+  windows = np.asarray(replay.sample_windows(state, jax.random.PRNGKey(2), 2000, seq_len))
+  assert windows.shape == (seq_len, 2000)  # time-major
+  expected = {tuple(100 * s + t for t in range(start, start + seq_len))
+              for s in range(streams) for start in (3, 4, 5)}
+  assert {tuple(w) for w in windows.T.tolist()} == expected

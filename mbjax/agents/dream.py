@@ -1,26 +1,41 @@
-"""Latent actor-critic trained on imagined trajectories ("dream" training; Hafner et al.
-2020 "Dreamer", with DreamerV3's return normalisation).
+"""Latent actor-critic trained on imagined trajectories ("dream" training: Hafner et al.
+2020 "Dreamer"; the objective and its stabilisers as in DreamerV3, Hafner et al. 2023).
 
-From posterior start states the world model's prior is rolled forward `horizon` steps
-under the latent actor. The critic regresses λ-returns that bootstrap from a slowly
-updated target critic; the actor follows REINFORCE with advantages scaled by
-max(1, S), where S is a running estimate of the 5th–95th percentile range of returns,
-plus an entropy bonus. Steps after a predicted episode end are down-weighted by the
-cumulative product of predicted continues.
+From posterior start states (every replayed posterior) the world model's prior is rolled
+forward `horizon` steps under the latent actor, which is masked by the world model's mask
+head. With r_h the predicted reward of step h, c_h its predicted continue probability and
+v the critic:
+
+  λ-returns   G_h = r_h + γ c_h ((1 − λ) v(s_{h+1}) + λ G_{h+1}),  G_{H−1} bootstraps v(s_H)
+  weights     w_h = Π_{k<h} c_k           (the imagined episode is still running)
+  scale       S ← (1 − rate) S + rate (P95(G) − P5(G)),  advantages (G − v(s)) / max(1, S)
+  actor       −w (log π(a|s) sg(advantage) + η H[π(·|s)])      (score function, no
+              gradient through the dynamics)
+  critic      w · CE(twohot(G), v(s)) + slow_reg · CE(twohot(v_slow(s)), v(s))
+              + replay_scale · CE(twohot(R_t), v(s_t)) on the replayed real trajectory,
+  slow critic v_slow ← (1 − τ) v_slow + τ v after every update.
+
+R_t are λ-returns of the replayed real rewards and episode ends, bootstrapped by the
+imagined return G_0 from each replayed state. The critic is a two-hot symlog distribution
+(`mbjax.agents.symlog`), zero-initialised (it predicts 0 at first); the actor's output layer
+is initialised at `outscale` × the usual scale, so the initial policy is near a fixed one
+(uniform choices, a centred Gaussian) without being exactly constant, and its categorical
+choices mix 1% (`unimix`) of the uniform distribution over the allowed choices.
 
 The same function trains the Active-Inference head (`mbjax.agents.efe`): only the reward
-differs (`reward_fn`), so "dream" and "EFE" are two instances of one algorithm.
+differs (`reward_fn`) and it has no replayed returns, so "dream" and "EFE" are two
+instances of one algorithm.
 
 Differs from upstream MetaBonk (`PPO.dream_update`): a critic, λ-returns and an entropy
 term instead of a pure H-step return; the hybrid action (discrete branches included)
 instead of continuous dims only; gradients never flow into the world model (its parameters
-are an input, not a frozen module); and the actor shapes the served policy through
-`distill_coef` (see `mbjax.agents.ppo`) instead of being left unused.
+are an input, not a frozen module); and the actor can act (`served.policy`).
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
+import chex
 import flax.linen as nn
 import flax.struct
 import jax
@@ -31,51 +46,79 @@ import optax
 from mbjax.agents import world_model as wm_lib
 from mbjax.agents.collectives import pmean
 from mbjax.agents.returns import lambda_returns
+from mbjax.agents.symlog import NUM_BINS, twohot_loss, twohot_mean
 from mbjax.envs.spaces import HybridActionSpec
-from mbjax.nets.actor_critic import MLP
 from mbjax.nets.hybrid import HybridDistribution, to_env_action
+
+MIN_STD, MAX_STD = 0.1, 1.0
+
+
+def _mlp(x, sizes):
+  for size in sizes:
+    x = nn.silu(nn.LayerNorm(epsilon=1e-3)(nn.Dense(size)(x)))
+  return x
+
+
+def _unimix_logits(logits, mask, unimix: float):
+  """log((1 − u) softmax(logits over the allowed choices) + u / #allowed); masked entries
+  are left to `HybridDistribution.create`."""
+  probs = jax.nn.softmax(jnp.where(mask, logits, -jnp.inf), -1)
+  uniform = mask / jnp.maximum(mask.sum(-1, keepdims=True), 1)
+  mixed = (1.0 - unimix) * probs + unimix * uniform
+  return jnp.log(jnp.where(mask, mixed, 1.0))
 
 
 class LatentActor(nn.Module):
-  """World-model features → hybrid action distribution (all choices allowed unless a mask
-  is given: imagination has no menu state to mask with)."""
+  """World-model features → hybrid action distribution, masked by `mask` (all choices when
+  None). The continuous std is state-dependent within [MIN_STD, MAX_STD]."""
 
   spec: HybridActionSpec
   hidden_sizes: tuple[int, ...]
   squash: str
+  unimix: float
+  outscale: float
 
   @nn.compact
   def __call__(self, features, mask=None):
-    x = MLP(self.hidden_sizes, "silu")(features)
+    x = _mlp(features, self.hidden_sizes)
     batch = features.shape[:-1]
+    out_init = nn.initializers.variance_scaling(self.outscale ** 2, "fan_in", "normal")
+    mask = self.spec.all_valid_mask(batch) if mask is None else mask
     if self.spec.continuous_dim:
-      mean = nn.Dense(self.spec.continuous_dim, kernel_init=nn.initializers.zeros)(x)
-      log_std = self.param("log_std", nn.initializers.zeros, (self.spec.continuous_dim,))
+      mean = nn.Dense(self.spec.continuous_dim, kernel_init=out_init, name="mean")(x)
+      raw_std = nn.Dense(self.spec.continuous_dim, kernel_init=out_init, name="std")(x)
+      # At initialisation (raw ≈ 0) the std is 0.55, halfway between the bounds.
+      log_std = jnp.log(MIN_STD + (MAX_STD - MIN_STD) * nn.sigmoid(raw_std))
     else:
       mean = log_std = jnp.zeros(batch + (0,))
-    logits = tuple(nn.Dense(n, kernel_init=nn.initializers.zeros)(x)
-                   for n in self.spec.branches)
-    mask = self.spec.all_valid_mask(batch) if mask is None else mask
-    return HybridDistribution.create(self.spec, mean, log_std, logits, mask, self.squash)
+    logits = []
+    for i, (n, offset) in enumerate(zip(self.spec.branches, self.spec.branch_offsets)):
+      raw = nn.Dense(n, kernel_init=out_init, name=f"branch_{i}")(x)
+      logits.append(_unimix_logits(raw, mask[..., offset:offset + n], self.unimix))
+    return HybridDistribution.create(self.spec, mean, log_std, tuple(logits), mask,
+                                     self.squash)
 
 
 class LatentCritic(nn.Module):
+  """World-model features → two-hot symlog value logits [..., NUM_BINS] (zero at init)."""
+
   hidden_sizes: tuple[int, ...]
 
   @nn.compact
   def __call__(self, features):
-    x = MLP(self.hidden_sizes, "silu")(features)
-    return nn.Dense(1, kernel_init=nn.initializers.zeros)(x)[..., 0]
+    x = _mlp(features, self.hidden_sizes)
+    return nn.Dense(NUM_BINS, kernel_init=nn.initializers.zeros)(x)
 
 
 @flax.struct.dataclass
 class LatentActorCriticState:
   actor_params: Any
   critic_params: Any
-  target_critic_params: Any
+  slow_critic_params: Any
   actor_opt_state: Any
   critic_opt_state: Any
   return_scale: jax.Array  # running 5th–95th percentile range of λ-returns
+  initial_actor_params: Any  # the actor at initialisation, to measure how far it moved
 
 
 class Networks(flax.struct.PyTreeNode):
@@ -85,14 +128,22 @@ class Networks(flax.struct.PyTreeNode):
   critic_optimizer: Any = flax.struct.field(pytree_node=False)
 
 
+class ReplayedReturns(NamedTuple):
+  """The trained part of the replayed windows, [L, B], for the critic's replay term."""
+
+  features: jax.Array  # posterior features [L, B, F]
+  reward: jax.Array
+  terminated: jax.Array
+  is_first: jax.Array
+
+
 def make_networks(section: ml_collections.ConfigDict, spec: HybridActionSpec,
                   squash: str) -> Networks:
-  """Actor, critic and their optimisers from the learner's config section (`dream`/`efe`)."""
   sizes = tuple(section.hidden_sizes)
   clip = lambda lr: optax.chain(optax.clip_by_global_norm(section.max_grad_norm),
                                 optax.adam(lr, eps=1e-5))
-  return Networks(LatentActor(spec, sizes, squash), LatentCritic(sizes),
-                  clip(section.actor_lr), clip(section.critic_lr))
+  actor = LatentActor(spec, sizes, squash, section.unimix, section.outscale)
+  return Networks(actor, LatentCritic(sizes), clip(section.actor_lr), clip(section.critic_lr))
 
 
 def init(key, nets: Networks, feature_size: int) -> LatentActorCriticState:
@@ -102,56 +153,95 @@ def init(key, nets: Networks, feature_size: int) -> LatentActorCriticState:
   critic_params = nets.critic.init(critic_key, features)
   return LatentActorCriticState(actor_params, critic_params, critic_params,
                                 nets.actor_optimizer.init(actor_params),
-                                nets.critic_optimizer.init(critic_params), jnp.float32(1.0))
+                                nets.critic_optimizer.init(critic_params), jnp.float32(1.0),
+                                actor_params)
+
+
+def replay_returns(replayed: ReplayedReturns, bootstrap: jax.Array, gamma: float,
+                   lambda_: float) -> tuple[jax.Array, jax.Array]:
+  """(λ-returns R [L, B] of the replayed real rewards bootstrapped by `bootstrap` [L, B]
+  (a value estimate of each replayed state), weights [L, B]).
+
+  R_t = r_t + γ (1 − term_t) ((1 − λ) b_{t+1} + λ R_{t+1}) inside an episode; at an
+  episode's last step R_t = r_t when it terminated, and the step gets weight 0 when it was
+  truncated (its final state was replaced by auto-reset); the window's last step has no
+  successor and gets weight 0.
+  """
+  chex.assert_equal_shape([replayed.reward, bootstrap])
+  ends = jnp.concatenate([replayed.is_first[1:], jnp.ones_like(replayed.is_first[:1])])
+  not_term = 1.0 - replayed.terminated.astype(jnp.float32)
+  next_boot = jnp.concatenate([bootstrap[1:], bootstrap[-1:]])
+
+  def backward(next_return, xs):
+    reward, cont, boot, end = xs
+    carried = jnp.where(end, 0.0, (1.0 - lambda_) * boot + lambda_ * next_return)
+    ret = reward + gamma * cont * carried
+    return ret, ret
+
+  _, returns = jax.lax.scan(backward, bootstrap[-1],
+                            (replayed.reward, not_term, next_boot, ends), reverse=True)
+  return returns, (replayed.terminated | ~ends).astype(jnp.float32)
 
 
 def update(state: LatentActorCriticState, wm_params, start: wm_lib.LatentState, key,
            section: ml_collections.ConfigDict, *, nets: Networks,
            world_model: wm_lib.WorldModel,
            reward_fn: Callable[[jax.Array], tuple[jax.Array, dict]],
+           replayed: ReplayedReturns | None = None,
            axis_name: str | None = None, prefix: str = "dream"):
   """Imagines from `start` [N] (no gradient to the world model) and takes one actor and
-  one critic step, with the learner's config section (`dream` or `efe`).
-  `reward_fn(features [H, N, F]) -> (rewards [H, N], metrics)` scores each imagined
-  transition by the state it leads to. Returns (state, metrics)."""
+  one critic step with the `section`'s settings. `reward_fn(features [H, N, F]) -> (rewards
+  [H, N], metrics)` scores each imagined transition by the state it leads to. `replayed`
+  (N = L·B starts in its [L, B] order) adds the critic's replay term. Returns (state,
+  metrics)."""
   spec = nets.actor.spec
   start = jax.lax.stop_gradient(start)
 
   def policy(features, policy_key):
-    raw = nets.actor.apply(state.actor_params, features).sample(policy_key)
-    return wm_lib.action_vector(to_env_action(raw, nets.actor.squash), spec), raw
+    mask = wm_lib.predicted_mask(world_model, wm_params, features, spec)
+    raw = nets.actor.apply(state.actor_params, features, mask).sample(policy_key)
+    return wm_lib.action_vector(to_env_action(raw, nets.actor.squash), spec), (raw, mask)
 
-  imagine_key, _ = jax.random.split(key)
-  states, raw_actions = wm_lib.imagine(world_model, wm_params, policy, start,
-                                       section.horizon, imagine_key)
+  states, (raw_actions, masks) = wm_lib.imagine(world_model, wm_params, policy, start,
+                                                section.horizon, key)
   states, raw_actions = jax.lax.stop_gradient((states, raw_actions))
   features = states.features  # [H+1, N, F]
   rewards, reward_metrics = reward_fn(features[1:])
   continues = jax.nn.sigmoid(world_model.apply(wm_params, features[1:],
                                                method=wm_lib.WorldModel.continue_logit))
-  target_values = nets.critic.apply(state.target_critic_params, features)
-  returns = lambda_returns(rewards, continues, target_values[1:], section.gamma,
-                           section.lambda_)
-  # Weight of step h: the probability that the imagined episode is still running.
+  values = twohot_mean(nets.critic.apply(state.critic_params, features))
+  returns = lambda_returns(rewards, continues, values[1:], section.gamma, section.lambda_)
   weights = jnp.cumprod(jnp.concatenate([jnp.ones_like(continues[:1]), continues[:-1]]), 0)
 
-  def critic_loss(params):
-    values = nets.critic.apply(params, features[:-1])
-    return pmean((0.5 * weights * jnp.square(values - returns)).mean(), axis_name)
-
-  percentile_range = (jnp.percentile(returns, 95) - jnp.percentile(returns, 5))
-  percentile_range = pmean(percentile_range, axis_name)
-  return_scale = (section.return_scale_decay * state.return_scale
-                  + (1.0 - section.return_scale_decay) * percentile_range)
-  baseline = nets.critic.apply(state.critic_params, features[:-1])
-  advantages = (returns - baseline) / jnp.maximum(1.0, return_scale)
+  percentile_range = pmean(jnp.percentile(returns, 95) - jnp.percentile(returns, 5),
+                           axis_name)
+  rate = section.return_scale_rate
+  return_scale = (1.0 - rate) * state.return_scale + rate * percentile_range
+  advantages = (returns - values[:-1]) / jnp.maximum(1.0, return_scale)
 
   def actor_loss(params):
-    dist = nets.actor.apply(params, features[:-1])
+    dist = nets.actor.apply(params, features[:-1], masks)
     log_prob = dist.log_prob(raw_actions)
     entropy = dist.entropy()
     loss = -(weights * (log_prob * advantages + section.ent_coef * entropy)).mean()
     return pmean(loss, axis_name), entropy.mean()
+
+  slow_values = twohot_mean(nets.critic.apply(state.slow_critic_params, features[:-1]))
+  if replayed is not None:
+    boot = returns[0].reshape(replayed.reward.shape)
+    replay_targets, replay_weights = replay_returns(replayed, boot, section.gamma,
+                                                    section.lambda_)
+
+  def critic_loss(params):
+    logits = nets.critic.apply(params, features[:-1])
+    loss = (weights * twohot_loss(logits, returns)).mean()
+    loss += section.slow_reg * (weights * twohot_loss(logits, slow_values)).mean()
+    if replayed is not None:
+      replay_logits = nets.critic.apply(params, replayed.features)
+      replay_loss = (replay_weights * twohot_loss(replay_logits, replay_targets)).sum() / (
+          jnp.maximum(replay_weights.sum(), 1.0))
+      loss += section.replay_scale * replay_loss
+    return pmean(loss, axis_name)
 
   (actor_value, entropy), actor_grads = jax.value_and_grad(actor_loss, has_aux=True)(
       state.actor_params)
@@ -160,19 +250,26 @@ def update(state: LatentActorCriticState, wm_params, start: wm_lib.LatentState, 
                                                          state.actor_params)
   critic_updates, critic_opt = nets.critic_optimizer.update(
       critic_grads, state.critic_opt_state, state.critic_params)
+  actor_params = optax.apply_updates(state.actor_params, actor_updates)
   critic_params = optax.apply_updates(state.critic_params, critic_updates)
-  target = optax.incremental_update(critic_params, state.target_critic_params,
-                                    section.target_update_rate)
-  new_state = LatentActorCriticState(
-      optax.apply_updates(state.actor_params, actor_updates), critic_params, target,
-      actor_opt, critic_opt, return_scale)
+  slow = optax.incremental_update(critic_params, state.slow_critic_params,
+                                  section.slow_critic_rate)
+  new_state = state.replace(actor_params=actor_params, critic_params=critic_params,
+                            slow_critic_params=slow, actor_opt_state=actor_opt,
+                            critic_opt_state=critic_opt, return_scale=return_scale)
+  # How far the actor has moved from its initialisation, on this update's start states.
+  start_mask = masks[0]
+  moved = nets.actor.apply(actor_params, features[0], start_mask).kl_divergence(
+      nets.actor.apply(state.initial_actor_params, features[0], start_mask))
   metrics = {
       f"{prefix}/actor_loss": actor_value,
       f"{prefix}/critic_loss": critic_value,
       f"{prefix}/return": pmean(returns[0].mean(), axis_name),
       f"{prefix}/reward": pmean(rewards.mean(), axis_name),
+      f"{prefix}/value": pmean(values[0].mean(), axis_name),
       f"{prefix}/entropy": pmean(entropy, axis_name),
       f"{prefix}/return_scale": return_scale,
+      f"{prefix}/kl_from_init": pmean(moved.mean(), axis_name),
       **{f"{prefix}/{k}": pmean(v, axis_name) for k, v in reward_metrics.items()},
   }
   return new_state, metrics
@@ -182,3 +279,10 @@ def world_model_reward(world_model: wm_lib.WorldModel, wm_params):
   """The dream objective: the world model's predicted reward."""
   return lambda features: (world_model.apply(wm_params, features,
                                              method=wm_lib.WorldModel.reward), {})
+
+
+def act(nets: Networks, state: LatentActorCriticState, features, mask, key,
+        deterministic: bool = False):
+  """The latent actor's raw action for features [B, F] under the env's mask [B, M]."""
+  dist = nets.actor.apply(state.actor_params, features, mask)
+  return dist.mode() if deterministic else dist.sample(key)

@@ -1,5 +1,6 @@
 """A device-resident ring replay as pure functions: `init`, `add`, `sample`,
-`sample_sequences`, `latest`.
+`sample_sequences`, `latest`, and per-stream buffers: `init_streams`, `add_streams`,
+`sample_windows`.
 
 Items are any pytree; the buffer stores each leaf as `[capacity, *leaf_shape]` on device.
 `add` writes a batch of B consecutive items at the write head (wrapping around) and is meant
@@ -8,7 +9,8 @@ instead of copying the whole buffer each call. Sampling is uniform over the stor
 `sample_sequences` draws windows of L consecutive items that never cross the write head
 (the seam between the newest and the oldest item), so a sequence is always one contiguous
 stretch of time; `latest` returns the newest L items in order (the Sebulba loop reads its
-rollouts this way).
+rollouts this way). `init_streams` / `add_streams` / `sample_windows` keep S such buffers
+side by side (one per env, leaves [S, capacity, ...]) and draw windows from random streams.
 
 Nothing here comes from upstream MetaBonk, whose replay was Python lists of CPU tensors; the
 interface follows flashbax's item/trajectory buffers.
@@ -104,6 +106,37 @@ def sample_sequences(state: ReplayState, key: jax.Array, batch_size: int, seq_le
   # Indices are in bounds by construction; "clip" lowers to the cheapest gather on CPU.
   return jax.tree.map(lambda x: jnp.take(x, index, axis=0, mode="clip"),
                       state.data)
+
+
+def init_streams(example_item: Any, capacity: int, num_streams: int) -> ReplayState:
+  """`num_streams` buffers of `capacity` items side by side (e.g. one per env): every leaf,
+  `head` and `size` included, gets a leading stream axis, so the streams split over devices
+  like the envs they belong to. Use with `add_streams` and `sample_windows`."""
+  one = init(example_item, capacity)
+  return jax.tree.map(lambda x: jnp.broadcast_to(x, (num_streams,) + x.shape), one)
+
+
+def add_streams(state: ReplayState, items: Any) -> ReplayState:
+  """Writes items [S, B, ...] (B consecutive items of each of the S streams)."""
+  return jax.vmap(add)(state, items)
+
+
+def sample_windows(state: ReplayState, key: jax.Array, batch_size: int, seq_len: int) -> Any:
+  """`batch_size` windows of `seq_len` consecutive items of one stream each, time-major
+  leaves [L, B, ...], from a stream buffer (`init_streams`): the stream is uniform over the
+  S streams, the start uniform over its stored stretch as in `sample_sequences` (never
+  crossing its write head). Needs every stream to hold `seq_len` items."""
+  capacity = jax.tree.leaves(state.data)[0].shape[1]
+  if seq_len > capacity:
+    raise ValueError(f"seq_len={seq_len} exceeds the capacity {capacity}")
+  streams = state.head.shape[0]
+  start_key, stream_key = jax.random.split(key)
+  stream = jax.random.randint(stream_key, (batch_size,), 0, streams)
+  size, head = state.size[stream], state.head[stream]
+  starts = jax.random.randint(start_key, (batch_size,), 0, jnp.maximum(size - seq_len + 1, 1))
+  oldest = (head - size) % capacity
+  time = (oldest[None, :] + starts[None, :] + jnp.arange(seq_len)[:, None]) % capacity
+  return jax.tree.map(lambda x: x[stream[None, :], time], state.data)
 
 
 def latest(state: ReplayState, length: int) -> Any:

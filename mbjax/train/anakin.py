@@ -33,7 +33,9 @@ class RunnerState:
   env_state: Any  # [E_local, ...]
   obs: jax.Array  # [E_local, *obs_shape]
   is_first: jax.Array  # bool[E_local], obs starts an episode
-  carry: Any  # recurrent state [E_local, ...]
+  carry: Any  # PPO's recurrent state [E_local, ...]
+  latent: Any  # the served latent policy's filter state [E_local, ...] (() when PPO acts)
+  replay: Any  # the model-based learners' replay, one stream per env [C, E_local, ...]
   key: jax.Array  # replicated; per-env streams are folded from it
   update_step: jax.Array  # i32[]
 
@@ -48,6 +50,7 @@ class Trainer(NamedTuple):
   env: Environment
   env_params: Any
   cfg: ml_collections.ConfigDict
+  learners: apex.Learners
 
 
 def wrap_env(env: Environment, cfg: ml_collections.ConfigDict) -> Environment:
@@ -66,24 +69,6 @@ def _psum(x, axis_name):
   return x if axis_name is None else jax.lax.psum(x, axis_name)
 
 
-def check_world_model_slots(cfg: ml_collections.ConfigDict, env: Environment) -> None:
-  """Raises if the world model's entity head (`world_model.entity_slots`, `agent_position`)
-  reads blocks other than those of the env's observation, for envs that state theirs
-  (`world_model_slots()`, e.g. BonkArena's): the head would silently treat other dims as
-  entities."""
-  wm = cfg.world_model
-  if not (wm.enabled and wm.entity_slots and hasattr(env, "world_model_slots")):
-    return
-  env_slots, env_position = env.world_model_slots()
-  slots = tuple(tuple(block) for block in wm.entity_slots)
-  if slots != env_slots or (wm.agent_position and tuple(wm.agent_position) != env_position):
-    raise ValueError(
-        f"world_model.entity_slots={slots}, agent_position={tuple(wm.agent_position)} do "
-        f"not match {cfg.env.name!r}'s observation (env.kwargs {cfg.env.kwargs.to_dict()}): "
-        f"expected entity_slots={env_slots}, agent_position={env_position} (or () to "
-        "turn the entity head off)")
-
-
 def make_train(cfg: ml_collections.ConfigDict, env: Environment, env_params: Any,
                num_shards: int = 1, axis_name: str | None = None) -> Trainer:
   """Builds the pure training functions for `num_shards` equal slices of the envs."""
@@ -97,7 +82,6 @@ def make_train(cfg: ml_collections.ConfigDict, env: Environment, env_params: Any
     raise ValueError(f"total_env_steps={cfg.total_env_steps} is less than one update of "
                      f"num_envs × ppo.num_steps = {env_steps_per_update} env steps")
 
-  check_world_model_slots(cfg, env)
   env = wrap_env(env, cfg)
   vec_env = VecEnv(env, cfg.env.reset_fraction)
   spec = env.action_spec(env_params)
@@ -119,25 +103,46 @@ def make_train(cfg: ml_collections.ConfigDict, env: Environment, env_params: Any
     aux = apex.init(aux_key, learners, obs_shape, obs_dtype)
     obs, env_state = vec_env.reset(per_env_keys(reset_key), env_params)
     return RunnerState(agent, aux, env_state, obs, jnp.ones((local_envs,), bool),
-                       network.initial_carry(local_envs), key, jnp.int32(0))
+                       network.initial_carry(local_envs),
+                       apex.initial_latent_carry(learners, local_envs),
+                       apex.init_replay(learners, local_envs, obs_shape, obs_dtype),
+                       key, jnp.int32(0))
+
+  def ppo_act(runner: RunnerState, mask, key):
+    """PPO's action, with what its update needs (log-prob, value, next carry)."""
+    net_obs = ppo.prepare_obs(runner.obs, runner.agent.obs_stats, normalize)
+    carry, dist, value = network.apply(runner.agent.params, runner.carry, net_obs,
+                                       runner.is_first, mask)
+    action = jax.vmap(lambda d, k: d.sample(k))(dist, per_env_keys(key))
+    return runner.replace(carry=carry), action, dist.log_prob(action), value
+
+  def latent_act(runner: RunnerState, mask, key):
+    """The served latent actor's action; PPO's log-prob and value are not computed."""
+    latent, action = jax.vmap(
+        lambda carry, obs, first, m, k: jax.tree.map(lambda x: x[0], apex.act(
+            runner.aux, jax.tree.map(lambda x: x[None], carry), obs[None], first[None],
+            m[None], k, learners=learners)),
+    )(runner.latent, runner.obs, runner.is_first, mask, per_env_keys(key))
+    zeros = jnp.zeros((local_envs,))
+    return runner.replace(latent=latent), action, zeros, zeros
+
+  act = ppo_act if learners.serving is None else latent_act
 
   def env_step(runner: RunnerState, _):
     key, act_key, step_key = jax.random.split(runner.key, 3)
-    params, obs_stats = runner.agent.params, runner.agent.obs_stats
     mask = vec_env.action_mask(runner.env_state, env_params)
-    net_obs = ppo.prepare_obs(runner.obs, obs_stats, normalize)
-    carry, dist, value = network.apply(params, runner.carry, net_obs, runner.is_first, mask)
-    action = jax.vmap(lambda d, k: d.sample(k))(dist, per_env_keys(act_key))
-    log_prob = dist.log_prob(action)
-
+    acted, action, log_prob, value = act(runner, mask, act_key)
     obs, env_state, reward, terminated, truncated, info = vec_env.step(
         per_env_keys(step_key), runner.env_state, to_env_action(action, network.squash),
         env_params)
-    # V(s'): the same forward the next step makes, except where the episode ended, where
-    # s' is the final observation that auto-reset replaced.
-    final_obs = ppo.prepare_obs(info["final_obs"], obs_stats, normalize)
-    next_value = network.apply(params, carry, final_obs, jnp.zeros_like(runner.is_first),
-                               method=network.value)
+    if learners.trains_ppo:
+      # V(s'): the same forward the next step makes, except where the episode ended, where
+      # s' is the final observation that auto-reset replaced.
+      final_obs = ppo.prepare_obs(info["final_obs"], runner.agent.obs_stats, normalize)
+      next_value = network.apply(runner.agent.params, acted.carry, final_obs,
+                                 jnp.zeros_like(runner.is_first), method=network.value)
+    else:
+      next_value = jnp.zeros_like(reward)
     done = terminated | truncated
     transition = ppo.Rollout(
         obs=runner.obs, is_first=runner.is_first, carry=runner.carry, mask=mask,
@@ -145,23 +150,23 @@ def make_train(cfg: ml_collections.ConfigDict, env: Environment, env_params: Any
         truncated=truncated, next_value=next_value)
     info = dict(info, **{"return": info["episode_return"], "length": info["episode_length"]})
     stats = (done, {k: info[k] for k in episode_keys})
-    runner = runner.replace(env_state=env_state, obs=obs, is_first=done, carry=carry, key=key)
+    runner = acted.replace(env_state=env_state, obs=obs, is_first=done, key=key)
     return runner, (transition, stats)
 
   def update(runner: RunnerState) -> tuple[RunnerState, dict]:
     runner, (rollout, (done, ended)) = jax.lax.scan(env_step, runner, None, num_steps)
     key, update_key = jax.random.split(runner.key)
-    agent, aux, metrics = apex.update(runner.agent, runner.aux, rollout, update_key,
-                                      learners=learners, network=network,
-                                      optimizer=optimizer, axis_name=axis_name,
-                                      progress=runner.update_step / num_updates)
+    agent, aux, replay, metrics = apex.update(
+        runner.agent, runner.aux, runner.replay, rollout, update_key, learners=learners,
+        network=network, optimizer=optimizer, axis_name=axis_name,
+        progress=runner.update_step / num_updates)
     episodes = _psum(done.sum(), axis_name)
     metrics["episode/count"] = episodes
     for name, value in ended.items():
       metrics[f"episode/{name}"] = _psum(jnp.where(done, value, 0).sum(), axis_name) / (
           jnp.maximum(episodes, 1))
     metrics["reward/mean"] = _psum(rollout.reward.mean(), axis_name) / num_shards
-    return runner.replace(agent=agent, aux=aux, key=key,
+    return runner.replace(agent=agent, aux=aux, replay=replay, key=key,
                           update_step=runner.update_step + 1), metrics
 
   def train(key: jax.Array) -> tuple[RunnerState, dict]:
@@ -169,7 +174,7 @@ def make_train(cfg: ml_collections.ConfigDict, env: Environment, env_params: Any
     return jax.lax.scan(lambda r, _: update(r), runner, None, num_updates)
 
   return Trainer(init, update, train, num_updates, env_steps_per_update, network, env,
-                 env_params, cfg)
+                 env_params, cfg, learners)
 
 
 def final_episode_return(metrics: dict, last_updates: int) -> jax.Array:

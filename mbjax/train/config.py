@@ -77,54 +77,52 @@ def base_config() -> ml_collections.ConfigDict:
   cfg.network.cfc_mode = "default"  # default | no_gate | pure (ncps's modes, mbjax.nets.cfc)
 
   # The auxiliary learners run after every PPO update, in this order (mbjax.agents.apex).
+  # The model-based learners (mbjax.agents.apex): trained on replayed windows after every
+  # rollout, served through `served.policy`.
   cfg.world_model = ml_collections.ConfigDict()
-  cfg.world_model.enabled = True  # RSSM trained on every rollout
-  cfg.world_model.seq_len = 32  # training window length; divides ppo.num_steps
+  cfg.world_model.enabled = True  # RSSM trained on replayed windows
   cfg.world_model.deter = 512  # GRU state size
+  cfg.world_model.blocks = 8  # block-diagonal GRU groups (DreamerV3); divides deter
   cfg.world_model.stoch = 32  # stochastic latents
-  cfg.world_model.classes = 32  # classes per latent; 0: diagonal Gaussian latents (upstream)
-  cfg.world_model.hidden = 512
+  cfg.world_model.classes = 16  # classes per latent; 0: diagonal Gaussian latents (upstream)
+  cfg.world_model.hidden = 256  # MLP width of the RSSM, encoder and heads
   # Hidden MLP layers around the GRU (before its input, the prior and the posterior):
   # 1 as DreamerV3; 0 as upstream MetaBonk (linear maps).
   cfg.world_model.rssm_layers = 1
-  cfg.world_model.head_layers = 2  # hidden layers of the decoder, reward and continue heads
+  cfg.world_model.head_layers = 2  # hidden layers of the encoder, decoder and heads
+  cfg.world_model.cnn_depth = 16  # pixel observations: channels of the first convolution
   cfg.world_model.min_std = 0.1  # Gaussian latents only
   cfg.world_model.unimix = 0.01  # uniform mixture in categorical latents
   cfg.world_model.lr = 3e-4
-  cfg.world_model.lr_decay_updates = 0  # > 0: cosine decay of lr to 0 over that many updates
   cfg.world_model.max_grad_norm = 1000.0
-  cfg.world_model.free_nats = 1.0
-  # Vectors: a head trained on symlog(o_{t+1}) − symlog(o_t) from o_t and a_t (the one-step
-  # prediction adds it to o_t); off, the one-step prediction decodes the prior after a_t.
-  cfg.world_model.predict_delta = False
-  # ((start, slots, features per slot, sort feature), ...): slot lists (presence first,
-  # sorted by the sort feature) whose delta comes entity by entity, re-sorted
-  # (mbjax.agents.world_model.EntityDeltaHead); BonkArena's (`BonkArena.world_model_slots()`,
-  # set by configs/arena_apex.py): ((16, 5, 8, 3), (59, 3, 4, 3)).
-  cfg.world_model.entity_slots = ()
-  # (start, scale) of the agent's position in the observation (a change of `scale` in it is
-  # 1 in the slots' relative units): entities move in polar coordinates around the agent's
-  # predicted next position. () off; BonkArena's: (0, 2.0) (`BonkArena.world_model_slots()`
-  # says why).
-  cfg.world_model.agent_position = ()
-  # Width of the entity head's MLPs. They run once per slot and step, so their width is
-  # most of the head's cost; on BonkArena 128 learns as well as 256 in less time
-  # (BENCHMARKS.md "World model").
-  cfg.world_model.entity_width = 128
+  cfg.world_model.free_nats = 1.0  # KL free bits: each KL term is clipped below at this
   cfg.world_model.dyn_scale = 0.5  # KL(sg(posterior) ‖ prior) weight
   cfg.world_model.rep_scale = 0.1  # KL(posterior ‖ sg(prior)) weight
+  # Uniform replay of every env step (device-resident, one stream per env; mbjax.data.replay).
+  cfg.replay = ml_collections.ConfigDict()
+  cfg.replay.capacity = 1_000_000  # env steps over all envs (split evenly between them)
+  cfg.replay.batch_size = 16  # windows per model update (global: split over the devices)
+  cfg.replay.seq_len = 64  # trained steps per window
+  cfg.replay.burn_in = 8  # steps before them that only warm up the latent state
+  cfg.replay.train_ratio = 32.0  # replayed (trained) steps per env step
+  cfg.replay.prefill = 5_000  # env steps stored (all envs) before the first model update
   # Dream training: a latent actor-critic on imagined rollouts (METABONK_USE_DREAM_TRAINING).
   cfg.dream = _latent_actor_critic(enabled=True)
   # Active Inference: a latent policy minimising expected free energy
-  # (METABONK_USE_ACTIVE_INFERENCE); see mbjax.agents.efe.
+  # (METABONK_USE_ACTIVE_INFERENCE); see mbjax.agents.efe. No replayed returns: its reward
+  # is not the env's.
   cfg.efe = _latent_actor_critic(enabled=True)
+  cfg.efe.replay_scale = 0.0
   cfg.efe.risk_weight = 1.0
   cfg.efe.ambiguity_weight = 0.1
   cfg.efe.preference_quantile = 0.9  # observations of rewards at or above it are preferred
   cfg.efe.preference_rate = 0.05  # EMA rate of the preference mean/variance
-  # How the latent policies shape the served (PPO) policy: "none", or KL distillation of
-  # the "dream" or "efe" actor into PPO with distill_coef.
   cfg.served = ml_collections.ConfigDict()
+  # Who acts: "ppo" (PPO, trained on its own rollouts), "dreamer" (the dream actor through
+  # the world model's filter) or "efe" (the Active-Inference actor). PPO learns only when
+  # it acts: it is on-policy.
+  cfg.served.policy = "ppo"
+  # PPO only: KL distillation of the "dream" or "efe" actor into PPO with distill_coef.
   cfg.served.distill_from = "none"
   cfg.served.distill_coef = 0.0
   # "constant", or "linear": the coefficient decays to 0 (as ppo.anneal_lr) at distill_end,
@@ -139,7 +137,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   # Offline entry (mbjax.train.offline): the learners above trained from recorded episodes.
   cfg.offline = ml_collections.ConfigDict()
-  cfg.offline.batch_size = 16  # windows of world_model.seq_len steps per update
+  cfg.offline.batch_size = 16  # windows of replay.burn_in + replay.seq_len steps per update
 
   cfg.run = ml_collections.ConfigDict()
   cfg.run.num_devices = 0  # 0: every local device (Sebulba: its learner's devices)
@@ -177,19 +175,24 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 def _latent_actor_critic(enabled: bool) -> ml_collections.ConfigDict:
+  """The settings of a latent actor-critic (mbjax.agents.dream), DreamerV3's where it has
+  them."""
   section = ml_collections.ConfigDict()
   section.enabled = enabled
-  section.horizon = 15  # imagined steps
-  section.num_starts = 256  # posterior start states per update (sampled per device)
+  section.horizon = 15  # imagined steps from every replayed posterior
   section.gamma = 0.99
   section.lambda_ = 0.95
   section.ent_coef = 3e-4
-  section.actor_lr = 3e-5
-  section.critic_lr = 3e-5
+  section.actor_lr = 1e-4
+  section.critic_lr = 1e-4
   section.hidden_sizes = (256, 256)
   section.max_grad_norm = 100.0
-  section.target_update_rate = 0.02  # slow critic: target ← (1−rate)·target + rate·critic
-  section.return_scale_decay = 0.99  # EMA of the 5th–95th percentile return range
+  section.unimix = 0.01  # uniform mixture in the actor's categorical choices
+  section.outscale = 0.01  # the actor's output layer at 1% of the usual init scale
+  section.slow_critic_rate = 0.02  # slow critic ← (1 − rate) · slow critic + rate · critic
+  section.slow_reg = 1.0  # weight of the critic's pull towards the slow critic
+  section.replay_scale = 0.3  # weight of the critic's loss on replayed real returns
+  section.return_scale_rate = 0.01  # EMA rate of the 5th–95th percentile return range
   return section
 
 
@@ -199,6 +202,7 @@ _CHOICES = {
     "network.squash": ("clip", "tanh"),
     "network.cfc_mode": ("default", "no_gate", "pure"),
     "network.activation": ("tanh", "relu", "silu", "elu"),
+    "served.policy": ("ppo", "dreamer", "efe"),
     "served.distill_from": ("none", "dream", "efe"),
     "served.distill_schedule": ("constant", "linear"),
 }
@@ -264,15 +268,37 @@ def _validate_apex(cfg: ml_collections.ConfigDict) -> None:
     for name in ("dream", "efe"):
       if cfg[name].enabled:
         raise ValueError(f"config.{name}.enabled=True needs config.world_model.enabled=True")
-  if cfg.world_model.enabled and cfg.ppo.num_steps % cfg.world_model.seq_len:
-    raise ValueError(f"config.world_model.seq_len={cfg.world_model.seq_len} must divide "
-                     f"config.ppo.num_steps={cfg.ppo.num_steps}")
+  served = cfg.served.policy
+  needs = {"dreamer": "dream", "efe": "efe"}.get(served)
+  if needs and not cfg[needs].enabled:
+    raise ValueError(f"config.served.policy={served!r} needs config.{needs}.enabled=True")
+  if cfg.world_model.enabled:
+    r = cfg.replay
+    for key in ("capacity", "batch_size", "seq_len"):
+      if r[key] < 1:
+        raise ValueError(f"config.replay.{key}={r[key]}: expected a positive integer")
+    if r.burn_in < 0 or r.prefill < 0 or not r.train_ratio > 0:
+      raise ValueError(f"config.replay: burn_in={r.burn_in} and prefill={r.prefill} must be "
+                       f"≥ 0 and train_ratio={r.train_ratio} > 0")
+    per_env = r.capacity // cfg.num_envs
+    if per_env < r.burn_in + r.seq_len:
+      raise ValueError(
+          f"config.replay.capacity={r.capacity}: {per_env} steps per env (over num_envs="
+          f"{cfg.num_envs}) cannot hold one window of replay.burn_in + replay.seq_len = "
+          f"{r.burn_in + r.seq_len} steps")
+    if cfg.world_model.deter % cfg.world_model.blocks:
+      raise ValueError(f"config.world_model.blocks={cfg.world_model.blocks} must divide "
+                       f"config.world_model.deter={cfg.world_model.deter}")
   if not 0.0 < cfg.served.distill_end <= 1.0:
     raise ValueError(f"config.served.distill_end={cfg.served.distill_end}: expected a "
                      "fraction of the run in (0, 1]")
   source = cfg.served.distill_from
-  if source != "none" and not cfg[source].enabled:
-    raise ValueError(f"config.served.distill_from={source!r} needs config.{source}.enabled")
+  if source != "none":
+    if not cfg[source].enabled:
+      raise ValueError(f"config.served.distill_from={source!r} needs config.{source}.enabled")
+    if served != "ppo":
+      raise ValueError(f"config.served.distill_from={source!r} distils into PPO, which "
+                       f"learns only when it acts; config.served.policy={served!r}")
 
 
 def _validate_bridge(cfg: ml_collections.ConfigDict) -> None:

@@ -2,10 +2,10 @@
 from recorded episodes instead of live rollouts, and the trained latent policy played in
 an environment.
 
-The same `apex.auxiliary_update` the online learner runs after every PPO step is applied
-to fixed-length windows sampled uniformly from the concatenated episodes (a window may
-cross an episode boundary: `is_first` resets the latent state there, exactly as in online
-windows). Two phases, as in the offline video pipeline: `train_world_model=True` trains
+The same `apex.model_update` the online learner runs on replayed windows is applied to
+windows of `replay.burn_in + replay.seq_len` steps sampled uniformly from the concatenated
+episodes (a window may cross an episode boundary: `is_first` resets the latent state
+there, exactly as in replayed windows). Two phases, as in the offline video pipeline: `train_world_model=True` trains
 the model (and, if enabled, the latent policies alongside it); `False` trains the latent
 policies against a finished model, which then only supplies posterior start states.
 
@@ -46,15 +46,17 @@ class EpisodeData(NamedTuple):
   reward: Any  # f32[N]
   terminated: Any  # bool[N]
   is_first: Any  # bool[N]
+  mask: Any  # bool[N, mask_size]: the allowed choices (all, where episodes do not say)
 
   @classmethod
   def concatenate(cls, episodes: list[dict], spec: HybridActionSpec) -> "EpisodeData":
-    """Episodes as dicts with `obs`, `action_continuous`, `action_discrete`, `reward` and
-    `terminated` ([T_i, ...] each) → one EpisodeData, validating shapes and values."""
+    """Episodes as dicts with `obs`, `action_continuous`, `action_discrete`, `reward`,
+    `terminated` and optionally `mask` ([T_i, ...] each) → one EpisodeData, validating
+    shapes and values."""
     if not episodes:
       raise ValueError("no episodes to train on")
     parts = {key: [] for key in ("obs", "continuous", "discrete", "reward", "terminated",
-                                 "is_first")}
+                                 "is_first", "mask")}
     for index, episode in enumerate(episodes):
       length = len(episode["reward"])
       name = episode.get("name", f"episode {index}")
@@ -77,9 +79,13 @@ class EpisodeData(NamedTuple):
       parts["reward"].append(reward)
       parts["terminated"].append(np.asarray(episode["terminated"], bool).reshape(length))
       parts["is_first"].append(first)
+      mask = episode.get("mask")
+      mask = (np.ones((length, spec.mask_size), bool) if mask is None
+              else np.asarray(mask, bool).reshape(length, spec.mask_size))
+      parts["mask"].append(mask)
     cat = {key: np.concatenate(value) for key, value in parts.items()}
     return cls(cat["obs"], HybridAction(cat["continuous"], cat["discrete"]), cat["reward"],
-               cat["terminated"], cat["is_first"])
+               cat["terminated"], cat["is_first"], cat["mask"])
 
   @property
   def num_steps(self) -> int:
@@ -98,7 +104,7 @@ def sample_windows(data: EpisodeData, key, batch_size: int, length: int,
   action = wm_lib.action_vector(jax.tree.map(take, data.action), spec)
   is_first = take(data.is_first).at[0].set(True)
   return wm_lib.Sequence(take(data.obs), action, take(data.reward), take(data.terminated),
-                         is_first)
+                         is_first, take(data.mask))
 
 
 @flax.struct.dataclass
@@ -121,7 +127,8 @@ def make_offline_trainer(cfg: ml_collections.ConfigDict, obs_shape: tuple[int, .
                          spec: HybridActionSpec, mesh: Mesh | None = None,
                          config_prefix: str = "") -> OfflineTrainer:
   """`cfg` is an experiment config (`mbjax.train.config.base_config`): its world_model,
-  dream, efe and network.squash sections, plus `offline.batch_size` windows per update.
+  dream, efe, replay (window length) and network.squash sections, plus
+  `offline.batch_size` windows per update.
 
   With a `mesh` the update is data-parallel: the `offline.batch_size` windows (the global
   batch) are sampled from the whole dataset with the one key, exactly as on one device, and
@@ -133,7 +140,8 @@ def make_offline_trainer(cfg: ml_collections.ConfigDict, obs_shape: tuple[int, .
   if not cfg.world_model.enabled:
     raise ValueError("offline training needs config.world_model.enabled=True")
   learners = apex.make_learners(cfg, spec, obs_shape)
-  length, batch_size = cfg.world_model.seq_len, cfg.offline.batch_size
+  length = cfg.replay.burn_in + cfg.replay.seq_len
+  batch_size = cfg.offline.batch_size
   # Windows are time-major [L, B, ...]: the batch is axis 1.
   window_sharding = None if mesh is None else sharding.batch_sharding(
       mesh, batch_size, f"{config_prefix}offline.batch_size", axis=1)
@@ -152,8 +160,8 @@ def make_offline_trainer(cfg: ml_collections.ConfigDict, obs_shape: tuple[int, .
       windows = sample_windows(data, window_key, batch_size, length, spec)
       if window_sharding is not None:
         windows = jax.lax.with_sharding_constraint(windows, window_sharding)
-      aux, metrics = apex.auxiliary_update(state.aux, windows, update_key, learners=learners,
-                                           train_world_model=train_world_model)
+      aux, metrics = apex.model_update(state.aux, windows, update_key, learners=learners,
+                                       train_world_model=train_world_model)
       return OfflineState(aux, key, state.step + 1), metrics
 
     state, metrics = jax.lax.scan(one, state, None, length=num_updates)
@@ -165,29 +173,20 @@ def make_offline_trainer(cfg: ml_collections.ConfigDict, obs_shape: tuple[int, .
 def latent_policy(learners: apex.Learners, aux: apex.AuxState, source: str = "dream",
                   deterministic: bool = False, obs_fn: Callable | None = None):
   """(initial_carry(batch), step(carry, obs, is_first, mask, key) -> (carry, env_action))
-  for a latent actor (`source`: "dream" or "efe") acting through the world model's filter.
-  `obs_fn` maps the env's observations [B, ...] to what the world model was trained on
-  (e.g. frames → the reward model's embeddings); identity by default."""
-  nets, state = (learners.dream, aux.dream) if source == "dream" else (learners.efe, aux.efe)
-  if nets is None:
+  for a latent actor (`source`: "dream" or "efe") acting through the world model's filter
+  (`apex.latent_act`). `obs_fn` maps the env's observations [B, ...] to what the world model
+  was trained on (e.g. frames → the reward model's embeddings); identity by default."""
+  if (learners.dream if source == "dream" else learners.efe) is None:
     raise ValueError(f"latent_policy: the {source!r} learner is disabled in this config")
-  model, wm_params, spec = learners.world_model, aux.world_model.params, learners.spec
 
   def initial_carry(batch: int):
-    latent = model.apply(wm_params, batch, method=lambda m, b: m.rssm.initial(b))
-    return latent, jnp.zeros((batch, wm_lib.action_vector_size(spec)))
+    return apex.initial_latent_carry(learners, batch, always=True)
 
   def step(carry, obs, is_first, mask, key):
-    latent, prev_action = carry
-    filter_key, act_key = jax.random.split(key)
     obs = obs if obs_fn is None else obs_fn(obs)
-    projected = model.apply(wm_params, obs, method=wm_lib.WorldModel.projected_embed)
-    post, _, _ = model.apply(wm_params, latent, prev_action, projected, is_first, filter_key,
-                             method=lambda m, *a: m.rssm.obs_step(*a))
-    dist = nets.actor.apply(state.actor_params, post.features, mask)
-    raw = dist.mode() if deterministic else dist.sample(act_key)
-    action = to_env_action(raw, learners.squash)
-    return (post, wm_lib.action_vector(action, spec)), action
+    carry, raw = apex.latent_act(aux, carry, obs, is_first, mask, key, learners=learners,
+                                 source=source, deterministic=deterministic)
+    return carry, to_env_action(raw, learners.squash)
 
   return initial_carry, step
 

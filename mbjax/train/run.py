@@ -154,8 +154,8 @@ def restore_trained(workdir: str):
 
 def _record_video(trainer, runner, cfg, workdir: str) -> str:
   episode = jax.jit(evaluate.make_episode_fn(trainer, cfg.run.video_max_frames))
-  agent = distributed.host_value(runner.agent)
-  out = jax.device_get(episode(agent, jax.random.PRNGKey(cfg.seed + 1)))
+  agent, aux = distributed.host_value((runner.agent, runner.aux))
+  out = jax.device_get(episode(agent, aux, jax.random.PRNGKey(cfg.seed + 1)))
   frames = out["frames"][out["alive"]]
   update_step = int(distributed.host_value(runner.update_step))
   path = os.path.join(workdir, "videos", f"update_{update_step:07d}.mp4")

@@ -2,7 +2,8 @@
 
 The runner state is split by role: the agents (parameters, optimiser states, statistics,
 auxiliary learners), the key and the counters are replicated; everything with an env axis (env state,
-observations, recurrent carries) is split over the `data` axis. Inside, the Anakin
+observations, recurrent carries, the latent policy's filter state, the replay's per-env
+streams) is split over the `data` axis. Inside, the Anakin
 functions see their local slice and use `axis_name` for the collectives.
 
 The same layout serves the other learners: the population trainer (`mbjax.train.population`)
@@ -34,7 +35,7 @@ def runner_specs(leading_axes: int = 0) -> anakin.RunnerState:
   `leading_axes` unsplit axes (e.g. members) before the env axis."""
   env = P(*(None,) * leading_axes, DATA_AXIS)
   return anakin.RunnerState(agent=P(), aux=P(), env_state=env, obs=env, is_first=env,
-                            carry=env, key=P(), update_step=P())
+                            carry=env, latent=env, replay=env, key=P(), update_step=P())
 
 
 def tree_shardings(mesh: Mesh, specs, tree):
