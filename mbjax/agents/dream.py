@@ -162,25 +162,38 @@ def replay_returns(replayed: ReplayedReturns, bootstrap: jax.Array, gamma: float
   """(λ-returns R [L, B] of the replayed real rewards bootstrapped by `bootstrap` [L, B]
   (a value estimate of each replayed state), weights [L, B]).
 
-  R_t = r_t + γ (1 − term_t) ((1 − λ) b_{t+1} + λ R_{t+1}) inside an episode; at an
-  episode's last step R_t = r_t when it terminated, and the step gets weight 0 when it was
-  truncated (its final state was replaced by auto-reset); the window's last step has no
-  successor and gets weight 0.
+  R_t = r_t + γ (1 − term_t) ((1 − λ) b_{t+1} + λ R_{t+1}) inside an episode. At an
+  episode's last step R_t = r_t when it terminated; when it was truncated (auto-reset
+  replaced its final state) or it is the window's last step, R_t is unknown: its weight is
+  0 and the step before bootstraps from b_t alone (λ = 0 there).
   """
   chex.assert_equal_shape([replayed.reward, bootstrap])
   ends = jnp.concatenate([replayed.is_first[1:], jnp.ones_like(replayed.is_first[:1])])
   not_term = 1.0 - replayed.terminated.astype(jnp.float32)
   next_boot = jnp.concatenate([bootstrap[1:], bootstrap[-1:]])
 
-  def backward(next_return, xs):
-    reward, cont, boot, end = xs
-    carried = jnp.where(end, 0.0, (1.0 - lambda_) * boot + lambda_ * next_return)
-    ret = reward + gamma * cont * carried
-    return ret, ret
+  def backward(carry, xs):
+    next_return, next_known = carry
+    reward, cont, boot, end, terminated = xs
+    tail = jnp.where(next_known, (1.0 - lambda_) * boot + lambda_ * next_return, boot)
+    ret = reward + gamma * cont * jnp.where(end, 0.0, tail)
+    known = terminated | ~end
+    return (ret, known), (ret, known)
 
-  _, returns = jax.lax.scan(backward, bootstrap[-1],
-                            (replayed.reward, not_term, next_boot, ends), reverse=True)
-  return returns, (replayed.terminated | ~ends).astype(jnp.float32)
+  initial = (bootstrap[-1], jnp.zeros_like(ends[-1]))
+  _, (returns, known) = jax.lax.scan(
+      backward, initial, (replayed.reward, not_term, next_boot, ends, replayed.terminated),
+      reverse=True)
+  return returns, known.astype(jnp.float32)
+
+
+def updated_return_scale(scale: jax.Array, returns: jax.Array, rate: float,
+                         axis_name: str | None = None) -> jax.Array:
+  """S ← (1 − rate) S + rate (P95(G) − P5(G)): the running spread of the λ-returns (the
+  percentiles of this device's returns, averaged over devices). Advantages are divided by
+  max(1, S), so large returns are scaled down and small ones are not scaled up."""
+  spread = pmean(jnp.percentile(returns, 95) - jnp.percentile(returns, 5), axis_name)
+  return (1.0 - rate) * scale + rate * spread
 
 
 def update(state: LatentActorCriticState, wm_params, start: wm_lib.LatentState, key,
@@ -213,10 +226,8 @@ def update(state: LatentActorCriticState, wm_params, start: wm_lib.LatentState, 
   returns = lambda_returns(rewards, continues, values[1:], section.gamma, section.lambda_)
   weights = jnp.cumprod(jnp.concatenate([jnp.ones_like(continues[:1]), continues[:-1]]), 0)
 
-  percentile_range = pmean(jnp.percentile(returns, 95) - jnp.percentile(returns, 5),
-                           axis_name)
-  rate = section.return_scale_rate
-  return_scale = (1.0 - rate) * state.return_scale + rate * percentile_range
+  return_scale = updated_return_scale(state.return_scale, returns,
+                                      section.return_scale_rate, axis_name)
   advantages = (returns - values[:-1]) / jnp.maximum(1.0, return_scale)
 
   def actor_loss(params):

@@ -473,10 +473,10 @@ def _masked_mean(x, weight):
   return (x * weight).sum() / jnp.maximum(weight.sum(), 1.0)
 
 
-def loss(params, batch: Sequence, key, section: ml_collections.ConfigDict, *,
-         model: WorldModel, burn_in: int = 0, axis_name: str | None = None):
-  """World-model loss on windows [L, B] whose first `burn_in` steps only warm up the latent
-  state; returns (loss, (posteriors [L − burn_in, B] (no gradient), metrics))."""
+def rollforward(params, model: WorldModel, batch: Sequence, key):
+  """Filters windows [L, B] and steps every posterior once through the prior with its
+  action: (posteriors, priors, next priors), each [L, B]; next_prior[t] is the state after
+  (s_t, a_t) that the reward, continue and mask heads of transition t read."""
   observe_key, transition_key = jax.random.split(key)
   posts, priors, continued = _filter(model, params, batch.obs,
                                      previous_actions(batch.action), batch.is_first,
@@ -486,6 +486,21 @@ def loss(params, batch: Sequence, key, section: ml_collections.ConfigDict, *,
   last = img_step(model, params, jax.tree.map(lambda x: x[-1], posts), batch.action[-1],
                   transition_key)
   next_prior = jax.tree.map(lambda c, x: jnp.concatenate([c[1:], x[None]]), continued, last)
+  return posts, priors, next_prior
+
+
+def kl_loss(dyn: jax.Array, rep: jax.Array, section: ml_collections.ConfigDict) -> jax.Array:
+  """KL balancing with free bits: β_dyn max(dyn, free) + β_rep max(rep, free), so a KL
+  already below `free_nats` nats gives no gradient (DreamerV3, eq. 5)."""
+  return (section.dyn_scale * jnp.maximum(dyn, section.free_nats)
+          + section.rep_scale * jnp.maximum(rep, section.free_nats))
+
+
+def loss(params, batch: Sequence, key, section: ml_collections.ConfigDict, *,
+         model: WorldModel, burn_in: int = 0, axis_name: str | None = None):
+  """World-model loss on windows [L, B] whose first `burn_in` steps only warm up the latent
+  state; returns (loss, (posteriors [L − burn_in, B] (no gradient), metrics))."""
+  posts, priors, next_prior = rollforward(params, model, batch, key)
   length = batch.is_first.shape[0]
   trained = jnp.broadcast_to((jnp.arange(length) >= burn_in)[:, None], batch.is_first.shape)
   trained = trained.astype(jnp.float32)
@@ -516,10 +531,8 @@ def loss(params, batch: Sequence, key, section: ml_collections.ConfigDict, *,
     mask_loss = 0.0
 
   dyn, rep = kl_terms(model, posts, priors)
-  kl_loss = (section.dyn_scale * jnp.maximum(dyn, section.free_nats)
-             + section.rep_scale * jnp.maximum(rep, section.free_nats))
-  total = (_masked_mean(squared_error + std_nll + reward_loss + continue_loss + kl_loss,
-                        trained) + mask_loss)
+  total = (_masked_mean(squared_error + std_nll + reward_loss + continue_loss
+                        + kl_loss(dyn, rep, section), trained) + mask_loss)
   # What imagination would predict one step ahead: the prior after a_t decoded, against
   # o_{t+1} inside the episode, beside copying o_t.
   decoded_next, _ = model.apply(params, next_prior.features, method=WorldModel.decode)

@@ -17,13 +17,15 @@ def spec():
 @pytest.fixture(scope="session")
 def small_config():
   """`small_config(classes=4)`: the base config with a small world model (`classes` 0 for
-  Gaussian latents) and small dream and EFE actor-critics; a fresh config per call."""
+  Gaussian latents), short replayed windows and small dream and EFE actor-critics; a fresh
+  config per call."""
 
   def make(classes=4):
     cfg = config_lib.base_config()
-    cfg.world_model.update(deter=32, stoch=4, classes=classes, hidden=32, seq_len=8)
+    cfg.world_model.update(deter=32, blocks=2, stoch=4, classes=classes, hidden=32)
+    cfg.replay.update(batch_size=4, seq_len=8, burn_in=2)
     for section in (cfg.dream, cfg.efe):
-      section.update(hidden_sizes=(32,), horizon=5, num_starts=16)
+      section.update(hidden_sizes=(32,), horizon=5)
     return cfg
 
   return make
@@ -32,7 +34,7 @@ def small_config():
 @pytest.fixture(scope="session", params=[4, 0], ids=["categorical", "gaussian"])
 def model_and_params(request, small_config, spec):
   cfg = small_config(classes=request.param)
-  model = wm_lib.make_world_model(cfg.world_model, (5,))
+  model = wm_lib.make_world_model(cfg.world_model, (5,), spec)
   state = wm_lib.init(jax.random.PRNGKey(0), model, wm_lib.make_optimizer(cfg.world_model),
                       (5,), jnp.float32, wm_lib.action_vector_size(spec))
   return cfg, model, state.params

@@ -40,35 +40,84 @@ def test_observe_and_imagine_shapes_and_resets(model_and_params):
   assert raw.shape == (4, batch)
 
 
+def _sequence(rng, length, batch, is_first):
+  return wm_lib.Sequence(rng.normal(size=(length, batch, 5)).astype(np.float32),
+                         rng.normal(size=(length, batch, 5)).astype(np.float32),
+                         np.zeros((length, batch), np.float32), np.zeros((length, batch), bool),
+                         is_first, np.ones((length, batch, 3), bool))
+
+
 @pytest.mark.parametrize("rssm_layers", [1, 0])
 @pytest.mark.parametrize("jit", [False, True])
 def test_prior_after_each_action_equals_a_separate_transition(rssm_layers, jit, small_config, spec):
-  """The reward and continue heads read the prior after (s_t, a_t). The filter's scan
+  """The reward, continue and mask heads read the prior after (s_t, a_t). The filter's scan
   already computes it as step t+1's prior from the carried state, also where o_{t+1}
   starts a new episode (the terminal transition); it must equal stepping s_t with a_t."""
   cfg = small_config(classes=0)
   cfg.world_model.rssm_layers = rssm_layers
-  model = wm_lib.make_world_model(cfg.world_model, (5,))
+  model = wm_lib.make_world_model(cfg.world_model, (5,), spec)
   params = wm_lib.init(jax.random.PRNGKey(0), model, wm_lib.make_optimizer(cfg.world_model), (5,),
                        jnp.float32, wm_lib.action_vector_size(spec)).params
   length, batch = 6, 3
-  rng = np.random.default_rng(4)
   is_first = np.zeros((length, batch), bool)
   is_first[0] = is_first[3, 1] = True
-  sequence = wm_lib.Sequence(rng.normal(size=(length, batch, 5)).astype(np.float32),
-                             rng.normal(size=(length, batch, 5)).astype(np.float32),
-                             np.zeros((length, batch), np.float32),
-                             np.zeros((length, batch), bool), is_first)
-  rollforward = lambda p, b, k: wm_lib._rollforward(p, model, b, k)
-  out = (jax.jit(rollforward) if jit else rollforward)(params, sequence, jax.random.PRNGKey(1))
+  sequence = _sequence(np.random.default_rng(4), length, batch, is_first)
+  rollforward = lambda p, b, k: wm_lib.rollforward(p, model, b, k)
+  posts, priors, next_prior = (jax.jit(rollforward) if jit else rollforward)(
+      params, sequence, jax.random.PRNGKey(1))
   flat = lambda x: x.reshape((-1,) + x.shape[2:])
-  expected = wm_lib.img_step(model, params, jax.tree.map(flat, out.posts),
+  expected = wm_lib.img_step(model, params, jax.tree.map(flat, posts),
                              flat(sequence.action), jax.random.PRNGKey(2))
-  np.testing.assert_allclose(out.next_prior.deter, expected.deter, rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(out.next_prior.stats, expected.stats, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(flat(next_prior.deter), expected.deter, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(flat(next_prior.stats), expected.stats, rtol=1e-5, atol=1e-6)
   # ...and it is not the reset prior that the filter itself uses for env 1 at t = 3.
-  after_reset = out.priors.deter[3, 1]
-  assert not np.allclose(out.next_prior.deter.reshape(length, batch, -1)[2, 1], after_reset)
+  assert not np.allclose(next_prior.deter[2, 1], priors.deter[3, 1])
+
+
+def test_block_gru_is_independent_gru_cells_on_the_blocks():
+  """With 2 blocks, each half of the state follows its own GRU over its own half of the
+  recurrent weights; the input map is shared. Checked against numpy gate equations."""
+  gru = wm_lib.GRU(size=4, blocks=2)
+  rng = np.random.default_rng(0)
+  h, x = rng.normal(size=(3, 4)).astype(np.float32), rng.normal(size=(3, 5)).astype(np.float32)
+  params = gru.init(jax.random.PRNGKey(0), h, x)["params"]
+  params = jax.tree.map(lambda p: rng.normal(size=p.shape).astype(np.float32), params)
+  out = np.asarray(gru.apply({"params": params}, h, x))
+  sigmoid = lambda v: 1 / (1 + np.exp(-v))
+  projected = x @ params["input"]["kernel"] + params["input"]["bias"]  # [3, 12]
+  for g in range(2):
+    hg = h[:, 2 * g:2 * g + 2]
+    rec = hg @ params["recurrent"][g] + params["recurrent_bias"][g]  # [3, 6]
+    inp = projected[:, 6 * g:6 * g + 6]
+    reset = sigmoid(inp[:, 0:2] + rec[:, 0:2])
+    update = sigmoid(inp[:, 2:4] + rec[:, 2:4])
+    candidate = np.tanh(inp[:, 4:6] + reset * rec[:, 4:6])
+    np.testing.assert_allclose(out[:, 2 * g:2 * g + 2],
+                               (1 - update) * candidate + update * hg, rtol=1e-5, atol=1e-6)
+
+
+def test_kl_loss_has_free_bits_and_balancing(small_config):
+  section = small_config().world_model  # dyn 0.5, rep 0.1, free 1.0
+  dyn = jnp.array([0.3, 2.0, 5.0])
+  rep = jnp.array([4.0, 0.2, 1.5])
+  expected = [0.5 * 1.0 + 0.1 * 4.0, 0.5 * 2.0 + 0.1 * 1.0, 0.5 * 5.0 + 0.1 * 1.5]
+  np.testing.assert_allclose(wm_lib.kl_loss(dyn, rep, section), expected, rtol=1e-6)
+  # Below the free bits a KL has no gradient.
+  grad = jax.grad(lambda d: wm_lib.kl_loss(d, rep, section).sum())(dyn)
+  np.testing.assert_allclose(grad, [0.0, 0.5, 0.5])
+
+
+def test_the_mask_head_opens_a_branch_it_would_close_entirely(model_and_params, spec):
+  _, model, params = model_and_params
+  head = dict(params["params"]["mask_head"])
+  # Bias (+, −, −): only choice 0 allowed; then (−, −, −): the whole branch reopens.
+  features = jnp.zeros((1, model.rssm.deter + model.rssm.stoch_size))
+  for bias, expected in (([3.0, -3.0, -3.0], [True, False, False]),
+                         ([-3.0, -3.0, -3.0], [True, True, True])):
+    head["out"] = {"kernel": jnp.zeros_like(head["out"]["kernel"]), "bias": jnp.asarray(bias)}
+    patched = {"params": {**params["params"], "mask_head": head}}
+    np.testing.assert_array_equal(
+        wm_lib.predicted_mask(model, patched, features, spec)[0], expected)
 
 
 def test_pixel_embedding_scales_uint8_frames_for_sequences_and_single_steps(small_config, spec):
@@ -76,7 +125,7 @@ def test_pixel_embedding_scales_uint8_frames_for_sequences_and_single_steps(smal
   exactly like a [B, H, W, 3] batch (a rank test on the input once routed sequences of
   frames through the vector path's symlog)."""
   cfg = small_config()
-  model = wm_lib.make_world_model(cfg.world_model, (16, 16, 3))
+  model = wm_lib.make_world_model(cfg.world_model, (16, 16, 3), spec)
   params = wm_lib.init(jax.random.PRNGKey(0), model, wm_lib.make_optimizer(cfg.world_model),
                        (16, 16, 3), jnp.uint8, wm_lib.action_vector_size(spec)).params
   frames = np.random.default_rng(0).integers(0, 256, (2, 3, 16, 16, 3), dtype=np.uint8)

@@ -17,7 +17,7 @@ import pytest
 from mbjax.envs.bonk_arena import (BonkArena, EnvParams, idle_menu_policy, make_scripted_policy,
                                    menu_choice_from_ui_click, random_policy, role_weights,
                                    ui_click_from_menu_choice, ui_click_mask)
-from mbjax.envs.bonk_arena import game, observation, rewards, rollout
+from mbjax.envs.bonk_arena import game, rewards, rollout
 from mbjax.envs.spaces import HybridAction
 
 ENV = BonkArena()
@@ -308,23 +308,6 @@ def test_vector_observation_layout_and_nearest_enemy_first():
   np.testing.assert_array_equal(enemies[2:], 0)
   np.testing.assert_allclose(obs[layout["player_pos"]], [0, 0], atol=1e-6)
   assert obs[layout["menu_open"]][0] == 0 and not obs[layout["menu_cards"]].any()
-
-
-def test_world_model_slots_match_the_layout_and_the_position_scale():
-  entity_slots, agent_position = observation.world_model_slots(5, 3)
-  assert entity_slots == ((16, 5, 8, 3), (59, 3, 4, 3)) and agent_position == (0, 2.0)
-  # Two enemy slots and one gem slot: enemies 16:32, enemy_summary 32:35, gems 35:39.
-  assert observation.world_model_slots(2, 1)[0] == ((16, 2, 8, 3), (35, 1, 4, 3))
-  # The scale: when the player moves, player_pos changes by `scale` times as much as an
-  # enemy's offset does (in the other direction).
-  state = with_enemy(fresh(), 0, CENTRE + 6.0, CENTRE, kind=game.TOUGH)
-  moved = state.replace(player_pos=state.player_pos + jnp.array([3.0, -1.5]))
-  before, after = (np.asarray(ENV.vector_observation(s, PARAMS)) for s in (state, moved))
-  layout, (start, scale) = ENV.vector_layout, agent_position
-  position_change = (after - before)[start:start + 2]
-  offset_change = (after - before)[layout["enemies"]][1:3]
-  assert np.abs(position_change).min() > 0.01
-  np.testing.assert_allclose(position_change, -scale * offset_change, rtol=1e-5)
 
 
 def test_render_shape_dtype_and_changes_with_state():

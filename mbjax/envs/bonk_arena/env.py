@@ -102,13 +102,6 @@ class BonkArena(base.Environment):
       return (self.pixel_size, self.pixel_size, 3)
     return (vector_obs.vector_size(self.num_obs_enemies, self.num_obs_gems),)
 
-  def world_model_slots(self):
-    """(entity_slots, agent_position) of the vector observation for the world model's
-    entity head (`observation.world_model_slots`); ((), ()) for pixel observations."""
-    if self.observation == "pixels":
-      return (), ()
-    return vector_obs.world_model_slots(self.num_obs_enemies, self.num_obs_gems)
-
   def observation_dtype(self, params=None) -> jnp.dtype:
     del params
     return jnp.dtype(jnp.uint8 if self.observation == "pixels" else jnp.float32)

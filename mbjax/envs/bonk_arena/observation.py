@@ -36,21 +36,6 @@ def vector_size(num_obs_enemies: int, num_obs_gems: int) -> int:
   return list(vector_layout(num_obs_enemies, num_obs_gems).values())[-1].stop
 
 
-def world_model_slots(num_obs_enemies: int, num_obs_gems: int):
-  """The vector observation's structure as the world model's entity head takes it
-  (`world_model.entity_slots`, `world_model.agent_position`; see
-  `mbjax.agents.world_model.EntityDeltaHead`): the enemy and gem slot lists as (start,
-  slots, features per slot, the distance feature they are sorted by), and the player's
-  position as (start, scale). The scale is 2: positions are 2·p/arena − 1, the slots'
-  offsets p/arena, so a move of 2 in `player_pos` is a move of 1 in the slots' units."""
-  layout = vector_layout(num_obs_enemies, num_obs_gems)
-  entity_slots = tuple(
-      (layout[name].start, count, len(features), features.index("dist"))
-      for name, count, features in (("enemies", num_obs_enemies, ENEMY_FEATURES),
-                                    ("gems", num_obs_gems, GEM_FEATURES)))
-  return entity_slots, (layout["player_pos"].start, 2.0)
-
-
 def _nearest_indices(dist: jax.Array, alive: jax.Array, k: int) -> jax.Array:
   """i32[k]: indices of the k nearest alive entities, nearest first; −1 past the number
   alive."""
