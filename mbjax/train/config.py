@@ -93,7 +93,9 @@ def base_config() -> ml_collections.ConfigDict:
   cfg.world_model.cnn_depth = 16  # pixel observations: channels of the first convolution
   cfg.world_model.min_std = 0.1  # Gaussian latents only
   cfg.world_model.unimix = 0.01  # uniform mixture in categorical latents
-  cfg.world_model.lr = 3e-4
+  # 1e-3: at 3e-4 the reward head of a small model had not learned a state-and-action
+  # dependent reward after 2,000 updates; at 1e-3 it had after 600.
+  cfg.world_model.lr = 1e-3
   cfg.world_model.max_grad_norm = 1000.0
   cfg.world_model.free_nats = 1.0  # KL free bits: each KL term is clipped below at this
   cfg.world_model.dyn_scale = 0.5  # KL(sg(posterior) ‖ prior) weight
