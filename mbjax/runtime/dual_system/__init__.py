@@ -12,7 +12,8 @@ One module per component:
   executed action, into a replay ring.
 * `controller` — `DualSystemController`, the fixed-rate loop, its level-up menu handling
   (`MenuDecider`, `NavigatorMenu`) and its timing record (`LoopStats`).
-* `assembly` — `run(cfg)`: all of it built from `configs/dual_system.py`.
+* `assembly` — `run(cfg)`: all of it built from `configs/dual_system.py`, whose fields and
+  defaults are `config.base_config()`.
 
 Inference only by default: nothing is recorded or learned unless `push.enabled`.
 """
