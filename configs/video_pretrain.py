@@ -1,4 +1,4 @@
-"""The offline video pipeline (mbjax/offline/pipeline.py): gameplay video → chunks → IDM
+"""The offline video pipeline (mbjax/offline/pipeline/): gameplay video → chunks → IDM
 actions → video rewards → episodes → skill tokens → offline world model and dream policy.
 
 Your own videos (a directory of .mp4/.mkv/.webm/.avi files):

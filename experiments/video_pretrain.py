@@ -2,7 +2,7 @@
 --config=configs/video_pretrain.py --workdir=runs/video [--phase=all]`.
 
 Phases (and the upstream aliases train_idm, label_actions, train_reward, label_rewards,
-export_rollouts, train_skills) are listed in `mbjax/offline/pipeline.py`; `--phase` takes
+export_rollouts, train_skills) are listed in `mbjax.offline.pipeline.REGISTRY`; `--phase` takes
 one, a comma-separated list, or `all`. Rerunning resumes: finished models and labels are
 kept. The `eval` phase prints the report table and writes `<workdir>/report.json`.
 """

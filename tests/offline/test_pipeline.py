@@ -13,6 +13,7 @@ import pytest
 from configs import video_pretrain
 from mbjax.envs.spaces import HybridActionSpec
 from mbjax.offline import chunks, episodes, pipeline
+from mbjax.offline.pipeline.models import split_episodes
 
 
 def test_phase_names_and_aliases():
@@ -46,16 +47,16 @@ def test_reward_holdout_by_source_pattern_then_per_look():
   looks = {"atari_pong_0_ab": "atari_pong", "atari_pong_1_cd": "atari_pong",
            "a1": "fixed", "a2": "fixed", "a3": "fixed", "a4": "fixed", "a5": "fixed",
            "b1": "follow", "b2": "follow", "c1": "lonely"}
-  held_out = pipeline._split_episodes(looks, 0.2, ("atari_*",), seed=0)
+  held_out = split_episodes(looks, 0.2, ("atari_*",), seed=0)
   # Both Atari clips by the pattern; of the others per look: ceil(0.2·5) = 1 "fixed",
   # ceil(0.2·2) = 1 "follow", none of the single "lonely" episode.
   assert {"atari_pong_0_ab", "atari_pong_1_cd"} <= held_out
   by_look = collections.Counter(looks[e] for e in held_out)
   assert by_look == {"atari_pong": 2, "fixed": 1, "follow": 1}
-  assert pipeline._split_episodes(dict(reversed(looks.items())), 0.2, ("atari_*",),
-                                  seed=0) == held_out  # deterministic, order-free
+  assert split_episodes(dict(reversed(looks.items())), 0.2, ("atari_*",),
+                        seed=0) == held_out  # deterministic, order-free
   # Without the pattern the Atari clips are one more look: ceil(0.5·2) = 1 of them.
-  by_look = collections.Counter(looks[e] for e in pipeline._split_episodes(looks, 0.5, (), 0))
+  by_look = collections.Counter(looks[e] for e in split_episodes(looks, 0.5, (), 0))
   assert by_look == {"atari_pong": 1, "fixed": 3, "follow": 1}  # fixed: ceil(0.5·5) = 3
 
 
