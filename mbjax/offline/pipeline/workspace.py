@@ -20,6 +20,7 @@ from absl import logging
 
 from mbjax.envs.spaces import HybridActionSpec
 from mbjax.offline import chunks as chunks_lib
+from mbjax.offline import ground_truth as ground_truth_lib
 from mbjax.offline import video as video_lib
 
 # `meta["action_labeling"]` of chunks whose actions are labels (not IDM predictions).
@@ -164,6 +165,8 @@ def truth_for_chunk(arrays: dict, name: str) -> dict | None:
   meta = chunks_lib.decode_meta(arrays["meta"], name)
   with np.load(truth_path, allow_pickle=False) as npz:
     truth = {k: npz[k] for k in npz.files}
+  ground_truth_lib.check_rules_version(
+      {truth_path: json.loads(str(truth.get("meta", "{}")))}, truth_path)
   steps = len(truth["rewards"])
   index = video_lib.source_frame_indices(meta, arrays["observations"].shape[0],
                                          float(truth["fps"]))

@@ -44,13 +44,20 @@ class Game(Protocol):
     ...
 
 
+RUNTIME_MENU_DWELL = 600
+
+
 class ArenaGame:
   """BonkArena in this process: `act` advances one tick; finished runs restart at once."""
 
   def __init__(self, env: BonkArena | None = None, params=None, seed: int = 0,
                frame_every: int = 0, render: bool = False):
     self.env = env or BonkArena(observation="vector")
-    self.params = params if params is not None else self.env.default_params()
+    # A card waits for System 2 or the VLM navigator as a real game waits for its player
+    # (no choice is forced within RUNTIME_MENU_DWELL steps, 10 s at 60 Hz); training keeps
+    # the game's short dwell limit.
+    self.params = (params if params is not None else
+                   self.env.default_params().replace(menu_dwell_limit=RUNTIME_MENU_DWELL))
     self.frame_every = frame_every  # attach a rendered frame every N steps (0: never)
     env, params = self.env, self.params
 
@@ -176,7 +183,9 @@ def arena_observation(state: codec.GameState, *, run_time_s: float, arena_size: 
         cards[slot, game.CARDS.index(name)] = 1.0
     out[layout["menu_cards"]] = cards.reshape(-1)
   ticks = max(run_time_s, 0.0) * update_hz
-  out[layout["time"]] = [min(ticks / time_limit, 1.0), min(ticks / time_limit, 1.0),
+  # The dwell entry is 0: a bridged game does not force a card after a dwell, so it does
+  # not count one.
+  out[layout["time"]] = [min(ticks / time_limit, 1.0), 0.0,
                          1.0 - (ticks % params.boss_interval) / params.boss_interval]
   return np.nan_to_num(out, nan=0.0, posinf=0.0, neginf=0.0)
 

@@ -124,7 +124,7 @@ class MotorPolicy:
     """A freshly initialised (untrained) motor of a directive config — for tests and for
     timing the loop without a checkpoint."""
     env = directives.DirectiveArena(**cfg.env.kwargs.to_dict())
-    network = ppo.make_network(cfg, env.action_spec())
+    network = ppo.make_network(cfg.network, env.action_spec())
     obs_shape = env.observation_shape()
     # One jitted init: eager flax init compiles every initialiser op on its own.
     params = jax.jit(network.init)(jax.random.PRNGKey(seed), network.initial_carry(1),
