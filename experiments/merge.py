@@ -44,6 +44,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
+from experiments import cli  # noqa: E402
 from mbjax.population import llm_weighting  # noqa: E402
 from mbjax.population import merge as merge_lib  # noqa: E402
 from mbjax.runtime import llm  # noqa: E402
@@ -239,4 +240,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -10,13 +10,18 @@ os.environ.setdefault("XLA_FLAGS", "--xla_cpu_enable_concurrency_optimized_sched
 
 import json  # noqa: E402
 
-from absl import app  # noqa: E402
+from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from experiments import cli  # noqa: E402
 from mbjax.runtime import dual_system  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/dual_system.py",
-                                          "Runtime config file.", lock_config=True)
+# No default: a default config is loaded, overrides and all, when the flag is defined, before
+# an unknown override could be reported in one line.
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Runtime config file "
+                                          "(configs/dual_system.py[:variants]).",
+                                          lock_config=True)
+flags.mark_flag_as_required("config")
 
 
 def main(argv):
@@ -26,4 +31,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -424,7 +424,7 @@ def load_base(cfg) -> ppo.PPOState:
   """The base agent of `cfg.population.base_workdir`, checked to fit `cfg`'s network."""
   workdir = cfg.population.base_workdir
   if not os.path.exists(os.path.join(workdir, "config.json")):
-    raise FileNotFoundError(
+    raise checkpoint_lib.RunNotFoundError(
         f"config.population.base_workdir={workdir!r} holds no trained run (config.json); "
         "train one first: python -m experiments.train --config=configs/arena_ppo.py "
         f"--workdir={workdir}")

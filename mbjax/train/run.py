@@ -137,16 +137,16 @@ def restore_trained(workdir: str):
   """(trainer, runner) of the latest checkpoint in `workdir`, on one device, built from the
   config saved beside it — for evaluation and recording tools."""
   cfg = checkpoint_lib.read_run_config(workdir)
+  checkpointer = checkpoint_lib.Checkpointer(workdir, cfg.run.keep_checkpoints)
+  if checkpointer.latest_step() is None:
+    raise checkpoint_lib.RunNotFoundError(f"no checkpoint under {checkpointer.directory}")
   env, env_params = registry.make(cfg.env.name, **cfg.env.kwargs.to_dict())
   mesh = sharding.make_mesh(1)
   trainer = sharding.ShardedTrainer(cfg, env, env_params, mesh)
   abstract = checkpoint_lib.abstract_like(
       trainer.runner_like, sharding.runner_shardings(mesh, trainer.runner_like))
-  checkpointer = checkpoint_lib.Checkpointer(workdir, cfg.run.keep_checkpoints)
-  step, runner = checkpointer.restore_latest(abstract, cfg)
+  _, runner = checkpointer.restore_latest(abstract, cfg)
   checkpointer.close()
-  if step is None:
-    raise checkpoint_lib.RunNotFoundError(f"no checkpoint under {checkpointer.directory}")
   return trainer.trainer, runner
 
 
