@@ -2,7 +2,13 @@
 --config=configs/dual_system.py[:llm,bridge,push] --config.motor.checkpoint=<workdir>`.
 
 Prints the loop summary (achieved rate, step-latency percentiles, directive sources,
-System 2 calls and fallbacks, load average) as JSON.
+System 2 calls and fallbacks, load average) as JSON. A real backend that wants a key takes it
+from the environment, named by `--config.llm.api_key_env` (as experiments/merge.py's
+`--llm_api_key_env`):
+
+  OPENAI_API_KEY=... python -m experiments.run_dual_system --config=configs/dual_system.py:llm \
+      --config.llm.protocol=openai --config.llm.base_url=https://host/v1 \
+      --config.llm.model=<model> --config.llm.api_key_env=OPENAI_API_KEY
 """
 import os
 
