@@ -269,8 +269,8 @@ class WorldModel(nn.Module):
     conditions on o_t, as copy-last does, and the raw values give it the exact offsets and
     distances the change depends on. It reads no latent state: with the prior state after
     a_t beside them (all of it, or its deterministic part with or without a stop-gradient)
-    it did worse, 3.5–3.7× below copy-last against 4.4–4.7× after 250–500 updates
-    (BENCHMARKS.md "World model", tenth session). Imagination never calls it."""
+    it learned more slowly (docs/experiments/2026-11-27-world-model-one-step.md).
+    Imagination never calls it."""
     context = jnp.concatenate([symlog(obs), action], -1)
     delta = self.delta_head(context)
     if self.entity_slots:
@@ -280,7 +280,7 @@ class WorldModel(nn.Module):
         now = obs[..., start:start + 2]
         # The plain head's own prediction of the agent's move, as a fixed input: learned
         # from the entities' error instead, the move drifted and the enemy block got worse
-        # (0.58 → 0.71 of its copy-last error; BENCHMARKS.md "World model", twelfth session).
+        # (docs/experiments/2026-11-27-world-model-one-step.md).
         agent_move = jax.lax.stop_gradient(
             symexp(symlog(now) + delta[..., start:start + 2]) - now) / scale
       delta = jnp.where(self._entity_dims,
@@ -397,8 +397,8 @@ class EntityDeltaHead(nn.Module):
   remove 99% of copy-last's error on such steps (BENCHMARKS.md "World model").
 
   The context projection is narrow (`context_width`, 64) so that a slot's own few features
-  are not drowned in the first layer: with 256 the enemy block learned more slowly (0.66 of
-  its copy-last error after 500 probe steps against 0.60, tenth session).
+  are not drowned in the first layer: with 256 the enemy block learned more slowly
+  (docs/experiments/2026-11-27-world-model-one-step.md).
 
   With `polar`, features 1–3 are the entity's position relative to the agent and its
   distance (the sort feature), and the head is given the agent's move this step
@@ -407,8 +407,8 @@ class EntityDeltaHead(nn.Module):
   (the distance cannot go below 0) and a turn, before the additive changes. Chasing,
   fleeing and circling are then one number each, where the additive form has to compute a
   product of the bearing and a speed; the floor at 0 puts enemies that reach the agent
-  exactly on it, so their order stays as it was. On BonkArena it took the enemy block from
-  0.66 to 0.48 of its copy-last error (BENCHMARKS.md "World model", twelfth session).
+  exactly on it, so their order stays as it was. On BonkArena it is what brought the enemy
+  block's error well below the additive head's (BENCHMARKS.md "World model").
 
   Returns symlog(next) − symlog(o_t) on the blocks and 0 elsewhere (the world model uses it
   in place of the plain delta head there). Near copy-last at initialisation: zero feature

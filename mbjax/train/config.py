@@ -106,10 +106,9 @@ def base_config() -> ml_collections.ConfigDict:
   # predicted next position. () off; BonkArena's: (0, 2.0) (`BonkArena.world_model_slots()`
   # says why).
   cfg.world_model.agent_position = ()
-  # Width of the entity head's MLPs. They run once per slot and step, so their cost grows
-  # with the slots: on BonkArena's 8 slots the apex update took 1.43× as long as without
-  # the head at width 256, 1.23× at 128, which learns as well (BENCHMARKS.md "World model",
-  # thirteenth session).
+  # Width of the entity head's MLPs. They run once per slot and step, so their width is
+  # most of the head's cost; on BonkArena 128 learns as well as 256 in less time
+  # (BENCHMARKS.md "World model").
   cfg.world_model.entity_width = 128
   cfg.world_model.dyn_scale = 0.5  # KL(sg(posterior) ‖ prior) weight
   cfg.world_model.rep_scale = 0.1  # KL(posterior ‖ sg(prior)) weight
