@@ -17,6 +17,7 @@ from typing import Iterable
 import ml_collections
 
 from mbjax.agents import cpqe
+from mbjax.envs import registry
 
 # Fields that may differ between a checkpoint's config and the resuming run's: they steer
 # logging and saving only, never the numbers a run computes.
@@ -42,6 +43,9 @@ def base_config() -> ml_collections.ConfigDict:
   cfg.env.kwargs = ml_collections.ConfigDict()  # constructor arguments of that env
   cfg.env.frame_stack = 1
   cfg.env.reset_fraction = 1.0  # < 1: optimistic resets, see VecEnv
+  # The env's rules version (`mbjax.envs.registry.version`), filled in from env.name and
+  # recorded with every checkpoint, so one trained under other rules is refused on resume.
+  cfg.env.version = cfg.env.get_ref("name")._apply_op(registry.version)
 
   cfg.ppo = ml_collections.ConfigDict()
   cfg.ppo.num_steps = 128  # rollout length per env per update
@@ -59,6 +63,9 @@ def base_config() -> ml_collections.ConfigDict:
   cfg.ppo.normalize_advantages = True
   cfg.ppo.normalize_observations = False  # running mean/std of vector observations
   cfg.ppo.seq_len = 16  # BPTT chunk length for recurrent cores
+  # Entropy bonus on the tanh-squashed action's entropy instead of the pre-squash Gaussian's
+  # (network.squash="tanh" only; mbjax.nets.hybrid).
+  cfg.ppo.squashed_entropy = False
 
   cfg.network = ml_collections.ConfigDict()
   cfg.network.hidden_sizes = (64, 64)
@@ -74,6 +81,7 @@ def base_config() -> ml_collections.ConfigDict:
   cfg.network.scan_path = "sequential"  # sequential | associative | chunked (same numbers)
   cfg.network.scan_chunk = 16  # time steps per chunk of the chunked scan
   cfg.network.squash = "clip"  # clip | tanh, see mbjax.nets.hybrid
+  cfg.network.cfc_mode = "default"  # default | no_gate | pure (ncps's modes, mbjax.nets.cfc)
 
   # The auxiliary learners run after every PPO update, in this order (mbjax.agents.apex).
   cfg.world_model = ml_collections.ConfigDict()
@@ -94,7 +102,7 @@ def base_config() -> ml_collections.ConfigDict:
   cfg.world_model.max_grad_norm = 1000.0
   cfg.world_model.free_nats = 1.0
   # Vectors: a head trained on symlog(o_{t+1}) − symlog(o_t) from o_t and a_t (the one-step
-  # prediction adds it to o_t). Off keeps the parameter layout of older checkpoints.
+  # prediction adds it to o_t); off, the one-step prediction decodes the prior after a_t.
   cfg.world_model.predict_delta = False
   # ((start, slots, features per slot, sort feature), ...): slot lists (presence first,
   # sorted by the sort feature) whose delta comes entity by entity, re-sorted
@@ -345,6 +353,7 @@ _CHOICES = {
     "network.core": ("none", "gru", "lstm", "cfc", "mamba"),
     "network.scan_path": ("sequential", "associative", "chunked"),
     "network.squash": ("clip", "tanh"),
+    "network.cfc_mode": ("default", "no_gate", "pure"),
     "network.activation": ("tanh", "relu", "silu", "elu"),
     "served.distill_from": ("none", "dream", "efe"),
     "served.distill_schedule": ("constant", "linear"),
@@ -367,6 +376,10 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   if cfg.cpqe.sigma_min >= cfg.cpqe.sigma_max:
     raise ConfigError(f"config.cpqe.sigma_min={cfg.cpqe.sigma_min} must be below "
                       f"config.cpqe.sigma_max={cfg.cpqe.sigma_max}")
+  check_env_version(cfg)
+  if cfg.ppo.squashed_entropy and cfg.network.squash != "tanh":
+    raise ConfigError("config.ppo.squashed_entropy=True: expected config.network.squash='tanh'"
+                      f", got {cfg.network.squash!r}")
   steps = cfg.ppo.num_steps
   seq_len = cfg.ppo.seq_len if cfg.network.core != "none" else 1
   if steps % seq_len or (steps // seq_len) % cfg.ppo.num_minibatches:
@@ -376,6 +389,20 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         "split evenly into minibatches")
   _validate_apex(cfg)
   _validate_bridge(cfg)
+
+
+def check_env_version(cfg: ml_collections.ConfigDict | dict, source: str = "config") -> None:
+  """Raises ConfigError unless `cfg` (a config, or one read back from a run's config.json)
+  names the rules version of its env that this code implements. A config written before
+  versions were recorded counts as version "1" for a versioned env."""
+  env = cfg["env"]
+  implemented = registry.version(env["name"])
+  recorded = env.get("version", "1" if implemented else "")
+  if recorded != implemented:
+    raise ConfigError(
+        f"{source}: env.version={recorded!r}, but {env['name']!r} here implements rules "
+        f"version {implemented!r}; returns under other rules are not comparable (retrain, "
+        "or evaluate with the code of that version)")
 
 
 def _validate_apex(cfg: ml_collections.ConfigDict) -> None:

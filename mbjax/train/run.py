@@ -24,12 +24,10 @@ from mbjax.train import config as config_lib
 from mbjax.train import distributed, evaluate, sharding, video
 from mbjax.train.metrics import MetricsWriter
 
-_COUNT_WEIGHTED = ("episode/return", "episode/length")
-
-
 def summarize_chunk(metrics: dict) -> dict:
-  """Reduces a chunk's per-update metrics [n] to one record: episode statistics weighted by
-  the number of episodes that finished in each update, everything else averaged."""
+  """Reduces a chunk's per-update metrics [n] to one record: episode statistics
+  (`episode/*`) weighted by the number of episodes that finished in each update, everything
+  else averaged."""
   metrics = distributed.host_value(metrics)
   counts = np.asarray(metrics["episode/count"], np.float64)
   summary = {}
@@ -37,7 +35,7 @@ def summarize_chunk(metrics: dict) -> dict:
     values = np.asarray(values, np.float64)
     if key == "episode/count":
       summary[key] = int(values.sum())
-    elif key in _COUNT_WEIGHTED:
+    elif key.startswith("episode/"):
       summary[key] = float((values * counts).sum() / counts.sum()) if counts.sum() else None
     else:
       summary[key] = float(values.mean())

@@ -103,8 +103,10 @@ def make_learner_update(cfg, network, optimizer, mesh: Mesh):
   """Jitted `(agent, rollout [T, E, ...], key) -> (agent, metrics)`: `ppo.update`
   data-parallel over `mesh`, the rollout's env axis split over `data` (E must divide by the
   device count), agent, key and metrics replicated."""
-  update = functools.partial(ppo.update, network=network, optimizer=optimizer, cfg=cfg,
-                             axis_name=sharding.DATA_AXIS)
+  def update(agent, rollout, key):
+    return ppo.update(agent, rollout, key, cfg.ppo, network=network, optimizer=optimizer,
+                      axis_name=sharding.DATA_AXIS)
+
   return jax.jit(jax.shard_map(update, mesh=mesh,
                                in_specs=(P(), P(None, sharding.DATA_AXIS), P()),
                                out_specs=(P(), P())))
@@ -306,8 +308,8 @@ class Sebulba:
     if self.num_updates < 1:
       raise ValueError(f"total_env_steps={cfg.total_env_steps} is less than one update of "
                        f"num_envs × ppo.num_steps = {cfg.num_envs * cfg.ppo.num_steps}")
-    self.network = ppo.make_network(cfg, ACTION_SPEC)
-    self.optimizer = ppo.make_optimizer(cfg, self.num_updates)
+    self.network = ppo.make_network(cfg.network, ACTION_SPEC)
+    self.optimizer = ppo.make_optimizer(cfg.ppo, self.num_updates)
     self.obs_shape = (shim.observation_size(b.num_obs_enemies),)
     key = jax.random.PRNGKey(cfg.seed)
     key, init_key = jax.random.split(key)
@@ -399,7 +401,7 @@ def evaluate(cfg, ports: list[int], agent: ppo.PPOState | None, num_steps: int,
   Needs servers started with `restart_on_connect=True` (the connection starts the run), and
   no actor connected to them."""
   b = cfg.bridge
-  network = ppo.make_network(cfg, ACTION_SPEC)
+  network = ppo.make_network(cfg.network, ACTION_SPEC)
   observe = functools.partial(shim.observation, arena_size=b.arena_size,
                               num_enemies=b.num_obs_enemies)
   rng = np.random.default_rng(seed)
