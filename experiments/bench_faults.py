@@ -104,9 +104,9 @@ def merge_into_a_run(ctx: Context):
   run = ctx.trained_run()
   result = binary("experiments.merge", f"--base={run}", f"--specialists={run},{run}",
                   "--min_cosine=-1", f"--out={target}")
-  kept = result.returncode != 0 and _same_tree(target, before)
+  unchanged = _same_tree(target, before)
   return (f"exit {result.returncode}: {_last_line(result, ctx.root)[:90]}…; the run is "
-          "unchanged", kept)
+          f"{'unchanged' if unchanged else 'CHANGED'}", result.returncode != 0 and unchanged)
 
 
 def declined_save(ctx: Context):
@@ -137,12 +137,14 @@ def resume_past_a_corrupt_checkpoint(ctx: Context):
   run = ctx.copy_of_run("resume")
   _truncate(os.path.join(run, "checkpoints", "40", "state", "_METADATA"))
   result = binary("experiments.train", *_DEBUG_RUN, f"--workdir={run}")
-  unreadable = os.path.join(run, "checkpoints_unreadable", "40")
+  set_aside = os.path.isdir(os.path.join(run, "checkpoints_unreadable", "40"))
   warned = "checkpoints/40 is unreadable" in result.stderr
-  kept = (result.returncode == 0 and warned and os.path.isdir(unreadable)
-          and sorted(os.listdir(os.path.join(run, "checkpoints"))) == ["20", "40"])
-  return (f"exit {result.returncode}; resumed from 20 with a warning: {warned}; the bad 40 "
-          f"moved to checkpoints_unreadable/, 40 written again", kept)
+  resumed = "checkpoints/20 instead of the unreadable 40" in result.stderr
+  rewritten = sorted(os.listdir(os.path.join(run, "checkpoints"))) == ["20", "40"]
+  return (f"exit {result.returncode}; a warning names checkpoints/40: {warned}; resumed from "
+          f"update 20: {resumed}; the bad 40 in checkpoints_unreadable/: {set_aside}; 40 "
+          f"written again: {rewritten}",
+          result.returncode == 0 and warned and resumed and set_aside and rewritten)
 
 
 class _Warnings(logging.Handler):
