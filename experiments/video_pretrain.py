@@ -15,6 +15,7 @@ import json  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from experiments import cli  # noqa: E402
 from mbjax.offline import pipeline  # noqa: E402
 from mbjax.train import metrics  # noqa: E402
 
@@ -41,4 +42,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

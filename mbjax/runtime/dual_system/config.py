@@ -28,6 +28,8 @@ def base_config() -> ml_collections.ConfigDict:
   cfg.llm.base_url = "reference"
   cfg.llm.model = "llava:7b"
   cfg.llm.timeout_s = 10.0
+  # NAME of the environment variable holding the API key (e.g. OPENAI_API_KEY); "" sends none.
+  cfg.llm.api_key_env = ""
 
   cfg.game = ml_collections.ConfigDict()
   cfg.game.kind = "arena"  # arena | bridge
