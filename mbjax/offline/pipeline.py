@@ -54,6 +54,7 @@ from mbjax.offline import episodes as episodes_lib
 from mbjax.offline import ground_truth as ground_truth_lib
 from mbjax.offline import idm as idm_lib
 from mbjax.offline import reward_model as reward_lib
+from mbjax.offline import rlds as rlds_lib
 from mbjax.offline import skills as skills_lib
 from mbjax.offline import video as video_lib
 from mbjax.train import config as learner_config
@@ -93,6 +94,13 @@ def base_config() -> ml_collections.ConfigDict:
 
   cfg.source = ml_collections.ConfigDict()
   cfg.source.video_dir = ""  # "": <workdir>/videos (where ground_truth records)
+  # An RLDS dataset (the directory holding its dataset_info.json) that world_model and dream
+  # train on instead of <workdir>/episodes (`mbjax.offline.rlds.read_episodes`); "": none.
+  cfg.source.rlds_dir = ""
+  cfg.source.rlds_split = "train"
+  # Our step field → its path in the dataset's steps (e.g. observation=observation/image).
+  cfg.source.rlds_fields = ml_collections.ConfigDict(
+      {f: f for f in rlds_lib.REQUIRED_FIELDS + rlds_lib.OPTIONAL_FIELDS})
 
   # The validation set-up: BonkArena gameplay recorded with its true actions.
   cfg.ground_truth = ml_collections.ConfigDict()
@@ -712,18 +720,39 @@ def skills_label(ws: Workspace, cfg) -> dict:
   return {"labelled": labelled, "skipped": skipped.entries}
 
 
+def _training_episodes(ws: Workspace, cfg):
+  """(name, episode) of what world_model and dream train on: the RLDS dataset
+  `source.rlds_dir` when set, else the exported `.npz` episodes; unreadable ones skipped."""
+  skip = lambda name, e: logging.warning("skipping %s: %s", name, e)
+  if cfg.source.rlds_dir:
+    yield from rlds_lib.read_episodes(cfg.source.rlds_dir, cfg.source.rlds_split,
+                                      cfg.source.rlds_fields.to_dict(), on_error=skip)
+    return
+  for path in episodes_lib.list_episodes(ws.episodes):
+    try:
+      yield path, episodes_lib.read_episode(path)
+    except episodes_lib.EpisodeError as e:
+      skip(path, e)
+
+
+def _episode_actions(episode: dict, spec: HybridActionSpec, name: str):
+  """(continuous, discrete): an episode whose `action` holds only the continuous dims has
+  its branches in `action_discrete` (an imported RLDS dataset); ours pack both."""
+  if "action_discrete" in episode and episode["action"].shape[1] == spec.continuous_dim:
+    return episode["action"], episode["action_discrete"]
+  try:
+    return unpack_actions(episode["action"], spec)
+  except chunks_lib.ChunkError as e:
+    raise ValueError(f"{name}: {e}; config.action must describe the episodes' actions") from None
+
+
 def _learner_data(ws: Workspace, cfg):
   """Exported episodes → (`offline.EpisodeData`, observation shape, dtype)."""
   spec, size, dicts = action_spec(cfg), cfg.export.frame_size, []
-  for path in episodes_lib.list_episodes(ws.episodes):
-    try:
-      episode = episodes_lib.read_episode(path)
-    except episodes_lib.EpisodeError as e:
-      logging.warning("skipping %s: %s", path, e)
-      continue
+  for path, episode in _training_episodes(ws, cfg):
     if len(episode["reward"]) < cfg.export.min_length:
       continue
-    continuous, discrete = unpack_actions(episode["action"], spec)
+    continuous, discrete = _episode_actions(episode, spec, path)
     obs = episode["observation"]
     if obs.ndim == 4 and obs.shape[1:3] != (size, size):  # frames: the world model's size
       obs = np.asarray(jax.image.resize(obs, (len(obs), size, size, 3), "linear")
@@ -732,8 +761,8 @@ def _learner_data(ws: Workspace, cfg):
                   "reward": episode["reward"], "terminated": episode["is_terminal"],
                   "name": path})
   if not dicts:
-    raise ValueError(f"no exported episode of at least {cfg.export.min_length} steps in "
-                     f"{ws.episodes}; run export first")
+    raise ValueError(f"no episode of at least {cfg.export.min_length} steps in "
+                     f"{cfg.source.rlds_dir or ws.episodes}; run export first")
   data = offline_lib.EpisodeData.concatenate(dicts, spec)
   return data, data.obs.shape[1:], data.obs.dtype
 

@@ -154,7 +154,7 @@ def export_rlds(episode_dir: str, out_dir: str, name: str = DATASET_NAME,
           "file_path": tfds.features.Text(), "observation_kind": tfds.features.Text(),
           "json": tfds.features.Text()})})
 
-  class Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+  class EpisodesBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     VERSION = tfds.core.Version(VERSION)
 
     def _info(self):
@@ -169,9 +169,9 @@ def export_rlds(episode_dir: str, out_dir: str, name: str = DATASET_NAME,
     def _generate_examples(self):
       yield from generate()
 
-  Builder.name = name
+  EpisodesBuilder.name = name
   os.makedirs(out_dir, exist_ok=True)
-  builder = Builder(data_dir=out_dir, file_format="array_record")
+  builder = EpisodesBuilder(data_dir=out_dir, file_format="array_record")
   with tempfile.TemporaryDirectory(prefix=".tmp-downloads-", dir=out_dir) as downloads:
     builder.download_and_prepare(
         download_dir=downloads,
@@ -202,8 +202,13 @@ def _plan(dataset_dir: str, steps_feature, fields: Mapping[str, str]) -> dict[st
                      f"{list(REQUIRED_FIELDS + OPTIONAL_FIELDS)}")
   leaves = _leaves(steps_feature)
   paths = {ours: fields.get(ours, ours) for ours in REQUIRED_FIELDS + OPTIONAL_FIELDS}
-  missing = [f"{ours!r}" + (f" (mapped to {path!r})" if path != ours else "")
-             for ours, path in paths.items() if ours in REQUIRED_FIELDS and path not in leaves]
+  def describe(ours, path):
+    if any(leaf.startswith(path + "/") for leaf in leaves):
+      return f"{ours!r} (a group: map it to one of its fields)"
+    return f"{ours!r}" + (f" (mapped to {path!r})" if path != ours else "")
+
+  missing = [describe(ours, path) for ours, path in paths.items()
+             if ours in REQUIRED_FIELDS and path not in leaves]
   if missing:
     raise episodes_lib.EpisodeError(
         f"{dataset_dir}: the RLDS steps have no field {', '.join(missing)}; they have "
