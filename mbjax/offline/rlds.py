@@ -202,13 +202,15 @@ def _plan(dataset_dir: str, steps_feature, fields: Mapping[str, str]) -> dict[st
                      f"{list(REQUIRED_FIELDS + OPTIONAL_FIELDS)}")
   leaves = _leaves(steps_feature)
   paths = {ours: fields.get(ours, ours) for ours in REQUIRED_FIELDS + OPTIONAL_FIELDS}
+
   def describe(ours, path):
     if any(leaf.startswith(path + "/") for leaf in leaves):
       return f"{ours!r} (a group: map it to one of its fields)"
     return f"{ours!r}" + (f" (mapped to {path!r})" if path != ours else "")
 
+  # Required fields, and optional ones mapped to another name, must be there.
   missing = [describe(ours, path) for ours, path in paths.items()
-             if ours in REQUIRED_FIELDS and path not in leaves]
+             if path not in leaves and (ours in REQUIRED_FIELDS or path != ours)]
   if missing:
     raise episodes_lib.EpisodeError(
         f"{dataset_dir}: the RLDS steps have no field {', '.join(missing)}; they have "
@@ -308,7 +310,7 @@ def read_episodes(dataset_dir: str, split: str = SPLIT, fields: Mapping[str, str
   """
   tfds = _tfds()
   if not os.path.exists(os.path.join(dataset_dir, "dataset_info.json")):
-    found = sorted(os.path.relpath(os.path.join(root), dataset_dir)
+    found = sorted(os.path.relpath(root, dataset_dir)
                    for root, _, files in os.walk(dataset_dir) if "dataset_info.json" in files)
     raise FileNotFoundError(
         f"{dataset_dir}: no dataset_info.json; expected a TFDS dataset directory "

@@ -183,6 +183,9 @@ def test_missing_fields_are_named_before_any_episode_is_read(tmp_path):
     next(rlds.read_episodes(dataset_dir, fields={"action": "act"}))
   with pytest.raises(episodes.EpisodeError, match=r"'observation' \(mapped to 'obs'\)"):
     next(rlds.read_episodes(dataset_dir, fields={"observation": "obs", "action": "act"}))
+  with pytest.raises(episodes.EpisodeError, match=r"'skill_token' \(mapped to 'skills'\)"):
+    next(rlds.read_episodes(dataset_dir, fields={"observation": "observation/state",
+                                                 "action": "act", "skill_token": "skills"}))
   with pytest.raises(ValueError, match="unknown field.*'actions'"):
     next(rlds.read_episodes(dataset_dir, fields={"actions": "act"}))
   with pytest.raises(FileNotFoundError, match="no dataset_info.json.*found below it"):
