@@ -13,6 +13,7 @@ from mbjax.envs.spaces import HybridActionSpec
 from mbjax.offline import chunks as chunks_lib
 from mbjax.offline import idm as idm_lib
 from mbjax.offline import reward_model as reward_lib
+from mbjax.offline import rlds as rlds_lib
 from mbjax.offline import skills as skills_lib
 from mbjax.train import config as learner_config
 from mbjax.train import sharding
@@ -37,6 +38,13 @@ def base_config() -> ml_collections.ConfigDict:
 
   cfg.source = ml_collections.ConfigDict()
   cfg.source.video_dir = ""  # "": <workdir>/videos (where ground_truth records)
+  # An RLDS dataset (the directory holding its dataset_info.json) that world_model and dream
+  # train on instead of <workdir>/episodes (`mbjax.offline.rlds.read_episodes`); "": none.
+  cfg.source.rlds_dir = ""
+  cfg.source.rlds_split = "train"
+  # Our step field → its path in the dataset's steps (e.g. observation=observation/image).
+  cfg.source.rlds_fields = ml_collections.ConfigDict(
+      {f: f for f in rlds_lib.REQUIRED_FIELDS + rlds_lib.OPTIONAL_FIELDS})
 
   # The validation set-up: BonkArena gameplay recorded with its true actions.
   cfg.ground_truth = ml_collections.ConfigDict()

@@ -13,8 +13,10 @@ import numpy as np
 from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from mbjax.offline import chunks as chunks_lib
 from mbjax.offline import episodes as episodes_lib
 from mbjax.offline import reward_model as reward_lib
+from mbjax.offline import rlds as rlds_lib
 from mbjax.offline.pipeline import config as config_lib
 from mbjax.offline.pipeline.config import action_spec
 from mbjax.offline.pipeline.evaluation import evaluate_dream_policy
@@ -38,18 +40,39 @@ def export(ws: Workspace, cfg) -> dict:
           "skipped": {k: e["reason"] for k, e in sources.items() if e["status"] == "skipped"}}
 
 
-def _learner_data(ws: Workspace, cfg):
-  """Exported episodes → (`offline.EpisodeData`, observation shape, dtype)."""
-  spec, size, dicts = action_spec(cfg), cfg.export.frame_size, []
+def _training_episodes(ws: Workspace, cfg):
+  """(name, episode) of what world_model and dream train on: the RLDS dataset
+  `source.rlds_dir` when set, else the exported `.npz` episodes; unreadable ones skipped."""
+  skip = lambda name, e: logging.warning("skipping %s: %s", name, e)
+  if cfg.source.rlds_dir:
+    yield from rlds_lib.read_episodes(cfg.source.rlds_dir, cfg.source.rlds_split,
+                                      cfg.source.rlds_fields.to_dict(), on_error=skip)
+    return
   for path in episodes_lib.list_episodes(ws.episodes):
     try:
-      episode = episodes_lib.read_episode(path)
+      yield path, episodes_lib.read_episode(path)
     except episodes_lib.EpisodeError as e:
-      logging.warning("skipping %s: %s", path, e)
-      continue
+      skip(path, e)
+
+
+def _episode_actions(episode: dict, spec, name: str):
+  """(continuous, discrete): an episode whose `action` holds only the continuous dims has
+  its branches in `action_discrete` (an imported RLDS dataset); ours pack both."""
+  if "action_discrete" in episode and episode["action"].shape[1] == spec.continuous_dim:
+    return episode["action"], episode["action_discrete"]
+  try:
+    return unpack_actions(episode["action"], spec)
+  except chunks_lib.ChunkError as e:
+    raise ValueError(f"{name}: {e}; config.action must describe the episodes' actions") from None
+
+
+def _learner_data(ws: Workspace, cfg):
+  """Training episodes → (`offline.EpisodeData`, observation shape, dtype)."""
+  spec, size, dicts = action_spec(cfg), cfg.export.frame_size, []
+  for path, episode in _training_episodes(ws, cfg):
     if len(episode["reward"]) < cfg.export.min_length:
       continue
-    continuous, discrete = unpack_actions(episode["action"], spec)
+    continuous, discrete = _episode_actions(episode, spec, path)
     obs = episode["observation"]
     if obs.ndim == 4 and obs.shape[1:3] != (size, size):  # frames: the world model's size
       obs = np.asarray(jax.image.resize(obs, (len(obs), size, size, 3), "linear")
@@ -58,8 +81,8 @@ def _learner_data(ws: Workspace, cfg):
                   "reward": episode["reward"], "terminated": episode["is_terminal"],
                   "name": path})
   if not dicts:
-    raise ValueError(f"no exported episode of at least {cfg.export.min_length} steps in "
-                     f"{ws.episodes}; run export first")
+    raise ValueError(f"no episode of at least {cfg.export.min_length} steps in "
+                     f"{cfg.source.rlds_dir or ws.episodes}; run export first")
   data = offline_lib.EpisodeData.concatenate(dicts, spec)
   return data, data.obs.shape[1:], data.obs.dtype
 
