@@ -98,9 +98,9 @@ def test_dream_policy_learned_offline_beats_the_recording_policy():
   # three (data, init) key pairs gave mean dream returns 26 / 23 / 23 at 200 updates,
   # 58 / 34 / 48 at 400, 25 / 75 / 122 at 600 and 77 / 114 / 83 at 800, against random
   # 20.9 / 23.3 / 21.4 (2026-11-27); hence 800 updates.
-  cfg.world_model.update(deter=64, stoch=8, classes=8, hidden=64, seq_len=16, lr=1e-3)
-  cfg.dream.update(hidden_sizes=(64,), horizon=10, num_starts=64, actor_lr=3e-4,
-                   critic_lr=3e-4)
+  cfg.world_model.update(deter=64, stoch=8, classes=8, hidden=64, lr=1e-3)
+  cfg.replay.update(seq_len=12, burn_in=4)
+  cfg.dream.update(hidden_sizes=(64,), horizon=10, actor_lr=3e-4, critic_lr=3e-4)
   cfg.efe.enabled = False
   trainer = offline.make_offline_trainer(cfg, (4,), jnp.float32, spec)
   data = jax.device_put(offline.EpisodeData.concatenate(episodes, spec))

@@ -106,8 +106,9 @@ def test_skills_fit_on_four_devices_equals_one(mesh):
 
 def _learner_config() -> ml_collections.ConfigDict:
   cfg = config_lib.base_config()
-  cfg.world_model.update(deter=16, stoch=4, classes=4, hidden=16, seq_len=6)
-  cfg.dream.update(hidden_sizes=(16,), horizon=3, num_starts=8)
+  cfg.world_model.update(deter=16, blocks=2, stoch=4, classes=4, hidden=16)
+  cfg.replay.update(seq_len=4, burn_in=2)
+  cfg.dream.update(hidden_sizes=(16,), horizon=3)
   cfg.efe.enabled = False
   cfg.offline.batch_size = 8
   return cfg
@@ -150,10 +151,10 @@ def test_batches_that_do_not_divide_the_devices_name_their_config_key(mesh, tmp_
   cfg.idm.batch = 6
   workspace = pipeline.Workspace(str(tmp_path), cfg)
   with pytest.raises(ValueError, match=r"idm\.batch=6 .* the 4 devices"):
-    pipeline.idm_train(workspace, cfg)
+    pipeline.models.idm_train(workspace, cfg)
   cfg.skills.batch, cfg.run.num_devices = 12, 8
   with pytest.raises(ValueError, match=r"run\.num_devices=8: .*8 devices, 4 available"):
-    pipeline.skills_train(workspace, cfg)
+    pipeline.models.skills_train(workspace, cfg)
   learner = _learner_config()
   learner.offline.batch_size = 6
   with pytest.raises(ValueError, match=r"learner\.offline\.batch_size=6 .* the 4 devices"):
