@@ -3,7 +3,8 @@
 
 Plays the same number of full episodes (default params, same episode keys) with each
 policy — the trained one (with `--checkpoint`) samples from its action distribution, as it
-did in training, or acts on the mode with `--deterministic`; the scripted baseline; random
+did in training, or acts on the mode with `--deterministic` (whichever policy the run served:
+PPO, or a latent actor through the world model's filter); the scripted baseline; random
 play; and the menu-idle probe (random moves, never a card) — and prints per policy the mean
 return with its 95% confidence interval, mean length, the fraction of episodes that ended in
 death, `menu_fraction` (share of env steps with the level-up menu open) and each reward
@@ -72,8 +73,8 @@ def main(argv):
     if trainer.cfg.env.name != "bonk_arena":
       raise app.UsageError(f"{_CHECKPOINT.value} trained on {trainer.cfg.env.name!r}")
     kwargs = trainer.cfg.env.kwargs.to_dict()
-    policies["trained"] = evaluate.stateless_policy(
-        trainer, jax.device_get(runner.agent), _DETERMINISTIC.value)
+    agent, aux = jax.device_get((runner.agent, runner.aux))
+    policies["trained"] = evaluate.trained_policy(trainer, agent, aux, _DETERMINISTIC.value)
     header += f", update {int(runner.update_step)} of {_CHECKPOINT.value}"
   env = BonkArena(**kwargs)
   params = env.default_params()

@@ -34,7 +34,8 @@ _ROLE = flags.DEFINE_string("role", "balanced", "Reward weighting recorded in `r
 
 
 def make_policy(name: str, env: BonkArena, checkpoint: str | None):
-  """The extension point: returns `policy_fn(key, obs, mask) -> HybridAction`."""
+  """The extension point: returns `policy_fn(key, obs, mask) -> HybridAction`, or a trained
+  run's served policy (`mbjax.train.evaluate.Policy`, with a carry)."""
   if name == "scripted":
     return make_scripted_policy(env)
   if name == "random":
@@ -44,7 +45,8 @@ def make_policy(name: str, env: BonkArena, checkpoint: str | None):
   trainer, runner = run_lib.restore_trained(checkpoint)
   if trainer.cfg.env.name != "bonk_arena":
     raise app.UsageError(f"{checkpoint} trained on {trainer.cfg.env.name!r}, not bonk_arena")
-  return evaluate.stateless_policy(trainer, jax.device_get(runner.agent))
+  agent, aux = jax.device_get((runner.agent, runner.aux))
+  return evaluate.trained_policy(trainer, agent, aux)
 
 
 def main(argv):

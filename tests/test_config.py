@@ -30,8 +30,8 @@ def _set(cfg, key, value):
     ("world_model.unimix", 1.5, "a finite number in [0, 1]"),
     ("world_model.rssm_layers", -1, "an integer >= 0"),
     ("dream.hidden_sizes", (64, 0), "an integer >= 1 (each element)"),
-    ("efe.return_scale_decay", 1.0, "a finite number in [0, 1)"),
-    ("efe.target_update_rate", 0.0, "a finite number in (0, 1]"),
+    ("efe.unimix", 1.0, "a finite number in [0, 1)"),
+    ("efe.slow_critic_rate", 0.0, "a finite number in (0, 1]"),
     ("cpqe.distill_levels", 1, "an integer >= 2"),
     ("run.actor_device", -2, "an integer >= -1"),
     ("bridge.base_port", 70000, "an integer in [0, 65535]"),
@@ -49,7 +49,7 @@ def test_values_outside_their_range_are_refused(key, value, expected):
 @pytest.mark.parametrize("key, value", [
     ("ppo.gamma", 1.0), ("ppo.gae_lambda", 0.0), ("ppo.gae_lambda", 1.0),
     ("ppo.ent_coef", 0.0), ("bridge.frame_hz", 0.0), ("run.actor_device", -1),
-    ("world_model.classes", 0), ("efe.return_scale_decay", 0.0), ("seed", -3),
+    ("world_model.classes", 0), ("efe.unimix", 0.0), ("seed", -3),
 ])
 def test_values_on_the_edge_of_their_range_pass(key, value):
   cfg = config_lib.base_config()

@@ -136,3 +136,17 @@ def test_pixel_embedding_scales_uint8_frames_for_sequences_and_single_steps(smal
   direct = model.apply(params, frames[0].astype(np.float32),
                        method=lambda m, x: m.encoder(x))
   np.testing.assert_allclose(sequence[0], direct, rtol=1e-5, atol=1e-6)
+
+
+def test_categorical_latents_are_sampled_with_their_probabilities(small_config):
+  """Inverse-CDF sampling of the latents: class frequencies match the (unimix) probabilities
+  within sampling error, and the straight-through sample is one-hot."""
+  rssm = wm_lib.RSSM(deter=4, stoch=2, classes=4, hidden=4, layers=1, blocks=1, min_std=0.1,
+                     unimix=0.0)
+  probs = np.array([[0.1, 0.2, 0.3, 0.4], [0.7, 0.0, 0.0, 0.3]], np.float32)
+  stats = jnp.log(jnp.broadcast_to(probs, (20000, 2, 4)))
+  sample = np.asarray(rssm.apply({}, stats, jax.random.PRNGKey(0), method=wm_lib.RSSM._sample))
+  sample = sample.reshape(20000, 2, 4)
+  assert np.all(np.isclose(sample, 0.0, atol=1e-6) | np.isclose(sample, 1.0, atol=1e-6))
+  np.testing.assert_allclose(sample.sum(-1), 1.0, atol=1e-6)
+  np.testing.assert_allclose(sample.mean(0), probs, atol=0.012)  # 4 standard errors

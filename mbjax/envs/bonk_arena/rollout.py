@@ -53,32 +53,45 @@ def _num_steps(params: EnvParams, num_steps: int | None) -> int:
                      "game.max_episode_steps(params)) to size the rollout") from None
 
 
-def play_episode(env: BonkArena, params: EnvParams, policy_fn: PolicyFn, key: jax.Array,
+def play_episode(env: BonkArena, params: EnvParams, policy_fn, key: jax.Array,
                  with_frames: bool = False, num_steps: int | None = None,
                  record_fn: RecordFn | None = None) -> Episode:
   """Plays one episode from a reset for `num_steps` (default: the env-step cap) steps.
 
+  `policy_fn` is a stateless `PolicyFn`, or a policy with a carry — an object with
+  `initial_carry(batch)` and `step(carry, obs [1, ...], is_first [1], mask [1, M], key) ->
+  (carry, action [1, ...])`, such as a trained agent's `mbjax.train.evaluate.Policy`.
   `record_fn(state, next_state)`, if given, returns a dict of arrays recorded per step into
   `Episode.extras` (`state` is what frame t shows, `next_state` the result of action t).
   Pure; under jit, `env`, `policy_fn`, `with_frames`, `num_steps` and `record_fn` are static.
   """
   reset_key, key = jax.random.split(key)
   obs, state = env.reset(reset_key, params)
+  stateful = hasattr(policy_fn, "initial_carry")
 
-  def body(carry, _):
-    obs, state, key, done = carry
+  def act(policy_carry, obs, mask, is_first, key):
+    if not stateful:
+      return policy_carry, policy_fn(key, obs, mask)
+    policy_carry, action = policy_fn.step(policy_carry, obs[None], is_first[None], mask[None],
+                                          key)
+    return policy_carry, jax.tree.map(lambda x: x[0], action)
+
+  def body(carry, t):
+    obs, state, policy_carry, key, done = carry
     key, act_key, step_key = jax.random.split(key, 3)
     frame = env.render(state, params) if with_frames else jnp.zeros((0,), jnp.uint8)
-    action = policy_fn(act_key, obs, env.action_mask(state, params))
+    policy_carry, action = act(policy_carry, obs, env.action_mask(state, params), t == 0,
+                               act_key)
     obs, next_state, reward, terminated, truncated, info = env.step(step_key, state, action,
                                                                     params)
     extras = {} if record_fn is None else record_fn(state, next_state)
     out = Episode(frame, action.continuous, action.discrete, reward, info["reward_terms"],
                   terminated, truncated, ~done, extras)
-    return (obs, next_state, key, done | terminated | truncated), out
+    return (obs, next_state, policy_carry, key, done | terminated | truncated), out
 
-  _, episode = jax.lax.scan(body, (obs, state, key, jnp.zeros((), bool)), None,
-                            length=_num_steps(params, num_steps))
+  policy_carry = policy_fn.initial_carry(1) if stateful else ()
+  _, episode = jax.lax.scan(body, (obs, state, policy_carry, key, jnp.zeros((), bool)),
+                            jnp.arange(_num_steps(params, num_steps)))
   return episode
 
 
