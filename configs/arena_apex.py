@@ -1,55 +1,58 @@
-"""The full apex learner on BonkArena vectors: PPO + RSSM world model + dream + Active
-Inference, all updated after every rollout (mbjax.agents.apex).
+"""The model-based agent on BonkArena vectors: a world model, a dream actor-critic and an
+Active-Inference head trained on replay (`mbjax.agents.apex`), the dream actor acting.
 
-Same PPO settings as `configs/arena_ppo.py`; the world model is a CPU-sized RSSM (GRU 256,
-16×16 categorical latents, windows of 32 steps, lr 1e-3) with the one-step delta head
-(`world_model.predict_delta`) and BonkArena's entity head (`world_model.entity_slots` and
-`agent_position`, from `BonkArena.world_model_slots()`): the nearest enemies and gems move
-entity by entity in polar coordinates around the player, are re-sorted by distance, leave
-and arrive. Its one-step prediction error after 1,000 updates on recorded scripted play is
-8.2× below copying the last observation (4.6× with the delta head alone at lr 3e-4, 0.78×
-with neither), at 1.23× the apex update's time without the head (`entity_width` 128; 1.43×
-at 256, which learned no better): `experiments/bench_world_model.py`, BENCHMARKS.md "World
-model". Dream and EFE imagine 15 steps from 256 posterior states each.
+Every env step goes into a uniform replay (1 M steps); after each rollout of 16 envs × 64
+steps the world model (GRU 512 in 8 blocks, 32 × 16 categorical latents, MLPs of 128) takes
+`replay.train_ratio` × 1,024 / (16 × 64) updates on windows of 8 warm-up + 64 trained
+steps, and the dream and EFE actor-critics imagine 15 steps from every replayed posterior.
+The dream actor acts through the world model's filter (`served.policy=dreamer`).
 
-Served policy: PPO alone (`served.distill_from=none`); the world model, dream and EFE
-learners train after every rollout but shape nothing the agent does. Chosen by
-measurement (`experiments/bench_ablation.py --budget=medium`, 3 seeds, 3.1 M env steps
-each with small learners and the world model of the time, without the entity head,
-2026-11-26; BENCHMARKS.md "Apex ablation"): final return PPO
-−1.20 ± 0.97; dream actor distilled into PPO (coefficient 0.1) −4.66 ± 0.21; EFE actor
-distilled −4.06 ± 0.09; distillation decaying linearly to 0 over the run −3.04 ± 0.85;
-distillation for the first quarter only −1.91 ± 1.17. Distillation reaches −5.0 about 2×
-sooner (0.42–0.50 M steps vs PPO's 0.93 M) and then caps the return near the latent actor's
-(about −4.3); stopping it lets PPO catch up but not overtake. For short runs (≲ 1 M steps)
-`--config.served.distill_from=dream --config.served.distill_coef=0.1` is the better
-choice; `served.distill_schedule` and `served.distill_end` shape it over the run. The
-alternative of letting the latent actor act has no acting path in the Anakin loop.
+Variants (comma-separated): `ppo` serves PPO instead (arena_ppo's rollout of 64 × 128, the
+model-based learners trained alongside, shaping nothing the agent does unless
+`served.distill_from` is set); `efe` serves the Active-Inference actor; `debug` shrinks
+everything for the tests.
 
 Command:  python -m experiments.train --config=configs/arena_apex.py --workdir=runs/arena_apex
-Expected: the served policy learns like `configs/arena_ppo.py`'s (same PPO settings; the
-          other learners' gradients never reach it; 15.6 ± 8.0 there after 30 M steps); not
-          measured at this config's own sizes and 30 M steps on this CPU
-          (`python -m experiments.bench_ablation --budget=long`).
+          python -m experiments.evaluate_arena --checkpoint=runs/arena_apex --episodes=128
+Expected: see BENCHMARKS.md "Model-based agent" for the measured return against PPO at
+          equal env steps (`experiments/bench_ablation.py`).
 Debug:    --config=configs/arena_apex.py:debug — tiny sizes, 4 updates, used by tests.
 """
 from configs import arena_ppo
-from mbjax.envs.bonk_arena import BonkArena
+
+_VARIANTS = ("debug", "ppo", "efe")
 
 
 def get_config(arg: str | None = None):
-  if arg not in (None, "debug"):
-    raise ValueError(f"configs/arena_apex.py: unknown variant {arg!r}; expected 'debug'")
-  cfg = arena_ppo.get_config(arg)
+  parts = set(arg.split(",")) if arg else set()
+  if parts - set(_VARIANTS):
+    raise ValueError(f"configs/arena_apex.py: unknown variant(s) {sorted(parts - set(_VARIANTS))}"
+                     f"; expected some of {_VARIANTS}, comma-separated")
+  if {"ppo", "efe"} <= parts:
+    raise ValueError("configs/arena_apex.py: 'ppo' and 'efe' each choose the served policy; "
+                     "give one")
+  debug = "debug" in parts
+  cfg = arena_ppo.get_config("debug" if debug else None)
   cfg.world_model.enabled = cfg.dream.enabled = cfg.efe.enabled = True
-  # From the env's own layout; the trainer refuses a run whose env kwargs no longer match.
-  entity_slots, agent_position = BonkArena(**cfg.env.kwargs.to_dict()).world_model_slots()
-  cfg.world_model.update(deter=256, hidden=256, stoch=16, classes=16, seq_len=32, lr=1e-3,
-                         predict_delta=True, entity_slots=entity_slots,
-                         agent_position=agent_position)
-  if arg == "debug":
-    cfg.world_model.update(deter=32, hidden=32, stoch=4, classes=4, seq_len=16,
-                           entity_width=32)
+  cfg.served.policy = "ppo" if "ppo" in parts else "efe" if "efe" in parts else "dreamer"
+  cfg.total_env_steps = 1_000_000
+  if cfg.served.policy != "ppo":
+    cfg.num_envs, cfg.ppo.num_steps = 16, 64
+  cfg.world_model.update(deter=512, blocks=8, hidden=128, stoch=32, classes=16)
+  cfg.replay.update(capacity=1_000_000, batch_size=16, seq_len=64, burn_in=8,
+                    train_ratio=16.0, prefill=5_000)
+  for section in (cfg.dream, cfg.efe):
+    section.hidden_sizes = (128, 128)
+  cfg.run.log_every_updates = 10
+  cfg.run.checkpoint_every_updates = 50
+  if debug:
+    cfg.num_envs, cfg.ppo.num_steps = 8, 32
+    cfg.total_env_steps = 8 * 32 * 4
+    cfg.world_model.update(deter=32, blocks=2, hidden=32, stoch=4, classes=4)
+    cfg.replay.update(capacity=8 * 128, batch_size=4, seq_len=8, burn_in=2, train_ratio=1.0,
+                      prefill=256)
     for section in (cfg.dream, cfg.efe):
-      section.update(hidden_sizes=(32,), horizon=5, num_starts=16)
+      section.update(hidden_sizes=(32,), horizon=5)
+    cfg.run.log_every_updates = 2
+    cfg.run.checkpoint_every_updates = 4
   return cfg
