@@ -1,28 +1,24 @@
-"""World-model benchmarks: `python -m experiments.bench_world_model [--learn_steps=N]`.
+"""World-model benchmarks on the path imagination uses:
+`python -m experiments.bench_world_model --checkpoint=runs/arena_apex`.
 
-1. Throughput: one world-model step plus one dream (imagination, horizon 15) step on a batch
-   of 16 windows × 64 steps of BonkArena vector observations at the default size
-   (deterministic state 512), and the world-model step alone at upstream MetaBonk's size
-   (observation 204, embedding 256, deterministic 256, Gaussian stochastic 64), once with
-   mbjax's layers and once with upstream's (`rssm_layers=0`: linear maps around the GRU;
-   `head_layers=1`; the continue and std heads remain). Compile
-   and steady-state times are printed apart. Anchor: the upstream PyTorch RSSM update
-   takes 300–390 ms per 16 × 64 batch on this 2-core CPU. `--nothroughput` skips it.
-2. Learning: trains the world model of `--config` (default `configs/arena_apex.py`) on
-   BonkArena vector trajectories (64 envs × 512 steps of scripted play with Gaussian action
-   noise 0.5) and every `--eval_every` updates prints the one-step prediction error on
-   held-out trajectories (another seed; every window once) against copying the last
-   observation (target: 10× below it). Both errors are the same mean squared error over
-   all 96 dimensions in the decoder's target space (symlog), over the steps whose next
-   observation belongs to the same episode. Each evaluation also prints, per observation
-   block, the model's error over copy-last's and [that block's share of copy-last's], and
-   the same split by what happens to the five enemy slots between the two observations:
-   the same enemies in the same slots, the same enemies re-sorted by distance, or a
-   different set (a kill, a spawn, or an unseen enemy coming nearer than the fifth), and the
-   error on the last 100 training batches (against the held-out error: overfitting). Once,
-   before training, it prints the full-state floor: the error of E[o_{t+1} | game state,
-   a_t], estimated over `--floor_keys` env keys per held-out step, which bounds what any
-   one-step predictor can reach (the game's randomness: spawn points, kinds, card deals).
+1. Usefulness (`--checkpoint`, a run with the world model on): held-out episodes are played
+   by the run's served policy from episode keys the run never used (`--seed`), and the
+   world model is scored on them as imagination uses it:
+   - open-loop error: from the posterior at step t the prior is rolled forward with the
+     real actions a_t … a_{t+k−1} and decoded; its error on o_{t+k} against copying o_t,
+     for k = 1 … 15 (mean squared error over every observation dimension in the decoder's
+     target space, symlog for vectors; only starts whose k steps stay in one episode);
+   - reward: the reward head along those rollouts against the real rewards — Pearson per
+     step and over the 15-step sums;
+   - cloned states: from every `--clone_every`-th step the served actor plays 15 steps
+     twice over — in the env from the recorded (cloned) game state and in the model from
+     the posterior — `--clones` times each; Spearman between the two mean 15-step returns
+     across start states.
+2. Throughput (`--throughput`): replayed steps per second of one model update (world model,
+   then dream imagining 15 steps from every posterior) at DreamerV3's size1m shape (GRU 512
+   in 8 blocks, MLPs of 64, 32 × 4 latents, CNN depth 16, 16 × 64 windows of 64 × 64 frames)
+   and at `configs/arena_apex.py`'s size on 96-d vectors. The peer's own number comes from
+   the side-by-side harness (`experiments/bench_peers.py`).
 """
 import os
 
@@ -33,233 +29,256 @@ import time  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+import scipy.stats  # noqa: E402
 from absl import app, flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
 
-from experiments import throughput as throughput_lib  # noqa: E402
+from configs import arena_apex  # noqa: E402
+from experiments import cli  # noqa: E402
+from mbjax.agents import apex, dream  # noqa: E402
 from mbjax.agents import world_model as wm_lib  # noqa: E402
-from mbjax.envs.bonk_arena import BonkArena, make_scripted_policy  # noqa: E402
-from mbjax.envs.bonk_arena.observation import visible_enemies  # noqa: E402
-from mbjax.envs.spaces import HybridAction  # noqa: E402
-from mbjax.envs.wrappers import VecEnv  # noqa: E402
+from mbjax.envs.spaces import HybridActionSpec  # noqa: E402
+from mbjax.nets.hybrid import to_env_action  # noqa: E402
 from mbjax.train import config as config_lib  # noqa: E402
+from mbjax.train import evaluate  # noqa: E402
+from mbjax.train import metrics as metrics_lib  # noqa: E402
+from mbjax.train import run as run_lib  # noqa: E402
 
-_REPEATS = flags.DEFINE_integer("repeats", 5, "Timed steps per throughput measurement.")
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", "configs/arena_apex.py", "Config whose world_model section is trained in the "
-    "learning half.", lock_config=True)
-_LEARN_STEPS = flags.DEFINE_integer("learn_steps", 2000, "World-model updates (0: skip).")
-_THROUGHPUT = flags.DEFINE_bool("throughput", True, "Run the throughput half.")
-_EVAL_EVERY = flags.DEFINE_integer("eval_every", 200, "Updates between held-out evaluations.")
-_LEARN_ENVS = flags.DEFINE_integer("learn_envs", 64, "Envs recorded for the learning data.")
-_LEARN_LENGTH = flags.DEFINE_integer("learn_length", 512, "Steps recorded per env.")
-_TRAIN_WINDOWS = flags.DEFINE_integer("train_windows", 16, "Windows per training batch.")
-_TRAIN_WINDOW_LENGTH = flags.DEFINE_integer(
-    "train_window_length", 64, "Steps per training window (held-out windows stay 64 long).")
-_FLOOR_KEYS = flags.DEFINE_integer("floor_keys", 16, "Env keys per held-out step for the "
-                                   "full-state floor of the one-step error.")
+_CHECKPOINT = flags.DEFINE_string("checkpoint", "", "Workdir of a run with a world model.")
+_EPISODES = flags.DEFINE_integer("episodes", 16, "Held-out envs played.", lower_bound=1)
+_LENGTH = flags.DEFINE_integer("length", 512, "Steps recorded per env.", lower_bound=32)
+_SEED = flags.DEFINE_integer("seed", 1000, "Key of the held-out episodes.")
+_CLONE_EVERY = flags.DEFINE_integer("clone_every", 16, "Steps between cloned start states.",
+                                    lower_bound=1)
+_CLONES = flags.DEFINE_integer("clones", 8, "Rollouts per cloned start, in env and model.",
+                               lower_bound=1)
+_THROUGHPUT = flags.DEFINE_bool("throughput", False, "Time the model update instead.")
+_REPEATS = flags.DEFINE_integer("repeats", 3, "Timed updates per throughput row.",
+                                lower_bound=1)
 
-BATCH, LENGTH = 16, 64
-
-
-def throughput(cfg, obs_dim: int, spec, with_dream: bool, label: str) -> float:
-  """Prints and returns the seconds of one world-model step (plus one dream step from every
-  posterior with `with_dream`) on 16 windows × 64 steps of random vector observations."""
-  result = throughput_lib.world_model_update(
-      cfg, obs_dim, wm_lib.action_vector_size(spec), BATCH, LENGTH, 1, _REPEATS.value,
-      dream_spec=spec if with_dream else None, shard=False)
-  print(f"{label}: compile {result['compile_s']:.1f} s | step {result['update_s'] * 1e3:.1f} "
-        f"ms | {result['transitions_per_s']:,.0f} transitions/s")
-  return result["update_s"]
+HORIZON = 15
 
 
-def collect(env, params, num_envs, length, key, floor_keys: int = 0):
-  """Scripted play with Gaussian action noise: [T, E] obs, actions, rewards, flags, and
-  i32[T, E, K] which enemies the observation's K enemy slots show. With `floor_keys`, also
-  the full-state floor's per-dimension squared error [T, E, D] (`_floor_squared_error`)."""
-  vec_env = VecEnv(env)
-  scripted = make_scripted_policy(env)
-  spec = env.action_spec(params)
+def play(trainer, agent, aux, num_envs: int, length: int, key):
+  """[T, E] held-out play of the served policy: observations, model action vectors,
+  rewards, flags, the env states (for cloning) and the policy's carry before each step."""
+  env, params, learners = trainer.env, trainer.env_params, trainer.learners
+  policy = evaluate.trained_policy(trainer, agent, aux)
+  reset_key, key = jax.random.split(key)
+  obs, state = jax.vmap(env.reset, in_axes=(0, None))(jax.random.split(reset_key, num_envs),
+                                                      params)
 
   def step(carry, key):
-    obs, state, is_first = carry
-    policy_key, noise_key, env_key = jax.random.split(key, 3)
-    mask = vec_env.action_mask(state, params)
-    shown = jax.vmap(lambda s: visible_enemies(s, env.num_obs_enemies))(state)  # o_t's slots
-    action = jax.vmap(scripted)(jax.random.split(policy_key, num_envs), obs, mask)
-    noise = 0.5 * jax.random.normal(noise_key, action.continuous.shape)
-    action = HybridAction(jnp.clip(action.continuous + noise, -1, 1), action.discrete)
-    step_env = lambda key: vec_env.step(jax.random.split(key, num_envs), state, action, params)
-    next_obs, next_state, reward, terminated, truncated, _ = step_env(env_key)
-    out = wm_lib.Sequence(obs, wm_lib.action_vector(action, spec), reward, terminated, is_first)
-    extras = (shown,)
-    if floor_keys:
-      others = jax.vmap(lambda k: step_env(k)[0])(
-          jax.random.split(jax.random.fold_in(env_key, 1), floor_keys))
-      extras += (_floor_squared_error(others, next_obs),)
-    return (next_obs, next_state, terminated | truncated), (out,) + extras
+    obs, state, policy_carry, is_first = carry
+    act_key, env_key, reset_key = jax.random.split(key, 3)
+    mask = jax.vmap(env.action_mask, in_axes=(0, None))(state, params)
+    new_carry, action = policy.step(policy_carry, obs, is_first, mask, act_key)
+    next_obs, next_state, reward, terminated, truncated, _ = jax.vmap(
+        env.step, in_axes=(0, 0, 0, None))(jax.random.split(env_key, num_envs), state, action,
+                                           params)
+    done = terminated | truncated
+    fresh_obs, fresh_state = jax.vmap(env.reset, in_axes=(0, None))(
+        jax.random.split(reset_key, num_envs), params)
+    pick = lambda a, b: jnp.where(done.reshape(done.shape + (1,) * (a.ndim - 1)), a, b)
+    out = dict(obs=obs, action=wm_lib.action_vector(action, learners.spec), reward=reward,
+               terminated=terminated, truncated=truncated, is_first=is_first, state=state,
+               carry=policy_carry)
+    carry = (pick(fresh_obs, next_obs), jax.tree.map(pick, fresh_state, next_state), new_carry,
+             done)
+    return carry, out
 
-  reset_key, key = jax.random.split(key)
-  obs, state = vec_env.reset(jax.random.split(reset_key, num_envs), params)
-  carry = (obs, state, jnp.ones((num_envs,), bool))
-  _, data = jax.lax.scan(step, carry, jax.random.split(key, length))
-  return data
+  carry = (obs, state, policy.initial_carry(num_envs), jnp.ones((num_envs,), bool))
+  return jax.lax.scan(step, carry, jax.random.split(key, length))[1]
 
 
-def _floor_squared_error(others, next_obs):
-  """Squared error of E[symlog o_{t+1} | full game state s_t, a_t], estimated over the env
-  keys of `others` [K, E, D] (spawn points, enemy kinds and card deals are the game's only
-  randomness): no predictor can beat it on average, even one that sees the whole state."""
-  target = wm_lib.observation_target
-  return jnp.square(target(others).mean(0) - target(next_obs))
+def open_loop(learners, wm_params, data, key):
+  """Per start t and horizon k: decoded open-loop prediction errors, copy-last errors,
+  predicted and real rewards, and whether t … t+k stay in one episode ([T−H, E, H] each)."""
+  model = learners.world_model
+  posts, _ = wm_lib.observe(model, wm_params, data["obs"], wm_lib.previous_actions(
+      data["action"]), data["is_first"], key)
+  length = data["reward"].shape[0]
+  starts = length - HORIZON
+  target = wm_lib.observation_target(data["obs"])
+  offsets = jnp.arange(HORIZON)
+
+  def from_start(t):
+    start = jax.tree.map(lambda x: x[t], posts)
+    actions = jax.lax.dynamic_slice_in_dim(data["action"], t, HORIZON)
+
+    def step(state, inputs):
+      action, step_key = inputs
+      state = wm_lib.img_step(model, wm_params, state, action, step_key)
+      return state, state.features
+
+    _, features = jax.lax.scan(step, start, (actions, jax.random.split(
+        jax.random.fold_in(key, t), HORIZON)))
+    decoded, _ = model.apply(wm_params, features, method=wm_lib.WorldModel.decode)
+    future = jax.lax.dynamic_slice_in_dim(target, t + 1, HORIZON)
+    axes = tuple(range(2, target.ndim))
+    model_error = jnp.square(decoded - future).mean(axes)
+    copy_error = jnp.square(target[t][None] - future).mean(axes)
+    predicted = model.apply(wm_params, features, method=wm_lib.WorldModel.reward)
+    real = jax.lax.dynamic_slice_in_dim(data["reward"], t, HORIZON)
+    ended = jax.lax.dynamic_slice_in_dim(data["is_first"], t + 1, HORIZON)
+    inside = jnp.cumsum(ended, 0) == 0  # o_{t+k} in o_t's episode
+    return model_error, copy_error, predicted, real, inside
+
+  outs = jax.vmap(from_start)(jnp.arange(starts))  # leaves [starts, H, E]
+  return jax.tree.map(lambda x: np.asarray(jnp.moveaxis(x, 1, 2)), outs)  # [starts, E, H]
 
 
-def learning(cfg):
-  """Trains `cfg`'s world model on recorded play; prints held-out one-step errors."""
-  env = BonkArena()
-  params = env.default_params()
-  spec = env.action_spec(params)
-  obs_dim = env.observation_shape(params)[0]
-  collect_fn = jax.jit(lambda k, envs, floor_keys: collect(env, params, envs,
-                                                         _LEARN_LENGTH.value, k, floor_keys),
-                       static_argnums=(1, 2))
-  train_data, _ = collect_fn(jax.random.PRNGKey(10), _LEARN_ENVS.value, 0)
-  test_data, test_shown, floor_sq = collect_fn(jax.random.PRNGKey(11), _LEARN_ENVS.value,
-                                               _FLOOR_KEYS.value)
-  # Held-out steps by what happens to the enemy slots between o_t and o_{t+1}: the same
-  # enemies in the same slots; the same enemies re-sorted; a different set (kill, spawn, or
-  # an unseen enemy coming nearer than the fifth).
-  same_order = (test_shown[1:] == test_shown[:-1]).all(-1)
-  same_set = (jnp.sort(test_shown[1:], -1) == jnp.sort(test_shown[:-1], -1)).all(-1)
-  events = jnp.stack([same_order, same_set & ~same_order, ~same_set], -1)  # [T−1, E, 3]
-  # Aligned with the data so windows can slice it: the last step has no successor.
-  events = jnp.concatenate([events, jnp.zeros_like(events[:1])]).astype(jnp.float32)
-  model = wm_lib.make_world_model(cfg.world_model, (obs_dim,))
-  optimizer = wm_lib.make_optimizer(cfg.world_model)
-  state = wm_lib.init(jax.random.PRNGKey(0), model, optimizer, (obs_dim,), jnp.float32,
-                      wm_lib.action_vector_size(spec))
-  num_windows = _LEARN_LENGTH.value // LENGTH
-  train_length, train_batch = _TRAIN_WINDOW_LENGTH.value, _TRAIN_WINDOWS.value
-  num_train_windows = _LEARN_LENGTH.value // train_length
+def cloned_returns(trainer, aux, data, starts, num_clones: int, key):
+  """Mean 15-step returns of the served actor from recorded start states [N] (env, from the
+  cloned game state; model, from its posterior) over `num_clones` rollouts each."""
+  env, params, learners = trainer.env, trainer.env_params, trainer.learners
+  model, wm_params = learners.world_model, aux.world_model.params
+  nets, source = learners.serving
+  actor_state = getattr(aux, source)
+  t_index, e_index = starts
+  take = lambda x: x[t_index, e_index]
+  states, carries, obs = (jax.tree.map(take, data["state"]), jax.tree.map(take, data["carry"]),
+                          take(data["obs"]))
+  is_first = take(data["is_first"])
 
-  def windows(data, key):
-    window = jax.random.randint(key, (train_batch,), 0, num_train_windows)
-    env_index = jax.random.randint(jax.random.fold_in(key, 1), (train_batch,), 0,
-                                   _LEARN_ENVS.value)
-    def take(x):
-      x = x.reshape((num_train_windows, train_length) + x.shape[1:])  # [W, L, E, ...]
-      return jnp.moveaxis(x[window, :, env_index], 0, 1)  # [L, B, ...]
-    batch = jax.tree.map(take, data)
-    return batch._replace(is_first=batch.is_first.at[0].set(True))
+  def env_return(key):
+    def one(state, carry, obs, first, key):
+      def step(c, k):
+        state, carry, obs, first, total, alive = c
+        act_key, env_key = jax.random.split(k)
+        mask = env.action_mask(state, params)[None]
+        carry, raw = apex.act(aux, carry, obs[None], first[None], mask, act_key,
+                              learners=learners)
+        action = jax.tree.map(lambda x: x[0], to_env_action(raw, learners.squash))
+        obs, state, reward, terminated, truncated, _ = env.step(env_key, state, action, params)
+        total = total + jnp.where(alive, reward, 0.0)
+        return (state, carry, obs, jnp.zeros((), bool), total,
+                alive & ~(terminated | truncated)), None
+      batch1 = jax.tree.map(lambda x: x[None], carry)
+      init = (state, batch1, obs, first, jnp.float32(0.0), jnp.bool_(True))
+      return jax.lax.scan(step, init, jax.random.split(key, HORIZON))[0][4]
+    keys = jax.random.split(key, len(t_index))
+    return jax.vmap(one)(states, carries, obs, is_first, keys)
 
-  @jax.jit
-  def train(state, key):
-    def step(state, key):
-      data_key, update_key = jax.random.split(key)
-      state, _, metrics = wm_lib.update(state, windows(train_data, data_key), update_key,
-                                        cfg.world_model, model=model, optimizer=optimizer)
-      return state, metrics["wm/one_step_error"]
-    return jax.lax.scan(step, state, jax.random.split(key, _EVAL_EVERY.value))
+  def model_return(key):
+    filter_key, imagine_key = jax.random.split(key)
+    prev = jnp.where(is_first[:, None], 0.0, carries.prev_action)
+    post = wm_lib.filter_step(model, wm_params, carries.state, prev, obs, is_first, filter_key)
 
-  def evaluate(params):
-    """Per-dimension mean squared errors of the model and of copy-last over every held-out
-    window (each o_{t+1} that stays in o_t's episode counts once), and both errors summed
-    over dimensions per enemy-slot event class (see `events`)."""
-    data = jax.tree.map(lambda x: x.reshape((num_windows, LENGTH) + x.shape[1:]),
-                        (test_data, events))
+    def policy(features, k):
+      mask = wm_lib.predicted_mask(model, wm_params, features, learners.spec)
+      raw = nets.actor.apply(actor_state.actor_params, features, mask).sample(k)
+      return wm_lib.action_vector(to_env_action(raw, learners.squash), learners.spec), raw
 
-    def one(window, key):
-      batch, event = jax.tree.map(lambda x: x[window], data)
-      batch = batch._replace(is_first=batch.is_first.at[0].set(True))
-      model_sq, copy_sq, inside = wm_lib.one_step_squared_errors(params, model, batch, key)
-      weight = inside[..., None]
-      by_event = lambda sq: jnp.einsum("tb,tbk->k", sq.sum(-1) * inside, event[:-1])
-      return ((model_sq * weight).sum((0, 1)), (copy_sq * weight).sum((0, 1)), inside.sum(),
-              by_event(model_sq), by_event(copy_sq))
+    states_h, _ = wm_lib.imagine(model, wm_params, policy, post, HORIZON, imagine_key)
+    features = states_h.features[1:]
+    rewards = model.apply(wm_params, features, method=wm_lib.WorldModel.reward)
+    continues = jax.nn.sigmoid(model.apply(wm_params, features,
+                                           method=wm_lib.WorldModel.continue_logit))
+    alive = jnp.cumprod(jnp.concatenate([jnp.ones_like(continues[:1]), continues[:-1]]), 0)
+    return (rewards * alive).sum(0)
 
-    keys = jax.random.split(jax.random.PRNGKey(12), num_windows)
-    model_sq, copy_sq, count, model_event, copy_event = jax.vmap(one)(
-        jnp.arange(num_windows), keys)
-    return (model_sq.sum(0) / count.sum(), copy_sq.sum(0) / count.sum(), model_event.sum(0),
-            copy_event.sum(0))
+  keys = jax.random.split(key, num_clones)
+  env_mean = jax.lax.map(env_return, keys).mean(0)
+  model_mean = jax.lax.map(model_return, keys).mean(0)
+  return np.asarray(env_mean), np.asarray(model_mean)
 
-  evaluate_jit = jax.jit(evaluate)
-  layout = env.vector_layout
-  # The floor over every held-out step whose o_{t+1} is in o_t's episode.
-  inside = np.asarray(~test_data.is_first[1:])[..., None]
-  target = np.asarray(wm_lib.observation_target(test_data.obs))
-  floor_error = (np.asarray(floor_sq[:-1]) * inside).sum((0, 1)) / inside.sum()
-  copy_error = (np.square(np.diff(target, axis=0)) * inside).sum((0, 1)) / inside.sum()
-  print(f"  full-state floor (E[o_(t+1) | game state, a_t] over {_FLOOR_KEYS.value} env "
-        f"keys): {floor_error.mean():.5f} vs copy-last {copy_error.mean():.5f} (ratio "
-        f"{copy_error.sum() / floor_error.sum():.1f}x); per block, floor / copy-last: " +
-        ", ".join(f"{name} {floor_error[part].sum() / copy_error[part].sum():.2f}"
-                  for name, part in layout.items()
-                  if copy_error[part].sum() > 1e-3 * copy_error.sum()), flush=True)
+
+def usefulness(workdir: str) -> None:
+  trainer, runner = run_lib.restore_trained(workdir)
+  learners = trainer.learners
+  if not learners.enabled or learners.serving is None:
+    raise ValueError(f"{workdir}: the world-model metrics need a run whose served policy is a "
+                     f"latent actor (served.policy={trainer.cfg.served.policy!r})")
+  agent, aux = jax.device_get((runner.agent, runner.aux))
+  key = jax.random.PRNGKey(_SEED.value)
+  play_key, loop_key, clone_key = jax.random.split(key, 3)
+  start = time.time()
+  data = jax.jit(lambda k: play(trainer, agent, aux, _EPISODES.value, _LENGTH.value, k))(
+      play_key)
+  model_error, copy_error, predicted, real, inside = jax.jit(
+      lambda d, k: open_loop(learners, aux.world_model.params, d, k))(data, loop_key)
+  episode_return = float(np.asarray(data["reward"]).sum() / max(
+      1, int(np.asarray(data["terminated"] | data["truncated"]).sum())))
+  print(f"{workdir}: update {int(runner.update_step)}, {_EPISODES.value} held-out envs × "
+        f"{_LENGTH.value} steps (seed {_SEED.value}), mean return per finished episode "
+        f"{episode_return:.2f}")
+  print("open-loop error with the real actions (decoder target space) vs copying o_t:")
+  print("   k | model error | copy-last | ratio | starts")
+  for k in range(HORIZON):
+    m = inside[..., k]
+    me, ce = model_error[..., k][m].mean(), copy_error[..., k][m].mean()
+    print(f"  {k + 1:2d} | {me:11.5f} | {ce:9.5f} | {me / ce:5.2f} | {int(m.sum())}")
+  whole = inside[..., -1]
+  per_step = scipy.stats.pearsonr(predicted[inside], real[inside])[0]
+  sums = scipy.stats.pearsonr(predicted.sum(-1)[whole], real.sum(-1)[whole])[0]
+  print(f"imagined vs real reward with the real actions: Pearson {per_step:.3f} per step "
+        f"({int(inside.sum())} steps), {sums:.3f} over 15-step sums ({int(whole.sum())})")
+  t_index, e_index = np.meshgrid(np.arange(0, _LENGTH.value - HORIZON, _CLONE_EVERY.value),
+                                 np.arange(_EPISODES.value), indexing="ij")
+  starts = (jnp.asarray(t_index.ravel()), jnp.asarray(e_index.ravel()))
+  env_mean, model_mean = jax.jit(
+      lambda d, s, k: cloned_returns(trainer, aux, d, s, _CLONES.value, k))(
+          data, starts, clone_key)
+  rho = scipy.stats.spearmanr(env_mean, model_mean)[0]
+  print(f"cloned states: 15-step returns of the served actor, env vs model, Spearman {rho:.3f} "
+        f"over {len(env_mean)} starts × {_CLONES.value} rollouts (env mean "
+        f"{env_mean.mean():.3f}, model mean {model_mean.mean():.3f}); {time.time() - start:.0f} s")
+
+
+def _time_model_update(cfg, obs_shape, obs_dtype, spec, label: str) -> None:
+  learners = apex.make_learners(cfg, spec, obs_shape)
+  aux = apex.init(jax.random.PRNGKey(0), learners, obs_shape, obs_dtype)
+  batch, length = cfg.replay.batch_size, cfg.replay.burn_in + cfg.replay.seq_len
+  rng = np.random.default_rng(0)
+  if len(obs_shape) == 3:
+    obs = rng.integers(0, 256, (length, batch) + tuple(obs_shape), dtype=np.uint8)
+  else:
+    obs = rng.normal(size=(length, batch) + tuple(obs_shape)).astype(np.float32)
+  sequence = wm_lib.Sequence(
+      jnp.asarray(obs), jnp.zeros((length, batch, wm_lib.action_vector_size(spec))),
+      jnp.zeros((length, batch)), jnp.zeros((length, batch), bool),
+      jnp.zeros((length, batch), bool).at[0].set(True),
+      jnp.ones((length, batch, spec.mask_size), bool))
+  update = jax.jit(lambda a, k: apex.model_update(a, sequence, k, learners=learners)[0])
   start = time.perf_counter()
-  key = jax.random.PRNGKey(1)
-  for done in range(_EVAL_EVERY.value, _LEARN_STEPS.value + 1, _EVAL_EVERY.value):
-    key, train_key = jax.random.split(key)
-    state, train_errors = train(state, train_key)
-    model_error, copy_error, model_event, copy_event = map(np.asarray,
-                                                           evaluate_jit(state.params))
-    print(f"  {done:5d} updates ({time.perf_counter() - start:5.0f} s, load "
-          f"{os.getloadavg()[0]:4.1f}): held-out one-step error {model_error.mean():.5f} vs "
-          f"copy-last {copy_error.mean():.5f} "
-          f"(ratio {copy_error.mean() / model_error.mean():.1f}x); "
-          f"training batches {np.mean(train_errors[-100:]):.5f}", flush=True)
-    # Per block (so a run stopped early still shows it): model / copy-last [share].
-    print("    " + ", ".join(
-        f"{name} {model_error[part].sum() / max(copy_error[part].sum(), 1e-12):.2f} "
-        f"[{copy_error[part].sum() / copy_error.sum():.2f}]" for name, part in layout.items()))
-    print("    steps by enemy slots (all dims): " + ", ".join(
-        f"{name} {m / c:.2f} [{c / copy_event.sum():.2f}]" for name, m, c in zip(
-            ("unchanged", "re-sorted", "set changed"), model_event, copy_event)))
+  compiled = update.lower(aux, jax.random.PRNGKey(1)).compile()
+  compile_s = time.perf_counter() - start
+  aux = jax.block_until_ready(compiled(aux, jax.random.PRNGKey(1)))
+  times = []
+  for i in range(_REPEATS.value):
+    start = time.perf_counter()
+    aux = jax.block_until_ready(compiled(aux, jax.random.PRNGKey(2 + i)))
+    times.append(time.perf_counter() - start)
+  seconds = float(np.median(times))
+  replayed = batch * cfg.replay.seq_len
+  print(f"{label}: compile {compile_s:.0f} s | update {seconds:.2f} s | "
+        f"{replayed / seconds:,.0f} replayed steps/s (load {os.getloadavg()[0]:.1f})")
 
 
-def check_window_lengths(learn_length: int, train_window_length: int):
-  """The recorded steps per env are cut into whole windows: training and held-out ones."""
-  for length, name in ((LENGTH, "the held-out windows' length"),
-                       (train_window_length, "--train_window_length")):
-    if length < 2 or learn_length % length:
-      raise app.UsageError(f"--learn_length={learn_length} must be a multiple of {name}, "
-                           f"{length}, which must be at least 2 (o_t and o_(t+1))")
+def throughput() -> None:
+  size1m = config_lib.base_config()
+  size1m.world_model.update(deter=512, blocks=8, hidden=64, stoch=32, classes=4, cnn_depth=16)
+  size1m.replay.update(batch_size=16, seq_len=64, burn_in=0)
+  size1m.dream.update(hidden_sizes=(64, 64, 64), horizon=15)
+  size1m.efe.enabled = False
+  _time_model_update(size1m, (64, 64, 3), jnp.uint8, HybridActionSpec(0, (6,)),
+                     "size1m, 64×64 frames, world model + dream")
+  arena = arena_apex.get_config()
+  _time_model_update(arena, (96,), jnp.float32, HybridActionSpec(2, (4,)),
+                     "configs/arena_apex.py, 96-d vectors, world model + dream + EFE")
 
 
 def main(argv):
-  del argv
-  check_window_lengths(_LEARN_LENGTH.value, _TRAIN_WINDOW_LENGTH.value)
-  print(f"jax {jax.__version__} on {jax.devices()[0].platform}, {os.cpu_count()} cores; "
-        f"batch {BATCH} x {LENGTH}")
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  metrics_lib.quiet_library_logging()
   if _THROUGHPUT.value:
-    cfg = config_lib.base_config()
-    spec = BonkArena().action_spec(BonkArena().default_params())
-    obs_dim = BonkArena().observation_shape(BonkArena().default_params())[0]
-    throughput(cfg, obs_dim, spec, with_dream=True,
-               label=f"default (deter 512, 32x32 categorical), WM + dream H={cfg.dream.horizon}")
-    throughput(cfg, obs_dim, spec, with_dream=False, label="default, WM only")
-    for upstream_layers, label in ((False, "mbjax's layers"), (True, "upstream's layers")):
-      upstream = throughput_lib.upstream_world_model_config(upstream_layers)
-      wm = upstream.world_model
-      seconds = throughput(upstream, throughput_lib.UPSTREAM_OBS_DIM, spec, with_dream=False,
-                           label=f"upstream size (obs {throughput_lib.UPSTREAM_OBS_DIM}, embed "
-                           f"{wm.hidden}, deter {wm.deter}, Gaussian {wm.stoch}), {label} "
-                           f"(rssm_layers={wm.rssm_layers}, head_layers={wm.head_layers}), "
-                           "WM only")
-      low, high = throughput_lib.speedup_over_upstream(seconds)
-      print(f"  vs upstream PyTorch 300-390 ms: {low:.1f}-{high:.1f}x faster")
-  if _LEARN_STEPS.value:
-    wm = _CONFIG.value.world_model
-    print(f"learning on BonkArena ({_LEARN_ENVS.value} envs x {_LEARN_LENGTH.value} steps of "
-          "noisy scripted play; held-out trajectories from another seed; errors in the "
-          f"decoder's target space, symlog, mean over all 96 dims): deter {wm.deter}, hidden "
-          f"{wm.hidden}, stoch {wm.stoch}x{wm.classes or 'Gaussian'}, lr {wm.lr} (cosine decay "
-          f"over {wm.lr_decay_updates or 'no'} updates), "
-          f"predict_delta {wm.predict_delta}, entity_slots {tuple(wm.entity_slots)}, "
-          f"agent_position {tuple(wm.agent_position)}; training "
-          f"batches of {_TRAIN_WINDOWS.value} x {_TRAIN_WINDOW_LENGTH.value}")
-    learning(_CONFIG.value)
+    throughput()
+  if _CHECKPOINT.value:
+    usefulness(_CHECKPOINT.value)
+  if not (_THROUGHPUT.value or _CHECKPOINT.value):
+    raise app.UsageError("give --checkpoint=<workdir> and/or --throughput")
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

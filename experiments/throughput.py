@@ -115,7 +115,9 @@ def world_model_update(cfg: ml_collections.ConfigDict, obs_dim: int, action_size
   if not shard and num_devices != 1:
     raise ValueError(f"shard=False times one device; got num_devices={num_devices}")
   axis_name = sharding.DATA_AXIS if shard else None
-  model = wm_lib.make_world_model(cfg.world_model, (obs_dim,))
+  # Without a dream step the actions are `action_size` continuous dims (no mask head).
+  spec = dream_spec or HybridActionSpec(continuous_dim=action_size, branches=())
+  model = wm_lib.make_world_model(cfg.world_model, (obs_dim,), spec)
   optimizer = wm_lib.make_optimizer(cfg.world_model)
   state = wm_lib.init(jax.random.PRNGKey(0), model, optimizer, (obs_dim,), jnp.float32,
                       action_size)
@@ -127,7 +129,8 @@ def world_model_update(cfg: ml_collections.ConfigDict, obs_dim: int, action_size
   data = wm_lib.Sequence(
       jax.random.normal(jax.random.PRNGKey(1), (length, batch, obs_dim)),
       jnp.zeros((length, batch, action_size)), jnp.zeros((length, batch)),
-      jnp.zeros((length, batch), bool), jnp.zeros((length, batch), bool).at[0].set(True))
+      jnp.zeros((length, batch), bool), jnp.zeros((length, batch), bool).at[0].set(True),
+      jnp.ones((length, batch, spec.mask_size), bool))
   if shard:
     mesh = sharding.make_mesh(num_devices)
     data = jax.device_put(data, NamedSharding(mesh, P(None, sharding.DATA_AXIS)))

@@ -294,10 +294,13 @@ def train_from_replay(aux: AuxState, replay, key, *, learners: Learners,
   num_shards = 1 if axis_name is None else jax.lax.psum(1, axis_name)
   local_batch = section.batch_size // num_shards
   length = section.burn_in + section.seq_len
-  streams = replay.size.shape[0]
-  stored = replay.size[0] * streams * num_shards  # every stream holds as many steps
-  if axis_name is not None:  # every device samples its own envs' windows
-    key = jax.random.fold_in(key, jax.lax.axis_index(axis_name))
+  # Every stream holds as many steps; summed over the devices, the count is the same on
+  # each of them, so every device takes the same branch below.
+  streams = replay.size.shape[0] * num_shards
+  stored = replay.size[0] * replay.size.shape[0]
+  if axis_name is not None:
+    stored = jax.lax.psum(stored, axis_name)
+    key = jax.random.fold_in(key, jax.lax.axis_index(axis_name))  # each its own windows
 
   def one_update(aux, update_key):
     sample_key, learn_key = jax.random.split(update_key)
@@ -316,7 +319,7 @@ def train_from_replay(aux: AuxState, replay, key, *, learners: Learners,
     return aux, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metric_shapes)
 
   metric_shapes = jax.eval_shape(train, aux)[1]
-  ready = (stored >= section.prefill) & (replay.size[0] >= length)
+  ready = (stored >= section.prefill) & (stored >= length * streams)  # a whole window each
   aux, metrics = jax.lax.cond(ready, train, skip, aux)
   return aux, {**metrics, "model/trained": ready.astype(jnp.float32)}
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import math
+
 import gymnax
 import jax
 import jax.numpy as jnp
@@ -18,11 +20,14 @@ from mbjax.envs.spaces import HybridAction, HybridActionSpec
 
 
 class GymnaxEnv(Environment):
-  """A gymnax env with a `Discrete` or 1-D `Box` action space."""
+  """A gymnax env with a `Discrete` or 1-D `Box` action space. `flatten` turns image-shaped
+  observations (MinAtar's 10 × 10 × channels) into vectors."""
 
-  def __init__(self, gymnax_env: gymnax.environments.environment.Environment, params: Any):
+  def __init__(self, gymnax_env: gymnax.environments.environment.Environment, params: Any,
+               flatten: bool = False):
     self._env = gymnax_env
     self._default_params = params
+    self._flatten = flatten
     space = gymnax_env.action_space(params)
     if isinstance(space, gymnax_spaces.Discrete):
       self._spec = HybridActionSpec(continuous_dim=0, branches=(int(space.n),))
@@ -37,9 +42,9 @@ class GymnaxEnv(Environment):
           "expected Discrete or a 1-D Box")
 
   @classmethod
-  def from_name(cls, name: str, **kwargs) -> "GymnaxEnv":
+  def from_name(cls, name: str, flatten: bool = False, **kwargs) -> "GymnaxEnv":
     env, params = gymnax.make(name, **kwargs)
-    return cls(env, params)
+    return cls(env, params, flatten)
 
   @property
   def name(self) -> str:
@@ -48,16 +53,20 @@ class GymnaxEnv(Environment):
   def default_params(self):
     return self._default_params
 
+  def _obs(self, obs):
+    obs = obs.astype(jnp.float32)
+    return obs.reshape(-1) if self._flatten else obs
+
   def reset(self, key, params):
     obs, state = self._env.reset_env(key, params)
-    return obs.astype(jnp.float32), state
+    return self._obs(obs), state
 
   def step(self, key, state, action: HybridAction, params) -> StepResult:
     obs, state, reward, terminated, _ = self._env.step_env(
         key, state, self._to_gymnax(action), params)
     terminated = jnp.asarray(terminated, bool)
     truncated = jnp.logical_and(self._env.is_truncated(state, params), ~terminated)
-    return (obs.astype(jnp.float32), state, jnp.asarray(reward, jnp.float32), terminated,
+    return (self._obs(obs), state, jnp.asarray(reward, jnp.float32), terminated,
             truncated, {})
 
   def _to_gymnax(self, action: HybridAction) -> jax.Array:
@@ -69,7 +78,8 @@ class GymnaxEnv(Environment):
     return scaled.reshape(shape)
 
   def observation_shape(self, params):
-    return tuple(self._env.observation_space(params).shape)
+    shape = tuple(self._env.observation_space(params).shape)
+    return (math.prod(shape),) if self._flatten else shape
 
   def action_spec(self, params):
     del params

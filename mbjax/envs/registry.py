@@ -42,6 +42,9 @@ _FACTORIES: dict[str, Callable[..., tuple[Environment, Any]]] = {
     "Acrobot-v1": _gymnax("Acrobot-v1"),
     "Pendulum-v1": _gymnax("Pendulum-v1"),
     "MountainCarContinuous-v0": _gymnax("MountainCarContinuous-v0"),
+    # MinAtar (Young & Tian 2019) through gymnax; env.kwargs.flatten=True gives vectors.
+    "Breakout-MinAtar": _gymnax("Breakout-MinAtar"),
+    "Asterix-MinAtar": _gymnax("Asterix-MinAtar"),
     "bonk_arena": _bonk_arena,
     "bonk_arena_directives": _bonk_arena_directives,
     "remember_cue": _remember_cue,
