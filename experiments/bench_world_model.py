@@ -124,7 +124,7 @@ def open_loop(learners, wm_params, data, key):
     return model_error, copy_error, predicted, real, inside
 
   outs = jax.vmap(from_start)(jnp.arange(starts))  # leaves [starts, H, E]
-  return jax.tree.map(lambda x: np.asarray(jnp.moveaxis(x, 1, 2)), outs)  # [starts, E, H]
+  return jax.tree.map(lambda x: jnp.moveaxis(x, 1, 2), outs)  # [starts, E, H]
 
 
 def cloned_returns(trainer, aux, data, starts, num_clones: int, key):
@@ -180,7 +180,7 @@ def cloned_returns(trainer, aux, data, starts, num_clones: int, key):
   keys = jax.random.split(key, num_clones)
   env_mean = jax.lax.map(env_return, keys).mean(0)
   model_mean = jax.lax.map(model_return, keys).mean(0)
-  return np.asarray(env_mean), np.asarray(model_mean)
+  return env_mean, model_mean
 
 
 def usefulness(workdir: str) -> None:
@@ -195,8 +195,8 @@ def usefulness(workdir: str) -> None:
   start = time.time()
   data = jax.jit(lambda k: play(trainer, agent, aux, _EPISODES.value, _LENGTH.value, k))(
       play_key)
-  model_error, copy_error, predicted, real, inside = jax.jit(
-      lambda d, k: open_loop(learners, aux.world_model.params, d, k))(data, loop_key)
+  model_error, copy_error, predicted, real, inside = jax.device_get(jax.jit(
+      lambda d, k: open_loop(learners, aux.world_model.params, d, k))(data, loop_key))
   episode_return = float(np.asarray(data["reward"]).sum() / max(
       1, int(np.asarray(data["terminated"] | data["truncated"]).sum())))
   print(f"{workdir}: update {int(runner.update_step)}, {_EPISODES.value} held-out envs × "
@@ -216,9 +216,9 @@ def usefulness(workdir: str) -> None:
   t_index, e_index = np.meshgrid(np.arange(0, _LENGTH.value - HORIZON, _CLONE_EVERY.value),
                                  np.arange(_EPISODES.value), indexing="ij")
   starts = (jnp.asarray(t_index.ravel()), jnp.asarray(e_index.ravel()))
-  env_mean, model_mean = jax.jit(
+  env_mean, model_mean = jax.device_get(jax.jit(
       lambda d, s, k: cloned_returns(trainer, aux, d, s, _CLONES.value, k))(
-          data, starts, clone_key)
+          data, starts, clone_key))
   rho = scipy.stats.spearmanr(env_mean, model_mean)[0]
   print(f"cloned states: 15-step returns of the served actor, env vs model, Spearman {rho:.3f} "
         f"over {len(env_mean)} starts × {_CLONES.value} rollouts (env mean "

@@ -217,7 +217,7 @@ def _learner_setup(enabled: bool, spec=HybridActionSpec(2, (3,))):
       jax.random.PRNGKey(0))
   aux = jax.jit(lambda k: apex.init(k, learners, (OBS_DIM,), jnp.float32))(
       jax.random.PRNGKey(1))
-  update = lambda a, x, r, k: apex.update(a, x, r, k, learners=learners, network=network,
+  update = lambda a, x, r, k: apex.update(a, x, (), r, k, learners=learners, network=network,
                                           optimizer=optimizer)
   return agent, aux, update
 
@@ -251,7 +251,7 @@ def test_cpqe_switch_trains_cpqe_in_the_learner_and_leaves_the_others_alone():
   def both(agent, aux_off, aux_on):
     return update_off(agent, aux_off, rollout, key), update_on(agent, aux_on, rollout, key)
 
-  (agent_off, new_aux_off, metrics_off), (agent_on, new_aux_on, metrics_on) = both(
+  (agent_off, new_aux_off, _, metrics_off), (agent_on, new_aux_on, _, metrics_on) = both(
       agent, aux_off, aux_on)
   # The other learners compute exactly the same numbers with CPQE on or off.
   jax.tree.map(np.testing.assert_array_equal, agent_on, agent_off)

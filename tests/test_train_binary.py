@@ -104,15 +104,15 @@ def test_bad_config_fails_naming_the_key(tmp_path, flag, message):
 
 
 def test_apex_run_trains_every_learner_and_its_checkpoint_plays_in_the_recorder(tmp_path):
-  """The arena's apex config through the binary (PPO → world model → dream → EFE, dream
-  distilled into PPO), then its checkpoint through the recorder and the evaluator."""
+  """The arena's model-based config through the binary (the dream actor acting, the world
+  model, dream and EFE trained on replay), then its checkpoint — a latent actor with a
+  filter state — through the recorder and the evaluator."""
   workdir, videos = tmp_path / "run", tmp_path / "recorded"
-  result = _train(workdir, "--config.served.distill_from=dream",
-                  "--config.served.distill_coef=0.1", config="configs/arena_apex.py:debug")
+  result = _train(workdir, config="configs/arena_apex.py:debug")
   last = read_jsonl(workdir / "metrics.jsonl")[-1]
-  assert last["served/policy"] == "ppo+distill(dream, 0.1, constant to 1.0)"
-  for key in ("wm/recon", "wm/reward", "wm/kl", "dream/return", "dream/actor_loss",
-              "dream/critic_loss", "efe/risk", "efe/ambiguity", "loss/distill"):
+  assert last["served/policy"] == "dreamer" and last["model/trained"] == 1.0
+  for key in ("wm/recon", "wm/reward_loss", "wm/kl", "dream/return", "dream/actor_loss",
+              "dream/critic_loss", "dream/kl_from_init", "efe/risk", "efe/ambiguity"):
     assert key in last and np.isfinite(last[key]), key
   video = workdir / "videos" / "update_0000004.mp4"
   assert f"video: {video}" in result.stdout and video.stat().st_size > 0

@@ -79,12 +79,13 @@ def run(cfg, workdir: str) -> dict:
   writer = (MetricsWriter(workdir, steps_per_update, resume_step)
             if distributed.is_primary() else None)
 
-  served_policy = ("ppo" if cfg.served.distill_from == "none" else
+  served_policy = (cfg.served.policy if cfg.served.distill_from == "none" else
                    f"ppo+distill({cfg.served.distill_from}, {cfg.served.distill_coef}, "
                    f"{cfg.served.distill_schedule} to {cfg.served.distill_end})")
-  logging.info("Learners: ppo%s; served policy: %s", "".join(
-      f", {name}" for name in ("world_model", "dream", "efe") if cfg[name].enabled),
-      served_policy)
+  learners = [name for name in ("world_model", "dream", "efe") if cfg[name].enabled]
+  logging.info("Learners: %s; served policy: %s",
+               ", ".join((["ppo"] if cfg.served.policy == "ppo" else []) + learners),
+               served_policy)
   compiled = {}
   record = {}
   update_step = int(distributed.host_value(runner.update_step))
