@@ -72,8 +72,8 @@ ROWS = {
                  ("--clip={clip}",), unit="frames", extras=("bytes_per_frame",)),
     "replay": Row("flashbax", "flashbax_side", None, ("--steps=2000",), ("--steps=2000",),
                   unit="calls", extras=("add_ms", "sample_ms")),
-    "dreamer": Row("dreamerv3", "dreamerv3_side", "dreamerv3", unit="replayed steps",
-                   extras=("ms",)),
+    "dreamer": Row("dreamerv3", "dreamerv3_side", "dreamerv3", ("--steps=2",), ("--steps=2",),
+                   unit="replayed steps", extras=("ms",)),
 }
 
 _ROW = flags.DEFINE_enum("row", None, list(ROWS), "Which comparison to run.")

@@ -6,6 +6,7 @@ donated) and sampling batches of 256 (jitted) from a full buffer — the shapes 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import time
 
 from experiments.peers import protocol
@@ -46,7 +47,7 @@ def setup(steps: int):
     return {"rates": {"add": 1 / add_s, "sample": 1 / sample_s},
             "extra": {"add_ms": add_s * 1e3, "sample_ms": sample_s * 1e3}}
 
-  return run, {"flashbax": getattr(flashbax, "__version__", "?"), "jax": jax.__version__}
+  return run, {"flashbax": importlib.metadata.version("flashbax"), "jax": jax.__version__}
 
 
 def main():

@@ -23,7 +23,7 @@ import numpy as np  # noqa: E402
 from experiments.peers import protocol  # noqa: E402
 
 ROWS = ("ppo_cartpole", "world_model", "world_model_upstream_layers", "ppo_learner", "idm",
-        "reward", "video", "replay")
+        "reward", "video", "replay", "dreamer")
 # Upstream MetaBonk's PPO learner (src/learner/ppo.py, PPOConfig): observation 204, a shared
 # 256-256 ReLU trunk, continuous 2 + one discrete branch of 33, rollout 2048, 3 epochs of
 # minibatches of 256.
@@ -83,6 +83,36 @@ def _world_model(args, upstream_layers: bool):
 
   return run, {"obs_dim": throughput.UPSTREAM_OBS_DIM, "action_dim": action_size,
                "batch": 16, "length": 64, "compile_s": compile_s}
+
+
+def _dreamer(args):
+  """The default world model and its dream (imagination) learner, one step each, on 16 × 64
+  BonkArena vector steps: DreamerV3's train step at its batch."""
+  from experiments import throughput
+  from mbjax.envs.bonk_arena import BonkArena
+  from mbjax.agents import world_model as wm_lib
+  from mbjax.train import config as config_lib
+
+  env = BonkArena()
+  params = env.default_params()
+  spec = env.action_spec(params)
+  cfg = config_lib.base_config()
+  call, compile_s, transitions = throughput.compile_world_model_step(
+      cfg, env.observation_shape(params)[0], wm_lib.action_vector_size(spec), 16, 64,
+      dream_spec=spec, shard=False)
+  jax.block_until_ready(call())
+
+  def run(index):
+    del index
+    start = time.perf_counter()
+    for _ in range(args.steps):
+      jax.block_until_ready(call())
+    seconds = (time.perf_counter() - start) / args.steps
+    return {"rates": {"replayed_steps": transitions / seconds}, "extra": {"ms": seconds * 1e3}}
+
+  wm = cfg.world_model
+  return run, {"deter": wm.deter, "stoch": wm.stoch, "classes": wm.classes,
+               "horizon": cfg.dream.horizon, "compile_s": compile_s}
 
 
 def _ppo_learner(args):
@@ -230,7 +260,7 @@ def make_row(args):
   if args.row in ("world_model", "world_model_upstream_layers"):
     return _world_model(args, upstream_layers=args.row == "world_model_upstream_layers")
   builders = {"ppo_learner": _ppo_learner, "idm": _idm, "reward": _reward, "video": _video,
-              "replay": _replay}
+              "replay": _replay, "dreamer": _dreamer}
   return builders[args.row](args)
 
 

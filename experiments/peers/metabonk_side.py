@@ -14,19 +14,26 @@ the row's shape and calls upstream's classes and functions:
   video        `scripts/video_to_trajectory.py` VideoToTrajectory.process_video (OpenCV
                decode, cv2.resize, np.savez_compressed chunks), audio off
 
-Standard library, numpy and torch only, besides upstream's modules.
+Standard library, numpy and torch only, besides upstream's modules. torch runs with one
+thread per core and passive OpenMP waiting: on a shared machine, threads that spin while
+waiting for each other lose most of their time (upstream's world-model update took 8.1 s
+with spinning, 0.42 s passive, at load 10 on the 2-core CPU; on an idle machine the two
+policies run alike).
 """
 from __future__ import annotations
 
 import argparse
 import importlib.util
-import os
-import shutil
-import sys
-import tempfile
-import time
+import os  # noqa: E402
 
-from experiments.peers import protocol
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # read when torch loads its OpenMP
+
+import shutil  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+
+from experiments.peers import protocol  # noqa: E402
 
 
 def _import_checkout(checkout: str):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import importlib.metadata
 import os
 import sys
 import time
@@ -62,9 +63,9 @@ def setup(checkout: str):
     return {"rates": {"env_steps": steps / seconds},
             "extra": {"final_return": final_return(out["metrics"])}}
 
-  import gymnax
+
   return run, {"env_steps": steps, "jax": jax.__version__,
-               "gymnax": getattr(gymnax, "__version__", "?"), "config": config}
+               "gymnax": importlib.metadata.version("gymnax"), "config": config}
 
 
 def main():
