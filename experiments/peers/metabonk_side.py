@@ -183,6 +183,7 @@ def _video(args):
   path = os.path.join(args.checkout, "scripts", "video_to_trajectory.py")
   spec = importlib.util.spec_from_file_location("upstream_video_to_trajectory", path)
   module = importlib.util.module_from_spec(spec)
+  sys.modules[spec.name] = module  # its dataclasses look their module up there
   spec.loader.exec_module(module)
   work = tempfile.mkdtemp(prefix="peers-upstream-video-")
 
