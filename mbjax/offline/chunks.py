@@ -41,11 +41,14 @@ upstream's `np.load` and any unzip). `write_chunk(compression=...)` picks "none"
 `np.savez`), "fast" (deflate level 1), "rle" (deflate level 1 with zlib's Z_RLE strategy:
 run lengths and Huffman codes, no match search), "deflate" (level 6, as
 `np.savez_compressed`, where upstream spent most of its conversion time) or "auto" (the
-default), chosen per chunk from a sample of the frames (4, evenly spaced): stored when
-level 1 saves less than `AUTO_STORE_SAVING` of it (random bytes), else "rle" when its sample
-is at most `AUTO_RLE_SLACK` larger than level 1's (detailed, textured frames: there the
-match search finds next to nothing, and skipping it made deflating 2-3x faster), else
-"fast" (flat-coloured game frames, which level 1 shrinks 15-30x). Large members are
+default), chosen per chunk from a sample of the frames (4, evenly spaced), so that chunks
+are about as small as `np.savez_compressed`'s at a fraction of its time: stored when level
+1 saves less than `AUTO_STORE_SAVING` of the sample (random bytes); "deflate" when level 1
+already shrinks it below `AUTO_FLAT_RATIO` (flat-coloured game frames: level 6 makes them
+another 20-30% smaller for about 2.5x level 1's time, which is small beside decoding
+them); else "rle" when its sample is at most `AUTO_RLE_SLACK` larger than level 1's
+(detailed, textured frames: the match search finds next to nothing there, and skipping it
+deflates 2.4x faster); else "fast". Large members are
 deflated in blocks on every core at once (each block primed with the previous block's last
 32 KiB, ends byte-aligned, as pigz does; zlib releases the GIL), which is why chunks are
 zipped here rather than through `zipfile`. Measured by `experiments/bench_video.py` and
@@ -101,6 +104,8 @@ COMPRESSION_LEVELS = {"none": None, "fast": Deflate(1), "rle": Deflate(1, zlib.Z
 DEFAULT_COMPRESSION = "auto"
 # "auto" stores a chunk whose frame sample level 1 shrinks by less than this fraction.
 AUTO_STORE_SAVING = 0.03
+# "auto" takes level 6 when level 1 shrinks the sample below this fraction of its size.
+AUTO_FLAT_RATIO = 0.5
 # "auto" takes Z_RLE when its sample is at most this much larger than level 1's.
 AUTO_RLE_SLACK = 0.05
 # Members above this size are deflated in blocks of this size on every core.
@@ -280,6 +285,8 @@ def compression_codec(compression: str, arrays: Mapping[str, np.ndarray]) -> Def
   fast_size = len(_deflate_block(sample, 0, len(sample), fast, True))
   if fast_size > (1 - AUTO_STORE_SAVING) * len(sample):
     return None
+  if fast_size < AUTO_FLAT_RATIO * len(sample):
+    return COMPRESSION_LEVELS["deflate"]
   rle_size = len(_deflate_block(sample, 0, len(sample), rle, True))
   return rle if rle_size <= (1 + AUTO_RLE_SLACK) * fast_size else fast
 

@@ -168,7 +168,7 @@ def test_upstream_variants_channels_first_no_dones_no_meta_and_float64_rewards(t
     chunks.import_upstream_chunk(src, str(tmp_path / "d.npz"))
 
 
-def test_auto_compression_stores_noise_and_picks_rle_only_where_it_costs_little(tmp_path):
+def test_auto_compression_by_what_level_1_makes_of_a_sample(tmp_path):
   import zipfile
 
   rng = np.random.default_rng(0)
@@ -179,14 +179,18 @@ def test_auto_compression_stores_noise_and_picks_rle_only_where_it_costs_little(
   noise = chunk(rng.integers(0, 256, (32, 32, 32, 3)))  # deflate cannot shrink random bytes
   # 16 random levels: Huffman codes halve it, with nothing for a match search to find.
   levels = chunk(rng.integers(0, 16, (32, 32, 32, 3)))
-  # A 4-pixel pattern repeated: matches 4 bytes back, which run lengths (distance 1) miss.
-  stripes = chunk(np.tile(np.array([0, 50, 100, 150], np.uint8).repeat(3).reshape(4, 3),
-                          (32, 32, 8, 1)))
+  # A 4-pixel pattern repeated (flat, game-like): level 1 shrinks it far below half.
+  pattern = np.array([0, 50, 100, 150], np.uint8).repeat(3).reshape(4, 3)
+  stripes = np.tile(pattern, (32, 32, 8, 1))
+  # 22 rows of noise over 10 of stripes: level 1 keeps about 70%; run lengths (matches at
+  # distance 1) miss the stripes' 4-pixel period, so "rle" is about 10% larger.
+  mixed = np.concatenate([noise["observations"][:, :22], stripes[:, 22:]], axis=1)
   assert chunks.compression_codec("auto", noise) is None
+  assert chunks.compression_codec("auto", chunk(stripes)) == chunks.COMPRESSION_LEVELS["deflate"]
   assert chunks.compression_codec("auto", levels) == chunks.COMPRESSION_LEVELS["rle"]
-  assert chunks.compression_codec("auto", stripes) == chunks.COMPRESSION_LEVELS["fast"]
+  assert chunks.compression_codec("auto", chunk(mixed)) == chunks.COMPRESSION_LEVELS["fast"]
   for name, arrays, expected in (("noise", noise, zipfile.ZIP_STORED),
-                                 ("stripes", stripes, zipfile.ZIP_DEFLATED)):
+                                 ("stripes", chunk(stripes), zipfile.ZIP_DEFLATED)):
     path = str(tmp_path / f"{name}.npz")
     chunks.write_chunk(path, arrays, "auto")
     with zipfile.ZipFile(path) as zf:
