@@ -119,7 +119,8 @@ def fmt(x: float) -> str:
 
 
 def markdown_row(name: str, summary: dict, extras: dict, date: str, host: str) -> str:
-  """| date | machine | load | row | rate | peer | mbjax | ratio (range) | extras |."""
+  """| date | machine | load | row | rate | peer | mbjax | ratio (range) | CPU-s ratio |
+  extras |."""
   lines = []
   low, high = summary["load_range"]
   for rate, s in summary["rates"].items():
@@ -127,7 +128,7 @@ def markdown_row(name: str, summary: dict, extras: dict, date: str, host: str) -
         f"| {date} | {host} | {low:.1f}–{high:.1f} | {name} | {rate}/s | "
         f"{fmt(s['b_median'])} | {fmt(s['a_median'])} | **{s['ratio_median']:.2f}×** "
         f"({s['ratio_range'][0]:.2f}–{s['ratio_range'][1]:.2f}) | "
-        + "; ".join(f"{k} {v}" for k, v in extras.items()) + " |")
+        f"{summary['cpu_ratio_median']:.2f}× | " + "; ".join(f"{k} {v}" for k, v in extras.items()) + " |")
   return "\n".join(lines)
 
 
@@ -178,7 +179,8 @@ def main(argv):
       peer.close()
   summary = protocol.summarise(rounds)
   for index, r in enumerate(rounds):
-    cells = [f"round {index}: load {r['load_a']:.1f}/{r['load_b']:.1f}"]
+    cells = [f"round {index}: load {r['load_a']:.1f}/{r['load_b']:.1f}",
+             f"CPU-s mbjax {r['a']['cpu_s']:.2f} peer {r['b']['cpu_s']:.2f}"]
     for rate in summary["rates"]:
       cells.append(f"{rate} mbjax {fmt(r['a']['rates'][rate])}/s peer "
                    f"{fmt(r['b']['rates'][rate])}/s ratio "
@@ -193,7 +195,9 @@ def main(argv):
           f"(range {fmt(s['a_range'][0])}–{fmt(s['a_range'][1])}), peer median "
           f"{fmt(s['b_median'])} (range {fmt(s['b_range'][0])}–{fmt(s['b_range'][1])}); "
           f"ratio median {s['ratio_median']:.2f}× (range {s['ratio_range'][0]:.2f}–"
-          f"{s['ratio_range'][1]:.2f}); load {summary['load_range'][0]:.1f}–"
+          f"{s['ratio_range'][1]:.2f}); CPU seconds peer / mbjax median "
+          f"{summary['cpu_ratio_median']:.2f}× (range {min(summary['cpu_ratios']):.2f}–"
+          f"{max(summary['cpu_ratios']):.2f}); load {summary['load_range'][0]:.1f}–"
           f"{summary['load_range'][1]:.1f}")
   date = datetime.date.today().isoformat()
   host = f"{platform.machine()} {os.cpu_count()}-core"

@@ -52,9 +52,10 @@ def test_workers_alternate_and_ratios_are_per_round(tmp_path):
 
 
 def test_summary_by_hand():
-  rounds = [{"a": {"rates": {"x": a, "y": 1.0}}, "b": {"rates": {"x": b}}, "load_a": la,
-             "load_b": lb} for a, b, la, lb in ((10.0, 5.0, 1.0, 2.0), (9.0, 6.0, 3.0, 0.5),
-                                                (8.0, 1.0, 1.5, 1.5))]
+  rounds = [{"a": {"rates": {"x": a, "y": 1.0}, "cpu_s": 2.0},
+             "b": {"rates": {"x": b}, "cpu_s": cpu_b}, "load_a": la, "load_b": lb}
+            for a, b, la, lb, cpu_b in ((10.0, 5.0, 1.0, 2.0, 5.0), (9.0, 6.0, 3.0, 0.5, 3.0),
+                                        (8.0, 1.0, 1.5, 1.5, 16.0))]
   summary = protocol.summarise(rounds)
   assert list(summary["rates"]) == ["x"]  # only rates both sides report
   x = summary["rates"]["x"]
@@ -62,6 +63,8 @@ def test_summary_by_hand():
   assert x["ratio_median"] == pytest.approx(2.0)
   assert x["ratio_range"] == pytest.approx((1.5, 8.0))
   assert summary["load_range"] == (0.5, 3.0)
+  assert summary["cpu_ratios"] == pytest.approx([2.5, 1.5, 8.0])
+  assert summary["cpu_ratio_median"] == pytest.approx(2.5)
 
 
 def test_a_worker_that_dies_is_reported_with_its_stderr(tmp_path):

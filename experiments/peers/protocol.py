@@ -133,7 +133,9 @@ def alternate(first: Worker, second: Worker, rounds: int,
 
 def summarise(rounds: list[dict]) -> dict:
   """Per rate name: each side's median and (min, max) over rounds, the per-round ratio a / b
-  (a's rate over b's, i.e. how many times faster a is) and its median; plus the load range."""
+  (a's rate over b's, i.e. how many times faster a is) and its median; the per-round ratio of
+  CPU seconds b / a (both sides do the same work per round: how many times less CPU time a
+  takes, a figure that other jobs on the machine move less than wall time); the load range."""
   names = [n for n in rounds[0]["a"]["rates"] if n in rounds[0]["b"]["rates"]]
   if not names:
     raise ValueError(f"the two sides share no rate: {list(rounds[0]['a']['rates'])} vs "
@@ -148,4 +150,6 @@ def summarise(rounds: list[dict]) -> dict:
                  "ratios": ratios, "ratio_median": statistics.median(ratios),
                  "ratio_range": (min(ratios), max(ratios))}
   loads = [r[k] for r in rounds for k in ("load_a", "load_b")]
-  return {"rates": out, "load_range": (min(loads), max(loads))}
+  cpu = [r["b"]["cpu_s"] / r["a"]["cpu_s"] for r in rounds]
+  return {"rates": out, "load_range": (min(loads), max(loads)), "cpu_ratios": cpu,
+          "cpu_ratio_median": statistics.median(cpu)}
