@@ -11,6 +11,7 @@ os.environ.setdefault("XLA_FLAGS", "--xla_cpu_enable_concurrency_optimized_sched
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from experiments import cli  # noqa: E402
 from mbjax.train import distributed  # noqa: E402
 from mbjax.train import metrics  # noqa: E402
 from mbjax.train import run as run_lib  # noqa: E402
@@ -39,4 +40,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

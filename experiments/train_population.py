@@ -15,6 +15,7 @@ os.environ.setdefault("XLA_FLAGS", "--xla_cpu_enable_concurrency_optimized_sched
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from experiments import cli  # noqa: E402
 from mbjax.train import population  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Population config file.",
@@ -27,6 +28,10 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  try:
+    population.validate(_CONFIG.value)
+  except ValueError as e:  # the config's fault, by validate's contract
+    raise app.UsageError(str(e)) from None
   result = population.run(_CONFIG.value, _WORKDIR.value, max_updates=_MAX_UPDATES.value)
   logging.info("Done at update %d.", int(result["state"].update_step))
   for name, path in result["outputs"].items():
@@ -34,4 +39,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

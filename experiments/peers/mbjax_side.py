@@ -152,9 +152,10 @@ def _random_frames(count: int, side: int) -> np.ndarray:
 def _idm(args):
   from configs import video_pretrain
   from mbjax.envs.spaces import HybridActionSpec
-  from mbjax.offline import idm, pipeline
+  from mbjax.offline import idm
+  from mbjax.offline.pipeline import config as pipeline_config
 
-  cfg = pipeline._idm_config(video_pretrain.get_config("arena"))
+  cfg = pipeline_config.idm_config(video_pretrain.get_config("arena"))
   spec = HybridActionSpec(continuous_dim=2, branches=(4,))  # BonkArena's
   frames = _random_frames(args.frames, args.size)
   state = idm.init(jax.random.PRNGKey(0), cfg, frames.shape[1:], spec)
@@ -171,9 +172,10 @@ def _idm(args):
 
 def _reward(args):
   from configs import video_pretrain
-  from mbjax.offline import pipeline, reward_model
+  from mbjax.offline import reward_model
+  from mbjax.offline.pipeline import config as pipeline_config
 
-  cfg = pipeline._reward_config(video_pretrain.get_config("arena"))
+  cfg = pipeline_config.reward_config(video_pretrain.get_config("arena"))
   frames = _random_frames(args.frames, args.size)
   state = reward_model.init(jax.random.PRNGKey(0), cfg, frames.shape[1:])
   reward_model.score(state.params, cfg, frames)

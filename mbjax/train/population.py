@@ -424,7 +424,7 @@ def load_base(cfg) -> ppo.PPOState:
   """The base agent of `cfg.population.base_workdir`, checked to fit `cfg`'s network."""
   workdir = cfg.population.base_workdir
   if not os.path.exists(os.path.join(workdir, "config.json")):
-    raise FileNotFoundError(
+    raise checkpoint_lib.RunNotFoundError(
         f"config.population.base_workdir={workdir!r} holds no trained run (config.json); "
         "train one first: python -m experiments.train --config=configs/arena_ppo.py "
         f"--workdir={workdir}")
@@ -447,11 +447,10 @@ def restore_population(workdir: str, num_devices: int = 1
     cfg = ml_collections.ConfigDict(json.load(f))
   trainer = PopulationTrainer(cfg, sharding.make_mesh(num_devices))
   checkpointer = checkpoint_lib.Checkpointer(workdir, cfg.run.keep_checkpoints)
-  step = checkpointer.latest_step()
-  if step is None:
-    raise FileNotFoundError(f"no checkpoint under {checkpointer.directory}")
-  state = checkpointer.restore(step, trainer.restore_target(), cfg)
+  step, state = checkpointer.restore_latest(trainer.restore_target(), cfg)
   checkpointer.close()
+  if step is None:
+    raise checkpoint_lib.RunNotFoundError(f"no checkpoint under {checkpointer.directory}")
   return trainer, state
 
 
@@ -496,7 +495,9 @@ def run(cfg, workdir: str, *, max_updates: int | None = None,
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
   checkpointer = checkpoint_lib.Checkpointer(workdir, cfg.run.keep_checkpoints)
-  resume_step = checkpointer.latest_step()
+  # Onto this run's mesh, whatever device count wrote the checkpoint.
+  resume_step, state = checkpointer.restore_latest(trainer.restore_target(), cfg,
+                                                   set_aside=True)
   if resume_step is None:
     state = trainer.init(load_base(cfg), jax.random.PRNGKey(cfg.seed))
     logging.info("Starting a population of %d (%s) from %s: %d updates of %d env steps "
@@ -504,8 +505,6 @@ def run(cfg, workdir: str, *, max_updates: int | None = None,
                  ", ".join(trainer.names), p.base_workdir, trainer.num_updates,
                  trainer.env_steps_per_update, trainer.mesh.size)
   else:
-    # Onto this run's mesh, whatever device count wrote the checkpoint.
-    state = checkpointer.restore(resume_step, trainer.restore_target(), cfg)
     logging.info("Resumed %s from update %d.", workdir, resume_step)
   _write_json_atomic(os.path.join(workdir, "config.json"), cfg.to_dict())
   writer = MetricsWriter(workdir, trainer.env_steps_per_update, resume_step)

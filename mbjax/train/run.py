@@ -14,7 +14,6 @@ import tempfile
 import time
 
 import jax
-import ml_collections
 import numpy as np
 from absl import logging
 
@@ -66,15 +65,14 @@ def run(cfg, workdir: str) -> dict:
   steps_per_update = trainer.trainer.env_steps_per_update
 
   checkpointer = checkpoint_lib.Checkpointer(workdir, cfg.run.keep_checkpoints)
-  resume_step = checkpointer.latest_step()
+  abstract = checkpoint_lib.abstract_like(
+      trainer.runner_like, sharding.runner_shardings(mesh, trainer.runner_like))
+  resume_step, runner = checkpointer.restore_latest(abstract, cfg, set_aside=True)
   if resume_step is None:
     runner = trainer.init(jax.random.PRNGKey(cfg.seed))
     logging.info("Starting %s on %s: %d updates of %d env steps over %d device(s).",
                  cfg.env.name, workdir, num_updates, steps_per_update, mesh.size)
   else:
-    abstract = checkpoint_lib.abstract_like(
-        trainer.runner_like, sharding.runner_shardings(mesh, trainer.runner_like))
-    runner = checkpointer.restore(resume_step, abstract, cfg)
     logging.info("Resumed %s from update %d.", workdir, resume_step)
   if distributed.is_primary():
     _write_json_atomic(os.path.join(workdir, "config.json"), cfg.to_dict())
@@ -136,18 +134,16 @@ def run(cfg, workdir: str) -> dict:
 def restore_trained(workdir: str):
   """(trainer, runner) of the latest checkpoint in `workdir`, on one device, built from the
   config saved beside it — for evaluation and recording tools."""
-  with open(os.path.join(workdir, "config.json")) as f:
-    cfg = ml_collections.ConfigDict(json.load(f))
+  cfg = checkpoint_lib.read_run_config(workdir)
   checkpointer = checkpoint_lib.Checkpointer(workdir, cfg.run.keep_checkpoints)
-  step = checkpointer.latest_step()
-  if step is None:
-    raise FileNotFoundError(f"no checkpoint under {checkpointer.directory}")
+  if checkpointer.latest_step() is None:
+    raise checkpoint_lib.RunNotFoundError(f"no checkpoint under {checkpointer.directory}")
   env, env_params = registry.make(cfg.env.name, **cfg.env.kwargs.to_dict())
   mesh = sharding.make_mesh(1)
   trainer = sharding.ShardedTrainer(cfg, env, env_params, mesh)
   abstract = checkpoint_lib.abstract_like(
       trainer.runner_like, sharding.runner_shardings(mesh, trainer.runner_like))
-  runner = checkpointer.restore(step, abstract, cfg)
+  _, runner = checkpointer.restore_latest(abstract, cfg)
   checkpointer.close()
   return trainer.trainer, runner
 

@@ -491,12 +491,11 @@ def run(cfg, workdir: str) -> dict:
   steps_per_update = cfg.num_envs * cfg.ppo.num_steps
   try:
     learner = Sebulba(cfg, ports, clock_epoch=epoch)
-    resume = checkpointer.latest_step()
+    like = {"agent": learner.agent, "key": learner.key, "update_step": jnp.int32(0)}
+    # Replicated on this run's learner mesh, whatever device count wrote the checkpoint.
+    resume, restored = checkpointer.restore_latest(checkpoint_lib.abstract_like(
+        like, jax.tree.map(lambda _: learner.replicated, like)), cfg, set_aside=True)
     if resume is not None:
-      like = {"agent": learner.agent, "key": learner.key, "update_step": jnp.int32(0)}
-      # Replicated on this run's learner mesh, whatever device count wrote the checkpoint.
-      restored = checkpointer.restore(resume, checkpoint_lib.abstract_like(
-          like, jax.tree.map(lambda _: learner.replicated, like)), cfg)
       learner = Sebulba(cfg, ports, clock_epoch=epoch, agent=restored["agent"],
                         update_step=int(restored["update_step"]), mesh=learner.mesh)
       learner.key = restored["key"]

@@ -5,7 +5,6 @@ simulated devices). The learner's data-parallel update equals the one-device upd
 same rollout.
 """
 import functools
-import os
 import time
 
 import jax
@@ -13,20 +12,15 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from configs import bridge_ppo
 from mbjax.agents import ppo
 from mbjax.bridge import launch, shim
 from mbjax.envs.spaces import HybridAction
 from mbjax.train import sebulba, sharding
 
-_CONFIG = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "bridge_ppo.py")
-
 
 def debug_config(**overrides):
-  import importlib.util
-  spec = importlib.util.spec_from_file_location("bridge_ppo", _CONFIG)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  cfg = module.get_config("debug")
+  cfg = bridge_ppo.get_config("debug")
   for key, value in overrides.items():
     section, _, field = key.rpartition(".")
     (cfg[section] if section else cfg)[field] = value
