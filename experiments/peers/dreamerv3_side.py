@@ -78,15 +78,7 @@ def setup(checkout: str, steps: int):
   train_step()
   compile_s = time.perf_counter() - start
 
-  def run(index):
-    del index
-    start = time.perf_counter()
-    for _ in range(steps):
-      train_step()
-    seconds = (time.perf_counter() - start) / steps
-    return {"rates": {"replayed_steps": BATCH * LENGTH / seconds},
-            "extra": {"ms": seconds * 1e3}}
-
+  run = protocol.steps_round(train_step, steps, BATCH * LENGTH, "replayed_steps")
   return run, {"jax": jax.__version__, "compile_s": compile_s, "config": "size1m",
                "batch": BATCH, "length": LENGTH}
 

@@ -72,15 +72,8 @@ def _world_model(args, upstream_layers: bool):
   call, compile_s, transitions = throughput.compile_world_model_step(
       cfg, throughput.UPSTREAM_OBS_DIM, action_size, 16, 64, shard=False)
   jax.block_until_ready(call())
-
-  def run(index):
-    del index
-    start = time.perf_counter()
-    for _ in range(args.steps):
-      jax.block_until_ready(call())
-    seconds = (time.perf_counter() - start) / args.steps
-    return {"rates": {"transitions": transitions / seconds}, "extra": {"ms": seconds * 1e3}}
-
+  run = protocol.steps_round(lambda: jax.block_until_ready(call()), args.steps, transitions,
+                             "transitions")
   return run, {"obs_dim": throughput.UPSTREAM_OBS_DIM, "action_dim": action_size,
                "batch": 16, "length": 64, "compile_s": compile_s}
 
@@ -101,15 +94,8 @@ def _dreamer(args):
       cfg, env.observation_shape(params)[0], wm_lib.action_vector_size(spec), 16, 64,
       dream_spec=spec, shard=False)
   jax.block_until_ready(call())
-
-  def run(index):
-    del index
-    start = time.perf_counter()
-    for _ in range(args.steps):
-      jax.block_until_ready(call())
-    seconds = (time.perf_counter() - start) / args.steps
-    return {"rates": {"replayed_steps": transitions / seconds}, "extra": {"ms": seconds * 1e3}}
-
+  run = protocol.steps_round(lambda: jax.block_until_ready(call()), args.steps, transitions,
+                             "replayed_steps")
   wm = cfg.world_model
   return run, {"deter": wm.deter, "stoch": wm.stoch, "classes": wm.classes,
                "horizon": cfg.dream.horizon, "compile_s": compile_s}
@@ -130,16 +116,8 @@ def _ppo_learner(args):
       up["obs_dim"], spec, hidden, up["rollout"] // num_envs, num_envs, up["epochs"],
       up["minibatch"])
   jax.block_until_ready(call())
-
-  def run(index):
-    del index
-    start = time.perf_counter()
-    for _ in range(args.steps):
-      jax.block_until_ready(call())
-    seconds = (time.perf_counter() - start) / args.steps
-    return {"rates": {"transitions": info["transitions"] / seconds},
-            "extra": {"ms": seconds * 1e3}}
-
+  run = protocol.steps_round(lambda: jax.block_until_ready(call()), args.steps,
+                             info["transitions"], "transitions")
   return run, {"hidden": hidden, "parameters": info["parameters"],
                "upstream_parameters": upstream_params, "envs": num_envs,
                "compile_s": compile_s}
@@ -208,15 +186,7 @@ def _video(args):
     return entry["frames"], size
 
   convert()
-
-  def run(index):
-    del index
-    start = time.perf_counter()
-    frames, size = convert()
-    return {"rates": {"frames": frames / (time.perf_counter() - start)},
-            "extra": {"bytes_per_frame": size / frames, "frames": frames}}
-
-  return run, {"compression": args.compression, "chunk_frames": args.chunk_frames}
+  return protocol.conversion_round(convert), {"compression": args.compression, "chunk_frames": args.chunk_frames}
 
 
 def _replay(args):

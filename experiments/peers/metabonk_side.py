@@ -54,16 +54,9 @@ def _world_model(args):
   actions = torch.zeros(length, batch, args.action_dim)
   rewards = torch.zeros(length, batch)
   dones = torch.zeros(length, batch)
-  model.update_from_rollout(obs, actions, rewards, dones=dones)
-
-  def run(index):
-    del index
-    start = time.perf_counter()
-    for _ in range(args.steps):
-      model.update_from_rollout(obs, actions, rewards, dones=dones)
-    seconds = (time.perf_counter() - start) / args.steps
-    return {"rates": {"transitions": length * batch / seconds}, "extra": {"ms": seconds * 1e3}}
-
+  update = lambda: model.update_from_rollout(obs, actions, rewards, dones=dones)
+  update()
+  run = protocol.steps_round(update, args.steps, length * batch, "transitions")
   count = sum(p.numel() for p in model.parameters())
   return run, {"parameters": count, "torch_threads": torch.get_num_threads()}
 
@@ -92,15 +85,7 @@ def _ppo_learner(args):
                                 old_log_probs=log_probs, old_values=values)
 
   update()
-
-  def run(index):
-    del index
-    start = time.perf_counter()
-    for _ in range(args.steps):
-      update()
-    seconds = (time.perf_counter() - start) / args.steps
-    return {"rates": {"transitions": steps / seconds}, "extra": {"ms": seconds * 1e3}}
-
+  run = protocol.steps_round(update, args.steps, steps, "transitions")
   count = sum(p.numel() for p in learner.net.parameters())
   return run, {"parameters": count, "torch_threads": torch.get_num_threads(),
                "rollout": steps, "epochs": cfg.num_epochs, "minibatch": cfg.minibatch_size}
@@ -200,15 +185,7 @@ def _video(args):
     return stats["frames_extracted"], size
 
   convert()
-
-  def run(index):
-    del index
-    start = time.perf_counter()
-    frames, size = convert()
-    return {"rates": {"frames": frames / (time.perf_counter() - start)},
-            "extra": {"bytes_per_frame": size / frames, "frames": frames}}
-
-  return run, {"chunk_frames": args.chunk_frames}
+  return protocol.conversion_round(convert), {"chunk_frames": args.chunk_frames}
 
 
 ROWS = {"world_model": _world_model, "world_model_upstream_layers": _world_model,

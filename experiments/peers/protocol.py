@@ -67,6 +67,30 @@ def timed_rate(fn: Callable[[], object], units: float, repeats: int = 1) -> floa
   return units * repeats / (time.perf_counter() - start)
 
 
+def steps_round(step: Callable[[], object], steps: int, units: float, name: str) -> RoundFn:
+  """A round of `steps` calls of `step` (each must finish its work before returning): rate
+  `name` = units per second, and the milliseconds per call."""
+  def run(index: int) -> dict:
+    del index
+    start = time.perf_counter()
+    for _ in range(steps):
+      step()
+    seconds = (time.perf_counter() - start) / steps
+    return {"rates": {name: units / seconds}, "extra": {"ms": seconds * 1e3}}
+  return run
+
+
+def conversion_round(convert: Callable[[], tuple[int, int]]) -> RoundFn:
+  """A round of one `convert()` → (frames, bytes written): frames/s and bytes per frame."""
+  def run(index: int) -> dict:
+    del index
+    start = time.perf_counter()
+    frames, size = convert()
+    return {"rates": {"frames": frames / (time.perf_counter() - start)},
+            "extra": {"bytes_per_frame": size / frames, "frames": frames}}
+  return run
+
+
 class WorkerError(RuntimeError):
   """A worker exited or answered out of protocol; the message holds its stderr's tail."""
 
