@@ -128,7 +128,8 @@ def markdown_row(name: str, summary: dict, extras: dict, date: str, host: str) -
         f"| {date} | {host} | {low:.1f}–{high:.1f} | {name} | {rate}/s | "
         f"{fmt(s['b_median'])} | {fmt(s['a_median'])} | **{s['ratio_median']:.2f}×** "
         f"({s['ratio_range'][0]:.2f}–{s['ratio_range'][1]:.2f}) | "
-        f"{summary['cpu_ratio_median']:.2f}× | " + "; ".join(f"{k} {v}" for k, v in extras.items()) + " |")
+        f"{summary['cpu_ratio_median']:.2f}× | "
+        + "; ".join(f"{k} {v}" for k, v in extras.items()) + " |")
   return "\n".join(lines)
 
 

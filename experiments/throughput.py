@@ -3,9 +3,10 @@
 Shared by `experiments/bench_scaling.py` (weak scaling on 1, 2, 4, ... devices),
 `experiments/accelerator_check.py` (the GPU/TPU table), `experiments/bench_world_model.py`
 (the world-model steps), `experiments/bench_motor.py` (the selective-scan paths) and the
-mbjax side of the peer harness (`experiments/peers/mbjax_side.py`). Each measurement compiles once, reports the compile time
-apart, runs once more to warm up, then times `repeats` calls (median). Everything here
-is timing glue; the measured functions are the library's own.
+mbjax side of the peer harness (`experiments/peers/mbjax_side.py`). Each measurement
+compiles once, reports the compile time apart, runs once more to warm up, then times
+`repeats` calls (median). Everything here is timing glue; the measured functions are the
+library's own.
 """
 from __future__ import annotations
 

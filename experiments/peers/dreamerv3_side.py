@@ -6,8 +6,9 @@ updated with `size1m`, then `jax.platform=cpu`, `jax.compute_dtype=float32` and
 `replay_context=0` (windows start from a zero state, as mbjax's do). Spaces: a 96-float
 vector observation (BonkArena's size) with reward and episode flags, actions 2 continuous
 in [-1, 1] and one categorical of 4 (BonkArena's). One round times `--steps` calls of
-`Agent.train` on a fixed device-resident batch of 16 × 64 random steps: the world-model update and the
-imagination actor-critic update (horizon 15 from every posterior), one jitted step.
+`Agent.train` on a fixed device-resident batch of 16 × 64 random steps: the world-model
+update and the imagination actor-critic update (horizon 15 from every posterior), one jitted
+step.
 """
 from __future__ import annotations
 

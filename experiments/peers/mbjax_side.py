@@ -186,7 +186,8 @@ def _video(args):
     return entry["frames"], size
 
   convert()
-  return protocol.conversion_round(convert), {"compression": args.compression, "chunk_frames": args.chunk_frames}
+  return protocol.conversion_round(convert), {"compression": args.compression,
+                                              "chunk_frames": args.chunk_frames}
 
 
 def _replay(args):
