@@ -21,11 +21,11 @@ os.environ.setdefault("XLA_FLAGS", "--xla_cpu_enable_concurrency_optimized_sched
 import platform  # noqa: E402
 
 import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 from configs import load_config  # noqa: E402
 from experiments import throughput  # noqa: E402
-from mbjax.agents import world_model as wm_lib  # noqa: E402
 from mbjax.envs.bonk_arena import BonkArena  # noqa: E402
 from mbjax.nets import ssm  # noqa: E402
 from mbjax.train import config as config_lib  # noqa: E402
@@ -77,16 +77,18 @@ def _world_model_rows(repeats: int):
   `experiments/bench_peers.py --row=world_model_upstream_layers`)."""
   env = BonkArena()
   params = env.default_params()
-  action_size = wm_lib.action_vector_size(env.action_spec(params))
+  spec = env.action_spec(params)
   batch, length = (4, 16) if _QUICK.value else (16, 64)
   for cfg, obs_dim, upstream in (
       (config_lib.base_config(), env.observation_shape(params)[0], False),
       (throughput.upstream_world_model_config(), throughput.UPSTREAM_OBS_DIM, True)):
+    cfg.dream.enabled = cfg.efe.enabled = False  # the world-model step alone
+    cfg.replay.update(batch_size=batch, seq_len=length, burn_in=0)
     if _QUICK.value:
-      cfg.world_model.update(deter=32, hidden=32, stoch=4,
+      cfg.world_model.update(deter=32, blocks=1, hidden=32, stoch=4,
                              classes=4 if cfg.world_model.classes else 0)
-    result = throughput.world_model_update(cfg, obs_dim, action_size, batch, length, 1,
-                                           repeats, shard=False)
+    result = throughput.model_update(cfg, (obs_dim,), jnp.float32, spec, batch, 1, repeats,
+                                     shard=False)
     wm = cfg.world_model
     latents = f"{wm.stoch}×{wm.classes}" if wm.classes else f"Gaussian {wm.stoch}"
     name = (f"world-model step, {batch} × {length}, obs {obs_dim}, deter {wm.deter}, "

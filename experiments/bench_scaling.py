@@ -57,7 +57,6 @@ def _measure(num_devices: int) -> dict:
   """Runs in a worker process whose jax sees (at least) `num_devices` devices."""
   import jax
 
-  from mbjax.agents import world_model as wm_lib
   from mbjax.envs import registry
 
   cfg = _CONFIG.value
@@ -70,9 +69,10 @@ def _measure(num_devices: int) -> dict:
   if len(obs_shape) != 1:
     raise ValueError(f"the world-model measurement needs vector observations; "
                      f"{cfg.env.name} has shape {obs_shape}")
-  action_size = wm_lib.action_vector_size(env.action_spec(env_params))
-  wm = throughput_lib.world_model_update(cfg, obs_shape[0], action_size, _WM_BATCH.value,
-                                     _WM_LENGTH.value, num_devices, _REPEATS.value)
+  cfg.replay.update(seq_len=_WM_LENGTH.value, burn_in=0)
+  wm = throughput_lib.model_update(cfg, obs_shape, env.observation_dtype(env_params),
+                                   env.action_spec(env_params), _WM_BATCH.value, num_devices,
+                                   _REPEATS.value)
   device = jax.devices()[0]
   return {"devices": num_devices, "platform": device.platform,
           "device_kind": device.device_kind, "ppo": ppo, "wm": wm}
@@ -104,16 +104,16 @@ def _table(results: list[dict]) -> str:
   ppo_eff = throughput_lib.weak_scaling_efficiency(
       {r["devices"]: r["ppo"]["env_steps_per_s"] for r in results})
   wm_eff = throughput_lib.weak_scaling_efficiency(
-      {r["devices"]: r["wm"]["transitions_per_s"] for r in results})
+      {r["devices"]: r["wm"]["replayed_steps_per_s"] for r in results})
   lines = [f"{'devices':>7} {'PPO env-steps/s':>16} {'PPO eff.':>9} {'update s':>9} "
-           f"{'compile s':>9} | {'WM transitions/s':>17} {'WM eff.':>8} {'step ms':>8} "
+           f"{'compile s':>9} | {'WM replayed/s':>17} {'WM eff.':>8} {'step ms':>8} "
            f"{'compile s':>9}"]
   for r in results:
     n = r["devices"]
     lines.append(
         f"{n:>7} {r['ppo']['env_steps_per_s']:>16,.0f} {ppo_eff[n]:>9.2f} "
         f"{r['ppo']['update_s']:>9.3f} {r['ppo']['compile_s']:>9.1f} | "
-        f"{r['wm']['transitions_per_s']:>17,.0f} {wm_eff[n]:>8.2f} "
+        f"{r['wm']['replayed_steps_per_s']:>17,.0f} {wm_eff[n]:>8.2f} "
         f"{1e3 * r['wm']['update_s']:>8.1f} {r['wm']['compile_s']:>9.1f}")
   return "\n".join(lines)
 

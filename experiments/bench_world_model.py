@@ -15,10 +15,11 @@
      the posterior — `--clones` times each; Spearman between the two mean 15-step returns
      across start states.
 2. Throughput (`--throughput`): replayed steps per second of one model update (world model,
-   then dream imagining 15 steps from every posterior) at DreamerV3's size1m shape (GRU 512
-   in 8 blocks, MLPs of 64, 32 × 4 latents, CNN depth 16, 16 × 64 windows of 64 × 64 frames)
-   and at `configs/arena_apex.py`'s size on 96-d vectors. The peer's own number comes from
-   the side-by-side harness (`experiments/bench_peers.py`).
+   then dream imagining 15 steps from every posterior; `experiments.throughput.
+   model_update`) at DreamerV3's size1m shape (GRU 512 in 8 blocks, MLPs of 64, 32 × 4
+   latents, CNN depth 16, 16 × 64 windows) on 64 × 64 frames and on 96-d vectors, and at
+   `configs/arena_apex.py`'s size. DreamerV3's own number comes from the side-by-side
+   harness (`experiments/bench_peers.py --row=dreamer`).
 """
 import os
 
@@ -34,11 +35,11 @@ from absl import app, flags  # noqa: E402
 
 from configs import arena_apex  # noqa: E402
 from experiments import cli  # noqa: E402
-from mbjax.agents import apex, dream  # noqa: E402
+from experiments import throughput as throughput_lib  # noqa: E402
+from mbjax.agents import apex  # noqa: E402
 from mbjax.agents import world_model as wm_lib  # noqa: E402
 from mbjax.envs.spaces import HybridActionSpec  # noqa: E402
 from mbjax.nets.hybrid import to_env_action  # noqa: E402
-from mbjax.train import config as config_lib  # noqa: E402
 from mbjax.train import evaluate  # noqa: E402
 from mbjax.train import metrics as metrics_lib  # noqa: E402
 from mbjax.train import run as run_lib  # noqa: E402
@@ -225,47 +226,20 @@ def usefulness(workdir: str) -> None:
         f"{env_mean.mean():.3f}, model mean {model_mean.mean():.3f}); {time.time() - start:.0f} s")
 
 
-def _time_model_update(cfg, obs_shape, obs_dtype, spec, label: str) -> None:
-  learners = apex.make_learners(cfg, spec, obs_shape)
-  aux = apex.init(jax.random.PRNGKey(0), learners, obs_shape, obs_dtype)
-  batch, length = cfg.replay.batch_size, cfg.replay.burn_in + cfg.replay.seq_len
-  rng = np.random.default_rng(0)
-  if len(obs_shape) == 3:
-    obs = rng.integers(0, 256, (length, batch) + tuple(obs_shape), dtype=np.uint8)
-  else:
-    obs = rng.normal(size=(length, batch) + tuple(obs_shape)).astype(np.float32)
-  sequence = wm_lib.Sequence(
-      jnp.asarray(obs), jnp.zeros((length, batch, wm_lib.action_vector_size(spec))),
-      jnp.zeros((length, batch)), jnp.zeros((length, batch), bool),
-      jnp.zeros((length, batch), bool).at[0].set(True),
-      jnp.ones((length, batch, spec.mask_size), bool))
-  update = jax.jit(lambda a, k: apex.model_update(a, sequence, k, learners=learners)[0])
-  start = time.perf_counter()
-  compiled = update.lower(aux, jax.random.PRNGKey(1)).compile()
-  compile_s = time.perf_counter() - start
-  aux = jax.block_until_ready(compiled(aux, jax.random.PRNGKey(1)))
-  times = []
-  for i in range(_REPEATS.value):
-    start = time.perf_counter()
-    aux = jax.block_until_ready(compiled(aux, jax.random.PRNGKey(2 + i)))
-    times.append(time.perf_counter() - start)
-  seconds = float(np.median(times))
-  replayed = batch * cfg.replay.seq_len
-  print(f"{label}: compile {compile_s:.0f} s | update {seconds:.2f} s | "
-        f"{replayed / seconds:,.0f} replayed steps/s (load {os.getloadavg()[0]:.1f})")
-
-
 def throughput() -> None:
-  size1m = config_lib.base_config()
-  size1m.world_model.update(deter=512, blocks=8, hidden=64, stoch=32, classes=4, cnn_depth=16)
-  size1m.replay.update(batch_size=16, seq_len=64, burn_in=0)
-  size1m.dream.update(hidden_sizes=(64, 64, 64), horizon=15)
-  size1m.efe.enabled = False
-  _time_model_update(size1m, (64, 64, 3), jnp.uint8, HybridActionSpec(0, (6,)),
-                     "size1m, 64×64 frames, world model + dream")
-  arena = arena_apex.get_config()
-  _time_model_update(arena, (96,), jnp.float32, HybridActionSpec(2, (4,)),
-                     "configs/arena_apex.py, 96-d vectors, world model + dream + EFE")
+  rows = (
+      (throughput_lib.size1m_config(), (64, 64, 3), jnp.uint8, HybridActionSpec(0, (6,)),
+       "size1m, 64×64 frames, world model + dream"),
+      (throughput_lib.size1m_config(), (96,), jnp.float32, HybridActionSpec(2, (4,)),
+       "size1m, 96-d vectors, world model + dream"),
+      (arena_apex.get_config(), (96,), jnp.float32, HybridActionSpec(2, (4,)),
+       "configs/arena_apex.py, 96-d vectors"))
+  for cfg, obs_shape, obs_dtype, spec, label in rows:
+    result = throughput_lib.model_update(cfg, obs_shape, obs_dtype, spec,
+                                         cfg.replay.batch_size, 1, _REPEATS.value, shard=False)
+    print(f"{label}: compile {result['compile_s']:.0f} s | update {result['update_s']:.2f} s "
+          f"| {result['replayed_steps_per_s']:,.0f} replayed steps/s (load "
+          f"{os.getloadavg()[0]:.1f})", flush=True)
 
 
 def main(argv):

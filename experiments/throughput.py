@@ -21,7 +21,7 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from mbjax.agents import dream, ppo
+from mbjax.agents import apex, ppo
 from mbjax.agents import world_model as wm_lib
 from mbjax.envs import registry
 from mbjax.envs.spaces import HybridActionSpec
@@ -41,7 +41,10 @@ def upstream_world_model_config(upstream_layers: bool = True) -> ml_collections.
   cfg = config_lib.base_config()
   layers = (dict(rssm_layers=0, head_layers=1) if upstream_layers
             else dict(rssm_layers=1, head_layers=2))
-  cfg.world_model.update(deter=256, stoch=64, classes=0, hidden=256, **layers)
+  cfg.world_model.update(deter=256, blocks=1, stoch=64, classes=0, hidden=256, **layers)
+  # Upstream trains its world model alone, on whole 16 × 64 windows.
+  cfg.dream.enabled = cfg.efe.enabled = False
+  cfg.replay.update(batch_size=16, seq_len=64, burn_in=0)
   return cfg
 
 
@@ -168,78 +171,74 @@ def compile_ppo_learner_update(obs_dim: int, spec: HybridActionSpec, hidden: int
       "parameters": count, "transitions": transitions}
 
 
-def compile_world_model_step(cfg: ml_collections.ConfigDict, obs_dim: int, action_size: int,
-                             batch_per_device: int, length: int, num_devices: int = 1,
-                             dream_spec: HybridActionSpec | None = None, shard: bool = True
-                             ) -> tuple[Callable[[], Any], float, int]:
-  """One world-model optimiser step on `batch_per_device` windows of `length` steps per
-  device (random vector observations), data-parallel over the first `num_devices` devices
-  with device-mean losses, as the apex learner runs it; with `dream_spec` (the action
-  spec), also one dream step imagining from every posterior. `shard=False` compiles a plain
-  jit on one device instead (`num_devices` 1): the single-device program, with no mesh or
-  collectives, which the peer harness compares with upstream's single-process update.
-  Returns (call: runs one step on fixed inputs and returns its result, compile seconds,
-  transitions per step)."""
+def size1m_config() -> ml_collections.ConfigDict:
+  """The base config at DreamerV3's size1m shape: GRU 512 in 8 blocks, MLPs of 64, 32 × 4
+  categorical latents, CNN depth 16, actor and critic of 3 × 64, 16 × 64 windows (no
+  warm-up), horizon 15; the EFE head off (DreamerV3 has none)."""
+  cfg = config_lib.base_config()
+  cfg.world_model.update(deter=512, blocks=8, hidden=64, stoch=32, classes=4, cnn_depth=16)
+  cfg.replay.update(batch_size=16, seq_len=64, burn_in=0)
+  cfg.dream.update(hidden_sizes=(64, 64, 64), horizon=15)
+  cfg.efe.enabled = False
+  return cfg
+
+
+def compile_model_update(cfg: ml_collections.ConfigDict, obs_shape: tuple[int, ...], obs_dtype,
+                         spec: HybridActionSpec, batch_per_device: int, num_devices: int = 1,
+                         shard: bool = True) -> tuple[Callable[[], Any], float, int]:
+  """One model-based update (`apex.model_update`: the world-model step, then the enabled
+  latent actor-critics imagining from every posterior) on `batch_per_device` random windows
+  of `replay.burn_in + replay.seq_len` steps per device, data-parallel over the first
+  `num_devices` devices with device-mean losses, as the learner runs it. `shard=False`
+  compiles a plain jit on one device instead (`num_devices` 1): the single-device program,
+  which the peer harness compares with a peer's single-process update. Returns (call: runs
+  one update on fixed inputs, compile seconds, replayed (trained) steps per update)."""
   if not shard and num_devices != 1:
     raise ValueError(f"shard=False times one device; got num_devices={num_devices}")
   axis_name = sharding.DATA_AXIS if shard else None
-  # Without a dream step the actions are `action_size` continuous dims (no mask head).
-  spec = dream_spec or HybridActionSpec(continuous_dim=action_size, branches=())
-  model = wm_lib.make_world_model(cfg.world_model, (obs_dim,), spec)
-  optimizer = wm_lib.make_optimizer(cfg.world_model)
-  state = wm_lib.init(jax.random.PRNGKey(0), model, optimizer, (obs_dim,), jnp.float32,
-                      action_size)
-  if dream_spec is not None:
-    nets = dream.make_networks(cfg.dream, dream_spec, cfg.network.squash)
-    rssm = model.rssm
-    state = (state, dream.init(jax.random.PRNGKey(3), nets, rssm.deter + rssm.stoch_size))
-  batch = batch_per_device * num_devices
+  learners = apex.make_learners(cfg, spec, obs_shape)
+  aux = apex.init(jax.random.PRNGKey(0), learners, obs_shape, obs_dtype)
+  batch, length = batch_per_device * num_devices, cfg.replay.burn_in + cfg.replay.seq_len
+  key = jax.random.PRNGKey(1)
+  if len(obs_shape) == 3:
+    obs = jax.random.randint(key, (length, batch) + tuple(obs_shape), 0, 256).astype(obs_dtype)
+  else:
+    obs = jax.random.normal(key, (length, batch) + tuple(obs_shape)).astype(obs_dtype)
   data = wm_lib.Sequence(
-      jax.random.normal(jax.random.PRNGKey(1), (length, batch, obs_dim)),
-      jnp.zeros((length, batch, action_size)), jnp.zeros((length, batch)),
-      jnp.zeros((length, batch), bool), jnp.zeros((length, batch), bool).at[0].set(True),
+      obs, jnp.zeros((length, batch, wm_lib.action_vector_size(spec))),
+      jnp.zeros((length, batch)), jnp.zeros((length, batch), bool),
+      jnp.zeros((length, batch), bool).at[0].set(True),
       jnp.ones((length, batch, spec.mask_size), bool))
   if shard:
     mesh = sharding.make_mesh(num_devices)
     data = jax.device_put(data, NamedSharding(mesh, P(None, sharding.DATA_AXIS)))
-    state = jax.device_put(state, NamedSharding(mesh, P()))
+    aux = jax.device_put(aux, NamedSharding(mesh, P()))
 
-  def step(state, data, key):
-    wm_state = state if dream_spec is None else state[0]
-    wm_key, dream_key = jax.random.split(key)
-    wm_state, posts, metrics = wm_lib.update(wm_state, data, wm_key, cfg.world_model,
-                                             model=model, optimizer=optimizer,
-                                             axis_name=axis_name)
-    if dream_spec is None:
-      return wm_state, metrics["wm/loss"]
-    starts = jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]), posts)
-    actor_critic, _ = dream.update(
-        state[1], wm_state.params, starts, dream_key, cfg.dream, nets=nets, world_model=model,
-        reward_fn=dream.world_model_reward(model, wm_state.params), axis_name=axis_name)
-    return (wm_state, actor_critic), metrics["wm/loss"]
+  def step(aux, data, key):
+    aux, metrics = apex.model_update(aux, data, key, learners=learners, axis_name=axis_name)
+    return aux, metrics["wm/loss"]
 
   update = jax.jit(jax.shard_map(step, mesh=mesh,
                                  in_specs=(P(), P(None, sharding.DATA_AXIS), P()),
                                  out_specs=(P(), P())) if shard else step)
   key = jax.random.PRNGKey(2)
   start = time.perf_counter()
-  compiled = update.lower(state, data, key).compile()
+  compiled = update.lower(aux, data, key).compile()
   compile_seconds = time.perf_counter() - start
-  return (lambda: compiled(state, data, key)), compile_seconds, batch * length
+  return (lambda: compiled(aux, data, key)), compile_seconds, batch * cfg.replay.seq_len
 
 
-def world_model_update(cfg: ml_collections.ConfigDict, obs_dim: int, action_size: int,
-                       batch_per_device: int, length: int, num_devices: int,
-                       repeats: int, dream_spec: HybridActionSpec | None = None,
-                       shard: bool = True) -> dict:
-  """`compile_world_model_step`'s step timed: compile seconds, median seconds per step of
-  `repeats` (after one warm-up) and transitions/s."""
-  call, compile_seconds, transitions = compile_world_model_step(
-      cfg, obs_dim, action_size, batch_per_device, length, num_devices, dream_spec, shard)
+def model_update(cfg: ml_collections.ConfigDict, obs_shape: tuple[int, ...], obs_dtype,
+                 spec: HybridActionSpec, batch_per_device: int, num_devices: int,
+                 repeats: int, shard: bool = True) -> dict:
+  """`compile_model_update`'s update timed: compile seconds, median seconds per update of
+  `repeats` (after one warm-up call) and replayed steps/s."""
+  call, compile_seconds, replayed = compile_model_update(
+      cfg, obs_shape, obs_dtype, spec, batch_per_device, num_devices, shard)
   jax.block_until_ready(call())
   seconds = time_calls(call, repeats)
   return {"compile_s": compile_seconds, "update_s": seconds,
-          "transitions_per_s": transitions / seconds}
+          "replayed_steps_per_s": replayed / seconds}
 
 
 def scan_inputs(length: int, batch: int = 8, channels: int = 64, state: int = 16):

@@ -62,39 +62,40 @@ def _ppo_cartpole(args):
 
 
 def _world_model(args, upstream_layers: bool):
+  import jax.numpy as jnp
+
   from experiments import throughput
-  from mbjax.agents import world_model as wm_lib
   from mbjax.envs.bonk_arena import BonkArena
 
   env = BonkArena()
-  action_size = wm_lib.action_vector_size(env.action_spec(env.default_params()))
-  cfg = throughput.upstream_world_model_config(upstream_layers)
-  call, compile_s, transitions = throughput.compile_world_model_step(
-      cfg, throughput.UPSTREAM_OBS_DIM, action_size, 16, 64, shard=False)
+  spec = env.action_spec(env.default_params())
+  cfg = throughput.upstream_world_model_config(upstream_layers)  # the world model alone
+  call, compile_s, transitions = throughput.compile_model_update(
+      cfg, (throughput.UPSTREAM_OBS_DIM,), jnp.float32, spec, 16, shard=False)
   jax.block_until_ready(call())
   run = protocol.steps_round(lambda: jax.block_until_ready(call()), args.steps, transitions,
                              "transitions")
-  return run, {"obs_dim": throughput.UPSTREAM_OBS_DIM, "action_dim": action_size,
-               "batch": 16, "length": 64, "compile_s": compile_s}
+  return run, {"obs_dim": throughput.UPSTREAM_OBS_DIM, "batch": 16, "length": 64,
+               "compile_s": compile_s}
 
 
 def _dreamer(args):
-  """The default world model and its dream (imagination) learner, one step each, on 16 × 64
-  BonkArena vector steps: DreamerV3's train step at its batch."""
+  """The model-based update at DreamerV3's size1m shape (`throughput.size1m_config`): the
+  world-model step and the dream actor-critic imagining 15 steps from every posterior, on
+  16 × 64 BonkArena vector steps — DreamerV3's train step at its batch."""
+  import jax.numpy as jnp
+
   from experiments import throughput
   from mbjax.envs.bonk_arena import BonkArena
-  from mbjax.agents import world_model as wm_lib
-  from mbjax.train import config as config_lib
 
   env = BonkArena()
   params = env.default_params()
-  spec = env.action_spec(params)
-  cfg = config_lib.base_config()
-  call, compile_s, transitions = throughput.compile_world_model_step(
-      cfg, env.observation_shape(params)[0], wm_lib.action_vector_size(spec), 16, 64,
-      dream_spec=spec, shard=False)
+  cfg = throughput.size1m_config()
+  call, compile_s, replayed = throughput.compile_model_update(
+      cfg, env.observation_shape(params), jnp.float32, env.action_spec(params), 16,
+      shard=False)
   jax.block_until_ready(call())
-  run = protocol.steps_round(lambda: jax.block_until_ready(call()), args.steps, transitions,
+  run = protocol.steps_round(lambda: jax.block_until_ready(call()), args.steps, replayed,
                              "replayed_steps")
   wm = cfg.world_model
   return run, {"deter": wm.deter, "stoch": wm.stoch, "classes": wm.classes,
