@@ -48,6 +48,7 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 from configs import arena_apex  # noqa: E402
+from mbjax import files  # noqa: E402
 from mbjax.envs import registry  # noqa: E402
 from mbjax.train import anakin  # noqa: E402
 from mbjax.train import config as config_lib  # noqa: E402
@@ -221,8 +222,8 @@ def save_runs(path: str, runs: dict[str, ArmRun], steps_per_update: int) -> None
   arrays = {}
   for arm, run in runs.items():
     arrays[f"{arm}/return"], arrays[f"{arm}/count"] = run.returns, run.counts
-  np.savez(path + ".tmp.npz", steps_per_update=steps_per_update, **arrays)
-  os.replace(path + ".tmp.npz", path)
+  with files.atomic_open(path, "wb") as f:
+    np.savez(f, steps_per_update=steps_per_update, **arrays)
 
 
 def load_runs(paths: list[str]) -> tuple[dict[str, ArmRun], int]:

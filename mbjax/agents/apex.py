@@ -172,9 +172,11 @@ def distill_coef(cfg: ml_collections.ConfigDict, progress: jax.Array | float) ->
 
 
 def update(agent: ppo.PPOState, aux: AuxState, rollout: ppo.Rollout, key, *, learners: Learners,
-           network, optimizer, axis_name: str | None = None, progress: jax.Array | float = 0.0):
+           network, optimizer, axis_name: str | None = None, progress: jax.Array | float = 0.0,
+           coefficients: ppo.LossCoefficients | None = None):
   """One apex learner step; returns (agent, aux, metrics). `progress` is the fraction of
-  the run's updates done before this one (for `served.distill_schedule`)."""
+  the run's updates done before this one (for `served.distill_schedule`); `coefficients`
+  override the config's PPO loss coefficients."""
   cfg = learners.cfg
   rollout = jax.tree.map(jnp.asarray, rollout)
   ppo_key, teacher_key, aux_key = jax.random.split(key, 3)
@@ -182,7 +184,8 @@ def update(agent: ppo.PPOState, aux: AuxState, rollout: ppo.Rollout, key, *, lea
     rollout = rollout._replace(teacher=_teacher(aux, rollout, learners, teacher_key))
   agent, metrics = ppo.update(agent, rollout, ppo_key, network=network, optimizer=optimizer,
                               cfg=cfg, axis_name=axis_name,
-                              distill_coef=distill_coef(cfg, progress))
+                              distill_coef=distill_coef(cfg, progress),
+                              coefficients=coefficients)
   if learners.cpqe is not None:
     chunks = cpqe_lib.rollout_chunks(
         rollout.obs, to_env_action(rollout.action, learners.squash).continuous, rollout.reward,

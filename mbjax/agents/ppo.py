@@ -105,15 +105,41 @@ def make_network(cfg: ml_collections.ConfigDict, spec) -> ActorCritic:
                      core_options=options)
 
 
+class LossCoefficients(NamedTuple):
+  """The loss's coefficients, Python floats or traced arrays (one PBT member's values)."""
+
+  clip_eps: Any
+  ent_coef: Any
+  vf_coef: Any
+
+  @classmethod
+  def from_config(cls, cfg: ml_collections.ConfigDict) -> "LossCoefficients":
+    return cls(cfg.ppo.clip_eps, cfg.ppo.ent_coef, cfg.ppo.vf_coef)
+
+
 def make_optimizer(cfg: ml_collections.ConfigDict, num_updates: int) -> optax.GradientTransformation:
+  """Adam after global-norm clipping. The learning rate `ppo.lr` lives in the optimiser state
+  (`optax.inject_hyperparams`; `with_learning_rate` sets it, e.g. per PBT member); with
+  `ppo.anneal_lr` it decays linearly from there to 0 at the last of `num_updates` updates.
+  A run extended to more updates (a larger `total_env_steps` on resume) keeps its step count,
+  so the decay is re-stretched: from the resumed step on, the rate is lr · (1 − t / T_new)."""
   ppo = cfg.ppo
-  if ppo.anneal_lr:
-    steps = num_updates * ppo.update_epochs * ppo.num_minibatches
-    learning_rate = optax.linear_schedule(ppo.lr, 0.0, steps)
-  else:
-    learning_rate = ppo.lr
-  return optax.chain(optax.clip_by_global_norm(ppo.max_grad_norm),
-                     optax.adam(learning_rate, eps=1e-5))
+  steps = num_updates * ppo.update_epochs * ppo.num_minibatches
+
+  def clipped_adam(learning_rate):
+    if ppo.anneal_lr:
+      learning_rate = optax.linear_schedule(learning_rate, 0.0, steps)
+    return optax.chain(optax.clip_by_global_norm(ppo.max_grad_norm),
+                       optax.adam(learning_rate, eps=1e-5))
+
+  return optax.inject_hyperparams(clipped_adam)(learning_rate=ppo.lr)
+
+
+def with_learning_rate(opt_state, learning_rate: jax.Array | float):
+  """`opt_state` (of `make_optimizer`) with its base learning rate set to `learning_rate`."""
+  return opt_state._replace(hyperparams={**opt_state.hyperparams,
+                                         "learning_rate": jnp.asarray(learning_rate,
+                                                                      jnp.float32)})
 
 
 def init(key: jax.Array, network: ActorCritic, optimizer: optax.GradientTransformation,
@@ -161,15 +187,18 @@ class Minibatch(NamedTuple):
 
 def loss(params, network: ActorCritic, cfg: ml_collections.ConfigDict, batch: Minibatch,
          obs_stats: ObservationStatistics, axis_name: str | None = None,
-         distill_coef: jax.Array | float | None = None):
+         distill_coef: jax.Array | float | None = None,
+         coefficients: LossCoefficients | None = None):
   """Clipped-surrogate PPO loss on one minibatch; returns (loss, metrics).
 
   loss = −E[min(ρA, clip(ρ, 1±ε)A)] + c_v · ½E[(V − R)²] (optionally clipped around the old
   value) − c_e · E[H[π]], with ρ = π(a|s)/π_old(a|s), plus c_d · E[KL(teacher ‖ π)] when the
   rollout carries a teacher (c_d: `distill_coef`, by default `served.distill_coef`).
-  Averaged over devices when sharded.
+  ε, c_e and c_v are `coefficients` (by default the config's). Averaged over devices when
+  sharded.
   """
   ppo = cfg.ppo
+  coef = LossCoefficients.from_config(cfg) if coefficients is None else coefficients
   data = batch.rollout
   obs = prepare_obs(data.obs, obs_stats, ppo.normalize_observations)
   dist, value = unroll(network, params, data.carry, obs, data.is_first, data.mask)
@@ -184,22 +213,22 @@ def loss(params, network: ActorCritic, cfg: ml_collections.ConfigDict, batch: Mi
 
   log_ratio = log_prob - data.log_prob
   ratio = jnp.exp(log_ratio)
-  clipped_ratio = jnp.clip(ratio, 1.0 - ppo.clip_eps, 1.0 + ppo.clip_eps)
+  clipped_ratio = jnp.clip(ratio, 1.0 - coef.clip_eps, 1.0 + coef.clip_eps)
   policy_loss = -jnp.minimum(ratio * advantage, clipped_ratio * advantage).mean()
 
   value_error = jnp.square(value - batch.target)
   if ppo.clip_value_loss:
-    clipped_value = data.value + jnp.clip(value - data.value, -ppo.clip_eps, ppo.clip_eps)
+    clipped_value = data.value + jnp.clip(value - data.value, -coef.clip_eps, coef.clip_eps)
     value_error = jnp.maximum(value_error, jnp.square(clipped_value - batch.target))
   value_loss = 0.5 * value_error.mean()
 
-  total = policy_loss + ppo.vf_coef * value_loss - ppo.ent_coef * entropy
+  total = policy_loss + coef.vf_coef * value_loss - coef.ent_coef * entropy
   distill = {}
   if data.teacher is not None:
     distill_loss = data.teacher.kl_divergence(dist).mean()
-    coef = cfg.served.distill_coef if distill_coef is None else distill_coef
-    total += coef * distill_loss
-    distill = {"loss/distill": distill_loss, "loss/distill_coef": jnp.asarray(coef, jnp.float32)}
+    c_d = cfg.served.distill_coef if distill_coef is None else distill_coef
+    total += c_d * distill_loss
+    distill = {"loss/distill": distill_loss, "loss/distill_coef": jnp.asarray(c_d, jnp.float32)}
   metrics = {
       **distill,
       "loss/total": total,
@@ -207,7 +236,7 @@ def loss(params, network: ActorCritic, cfg: ml_collections.ConfigDict, batch: Mi
       "loss/value": value_loss,
       "policy/entropy": entropy,
       "policy/approx_kl": ((ratio - 1.0) - log_ratio).mean(),
-      "policy/clip_fraction": (jnp.abs(ratio - 1.0) > ppo.clip_eps).mean(),
+      "policy/clip_fraction": (jnp.abs(ratio - 1.0) > coef.clip_eps).mean(),
   }
   # Differentiating the device-mean gives the mean gradient (see module docstring).
   return _pmean(total, axis_name), jax.tree.map(lambda m: _pmean(m, axis_name), metrics)
@@ -244,10 +273,12 @@ def _gather_minibatch(chunks, indices) -> Minibatch:
 
 def update(state: PPOState, rollout: Rollout, key: jax.Array, *, network: ActorCritic,
            optimizer: optax.GradientTransformation, cfg: ml_collections.ConfigDict,
-           axis_name: str | None = None, distill_coef: jax.Array | float | None = None
+           axis_name: str | None = None, distill_coef: jax.Array | float | None = None,
+           coefficients: LossCoefficients | None = None
            ) -> tuple[PPOState, dict[str, jax.Array]]:
   """One PPO update on a rollout [T, E, ...]; `key` must be equal on every device.
-  `distill_coef` overrides `served.distill_coef` (a schedule, see `mbjax.agents.apex`)."""
+  `distill_coef` overrides `served.distill_coef` (a schedule, see `mbjax.agents.apex`),
+  `coefficients` the config's loss coefficients."""
   ppo = cfg.ppo
   rollout = jax.tree.map(jnp.asarray, rollout)  # host arrays cannot be indexed by tracers
   num_steps = rollout.reward.shape[0]
@@ -268,7 +299,7 @@ def update(state: PPOState, rollout: Rollout, key: jax.Array, *, network: ActorC
   def minibatch_step(train, indices):
     params, opt_state = train
     grads, metrics = grad_fn(params, network, cfg, _gather_minibatch(chunks, indices),
-                             state.obs_stats, axis_name, distill_coef)
+                             state.obs_stats, axis_name, distill_coef, coefficients)
     updates, opt_state = optimizer.update(grads, opt_state, params)
     metrics["optim/grad_norm"] = optax.tree.norm(grads)
     return (optax.apply_updates(params, updates), opt_state), metrics

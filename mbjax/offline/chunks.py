@@ -55,12 +55,13 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 import zipfile
 import zlib
 from typing import Iterator, Mapping
 
 import numpy as np
+
+from mbjax import files
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "mbjax.offline.chunks/1"
@@ -145,20 +146,13 @@ def validate_chunk(arrays: Mapping[str, np.ndarray], name: str = "chunk") -> int
 
 def write_npz(path: str, arrays: Mapping[str, np.ndarray], level: int | None) -> None:
   """Writes `arrays` as `.npy` members of a zip (np.load-compatible) via a temporary file."""
-  directory = os.path.dirname(os.path.abspath(path))
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".npz")
-  os.close(fd)
   compression = zipfile.ZIP_STORED if level is None else zipfile.ZIP_DEFLATED
-  try:
+  with files.atomic_path(path) as tmp:
     with zipfile.ZipFile(tmp, "w", compression=compression, compresslevel=level,
                          allowZip64=True) as zf:
       for key, value in arrays.items():
         with zf.open(key + ".npy", "w", force_zip64=True) as member:
           np.lib.format.write_array(member, np.asanyarray(value), allow_pickle=False)
-    os.replace(tmp, path)
-  except BaseException:
-    os.unlink(tmp)
-    raise
 
 
 def compression_level(compression: str, arrays: Mapping[str, np.ndarray]) -> int | None:
@@ -254,15 +248,7 @@ def load_manifest(directory: str) -> dict:
 
 def save_manifest(directory: str, manifest: Mapping) -> None:
   """Writes `manifest.json` atomically (temporary file, then `os.replace`)."""
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".json")
-  try:
-    with os.fdopen(fd, "w") as f:
-      json.dump(manifest, f, indent=1, sort_keys=True)
-    os.replace(tmp, os.path.join(directory, MANIFEST))
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
+  files.write_json(os.path.join(directory, MANIFEST), manifest, indent=1)
 
 
 # -- upstream import --------------------------------------------------------------------------

@@ -37,7 +37,6 @@ import fnmatch
 import hashlib
 import json
 import os
-import tempfile
 import time
 from typing import Any, Callable, NamedTuple, Sequence
 
@@ -48,6 +47,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from mbjax import files
 from mbjax.envs.spaces import HybridActionSpec
 from mbjax.offline import chunks as chunks_lib
 from mbjax.offline import episodes as episodes_lib
@@ -198,10 +198,7 @@ def action_spec(cfg) -> HybridActionSpec:
 
 
 def _write_json(path: str, payload) -> None:
-  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-", suffix=".json")
-  with os.fdopen(fd, "w") as f:
-    json.dump(payload, f, indent=1, sort_keys=True, default=float)
-  os.replace(tmp, path)
+  files.write_json(path, payload, indent=1)
 
 
 class Workspace:
@@ -237,7 +234,7 @@ def save_model(directory: str, params: Any, config: dict) -> str:
   if os.path.exists(directory):
     raise FileExistsError(f"{directory} exists; remove it to retrain")
   os.makedirs(os.path.dirname(directory), exist_ok=True)
-  staging = tempfile.mkdtemp(dir=os.path.dirname(directory), prefix=".tmp-")
+  staging = files.staging_directory(directory)
   checkpointer = ocp.StandardCheckpointer()
   checkpointer.save(os.path.join(staging, "params"), params)
   checkpointer.wait_until_finished()

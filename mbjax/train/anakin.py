@@ -3,7 +3,8 @@ one jitted program.
 
 `make_train(cfg, env, env_params)` returns pure functions in PureJaxRL's shape:
 `init(key) -> RunnerState`, `update(runner) -> (runner, metrics)` (collect one rollout of
-`num_steps` × envs, then one PPO update) and `train(key)`, the whole run as one
+`num_steps` × envs, then one PPO update; optionally with traced `ppo.LossCoefficients`) and
+`train(key)`, the whole run as one
 `jit(scan(...))` that can be vmapped over seeds.
 
 Every function takes `axis_name`: under `shard_map` (see `mbjax.train.sharding`) each device
@@ -24,6 +25,7 @@ from mbjax.agents import apex, ppo
 from mbjax.envs.base import Environment
 from mbjax.envs.wrappers import EpisodeStatistics, FrameStack, VecEnv
 from mbjax.nets.hybrid import to_env_action
+from mbjax.train import finite
 
 
 @flax.struct.dataclass
@@ -40,7 +42,7 @@ class RunnerState:
 
 class Trainer(NamedTuple):
   init: Callable[[jax.Array], RunnerState]
-  update: Callable[[RunnerState], tuple[RunnerState, dict]]
+  update: Callable[..., tuple[RunnerState, dict]]  # (runner, coefficients=None)
   train: Callable[[jax.Array], tuple[RunnerState, dict]]
   num_updates: int
   env_steps_per_update: int
@@ -144,14 +146,19 @@ def make_train(cfg: ml_collections.ConfigDict, env: Environment, env_params: Any
     runner = runner.replace(env_state=env_state, obs=obs, is_first=done, carry=carry, key=key)
     return runner, (transition, stats)
 
-  def update(runner: RunnerState) -> tuple[RunnerState, dict]:
+  def update(runner: RunnerState, coefficients: ppo.LossCoefficients | None = None
+             ) -> tuple[RunnerState, dict]:
     runner, (rollout, (done, ep_return, ep_length)) = jax.lax.scan(
         env_step, runner, None, num_steps)
     key, update_key = jax.random.split(runner.key)
     agent, aux, metrics = apex.update(runner.agent, runner.aux, rollout, update_key,
                                       learners=learners, network=network,
                                       optimizer=optimizer, axis_name=axis_name,
-                                      progress=runner.update_step / num_updates)
+                                      progress=runner.update_step / num_updates,
+                                      coefficients=coefficients)
+    # A non-finite observation, reward, loss or result skips the update (counted).
+    (agent, aux), metrics = finite.guard((runner.agent, runner.aux), (agent, aux), rollout.obs,
+                                         rollout.reward, metrics, axis_name)
     episodes = _psum(done.sum(), axis_name)
     metrics["episode/count"] = episodes
     metrics["episode/return"] = _psum(jnp.where(done, ep_return, 0).sum(), axis_name) / (

@@ -14,6 +14,8 @@ from mbjax.agents import cpqe
 # Fields that may differ between a checkpoint's config and the resuming run's: they steer
 # logging and saving only, never the numbers a run computes.
 RUN_CONTROL_PREFIX = "run."
+# Fields that may grow on resume: a finished run is extended by a larger total_env_steps.
+EXTENDABLE_FIELDS = ("total_env_steps",)
 
 
 def core_for_role(role: str) -> str:
@@ -28,6 +30,8 @@ def base_config() -> ml_collections.ConfigDict:
   # the default core, as upstream serves a liquid network to any policy named *pilot*.
   cfg.role = ""
   cfg.num_envs = 4  # global: split evenly over the devices
+  # May be raised on resume to extend a run; schedules over the run (ppo.anneal_lr,
+  # served.distill_schedule) then stretch to the new length from where the run is.
   cfg.total_env_steps = 500_000
 
   cfg.env = ml_collections.ConfigDict()
@@ -142,6 +146,9 @@ def base_config() -> ml_collections.ConfigDict:
   cfg.run.keep_checkpoints = 2
   cfg.run.video_max_frames = 500  # 0 disables the end-of-run video
   cfg.run.video_fps = 30
+  # Consecutive updates skipped for non-finite values (mbjax.train.finite) that stop a run
+  # with an error; the newest checkpoint then holds the last finite parameters.
+  cfg.run.max_nonfinite_updates = 10
 
   # Sebulba training through the BonkLink bridge (mbjax.train.sebulba); num_envs = games.
   cfg.bridge = ml_collections.ConfigDict()
@@ -208,7 +215,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
               "run.checkpoint_every_updates", "env.frame_stack", "network.mamba_layers",
               "network.ssm_state_size", "network.conv_size", "network.mamba_expand",
               "network.scan_chunk", "cpqe.horizon", "cpqe.batch_size",
-              "world_model.head_layers")
+              "world_model.head_layers", "run.max_nonfinite_updates")
   for key in positive:
     value = _get(cfg, key)
     if value < 1:
@@ -282,7 +289,8 @@ def flatten(cfg: ml_collections.ConfigDict | dict, prefix: str = "") -> dict:
 
 
 def incompatible_fields(saved: dict, current: ml_collections.ConfigDict) -> list[str]:
-  """Fields (outside `run.*`) whose values differ between a checkpoint and this run.
+  """Fields (outside `run.*`) whose values differ between a checkpoint and this run, but for
+  `EXTENDABLE_FIELDS` grown by this run.
 
   A field missing from either config counts as its `base_config()` default: fields are
   added with defaults that keep the earlier behaviour, so an older checkpoint still resumes
@@ -290,5 +298,14 @@ def incompatible_fields(saved: dict, current: ml_collections.ConfigDict) -> list
   defaults = flatten(base_config())
   old, new = {**defaults, **flatten(saved)}, {**defaults, **flatten(current)}
   keys = sorted(set(old) | set(new))
-  return [f"{k}: checkpoint {old.get(k, '<absent>')!r} vs now {new.get(k, '<absent>')!r}"
-          for k in keys if not k.startswith(RUN_CONTROL_PREFIX) and old.get(k) != new.get(k)]
+  differences = []
+  for k in keys:
+    if k.startswith(RUN_CONTROL_PREFIX) or old.get(k) == new.get(k):
+      continue
+    line = f"{k}: checkpoint {old.get(k, '<absent>')!r} vs now {new.get(k, '<absent>')!r}"
+    if k in EXTENDABLE_FIELDS:
+      if new[k] > old[k]:
+        continue
+      line += " (a run can be extended, not shortened)"
+    differences.append(line)
+  return differences
