@@ -98,23 +98,28 @@ def strict_records(workdir):
 
 
 def test_a_resumed_writer_keeps_every_point_once(tmp_path):
-  """Steps 1-3 logged, the run resumed from its checkpoint at 2 (step 3 is logged again by
-  the resumed run): each file then holds steps 1, 2, 3 once, with the resumed step 3."""
+  """Steps 1-3 logged, the run killed while TensorBoard's writer thread had written only part
+  of them (the event file cut short), then resumed from its checkpoint at 2 (step 3 is logged
+  again): each sink holds steps 1, 2, 3 once, with the resumed step 3."""
   steps_per_update = 8
-  writer = MetricsWriter(str(tmp_path), steps_per_update)
+  writer = MetricsWriter(str(tmp_path))
   for step in (1, 2, 3):
-    writer.write(step, step * steps_per_update, {"loss": float(step)})
+    writer.write(step, step * steps_per_update, {"loss": float(step), "kl": 0.1})
   writer.close()
-  writer = MetricsWriter(str(tmp_path), steps_per_update, resume_step=2)
+  (events,) = (tmp_path / "tensorboard").iterdir()
+  os.truncate(events, events.stat().st_size // 2)
+  writer = MetricsWriter(str(tmp_path), resume_step=2)
   writer.write(3, 3 * steps_per_update, {"loss": 30.0})
   writer.close()
-  assert read_scalars(tmp_path / "tensorboard")["loss"] == [(8, 1.0), (16, 2.0), (24, 30.0)]
+  points = read_scalars(tmp_path / "tensorboard")
+  assert points["loss"] == [(8, 1.0), (16, 2.0), (24, 30.0)]
+  assert points["kl"] == [(8, pytest.approx(0.1)), (16, pytest.approx(0.1))]
   assert [(r["update_step"], r["loss"]) for r in read_jsonl(tmp_path / "metrics.jsonl")] == [
       (1, 1.0), (2, 2.0), (3, 30.0)]
 
 
 def test_records_are_strict_json_and_name_the_non_finite_metrics(tmp_path):
-  writer = MetricsWriter(str(tmp_path), 1)
+  writer = MetricsWriter(str(tmp_path))
   writer.write(1, 1, {"loss": float("nan"), "kl": np.float32(np.inf), "entropy": 0.5})
   writer.close()
   (record,) = strict_records(tmp_path)

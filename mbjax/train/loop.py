@@ -272,7 +272,7 @@ def run(driver: Driver, cfg, workdir: str, *, stop_after: int | None = None) -> 
       logging.info("Resumed %s from update %d.", workdir, resume_step)
     if primary:
       files.write_json(os.path.join(workdir, "config.json"), cfg.to_dict())
-      writer = MetricsWriter(workdir, driver.env_steps_per_update, resume_step)
+      writer = MetricsWriter(workdir, resume_step)
 
     def save(step, state):
       if not finite.host_all_finite(distributed.host_value(driver.learned(state))):

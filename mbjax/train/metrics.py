@@ -2,10 +2,10 @@
 
 Records are strict JSON: a metric whose value is not finite (a NaN loss) is left out of the
 record and named in its `nonfinite/metrics` list instead, and a warning says so. On resume,
-`MetricsWriter(..., resume_step=n)` drops the JSONL records and TensorBoard events written
-after the checkpoint being resumed (rewriting the files atomically), so the logs read as if
-the run had never been interrupted: every point once, none lost; a fresh run in an old
-workdir starts them afresh.
+`MetricsWriter(..., resume_step=n)` drops the JSONL records written after the checkpoint
+being resumed (rewriting the file atomically) and rebuilds the TensorBoard event files from
+the records it keeps, so the logs read as if the run had never been interrupted: every
+point once, none lost; a fresh run in an old workdir starts them afresh.
 """
 from __future__ import annotations
 
@@ -13,7 +13,6 @@ import json
 import math
 import os
 import struct
-import time
 
 import numpy as np
 from absl import logging
@@ -35,9 +34,9 @@ def read_jsonl(path: str) -> list[dict]:
     return [json.loads(line) for line in f if line.strip()]
 
 
-def event_records(path: str):
-  """(raw record bytes, event) of each complete record of a TensorBoard event file (TFRecord
-  framing: length u64, its CRC u32, data, its CRC u32); a record cut off by a kill ends it."""
+def _events(path: str):
+  """The events of a TensorBoard event file (TFRecord framing: length u64, its CRC u32,
+  data, its CRC u32); a record cut off by a kill ends it."""
   with open(path, "rb") as f:
     data = f.read()
   offset = 0
@@ -46,7 +45,7 @@ def event_records(path: str):
     end = offset + 12 + length + 4
     if end > len(data):
       return
-    yield data[offset:end], event_pb2.Event.FromString(data[offset + 12:end - 4])
+    yield event_pb2.Event.FromString(data[offset + 12:end - 4])
     offset = end
 
 
@@ -56,7 +55,7 @@ def read_scalars(directory: str) -> dict[str, list[tuple[int, float]]]:
   writers leave on resume) drops the points at steps ≥ s read before it."""
   points = {}
   for name in sorted(os.listdir(directory)):
-    for _, event in event_records(os.path.join(directory, name)):
+    for event in _events(os.path.join(directory, name)):
       if event.HasField("session_log") and event.session_log.status == event.session_log.START:
         points = {tag: [p for p in ps if p[0] < event.step] for tag, ps in points.items()}
       for value in event.summary.value:
@@ -64,44 +63,33 @@ def read_scalars(directory: str) -> dict[str, list[tuple[int, float]]]:
   return points
 
 
-def _trim_events(directory: str, last_step: int | None) -> None:
-  """Drops the summaries logged at steps past `last_step` (every event file when None)
-  from the event files in `directory`."""
-  if not os.path.isdir(directory):
-    return
-  for name in os.listdir(directory):
-    path = os.path.join(directory, name)
-    if "tfevents" not in name or not os.path.isfile(path):
-      continue
-    if last_step is None:
-      os.remove(path)
-      continue
-    records = list(event_records(path))
-    kept = [raw for raw, event in records
-            if not event.HasField("summary") or event.step <= last_step]
-    if len(kept) != len(records) or sum(map(len, kept)) != os.path.getsize(path):
-      with files.atomic_open(path, "wb") as f:
-        f.write(b"".join(kept))
+def _remove_event_files(directory: str) -> None:
+  if os.path.isdir(directory):
+    for name in os.listdir(directory):
+      if "tfevents" in name:
+        os.remove(os.path.join(directory, name))
 
 
 class MetricsWriter:
 
-  def __init__(self, workdir: str, env_steps_per_update: int, resume_step: int | None = None):
+  def __init__(self, workdir: str, resume_step: int | None = None):
     self.path = os.path.join(workdir, METRICS_FILE)
+    kept = []
     if resume_step is not None and os.path.exists(self.path):
       kept = [r for r in read_jsonl(self.path) if r["update_step"] <= resume_step]
       with files.atomic_open(self.path) as f:
         f.writelines(json.dumps(r, sort_keys=True) + "\n" for r in kept)
     elif resume_step is None and os.path.exists(self.path):
       os.remove(self.path)  # a fresh run in an old workdir without checkpoints
+    # TensorBoard's files are rebuilt from the JSONL records: its writer works on a thread,
+    # so a killed run can leave part of a record that the JSONL holds whole.
     tensorboard = os.path.join(workdir, TENSORBOARD_DIR)
-    _trim_events(tensorboard, None if resume_step is None
-                 else resume_step * env_steps_per_update)
+    _remove_event_files(tensorboard)
     self._file = open(self.path, "a")
-    # Event files are named by the second they were opened in; the nanoseconds keep a
-    # resumed run that starts within that second from truncating the earlier file.
-    self._tensorboard = SummaryWriter(tensorboard,
-                                      filename_suffix=f".{time.time_ns() % 10**9:09d}")
+    self._tensorboard = SummaryWriter(tensorboard)
+    for record in kept:
+      self._add_scalars(record)
+    self._tensorboard.flush()
 
   def write(self, update_step: int, env_steps: int, metrics: dict) -> None:
     record = {"update_step": int(update_step), "env_steps": int(env_steps)}
@@ -118,10 +106,13 @@ class MetricsWriter:
                       ", ".join(sorted(nonfinite)))
     self._file.write(json.dumps(record, sort_keys=True, allow_nan=False) + "\n")
     self._file.flush()
+    self._add_scalars(record)
+    self._tensorboard.flush()
+
+  def _add_scalars(self, record: dict) -> None:
     for key, value in record.items():
       if key not in ("env_steps", "update_step") and isinstance(value, (int, float)):
-        self._tensorboard.add_scalar(key, value, global_step=env_steps)
-    self._tensorboard.flush()
+        self._tensorboard.add_scalar(key, value, global_step=record["env_steps"])
 
   def close(self) -> None:
     self._file.close()

@@ -302,10 +302,10 @@ class Actor(threading.Thread):
 
 class Sebulba:
   """Actors + learner around running games. `step()` = one PPO update on fresh rollouts,
-  on the learner mesh (`run.num_devices` devices unless `mesh` is given)."""
+  on the learner mesh (`run.num_devices` devices unless `mesh` is given). A fresh agent;
+  `load` continues a checkpoint."""
 
   def __init__(self, cfg, ports: list[int], clock_epoch: float | None = None,
-               agent: ppo.PPOState | None = None, update_step: int = 0,
                mesh: Mesh | None = None):
     b = cfg.bridge
     if cfg.num_envs != len(ports):
@@ -331,9 +331,9 @@ class Sebulba:
     key = jax.random.PRNGKey(cfg.seed)
     key, init_key = jax.random.split(key)
     self.key = jax.device_put(key, self.replicated)
-    self.agent = jax.device_put(agent if agent is not None else ppo.init(
-        init_key, self.network, self.optimizer, self.obs_shape, jnp.float32), self.replicated)
-    self.update_step = update_step
+    self.agent = jax.device_put(ppo.init(init_key, self.network, self.optimizer,
+                                         self.obs_shape, jnp.float32), self.replicated)
+    self.update_step = 0
     self._update = make_learner_update(cfg, self.network, self.optimizer, self.mesh)
     self.published = _Published(self.agent, actor_device(cfg.run.actor_device))
     self.stop_event = threading.Event()
