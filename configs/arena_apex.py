@@ -10,7 +10,7 @@ and arrive. Its one-step prediction error after 1,000 updates on recorded script
 8.2× below copying the last observation (4.6× with the delta head alone at lr 3e-4, 0.78×
 with neither), at 1.23× the apex update's time without the head (`entity_width` 128; 1.43×
 at 256, which learned no better): `experiments/bench_world_model.py`, BENCHMARKS.md "World
-model", thirteenth session. Dream and EFE imagine 15 steps from 256 posterior states each.
+model". Dream and EFE imagine 15 steps from 256 posterior states each.
 
 Served policy: PPO alone (`served.distill_from=none`); the world model, dream and EFE
 learners train after every rollout but shape nothing the agent does. Chosen by

@@ -141,7 +141,7 @@ def train_seeds(cfg: ml_collections.ConfigDict, num_seeds: int, chunk: int, log=
     return jax.lax.scan(lambda r, _: trainer.update(r), runner, None, length)
 
   # lax.map, not vmap: vmapped orthogonal initialisers can deadlock jaxlib 0.10 on this CPU
-  # (shared/notes/environment.md; seen here at 0% CPU with the XLA flag set).
+  # (BUILD.md, "Known traps"; seen here at 0% CPU with the XLA flag set).
   runner = jax.jit(lambda k: jax.lax.map(trainer.init, k))(keys)
   compiled = {}
   returns, counts = [], []

@@ -8,7 +8,7 @@ printed apart from the steady-state rate (best of `--repeats` calls). XLA runs o
 one CPU thread, so `--devices=2` splits the envs over 2 simulated CPU devices (`pmap`), one
 per core; the default 1 is the single-core figure. Targets on the
 project's 2-core CPU: >= 500k steps/s (vector) and >= 20k steps/s (64x64 pixels); anchors:
-gymnax CartPole ~3.8M, Craftax-Classic ~5k (shared/notes/environment.md).
+gymnax CartPole ~3.8M, Craftax-Classic ~5k (written down once, not measured in the same run).
 """
 import os
 

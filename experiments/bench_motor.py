@@ -1,8 +1,8 @@
 """Motor-policy benchmarks: `python -m experiments.bench_motor`.
 
 Prints (1) selective-scan forward+backward time per path for each `--lengths` (batch 8,
-64 channels, N 16: the shape of the anchor in shared/notes/environment.md, where a
-sequential scan beat `lax.associative_scan` 2.5–4× on this CPU), compile time apart, with
+64 channels, N 16: the shape at which a sequential scan beat `lax.associative_scan`
+2.5–4× on this machine kind), compile time apart, with
 and without the per-block checkpointing of the sequential and chunked paths;
 (2) the latency of one System-1 Mamba step (batch 1, upstream's default size: d_model 512,
 6 layers, N 16, d_inner 1024) measured in windows at several sequence positions, to show it

@@ -134,8 +134,8 @@ def learning(cfg):
   events = jnp.stack([same_order, same_set & ~same_order, ~same_set], -1)  # [T−1, E, 3]
   # Aligned with the data so windows can slice it: the last step has no successor.
   events = jnp.concatenate([events, jnp.zeros_like(events[:1])]).astype(jnp.float32)
-  model = wm_lib.make_world_model(cfg, (obs_dim,))
-  optimizer = wm_lib.make_optimizer(cfg)
+  model = wm_lib.make_world_model(cfg.world_model, (obs_dim,))
+  optimizer = wm_lib.make_optimizer(cfg.world_model)
   state = wm_lib.init(jax.random.PRNGKey(0), model, optimizer, (obs_dim,), jnp.float32,
                       wm_lib.action_vector_size(spec))
   num_windows = _LEARN_LENGTH.value // LENGTH
@@ -157,7 +157,7 @@ def learning(cfg):
     def step(state, key):
       data_key, update_key = jax.random.split(key)
       state, _, metrics = wm_lib.update(state, windows(train_data, data_key), update_key,
-                                        model=model, optimizer=optimizer, cfg=cfg)
+                                        cfg.world_model, model=model, optimizer=optimizer)
       return state, metrics["wm/one_step_error"]
     return jax.lax.scan(step, state, jax.random.split(key, _EVAL_EVERY.value))
 

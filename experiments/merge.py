@@ -3,6 +3,10 @@
   python -m experiments.merge --base=runs/base --specialists=runs/scout,runs/tank \
       --method=ties --k=0.2 --lam=1.0 --out=runs/merged
 
+TIES trims per tensor or globally (`--scope`) and settles its two tie rules by `--trim_rule`
+and `--sign_tie` (`mbjax.population.merge` says which settings reproduce the TIES authors'
+code and mergekit).
+
 Reads the latest checkpoint of each workdir written by `experiments/train.py`, takes the
 task vectors of the PPO parameters against the base, prints the cosine similarity and
 sign-conflict rate of every pair, gates them (`--min_cosine`, `--max_sign_conflict`,
@@ -58,6 +62,13 @@ _LAM = flags.DEFINE_float("lam", 1.0, "λ: scale of the merged task vector (task
 _K = flags.DEFINE_float("k", 0.2, "TIES: fraction of entries kept by magnitude.")
 _SCOPE = flags.DEFINE_enum("scope", "tensor", ["tensor", "global"],
                            "TIES: trim per tensor or over the whole task vector.")
+_TRIM_RULE = flags.DEFINE_enum(
+    "trim_rule", "ceil", merge_lib.TRIM_RULES, "TIES: entries the trim keeps (ceil: ⌈k·n⌉ and "
+    "every threshold tie; floor_plus_one: the TIES authors'; floor_first: mergekit's).")
+_SIGN_TIE = flags.DEFINE_enum(
+    "sign_tie", "zero", merge_lib.SIGN_TIES, "TIES: sign of a coordinate whose vote sums to 0 "
+    "(zero: merges to 0; majority: the TIES authors'; positive: mergekit's). The authors' "
+    "code is --scope=global --trim_rule=floor_plus_one --sign_tie=majority.")
 _GATE = flags.DEFINE_bool("gate", True, "Merge only the specialists the gating rule admits.")
 _MIN_COSINE = flags.DEFINE_float("min_cosine", 0.0, "Gate: least pairwise cosine.")
 _MAX_CONFLICT = flags.DEFINE_float("max_sign_conflict", 1.0,
@@ -99,7 +110,8 @@ def llm_shares(names: list[str], stats: merge_lib.PairStatistics, norms: list[fl
 def merge_workdirs(base: str, specialists: list[str], out: str, method: str, lam: float,
                    k: float, scope: str, rule: merge_lib.GatingRule | None,
                    backend: llm.BackendConfig | None = None, llm_wait_s: float = 60.0,
-                   role_returns: str | None = None) -> dict:
+                   role_returns: str | None = None, trim_rule: str = "ceil",
+                   sign_tie: str = "zero") -> dict:
   """Does the work of the binary; returns the summary (also written to the output). With a
   `backend`, the merge is LLM-weighted (see the module docstring)."""
   _, base_runner = restore_trained(base)
@@ -123,6 +135,7 @@ def merge_workdirs(base: str, specialists: list[str], out: str, method: str, lam
             f"{int(stats.co_nonzero[i, j])} co-non-zero entries")
   summary = {
       "base": os.path.abspath(base), "method": method, "lam": lam, "k": k, "scope": scope,
+      "trim_rule": trim_rule, "sign_tie": sign_tie,
       "specialists": [os.path.abspath(w) for w in specialists],
       "gate": None if rule is None else {"min_cosine": rule.min_cosine, "mode": rule.mode,
                                          "max_sign_conflict": rule.max_sign_conflict},
@@ -140,7 +153,8 @@ def merge_workdirs(base: str, specialists: list[str], out: str, method: str, lam
 
   chosen = [v for v, a in zip(vectors, admitted) if a]
   if backend is None:
-    merged_vector = merge_lib.merge(chosen, method, lam=lam, k=k, scope=scope)
+    merged_vector = merge_lib.merge(chosen, method, lam=lam, k=k, scope=scope,
+                                    trim_rule=trim_rule, sign_tie=sign_tie)
   else:
     shares, summary["llm_weighting"] = llm_shares(
         [n for n, a in zip(names, admitted) if a],
@@ -150,7 +164,8 @@ def merge_workdirs(base: str, specialists: list[str], out: str, method: str, lam
     print(f"merge shares ({summary['llm_weighting']['source']}): " + ", ".join(
         f"{n} {w:.3f}" for n, w in zip(summary["llm_weighting"]["names"], shares)))
     merged_vector = llm_weighting.weighted_merge(chosen, method, shares, lam=lam, k=k,
-                                                 scope=scope)
+                                                 scope=scope, trim_rule=trim_rule,
+                                                 sign_tie=sign_tie)
   merged_params = merge_lib.apply_task_vector(base_params, merged_vector)
   runner = base_runner.replace(agent=base_runner.agent.replace(params=merged_params))
 
@@ -180,7 +195,7 @@ def main(argv):
              if _LLM_PROTOCOL.value else None)
   summary = merge_workdirs(_BASE.value, _SPECIALISTS.value, _OUT.value, _METHOD.value,
                            _LAM.value, _K.value, _SCOPE.value, rule, backend, _LLM_WAIT.value,
-                           _ROLE_RETURNS.value)
+                           _ROLE_RETURNS.value, _TRIM_RULE.value, _SIGN_TIE.value)
   if summary["checkpoint"] is None:
     print("merge gated: fewer than two specialists pass the gating rule; nothing written")
     sys.exit(3)

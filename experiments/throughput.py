@@ -115,8 +115,8 @@ def world_model_update(cfg: ml_collections.ConfigDict, obs_dim: int, action_size
   if not shard and num_devices != 1:
     raise ValueError(f"shard=False times one device; got num_devices={num_devices}")
   axis_name = sharding.DATA_AXIS if shard else None
-  model = wm_lib.make_world_model(cfg, (obs_dim,))
-  optimizer = wm_lib.make_optimizer(cfg)
+  model = wm_lib.make_world_model(cfg.world_model, (obs_dim,))
+  optimizer = wm_lib.make_optimizer(cfg.world_model)
   state = wm_lib.init(jax.random.PRNGKey(0), model, optimizer, (obs_dim,), jnp.float32,
                       action_size)
   if dream_spec is not None:
@@ -136,16 +136,15 @@ def world_model_update(cfg: ml_collections.ConfigDict, obs_dim: int, action_size
   def step(state, data, key):
     wm_state = state if dream_spec is None else state[0]
     wm_key, dream_key = jax.random.split(key)
-    wm_state, posts, metrics = wm_lib.update(wm_state, data, wm_key, model=model,
-                                             optimizer=optimizer, cfg=cfg,
+    wm_state, posts, metrics = wm_lib.update(wm_state, data, wm_key, cfg.world_model,
+                                             model=model, optimizer=optimizer,
                                              axis_name=axis_name)
     if dream_spec is None:
       return wm_state, metrics["wm/loss"]
     starts = jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]), posts)
     actor_critic, _ = dream.update(
-        state[1], wm_state.params, starts, dream_key, nets=nets, world_model=model,
-        reward_fn=dream.world_model_reward(model, wm_state.params), section=cfg.dream,
-        axis_name=axis_name)
+        state[1], wm_state.params, starts, dream_key, cfg.dream, nets=nets, world_model=model,
+        reward_fn=dream.world_model_reward(model, wm_state.params), axis_name=axis_name)
     return (wm_state, actor_critic), metrics["wm/loss"]
 
   update = jax.jit(jax.shard_map(step, mesh=mesh,

@@ -25,8 +25,8 @@ jax.config.update("jax_platforms", "cpu")
 def pytest_collection_modifyitems(config, items):
   """Files holding `slow` tests run first. `make test` hands whole files to two xdist
   workers in collection order, so a slow file collected last (alphabetically,
-  test_train_binary.py and test_world_model.py are) runs alone at the end while the other
-  worker idles. Within a file the order is kept (stable sort)."""
+  test_train_binary.py is) runs alone at the end while the other worker idles. Within a
+  file the order is kept (stable sort)."""
   del config
   slow_files = {item.path for item in items if item.get_closest_marker("slow")}
   items.sort(key=lambda item: item.path not in slow_files)

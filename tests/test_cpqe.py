@@ -210,8 +210,8 @@ def _learner_setup(enabled: bool, spec=HybridActionSpec(2, (3,))):
   cfg.world_model.enabled = cfg.dream.enabled = cfg.efe.enabled = False
   cfg.cpqe.update(_small_learner_config().to_dict())
   cfg.cpqe.enabled = enabled
-  network = ppo.make_network(cfg, spec)
-  optimizer = ppo.make_optimizer(cfg, 10)
+  network = ppo.make_network(cfg.network, spec)
+  optimizer = ppo.make_optimizer(cfg.ppo, 10)
   learners = apex.make_learners(cfg, spec, (OBS_DIM,))
   agent = jax.jit(lambda k: ppo.init(k, network, optimizer, (OBS_DIM,), jnp.float32))(
       jax.random.PRNGKey(0))
@@ -243,7 +243,7 @@ def test_cpqe_switch_trains_cpqe_in_the_learner_and_leaves_the_others_alone():
   rollout, key = _learner_rollout(), jax.random.PRNGKey(5)
   agent, aux_off, update_off = _learner_setup(enabled=False)
   _, aux_on, update_on = _learner_setup(enabled=True)
-  assert not hasattr(aux_off, "cpqe") and jax.tree.leaves(aux_on.cpqe)
+  assert aux_off.cpqe == () and jax.tree.leaves(aux_on.cpqe)
   with pytest.raises(ValueError, match="config.cpqe.enabled=True needs continuous"):
     _learner_setup(enabled=True, spec=HybridActionSpec(0, (2,)))
 

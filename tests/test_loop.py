@@ -228,11 +228,11 @@ def test_an_extended_run_stretches_the_annealed_learning_rate():
   cfg = config_lib.base_config()
   cfg.ppo.update_epochs, cfg.ppo.num_minibatches, cfg.ppo.max_grad_norm = 1, 1, 1e9
   params, grads = jnp.zeros(2), jnp.ones(2)
-  old = ppo.make_optimizer(cfg, num_updates=4)
+  old = ppo.make_optimizer(cfg.ppo, num_updates=4)
   state = old.init(params)
   for _ in range(4):  # the finished run: its last step used lr · (1 − 3/4)
     updates, state = old.update(grads, state, params)
-  new = ppo.make_optimizer(cfg, num_updates=10)
+  new = ppo.make_optimizer(cfg.ppo, num_updates=10)
   updates, _ = new.update(grads, state, params)
   # Adam's bias-corrected m / √v is exactly 1 for a constant unit gradient.
   np.testing.assert_allclose(updates, -cfg.ppo.lr * (1 - 4 / 10) / (1 + 1e-5) * np.ones(2),

@@ -1,6 +1,7 @@
 """Mamba and CfC cores: stepping == whole sequence (conv state included), exact resets,
-hand-checked CfC cases, the PPO integration (unroll's sequence path == per-step scan, in
-values and gradients), and the memory-task learning test against a feed-forward baseline."""
+hand-checked CfC cases in ncps's three modes with variable Δt, the PPO integration (unroll's
+sequence path == per-step scan, in values and gradients, Δt included), and the memory-task
+learning test against a feed-forward baseline."""
 import functools
 import os
 import sys
@@ -135,7 +136,7 @@ def test_pilot_roles_default_to_a_cfc_core():
   assert (cfg.role, cfg.network.core) == ("", "none")
   cfg.role = "pilot"
   assert cfg.network.core == "cfc" and cfg.to_dict()["network"]["core"] == "cfc"
-  network = ppo.make_network(cfg, HybridActionSpec(2, (3,)))
+  network = ppo.make_network(cfg.network, HybridActionSpec(2, (3,)))
   assert network.core == "cfc" and network.initial_carry(5).shape == (5, cfg.network.core_size)
   cfg.role = "Pilot_2"
   assert cfg.network.core == "cfc"
@@ -150,33 +151,56 @@ def test_pilot_roles_default_to_a_cfc_core():
   assert memory.network.core == "mamba"
 
 
-def _cfc_with_known_weights(size=3, in_dim=2, w_tau=(0.5, -1.0, 2.0)):
-  """Zero backbone weights make the backbone 0, so f = w_τ, g = tanh(b_g), h = tanh(b_h)."""
-  cell = CfCCell(size)
+# Per-unit biases with zero kernels: the backbone is lecun_tanh(0) = 0, so every head is its
+# bias: ff1 = tanh(b₁) (b₁ itself in "pure"), ff2 = tanh(b₂), t_a = b_a, t_b = b_tb.
+CFC_B1, CFC_B2 = np.array([0.3, -0.6, 1.2]), np.array([-0.8, 0.4, 0.1])
+CFC_TA, CFC_TB = np.array([0.5, -1.0, 2.0]), np.array([0.3, 0.0, -1.0])
+CFC_W_TAU, CFC_A = np.array([0.2, -0.5, 0.0]), np.array([1.5, 1.0, -0.7])
+
+
+def _cfc_with_known_weights(mode, size=3, in_dim=2):
+  cell = CfCCell(size, mode=mode)
   params = cell.init(jax.random.PRNGKey(0), jnp.zeros((1, size)), jnp.zeros((1, in_dim)),
                      jnp.zeros((1,), bool))
   params = jax.tree.map(jnp.zeros_like, params)
   p = params["params"]
-  p["w_tau"] = jnp.asarray(w_tau, jnp.float32)
-  p["g"]["bias"] = jnp.full((size,), 0.3)
-  p["h"]["bias"] = jnp.full((size,), -0.8)
+  p["ff1"]["bias"] = jnp.asarray(CFC_B1, jnp.float32)
+  if mode == "pure":
+    p["w_tau"], p["A"] = jnp.asarray(CFC_W_TAU, jnp.float32), jnp.asarray(CFC_A, jnp.float32)
+  else:
+    p["ff2"]["bias"] = jnp.asarray(CFC_B2, jnp.float32)
+    p["time_a"]["bias"] = jnp.asarray(CFC_TA, jnp.float32)
+    p["time_b"]["bias"] = jnp.asarray(CFC_TB, jnp.float32)
   return cell, params
 
 
-def test_cfc_hand_checked_time_dependence():
-  cell, params = _cfc_with_known_weights()
-  w_tau = np.array([0.5, -1.0, 2.0])
-  g, h = np.tanh(0.3), np.tanh(-0.8)
-  x = jnp.ones((4, 2))
-  carry = jnp.zeros((4, 3))
-  dt = jnp.array([0.0, 1.0, 2.5, 1e4])
-  out, _ = cell.apply(params, carry, x, jnp.zeros((4,), bool), dt)
-  gate = 0.5 * (1.0 - np.tanh(0.5 * w_tau[None] * np.asarray(dt)[:, None]))  # σ(−f·Δt)
-  np.testing.assert_allclose(out, gate * g + (1 - gate) * h, rtol=1e-6)
-  np.testing.assert_allclose(out[0], np.full(3, (g + h) / 2), rtol=1e-6)  # Δt = 0: midpoint
-  np.testing.assert_allclose(out[3], [h, g, h], rtol=1e-6)  # long Δt: h where f > 0, g where f < 0
+@pytest.mark.parametrize("mode", ["default", "no_gate", "pure"])
+def test_cfc_hand_checked_time_dependence(mode):
+  """ncps's three modes at Δt = 0, 1, 2.5 and 10⁴ in one batch, against the formulas."""
+  cell, params = _cfc_with_known_weights(mode)
+  x, carry = jnp.ones((4, 2)), jnp.zeros((4, 3))
+  dt = np.array([0.0, 1.0, 2.5, 1e4])
+  out, _ = jax.jit(cell.apply)(params, carry, x, jnp.zeros((4,), bool), jnp.asarray(dt))
+  ff1, ff2, t = np.tanh(CFC_B1), np.tanh(CFC_B2), dt[:, None]
+  gate = 1.0 / (1.0 + np.exp(-(CFC_TA * t + CFC_TB)))
+  if mode == "default":
+    expected = ff1 * (1.0 - gate) + gate * ff2
+    # Δt = 0 is set by t_b alone; a long Δt reaches ff2 where t_a > 0 and ff1 where t_a < 0.
+    np.testing.assert_allclose(out[3], [ff2[0], ff1[1], ff2[2]], rtol=1e-6)
+  elif mode == "no_gate":
+    expected = ff1 + gate * ff2
+  else:
+    expected = -CFC_A * np.exp(-t * (np.abs(CFC_W_TAU) + np.abs(CFC_B1))) * CFC_B1 + CFC_A
+    np.testing.assert_allclose(out[3], CFC_A, rtol=1e-6)  # the state relaxes to A
+  np.testing.assert_allclose(out, expected, rtol=1e-6, atol=1e-7)
   default, _ = cell.apply(params, carry, x, jnp.zeros((4,), bool))
-  np.testing.assert_array_equal(default, out[1:2].repeat(4, 0))  # no Δt given means Δt = 1
+  np.testing.assert_allclose(default, out[1:2].repeat(4, 0), rtol=1e-6)  # no Δt means Δt = 1
+
+
+def test_cfc_rejects_unknown_mode():
+  with pytest.raises(ValueError, match="CfC mode"):
+    CfCCell(3, mode="liquid").init(jax.random.PRNGKey(0), jnp.zeros((1, 3)),
+                                   jnp.zeros((1, 2)), jnp.zeros((1,), bool))
 
 
 def test_cfc_carries_state_and_resets_exactly():
@@ -199,11 +223,11 @@ def test_cfc_carries_state_and_resets_exactly():
 @pytest.mark.parametrize("core", ["mamba", "cfc"])
 def test_ppo_unroll_equals_stepping_in_values_and_gradients(core):
   """`ppo.unroll` (Mamba: the parallel sequence path) == the network stepped token by token,
-  for the outputs and for the gradient of a PPO-like objective."""
+  for the outputs and for the gradient of a PPO-like objective; CfC with irregular Δt."""
   cfg = memory_ppo.get_config(f"{core},debug")
   cfg.network.scan_path = "associative"
   env, env_params = registry.make(cfg.env.name)
-  network = ppo.make_network(cfg, env.action_spec(env_params))
+  network = ppo.make_network(cfg.network, env.action_spec(env_params))
   k = jax.random.split(jax.random.PRNGKey(2), 4)
   length, batch = 12, 4
   obs = jax.random.normal(k[0], (length, batch) + env.observation_shape(env_params))
@@ -213,24 +237,29 @@ def test_ppo_unroll_equals_stepping_in_values_and_gradients(core):
                         jax.random.randint(k[2], (length, batch, 1), 0, 2))
   params = network.init(k[3], network.initial_carry(batch), obs[0], is_first[0], mask[0])
   carry = network.initial_carry(batch)
+  dt = jax.random.uniform(jax.random.PRNGKey(3), (length, batch), minval=0.1, maxval=4.0)
 
-  def objective(params, by_steps):
+  def objective(params, by_steps, dt):
     if by_steps:
       def step(c, inputs):
         c, dist, value = network.apply(params, c, *inputs)
         return c, (dist, value)
-      _, (dist, value) = jax.lax.scan(step, carry, (obs, is_first, mask))
+      _, (dist, value) = jax.lax.scan(step, carry, (obs, is_first, mask, dt))
     else:
-      dist, value = ppo.unroll(network, params, carry, obs, is_first, mask)
+      dist, value = ppo.unroll(network, params, carry, obs, is_first, mask, dt)
     return jnp.sum(dist.log_prob(action)) + jnp.sum(value ** 2), value
 
   @jax.jit
   def both(params):
     grad = jax.grad(objective, has_aux=True)
-    return grad(params, False), grad(params, True)
+    return grad(params, False, dt), grad(params, True, dt), objective(params, False, None)[1]
 
-  (g_seq, v_seq), (g_step, v_step) = both(params)
+  (g_seq, v_seq), (g_step, v_step), v_unit_steps = both(params)
   np.testing.assert_allclose(v_seq, v_step, rtol=1e-5, atol=1e-5)
+  if core == "cfc":  # Δt reaches the CfC core; Mamba has a fixed step and ignores it
+    assert np.abs(v_seq - v_unit_steps).max() > 1e-4
+  else:
+    np.testing.assert_allclose(v_seq, v_unit_steps, rtol=1e-6, atol=1e-6)
   jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-4, atol=1e-5), g_seq,
                g_step)
 

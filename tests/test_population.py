@@ -69,12 +69,45 @@ def test_trim_keeps_top_fraction_and_ties_at_threshold():
   _close(merge.trim(_tree(x=[1.0, 5.0, -2.0]), 1.0), dict(x=[1, 5, -2]))
 
 
+@pytest.mark.parametrize("rule,whole,whole_float,non_whole,tied,tiny", [
+    # k·n = 2 (whole), 0.3·10 = 3 (whole, 3.0000000000000004 in float), 0.5·5 = 2.5, a
+    # threshold shared by three entries, k·n = 0.03.
+    ("ceil", [3, -3, 0, 0, 0], 3, [5, -4, 3, 0, 0], [0, 2, -2, 2, 0], [0, 5, 0]),
+    ("floor_plus_one", [3, -3, 0, 2, 0], 4, [5, -4, 3, 0, 0], [0, 2, -2, 2, 0], [0, 5, 0]),
+    ("floor_first", [3, -3, 0, 0, 0], 3, [5, -4, 0, 0, 0], [0, 2, -2, 0, 0], [0, 5, 0]),
+])
+def test_trim_rules(rule, whole, whole_float, non_whole, tied, tiny):
+  _close(merge.trim(_tree(x=[3.0, -3.0, 1.0, 2.0, 0.5]), 0.4, trim_rule=rule), dict(x=whole))
+  ten = merge.trim(_tree(x=np.arange(1.0, 11.0)), 0.3, trim_rule=rule)
+  _close(ten, dict(x=[0.0] * (10 - whole_float) + list(range(11 - whole_float, 11))))
+  _close(merge.trim(_tree(x=[5.0, -4.0, 3.0, 2.0, 1.0]), 0.5, trim_rule=rule),
+         dict(x=non_whole))
+  # ⌈0.4·5⌉ = 2 and ⌊0.4·5⌋ + 1 = 3 both reach the tied 2s and keep all of them;
+  # floor_first keeps exactly 2, the first two in index order.
+  _close(merge.trim(_tree(x=[1.0, 2.0, -2.0, 2.0, 0.5]), 0.4, trim_rule=rule), dict(x=tied))
+  _close(merge.trim(_tree(x=[1.0, 5.0, -2.0]), 0.01, trim_rule=rule), dict(x=tiny))
+
+
 def test_trim_per_tensor_versus_global():
   tau = _tree(a=[10.0, 9.0, 8.0], b=[1.0, 0.5])
   # Per tensor: a keeps ⌈1.2⌉ = 2, b keeps ⌈0.8⌉ = 1.
   _close(merge.trim(tau, 0.4, "tensor"), dict(a=[10, 9, 0], b=[1, 0]))
   # Globally: ⌈0.4·5⌉ = 2 entries of the whole vector, both in a.
   _close(merge.trim(tau, 0.4, "global"), dict(a=[10, 9, 0], b=[0, 0]))
+  # A threshold tie across tensors: ceil keeps both 2s, floor_first the first in tree
+  # order (a before b).
+  tied = _tree(a=[1.0, 2.0], b=[-2.0, 0.5])
+  _close(merge.trim(tied, 0.25, "global"), dict(a=[0, 2], b=[-2, 0]))
+  _close(merge.trim(tied, 0.25, "global", "floor_first"), dict(a=[0, 2], b=[0, 0]))
+
+
+def test_trim_rejects_bad_arguments():
+  with pytest.raises(ValueError, match="trim fraction k"):
+    merge.trim(_tree(x=[1.0]), 0.0)
+  with pytest.raises(ValueError, match="trim_rule"):
+    merge.trim(_tree(x=[1.0]), 0.5, trim_rule="round")
+  with pytest.raises(ValueError, match="sign_tie"):
+    merge.ties_merge([_tree(x=[1.0]), _tree(x=[2.0])], k=1.0, sign_tie="negative")
 
 
 # ---------------------------------------------------------------------------------------
@@ -92,6 +125,33 @@ def test_ties_sign_election_mass_versus_count_without_trim():
   _close(merge.ties_merge([t1, t2, t3], k=1.0, vote="mass"), dict(w=[-1.0, 0, 0.35, 0]))
   _close(merge.ties_merge([t1, t2, t3], k=1.0, vote="count"), dict(w=[0.1, 0, 0.35, 0]))
   _close(merge.ties_merge([t1, t2, t3], k=1.0, lam=2.0), dict(w=[-2.0, 0, 0.7, 0]))
+
+
+# Leaf a holds the zero-sum coordinates; leaf b decides the whole vector's majority (−).
+_TIE_VECTORS = (_tree(a=[1.0, -0.5, 0.0], b=[-2.0, -1.0]),
+                _tree(a=[-1.0, 0.3, 0.0], b=[-1.0, -1.0]))
+
+
+@pytest.mark.parametrize("vote,sign_tie,expected_a", [
+    # mass: a₀ sums to 0, a₁ to −0.2 (−), a₂ is all zeros; elected b is (−, −).
+    ("mass", "zero", [0.0, -0.5, 0.0]),
+    ("mass", "positive", [1.0, -0.5, 0.0]),  # a₀ → +: mean of {1}; a₂: nothing agrees
+    ("mass", "majority", [-1.0, -0.5, 0.0]),  # elected signs sum to −3 → a₀ → −
+    # count: a₀ and a₁ are 1–1 ties, a₂ has no votes.
+    ("count", "zero", [0.0, 0.0, 0.0]),
+    ("count", "positive", [1.0, 0.3, 0.0]),
+    ("count", "majority", [-1.0, -0.5, 0.0]),  # elected signs sum to −2
+])
+def test_ties_sign_tie_rules(vote, sign_tie, expected_a):
+  merged = merge.ties_merge(list(_TIE_VECTORS), k=1.0, vote=vote, sign_tie=sign_tie)
+  _close(merged, dict(a=expected_a, b=[-1.5, -1.0]))
+
+
+def test_ties_majority_tie_with_no_majority_stays_zero():
+  # Elected signs (0, +, −) sum to 0: the zero-sum coordinate keeps no sign.
+  merged = merge.ties_merge([_tree(x=[1.0, 1.0, -1.0]), _tree(x=[-1.0, 1.0, -1.0])], k=1.0,
+                            sign_tie="majority")
+  _close(merged, dict(x=[0.0, 1.0, -1.0]))
 
 
 def test_ties_with_trim():
@@ -115,10 +175,14 @@ def test_merges_jitted_equal_unjitted():
   keys = jax.random.split(jax.random.PRNGKey(0), 3)
   vectors = [{"a": jax.random.normal(k, (4, 5)), "b": jax.random.normal(k, (7,)) * 0.1}
              for k in keys]
-  # Trim scope matters to the TIES methods only; one of each keeps the compile count low.
-  for method, scope in (("mean", "tensor"), ("task_arithmetic", "tensor"),
-                        ("ties", "global"), ("ties_count", "tensor")):
-    fn = lambda vs, m=method, s=scope: merge.merge(vs, m, lam=0.7, k=0.3, scope=s)  # noqa
+  # Trim and tie rules matter to the TIES methods only; one of each keeps the compile count
+  # low.
+  for method, scope, rule, tie in (("mean", "tensor", "ceil", "zero"),
+                                   ("task_arithmetic", "tensor", "ceil", "zero"),
+                                   ("ties", "global", "floor_plus_one", "majority"),
+                                   ("ties_count", "tensor", "floor_first", "positive")):
+    fn = lambda vs, m=method, s=scope, r=rule, t=tie: merge.merge(  # noqa
+        vs, m, lam=0.7, k=0.3, scope=s, trim_rule=r, sign_tie=t)
     chex.assert_trees_all_close(jax.jit(fn)(vectors), fn(vectors), atol=1e-6)
   chex.assert_trees_all_close(jax.jit(merge.pair_statistics)(vectors),
                               merge.pair_statistics(vectors), atol=1e-6)
@@ -343,8 +407,9 @@ def test_merge_binary_on_trained_checkpoints(tmp_path):
   out = tmp_path / "merged"
   result = subprocess.run(
       [sys.executable, "-m", "experiments.merge", f"--base={base}",
-       f"--specialists={tmp_path / 'scout'},{tmp_path / 'tank'}", "--method=ties", "--k=0.5",
-       "--lam=0.8", "--min_cosine=-1", f"--out={out}"],
+       f"--specialists={tmp_path / 'scout'},{tmp_path / 'tank'}", "--method=ties_count",
+       "--k=0.3", "--lam=0.8", "--min_cosine=-1", "--trim_rule=floor_first",
+       "--sign_tie=positive", f"--out={out}"],
       cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]
   assert "scout × tank: cosine" in result.stdout
@@ -353,11 +418,13 @@ def test_merge_binary_on_trained_checkpoints(tmp_path):
               if line.startswith("I") and ("orbax" in line or "CheckpointManager" in line)]
 
   summary = json.loads((out / "merge_summary.json").read_text())
-  assert summary["method"] == "ties" and len(summary["merged"]) == 2
+  assert summary["method"] == "ties_count" and len(summary["merged"]) == 2
+  assert (summary["trim_rule"], summary["sign_tie"]) == ("floor_first", "positive")
   expected_stats = merge.pair_statistics(vectors)
   np.testing.assert_allclose(summary["cosine"], expected_stats.cosine, atol=1e-5)
   _, merged_runner = restore_trained(str(out))
-  expected = merge.apply_task_vector(base_params, merge.ties_merge(vectors, 0.5, 0.8))
+  expected = merge.apply_task_vector(base_params, merge.ties_merge(
+      vectors, 0.3, 0.8, "count", trim_rule="floor_first", sign_tie="positive"))
   chex.assert_trees_all_close(jax.device_get(merged_runner.agent.params), expected, atol=1e-6)
   # Everything but the parameters is the base's.
   chex.assert_trees_all_equal(jax.device_get(merged_runner.agent.opt_state),

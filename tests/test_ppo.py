@@ -10,10 +10,13 @@ import os
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from mbjax.envs import registry
+from mbjax.envs.base import Environment
+from mbjax.envs.spaces import HybridActionSpec
 from mbjax.train import anakin, sharding
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
@@ -68,6 +71,41 @@ def test_vmapped_seeds_equal_individual_runs():
     alone, _ = train(keys[i])
     jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-6),
                  jax.tree.map(lambda x: x[i], batched.agent.params), alone.agent.params)
+
+
+class _CountUp(Environment):
+  """obs = [t / 10]; the episode ends after 3 steps or when the action's branch says 1;
+  `info["steps_so_far"]` is declared an episode metric."""
+
+  episode_metrics = ("steps_so_far",)
+
+  def default_params(self):
+    return ()
+
+  def reset(self, key, params):
+    return jnp.zeros((1,)), jnp.int32(0)
+
+  def step(self, key, state, action, params):
+    state = state + 1
+    terminated = (state >= 3) | (action.discrete[0] == 1)
+    return (state[None] / 10.0, state, jnp.float32(1.0), terminated, jnp.zeros((), bool),
+            {"steps_so_far": state})
+
+  def observation_shape(self, params):
+    return (1,)
+
+  def action_spec(self, params):
+    return HybridActionSpec(continuous_dim=0, branches=(2,))
+
+
+def test_env_episode_metrics_are_reported_like_the_return():
+  cfg = _debug_config()
+  trainer = anakin.make_train(cfg, _CountUp(), ())
+  _, metrics = jax.jit(trainer.update)(trainer.init(jax.random.PRNGKey(0)))
+  # At an episode's last step, steps_so_far is its length: the two means agree exactly.
+  assert int(metrics["episode/count"]) > 10
+  assert 1.0 <= float(metrics["episode/length"]) < 3.0
+  np.testing.assert_allclose(metrics["episode/steps_so_far"], metrics["episode/length"])
 
 
 @pytest.mark.slow

@@ -1,4 +1,5 @@
-"""The PPO objective and observation statistics against formulas computed in numpy."""
+"""The PPO objective (with the Gaussian or the squashed entropy bonus) and observation
+statistics against formulas computed in numpy."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -6,13 +7,16 @@ import pytest
 
 from mbjax.agents import ppo
 from mbjax.envs.spaces import HybridAction, HybridActionSpec
+from mbjax.nets.hybrid import expected_tanh_log_det
 from mbjax.train import config as config_lib
 
 SPEC = HybridActionSpec(continuous_dim=2, branches=(3,))
 
 
-def _config(clip_value_loss):
+def _config(clip_value_loss, squashed_entropy=False):
   cfg = config_lib.base_config()
+  cfg.network.squash = "tanh" if squashed_entropy else "clip"
+  cfg.ppo.squashed_entropy = squashed_entropy
   cfg.ppo.clip_value_loss = clip_value_loss
   cfg.ppo.clip_eps = 0.2
   cfg.ppo.vf_coef = 0.5
@@ -35,15 +39,17 @@ def _minibatch(rng, length, batch):
   return ppo.Minibatch(rollout, advantage, target)
 
 
-@pytest.mark.parametrize("clip_value_loss", [True, False])
-@pytest.mark.parametrize("jit", [True, False])
-def test_loss_matches_the_clipped_surrogate_formula(clip_value_loss, jit):
-  cfg = _config(clip_value_loss)
-  network = ppo.make_network(cfg, SPEC)
-  state = ppo.init(jax.random.PRNGKey(0), network, ppo.make_optimizer(cfg, 10), (5,),
+@pytest.mark.parametrize("clip_value_loss,jit,squashed_entropy", [
+    (True, True, False), (True, False, False), (False, True, False), (False, False, False),
+    (True, True, True)])
+def test_loss_matches_the_clipped_surrogate_formula(clip_value_loss, jit, squashed_entropy):
+  cfg = _config(clip_value_loss, squashed_entropy)
+  network = ppo.make_network(cfg.network, SPEC)
+  state = ppo.init(jax.random.PRNGKey(0), network, ppo.make_optimizer(cfg.ppo, 10), (5,),
                    jnp.float32)
   batch = _minibatch(np.random.default_rng(0), 4, 6)
-  loss_fn = lambda params, batch, stats: ppo.loss(params, network, cfg, batch, stats)
+  loss_fn = lambda params, batch, stats: ppo.loss(params, batch, cfg.ppo, network=network,
+                                                 obs_stats=stats)
   loss_fn = jax.jit(loss_fn) if jit else loss_fn
   total, metrics = loss_fn(state.params, batch, state.obs_stats)
 
@@ -53,6 +59,8 @@ def test_loss_matches_the_clipped_surrogate_formula(clip_value_loss, jit):
   log_prob = np.asarray(dist.log_prob(jax.tree.map(lambda x: x.reshape(24, -1),
                                                    batch.rollout.action)))
   entropy = np.asarray(dist.entropy()).mean()
+  if squashed_entropy:  # the bonus is on tanh(u): H[u] + Σ_d E[log(1 − tanh²(u_d))]
+    entropy += np.asarray(expected_tanh_log_det(dist.mean, jnp.exp(dist.log_std))).sum(-1).mean()
   value = np.asarray(value)
   adv = batch.advantage.reshape(-1)
   adv = (adv - adv.mean()) / (adv.std() + 1e-8)
@@ -70,6 +78,10 @@ def test_loss_matches_the_clipped_surrogate_formula(clip_value_loss, jit):
   np.testing.assert_allclose(metrics["loss/value"], value_loss, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(metrics["policy/entropy"], entropy, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(total, expected, rtol=1e-5, atol=1e-6)
+  # A distillation teacher without its coefficient is refused.
+  taught = batch._replace(rollout=batch.rollout._replace(teacher=dist))
+  with pytest.raises(ValueError, match="carries a distillation teacher; pass distill_coef"):
+    loss_fn(state.params, taught, state.obs_stats)
 
 
 def test_observation_statistics_track_mean_and_variance():

@@ -15,7 +15,9 @@ other learners compute the same numbers with it on or off.
 
 Each learner owns its parameters and optimiser; gradients stay apart because every loss
 is differentiated only with respect to its own parameters and receives the others as
-`stop_gradient` inputs — nothing is ever frozen or mutated. Switches mirror upstream's
+`stop_gradient` inputs — nothing is ever frozen or mutated. This module reads the whole
+experiment config and hands each learner its own section (`ppo`, `world_model`, `dream`,
+`efe`, `cpqe`; `served` for distillation). Switches mirror upstream's
 `METABONK_USE_DREAM_TRAINING` / `METABONK_USE_ACTIVE_INFERENCE` / `METABONK_TRAIN_CPQE`
 (`dream.enabled`, `efe.enabled`, both on by default; `cpqe.enabled`, off).
 """
@@ -44,13 +46,6 @@ class AuxState:
   dream: Any = ()
   efe: Any = ()
   preference: Any = ()
-
-
-@flax.struct.dataclass
-class AuxStateWithCPQE(AuxState):
-  """`AuxState` plus the CPQE learners (`cpqe.enabled`). A class of its own so that runs
-  without CPQE keep the checkpoint layout of the runs written before it existed."""
-
   cpqe: Any = ()
 
 
@@ -75,10 +70,8 @@ class Learners(flax.struct.PyTreeNode):
 
   @property
   def cpqe(self) -> ml_collections.ConfigDict | None:
-    """The CPQE config section when it trains in the learner (absent from configs saved
-    before the switch existed)."""
-    section = self.cfg.get("cpqe")
-    return section if section is not None and section.enabled else None
+    """The CPQE config section when it trains in the learner."""
+    return self.cfg.cpqe if self.cfg.cpqe.enabled else None
 
 
 def make_learners(cfg: ml_collections.ConfigDict, spec: HybridActionSpec, obs_shape) -> Learners:
@@ -90,8 +83,8 @@ def make_learners(cfg: ml_collections.ConfigDict, spec: HybridActionSpec, obs_sh
     return Learners(cfg, spec, squash)
   return Learners(
       cfg, spec, squash,
-      world_model=wm_lib.make_world_model(cfg, obs_shape),
-      wm_optimizer=wm_lib.make_optimizer(cfg),
+      world_model=wm_lib.make_world_model(cfg.world_model, obs_shape),
+      wm_optimizer=wm_lib.make_optimizer(cfg.world_model),
       dream=dream.make_networks(cfg.dream, spec, squash) if cfg.dream.enabled else None,
       efe=dream.make_networks(cfg.efe, spec, squash) if cfg.efe.enabled else None)
 
@@ -99,7 +92,7 @@ def make_learners(cfg: ml_collections.ConfigDict, spec: HybridActionSpec, obs_sh
 def init(key, learners: Learners, obs_shape, obs_dtype) -> AuxState:
   aux = AuxState()
   if learners.cpqe is not None:
-    aux = AuxStateWithCPQE(cpqe=cpqe_lib.init(
+    aux = aux.replace(cpqe=cpqe_lib.init(
         jax.random.fold_in(key, _CPQE_STREAM), learners.cpqe, math.prod(obs_shape),
         learners.spec.continuous_dim))
   if not learners.enabled:
@@ -156,17 +149,18 @@ def _starts(posts: wm_lib.LatentState, num_starts: int, key) -> wm_lib.LatentSta
   return jax.tree.map(lambda x: x[index], flat)
 
 
-def distill_coef(cfg: ml_collections.ConfigDict, progress: jax.Array | float) -> jax.Array:
-  """The distillation coefficient after `progress` (the fraction of the run's updates done).
+def distill_coef(served: ml_collections.ConfigDict, progress: jax.Array | float) -> jax.Array:
+  """The distillation coefficient of the `served` config section after `progress` (the
+  fraction of the run's updates done).
 
-  Distillation runs until `served.distill_end` (a fraction of the run) and is 0 after it:
-  at `served.distill_coef` throughout ("constant"), or decaying linearly from it to 0 at
-  the end ("linear"). The latent teacher can guide PPO early and then let it go.
+  Distillation runs until `distill_end` (a fraction of the run) and is 0 after it: at
+  `distill_coef` throughout ("constant"), or decaying linearly from it to 0 at the end
+  ("linear"). The latent teacher can guide PPO early and then let it go.
   """
-  coef = jnp.asarray(cfg.served.distill_coef, jnp.float32)
+  coef = jnp.asarray(served.distill_coef, jnp.float32)
   progress = jnp.asarray(progress, jnp.float32)
-  end = cfg.served.distill_end
-  if cfg.served.distill_schedule == "linear":
+  end = served.distill_end
+  if served.distill_schedule == "linear":
     return coef * jnp.clip(1.0 - progress / end, 0.0, 1.0)
   return jnp.where(progress < end, coef, 0.0)
 
@@ -182,9 +176,9 @@ def update(agent: ppo.PPOState, aux: AuxState, rollout: ppo.Rollout, key, *, lea
   ppo_key, teacher_key, aux_key = jax.random.split(key, 3)
   if learners.enabled and cfg.served.distill_from != "none":
     rollout = rollout._replace(teacher=_teacher(aux, rollout, learners, teacher_key))
-  agent, metrics = ppo.update(agent, rollout, ppo_key, network=network, optimizer=optimizer,
-                              cfg=cfg, axis_name=axis_name,
-                              distill_coef=distill_coef(cfg, progress),
+  agent, metrics = ppo.update(agent, rollout, ppo_key, cfg.ppo, network=network,
+                              optimizer=optimizer, axis_name=axis_name,
+                              distill_coef=distill_coef(cfg.served, progress),
                               coefficients=coefficients)
   if learners.cpqe is not None:
     chunks = cpqe_lib.rollout_chunks(
@@ -214,8 +208,8 @@ def auxiliary_update(aux: AuxState, sequence: wm_lib.Sequence, key, *, learners:
   wm_key, dream_key, dream_start_key, efe_key, efe_start_key = jax.random.split(key, 5)
   if train_world_model:
     world_model, posts, metrics = wm_lib.update(
-        aux.world_model, sequence, wm_key, model=learners.world_model,
-        optimizer=learners.wm_optimizer, cfg=cfg, axis_name=axis_name)
+        aux.world_model, sequence, wm_key, cfg.world_model, model=learners.world_model,
+        optimizer=learners.wm_optimizer, axis_name=axis_name)
     aux = aux.replace(world_model=world_model)
   else:
     posts, _ = wm_lib.observe(learners.world_model, aux.world_model.params, sequence.obs,
@@ -228,8 +222,8 @@ def auxiliary_update(aux: AuxState, sequence: wm_lib.Sequence, key, *, learners:
     reward_fn = dream.world_model_reward(learners.world_model, wm_params)
     dream_state, dream_metrics = dream.update(
         aux.dream, wm_params, _starts(posts, cfg.dream.num_starts, dream_start_key),
-        dream_key, nets=learners.dream, world_model=learners.world_model,
-        reward_fn=reward_fn, section=cfg.dream, axis_name=axis_name, prefix="dream")
+        dream_key, cfg.dream, nets=learners.dream, world_model=learners.world_model,
+        reward_fn=reward_fn, axis_name=axis_name, prefix="dream")
     metrics.update(dream_metrics)
     aux = aux.replace(dream=dream_state)
 
@@ -241,8 +235,8 @@ def auxiliary_update(aux: AuxState, sequence: wm_lib.Sequence, key, *, learners:
                                                 cfg.efe)
     efe_state, efe_metrics = dream.update(
         aux.efe, wm_params, _starts(posts, cfg.efe.num_starts, efe_start_key),
-        efe_key, nets=learners.efe, world_model=learners.world_model, reward_fn=reward_fn,
-        section=cfg.efe, axis_name=axis_name, prefix="efe")
+        efe_key, cfg.efe, nets=learners.efe, world_model=learners.world_model,
+        reward_fn=reward_fn, axis_name=axis_name, prefix="efe")
     metrics.update(efe_metrics)
     aux = aux.replace(efe=efe_state, preference=preference)
   return aux, metrics

@@ -51,6 +51,8 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from mbjax.agents.collectives import pmean
+
 
 def default_config() -> ml_collections.ConfigDict:
   cfg = ml_collections.ConfigDict()
@@ -280,23 +282,19 @@ def q_loss(q_params, q_target, student, cfg, batch: Transitions, key):
   return jnp.square(q - jax.lax.stop_gradient(target)).mean()
 
 
-def _pmean(x, axis_name):
-  return x if axis_name is None else jax.lax.pmean(x, axis_name)
-
-
 # With `axis_name` (under shard_map, each device holding part of the batch) every loss is
 # averaged over the devices before differentiation, so replicated parameters take the
 # global-batch step on every device.
 def update_teacher(state: CPQEState, obs, chunk, key, cfg, axis_name: str | None = None):
   loss, grads = jax.value_and_grad(
-      lambda p: _pmean(teacher_loss(p, cfg, obs, chunk, key), axis_name))(state.teacher)
+      lambda p: pmean(teacher_loss(p, cfg, obs, chunk, key), axis_name))(state.teacher)
   updates, opt = _optimizer(cfg, cfg.lr).update(grads, state.teacher_opt, state.teacher)
   return state.replace(teacher=optax.apply_updates(state.teacher, updates),
                        teacher_opt=opt), {"cpqe/teacher_loss": loss}
 
 
 def update_student(state: CPQEState, obs, chunk, key, cfg, axis_name: str | None = None):
-  loss, grads = jax.value_and_grad(lambda p: _pmean(distill_loss(
+  loss, grads = jax.value_and_grad(lambda p: pmean(distill_loss(
       p, state.student_target, state.teacher, cfg, obs, chunk, key), axis_name))(state.student)
   updates, opt = _optimizer(cfg, cfg.lr).update(grads, state.student_opt, state.student)
   student = optax.apply_updates(state.student, updates)
@@ -306,7 +304,7 @@ def update_student(state: CPQEState, obs, chunk, key, cfg, axis_name: str | None
 
 
 def update_q(state: CPQEState, batch: Transitions, key, cfg, axis_name: str | None = None):
-  loss, grads = jax.value_and_grad(lambda p: _pmean(q_loss(
+  loss, grads = jax.value_and_grad(lambda p: pmean(q_loss(
       p, state.q_target, state.student, cfg, batch, key), axis_name))(state.q)
   updates, opt = _optimizer(cfg, cfg.q_lr).update(grads, state.q_opt, state.q)
   q = optax.apply_updates(state.q, updates)

@@ -29,6 +29,7 @@ import ml_collections
 import optax
 
 from mbjax.agents import world_model as wm_lib
+from mbjax.agents.collectives import pmean
 from mbjax.agents.returns import lambda_returns
 from mbjax.envs.spaces import HybridActionSpec
 from mbjax.nets.actor_critic import MLP
@@ -40,8 +41,8 @@ class LatentActor(nn.Module):
   is given: imagination has no menu state to mask with)."""
 
   spec: HybridActionSpec
-  hidden_sizes: tuple[int, ...] = (256, 256)
-  squash: str = "clip"
+  hidden_sizes: tuple[int, ...]
+  squash: str
 
   @nn.compact
   def __call__(self, features, mask=None):
@@ -59,7 +60,7 @@ class LatentActor(nn.Module):
 
 
 class LatentCritic(nn.Module):
-  hidden_sizes: tuple[int, ...] = (256, 256)
+  hidden_sizes: tuple[int, ...]
 
   @nn.compact
   def __call__(self, features):
@@ -86,6 +87,7 @@ class Networks(flax.struct.PyTreeNode):
 
 def make_networks(section: ml_collections.ConfigDict, spec: HybridActionSpec,
                   squash: str) -> Networks:
+  """Actor, critic and their optimisers from the learner's config section (`dream`/`efe`)."""
   sizes = tuple(section.hidden_sizes)
   clip = lambda lr: optax.chain(optax.clip_by_global_norm(section.max_grad_norm),
                                 optax.adam(lr, eps=1e-5))
@@ -103,18 +105,15 @@ def init(key, nets: Networks, feature_size: int) -> LatentActorCriticState:
                                 nets.critic_optimizer.init(critic_params), jnp.float32(1.0))
 
 
-def _pmean(x, axis_name):
-  return x if axis_name is None else jax.lax.pmean(x, axis_name)
-
-
-def update(state: LatentActorCriticState, wm_params, start: wm_lib.LatentState, key, *,
-           nets: Networks, world_model: wm_lib.WorldModel,
+def update(state: LatentActorCriticState, wm_params, start: wm_lib.LatentState, key,
+           section: ml_collections.ConfigDict, *, nets: Networks,
+           world_model: wm_lib.WorldModel,
            reward_fn: Callable[[jax.Array], tuple[jax.Array, dict]],
-           section: ml_collections.ConfigDict,
            axis_name: str | None = None, prefix: str = "dream"):
   """Imagines from `start` [N] (no gradient to the world model) and takes one actor and
-  one critic step. `reward_fn(features [H, N, F]) -> (rewards [H, N], metrics)` scores
-  each imagined transition by the state it leads to. Returns (state, metrics)."""
+  one critic step, with the learner's config section (`dream` or `efe`).
+  `reward_fn(features [H, N, F]) -> (rewards [H, N], metrics)` scores each imagined
+  transition by the state it leads to. Returns (state, metrics)."""
   spec = nets.actor.spec
   start = jax.lax.stop_gradient(start)
 
@@ -138,10 +137,10 @@ def update(state: LatentActorCriticState, wm_params, start: wm_lib.LatentState, 
 
   def critic_loss(params):
     values = nets.critic.apply(params, features[:-1])
-    return _pmean((0.5 * weights * jnp.square(values - returns)).mean(), axis_name)
+    return pmean((0.5 * weights * jnp.square(values - returns)).mean(), axis_name)
 
   percentile_range = (jnp.percentile(returns, 95) - jnp.percentile(returns, 5))
-  percentile_range = _pmean(percentile_range, axis_name)
+  percentile_range = pmean(percentile_range, axis_name)
   return_scale = (section.return_scale_decay * state.return_scale
                   + (1.0 - section.return_scale_decay) * percentile_range)
   baseline = nets.critic.apply(state.critic_params, features[:-1])
@@ -152,7 +151,7 @@ def update(state: LatentActorCriticState, wm_params, start: wm_lib.LatentState, 
     log_prob = dist.log_prob(raw_actions)
     entropy = dist.entropy()
     loss = -(weights * (log_prob * advantages + section.ent_coef * entropy)).mean()
-    return _pmean(loss, axis_name), entropy.mean()
+    return pmean(loss, axis_name), entropy.mean()
 
   (actor_value, entropy), actor_grads = jax.value_and_grad(actor_loss, has_aux=True)(
       state.actor_params)
@@ -170,11 +169,11 @@ def update(state: LatentActorCriticState, wm_params, start: wm_lib.LatentState, 
   metrics = {
       f"{prefix}/actor_loss": actor_value,
       f"{prefix}/critic_loss": critic_value,
-      f"{prefix}/return": _pmean(returns[0].mean(), axis_name),
-      f"{prefix}/reward": _pmean(rewards.mean(), axis_name),
-      f"{prefix}/entropy": _pmean(entropy, axis_name),
+      f"{prefix}/return": pmean(returns[0].mean(), axis_name),
+      f"{prefix}/reward": pmean(rewards.mean(), axis_name),
+      f"{prefix}/entropy": pmean(entropy, axis_name),
       f"{prefix}/return_scale": return_scale,
-      **{f"{prefix}/{k}": _pmean(v, axis_name) for k, v in reward_metrics.items()},
+      **{f"{prefix}/{k}": pmean(v, axis_name) for k, v in reward_metrics.items()},
   }
   return new_state, metrics
 

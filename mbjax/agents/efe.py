@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from mbjax.agents import world_model as wm_lib
+from mbjax.agents.collectives import pmean
 from mbjax.agents.kl import gaussian_kl
 
 MIN_PREFERENCE_VAR = 1e-2
@@ -45,10 +46,6 @@ class Preference:
     return cls(jnp.zeros((obs_size,)), jnp.ones((obs_size,)))
 
 
-def _pmean(x, axis_name):
-  return x if axis_name is None else jax.lax.pmean(x, axis_name)
-
-
 def update_preference(preference: Preference, obs: jax.Array, reward: jax.Array,
                       section: ml_collections.ConfigDict,
                       axis_name: str | None = None) -> Preference:
@@ -57,9 +54,9 @@ def update_preference(preference: Preference, obs: jax.Array, reward: jax.Array,
   target = wm_lib.observation_target(obs).reshape(obs.shape[0], -1)
   threshold = jnp.quantile(reward, section.preference_quantile)
   weight = (reward >= threshold).astype(jnp.float32)
-  total = _pmean(weight.sum(), axis_name)
-  mean = _pmean((weight[:, None] * target).sum(0), axis_name) / total
-  var = _pmean((weight[:, None] * jnp.square(target - mean)).sum(0), axis_name) / total
+  total = pmean(weight.sum(), axis_name)
+  mean = pmean((weight[:, None] * target).sum(0), axis_name) / total
+  var = pmean((weight[:, None] * jnp.square(target - mean)).sum(0), axis_name) / total
   rate = section.preference_rate
   return Preference(
       (1.0 - rate) * preference.mean + rate * mean,

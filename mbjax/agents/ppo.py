@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from mbjax.agents.collectives import pmean
 from mbjax.agents.returns import generalized_advantage_estimation
 from mbjax.envs.spaces import HybridAction
 from mbjax.nets import cores
@@ -52,8 +53,8 @@ class ObservationStatistics:
   def update(self, obs: jax.Array, axis_name: str | None) -> "ObservationStatistics":
     """Folds in a batch of observations [N, *shape] (all devices' N when sharded)."""
     batch_axes = tuple(range(obs.ndim - self.mean.ndim))
-    batch_mean = _pmean(obs.mean(batch_axes), axis_name)
-    batch_var = _pmean(jnp.square(obs - batch_mean).mean(batch_axes), axis_name)
+    batch_mean = pmean(obs.mean(batch_axes), axis_name)
+    batch_var = pmean(jnp.square(obs - batch_mean).mean(batch_axes), axis_name)
     batch_count = jnp.float32(obs.size // self.mean.size)
     if axis_name is not None:
       batch_count = jax.lax.psum(batch_count, axis_name)
@@ -88,18 +89,16 @@ class Rollout(NamedTuple):
   next_value: jax.Array  # V of the observation that followed the action
   # Optional distillation target [T, E] (a HybridDistribution from a latent policy).
   teacher: Any = None
+  dt: Any = None  # optional f32[T, E]: elapsed time before each step (CfC cores); None = 1
 
 
-def _pmean(x, axis_name):
-  return x if axis_name is None else jax.lax.pmean(x, axis_name)
-
-
-def make_network(cfg: ml_collections.ConfigDict, spec) -> ActorCritic:
-  net = cfg.network
+def make_network(net: ml_collections.ConfigDict, spec) -> ActorCritic:
+  """The actor-critic of the `network` config section."""
   options = cores.CoreOptions(
       mamba_layers=net.mamba_layers, ssm_state_size=net.ssm_state_size,
       conv_size=net.conv_size, expand=net.mamba_expand, scan_path=net.scan_path,
-      scan_chunk=net.scan_chunk)
+      scan_chunk=net.scan_chunk,
+      cfc_mode=net.cfc_mode)
   return ActorCritic(spec=spec, hidden_sizes=tuple(net.hidden_sizes), activation=net.activation,
                      core=net.core, core_size=net.core_size, squash=net.squash,
                      core_options=options)
@@ -113,17 +112,18 @@ class LossCoefficients(NamedTuple):
   vf_coef: Any
 
   @classmethod
-  def from_config(cls, cfg: ml_collections.ConfigDict) -> "LossCoefficients":
-    return cls(cfg.ppo.clip_eps, cfg.ppo.ent_coef, cfg.ppo.vf_coef)
+  def from_section(cls, ppo: ml_collections.ConfigDict) -> "LossCoefficients":
+    return cls(ppo.clip_eps, ppo.ent_coef, ppo.vf_coef)
 
 
-def make_optimizer(cfg: ml_collections.ConfigDict, num_updates: int) -> optax.GradientTransformation:
-  """Adam after global-norm clipping. The learning rate `ppo.lr` lives in the optimiser state
-  (`optax.inject_hyperparams`; `with_learning_rate` sets it, e.g. per PBT member); with
-  `ppo.anneal_lr` it decays linearly from there to 0 at the last of `num_updates` updates.
-  A run extended to more updates (a larger `total_env_steps` on resume) keeps its step count,
-  so the decay is re-stretched: from the resumed step on, the rate is lr · (1 − t / T_new)."""
-  ppo = cfg.ppo
+def make_optimizer(ppo: ml_collections.ConfigDict, num_updates: int
+                   ) -> optax.GradientTransformation:
+  """Adam with global-norm clipping from the `ppo` section. The learning rate `lr` lives in
+  the optimiser state (`optax.inject_hyperparams`; `with_learning_rate` sets it, e.g. per PBT
+  member); `anneal_lr` decays it linearly from there to 0 at the last of `num_updates`
+  updates. A run extended to more updates (a larger `total_env_steps` on resume) keeps its
+  step count, so the decay is re-stretched: from the resumed step t on, the rate is
+  lr · (1 − t / T_new) over the new run's T_new optimiser steps."""
   steps = num_updates * ppo.update_epochs * ppo.num_minibatches
 
   def clipped_adam(learning_rate):
@@ -158,10 +158,11 @@ def prepare_obs(obs: jax.Array, stats: ObservationStatistics, normalize: bool) -
   return obs
 
 
-def unroll(network: ActorCritic, params, carry: Carry, obs, is_first, mask):
+def unroll(network: ActorCritic, params, carry: Carry, obs, is_first, mask, dt=None):
   """Applies the network over a sequence [L, N, ...] from `carry`; returns (dist, value)
   with leading [L, N]. Feed-forward networks are applied to all steps at once, cores with a
-  whole-sequence path (Mamba) use it, the others are stepped by `lax.scan`."""
+  whole-sequence path (Mamba) use it, the others are stepped by `lax.scan` (with the
+  per-step elapsed time `dt` [L, N] where the core takes it)."""
   if network.core == "none":
     length, batch = is_first.shape
     merge = lambda x: x.reshape((length * batch,) + x.shape[2:])
@@ -175,7 +176,9 @@ def unroll(network: ActorCritic, params, carry: Carry, obs, is_first, mask):
     carry, dist, value = network.apply(params, carry, *inputs)
     return carry, (dist, value)
 
-  _, (dist, value) = jax.lax.scan(step, carry, (obs, is_first, mask))
+  timed = dt is not None and cores.takes_dt(network.core)
+  _, (dist, value) = jax.lax.scan(
+      step, carry, (obs, is_first, mask, dt) if timed else (obs, is_first, mask))
   return dist, value
 
 
@@ -185,30 +188,32 @@ class Minibatch(NamedTuple):
   target: jax.Array  # [L, N] value targets (GAE returns)
 
 
-def loss(params, network: ActorCritic, cfg: ml_collections.ConfigDict, batch: Minibatch,
+def loss(params, batch: Minibatch, ppo: ml_collections.ConfigDict, *, network: ActorCritic,
          obs_stats: ObservationStatistics, axis_name: str | None = None,
          distill_coef: jax.Array | float | None = None,
          coefficients: LossCoefficients | None = None):
-  """Clipped-surrogate PPO loss on one minibatch; returns (loss, metrics).
+  """Clipped-surrogate PPO loss on one minibatch with the `ppo` section's coefficients (or
+  `coefficients`, e.g. one PBT member's); returns (loss, metrics).
 
   loss = −E[min(ρA, clip(ρ, 1±ε)A)] + c_v · ½E[(V − R)²] (optionally clipped around the old
-  value) − c_e · E[H[π]], with ρ = π(a|s)/π_old(a|s), plus c_d · E[KL(teacher ‖ π)] when the
-  rollout carries a teacher (c_d: `distill_coef`, by default `served.distill_coef`).
-  ε, c_e and c_v are `coefficients` (by default the config's). Averaged over devices when
-  sharded.
+  value) − c_e · E[H[π]] (H of the squashed action with `ppo.squashed_entropy`, see
+  `mbjax.nets.hybrid`), with ρ = π(a|s)/π_old(a|s), plus c_d · E[KL(teacher ‖ π)] when the
+  rollout carries a teacher (c_d: `distill_coef`, required then). Averaged over devices
+  when sharded.
   """
-  ppo = cfg.ppo
-  coef = LossCoefficients.from_config(cfg) if coefficients is None else coefficients
+  coef = LossCoefficients.from_section(ppo) if coefficients is None else coefficients
   data = batch.rollout
+  if data.teacher is not None and distill_coef is None:
+    raise ValueError("ppo.loss: the rollout carries a distillation teacher; pass distill_coef")
   obs = prepare_obs(data.obs, obs_stats, ppo.normalize_observations)
-  dist, value = unroll(network, params, data.carry, obs, data.is_first, data.mask)
+  dist, value = unroll(network, params, data.carry, obs, data.is_first, data.mask, data.dt)
   log_prob = dist.log_prob(data.action)
-  entropy = dist.entropy().mean()
+  entropy = dist.entropy(ppo.squashed_entropy).mean()
 
   advantage = batch.advantage
   if ppo.normalize_advantages:
-    mean = _pmean(advantage.mean(), axis_name)
-    var = _pmean(jnp.square(advantage - mean).mean(), axis_name)
+    mean = pmean(advantage.mean(), axis_name)
+    var = pmean(jnp.square(advantage - mean).mean(), axis_name)
     advantage = (advantage - mean) / (jnp.sqrt(var) + 1e-8)
 
   log_ratio = log_prob - data.log_prob
@@ -226,9 +231,9 @@ def loss(params, network: ActorCritic, cfg: ml_collections.ConfigDict, batch: Mi
   distill = {}
   if data.teacher is not None:
     distill_loss = data.teacher.kl_divergence(dist).mean()
-    c_d = cfg.served.distill_coef if distill_coef is None else distill_coef
-    total += c_d * distill_loss
-    distill = {"loss/distill": distill_loss, "loss/distill_coef": jnp.asarray(c_d, jnp.float32)}
+    total += distill_coef * distill_loss
+    distill = {"loss/distill": distill_loss,
+               "loss/distill_coef": jnp.asarray(distill_coef, jnp.float32)}
   metrics = {
       **distill,
       "loss/total": total,
@@ -239,7 +244,7 @@ def loss(params, network: ActorCritic, cfg: ml_collections.ConfigDict, batch: Mi
       "policy/clip_fraction": (jnp.abs(ratio - 1.0) > coef.clip_eps).mean(),
   }
   # Differentiating the device-mean gives the mean gradient (see module docstring).
-  return _pmean(total, axis_name), jax.tree.map(lambda m: _pmean(m, axis_name), metrics)
+  return pmean(total, axis_name), jax.tree.map(lambda m: pmean(m, axis_name), metrics)
 
 
 def _chunk(rollout: Rollout, advantage, target, seq_len: int):
@@ -271,15 +276,15 @@ def _gather_minibatch(chunks, indices) -> Minibatch:
   return Minibatch(seq[0]._replace(carry=carry), seq[1], seq[2])
 
 
-def update(state: PPOState, rollout: Rollout, key: jax.Array, *, network: ActorCritic,
-           optimizer: optax.GradientTransformation, cfg: ml_collections.ConfigDict,
+def update(state: PPOState, rollout: Rollout, key: jax.Array, ppo: ml_collections.ConfigDict,
+           *, network: ActorCritic, optimizer: optax.GradientTransformation,
            axis_name: str | None = None, distill_coef: jax.Array | float | None = None,
            coefficients: LossCoefficients | None = None
            ) -> tuple[PPOState, dict[str, jax.Array]]:
-  """One PPO update on a rollout [T, E, ...]; `key` must be equal on every device.
-  `distill_coef` overrides `served.distill_coef` (a schedule, see `mbjax.agents.apex`),
-  `coefficients` the config's loss coefficients."""
-  ppo = cfg.ppo
+  """One PPO update on a rollout [T, E, ...] with the `ppo` config section; `key` must be
+  equal on every device. `distill_coef` weighs the KL towards `rollout.teacher` (a
+  schedule, see `mbjax.agents.apex`); `coefficients` replace the section's loss
+  coefficients."""
   rollout = jax.tree.map(jnp.asarray, rollout)  # host arrays cannot be indexed by tracers
   num_steps = rollout.reward.shape[0]
   seq_len = ppo.seq_len if network.core != "none" else 1
@@ -298,8 +303,9 @@ def update(state: PPOState, rollout: Rollout, key: jax.Array, *, network: ActorC
 
   def minibatch_step(train, indices):
     params, opt_state = train
-    grads, metrics = grad_fn(params, network, cfg, _gather_minibatch(chunks, indices),
-                             state.obs_stats, axis_name, distill_coef, coefficients)
+    grads, metrics = grad_fn(params, _gather_minibatch(chunks, indices), ppo, network=network,
+                             obs_stats=state.obs_stats, axis_name=axis_name,
+                             distill_coef=distill_coef, coefficients=coefficients)
     updates, opt_state = optimizer.update(grads, opt_state, params)
     metrics["optim/grad_norm"] = optax.tree.norm(grads)
     return (optax.apply_updates(params, updates), opt_state), metrics
@@ -314,5 +320,5 @@ def update(state: PPOState, rollout: Rollout, key: jax.Array, *, network: ActorC
   if ppo.normalize_observations and jnp.issubdtype(rollout.obs.dtype, jnp.floating):
     obs_stats = obs_stats.update(rollout.obs, axis_name)
   metrics = jax.tree.map(jnp.mean, metrics)
-  metrics["value/target_mean"] = _pmean(target.mean(), axis_name)
+  metrics["value/target_mean"] = pmean(target.mean(), axis_name)
   return PPOState(params, opt_state, obs_stats), metrics

@@ -34,6 +34,7 @@ import ml_collections
 import numpy as np
 import optax
 
+from mbjax.agents.collectives import pmean
 from mbjax.agents.kl import categorical_kl, gaussian_kl
 from mbjax.envs.spaces import HybridAction, HybridActionSpec
 from mbjax.nets.actor_critic import PixelEncoder
@@ -99,13 +100,13 @@ class RSSM(nn.Module):
   input, before the prior's and before the posterior's statistics; 0 gives upstream
   MetaBonk's linear maps ([z, a] straight into the GRU, linear prior and posterior)."""
 
-  deter: int = 512
-  stoch: int = 32
-  classes: int = 32  # 0: diagonal Gaussian latents
-  hidden: int = 512
-  layers: int = 1
-  min_std: float = 0.1
-  unimix: float = 0.01
+  deter: int
+  stoch: int
+  classes: int  # 0: diagonal Gaussian latents
+  hidden: int
+  layers: int
+  min_std: float
+  unimix: float
 
   @property
   def stoch_size(self) -> int:
@@ -187,21 +188,22 @@ class RSSM(nn.Module):
 
 
 class WorldModel(nn.Module):
-  """Encoder + RSSM + heads. Pixel observations (rank 3) use CNNs; vectors MLPs."""
+  """Encoder + RSSM + heads. Pixel observations (rank 3) use CNNs; vectors MLPs. Built by
+  `make_world_model` from the `world_model` config section, which holds the defaults."""
 
   obs_shape: tuple[int, ...]
   rssm: RSSM
-  hidden: int = 512
-  head_layers: int = 2
-  predict_delta: bool = False  # vectors only: a head for o_{t+1} − o_t, see next_obs_delta
+  hidden: int
+  head_layers: int
+  predict_delta: bool  # vectors only: a head for o_{t+1} − o_t, see next_obs_delta
   # Slot lists inside the vector observation, (start, slots, features per slot, sort
   # feature) each, presence first: their delta comes from `EntityDeltaHead` instead.
-  entity_slots: tuple[tuple[int, int, int, int], ...] = ()
+  entity_slots: tuple[tuple[int, int, int, int], ...]
   # (start, scale): o[start:start + 2] is the agent's position, and a change of `scale` in
   # it moves the slots' relative positions by 1. Set, the entity head moves each entity in
   # polar coordinates around the agent's predicted next position (`EntityDeltaHead.polar`).
-  agent_position: tuple[int, float] = ()
-  entity_width: int = 128  # the entity head's MLPs (per slot and arrival)
+  agent_position: tuple[int, float]
+  entity_width: int  # the entity head's MLPs (per slot and arrival)
 
   def setup(self):
     pixels = len(self.obs_shape) == 3
@@ -269,8 +271,8 @@ class WorldModel(nn.Module):
     conditions on o_t, as copy-last does, and the raw values give it the exact offsets and
     distances the change depends on. It reads no latent state: with the prior state after
     a_t beside them (all of it, or its deterministic part with or without a stop-gradient)
-    it did worse, 3.5–3.7× below copy-last against 4.4–4.7× after 250–500 updates
-    (BENCHMARKS.md "World model", tenth session). Imagination never calls it."""
+    it learned more slowly (docs/experiments/2026-11-27-world-model-one-step.md).
+    Imagination never calls it."""
     context = jnp.concatenate([symlog(obs), action], -1)
     delta = self.delta_head(context)
     if self.entity_slots:
@@ -280,7 +282,7 @@ class WorldModel(nn.Module):
         now = obs[..., start:start + 2]
         # The plain head's own prediction of the agent's move, as a fixed input: learned
         # from the entities' error instead, the move drifted and the enemy block got worse
-        # (0.58 → 0.71 of its copy-last error; BENCHMARKS.md "World model", twelfth session).
+        # (docs/experiments/2026-11-27-world-model-one-step.md).
         agent_move = jax.lax.stop_gradient(
             symexp(symlog(now) + delta[..., start:start + 2]) - now) / scale
       delta = jnp.where(self._entity_dims,
@@ -397,8 +399,8 @@ class EntityDeltaHead(nn.Module):
   remove 99% of copy-last's error on such steps (BENCHMARKS.md "World model").
 
   The context projection is narrow (`context_width`, 64) so that a slot's own few features
-  are not drowned in the first layer: with 256 the enemy block learned more slowly (0.66 of
-  its copy-last error after 500 probe steps against 0.60, tenth session).
+  are not drowned in the first layer: with 256 the enemy block learned more slowly
+  (docs/experiments/2026-11-27-world-model-one-step.md).
 
   With `polar`, features 1–3 are the entity's position relative to the agent and its
   distance (the sort feature), and the head is given the agent's move this step
@@ -407,8 +409,8 @@ class EntityDeltaHead(nn.Module):
   (the distance cannot go below 0) and a turn, before the additive changes. Chasing,
   fleeing and circling are then one number each, where the additive form has to compute a
   product of the bearing and a speed; the floor at 0 puts enemies that reach the agent
-  exactly on it, so their order stays as it was. On BonkArena it took the enemy block from
-  0.66 to 0.48 of its copy-last error (BENCHMARKS.md "World model", twelfth session).
+  exactly on it, so their order stays as it was. On BonkArena it is what brought the enemy
+  block's error well below the additive head's (BENCHMARKS.md "World model").
 
   Returns symlog(next) − symlog(o_t) on the blocks and 0 elsewhere (the world model uses it
   in place of the plain delta head there). Near copy-last at initialisation: zero feature
@@ -519,8 +521,8 @@ class Sequence(NamedTuple):
   is_first: jax.Array
 
 
-def make_world_model(cfg: ml_collections.ConfigDict, obs_shape) -> WorldModel:
-  wm = cfg.world_model
+def make_world_model(wm: ml_collections.ConfigDict, obs_shape) -> WorldModel:
+  """The model of the `world_model` config section for observations of `obs_shape`."""
   rssm = RSSM(deter=wm.deter, stoch=wm.stoch, classes=wm.classes, hidden=wm.hidden,
               layers=wm.rssm_layers, min_std=wm.min_std, unimix=wm.unimix)
   return WorldModel(obs_shape=tuple(obs_shape), rssm=rssm, hidden=wm.hidden,
@@ -530,8 +532,8 @@ def make_world_model(cfg: ml_collections.ConfigDict, obs_shape) -> WorldModel:
                     agent_position=tuple(wm.agent_position), entity_width=wm.entity_width)
 
 
-def make_optimizer(cfg: ml_collections.ConfigDict) -> optax.GradientTransformation:
-  wm = cfg.world_model
+def make_optimizer(wm: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  """Adam with global-norm clipping from the `world_model` section."""
   if wm.lr_decay_updates < 0:
     raise ValueError(f"world_model.lr_decay_updates={wm.lr_decay_updates}: expected ≥ 0 "
                      "(0: a constant learning rate)")
@@ -663,10 +665,10 @@ def _masked_mean(x, inside):
   return (x * inside).sum() / jnp.maximum(inside.sum(), 1)
 
 
-def loss(params, model: WorldModel, cfg: ml_collections.ConfigDict, batch: Sequence, key,
+def loss(params, batch: Sequence, key, wm: ml_collections.ConfigDict, *, model: WorldModel,
          axis_name: str | None = None):
-  """World-model loss on windows [L, B]; returns (loss, (posteriors, metrics))."""
-  wm = cfg.world_model
+  """World-model loss on windows [L, B] with the `world_model` section's KL weights;
+  returns (loss, (posteriors, metrics))."""
   posts, priors, next_prior, target, predicted, inside = _rollforward(params, model, batch, key)
   features = posts.features
   obs_axes = tuple(range(2, batch.obs.ndim))
@@ -695,7 +697,6 @@ def loss(params, model: WorldModel, cfg: ml_collections.ConfigDict, batch: Seque
              + wm.rep_scale * jnp.maximum(rep, wm.free_nats))
   total = (squared_error.mean() + std_nll.mean() + reward_loss.mean() + continue_loss.mean()
            + kl_loss.mean() + delta_loss)
-  pmean = (lambda x: x) if axis_name is None else (lambda x: jax.lax.pmean(x, axis_name))
   metrics = {
       "wm/loss": total,
       "wm/recon": jnp.square(mean - target).mean(),
@@ -706,14 +707,16 @@ def loss(params, model: WorldModel, cfg: ml_collections.ConfigDict, batch: Seque
       "wm/one_step_error": jax.lax.stop_gradient(_masked_mean(one_step.mean(obs_axes), inside)),
       "wm/copy_last_error": copy_last_observation_error(batch.obs, batch.is_first),
   }
-  return pmean(total), (jax.lax.stop_gradient(posts), jax.tree.map(pmean, metrics))
+  return pmean(total, axis_name), (jax.lax.stop_gradient(posts),
+                                    jax.tree.map(lambda m: pmean(m, axis_name), metrics))
 
 
-def update(state: WorldModelState, batch: Sequence, key, *, model: WorldModel, optimizer,
-           cfg: ml_collections.ConfigDict, axis_name: str | None = None):
-  """One optimiser step; returns (state, posteriors [L, B] (no gradient), metrics)."""
-  grads, (posts, metrics) = jax.grad(loss, has_aux=True)(state.params, model, cfg, batch, key,
-                                                         axis_name)
+def update(state: WorldModelState, batch: Sequence, key, wm: ml_collections.ConfigDict, *,
+           model: WorldModel, optimizer, axis_name: str | None = None):
+  """One optimiser step with the `world_model` section; returns (state, posteriors [L, B]
+  (no gradient), metrics)."""
+  grads, (posts, metrics) = jax.grad(loss, has_aux=True)(state.params, batch, key, wm,
+                                                         model=model, axis_name=axis_name)
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
   metrics["wm/grad_norm"] = optax.tree.norm(grads)
   return WorldModelState(optax.apply_updates(state.params, updates), opt_state), posts, metrics

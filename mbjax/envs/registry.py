@@ -48,8 +48,27 @@ _FACTORIES: dict[str, Callable[..., tuple[Environment, Any]]] = {
 }
 
 
+def _bonk_arena_rules() -> str:
+  from mbjax.envs.bonk_arena import game
+
+  return str(game.RULES_VERSION)
+
+
+# Environments whose rules have a version (returns under other versions are not comparable):
+# name → the version this code implements. Others have version "".
+_VERSIONS: dict[str, Callable[[], str]] = {
+    "bonk_arena": _bonk_arena_rules,
+    "bonk_arena_directives": _bonk_arena_rules,
+}
+
+
 def names() -> tuple[str, ...]:
   return tuple(sorted(_FACTORIES))
+
+
+def version(name: str) -> str:
+  """The rules version this code implements for env `name` ("" when it has none)."""
+  return _VERSIONS[name]() if name in _VERSIONS else ""
 
 
 def make(name: str, **kwargs) -> tuple[Environment, Any]:

@@ -4,8 +4,11 @@ Feed-forward (`core="none"`) it is PureJaxRL's network: separate actor and criti
 towers on the observation, orthogonal init, a state-independent log-std. With a core
 (`"gru"`, `"lstm"`, `"cfc"` or `"mamba"`, see `mbjax.nets.cores`) an MLP embedding feeds the
 core and both towers read its output; the recurrent state is an explicit carry that is
-zeroed where `is_first` marks an episode start. `sequence` applies the network to a whole
-time-major sequence through the core's parallel path (Mamba); it equals stepping.
+zeroed where `is_first` marks an episode start. An optional `dt` f32[B] gives the elapsed
+time since the previous step to cores that take it (CfC: real timestamps from an irregular
+source such as the game bridge); without it a step lasts 1, and other cores ignore it.
+`sequence` applies the network to a whole time-major sequence through the core's parallel
+path (Mamba); it equals stepping.
 Pixel observations (uint8, rank 3) go through a small shared CNN first.
 """
 from __future__ import annotations
@@ -59,18 +62,19 @@ class PixelEncoder(nn.Module):
 
 
 class ActorCritic(nn.Module):
-  """Maps (carry, obs, is_first, mask) to (carry, action distribution, value).
+  """Maps (carry, obs, is_first, mask[, dt]) to (carry, action distribution, value).
 
-  Shapes: obs [B, *obs_shape], is_first bool[B], mask bool[B, sum(branches)], value f32[B].
+  Shapes: obs [B, *obs_shape], is_first bool[B], mask bool[B, sum(branches)], dt f32[B],
+  value f32[B].
   """
 
   spec: HybridActionSpec
-  hidden_sizes: Sequence[int] = (64, 64)
-  activation: str = "tanh"
-  core: str = "none"  # one of cores.CORES
-  core_size: int = 128
-  squash: Squash = "clip"
-  core_options: CoreOptions = CoreOptions()
+  hidden_sizes: Sequence[int]
+  activation: str
+  core: str  # one of cores.CORES
+  core_size: int
+  squash: Squash
+  core_options: CoreOptions
 
   def setup(self):
     if self.core not in cores.CORES:
@@ -93,16 +97,18 @@ class ActorCritic(nn.Module):
   def initial_carry(self, batch_size: int) -> Carry:
     return initial_carry(self.core, self.core_size, batch_size, self.core_options)
 
-  def _features(self, carry, obs, is_first):
+  def _features(self, carry, obs, is_first, dt):
     if obs.ndim == 4:
       obs = self.pixel_encoder(obs)
     if self.core == "none":
       return carry, obs
+    if cores.takes_dt(self.core):
+      return self.cell(carry, self.embed(obs), is_first, dt)
     return self.cell(carry, self.embed(obs), is_first)
 
-  def __call__(self, carry, obs, is_first, mask):
+  def __call__(self, carry, obs, is_first, mask, dt=None):
     chex.assert_rank(is_first, 1)
-    carry, features = self._features(carry, obs, is_first)
+    carry, features = self._features(carry, obs, is_first, dt)
     distribution, value = self._heads(features, mask)
     return carry, distribution, value
 
@@ -135,9 +141,9 @@ class ActorCritic(nn.Module):
     value = self.value_head(self.critic_torso(features))[..., 0]
     return distribution, value
 
-  def value(self, carry, obs, is_first):
+  def value(self, carry, obs, is_first, dt=None):
     """The critic alone (used to bootstrap from final observations)."""
-    _, features = self._features(carry, obs, is_first)
+    _, features = self._features(carry, obs, is_first, dt)
     return self.value_head(self.critic_torso(features))[..., 0]
 
 

@@ -2,6 +2,8 @@
 
 A core is a flax module called as `core(carry, x f32[b, F], is_first bool[b]) ->
 (carry, features f32[b, size])`: one step, with the carry zeroed where `is_first`. Cores in
+`TIMED_CORES` also take `dt` f32[b], the elapsed time since the previous step (1 when not
+given); the others assume a fixed step. Cores in
 `SEQUENCE_CORES` also have `core.sequence(carry, xs [L, b, F], is_first [L, b]) -> (carry,
 features [L, b, size])`, a whole-sequence path equal to stepping (Mamba's parallel scan);
 the others are unrolled one step at a time by `lax.scan`. `initial_carry` gives the zero
@@ -18,13 +20,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mbjax.nets import mamba
-from mbjax.nets.cfc import CfCCell
+from mbjax.nets import cfc, mamba
 from mbjax.nets.ssm import SCAN_PATHS
 
 Carry = Any
 CORES = ("none", "gru", "lstm", "cfc", "mamba")
 SEQUENCE_CORES = ("mamba",)
+TIMED_CORES = ("cfc",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,10 +39,13 @@ class CoreOptions:
   expand: int = 2  # d_inner = expand × core_size
   scan_path: str = "sequential"  # one of ssm.SCAN_PATHS
   scan_chunk: int = 16  # time steps per chunk of the chunked scan
+  cfc_mode: str = "default"  # one of cfc.MODES
 
   def __post_init__(self):
     if self.scan_path not in SCAN_PATHS:
       raise ValueError(f"scan_path must be one of {SCAN_PATHS}, got {self.scan_path!r}")
+    if self.cfc_mode not in cfc.MODES:
+      raise ValueError(f"cfc_mode must be one of {cfc.MODES}, got {self.cfc_mode!r}")
 
 
 class RNNCellCore(nn.Module):
@@ -59,10 +64,11 @@ class RNNCellCore(nn.Module):
 
 class CfCCore(nn.Module):
   size: int
+  mode: str = "default"
 
   @nn.compact
   def __call__(self, carry, x, is_first, dt=None):
-    return CfCCell(self.size)(carry, x, is_first, dt)
+    return cfc.CfCCell(self.size, mode=self.mode)(carry, x, is_first, dt)
 
 
 def _zero_where(is_first, zero, carry):
@@ -75,7 +81,7 @@ def make_core(kind: str, size: int, options: CoreOptions = CoreOptions()) -> nn.
   if kind in ("gru", "lstm"):
     return RNNCellCore(kind, size)
   if kind == "cfc":
-    return CfCCore(size)
+    return CfCCore(size, options.cfc_mode)
   if kind == "mamba":
     return mamba.MambaStack(size, options.mamba_layers, options.ssm_state_size,
                             options.conv_size, options.expand, options.scan_path,
@@ -102,3 +108,7 @@ def initial_carry(kind: str, size: int, batch_size: int,
 
 def has_sequence_path(kind: str) -> bool:
   return kind in SEQUENCE_CORES
+
+
+def takes_dt(kind: str) -> bool:
+  return kind in TIMED_CORES

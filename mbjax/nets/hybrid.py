@@ -7,8 +7,19 @@ branch has its own mask slice, and the continuous part has an explicit squash:
 * `"clip"` (default): the policy samples u ~ N(μ, σ); the env receives clip(u, -1, 1). The
   log-prob and entropy are those of the Gaussian over u (CleanRL/PureJaxRL convention).
 * `"tanh"`: the env receives a = tanh(u), and the log-prob includes the change of variables,
-  log p(a) = log N(u; μ, σ) − Σ log(1 − tanh²(u)). The squashed entropy has no closed form;
-  `entropy()` returns the Gaussian's, the usual surrogate for the entropy bonus.
+  log p(a) = log N(u; μ, σ) − Σ log(1 − tanh²(u)). `entropy()` returns the Gaussian's, the
+  usual surrogate for the entropy bonus, which overstates the entropy of a by
+  −Σ_d E[log(1 − tanh²(u_d))] ≥ 0 (2 to 22 nats over 3 dims in tests/test_hybrid.py's cases).
+  `entropy(squashed=True)` returns the entropy of a itself: the Gaussian's plus that
+  expectation, one integral per dim (the dims are independent), taken by quadrature — no
+  samples, no key, deterministic, differentiable in μ and σ, and within 2e-7 nats per dim of
+  a fine-grid integral in float64 over μ ∈ [−5, 10], σ ∈ [1e-3, 100]. With
+  g(u) = log(1 − tanh²(u)) = −2 log cosh u (analytic):
+  - σ ≤ 0.7: 16-node Gauss–Hermite in the reparameterised u = μ + √2·σ·xᵢ.
+  - σ > 0.7, where Gauss–Hermite nodes become too sparse for the curvature of g near 0:
+    g(u) = 2 log 2 − 2|u| − 2 log(1 + e^{−2|u|}), with E|u| in closed form (the folded
+    normal's mean) and the last term, which decays as e^{−2|u|}, by 32-node Gauss–Legendre
+    on [0, 12] and its mirror against the Gaussian density.
 
 Either way the *raw* sample u is what a rollout stores, so log-probs are recomputed exactly
 (no atanh of a saturated action). The joint log-prob and entropy are sums over all parts.
@@ -24,6 +35,7 @@ import distrax
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from mbjax.envs.spaces import HybridAction, HybridActionSpec
 
@@ -33,6 +45,35 @@ Squash = Literal["clip", "tanh"]
 
 def mask_logits(logits: jax.Array, mask: jax.Array) -> jax.Array:
   return jnp.where(mask, logits, MASKED_LOGIT)
+
+
+_HERMITE_NODES, _HERMITE_WEIGHTS = np.polynomial.hermite.hermgauss(16)
+_LEGENDRE_NODES, _LEGENDRE_WEIGHTS = np.polynomial.legendre.leggauss(32)
+_TAIL_END = 12.0  # log(1 + e^{−2u}) < 1e-10 beyond it
+_NARROW = 0.7  # σ up to which Gauss–Hermite is used (module docstring)
+
+
+def expected_tanh_log_det(mean: jax.Array, std: jax.Array) -> jax.Array:
+  """E[log(1 − tanh²(u))] for u ~ N(mean, std²), elementwise (module docstring)."""
+  dtype = jnp.result_type(mean, std)
+  # Each branch sees a std clamped into its own range, so the other's gradient stays finite
+  # (`where`, not min/max, which would split the gradient at σ = _NARROW).
+  is_narrow = std <= _NARROW
+  narrow = jnp.where(is_narrow, std, _NARROW)[..., None]
+  u = mean[..., None] + np.sqrt(2.0) * narrow * _HERMITE_NODES.astype(dtype)
+  log_det = 2.0 * (np.log(2.0) - u - jax.nn.softplus(-2.0 * u))
+  by_hermite = (log_det * _HERMITE_WEIGHTS.astype(dtype)).sum(-1) / np.sqrt(np.pi)
+
+  wide = jnp.where(is_narrow, _NARROW, std)
+  abs_mean = (wide * np.sqrt(2.0 / np.pi) * jnp.exp(-0.5 * jnp.square(mean / wide))
+              + mean * jax.scipy.special.erf(mean / (np.sqrt(2.0) * wide)))
+  v = (0.5 * _TAIL_END * (_LEGENDRE_NODES + 1.0)).astype(dtype)  # [0, _TAIL_END]
+  weights = (0.5 * _TAIL_END * _LEGENDRE_WEIGHTS).astype(dtype)
+  density = lambda x: jnp.exp(-0.5 * jnp.square((x - mean[..., None]) / wide[..., None])) / (
+      np.sqrt(2.0 * np.pi) * wide[..., None])
+  tail = (weights * jnp.log1p(jnp.exp(-2.0 * v)) * (density(v) + density(-v))).sum(-1)
+  by_parts = 2.0 * np.log(2.0) - 2.0 * abs_mean - 2.0 * tail
+  return jnp.where(is_narrow, by_hermite, by_parts)
 
 
 @flax.struct.dataclass
@@ -98,9 +139,14 @@ class HybridDistribution:
       kl += (jnp.exp(log_p) * (log_p - log_q)).sum(-1)
     return kl
 
-  def entropy(self) -> jax.Array:
-    """Joint entropy, f32[...] (the Gaussian's for the continuous part, see module doc)."""
+  def entropy(self, squashed: bool = False) -> jax.Array:
+    """Joint entropy, f32[...]. The continuous part is the Gaussian's, or with `squashed`
+    (squash="tanh" only) the estimated entropy of tanh(u) (see module doc)."""
     entropy = self._normal().entropy().sum(-1)
+    if squashed:
+      if self.squash != "tanh":
+        raise ValueError(f"the squashed entropy needs squash='tanh', got {self.squash!r}")
+      entropy += expected_tanh_log_det(self.mean, jnp.exp(self.log_std)).sum(-1)
     for branch_logits in self.logits:
       entropy += distrax.Categorical(logits=branch_logits).entropy()
     return entropy

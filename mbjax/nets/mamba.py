@@ -23,7 +23,9 @@ Differs from upstream MetaBonk (`src/neuro_genie/mamba_policy.py`, §5.2 of the 
 conv state is cached, so token-by-token stepping reproduces the sequence output exactly;
 state is an explicit carry (no module attribute, nothing leaks between calls); resets are
 inputs; there is a trainable sequence path. Same initialisations: A = −(1..N) per channel
-(S4D-real), D = 1, Δ bias = softplus⁻¹ of a log-uniform draw in [dt_min, dt_max].
+(S4D-real), D = 1, Δ bias = softplus⁻¹ of a log-uniform draw in [dt_min, dt_max], LayerNorm
+ε = 1e-5. `tests/test_parity.py` checks the selective scan against state-spaces/mamba's
+`selective_scan_ref` and a block against its `Mamba` mixer behind a LayerNorm.
 """
 from __future__ import annotations
 
@@ -36,6 +38,8 @@ import jax
 import jax.numpy as jnp
 
 from mbjax.nets import ssm
+
+LAYER_NORM_EPS = 1e-5  # upstream Mamba's norm_epsilon (flax's LayerNorm defaults to 1e-6)
 
 
 class MambaState(NamedTuple):
@@ -102,7 +106,7 @@ class MambaBlock(nn.Module):
 
   def setup(self):
     d_inner, rank = self.d_inner, self.rank
-    self.norm = nn.LayerNorm()
+    self.norm = nn.LayerNorm(epsilon=LAYER_NORM_EPS)
     self.in_proj = nn.Dense(2 * d_inner, use_bias=False)
     # Depthwise conv taps, oldest first: tap k multiplies the input conv_size − 1 − k steps ago.
     self.conv_kernel = self.param(
@@ -179,7 +183,7 @@ class MambaStack(nn.Module):
     self.blocks = [MambaBlock(self.d_model, self.d_state, self.conv_size, self.expand,
                               scan_path=self.scan_path, chunk_size=self.chunk_size)
                    for _ in range(self.num_layers)]
-    self.norm = nn.LayerNorm()
+    self.norm = nn.LayerNorm(epsilon=LAYER_NORM_EPS)
 
   def initial_carry(self, batch_size: int) -> tuple[MambaState, ...]:
     return initial_state(batch_size, self.d_model, self.num_layers, self.d_state,
@@ -254,10 +258,10 @@ def _project(x, rows):
   return jnp.dot(x.astype(rows.dtype), rows.T, preferred_element_type=x.dtype)
 
 
-def _layer_norm(x, scale, bias, epsilon=1e-6):
+def _layer_norm(x, scale, bias):
   centred = x - x.mean(-1, keepdims=True)
-  return centred * jax.lax.rsqrt(jnp.square(centred).mean(-1, keepdims=True) + epsilon) * (
-      scale) + bias
+  variance = jnp.square(centred).mean(-1, keepdims=True)
+  return centred * jax.lax.rsqrt(variance + LAYER_NORM_EPS) * scale + bias
 
 
 def fast_step(weights: StepWeights, carry: tuple[MambaState, ...], u: jax.Array,

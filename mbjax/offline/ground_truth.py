@@ -146,6 +146,21 @@ def record_atari_clip(game_name: str, seed: int, steps: int, path: str, fps: int
   return {"length": len(frames), "return": float(rewards.sum()), "menu_frames": 0}
 
 
+def check_rules_version(index: dict, index_path: str) -> None:
+  """Raises ValueError if any BonkArena episode of a dataset index was recorded under other
+  game rules than this code plays (an entry without `rules_version` predates version 2):
+  its rewards and episode ends would be silently compared with the current game's."""
+  stale = {stem: entry.get("rules_version", 1) for stem, entry in index.items()
+           if entry.get("source") == "bonk_arena"
+           and entry.get("rules_version", 1) != game.RULES_VERSION}
+  if stale:
+    stem, version = next(iter(stale.items()))
+    raise ValueError(
+        f"{index_path}: {len(stale)} episode(s) (e.g. {stem!r}) were recorded under BonkArena "
+        f"rules version {version}; this code plays version {game.RULES_VERSION}. Record into "
+        "a new directory (or delete the old episodes) instead of mixing rules.")
+
+
 def record_dataset(out_dir: str, settings: Settings,
                    progress: Callable[[str], None] | None = None) -> dict:
   """Records what `settings` asks for into `out_dir` (skipping what is already there);
@@ -154,6 +169,7 @@ def record_dataset(out_dir: str, settings: Settings,
   os.makedirs(out_dir, exist_ok=True)
   index_path = os.path.join(out_dir, "dataset.json")
   index = json.load(open(index_path)) if os.path.exists(index_path) else {}
+  check_rules_version(index, index_path)
   variants = [parse_variant(v) for v in s.variants]
   policies = {}  # name -> (env, policy_fn), built once
   episode_fns = {}  # (policy, variant) -> jitted episode function
@@ -174,7 +190,8 @@ def record_dataset(out_dir: str, settings: Settings,
     if (name, camera, palette) not in episode_fns:
       episode_fns[(name, camera, palette)] = recording.make_episode_fn(
           env, params, with_menu_dwell(policy_fn, s.menu_pick_prob), renderer)
-    meta = {"source": "bonk_arena", "policy": name, "checkpoint": s.checkpoint,
+    meta = {"source": "bonk_arena", "rules_version": game.RULES_VERSION,
+            "policy": name, "checkpoint": s.checkpoint,
             "seed": s.seed, "episode": i, "pixel_size": s.pixel_size,
             "camera": camera, "palette": palette, "upgrade_hud": s.upgrade_hud,
             "view_fraction": renderer.view_fraction, "menu_pick_prob": s.menu_pick_prob}

@@ -18,23 +18,16 @@ after) predicts the action chosen on frame t, whose effect shows in frame t+1.
     luma differences for every displacement up to ± `motion_radius` pixels of a grid
     pooled to `cost_grid` pixels a side — half resolution by default — averaged per stem
     cell), and the encoder adds `flow_heads` soft-arg-min flow estimates pooled by learned
-    attention over the cells (see `MotionEncoder`).
-    Measured on BonkArena ground truth (128² chunks from 256-px recordings, 12 labelled
-    chunks, 16 held-out chunks, gameplay frames; one run each, 2026-11-26): "stem" stayed
-    at held-out R² ≈ 0 after 1,000 steps (−0.04; the player's ~1.6 px per frame is lost in
-    the 8×8 stem patches); a full-resolution convolution over the frame pair cost 4.4× the
-    training-step CPU time of "stem" and was not pursued; the cost volume read the
-    following camera at once (R² 0.91 after 125 steps) but not the fixed one (≈ 0 after
-    250: uniform attention averages the one moving sprite away) until the attention
-    started from where something changed (the cost of not moving): fixed 0.38 after 125
-    steps. Matching at full resolution (`cost_grid=128` on 128² frames) took the
-    4,000-step `:arena` IDM from 0.884 to 0.913 on the same data (fixed camera 0.83 →
-    0.88), at 1.7× the training-step time. BENCHMARKS.md has the pipeline's numbers.
+    attention over the cells (see `MotionEncoder`). On BonkArena the stem map loses the
+    player's ~1.6 px per frame in its patches; the cost volume reads it, once the attention
+    starts from where something changed (uniform attention averages the one moving sprite
+    away), and best at full resolution (BENCHMARKS.md "Offline video pipeline";
+    docs/experiments/2026-11-26-offline-idm-and-reward-model.md).
   * Per window: `TemporalHead` reads the W embeddings and W−1 motion vectors; the
     continuous head reads only the motion vectors (`continuous_from_motion`, default), so
     it cannot fit the move from where things are in the frame — with a few thousand
-    labelled frames a head that could, did (training R² ≈ 0.9, held-out −0.1 in an early
-    BonkArena run) — and the branch heads read everything.
+    labelled frames a head that could, did, and did not generalise — and the branch heads
+    read everything.
 Labelling a chunk of T frames therefore costs T frame passes, T pair passes and T small
 window heads (`label` encodes the edge-padded chunk once and slides the window over the
 results). Upstream MetaBonk instead encoded each window's 7 frames anew and concatenated
@@ -43,15 +36,13 @@ results). Upstream MetaBonk instead encoded each window's 7 frames anew and conc
 Training: masked MSE on the continuous dims, class-weighted masked cross-entropy per branch,
 AdamW. Each clip is rolled by a random shift of up to `cfg.shift` pixels (the same for all
 its frames, so displacements are unchanged), so motion is not tied to where a sprite sits
-on the patch grid; it matters when labelled frames are few (synthetic test, 400 frames:
-R² 0.50 → 0.79) and not with more (1,600 frames: 0.95 either way). A `motion_fraction`
-of each batch is placed on frames whose move is visible (BonkArena's labelled clips of the
-trained agent were mostly paused menu frames, which teach the move nothing). A
+on the patch grid; it matters when labelled frames are few and not with more. A
+`motion_fraction` of each batch is placed on frames whose move is visible (BonkArena's
+labelled clips of the trained agent were mostly paused menu frames, which teach the move
+nothing). A
 `symmetry_fraction` of the clips is mirrored or transposed with the move transformed to
-match (`random_symmetry`; top-down games only): on the BonkArena run it moved held-out R²
-from 0.80 to 0.81 (fixed camera 0.75 → 0.76; one run each, so within noise); with a
-3-frame window as well it gave 0.84 (fixed 0.78, follow 0.91), and 0.884 after 4,000 steps
-(fixed 0.83, follow 0.94); `:arena` uses these settings with a 128-px matching grid (0.913).
+match (`random_symmetry`; top-down games only); `:arena` uses it with a 3-frame window and
+a 128-px matching grid.
 
 API (all shapes static; `IDMConfig` and the `HybridActionSpec` are hashable, so they are
 static jit arguments, carried as static fields of `IDMState`):
@@ -73,8 +64,7 @@ Ground truth (BonkArena, `mbjax/envs/bonk_arena`):
   * While the level-up menu is open the game is paused: the move has no visible effect,
     so those frames carry no movement label (`continuous_valid` False when the menu flag
     is known) and are not scored for it (`evaluate_labels(move_visible=...)`). A move
-    into a wall is likewise invisible; it stays labelled (no flag; 1 of ~2,200 held-out
-    gameplay frames in the 2026-11-26 recordings).
+    into a wall is likewise invisible; it stays labelled (no flag; such frames are rare).
   * The card choice is visible only on menu frames (next frame: menu closed, and, with the
     renderer's upgrade HUD strip, which count went up). On gameplay frames the cards are
     masked and the label is always the no-op, so overall accuracy is dominated by them:

@@ -332,6 +332,8 @@ def truth_for_chunk(arrays: dict, name: str) -> dict | None:
   meta = chunks_lib.decode_meta(arrays["meta"], name)
   with np.load(truth_path, allow_pickle=False) as npz:
     truth = {k: npz[k] for k in npz.files}
+  ground_truth_lib.check_rules_version(
+      {truth_path: json.loads(str(truth.get("meta", "{}")))}, truth_path)
   steps = len(truth["rewards"])
   index = video_lib.source_frame_indices(meta, arrays["observations"].shape[0],
                                          float(truth["fps"]))

@@ -17,17 +17,41 @@ which a tiny update outvotes a large one as easily as any other (`vote="count"`)
 differ exactly where the many agree in direction but the few are larger: for the entries
 [0.1, 0.1, −1.0] the mass vote elects − and merges to −1.0, the count vote elects + and
 merges to 0.1. Upstream also trims per tensor only and never scales by λ; here trimming is
-per tensor (upstream) or over the whole task vector (`scope="global"`, as the paper's
-flattened-vector formulation), and λ defaults to 1.
+per tensor (`scope="tensor"`, upstream and mergekit) or over the whole task vector
+(`scope="global"`, the paper's flattened vector and the TIES authors' code), and λ defaults
+to 1.
 
-Tie rules (the paper leaves both open; ours are deterministic and permutation-invariant):
-- Trim: keep m = ⌈k·n⌉ entries (at least one) of n; the threshold is the m-th largest
-  magnitude and *every* entry at least that large is kept, so magnitudes tied at the
-  threshold are all kept (possibly more than m) rather than split by memory order.
-- Elect: a coordinate whose vote sums to exactly zero (equal mass, or equal counts) has no
-  elected sign and merges to 0, as upstream's count vote does.
-- Disjoint mean: an entry agrees when its sign equals the elected sign, so trimmed zeros
-  never count; a coordinate where nothing agrees merges to 0.
+The paper leaves two tie rules open, and the reference implementations fill them
+differently; each is an argument here (`trim_rule`, `sign_tie`):
+
+- How many entries the trim keeps of n, with k·n taken exactly (k as written in decimal,
+  so 0.3·10 is 3, not the float 3.0000000000000004), and never fewer than one:
+  - `"ceil"` (default): m = ⌈k·n⌉; the threshold is the m-th largest magnitude and every
+    entry at least that large is kept, so ties at the threshold may keep more than m.
+  - `"floor_plus_one"`: m = ⌊k·n⌋ + 1, ties at the threshold kept: the TIES authors'
+    `topk_values_mask` (github.com/prateeky2806/ties-merging).
+  - `"floor_first"`: exactly m = ⌊k·n⌋, ties at the threshold going to the lowest flat
+    index: mergekit's magnitude sparsification (`sparsify.magnitude`; it refuses m = 0).
+- What a coordinate whose vote sums to exactly zero (equal mass, equal counts, or nothing
+  left after the trim) elects:
+  - `"zero"` (default): no sign; the coordinate merges to 0, as upstream's count vote does.
+  - `"majority"`: the sign of the sum of the elected signs over the whole task vector (the
+    authors' `resolve_zero_signs`); where that sum is 0 too the coordinate stays at 0 (the
+    authors' code would then average its negative entries).
+  - `"positive"`: + (mergekit's `get_mask`, `sign_weight >= 0`).
+  Then the disjoint mean: an entry agrees when its sign equals the elected sign, so trimmed
+  zeros never count; a coordinate where nothing agrees merges to 0.
+
+So `scope="global", trim_rule="floor_plus_one", sign_tie="majority"` is the authors' code and
+`scope="tensor", trim_rule="floor_first", sign_tie="positive"` is mergekit's `ties` (with
+`vote="mass"` its default consensus "sum", with `vote="count"` its "count");
+`tests/test_parity.py` checks both against
+outputs of their code. The defaults are kept for three properties the alternatives lack: the
+merge does not depend on the order of the parameters in memory (`"floor_first"` does, at
+threshold ties); a zero-sum coordinate is not decided by the rest of the vector (as with
+`"majority"`); and negating every task vector negates the merge (`"positive"` favours +).
+Of the counts that keep threshold ties, ⌈k·n⌉ keeps exactly k·n entries when that is whole,
+where ⌊k·n⌋ + 1 keeps one more than asked.
 
 Gating (the architecture note's open question "what metrics should gate merging vs keeping
 specialists apart"): per pair of task vectors, the cosine similarity and the sign-conflict
@@ -41,6 +65,7 @@ Every function here is pure: no I/O, pytrees in and out. The array functions jit
 from __future__ import annotations
 
 import dataclasses
+import fractions
 import math
 from typing import Any, Sequence
 
@@ -97,32 +122,52 @@ def task_arithmetic(vectors: Sequence[PyTree], lam: float = 1.0, weights=None) -
   return jax.tree.map(lambda x: lam * x, total)
 
 
-def _keep_count(k: float, n: int) -> int:
+TRIM_RULES = ("ceil", "floor_plus_one", "floor_first")
+SIGN_TIES = ("zero", "majority", "positive")
+
+
+def _keep_count(k: float, n: int, rule: str) -> int:
+  """How many of n entries the trim keeps (module docstring), from k·n taken exactly."""
   if not 0.0 < k <= 1.0:
     raise ValueError(f"trim fraction k must be in (0, 1], got {k}")
-  return min(n, max(1, math.ceil(k * n)))
+  kn = fractions.Fraction(repr(float(k))) * n
+  if rule == "ceil":
+    m = math.ceil(kn)
+  elif rule == "floor_plus_one":
+    m = math.floor(kn) + 1
+  elif rule == "floor_first":
+    m = math.floor(kn)
+  else:
+    raise ValueError(f"trim_rule must be one of {TRIM_RULES}, got {rule!r}")
+  return min(n, max(1, m))
 
 
-def _threshold(magnitudes: jax.Array, k: float) -> jax.Array:
-  """The m-th largest of a flat array of magnitudes, m = ⌈k·n⌉."""
-  m = _keep_count(k, magnitudes.size)
-  return jnp.sort(magnitudes)[magnitudes.size - m]
+def _keep_mask(magnitudes: jax.Array, k: float, rule: str) -> jax.Array:
+  """bool mask of the entries of a flat array of magnitudes that the trim keeps."""
+  n = magnitudes.size
+  m = _keep_count(k, n, rule)
+  if rule == "floor_first":
+    # A stable sort of −|x| puts equal magnitudes in index order, so the first m win.
+    order = jnp.argsort(-magnitudes, stable=True)
+    return jnp.zeros((n,), bool).at[order[:m]].set(True)
+  return magnitudes >= jnp.sort(magnitudes)[n - m]
 
 
-def trim(vector: PyTree, k: float, scope: str = "tensor") -> PyTree:
+def trim(vector: PyTree, k: float, scope: str = "tensor", trim_rule: str = "ceil") -> PyTree:
   """Keeps each tensor's (scope="tensor") or the whole vector's (scope="global") top-k
-  fraction of entries by magnitude and zeroes the rest; ties at the threshold are kept."""
+  fraction of entries by magnitude and zeroes the rest; `trim_rule` says how many and what
+  happens to ties at the threshold (module docstring)."""
   if scope == "tensor":
-    return jax.tree.map(
-        lambda x: jnp.where(jnp.abs(x) >= _threshold(jnp.abs(x).ravel(), k), x, 0), vector)
+    return jax.tree.map(lambda x: jnp.where(
+        _keep_mask(jnp.abs(x).ravel(), k, trim_rule).reshape(x.shape), x, 0), vector)
   if scope == "global":
-    leaves = jax.tree.leaves(vector)
+    leaves, tree = jax.tree.flatten(vector)
     if not leaves:
       return vector
     flat = jnp.concatenate([jnp.abs(x).ravel().astype(jnp.float32) for x in leaves])
-    cut = _threshold(flat, k)
-    return jax.tree.map(lambda x: jnp.where(jnp.abs(x).astype(jnp.float32) >= cut, x, 0),
-                        vector)
+    keep = jnp.split(_keep_mask(flat, k, trim_rule), np.cumsum([x.size for x in leaves])[:-1])
+    return jax.tree.unflatten(tree, [jnp.where(kept.reshape(x.shape), x, 0)
+                                     for x, kept in zip(leaves, keep)])
   raise ValueError(f"trim scope must be 'tensor' or 'global', got {scope!r}")
 
 
@@ -136,6 +181,20 @@ def elect_sign(stacked: jax.Array, vote: str = "mass") -> jax.Array:
   raise ValueError(f"vote must be 'mass' or 'count', got {vote!r}")
 
 
+def resolve_sign_ties(signs: PyTree, sign_tie: str = "zero") -> PyTree:
+  """Elected signs (a pytree of {−1, 0, +1}) with the zeros resolved by `sign_tie`."""
+  if sign_tie == "zero":
+    return signs
+  if sign_tie == "positive":
+    fill = 1.0
+  elif sign_tie == "majority":
+    # Integer counts: a float32 sum of ±1 stops being exact past 2²⁴ coordinates.
+    fill = jnp.sign(sum(jnp.sum(s.astype(jnp.int32)) for s in jax.tree.leaves(signs)))
+  else:
+    raise ValueError(f"sign_tie must be one of {SIGN_TIES}, got {sign_tie!r}")
+  return jax.tree.map(lambda s: jnp.where(s == 0, fill, s).astype(s.dtype), signs)
+
+
 def disjoint_mean(stacked: jax.Array, sign: jax.Array) -> jax.Array:
   """Mean over the entries whose sign equals the elected one; 0 where none does."""
   chex.assert_equal_shape([stacked[0], sign])
@@ -146,15 +205,19 @@ def disjoint_mean(stacked: jax.Array, sign: jax.Array) -> jax.Array:
 
 
 def ties_merge(vectors: Sequence[PyTree], k: float = 0.2, lam: float = 1.0,
-               vote: str = "mass", scope: str = "tensor") -> PyTree:
+               vote: str = "mass", scope: str = "tensor", trim_rule: str = "ceil",
+               sign_tie: str = "zero") -> PyTree:
   """TIES-Merging (Yadav et al. 2023): trim to top-k, elect sign, disjoint mean, scale by λ.
-  `vote="count"` with `scope="tensor"` and `lam=1` reproduces upstream's TIESMerger."""
-  trimmed = _stack([trim(v, k, scope) for v in vectors])
-  return jax.tree.map(lambda x: lam * disjoint_mean(x, elect_sign(x, vote)), trimmed)
+  `vote="count"` with `scope="tensor"` and `lam=1` reproduces upstream's TIESMerger; the
+  module docstring gives the settings of the authors' code and of mergekit."""
+  trimmed = _stack([trim(v, k, scope, trim_rule) for v in vectors])
+  signs = resolve_sign_ties(jax.tree.map(lambda x: elect_sign(x, vote), trimmed), sign_tie)
+  return jax.tree.map(lambda x, s: lam * disjoint_mean(x, s), trimmed, signs)
 
 
 def merge(vectors: Sequence[PyTree], method: str, *, lam: float = 1.0, k: float = 0.2,
-          scope: str = "tensor", weights=None) -> PyTree:
+          scope: str = "tensor", trim_rule: str = "ceil", sign_tie: str = "zero",
+          weights=None) -> PyTree:
   """One entry point by name: "mean", "task_arithmetic", "ties" (mass vote) or
   "ties_count" (upstream's count vote)."""
   if method == "mean":
@@ -164,7 +227,8 @@ def merge(vectors: Sequence[PyTree], method: str, *, lam: float = 1.0, k: float 
   if method in ("ties", "ties_count"):
     if weights is not None:
       raise ValueError("TIES takes no per-vector weights; scale the task vectors instead")
-    return ties_merge(vectors, k, lam, "mass" if method == "ties" else "count", scope)
+    return ties_merge(vectors, k, lam, "mass" if method == "ties" else "count", scope,
+                      trim_rule, sign_tie)
   raise ValueError(f"unknown merge method {method!r}")
 
 

@@ -160,7 +160,7 @@ class MotorPolicy:
     """A freshly initialised (untrained) motor of a directive config — for tests and for
     timing the loop without a checkpoint."""
     env = directives.DirectiveArena(**cfg.env.kwargs.to_dict())
-    network = ppo.make_network(cfg, env.action_spec())
+    network = ppo.make_network(cfg.network, env.action_spec())
     obs_shape = env.observation_shape()
     # One jitted init: eager flax init compiles every initialiser op on its own.
     params = jax.jit(network.init)(jax.random.PRNGKey(seed), network.initial_carry(1),
@@ -212,13 +212,20 @@ class Game(Protocol):
     ...
 
 
+RUNTIME_MENU_DWELL = 600
+
+
 class ArenaGame:
   """BonkArena in this process: `act` advances one tick; finished runs restart at once."""
 
   def __init__(self, env: BonkArena | None = None, params=None, seed: int = 0,
                frame_every: int = 0, render: bool = False):
     self.env = env or BonkArena(observation="vector")
-    self.params = params if params is not None else self.env.default_params()
+    # A card waits for System 2 or the VLM navigator as a real game waits for its player
+    # (no choice is forced within RUNTIME_MENU_DWELL steps, 10 s at 60 Hz); training keeps
+    # the game's short dwell limit.
+    self.params = (params if params is not None else
+                   self.env.default_params().replace(menu_dwell_limit=RUNTIME_MENU_DWELL))
     self.frame_every = frame_every  # attach a rendered frame every N steps (0: never)
     env, params = self.env, self.params
 
@@ -344,7 +351,9 @@ def arena_observation(state: codec.GameState, *, run_time_s: float, arena_size: 
         cards[slot, game.CARDS.index(name)] = 1.0
     out[layout["menu_cards"]] = cards.reshape(-1)
   ticks = max(run_time_s, 0.0) * update_hz
-  out[layout["time"]] = [min(ticks / time_limit, 1.0), min(ticks / time_limit, 1.0),
+  # The dwell entry is 0: a bridged game does not force a card after a dwell, so it does
+  # not count one.
+  out[layout["time"]] = [min(ticks / time_limit, 1.0), 0.0,
                          1.0 - (ticks % params.boss_interval) / params.boss_interval]
   return np.nan_to_num(out, nan=0.0, posinf=0.0, neginf=0.0)
 

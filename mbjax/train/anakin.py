@@ -23,7 +23,7 @@ import ml_collections
 
 from mbjax.agents import apex, ppo
 from mbjax.envs.base import Environment
-from mbjax.envs.wrappers import EpisodeStatistics, FrameStack, VecEnv
+from mbjax.envs.wrappers import EpisodeStatistics, FrameStack, VecEnv, unwrapped
 from mbjax.nets.hybrid import to_env_action
 from mbjax.train import finite
 
@@ -103,11 +103,14 @@ def make_train(cfg: ml_collections.ConfigDict, env: Environment, env_params: Any
   env = wrap_env(env, cfg)
   vec_env = VecEnv(env, cfg.env.reset_fraction)
   spec = env.action_spec(env_params)
-  network = ppo.make_network(cfg, spec)
-  optimizer = ppo.make_optimizer(cfg, num_updates)
+  network = ppo.make_network(cfg.network, spec)
+  optimizer = ppo.make_optimizer(cfg.ppo, num_updates)
   obs_shape, obs_dtype = env.observation_shape(env_params), env.observation_dtype(env_params)
   learners = apex.make_learners(cfg, spec, obs_shape)
   normalize = cfg.ppo.normalize_observations
+  # The env's per-episode `info` entries (e.g. BonkArena's menu_fraction), reported like the
+  # return: their values on the steps where episodes ended.
+  episode_keys = ("return", "length") + tuple(getattr(unwrapped(env), "episode_metrics", ()))
 
   def per_env_keys(key):
     return jax.vmap(jax.random.fold_in, (None, 0))(key, _env_indices(local_envs, axis_name))
@@ -142,14 +145,14 @@ def make_train(cfg: ml_collections.ConfigDict, env: Environment, env_params: Any
         obs=runner.obs, is_first=runner.is_first, carry=runner.carry, mask=mask,
         action=action, log_prob=log_prob, value=value, reward=reward, terminated=terminated,
         truncated=truncated, next_value=next_value)
-    stats = (done, info["episode_return"], info["episode_length"])
+    info = dict(info, **{"return": info["episode_return"], "length": info["episode_length"]})
+    stats = (done, {k: info[k] for k in episode_keys})
     runner = runner.replace(env_state=env_state, obs=obs, is_first=done, carry=carry, key=key)
     return runner, (transition, stats)
 
   def update(runner: RunnerState, coefficients: ppo.LossCoefficients | None = None
              ) -> tuple[RunnerState, dict]:
-    runner, (rollout, (done, ep_return, ep_length)) = jax.lax.scan(
-        env_step, runner, None, num_steps)
+    runner, (rollout, (done, ended)) = jax.lax.scan(env_step, runner, None, num_steps)
     key, update_key = jax.random.split(runner.key)
     agent, aux, metrics = apex.update(runner.agent, runner.aux, rollout, update_key,
                                       learners=learners, network=network,
@@ -161,10 +164,9 @@ def make_train(cfg: ml_collections.ConfigDict, env: Environment, env_params: Any
                                          rollout.reward, metrics, axis_name)
     episodes = _psum(done.sum(), axis_name)
     metrics["episode/count"] = episodes
-    metrics["episode/return"] = _psum(jnp.where(done, ep_return, 0).sum(), axis_name) / (
-        jnp.maximum(episodes, 1))
-    metrics["episode/length"] = _psum(jnp.where(done, ep_length, 0).sum(), axis_name) / (
-        jnp.maximum(episodes, 1))
+    for name, value in ended.items():
+      metrics[f"episode/{name}"] = _psum(jnp.where(done, value, 0).sum(), axis_name) / (
+          jnp.maximum(episodes, 1))
     metrics["reward/mean"] = _psum(rollout.reward.mean(), axis_name) / num_shards
     return runner.replace(agent=agent, aux=aux, key=key,
                           update_step=runner.update_step + 1), metrics

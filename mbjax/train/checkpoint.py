@@ -52,6 +52,10 @@ class Checkpointer:
     """
     saved_config = self._manager.restore(
         step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+    try:
+      config_lib.check_env_version(saved_config, f"checkpoint {self.directory}/{step}")
+    except ValueError as error:
+      raise IncompatibleCheckpointError(str(error)) from None
     differences = config_lib.incompatible_fields(saved_config, cfg)
     if differences:
       raise IncompatibleCheckpointError(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ml_collections
 
 from mbjax.agents import cpqe
+from mbjax.envs import registry
 
 # Fields that may differ between a checkpoint's config and the resuming run's: they steer
 # logging and saving only, never the numbers a run computes.
@@ -39,6 +40,9 @@ def base_config() -> ml_collections.ConfigDict:
   cfg.env.kwargs = ml_collections.ConfigDict()  # constructor arguments of that env
   cfg.env.frame_stack = 1
   cfg.env.reset_fraction = 1.0  # < 1: optimistic resets, see VecEnv
+  # The env's rules version (`mbjax.envs.registry.version`), filled in from env.name and
+  # recorded with every checkpoint, so one trained under other rules is refused on resume.
+  cfg.env.version = cfg.env.get_ref("name")._apply_op(registry.version)
 
   cfg.ppo = ml_collections.ConfigDict()
   cfg.ppo.num_steps = 128  # rollout length per env per update
@@ -56,6 +60,9 @@ def base_config() -> ml_collections.ConfigDict:
   cfg.ppo.normalize_advantages = True
   cfg.ppo.normalize_observations = False  # running mean/std of vector observations
   cfg.ppo.seq_len = 16  # BPTT chunk length for recurrent cores
+  # Entropy bonus on the tanh-squashed action's entropy instead of the pre-squash Gaussian's
+  # (network.squash="tanh" only; mbjax.nets.hybrid).
+  cfg.ppo.squashed_entropy = False
 
   cfg.network = ml_collections.ConfigDict()
   cfg.network.hidden_sizes = (64, 64)
@@ -71,6 +78,7 @@ def base_config() -> ml_collections.ConfigDict:
   cfg.network.scan_path = "sequential"  # sequential | associative | chunked (same numbers)
   cfg.network.scan_chunk = 16  # time steps per chunk of the chunked scan
   cfg.network.squash = "clip"  # clip | tanh, see mbjax.nets.hybrid
+  cfg.network.cfc_mode = "default"  # default | no_gate | pure (ncps's modes, mbjax.nets.cfc)
 
   # The auxiliary learners run after every PPO update, in this order (mbjax.agents.apex).
   cfg.world_model = ml_collections.ConfigDict()
@@ -91,7 +99,7 @@ def base_config() -> ml_collections.ConfigDict:
   cfg.world_model.max_grad_norm = 1000.0
   cfg.world_model.free_nats = 1.0
   # Vectors: a head trained on symlog(o_{t+1}) − symlog(o_t) from o_t and a_t (the one-step
-  # prediction adds it to o_t). Off keeps the parameter layout of older checkpoints.
+  # prediction adds it to o_t); off, the one-step prediction decodes the prior after a_t.
   cfg.world_model.predict_delta = False
   # ((start, slots, features per slot, sort feature), ...): slot lists (presence first,
   # sorted by the sort feature) whose delta comes entity by entity, re-sorted
@@ -103,10 +111,9 @@ def base_config() -> ml_collections.ConfigDict:
   # predicted next position. () off; BonkArena's: (0, 2.0) (`BonkArena.world_model_slots()`
   # says why).
   cfg.world_model.agent_position = ()
-  # Width of the entity head's MLPs. They run once per slot and step, so their cost grows
-  # with the slots: on BonkArena's 8 slots the apex update took 1.43× as long as without
-  # the head at width 256, 1.23× at 128, which learns as well (BENCHMARKS.md "World model",
-  # thirteenth session).
+  # Width of the entity head's MLPs. They run once per slot and step, so their width is
+  # most of the head's cost; on BonkArena 128 learns as well as 256 in less time
+  # (BENCHMARKS.md "World model").
   cfg.world_model.entity_width = 128
   cfg.world_model.dyn_scale = 0.5  # KL(sg(posterior) ‖ prior) weight
   cfg.world_model.rep_scale = 0.1  # KL(posterior ‖ sg(prior)) weight
@@ -197,6 +204,7 @@ _CHOICES = {
     "network.core": ("none", "gru", "lstm", "cfc", "mamba"),
     "network.scan_path": ("sequential", "associative", "chunked"),
     "network.squash": ("clip", "tanh"),
+    "network.cfc_mode": ("default", "no_gate", "pure"),
     "network.activation": ("tanh", "relu", "silu", "elu"),
     "served.distill_from": ("none", "dream", "efe"),
     "served.distill_schedule": ("constant", "linear"),
@@ -227,8 +235,12 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     raise ValueError(
         f"config.run.checkpoint_every_updates={cfg.run.checkpoint_every_updates} must be a "
         f"multiple of config.run.log_every_updates={cfg.run.log_every_updates}")
+  check_env_version(cfg)
   if not 0.0 < cfg.env.reset_fraction <= 1.0:
     raise ValueError(f"config.env.reset_fraction={cfg.env.reset_fraction}: expected (0, 1]")
+  if cfg.ppo.squashed_entropy and cfg.network.squash != "tanh":
+    raise ValueError("config.ppo.squashed_entropy=True: expected config.network.squash='tanh'"
+                     f", got {cfg.network.squash!r}")
   steps = cfg.ppo.num_steps
   seq_len = cfg.ppo.seq_len if cfg.network.core != "none" else 1
   if steps % seq_len or (steps // seq_len) % cfg.ppo.num_minibatches:
@@ -238,6 +250,20 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         "split evenly into minibatches")
   _validate_apex(cfg)
   _validate_bridge(cfg)
+
+
+def check_env_version(cfg: ml_collections.ConfigDict | dict, source: str = "config") -> None:
+  """Raises ValueError unless `cfg` (a config, or one read back from a run's config.json)
+  names the rules version of its env that this code implements. A config written before
+  versions were recorded counts as version "1" for a versioned env."""
+  env = cfg["env"]
+  implemented = registry.version(env["name"])
+  recorded = env.get("version", "1" if implemented else "")
+  if recorded != implemented:
+    raise ValueError(
+        f"{source}: env.version={recorded!r}, but {env['name']!r} here implements rules "
+        f"version {implemented!r}; returns under other rules are not comparable (retrain, "
+        "or evaluate with the code of that version)")
 
 
 def _validate_apex(cfg: ml_collections.ConfigDict) -> None:

@@ -39,14 +39,13 @@ from mbjax.train import checkpoint as checkpoint_lib
 from mbjax.train import distributed, finite
 from mbjax.train.metrics import METRICS_FILE, TENSORBOARD_DIR, MetricsWriter
 
-_COUNT_WEIGHTED = ("episode/return", "episode/length")
 LOCK_FILE = ".lock"
 
 
 def summarize_chunk(metrics: dict) -> dict:
-  """Reduces a chunk's per-update metrics [n] to one record: episode statistics weighted by
-  the number of episodes that finished in each update, counts of skipped updates and their
-  causes (`nonfinite/*`) summed, everything else averaged."""
+  """Reduces a chunk's per-update metrics [n] to one record: episode statistics
+  (`episode/*`) weighted by the number of episodes that finished in each update, counts of
+  skipped updates and their causes (`nonfinite/*`) summed, everything else averaged."""
   metrics = distributed.host_value(metrics)
   counts = np.asarray(metrics.get("episode/count", 0), np.float64)
   summary = {}
@@ -54,7 +53,7 @@ def summarize_chunk(metrics: dict) -> dict:
     values = np.asarray(values, np.float64)
     if key == "episode/count" or key.startswith("nonfinite/"):
       summary[key] = int(values.sum())
-    elif key in _COUNT_WEIGHTED:
+    elif key.startswith("episode/"):
       summary[key] = float((values * counts).sum() / counts.sum()) if counts.sum() else None
     else:
       summary[key] = float(values.mean())

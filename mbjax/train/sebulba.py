@@ -120,8 +120,8 @@ def make_learner_update(cfg, network, optimizer, mesh: Mesh):
   results is skipped (`mbjax.train.finite`)."""
 
   def update(agent, rollout, key):
-    new, metrics = ppo.update(agent, rollout, key, network=network, optimizer=optimizer,
-                              cfg=cfg, axis_name=sharding.DATA_AXIS)
+    new, metrics = ppo.update(agent, rollout, key, cfg.ppo, network=network,
+                              optimizer=optimizer, axis_name=sharding.DATA_AXIS)
     return finite.guard(agent, new, rollout.obs, rollout.reward, metrics, sharding.DATA_AXIS)
 
   return jax.jit(jax.shard_map(update, mesh=mesh,
@@ -325,8 +325,8 @@ class Sebulba:
     if self.num_updates < 1:
       raise ValueError(f"total_env_steps={cfg.total_env_steps} is less than one update of "
                        f"num_envs × ppo.num_steps = {cfg.num_envs * cfg.ppo.num_steps}")
-    self.network = ppo.make_network(cfg, ACTION_SPEC)
-    self.optimizer = ppo.make_optimizer(cfg, self.num_updates)
+    self.network = ppo.make_network(cfg.network, ACTION_SPEC)
+    self.optimizer = ppo.make_optimizer(cfg.ppo, self.num_updates)
     self.obs_shape = (shim.observation_size(b.num_obs_enemies),)
     key = jax.random.PRNGKey(cfg.seed)
     key, init_key = jax.random.split(key)
@@ -435,7 +435,7 @@ def evaluate(cfg, ports: list[int], agent: ppo.PPOState | None, num_steps: int,
   Needs servers started with `restart_on_connect=True` (the connection starts the run), and
   no actor connected to them."""
   b = cfg.bridge
-  network = ppo.make_network(cfg, ACTION_SPEC)
+  network = ppo.make_network(cfg.network, ACTION_SPEC)
   observe = functools.partial(shim.observation, arena_size=b.arena_size,
                               num_enemies=b.num_obs_enemies)
   rng = np.random.default_rng(seed)
@@ -534,9 +534,9 @@ class BridgePolicy(NamedTuple):
 def restore_trained(workdir: str, cfg) -> tuple[BridgePolicy, LearnerState]:
   """(its policy, the `LearnerState` of the latest checkpoint) of a Sebulba run in `workdir`
   trained with `cfg`, on the host CPU (`mbjax.train.run.restore_trained` reads any run)."""
-  network = ppo.make_network(cfg, ACTION_SPEC)
+  network = ppo.make_network(cfg.network, ACTION_SPEC)
   obs_size = shim.observation_size(cfg.bridge.num_obs_enemies)
-  optimizer = ppo.make_optimizer(cfg, 1)
+  optimizer = ppo.make_optimizer(cfg.ppo, 1)
   like = jax.eval_shape(lambda key: LearnerState(
       ppo.init(key, network, optimizer, (obs_size,), jnp.float32), key, jnp.int32(0)),
       jax.random.PRNGKey(0))

@@ -182,8 +182,8 @@ def test_learner_update_skips_non_finite_rollouts_and_names_the_input():
   """The learner's update keeps the agent when the rollout holds an Inf observation or a
   NaN reward (one game's, one step's) and flags which; a sound rollout updates it."""
   cfg = debug_config(num_envs=2)
-  network = ppo.make_network(cfg, sebulba.ACTION_SPEC)
-  optimizer = ppo.make_optimizer(cfg, 10)
+  network = ppo.make_network(cfg.network, sebulba.ACTION_SPEC)
+  optimizer = ppo.make_optimizer(cfg.ppo, 10)
   mesh = sharding.make_mesh(1)
   update = sebulba.make_learner_update(cfg, network, optimizer, mesh)
   obs_size = sebulba.shim.observation_size(cfg.bridge.num_obs_enemies)

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mbjax.envs.bonk_arena import (BonkArena, EnvParams, make_scripted_policy,
+from mbjax.envs.bonk_arena import (BonkArena, EnvParams, idle_menu_policy, make_scripted_policy,
                                    menu_choice_from_ui_click, random_policy, role_weights,
                                    ui_click_from_menu_choice, ui_click_mask)
 from mbjax.envs.bonk_arena import game, observation, rewards, rollout
@@ -58,7 +58,8 @@ def with_gem(state, slot, x, y, value):
 
 
 def _policy(name):
-  return make_scripted_policy(ENV) if name == "scripted" else random_policy
+  return {"scripted": make_scripted_policy(ENV), "random": random_policy,
+          "idle": idle_menu_policy}[name]
 
 
 @functools.lru_cache(maxsize=None)
@@ -88,6 +89,61 @@ def test_time_limit_truncates_without_terminating():
     _, state, _, terminated, truncated, _ = STEP(jax.random.PRNGKey(t), state, act(), params)
     assert not bool(terminated)
     assert bool(truncated) == (t == 4)
+
+
+def _menu_state(**changes):
+  """The menu open on cards (range, damage, regeneration), a grunt 3 units away."""
+  offered = jnp.asarray([game.RANGE, game.DAMAGE, game.REGENERATION], jnp.int32)
+  state = fresh(menu_open=jnp.bool_(True), menu_cards=offered, **changes)
+  return with_enemy(state, 0, CENTRE + 3.0, CENTRE)
+
+
+def test_menu_steps_do_not_run_the_clock_and_a_card_is_forced_after_the_dwell_limit():
+  # time_limit 8 with the clock at 7: one game tick is left. dwell limit 4: the no-ops at
+  # dwell 0, 1, 2 leave the menu open, the 4th takes the first card (range).
+  params = PARAMS.replace(time_limit=8, menu_dwell_limit=4)
+  state = _menu_state()
+  for dwell in range(1, 4):
+    _, state, reward, terminated, truncated, info = STEP(KEY, state, act((1.0, 0.0)), params)
+    assert bool(state.menu_open) and int(state.menu_dwell) == dwell
+    assert int(state.game_time) == 7 and not bool(truncated) and not bool(terminated)
+    # A menu step pays only the menu term: 1 × -0.05.
+    np.testing.assert_array_equal(info["reward_terms"], [0, 0, 0, 0, 0, 0, 0, 1])
+    np.testing.assert_allclose(reward, -0.05, rtol=1e-6)
+    # menu_fraction: `dwell` menu steps of `dwell` env steps taken from `fresh()` (steps 0).
+    np.testing.assert_allclose(info["menu_fraction"], 1.0)
+  _, state, reward, _, truncated, info = STEP(KEY, state, act(), params)
+  assert not bool(state.menu_open) and int(state.menu_dwell) == 0 and not bool(truncated)
+  expected = np.zeros(game.NUM_CARDS, np.int32)
+  expected[game.RANGE] = 1
+  np.testing.assert_array_equal(state.upgrades, expected)
+  np.testing.assert_allclose(reward, -0.05, rtol=1e-6)
+  assert int(state.steps) == 4 and int(state.menu_steps) == 4 and int(state.game_time) == 7
+  # The one tick left is played, and ends the run; 4 of the 5 env steps were menu steps.
+  _, state, _, terminated, truncated, info = STEP(KEY, state, act(), params)
+  assert int(state.game_time) == 8 and bool(truncated) and not bool(terminated)
+  np.testing.assert_allclose(info["menu_fraction"], 4 / 5)
+
+
+def test_a_choice_resets_the_dwell_count():
+  params = PARAMS.replace(menu_dwell_limit=2)
+  _, state, *_ = STEP(KEY, _menu_state(), act(), params)
+  assert int(state.menu_dwell) == 1 and bool(state.menu_open)
+  _, state, *_ = STEP(KEY, state, act(choice=2), params)
+  assert int(state.menu_dwell) == 0 and not bool(state.menu_open)
+  assert int(state.upgrades[game.REGENERATION]) == 1 and int(state.upgrades.sum()) == 1
+
+
+def test_env_steps_are_capped_when_the_menu_is_held_open():
+  # A dwell limit too long to reach: only the env-step cap can end the run,
+  # time_limit + floor(0.25 × time_limit) = 12 + 3 = 15 env steps.
+  params = PARAMS.replace(time_limit=12, menu_dwell_limit=10_000)
+  assert game.max_episode_steps(params) == 15
+  state = _menu_state(game_time=jnp.int32(0))
+  for t in range(15):
+    _, state, _, terminated, truncated, _ = STEP(KEY, state, act(), params)
+    assert bool(state.menu_open) and not bool(terminated)
+    assert bool(truncated) == (t == 14)
 
 
 def test_walls_clamp_position_and_cost_wall_reward():
@@ -150,11 +206,16 @@ def test_level_up_opens_menu_and_mask_and_pauses():
   cards = np.asarray(new.menu_cards)
   assert len(set(cards.tolist())) == 3 and cards.min() >= 0 and cards.max() < game.NUM_CARDS
   np.testing.assert_allclose(reward, 0.001 + 0.1 * 1.0 + 1.0, rtol=1e-5)
-  # Paused: a no-op step moves nothing, pays nothing, and only counts the env step.
+  # Paused: a no-op step moves nothing, pays only the menu term, and counts the env step
+  # and the menu step.
   _, paused, reward, *_, info = STEP(KEY, new, act((1.0, 0.0)), PARAMS)
-  assert float(reward) == 0.0 and not np.any(np.asarray(info["reward_terms"]))
-  chex.assert_trees_all_equal(paused.replace(steps=new.steps), new)
+  np.testing.assert_allclose(reward, -0.05, rtol=1e-6)
+  np.testing.assert_array_equal(info["reward_terms"], [0, 0, 0, 0, 0, 0, 0, 1])
+  chex.assert_trees_all_equal(
+      paused.replace(steps=new.steps, menu_steps=new.menu_steps, menu_dwell=new.menu_dwell),
+      new)
   assert int(paused.steps) == int(new.steps) + 1
+  assert int(paused.menu_steps) == int(paused.menu_dwell) == 1
 
 
 @pytest.mark.parametrize("choice", [0, 1, 2])
@@ -167,7 +228,8 @@ def test_choosing_a_card_applies_exactly_that_upgrade(choice):
   expected_upgrades = np.zeros(game.NUM_CARDS, np.int32)
   expected_upgrades[card] = 1
   np.testing.assert_array_equal(new.upgrades, expected_upgrades)
-  assert not bool(new.menu_open) and float(reward) == 0.0
+  assert not bool(new.menu_open)
+  np.testing.assert_allclose(reward, -0.05, rtol=1e-6)  # the menu step's cost
   inc = PARAMS.card_increments[card]
   for c in range(game.NUM_CARDS):
     before = float(game.stat(PARAMS, state.upgrades, c))
@@ -177,7 +239,7 @@ def test_choosing_a_card_applies_exactly_that_upgrade(choice):
   np.testing.assert_allclose(new.health, 7.0 + (2.0 if card == game.MAX_HEALTH else 0.0))
   chex.assert_trees_all_equal(
       new.replace(upgrades=state.upgrades, menu_open=state.menu_open, health=state.health,
-                  steps=state.steps),
+                  steps=state.steps, menu_steps=state.menu_steps),
       state)
 
 
@@ -212,7 +274,7 @@ def test_weighted_reward_terms_sum_to_reward_on_a_trajectory():
 
 def test_roles_reweight_the_upstream_terms():
   tank = PARAMS.for_role("Tank")
-  expected = [0.01, 0.05, 0.5, 5.0, 0.0, -3.0, -0.05]
+  expected = [0.01, 0.05, 0.5, 5.0, 0.0, -3.0, -0.05, -0.05]
   np.testing.assert_allclose(tank.reward_weights, expected, rtol=1e-6)
   assert set(rewards.ROLES) == {"balanced", "scout", "speedrunner", "killer", "tank"}
   assert role_weights("balanced") == pytest.approx(rewards.UPSTREAM_WEIGHTS)
@@ -337,8 +399,38 @@ def test_scripted_policy_beats_random_policy():
     stats = jax.jit(lambda key, n=name: rollout.evaluate(ENV, PARAMS, _policy(n), key, 12))(
         jax.random.PRNGKey(42))
     results[name] = float(jnp.mean(stats["return"]))
-  # Measured over 128 episodes: scripted ≈ +9.2, random ≈ -7.0 (random dies every time).
+  # Measured over 128 episodes: scripted ≈ +8.8, random ≈ -7.0 (random dies every time).
   assert results["scripted"] > results["random"] + 5.0, results
+
+
+def test_idling_in_the_menu_plays_worse_than_random():
+  # Under rules version 1 idling scored +1.0 over 128 episodes, above random (-6.7) and PPO
+  # after 3 M steps (-1.2). Now (128 episodes) -7.8 vs random -7.0. The same keys give both
+  # the same moves until the first menu; 700 steps outlast most random episodes (~460).
+  returns = {}
+  for name in ("random", "idle"):
+    stats = jax.jit(lambda key, n=name: rollout.evaluate(
+        ENV, PARAMS, _policy(n), key, 48, num_steps=700))(jax.random.PRNGKey(42))
+    returns[name] = np.asarray(stats["return"])
+    if name == "idle":
+      assert 0.01 < float(stats["menu_fraction"].mean()) < 0.2  # measured: 0.039
+  assert returns["idle"].mean() < returns["random"].mean(), returns
+
+
+def test_an_idle_episode_ends_only_by_death_or_after_the_whole_game_clock():
+  params = PARAMS.replace(time_limit=300)
+  ep = jax.device_get(jax.jit(lambda key: rollout.play_episode(
+      ENV, params, idle_menu_policy, key, record_fn=lambda s, n: {
+          "game_time": n.game_time, "menu_open": s.menu_open, "dwell": n.menu_dwell}))(KEY))
+  valid = ep.valid
+  last = int(valid.sum()) - 1
+  assert ep.terminated[last] or int(ep.extras["game_time"][last]) == 300
+  menu_steps = int(ep.extras["menu_open"][valid].sum())
+  # Survival is paid per game tick only; every menu step pays the menu term and lasts at most
+  # menu_dwell_limit steps per level-up.
+  survival, menu = np.asarray(ep.reward_terms)[valid][:, [0, rewards.MENU]].sum(0)
+  assert survival == int(ep.extras["game_time"][last]) and menu == menu_steps > 0
+  assert int(ep.extras["dwell"][valid].max()) < PARAMS.menu_dwell_limit
 
 
 def test_scripted_policy_picks_damage_and_respects_mask():
@@ -385,7 +477,7 @@ def test_record_episode_writes_video_and_matching_ground_truth(tmp_path):
   assert truth["truncated"].tolist() == [False] * 11 + [True]
   assert not truth["terminated"].any()
   ep = episode_fn(KEY)  # the same key replays the same actions
-  np.testing.assert_array_equal(truth["actions_continuous"], ep.actions_continuous)
+  np.testing.assert_array_equal(truth["actions_continuous"], ep.actions_continuous[:12])
   np.testing.assert_allclose(truth["rewards"].sum(), summary["return"], rtol=1e-6)
 
 
@@ -443,9 +535,11 @@ def test_ground_truth_recording_has_per_frame_state(tmp_path):
   np.testing.assert_allclose(truth["camera_origin"], pos - 6.0, atol=1e-5)  # 12-unit view
   np.testing.assert_array_equal(truth["game_time"], np.arange(10))  # no menu in 10 steps
   assert not truth["menu_open"].any() and truth["upgrades"].shape == (10, 7)
+  assert truth["reward_terms"].shape == (10, len(rewards.REWARD_TERMS))
   np.testing.assert_allclose(truth["cumulative_reward"][1:], np.cumsum(truth["rewards"])[:-1],
                              rtol=1e-6)
-  assert json.loads(str(truth["meta"])) == {"policy": "random"}
+  assert json.loads(str(truth["meta"])) == {"policy": "random", "source": "bonk_arena",
+                                            "rules_version": game.RULES_VERSION}
   state = fresh(level=jnp.int32(3), xp=jnp.float32(1.5))
   assert float(recording.xp_total(PARAMS, state)) == 3.0 + 5.0 + 1.5  # levels 1->2->3, then 1.5
 

@@ -153,7 +153,8 @@ def test_arena_observation_from_a_packet():
   expected[0:9] = [0.0, -0.5, 6 / 60 / 0.3, 0.0, 0.5, 1.0, 0.0, 0.1, 0.0]
   expected[16:24] = [1.0, 3 / 24, 4 / 24, 5 / 24, 1.0, 0.0, 0.0, 0.0]  # the one enemy
   expected[56:59] = [1 / 32, math.tanh(3 / 30), math.tanh(4 / 30)]  # weight 1/(5·6)
-  expected[93:96] = [300 / 1500, 300 / 1500, 1 - 300 / 500]  # 5 s at 60 Hz = 300 ticks
+  # 5 s at 60 Hz = 300 ticks; a bridged game forces no card, so its dwell entry is 0.
+  expected[93:96] = [300 / 1500, 0.0, 1 - 300 / 500]
   np.testing.assert_allclose(obs, expected, atol=1e-6)
   menu = DS.arena_observation(state.__class__(**{
       **state.__dict__, "current_menu": "LevelUp",

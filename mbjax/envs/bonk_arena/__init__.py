@@ -33,8 +33,9 @@ Vector observation (f32, defaults num_obs_enemies K_e=5 and num_obs_gems K_g=3 â
 | 59:71    | gems           | K_g nearest gems, 4 each: present, dx, dy, dist               |
 | 71       | menu_open      | 1 while the level-up menu is open                             |
 | 72:93    | menu_cards     | 3 x one-hot(7) of the offered cards (zeros when closed)       |
-| 93:96    | time           | game_time / time_limit, env steps / time_limit, fraction of   |
-|          |                | the boss interval left until the next boss                    |
+| 93:96    | time           | game_time / time_limit, consecutive menu steps /              |
+|          |                | menu_dwell_limit, fraction of the boss interval left until    |
+|          |                | the next boss                                                 |
 
 Pixel observation: uint8[S, S, 3] from `render.Renderer` (layout in `render.py`).
 
@@ -44,11 +45,12 @@ the role table (Scout, Speedrunner, Killer, Tank) in `rewards.py`; `params.for_r
 from mbjax.envs.bonk_arena.env import (BonkArena, menu_choice_from_ui_click,
                                        ui_click_from_menu_choice, ui_click_mask)
 from mbjax.envs.bonk_arena.game import CARDS, EnvParams, EnvState
-from mbjax.envs.bonk_arena.policies import make_scripted_policy, random_policy, scripted_policy
+from mbjax.envs.bonk_arena.policies import (idle_menu_policy, make_scripted_policy, random_policy,
+                                            scripted_policy)
 from mbjax.envs.bonk_arena.rewards import REWARD_TERMS, ROLES, role_weights
 
 __all__ = [
     "BonkArena", "EnvParams", "EnvState", "CARDS", "REWARD_TERMS", "ROLES", "role_weights",
-    "make_scripted_policy", "random_policy", "scripted_policy", "menu_choice_from_ui_click",
+    "idle_menu_policy", "make_scripted_policy", "random_policy", "scripted_policy", "menu_choice_from_ui_click",
     "ui_click_from_menu_choice", "ui_click_mask",
 ]

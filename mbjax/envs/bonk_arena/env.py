@@ -82,6 +82,15 @@ class BonkArena(base.Environment):
   def name(self) -> str:
     return "bonk_arena"
 
+  @property
+  def version(self) -> str:
+    """The game rules' version (`game.RULES_VERSION`): returns under other rules differ."""
+    return str(game.RULES_VERSION)
+
+  # `info` entries that describe the episode so far: a training loop reports their values
+  # on the step an episode ends, as it does the episode's return.
+  episode_metrics = ("menu_fraction",)
+
   def default_params(self) -> game.EnvParams:
     return game.EnvParams()
 
@@ -125,10 +134,12 @@ class BonkArena(base.Environment):
            params: game.EnvParams):
     """One tick (or one menu step while the level-up menu is open); never resets.
 
-    `terminated`: health reached 0. `truncated`: `params.time_limit` env steps were taken
-    (menu steps included) without dying. `info` (same keys every step): `reward_terms`
-    f32[7] (raw terms, order `rewards.REWARD_TERMS`; reward = dot(weights, terms)), `level`,
-    `kills`, `boss_kills`, `health`, `game_time`, `menu_open`.
+    `terminated`: health reached 0. `truncated`: `params.time_limit` game ticks were played
+    (menu steps do not count), or `game.max_episode_steps(params)` env steps were taken,
+    without dying. `info` (same keys every step): `reward_terms` f32[8] (raw terms, order
+    `rewards.REWARD_TERMS`; reward = dot(weights, terms)), `level`, `kills`, `boss_kills`,
+    `health`, `game_time`, `menu_open`, `menu_fraction` (share of this episode's env steps so
+    far that were menu steps).
     """
     chex.assert_shape(action.continuous, (2,))
     chex.assert_shape(action.discrete, (1,))
@@ -136,7 +147,9 @@ class BonkArena(base.Environment):
                                       action.discrete[0].astype(jnp.int32), params)
     reward = jnp.dot(jnp.asarray(params.reward_weights, jnp.float32), terms)
     terminated = new_state.health <= 0.0
-    truncated = (new_state.steps >= params.time_limit) & ~terminated
+    out_of_time = ((new_state.game_time >= params.time_limit)
+                   | (new_state.steps >= game.max_episode_steps(params)))
+    truncated = out_of_time & ~terminated
     info = {
         "reward_terms": terms,
         "level": new_state.level,
@@ -145,6 +158,7 @@ class BonkArena(base.Environment):
         "health": new_state.health,
         "game_time": new_state.game_time,
         "menu_open": new_state.menu_open,
+        "menu_fraction": new_state.menu_steps.astype(jnp.float32) / new_state.steps,
     }
     obs = self.observe(new_state, params)
     return obs, new_state, reward, terminated, truncated, info

@@ -25,6 +25,22 @@ A step, while the level-up menu is closed:
 While the menu is open the game is paused (nothing moves, the run clock stops) until a card
 is chosen with the discrete action; choosing closes the menu and applies that card only.
 
+The clock and the menu (rules version `RULES_VERSION` = 2). The episode's time limit counts
+game ticks, not env steps: a paused menu step does not bring the end of the run closer.
+The menu cannot be held open for long either: after `menu_dwell_limit` consecutive menu
+steps without a choice the first offered card is taken (the deal is random, so that is a
+random card), and every menu step pays the `menu` reward term. Why: under version 1 the
+limit counted env steps including paused ones, so a policy that never chose a card sat out
+the clock in a game where nothing could hurt it and beat every policy that played. Now
+holding the menu open only delays the game and costs reward, so it is never better than
+choosing. Env steps stay bounded: an episode also truncates after
+`time_limit + floor(menu_step_allowance * time_limit)` env steps (`max_episode_steps`),
+which a policy choosing within the dwell limit reaches only after more than
+`allowance * time_limit / menu_dwell_limit` level-ups (46 at the defaults).
+Version 1 (time limit in env steps, no forced choice, no menu term) is not available;
+`RULES_VERSION` is recorded in every training config and recording so that results from
+it are refused instead of compared.
+
 Cost: under `vmap` every env runs every branch, so the per-step work is kept to a few
 elementwise passes over the entity slots: spawns touch only `SPAWNS_PER_TICK` ring slots
 (no cumsum/sort over free slots), per-kind tables are select chains rather than gathers,
@@ -52,13 +68,22 @@ CARDS_PER_MENU = 3
 
 SPAWNS_PER_TICK = 2
 
+# Bumped whenever a rule change makes returns incomparable with earlier ones (module
+# docstring); training configs and recordings carry it.
+RULES_VERSION = 2
+
 
 @flax.struct.dataclass
 class EnvParams:
   """Game tunables. Units: world units and game ticks (steps)."""
 
   arena_size: float = 24.0
-  time_limit: int = 1500  # env steps (menu steps included) before truncation.
+  time_limit: int = 1500  # game ticks (paused menu steps excluded) before truncation.
+  # Consecutive menu steps without a choice after which the first offered card is taken.
+  menu_dwell_limit: int = 8
+  # Env-step cap: an episode also truncates after time_limit + floor(this * time_limit)
+  # env steps (game ticks plus menu steps), so its length is bounded (`max_episode_steps`).
+  menu_step_allowance: float = 0.25
   # Player base stats; cards add `card_increments` per level on top of these.
   player_radius: float = 0.5
   base_max_health: float = 10.0
@@ -108,6 +133,8 @@ class EnvState:
   level: jax.Array  # i32[], starts at 1.
   menu_open: jax.Array  # bool[]
   menu_cards: jax.Array  # i32[3], card indices on offer (meaningful while the menu is open).
+  menu_dwell: jax.Array  # i32[], consecutive menu steps taken without a choice.
+  menu_steps: jax.Array  # i32[], menu steps taken this episode (for `menu_fraction`).
   # Entity positions are stored as (x row, y row) so the slot axis is innermost: under vmap
   # that keeps the per-slot math on contiguous memory (about 1.6x faster than [E, 2]).
   enemy_pos: jax.Array  # f32[2, E]
@@ -121,7 +148,7 @@ class EnvState:
   spawn_slot: jax.Array  # i32[], next enemy slot of the spawn ring.
   gem_slot: jax.Array  # i32[], next gem slot of the drop ring.
   game_time: jax.Array  # i32[], unpaused ticks played (drives spawns and difficulty).
-  steps: jax.Array  # i32[], env steps taken (drives truncation).
+  steps: jax.Array  # i32[], env steps taken (game ticks plus menu steps).
   kills: jax.Array  # i32[]
   boss_kills: jax.Array  # i32[]
 
@@ -150,6 +177,15 @@ def xp_to_next_level(params: EnvParams, level: jax.Array) -> jax.Array:
   return params.xp_base + params.xp_growth * (level - 1).astype(jnp.float32)
 
 
+def max_episode_steps(params: EnvParams):
+  """The env-step cap of an episode: a Python int for concrete params (rollouts use it as a
+  static length), an i32 array when the params are traced."""
+  extra = params.menu_step_allowance * params.time_limit
+  if isinstance(extra, (int, float)):
+    return int(params.time_limit) + int(extra)
+  return params.time_limit + jnp.floor(extra).astype(jnp.int32)
+
+
 def initial_state(params: EnvParams, max_enemies: int, max_gems: int) -> EnvState:
   """The start of every episode: player in the centre, empty arena (no randomness, so a
   reset costs a few constant arrays under vmap)."""
@@ -164,6 +200,8 @@ def initial_state(params: EnvParams, max_enemies: int, max_gems: int) -> EnvStat
       level=jnp.ones((), jnp.int32),
       menu_open=jnp.zeros((), bool),
       menu_cards=jnp.arange(CARDS_PER_MENU, dtype=jnp.int32),
+      menu_dwell=jnp.zeros((), jnp.int32),
+      menu_steps=jnp.zeros((), jnp.int32),
       enemy_pos=jnp.zeros((2, max_enemies), jnp.float32),
       enemy_health=jnp.zeros((max_enemies,), jnp.float32),
       enemy_kind=jnp.zeros((max_enemies,), jnp.int32),
@@ -213,15 +251,19 @@ def _deal_cards(u_offset, u_stride) -> jax.Array:
 
 def choose_card(state: EnvState, choice: jax.Array, params: EnvParams) -> EnvState:
   """Menu step: `choice` in {0, 1, 2} takes that card and closes the menu; 3 (no-op) or a
-  card choice while the menu is closed changes nothing. A max-health card also heals by the
-  health it adds."""
-  takes = state.menu_open & (choice >= 0) & (choice < CARDS_PER_MENU)
-  card = state.menu_cards[jnp.clip(choice, 0, CARDS_PER_MENU - 1)]
+  card choice while the menu is closed changes nothing, except that the `menu_dwell_limit`-th
+  consecutive no-op takes card 0. A max-health card also heals by the health it adds."""
+  chooses = (choice >= 0) & (choice < CARDS_PER_MENU)
+  forced = ~chooses & (state.menu_dwell + 1 >= params.menu_dwell_limit)
+  takes = state.menu_open & (chooses | forced)
+  card = state.menu_cards[jnp.where(chooses, choice, 0)]
   gained = (jnp.arange(NUM_CARDS) == card) & takes
   heal = gained[MAX_HEALTH] * jnp.asarray(params.card_increments[MAX_HEALTH], jnp.float32)
   return state.replace(
       upgrades=state.upgrades + gained.astype(jnp.int32),
       menu_open=state.menu_open & ~takes,
+      menu_dwell=jnp.where(takes, 0, state.menu_dwell + state.menu_open.astype(jnp.int32)),
+      menu_steps=state.menu_steps + state.menu_open.astype(jnp.int32),
       health=state.health + heal,
       player_vel=jnp.zeros((2,), jnp.float32),
   )
@@ -229,7 +271,8 @@ def choose_card(state: EnvState, choice: jax.Array, params: EnvParams) -> EnvSta
 
 def play_tick(key: jax.Array, state: EnvState, move: jax.Array,
               params: EnvParams) -> tuple[EnvState, jax.Array]:
-  """One unpaused game tick. Returns the new state and the raw reward terms f32[7]."""
+  """One unpaused game tick. Returns the new state and the raw reward terms
+  f32[NUM_REWARD_TERMS] (the `menu` term is 0: a tick is not a menu step)."""
   f32 = jnp.float32
   arena = jnp.asarray(params.arena_size, f32)
   num_enemies = state.enemy_alive.shape[0]
@@ -333,6 +376,7 @@ def play_tick(key: jax.Array, state: EnvState, move: jax.Array,
       jnp.linalg.norm(vel) / speed,
       damage_taken,
       hit_wall.astype(f32),
+      jnp.zeros((), f32),
   ])
   new_state = state.replace(
       player_pos=pos, player_vel=vel, health=health, attack_timer=attack_timer, xp=xp,
@@ -350,11 +394,13 @@ def game_step(key: jax.Array, state: EnvState, move: jax.Array, choice: jax.Arra
               params: EnvParams) -> tuple[EnvState, jax.Array]:
   """One env step: a menu step while the menu is open, otherwise a game tick.
 
-  Both branches are computed and selected (under vmap a `lax.cond` would do the same).
+  Both branches are computed and selected (under vmap a `lax.cond` would do the same). A
+  menu step's only reward term is `menu` = 1.
   """
   played, play_terms = play_tick(key, state, move, params)
   chosen = choose_card(state, choice, params)
   paused = state.menu_open
   new_state = jax.tree.map(lambda a, b: jnp.where(paused, a, b), chosen, played)
-  terms = jnp.where(paused, jnp.zeros_like(play_terms), play_terms)
+  menu_terms = jnp.zeros_like(play_terms).at[rewards.MENU].set(1.0)
+  terms = jnp.where(paused, menu_terms, play_terms)
   return new_state.replace(steps=state.steps + 1), terms

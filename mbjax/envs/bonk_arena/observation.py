@@ -121,7 +121,7 @@ def vector_observation(state: game.EnvState, params: game.EnvParams, num_obs_ene
   since_boss = state.game_time % params.boss_interval
   time = jnp.stack([
       state.game_time.astype(f32) / params.time_limit,
-      state.steps.astype(f32) / params.time_limit,
+      state.menu_dwell.astype(f32) / params.menu_dwell_limit,
       1.0 - since_boss.astype(f32) / params.boss_interval,
   ])
   return jnp.concatenate(

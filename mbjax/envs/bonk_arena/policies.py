@@ -1,8 +1,8 @@
 """Reference policies for BonkArena as pure `policy_fn(key, obs, mask) -> HybridAction`.
 
-`random_policy` works on any observation; the scripted baseline reads the vector observation
-(build it for an env with `make_scripted_policy(env)`, which binds the env's layout). Both
-are single-env functions: `jax.vmap` them for a batch.
+`random_policy` and `idle_menu_policy` work on any observation; the scripted baseline reads
+the vector observation (build it for an env with `make_scripted_policy(env)`, which binds
+the env's layout). All are single-env functions: `jax.vmap` them for a batch.
 """
 from __future__ import annotations
 
@@ -30,6 +30,14 @@ def random_policy(key: jax.Array, obs: jax.Array, mask: jax.Array) -> HybridActi
   move = jax.random.uniform(k_move, (2,), minval=-1.0, maxval=1.0)
   choice = jax.random.categorical(k_menu, jnp.where(mask, 0.0, -jnp.inf))
   return HybridAction(move, choice.astype(jnp.int32)[None])
+
+
+def idle_menu_policy(key: jax.Array, obs: jax.Array, mask: jax.Array) -> HybridAction:
+  """`random_policy`'s moves (the same for the same key), and never a card: the no-op in the
+  level-up menu. The probe for the menu-idle exploit (`game.py`: under the current rules it
+  plays worse than random)."""
+  move = random_policy(key, obs, mask).continuous
+  return HybridAction(move, jnp.full((1,), game.CARDS_PER_MENU, jnp.int32))
 
 
 def scripted_policy(key: jax.Array, obs: jax.Array, mask: jax.Array, *,

@@ -5,7 +5,7 @@ reward-from-video) is validated against. Frame `t` of the video is the screen th
 saw when it chose action `t`; `rewards[t]`, `terminated[t]`, `truncated[t]` are the outcome
 of that action. Keys (arrays of length T = episode length; no pickled objects):
   actions_continuous f32[T, 2], actions_discrete i32[T, 1], rewards f32[T],
-  reward_terms f32[T, 7], reward_term_names str[7], terminated bool[T], truncated bool[T],
+  reward_terms f32[T, 8], reward_term_names str[8], terminated bool[T], truncated bool[T],
   fps i32[];
 and the state shown in frame t, for evaluating models per kind of frame:
   menu_open bool[T]      the level-up menu overlay is on screen (actions are menu choices);
@@ -19,8 +19,9 @@ and the state shown in frame t, for evaluating models per kind of frame:
   level i32[T], kills i32[T], health f32[T];
   xp_total f32[T]        all XP collected so far (the score: it only grows);
   cumulative_reward f32[T] sum of rewards[:t] (the return so far);
-  meta str[]             JSON: how the video was drawn (pixel_size, camera, palette,
-                         upgrade_hud) plus whatever the recorder adds (policy, seed, ...).
+  meta str[]             JSON: `source` ("bonk_arena"), the game's `rules_version`, how the
+                         video was drawn (pixel_size, camera, palette, upgrade_hud) plus
+                         whatever the recorder adds (policy, seed, ...).
 Both files are written to a temporary name and renamed into place (`mbjax.files`), so a
 crash never leaves a half-written file under the final name.
 """
@@ -60,9 +61,10 @@ def write_mp4(frames: np.ndarray, path: str, fps: int, crf: int = 18) -> None:
 
 def write_ground_truth(episode: dict[str, np.ndarray], path: str, fps: int,
                        meta: dict | None = None) -> None:
+  meta = {"source": "bonk_arena", "rules_version": game.RULES_VERSION, **(meta or {})}
   with files.atomic_open(path, "wb") as f:
     np.savez(f, fps=np.int32(fps), reward_term_names=np.asarray(rewards.REWARD_TERMS),
-             meta=np.asarray(json.dumps(meta or {}, sort_keys=True)), **episode)
+             meta=np.asarray(json.dumps(meta, sort_keys=True)), **episode)
 
 
 def xp_total(params: EnvParams, state: game.EnvState) -> jax.Array:

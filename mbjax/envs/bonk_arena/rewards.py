@@ -14,37 +14,45 @@ role without re-simulating it.
 | 4   | `velocity`  | player speed as a fraction of its move speed, [0, 1] | 1e-4            |
 | 5   | `damage`    | health lost to enemy contact this step (>= 0)        | -1.0            |
 | 6   | `wall`      | 1 if the move was clamped by a wall this step        | -0.05           |
+| 7   | `menu`      | 1 on a menu step (the level-up menu is open)         | -0.05 (ours)    |
 
-Paused steps (the level-up menu is open) earn no survival tick, so idling in the menu is
-never better than choosing a card.
+A menu step pauses the game: its only term is `menu`. Upstream has no menu term; ours makes
+holding the menu open cost something. Since the time limit counts game ticks (not menu
+steps) and a card is forced after `EnvParams.menu_dwell_limit` menu steps (`game.py`),
+idling in the menu only delays the game and pays 0.05 a step: it is never better than
+choosing a card, which costs one menu step (0.05) per level-up.
 
 Roles are named re-weightings of the same seven terms (multipliers of the upstream weight):
 
-| role         | survival | xp  | level_up | boss | velocity | damage | wall | intent                  |
-|--------------|----------|-----|----------|------|----------|--------|------|-------------------------|
-| balanced     | 1        | 1   | 1        | 1    | 1        | 1      | 1    | upstream curriculum     |
-| scout        | 1        | 1.5 | 1        | 1    | 20       | 0.5    | 2    | roam, sweep up gems     |
-| speedrunner  | 0        | 2   | 2        | 2    | 10       | 0.5    | 1    | level fast, ignore time |
-| killer       | 0.5      | 2   | 1        | 3    | 0        | 0.5    | 1    | kills (xp) and bosses   |
-| tank         | 10       | 0.5 | 0.5      | 1    | 0        | 3      | 1    | stay alive, avoid hits  |
+| role         | survival | xp  | level_up | boss | velocity | damage | wall | menu | intent                  |
+|--------------|----------|-----|----------|------|----------|--------|------|------|-------------------------|
+| balanced     | 1        | 1   | 1        | 1    | 1        | 1      | 1    | 1    | upstream curriculum     |
+| scout        | 1        | 1.5 | 1        | 1    | 20       | 0.5    | 2    | 1    | roam, sweep up gems     |
+| speedrunner  | 0        | 2   | 2        | 2    | 10       | 0.5    | 1    | 1    | level fast, ignore time |
+| killer       | 0.5      | 2   | 1        | 3    | 0        | 0.5    | 1    | 1    | kills (xp) and bosses   |
+| tank         | 10       | 0.5 | 0.5      | 1    | 0        | 3      | 1    | 1    | stay alive, avoid hits  |
+
+Every role keeps the menu cost: a role that did not pay it could idle in the menu for free.
 """
 from __future__ import annotations
 
 import numpy as np
 
 REWARD_TERMS: tuple[str, ...] = (
-    "survival", "xp", "level_up", "boss", "velocity", "damage", "wall")
+    "survival", "xp", "level_up", "boss", "velocity", "damage", "wall", "menu")
 NUM_REWARD_TERMS = len(REWARD_TERMS)
+MENU = REWARD_TERMS.index("menu")
 
-UPSTREAM_WEIGHTS: tuple[float, ...] = (0.001, 0.1, 1.0, 5.0, 1e-4, -1.0, -0.05)
+# Upstream's curriculum weights for its seven terms, and ours for the menu term.
+UPSTREAM_WEIGHTS: tuple[float, ...] = (0.001, 0.1, 1.0, 5.0, 1e-4, -1.0, -0.05, -0.05)
 
 # Multipliers of `UPSTREAM_WEIGHTS`, one row per role, columns in `REWARD_TERMS` order.
 ROLE_MULTIPLIERS: dict[str, tuple[float, ...]] = {
-    "balanced": (1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0),
-    "scout": (1.0, 1.5, 1.0, 1.0, 20.0, 0.5, 2.0),
-    "speedrunner": (0.0, 2.0, 2.0, 2.0, 10.0, 0.5, 1.0),
-    "killer": (0.5, 2.0, 1.0, 3.0, 0.0, 0.5, 1.0),
-    "tank": (10.0, 0.5, 0.5, 1.0, 0.0, 3.0, 1.0),
+    "balanced": (1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0),
+    "scout": (1.0, 1.5, 1.0, 1.0, 20.0, 0.5, 2.0, 1.0),
+    "speedrunner": (0.0, 2.0, 2.0, 2.0, 10.0, 0.5, 1.0, 1.0),
+    "killer": (0.5, 2.0, 1.0, 3.0, 0.0, 0.5, 1.0, 1.0),
+    "tank": (10.0, 0.5, 0.5, 1.0, 0.0, 3.0, 1.0, 1.0),
 }
 ROLES: tuple[str, ...] = tuple(ROLE_MULTIPLIERS)
 

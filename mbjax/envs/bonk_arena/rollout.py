@@ -2,8 +2,9 @@
 
 Shared by the tests, `experiments/record_arena.py` (one episode with frames and the true
 actions) and `experiments/bench_arena.py` (a batch with auto-reset, for throughput). Each
-episode is one `lax.scan` over `params.time_limit` steps: after the episode ends the env keeps
-stepping but those steps are flagged invalid, which keeps shapes static.
+episode is one `lax.scan` over `game.max_episode_steps(params)` steps (the env-step cap):
+after the episode ends the env keeps stepping but those steps are flagged invalid, which
+keeps shapes static.
 """
 from __future__ import annotations
 
@@ -13,8 +14,9 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from mbjax.envs.bonk_arena import rewards
 from mbjax.envs.bonk_arena.env import BonkArena
-from mbjax.envs.bonk_arena.game import EnvParams, EnvState
+from mbjax.envs.bonk_arena.game import EnvParams, EnvState, max_episode_steps
 from mbjax.envs.spaces import HybridAction
 
 PolicyFn = Callable[[jax.Array, jax.Array, jax.Array], HybridAction]
@@ -23,7 +25,7 @@ RecordFn = Callable[[EnvState, EnvState], dict]
 
 @flax.struct.dataclass
 class Episode:
-  """Per-step arrays of one episode, T = params.time_limit; only `valid` steps happened.
+  """Per-step arrays of one episode, T = the rollout length; only `valid` steps happened.
 
   Step t shows `frames[t]` (the frame the action was chosen on), takes `actions_*[t]` and
   receives `rewards[t]`, `terminated[t]`, `truncated[t]`.
@@ -33,7 +35,7 @@ class Episode:
   actions_continuous: jax.Array  # f32[T, 2]
   actions_discrete: jax.Array  # i32[T, 1]
   rewards: jax.Array  # f32[T]
-  reward_terms: jax.Array  # f32[T, 7]
+  reward_terms: jax.Array  # f32[T, NUM_REWARD_TERMS]
   terminated: jax.Array  # bool[T]
   truncated: jax.Array  # bool[T]
   valid: jax.Array  # bool[T], True up to and including the last step of the episode
@@ -45,16 +47,16 @@ def _num_steps(params: EnvParams, num_steps: int | None) -> int:
   if num_steps is not None:
     return int(num_steps)
   try:
-    return int(params.time_limit)
+    return int(max_episode_steps(params))
   except jax.errors.ConcretizationTypeError:
-    raise ValueError("params.time_limit is traced here; pass num_steps (a Python int >= "
-                     "time_limit) to size the rollout") from None
+    raise ValueError("params are traced here; pass num_steps (a Python int >= "
+                     "game.max_episode_steps(params)) to size the rollout") from None
 
 
 def play_episode(env: BonkArena, params: EnvParams, policy_fn: PolicyFn, key: jax.Array,
                  with_frames: bool = False, num_steps: int | None = None,
                  record_fn: RecordFn | None = None) -> Episode:
-  """Plays one episode from a reset for `num_steps` (default `params.time_limit`) steps.
+  """Plays one episode from a reset for `num_steps` (default: the env-step cap) steps.
 
   `record_fn(state, next_state)`, if given, returns a dict of arrays recorded per step into
   `Episode.extras` (`state` is what frame t shows, `next_state` the result of action t).
@@ -82,15 +84,19 @@ def play_episode(env: BonkArena, params: EnvParams, policy_fn: PolicyFn, key: ja
 
 def evaluate(env: BonkArena, params: EnvParams, policy_fn: PolicyFn, key: jax.Array,
              num_episodes: int, num_steps: int | None = None) -> dict[str, jax.Array]:
-  """Returns per-episode `return`, `length`, `terminated` and summed `reward_terms`."""
+  """Returns per-episode `return`, `length`, `terminated`, `menu_fraction` (share of the
+  episode's env steps with the menu open) and summed `reward_terms`."""
 
   def one(key):
     ep = play_episode(env, params, policy_fn, key, num_steps=num_steps)
+    terms = jnp.sum(ep.reward_terms * ep.valid[:, None], axis=0)
+    length = jnp.sum(ep.valid)
     return {
         "return": jnp.sum(ep.rewards * ep.valid),
-        "length": jnp.sum(ep.valid),
+        "length": length,
         "terminated": jnp.any(ep.terminated & ep.valid),
-        "reward_terms": jnp.sum(ep.reward_terms * ep.valid[:, None], axis=0),
+        "menu_fraction": terms[rewards.MENU] / jnp.maximum(length, 1),
+        "reward_terms": terms,
     }
 
   return jax.vmap(one)(jax.random.split(key, num_episodes))
