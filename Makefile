@@ -16,7 +16,7 @@ export XLA_FLAGS ?= --xla_cpu_enable_concurrency_optimized_scheduler=false
 $(VENV)/.installed: setup.cfg constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install --quiet --upgrade pip
-	$(VENV)/bin/python -m pip install --quiet -c constraints.txt -e '.[envs,video,dev]'
+	$(VENV)/bin/python -m pip install --quiet -c constraints.txt -e '.[envs,video,dev,rlds]'
 	touch $@
 
 setup: $(VENV)/.installed

@@ -33,25 +33,14 @@ Expected: the served policy learns like `configs/arena_ppo.py`'s (same PPO setti
           (`python -m experiments.bench_ablation --budget=long`).
 Debug:    --config=configs/arena_apex.py:debug — tiny sizes, 4 updates, used by tests.
 """
-import importlib.util
-import os
-
+from configs import arena_ppo
 from mbjax.envs.bonk_arena import BonkArena
-
-_ARENA_PPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "arena_ppo.py")
-
-
-def _arena_ppo(arg):
-  spec = importlib.util.spec_from_file_location("arena_ppo", _ARENA_PPO)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
 
 
 def get_config(arg: str | None = None):
   if arg not in (None, "debug"):
     raise ValueError(f"configs/arena_apex.py: unknown variant {arg!r}; expected 'debug'")
-  cfg = _arena_ppo(arg)
+  cfg = arena_ppo.get_config(arg)
   cfg.world_model.enabled = cfg.dream.enabled = cfg.efe.enabled = True
   # From the env's own layout; the trainer refuses a run whose env kwargs no longer match.
   entity_slots, agent_position = BonkArena(**cfg.env.kwargs.to_dict()).world_model_slots()

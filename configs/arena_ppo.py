@@ -7,10 +7,12 @@ normalisation.
 
 Command:  python -m experiments.train --config=configs/arena_ppo.py --workdir=runs/arena_ppo
           python -m experiments.evaluate_arena --checkpoint=runs/arena_ppo --episodes=128
-Expected: budget 30 M env steps, 32 min on a shared 2-core CPU (15–26k env-steps/s).
-          Measured 2026-11-26 (seed 0), 128 evaluation episodes: trained 15.6 ± 8.0 vs
-          scripted 9.1 ± 7.7 vs random −6.8; the trained agent dies in 14% of episodes, the
-          scripted one in 37%. The scripted return is first passed after about 16 M steps.
+Expected: budget 30 M env steps, ~30 min on a 2-core CPU alone (15–26k env-steps/s; 68 min
+          under a load of 6–14). Measured 2026-12-06 under BonkArena rules v2 (seed 0), 128
+          evaluation episodes (mean ± 95% CI): trained 12.1 ± 1.1 vs scripted 8.8 ± 1.3 vs
+          random −7.0 vs idling in the menu −7.8; the trained agent dies in 12% of episodes,
+          the scripted one in 37%, and spends 0.54% of its steps in the level-up menu. Its
+          training return first passes the scripted baseline's at 15.9 M steps.
 Debug:    --config=configs/arena_ppo.py:debug — 8 envs × 32 steps, 4 updates, used by tests.
 """
 from mbjax.train.config import base_config

@@ -1,7 +1,7 @@
-"""The dual-system runtime (`mbjax/runtime/dual_system.py`): System 1, the directive-following
+"""The dual-system runtime (`mbjax/runtime/dual_system/`): System 1, the directive-following
 motor of `configs/arena_directives.py`, at 60 Hz on the main loop; System 2 (rule planner or
 an LLM/VLM over `mbjax.runtime.llm`) at 0.5 Hz on a worker thread. Inference only unless
-`push.enabled`.
+`push.enabled`. Every field and its default: `mbjax/runtime/dual_system/config.py`.
 
 Variants (the `arg` string, comma-separated):
   `llm`    — System 2 asks a chat backend; `llm.base_url="reference"` (the default here)
@@ -14,6 +14,8 @@ Variants (the `arg` string, comma-separated):
   `navigator` — the VLM menu navigator (`mbjax.runtime.menu_navigator`, backend `llm.*`)
              picks level-up cards from the rendered frame; the rule card after
              `menu.deadline_s` or on a bad reply.
+  `debug`  — 60 steps (1 s); without a checkpoint, the untrained motor at
+             `configs/arena_directives.py:debug` size; a small replay ring.
 
 Command:  python -m experiments.run_dual_system --config=configs/dual_system.py:llm \
               --config.motor.checkpoint=runs/directives
@@ -26,9 +28,9 @@ Expected: (experiments/bench_dual_system.py, 30 s per case, 2026-11-26, the 2-co
           2 s LLM backend than with the instant rule planner: the OS scheduler, not System 2
           (BENCHMARKS.md, "Dual system").
 """
-import ml_collections
+from mbjax.runtime.dual_system import config as dual_system_config
 
-_VARIANTS = ("llm", "bridge", "push", "navigator")
+_VARIANTS = ("llm", "bridge", "push", "navigator", "debug")
 
 
 def get_config(arg: str | None = None):
@@ -37,51 +39,17 @@ def get_config(arg: str | None = None):
   if unknown:
     raise ValueError(f"configs/dual_system.py: unknown variant(s) {unknown}; expected some of "
                      f"{_VARIANTS}, comma-separated")
-  cfg = ml_collections.ConfigDict()
-  cfg.seed = 0
-  cfg.hz = 60.0  # System 1 control rate
-  cfg.steps = 1200  # control steps to run (20 s at 60 Hz)
-
-  cfg.motor = ml_collections.ConfigDict()
-  cfg.motor.checkpoint = ""  # workdir of configs/arena_directives.py; "": untrained network
-  cfg.motor.untrained_variant = ""  # configs/arena_directives.py variant used without one
-  cfg.motor.deterministic = False  # act on the mode instead of sampling
-
-  cfg.system2 = ml_collections.ConfigDict()
-  cfg.system2.planner = "llm" if "llm" in parts else "rule"  # rule | llm
-  cfg.system2.rate_hz = 0.5  # planning calls per second (at most)
-  cfg.system2.goal = "survive and level up"
-  cfg.system2.send_frame = False  # attach the newest frame (a VLM backend)
-  cfg.system2.reference_delay_s = 2.0  # reply delay of the built-in reference backend
-
-  # mbjax.runtime.llm.BackendConfig fields (base_url "reference": the loopback stand-in).
-  cfg.llm = ml_collections.ConfigDict()
-  cfg.llm.protocol = "ollama"  # ollama | openai
-  cfg.llm.base_url = "reference"
-  cfg.llm.model = "llava:7b"
-  cfg.llm.timeout_s = 10.0
-
-  cfg.game = ml_collections.ConfigDict()
-  cfg.game.kind = "bridge" if "bridge" in parts else "arena"  # arena | bridge
-  cfg.game.frame_every = 0  # arena: render a frame for System 2 every N steps (0: never)
-
-  cfg.bridge = ml_collections.ConfigDict()
-  cfg.bridge.launch_server = True  # start the reference server as a child process
-  cfg.bridge.host = "127.0.0.1"
-  cfg.bridge.port = 5560  # used when launch_server is False
-  cfg.bridge.update_hz = 60.0
-  cfg.bridge.frame_hz = 0.0  # frames attached per second (a VLM System 2 wants some)
-  cfg.bridge.capture_size = 64
-  cfg.bridge.time_limit = 1500
-
-  cfg.menu = ml_collections.ConfigDict()
-  cfg.menu.navigator = "vlm" if "navigator" in parts else "none"  # none | vlm (llm.* backend)
-  cfg.menu.deadline_s = 2.0  # navigator: fall back to the rule card after this long
-  cfg.menu.reference_delay_s = 0.5  # reply delay of the reference backend for menu requests
-  cfg.menu.override = True  # force the chosen card as the executed menu action
-
-  cfg.push = ml_collections.ConfigDict()
+  cfg = dual_system_config.base_config()
+  if "llm" in parts:
+    cfg.system2.planner = "llm"
+  if "bridge" in parts:
+    cfg.game.kind = "bridge"
+  if "navigator" in parts:
+    cfg.menu.navigator = "vlm"
   cfg.push.enabled = "push" in parts
-  cfg.push.capacity = 4096  # replay ring size (steps)
-  cfg.push.flush_every = 64  # steps staged on the host per replay write
+  if "debug" in parts:
+    cfg.steps = 60  # 1 s at 60 Hz
+    cfg.motor.untrained_variant = "debug"  # without a checkpoint: the motor's test size
+    cfg.push.capacity = 256
+    cfg.push.flush_every = 16
   return cfg

@@ -1,4 +1,4 @@
-"""The offline video pipeline (mbjax/offline/pipeline.py): gameplay video → chunks → IDM
+"""The offline video pipeline (mbjax/offline/pipeline/): gameplay video → chunks → IDM
 actions → video rewards → episodes → skill tokens → offline world model and dream policy.
 
 Your own videos (a directory of .mp4/.mkv/.webm/.avi files):
@@ -72,7 +72,9 @@ def get_config(arg: str | None = None):
     cfg.convert.update(size=32, chunk_frames=60)
     cfg.idm.update(steps=20, batch=4, clip_length=9, channels=(8, 16), embed_dim=32,
                    hidden=32, keypoints=4, stem=4, label_batch=32)
-    cfg.reward.update(steps=20, batch=8, channels=(8, 16), embed_dim=32, stem=4,
+    # 300 reward steps (a few seconds): enough for the held-out progress to rise with time
+    # (Spearman ≈ 0.5; 20 steps left it at ≈ −0.3), which the pipeline test checks.
+    cfg.reward.update(steps=300, batch=8, channels=(8, 16), embed_dim=32, stem=4,
                       score_batch=32)
     cfg.skills.update(steps=20, batch=16, num_codes=16, code_dim=8, hidden=32)
     cfg.learner.world_model.update(deter=16, stoch=4, classes=4, hidden=16, seq_len=8)

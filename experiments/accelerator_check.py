@@ -18,12 +18,12 @@ import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_cpu_enable_concurrency_optimized_scheduler=false")
 
-import importlib.util  # noqa: E402
 import platform  # noqa: E402
 
 import jax  # noqa: E402
 from absl import app, flags  # noqa: E402
 
+from configs import load_config  # noqa: E402
 from experiments import throughput  # noqa: E402
 from mbjax.agents import world_model as wm_lib  # noqa: E402
 from mbjax.envs.bonk_arena import BonkArena  # noqa: E402
@@ -45,20 +45,12 @@ _QUICK_ENVS, _QUICK_STEPS, _QUICK_LENGTHS = (4, 16), 16, (64, 256)
 _UPDATES_PER_CALL = 10  # PPO updates per timed call: small updates are dispatch-bound
 
 
-def _load_config(path: str):
-  """A config file's `get_config()`, as `--config=path` loads it."""
-  spec = importlib.util.spec_from_file_location("config_file", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
-
-
 def _ppo_rows(repeats: int):
   envs = _QUICK_ENVS if _QUICK.value else tuple(int(n) for n in _ENVS.value)
   paths = _PPO_CONFIGS.value[:1] if _QUICK.value else _PPO_CONFIGS.value
   for path in paths:
     for num_envs in envs:
-      cfg = _load_config(path)
+      cfg = load_config(path)
       cfg.num_envs = num_envs
       if _QUICK.value:
         cfg.ppo.num_steps = _QUICK_STEPS

@@ -135,7 +135,7 @@ def time_reward(key, count, batches):
   """`reward_model.score` with the `:arena` pipeline's reward model (`reward.*` of
   configs/video_pretrain.py:arena) at each of `--reward_sizes`, every piece size, then
   the upstream-style reward model at the same sizes (piece 64)."""
-  base = pipeline._reward_config(video_pretrain.get_config("arena"))
+  base = pipeline.config.reward_config(video_pretrain.get_config("arena"))
   for side in (int(s) for s in _REWARD_SIZES.value):
     frames = rng_frames(count, side)
     for batch in batches:
@@ -165,7 +165,7 @@ def main(argv):
   if "idm" not in _PARTS.value:
     print(f"load average after: {os.getloadavg()}")
     return
-  arena = pipeline._idm_config(_CONFIG.value)  # what the pipeline trains and labels with
+  arena = pipeline.config.idm_config(_CONFIG.value)  # what the pipeline trains and labels with
   cases = [(f"config IDM {s}²", arena, s) for s in dict.fromkeys(
       [_CONFIG.value.convert.size] + [int(s) for s in _IDM_SIZES.value])]
   cases.append((f"default IDM {size}²", idm.IDMConfig(), size))

@@ -23,6 +23,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
+from experiments import cli  # noqa: E402
 from mbjax.envs.bonk_arena import (BonkArena, idle_menu_policy, make_scripted_policy,  # noqa: E402
                                    random_policy, rewards, rollout)
 from mbjax.envs.bonk_arena import game  # noqa: E402
@@ -33,7 +34,7 @@ from mbjax.train import run as run_lib  # noqa: E402
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None,
                                   "Workdir of a BonkArena training run (optional).")
-_EPISODES = flags.DEFINE_integer("episodes", 128, "Episodes per policy.")
+_EPISODES = flags.DEFINE_integer("episodes", 128, "Episodes per policy.", lower_bound=1)
 _SEED = flags.DEFINE_integer("seed", 0, "Key of the episode set (shared by all policies).")
 _DETERMINISTIC = flags.DEFINE_bool("deterministic", False, "Trained agent acts on its mode.")
 
@@ -111,4 +112,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -17,6 +17,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
+from experiments import cli  # noqa: E402
 from mbjax.envs.bonk_arena import directives  # noqa: E402
 from mbjax.runtime import dual_system  # noqa: E402
 from mbjax.train import metrics  # noqa: E402
@@ -24,8 +25,8 @@ from mbjax.train import run as run_lib  # noqa: E402
 
 _CONDITIONED = flags.DEFINE_string("conditioned", None, "Workdir of the conditioned motor.")
 _BASELINE = flags.DEFINE_string("baseline", None, "Workdir of the non-conditioned baseline.")
-_ENVS = flags.DEFINE_integer("envs", 64, "Parallel envs.")
-_STEPS = flags.DEFINE_integer("steps", 1500, "Steps per env.")
+_ENVS = flags.DEFINE_integer("envs", 64, "Parallel envs.", lower_bound=1)
+_STEPS = flags.DEFINE_integer("steps", 1500, "Steps per env.", lower_bound=1)
 _SEED = flags.DEFINE_integer("seed", 1, "Key of the evaluation episodes.")
 _DETERMINISTIC = flags.DEFINE_bool("deterministic", False, "Act on the policy's mode.")
 _MIN_RATIO = flags.DEFINE_float("min_ratio", 2.0, "Acceptance: targeted success ratio.")
@@ -84,4 +85,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -11,6 +11,7 @@ os.environ.setdefault("XLA_FLAGS", "--xla_cpu_enable_concurrency_optimized_sched
 
 from absl import app, flags, logging  # noqa: E402
 
+from experiments import cli  # noqa: E402
 from mbjax.offline import ground_truth  # noqa: E402
 
 _DEFAULTS = ground_truth.Settings()
@@ -59,4 +60,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

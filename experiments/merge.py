@@ -16,6 +16,9 @@ with the merged parameters (orbax writes it to a temporary directory and renames
 base's config.json — so `restore_trained(--out)` and the recorder can load it — and
 merge_summary.json. Optimiser state and observation statistics are the base's, as upstream
 leaves the optimiser untouched on a merge. Exit status 3 when the gate admits fewer than two.
+The three are written into a staging directory beside --out and moved in when complete. An
+--out that already holds anything is refused unless `--overwrite` (which replaces those three
+and leaves other files alone); an --out that is one of the merged runs is always refused.
 
 LLM-assisted weighting (`--llm_protocol=openai|ollama`, `--llm_base_url`, `--llm_model`,
 `--llm_timeout_s`, `--llm_api_key_env`): the admitted specialists' per-role returns
@@ -37,13 +40,14 @@ import os
 os.environ.setdefault("XLA_FLAGS", "--xla_cpu_enable_concurrency_optimized_scheduler=false")
 
 import json  # noqa: E402
+import shutil  # noqa: E402
 import sys  # noqa: E402
 
 import jax  # noqa: E402
-import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
+from experiments import cli  # noqa: E402
 from mbjax import files  # noqa: E402
 from mbjax.population import llm_weighting  # noqa: E402
 from mbjax.population import merge as merge_lib  # noqa: E402
@@ -87,7 +91,12 @@ _LLM_WAIT = flags.DEFINE_float("llm_wait_s", 60.0, "Longest wait for the LLM's w
                                "merging with the fallback.")
 _ROLE_RETURNS = flags.DEFINE_string("role_returns", None, "JSON of evaluated per-role returns "
                                     "(see the module docstring), for the LLM and the fallback.")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace the checkpoints, config.json and "
+                               "merge_summary.json of an --out that already holds them.")
 flags.mark_flags_as_required(["base", "specialists", "out"])
+
+# What the merge writes under --out.
+_OUTPUTS = ("checkpoints", "config.json", "merge_summary.json")
 
 
 def llm_shares(names: list[str], stats: merge_lib.PairStatistics, norms: list[float],
@@ -107,13 +116,45 @@ def llm_shares(names: list[str], stats: merge_lib.PairStatistics, norms: list[fl
   return shares, weights.summary()
 
 
+def check_output(out: str, inputs: list[str], overwrite: bool) -> None:
+  """Raises UsageError for an --out that is one of `inputs`, or that holds anything while
+  `overwrite` is off."""
+  real = os.path.realpath(out)
+  if real in {os.path.realpath(w) for w in inputs}:
+    raise app.UsageError(f"--out={out} is one of the merged runs (--base / --specialists): "
+                         "choose a new directory")
+  if os.path.exists(out) and not os.path.isdir(out):
+    raise app.UsageError(f"--out={out} is a file: expected a directory")
+  if not overwrite and os.path.isdir(out) and os.listdir(out):
+    held = [n for n in _OUTPUTS if os.path.exists(os.path.join(out, n))]
+    raise app.UsageError(
+        f"--out={out} already holds " + (", ".join(held) if held else "files")
+        + ": choose a new directory, or pass --overwrite to replace "
+        + ", ".join(_OUTPUTS))
+
+
+def _publish(staging: str, out: str) -> None:
+  """Moves the merge's outputs from `staging` into `out`, replacing those present there."""
+  if not os.path.isdir(out):
+    os.replace(staging, out)
+    return
+  replaced = os.path.join(staging, ".replaced")
+  os.makedirs(replaced)
+  for name in _OUTPUTS:
+    if os.path.exists(os.path.join(out, name)):
+      os.replace(os.path.join(out, name), os.path.join(replaced, name))
+    os.replace(os.path.join(staging, name), os.path.join(out, name))
+  shutil.rmtree(staging)
+
+
 def merge_workdirs(base: str, specialists: list[str], out: str, method: str, lam: float,
                    k: float, scope: str, rule: merge_lib.GatingRule | None,
                    backend: llm.BackendConfig | None = None, llm_wait_s: float = 60.0,
                    role_returns: str | None = None, trim_rule: str = "ceil",
-                   sign_tie: str = "zero") -> dict:
+                   sign_tie: str = "zero", overwrite: bool = False) -> dict:
   """Does the work of the binary; returns the summary (also written to the output). With a
   `backend`, the merge is LLM-weighted (see the module docstring)."""
+  check_output(out, [base, *specialists], overwrite)
   _, base_runner = restore_trained(base)
   base_params = jax.device_get(base_runner.agent.params)
   vectors = []
@@ -169,17 +210,21 @@ def merge_workdirs(base: str, specialists: list[str], out: str, method: str, lam
   merged_params = merge_lib.apply_task_vector(base_params, merged_vector)
   runner = base_runner.replace(agent=base_runner.agent.replace(params=merged_params))
 
-  with open(os.path.join(base, "config.json")) as f:
-    cfg = ml_collections.ConfigDict(json.load(f))
+  cfg = checkpoint_lib.read_run_config(base)
   out = os.path.abspath(out)
-  os.makedirs(out, exist_ok=True)
-  step = int(base_runner.update_step)
-  checkpointer = checkpoint_lib.Checkpointer(out, cfg.run.keep_checkpoints)
-  checkpointer.save(step, runner, cfg)
-  checkpointer.close()
-  files.write_json(os.path.join(out, "config.json"), cfg.to_dict())
-  summary["checkpoint"] = os.path.join(checkpointer.directory, str(step))
-  files.write_json(os.path.join(out, "merge_summary.json"), summary)
+  os.makedirs(os.path.dirname(out), exist_ok=True)
+  staging = files.staging_directory(out)
+  try:
+    step = int(base_runner.update_step)
+    checkpointer = checkpoint_lib.Checkpointer(staging, cfg.run.keep_checkpoints)
+    checkpointer.save(step, runner, cfg)
+    checkpointer.close()
+    files.write_json(os.path.join(staging, "config.json"), cfg.to_dict())
+    summary["checkpoint"] = os.path.join(out, "checkpoints", str(step))
+    files.write_json(os.path.join(staging, "merge_summary.json"), summary)
+    _publish(staging, out)
+  finally:
+    shutil.rmtree(staging, ignore_errors=True)
   return summary
 
 
@@ -195,7 +240,8 @@ def main(argv):
              if _LLM_PROTOCOL.value else None)
   summary = merge_workdirs(_BASE.value, _SPECIALISTS.value, _OUT.value, _METHOD.value,
                            _LAM.value, _K.value, _SCOPE.value, rule, backend, _LLM_WAIT.value,
-                           _ROLE_RETURNS.value, _TRIM_RULE.value, _SIGN_TIE.value)
+                           _ROLE_RETURNS.value, _TRIM_RULE.value, _SIGN_TIE.value,
+                           _OVERWRITE.value)
   if summary["checkpoint"] is None:
     print("merge gated: fewer than two specialists pass the gating rule; nothing written")
     sys.exit(3)
@@ -205,4 +251,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

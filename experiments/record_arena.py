@@ -19,6 +19,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
+from experiments import cli  # noqa: E402
 from mbjax import files  # noqa: E402
 from mbjax.envs.bonk_arena import BonkArena, make_scripted_policy, random_policy  # noqa: E402
 from mbjax.envs.bonk_arena import recording  # noqa: E402
@@ -30,13 +31,14 @@ _POLICY = flags.DEFINE_enum("policy", "scripted", ["scripted", "random", "checkp
                             "Who plays.")
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None,
                                   "Workdir of a training run, for --policy=checkpoint.")
-_EPISODES = flags.DEFINE_integer("episodes", 2, "Episodes to record.")
+_EPISODES = flags.DEFINE_integer("episodes", 2, "Episodes to record.", lower_bound=1)
 _OUT_DIR = flags.DEFINE_string("out_dir", "runs/arena_videos", "Where videos and .npz go.")
 _SEED = flags.DEFINE_integer("seed", 0, "Episode i uses fold_in(PRNGKey(seed), i).")
 _PIXEL_SIZE = flags.DEFINE_integer("pixel_size", 128, "Video frame side (even).")
 _OBSERVATION = flags.DEFINE_enum("observation", "vector", ["vector", "pixels"],
                                  "What the policy sees (the scripted policy needs vector).")
-_FPS = flags.DEFINE_integer("fps", 30, "Video frame rate (one frame per env step).")
+_FPS = flags.DEFINE_integer("fps", 30, "Video frame rate (one frame per env step).",
+                           lower_bound=1)
 _ROLE = flags.DEFINE_string("role", "balanced", "Reward weighting recorded in `rewards`.")
 
 
@@ -97,4 +99,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -7,6 +7,9 @@
 
 Chunk format: `mbjax/bridge/record.py`. Labels come from the HINP trailer (`--actions=hinp`)
 or from the random actions this binary sends itself (`--actions=random`).
+
+Exits with an error when no game answers within `--connect_timeout_s`, and when the
+recording holds no frame (a game that sends no frames, or no HINP inputs to label them).
 """
 import os
 
@@ -14,6 +17,7 @@ os.environ.setdefault("XLA_FLAGS", "--xla_cpu_enable_concurrency_optimized_sched
 
 from absl import app, flags, logging  # noqa: E402
 
+from experiments import cli  # noqa: E402
 from mbjax.bridge import client as client_lib  # noqa: E402
 from mbjax.bridge import launch, record  # noqa: E402
 
@@ -26,6 +30,8 @@ _CHUNK = flags.DEFINE_integer("frames_per_chunk", 1000, "Frames per .npz file.")
 _ACTIONS = flags.DEFINE_enum("actions", "hinp", ["hinp", "random"], "Where the labels come from.")
 _LAUNCH = flags.DEFINE_bool("launch_server", False,
                             "Start a reference server (scripted autopilot, JPEG frames at --fps).")
+_CONNECT_TIMEOUT = flags.DEFINE_float("connect_timeout_s", 10.0, "Longest wait for the game's "
+                                      "first state before giving up.", lower_bound=0.0)
 flags.mark_flag_as_required("out_dir")
 
 
@@ -38,11 +44,25 @@ def main(argv):
     port = server.start()[0]
   try:
     client = client_lib.BonkLinkClient(_HOST.value, port)
-    recorder = record.Recorder(client, _OUT.value, fps=_FPS.value,
-                               frames_per_chunk=_CHUNK.value, actions=_ACTIONS.value)
+    if client.read(_CONNECT_TIMEOUT.value) is None:
+      raise app.UsageError(
+          f"no BonkLink game answered on {_HOST.value}:{port} within "
+          f"{_CONNECT_TIMEOUT.value:g} s ({client.counters.connect_failures} refused "
+          "connections): start the game with the BonkLink plugin, or pass --launch_server")
+    try:
+      recorder = record.Recorder(client, _OUT.value, fps=_FPS.value,
+                                 frames_per_chunk=_CHUNK.value, actions=_ACTIONS.value)
+    except ValueError as e:
+      raise app.UsageError(str(e)) from None
     paths = recorder.run(_SECONDS.value)
     logging.info("wrote %d chunks; client counters %s; frames without HINP %d", len(paths),
                  client.counters, recorder.missing_inputs)
+    if not paths:
+      raise app.UsageError(
+          f"recorded nothing in {_SECONDS.value:g} s from {_HOST.value}:{port}: "
+          f"{client.counters.packets} states, {client.counters.frames} frames, "
+          f"{recorder.missing_inputs} frames without a HINP input snapshot (enable frame "
+          "capture and, for --actions=hinp, the plugin's input snapshots)")
     for path in paths:
       print(path)
   finally:
@@ -51,4 +71,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -2,7 +2,13 @@
 --config=configs/dual_system.py[:llm,bridge,push] --config.motor.checkpoint=<workdir>`.
 
 Prints the loop summary (achieved rate, step-latency percentiles, directive sources,
-System 2 calls and fallbacks, load average) as JSON.
+System 2 calls and fallbacks, load average) as JSON. A real backend that wants a key takes it
+from the environment, named by `--config.llm.api_key_env` (as experiments/merge.py's
+`--llm_api_key_env`):
+
+  OPENAI_API_KEY=... python -m experiments.run_dual_system --config=configs/dual_system.py:llm \
+      --config.llm.protocol=openai --config.llm.base_url=https://host/v1 \
+      --config.llm.model=<model> --config.llm.api_key_env=OPENAI_API_KEY
 """
 import os
 
@@ -10,13 +16,18 @@ os.environ.setdefault("XLA_FLAGS", "--xla_cpu_enable_concurrency_optimized_sched
 
 import json  # noqa: E402
 
-from absl import app  # noqa: E402
+from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from experiments import cli  # noqa: E402
 from mbjax.runtime import dual_system  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/dual_system.py",
-                                          "Runtime config file.", lock_config=True)
+# No default: a default config is loaded, overrides and all, when the flag is defined, before
+# an unknown override could be reported in one line.
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Runtime config file "
+                                          "(configs/dual_system.py[:variants]).",
+                                          lock_config=True)
+flags.mark_flag_as_required("config")
 
 
 def main(argv):
@@ -26,4 +37,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

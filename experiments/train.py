@@ -5,7 +5,6 @@ larger `--config.total_env_steps` extends a finished run); Ctrl-C stops after sa
 Config values are overridden with `--config.<path>=<value>` (e.g. `--config.ppo.lr=1e-4`).
 """
 import os
-import sys
 
 # Avoids a jaxlib 0.10 CPU scheduler deadlock (see BUILD.md); must precede importing jax.
 os.environ.setdefault("XLA_FLAGS", "--xla_cpu_enable_concurrency_optimized_scheduler=false")
@@ -13,7 +12,9 @@ os.environ.setdefault("XLA_FLAGS", "--xla_cpu_enable_concurrency_optimized_sched
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from mbjax.train import distributed, loop, metrics  # noqa: E402
+from experiments import cli  # noqa: E402
+from mbjax.train import distributed  # noqa: E402
+from mbjax.train import metrics  # noqa: E402
 from mbjax.train import run as run_lib  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
@@ -32,11 +33,7 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   metrics.quiet_library_logging()
   distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-  try:
-    result = run_lib.run(_CONFIG.value, _WORKDIR.value)
-  except loop.RunStopped as stopped:
-    logging.error("%s", stopped)
-    sys.exit(stopped.exit_code)
+  result = run_lib.run(_CONFIG.value, _WORKDIR.value)
   logging.info("Done. Final metrics: %s", {k: v for k, v in result.items() if k != "outputs"})
   if distributed.is_primary():
     for name, path in result["outputs"].items():
@@ -44,4 +41,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

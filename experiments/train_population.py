@@ -8,7 +8,6 @@ At the end each role's best member is written to `<workdir>/specialists/<role>`.
 default: all; `num_envs` must divide by N); a run may resume on another device count.
 """
 import os
-import sys
 
 # Avoids a jaxlib 0.10 CPU scheduler deadlock (see BUILD.md); must precede importing jax.
 os.environ.setdefault("XLA_FLAGS", "--xla_cpu_enable_concurrency_optimized_scheduler=false")
@@ -16,7 +15,8 @@ os.environ.setdefault("XLA_FLAGS", "--xla_cpu_enable_concurrency_optimized_sched
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from mbjax.train import loop, metrics, population  # noqa: E402
+from experiments import cli  # noqa: E402
+from mbjax.train import metrics, population  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Population config file.",
                                           lock_config=True)
@@ -30,14 +30,14 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   metrics.quiet_library_logging()
   try:
-    result = population.run(_CONFIG.value, _WORKDIR.value, max_updates=_MAX_UPDATES.value)
-  except loop.RunStopped as stopped:
-    logging.error("%s", stopped)
-    sys.exit(stopped.exit_code)
+    population.validate(_CONFIG.value)
+  except ValueError as e:  # the config's fault, by validate's contract
+    raise app.UsageError(str(e)) from None
+  result = population.run(_CONFIG.value, _WORKDIR.value, max_updates=_MAX_UPDATES.value)
   logging.info("Done at update %d.", int(result["state"].update_step))
   for name, path in result["outputs"].items():
     print(f"{name:>12}: {path}")
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

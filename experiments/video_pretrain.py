@@ -2,7 +2,7 @@
 --config=configs/video_pretrain.py --workdir=runs/video [--phase=all]`.
 
 Phases (and the upstream aliases train_idm, label_actions, train_reward, label_rewards,
-export_rollouts, train_skills) are listed in `mbjax/offline/pipeline.py`; `--phase` takes
+export_rollouts, train_skills) are listed in `mbjax.offline.pipeline.REGISTRY`; `--phase` takes
 one, a comma-separated list, or `all`. Rerunning resumes: finished models and labels are
 kept. The `eval` phase prints the report table and writes `<workdir>/report.json`.
 """
@@ -15,6 +15,7 @@ import json  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from experiments import cli  # noqa: E402
 from mbjax.offline import pipeline  # noqa: E402
 from mbjax.train import metrics  # noqa: E402
 
@@ -41,4 +42,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

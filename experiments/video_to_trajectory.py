@@ -12,6 +12,7 @@ The exit status is 1 if any source was skipped.
 """
 from absl import app, flags, logging
 
+from experiments import cli
 from mbjax.offline import chunks, video
 
 _VIDEO = flags.DEFINE_string("video", None, "One video file.")
@@ -63,4 +64,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

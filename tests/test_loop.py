@@ -37,11 +37,10 @@ class ToyDriver(loop.Driver):
   def init(self):
     return {"params": jnp.zeros(3), "update_step": jnp.int32(0)}
 
-  def restore(self, checkpointer, step):
+  def restore_target(self):
     like = self.init()
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    return checkpointer.restore(step, checkpoint_lib.abstract_like(
-        like, jax.tree.map(lambda _: device, like)), self.cfg)
+    return checkpoint_lib.abstract_like(like, jax.tree.map(lambda _: device, like))
 
   def update_step(self, state):
     return int(state["update_step"])
@@ -84,7 +83,7 @@ def checkpoint_steps(workdir):
 
 def saved_params(workdir, step):
   checkpointer = checkpoint_lib.Checkpointer(str(workdir), 1)
-  state = ToyDriver(toy_config()).restore(checkpointer, step)
+  state = checkpointer.restore(step, ToyDriver(toy_config()).restore_target(), toy_config())
   checkpointer.close()
   return np.asarray(state["params"])
 

@@ -3,14 +3,13 @@ hand-checked CfC cases in ncps's three modes with variable Δt, the PPO integrat
 sequence path == per-step scan, in values and gradients, Δt included), and the memory-task
 learning test against a feed-forward baseline."""
 import functools
-import os
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from configs import memory_ppo
 from mbjax.agents import ppo
 from mbjax.envs import registry
 from mbjax.envs.spaces import HybridAction, HybridActionSpec
@@ -18,9 +17,6 @@ from mbjax.nets import cores, mamba
 from mbjax.nets.cfc import CfCCell
 from mbjax.train import anakin
 from mbjax.train import config as config_lib
-
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from configs import memory_ppo  # noqa: E402
 
 L, BATCH, D_MODEL, LAYERS, N = 23, 3, 8, 2, 4
 

@@ -430,6 +430,29 @@ def test_merge_binary_on_trained_checkpoints(tmp_path):
   chex.assert_trees_all_equal(jax.device_get(merged_runner.agent.opt_state),
                               jax.device_get(runner.agent.opt_state))
 
+  # An --out that holds a run is refused (nothing written), and so is a merged run itself;
+  # --overwrite replaces the merge's outputs.
+  merged_before = {n: (out / n).read_bytes() for n in ("config.json", "merge_summary.json")}
+  for target, message in ((out, "already holds checkpoints, config.json, merge_summary.json"),
+                          (base, "is one of the merged runs")):
+    refused = subprocess.run(
+        [sys.executable, "-m", "experiments.merge", f"--base={base}",
+         f"--specialists={tmp_path / 'scout'},{tmp_path / 'tank'}", "--min_cosine=-1",
+         "--lam=0.4", f"--out={target}"] + (["--overwrite"] if target == base else []),
+        cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    assert refused.returncode != 0 and message in refused.stderr, refused.stderr[-3000:]
+  assert {n: (out / n).read_bytes() for n in merged_before} == merged_before
+  assert sorted(os.listdir(out / "checkpoints")) == [str(int(runner.update_step))]
+  from experiments import merge as merge_binary
+  merge_binary.merge_workdirs(str(base), [str(tmp_path / "scout"), str(tmp_path / "tank")],
+                              str(out), "ties", lam=0.4, k=0.5, scope="tensor", rule=None,
+                              overwrite=True)
+  assert json.loads((out / "merge_summary.json").read_text())["lam"] == 0.4
+  _, merged_runner = restore_trained(str(out))
+  expected = merge.apply_task_vector(base_params, merge.ties_merge(vectors, 0.5, 0.4))
+  chex.assert_trees_all_close(jax.device_get(merged_runner.agent.params), expected, atol=1e-6)
+  assert sorted(n for n in os.listdir(tmp_path) if n.startswith(".")) == []  # no staging left
+
   gated = subprocess.run(
       [sys.executable, "-m", "experiments.merge", f"--base={base}",
        f"--specialists={tmp_path / 'scout'},{tmp_path / 'tank'}", "--min_cosine=0.9",

@@ -6,21 +6,17 @@ tolerance (rtol 1e-4, atol 1e-5 on parameters after two updates) is far below th
 one update (lr 2.5e-4 × clipped grads) yet above the ~1e-6 reduction-order noise.
 """
 import functools
-import os
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from configs import cartpole_ppo
 from mbjax.envs import registry
 from mbjax.envs.base import Environment
 from mbjax.envs.spaces import HybridActionSpec
 from mbjax.train import anakin, sharding
-
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from configs import cartpole_ppo  # noqa: E402
 
 
 def _debug_config(**overrides):

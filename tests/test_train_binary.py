@@ -159,8 +159,8 @@ def test_apex_run_trains_every_learner_and_its_checkpoint_plays_in_the_recorder(
       [sys.executable, "-m", "experiments.evaluate_arena", f"--checkpoint={workdir}",
        "--episodes=2"], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600,
       check=True)
-  rows = [line.split("|")[0].strip() for line in evaluation.stdout.splitlines() if "|" in line]
-  assert {"trained", "scripted", "random"} <= set(rows)
+  rows = {line.split("|")[0].strip() for line in evaluation.stdout.splitlines() if "|" in line}
+  assert {"trained", "scripted", "random", "idle"} <= rows, evaluation.stdout
   # The results come without orbax's INFO lines about reading the checkpoint.
   for output in (recording.stderr, evaluation.stderr):
     assert not [line for line in output.splitlines()

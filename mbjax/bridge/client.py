@@ -9,7 +9,10 @@ upstream client's faults (`reference/upstream_runtime.md` §1.5):
 * **Reconnects.** EOF, a reset, a send failure or a lost framing (a length prefix out of
   range) closes the socket; later calls reconnect with exponential backoff
   (`backoff_initial` doubling to `backoff_max`). Upstream stayed dead after one drop.
-* **Bounded waits.** Every call that can wait takes a timeout; nothing blocks forever.
+* **Bounded waits.** Every call that can wait takes a timeout; nothing blocks forever. A
+  drain stops at the caller's deadline (`read`'s timeout, `poll`'s `max_drain_s`) and after
+  the socket's receive buffer size in bytes (no more than was queued when it began), so a
+  game that sends faster than the client parses cannot hold it in the drain.
 * **Counted faults.** A packet whose body is malformed is skipped and counted
   (`malformed_states`, `malformed_frames`); bad length prefixes count as `bad_lengths`.
 """
@@ -61,12 +64,14 @@ class BonkLinkClient:
 
   def __init__(self, host: str = "127.0.0.1", port: int = 5560, *,
                connect_timeout: float = 2.0, backoff_initial: float = 0.05,
-               backoff_max: float = 2.0, decode_frames: bool = True):
+               backoff_max: float = 2.0, decode_frames: bool = True,
+               max_drain_s: float = 0.1):
     self.address = (host, int(port))
     self.connect_timeout = connect_timeout
     self.backoff_initial = backoff_initial
     self.backoff_max = backoff_max
     self.decode_frames = decode_frames
+    self.max_drain_s = max_drain_s  # longest a `poll` drains a socket that keeps filling
     self.counters = Counters()
     self._sock: socket.socket | None = None
     self._buffer = bytearray()
@@ -130,9 +135,13 @@ class BonkLinkClient:
 
   # -- receiving --------------------------------------------------------------------------
 
-  def _drain_socket(self) -> None:
-    """Reads everything the kernel holds, without blocking; handles EOF and errors."""
-    while self._sock is not None:
+  def _drain_socket(self, deadline: float) -> None:
+    """Reads what the kernel holds, without blocking, until it is empty, the drain budget is
+    spent or `deadline` passes; handles EOF and errors."""
+    if self._sock is None:
+      return
+    budget = self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+    while self._sock is not None and budget > 0:
       try:
         chunk = self._sock.recv(_RECV_CHUNK)
       except (BlockingIOError, InterruptedError):
@@ -144,8 +153,11 @@ class BonkLinkClient:
         self._drop()
         return
       self.counters.bytes_received += len(chunk)
+      budget -= len(chunk)
       self._buffer += chunk
       self._parse()
+      if time.monotonic() >= deadline:
+        return
 
   def _parse(self) -> None:
     now = time.monotonic()
@@ -192,8 +204,9 @@ class BonkLinkClient:
 
   def poll(self) -> Observation | None:
     """Drains the socket (reconnecting if due) and returns the newest observation, old or new."""
-    self._maybe_reconnect(time.monotonic())
-    self._drain_socket()
+    now = time.monotonic()
+    self._maybe_reconnect(now)
+    self._drain_socket(now + self.max_drain_s)
     return self._latest
 
   def read(self, timeout: float) -> Observation | None:
@@ -202,7 +215,7 @@ class BonkLinkClient:
     deadline = time.monotonic() + timeout
     while True:
       self._maybe_reconnect(deadline)
-      self._drain_socket()
+      self._drain_socket(deadline)
       latest = self._latest
       if latest is not None and latest.seq > self._returned_seq:
         self._returned_seq = latest.seq

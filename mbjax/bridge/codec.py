@@ -22,12 +22,17 @@ What differs from upstream's parser, on purpose:
   to top-left order, which upstream forgot (its frames were upside down).
 * The empty menu string is kept as sent (upstream rewrote it to "None"); `menu_name` does the
   upstream mapping for callers that want it.
+* Non-finite floats (NaN, ±Inf) in a state or an action are malformed: one NaN move would
+  otherwise poison a game's positions for good. The encoders refuse them (ValueError).
+* A JPEG frame's size is read from its header and checked before it is decoded: it may
+  decode to no more pixels than a raw frame can carry (`MAX_FRAME_PIXELS`).
 No pickle, no eval: every byte is parsed by `struct`.
 """
 from __future__ import annotations
 
 import dataclasses
 import io
+import math
 import struct
 
 import numpy as np
@@ -40,6 +45,7 @@ MAX_ENEMIES = 1024
 MAX_OPTIONS = 64
 MAX_STRING_BYTES = 4096
 MAX_FRAME_SIDE = 8192
+MAX_FRAME_PIXELS = MAX_FRAME_BYTES // 3  # what an MBRF frame within MAX_FRAME_BYTES can hold
 
 HINP_MAGIC = 0x504E4948  # b"HINP" read as a little-endian uint32
 HINP_VERSION = 1
@@ -60,6 +66,16 @@ _CLICK = struct.Struct("<2i")
 
 class MalformedPacket(ValueError):
   """Bytes that do not follow the BonkLink layout; the message names the field."""
+
+
+def _non_finite(values) -> bool:
+  return not all(math.isfinite(v) for v in values)
+
+
+def _require_finite(values, what: str) -> None:
+  """MalformedPacket when a decoded float is NaN or infinite."""
+  if _non_finite(values):
+    raise MalformedPacket(f"{what}={tuple(values)}: expected finite floats (no NaN or Inf)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -189,6 +205,14 @@ def encode_state(state: GameState) -> bytes:
   if len(state.enemies) > MAX_ENEMIES or len(state.level_up_options) > MAX_OPTIONS:
     raise ValueError(f"{len(state.enemies)} enemies / {len(state.level_up_options)} options "
                      f"exceed MAX_ENEMIES={MAX_ENEMIES} / MAX_OPTIONS={MAX_OPTIONS}")
+  floats = (*state.player_position, *state.player_velocity, state.player_health,
+            state.player_max_health, state.game_time,
+            *(x for e in state.enemies for x in (*e.position, e.health)))
+  if state.human_input is not None:
+    floats += (*state.human_input.move, *state.human_input.look, *state.human_input.click_norm)
+  if _non_finite(floats):
+    raise ValueError("GameState holds a non-finite float (NaN or Inf); the wire format "
+                     "carries finite values only")
   out = io.BytesIO()
   out.write(_PLAYER.pack(*state.player_position, *state.player_velocity, state.player_health,
                          state.player_max_health, state.game_time, state.is_playing,
@@ -214,10 +238,14 @@ def decode_state(data: bytes) -> GameState:
   r = _Reader(data)
   px, py, pz, vx, vy, vz, health, max_health, game_time, playing, paused = r.unpack(
       _PLAYER, "player block (position, velocity, health, max health, game time, flags)")
+  _require_finite((px, py, pz), "player position")
+  _require_finite((vx, vy, vz), "player velocity")
+  _require_finite((health, max_health, game_time), "player health, max health, game time")
   num_enemies = r.count("enemiesCount", MAX_ENEMIES)
   enemies = []
   for i in range(num_enemies):
     x, y, z, h = r.unpack(_ENEMY, f"enemy {i} of {num_enemies}")
+    _require_finite((x, y, z, h), f"enemy {i} position and health")
     enemies.append(Enemy((x, y, z), h))
   menu = r.string("currentMenu")
   num_options = r.count("levelUpOptionsCount", MAX_OPTIONS)
@@ -231,6 +259,7 @@ def decode_state(data: bytes) -> GameState:
         _HINP, "HINP trailer (36 bytes)")
     if version < 1:
       raise MalformedPacket(f"HINP version {version}: expected >= 1")
+    _require_finite((mx, my, lx, ly, cx, cy), "HINP move, look and click")
     # A later trailer version may append fields; version 1 readers ignore them.
     if version == HINP_VERSION and r.remaining():
       raise MalformedPacket(f"{r.remaining()} bytes after a version-1 HINP trailer")
@@ -266,9 +295,9 @@ def decode_frame(data: bytes) -> np.ndarray:
     if len(data) < MBRF_HEADER.size:
       raise MalformedPacket(f"MBRF frame of {len(data)} bytes: expected a 16-byte header")
     _, w, h, c = MBRF_HEADER.unpack_from(data)
-    if c != 3 or not (1 <= w <= MAX_FRAME_SIDE and 1 <= h <= MAX_FRAME_SIDE):
-      raise MalformedPacket(f"MBRF header w={w} h={h} c={c}: expected 1..{MAX_FRAME_SIDE} "
-                            "pixels per side and c=3")
+    if c != 3:
+      raise MalformedPacket(f"MBRF header c={c}: expected c=3")
+    _check_frame_size("MBRF", w, h)
     if len(data) != MBRF_HEADER.size + w * h * 3:
       raise MalformedPacket(f"MBRF {w}x{h}x3 frame needs {MBRF_HEADER.size + w * h * 3} bytes, "
                             f"got {len(data)}")
@@ -278,11 +307,20 @@ def decode_frame(data: bytes) -> np.ndarray:
     from PIL import Image
 
     try:
-      with Image.open(io.BytesIO(data)) as image:
+      with Image.open(io.BytesIO(data)) as image:  # reads the header only
+        _check_frame_size("JPEG", *image.size)
         return np.asarray(image.convert("RGB"))
+    except MalformedPacket:
+      raise
     except Exception as e:  # Pillow raises several types for corrupt JPEGs
       raise MalformedPacket(f"corrupt JPEG frame ({type(e).__name__}: {e})") from None
   raise MalformedPacket(f"frame starts with {bytes(data[:4])!r}: expected JPEG (ff d8) or MBRF")
+
+
+def _check_frame_size(kind: str, w: int, h: int) -> None:
+  if not (1 <= w <= MAX_FRAME_SIDE and 1 <= h <= MAX_FRAME_SIDE) or w * h > MAX_FRAME_PIXELS:
+    raise MalformedPacket(f"{kind} frame of w={w} h={h}: expected 1..{MAX_FRAME_SIDE} pixels "
+                          f"per side and at most MAX_FRAME_PIXELS={MAX_FRAME_PIXELS} in all")
 
 
 # -- packet framing -----------------------------------------------------------------------
@@ -331,8 +369,10 @@ def _split_packet(view: memoryview, offset: int):
 
 def encode_action(action: Action) -> bytes:
   """The framed action packet: i32 size + `<4f4?` (+ `<2i` click when ui_click)."""
-  body = _ACTION.pack(action.move_x, action.move_y, action.look_x, action.look_y,
-                      action.fire, action.ability, action.interact, action.ui_click)
+  axes = (action.move_x, action.move_y, action.look_x, action.look_y)
+  if _non_finite(axes):
+    raise ValueError(f"Action move/look={axes}: expected finite floats (no NaN or Inf)")
+  body = _ACTION.pack(*axes, action.fire, action.ability, action.interact, action.ui_click)
   if action.ui_click:
     body += _CLICK.pack(int(action.click_x), int(action.click_y))
   return _I32.pack(len(body)) + body
@@ -344,6 +384,7 @@ def decode_action(body: bytes) -> Action:
     raise MalformedPacket(f"action payload of {len(body)} bytes: expected {_ACTION.size} or "
                           f"{_ACTION.size + _CLICK.size}")
   mx, my, lx, ly, fire, ability, interact, click = _ACTION.unpack_from(body)
+  _require_finite((mx, my, lx, ly), "action move x/y, look x/y")
   if click != (len(body) == _ACTION.size + _CLICK.size):
     raise MalformedPacket(f"ui_click={click} but the payload has {len(body)} bytes: a click "
                           "carries exactly 8 bytes of coordinates")

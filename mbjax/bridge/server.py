@@ -24,8 +24,9 @@ Differs from the upstream plugin, on purpose:
 * A new client replaces the old one *and closes it* (upstream leaked the old socket).
 * Sends never block: if the client is not reading, the packet is dropped and counted
   (upstream's send thread blocked, which also stopped it from reading actions).
-* A bad action length closes that connection (framing is lost); a malformed payload is
-  skipped and counted.
+* A bad action length closes that connection (framing is lost); a malformed payload —
+  including one with a NaN or infinite move, which would otherwise turn the player and the
+  enemies chasing it into NaN for every later client — is skipped and counted.
 * `mode="lockstep"`: `ticks_per_action` ticks per received action, then one packet (the
   "send only on request" variant the spec suggests), for fast deterministic training; the default
   `"realtime"` mode ticks on the clock like the game.

@@ -11,6 +11,8 @@ library, so a tool that only reads chunks does not load PyAV or JAX. Import the 
               `experiments/video_to_trajectory.py`.
   `episodes`  episodes in an open format (`.npz` with RLDS field names) from labelled chunks,
               and the import of upstream `.pt` episodes.
+  `rlds`      episodes ↔ RLDS datasets (tensorflow-datasets, `array_record` files, no
+              TensorFlow): export for tfds users, import of any producer's dataset.
 
 Chunk lifecycle (the phases of `experiments/video_pretrain.py` add keys to the same file):
 `video_to_trajectory` writes observations, dones, meta, video_source [, audio]; IDM

@@ -59,7 +59,7 @@ STEP_FLAGS = ("is_first", "is_last", "is_terminal")
 # chunk key -> episode key, for the optional per-step labels carried over.
 CHUNK_LABELS = {"progress_scores": "progress_score", "skill_tokens": "skill_token",
                 "audio_tokens": "audio_token"}
-_LABEL_DTYPES = {"progress_score": np.float32, "skill_token": np.int32,
+LABEL_DTYPES = {"progress_score": np.float32, "skill_token": np.int32,
                  "audio_token": np.int32}
 
 
@@ -96,9 +96,9 @@ def make_episode(observation: np.ndarray, action: np.ndarray, reward: np.ndarray
   if action_discrete is not None:
     episode["action_discrete"] = np.asarray(action_discrete, np.int32)
   for key, value in (labels or {}).items():
-    if key not in _LABEL_DTYPES:
-      raise EpisodeError(f"{name}: unknown label {key!r}; expected one of {sorted(_LABEL_DTYPES)}")
-    episode[key] = np.asarray(value, _LABEL_DTYPES[key])
+    if key not in LABEL_DTYPES:
+      raise EpisodeError(f"{name}: unknown label {key!r}; expected one of {sorted(LABEL_DTYPES)}")
+    episode[key] = np.asarray(value, LABEL_DTYPES[key])
   validate_episode(episode, name)
   return episode
 
@@ -132,7 +132,7 @@ def validate_episode(episode: Mapping[str, np.ndarray], name: str = "episode") -
   expected = {"action": (np.float32, 2), "reward": (np.float32, 1),
               "discount": (np.float32, 1), "action_discrete": (np.int32, 2),
               **{f: (np.bool_, 1) for f in STEP_FLAGS},
-              **{k: (d, 1) for k, d in _LABEL_DTYPES.items()}}
+              **{k: (d, 1) for k, d in LABEL_DTYPES.items()}}
   for key, (dtype, rank) in expected.items():
     if key not in episode:
       continue

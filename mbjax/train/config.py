@@ -1,11 +1,18 @@
 """The experiment config schema: every field `experiments/train.py` understands, with defaults.
 
 Config files in `configs/` start from `base_config()` and override what they change, so a
-field exists in one place and a typo in a file or on the command line fails loudly (the
-config is locked; ml_collections names the unknown key). `validate` checks values that a
-type alone cannot (choices, divisibility) and names the offending key.
+field exists in one place and a typo in a file or on the command line fails loudly: the
+command line's config is locked, and `validate` refuses a key that `base_config()` does not
+have in one of its sections (naming the closest one). `validate` also checks what a type
+alone cannot — every numeric field's range (`RANGES`), choices, divisibility — and raises
+`ConfigError` naming the offending key and what it expects.
 """
 from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+from typing import Iterable
 
 import ml_collections
 
@@ -200,6 +207,155 @@ def _latent_actor_critic(enabled: bool) -> ml_collections.ConfigDict:
   return section
 
 
+class ConfigError(ValueError):
+  """A config key or value the schema does not allow; the message names the key."""
+
+
+@dataclasses.dataclass(frozen=True)
+class _Range:
+  """The values a numeric field admits: finite, within the bounds, integral if `integer`."""
+
+  low: float | None = None
+  high: float | None = None
+  low_open: bool = False  # excludes `low`
+  high_open: bool = False  # excludes `high`
+  integer: bool = False
+
+  def admits(self, value) -> bool:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+      return False
+    if self.integer and not isinstance(value, int):
+      return False
+    if not math.isfinite(value):
+      return False
+    if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+      return False
+    return self.high is None or (value < self.high if self.high_open else value <= self.high)
+
+  def describe(self) -> str:
+    kind = "an integer" if self.integer else "a finite number"
+    if self.low is not None and self.high is not None:
+      return (f"{kind} in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}"
+              f"{')' if self.high_open else ']'}")
+    if self.low is not None:
+      return f"{kind} {'>' if self.low_open else '>='} {self.low:g}"
+    return kind
+
+
+_COUNT = _Range(1, integer=True)
+_NON_NEGATIVE_INT = _Range(0, integer=True)
+_POSITIVE = _Range(0, low_open=True)
+_NON_NEGATIVE = _Range(0)
+_FRACTION = _Range(0, 1)
+_DISCOUNT = _Range(0, 1, low_open=True)
+_RATE = _Range(0, 1, low_open=True)  # an update rate: 0 would never move
+_FINITE = _Range()
+
+
+def _latent_actor_critic_ranges(name: str) -> dict:
+  return {f"{name}.horizon": _COUNT, f"{name}.num_starts": _COUNT, f"{name}.gamma": _DISCOUNT,
+          f"{name}.lambda_": _FRACTION, f"{name}.ent_coef": _NON_NEGATIVE,
+          f"{name}.actor_lr": _POSITIVE, f"{name}.critic_lr": _POSITIVE,
+          f"{name}.hidden_sizes": _COUNT, f"{name}.max_grad_norm": _POSITIVE,
+          f"{name}.target_update_rate": _RATE,
+          f"{name}.return_scale_decay": _Range(0, 1, high_open=True)}
+
+
+# Every numeric field of `base_config()` and what it admits (a tuple: each element).
+RANGES = {
+    "seed": _Range(integer=True), "num_envs": _COUNT, "total_env_steps": _COUNT,
+    "env.frame_stack": _COUNT, "env.reset_fraction": _Range(0, 1, low_open=True),
+    "ppo.num_steps": _COUNT, "ppo.lr": _POSITIVE, "ppo.gamma": _DISCOUNT,
+    "ppo.gae_lambda": _FRACTION, "ppo.clip_eps": _POSITIVE, "ppo.ent_coef": _NON_NEGATIVE,
+    "ppo.vf_coef": _NON_NEGATIVE, "ppo.max_grad_norm": _POSITIVE, "ppo.update_epochs": _COUNT,
+    "ppo.num_minibatches": _COUNT, "ppo.seq_len": _COUNT,
+    "network.hidden_sizes": _COUNT, "network.core_size": _COUNT,
+    "network.mamba_layers": _COUNT, "network.ssm_state_size": _COUNT,
+    "network.conv_size": _COUNT, "network.mamba_expand": _COUNT, "network.scan_chunk": _COUNT,
+    "world_model.seq_len": _COUNT, "world_model.deter": _COUNT, "world_model.stoch": _COUNT,
+    "world_model.classes": _NON_NEGATIVE_INT, "world_model.hidden": _COUNT,
+    "world_model.rssm_layers": _NON_NEGATIVE_INT, "world_model.head_layers": _COUNT,
+    "world_model.min_std": _POSITIVE, "world_model.unimix": _FRACTION,
+    "world_model.lr": _POSITIVE, "world_model.lr_decay_updates": _NON_NEGATIVE_INT,
+    "world_model.max_grad_norm": _POSITIVE, "world_model.free_nats": _NON_NEGATIVE,
+    "world_model.entity_width": _COUNT, "world_model.dyn_scale": _NON_NEGATIVE,
+    "world_model.rep_scale": _NON_NEGATIVE,
+    **_latent_actor_critic_ranges("dream"), **_latent_actor_critic_ranges("efe"),
+    "efe.risk_weight": _NON_NEGATIVE, "efe.ambiguity_weight": _NON_NEGATIVE,
+    "efe.preference_quantile": _FRACTION, "efe.preference_rate": _RATE,
+    "served.distill_coef": _NON_NEGATIVE, "served.distill_end": _Range(0, 1, low_open=True),
+    "cpqe.horizon": _COUNT, "cpqe.sigma_min": _POSITIVE, "cpqe.sigma_max": _POSITIVE,
+    "cpqe.sigma_data": _POSITIVE, "cpqe.rho": _POSITIVE, "cpqe.p_mean": _FINITE,
+    "cpqe.p_std": _POSITIVE, "cpqe.teacher_steps": _COUNT,
+    "cpqe.distill_levels": _Range(2, integer=True), "cpqe.student_steps": _COUNT,
+    "cpqe.ema_decay": _FRACTION, "cpqe.hidden": _COUNT, "cpqe.layers": _COUNT,
+    "cpqe.lr": _POSITIVE, "cpqe.max_grad_norm": _POSITIVE, "cpqe.num_q": _COUNT,
+    "cpqe.q_hidden": _COUNT, "cpqe.q_lr": _POSITIVE, "cpqe.gamma": _DISCOUNT,
+    "cpqe.q_target_rate": _RATE, "cpqe.num_samples": _COUNT, "cpqe.beta": _FINITE,
+    "cpqe.batch_size": _COUNT,
+    "offline.batch_size": _COUNT,
+    "run.num_devices": _NON_NEGATIVE_INT, "run.actor_device": _Range(-1, integer=True),
+    "run.log_every_updates": _COUNT, "run.checkpoint_every_updates": _COUNT,
+    "run.keep_checkpoints": _COUNT, "run.video_max_frames": _NON_NEGATIVE_INT,
+    "run.video_fps": _COUNT, "run.max_nonfinite_updates": _COUNT,
+    "bridge.base_port": _Range(0, 65535, integer=True), "bridge.ticks_per_action": _COUNT,
+    "bridge.update_hz": _POSITIVE, "bridge.frame_hz": _NON_NEGATIVE,
+    "bridge.pixel_size": _COUNT, "bridge.game_time_limit": _COUNT,
+    "bridge.max_episode_steps": _COUNT, "bridge.num_actor_threads": _COUNT,
+    "bridge.num_obs_enemies": _COUNT, "bridge.arena_size": _POSITIVE,
+    "bridge.distance_reward": _FINITE, "bridge.replay_capacity": _NON_NEGATIVE_INT,
+    "bridge.step_timeout": _POSITIVE, "bridge.reconnect_timeout": _POSITIVE,
+    "bridge.rollout_timeout": _POSITIVE, "bridge.eval_steps": _NON_NEGATIVE_INT,
+}
+# Numeric fields with a structure of their own, checked where they are used.
+STRUCTURED_FIELDS = {
+    "world_model.entity_slots": "mbjax.agents.world_model.EntityDeltaHead",
+    "world_model.agent_position": "mbjax.agents.world_model.EntityDeltaHead",
+}
+# Keys under these prefixes are free-form (an environment's constructor arguments).
+_FREE_FORM = ("env.kwargs.",)
+
+
+def closest_key(key: str, known: Iterable[str]) -> str | None:
+  """The known dotted key closest to a misspelt `key`, if any is close: among the keys of its
+  own section when that section exists (a shared long prefix would make anything look
+  close), else among all."""
+  known = list(known)
+  section, _, name = key.rpartition(".")
+  siblings = [k.rpartition(".")[2] for k in known if k.rpartition(".")[0] == section]
+  if siblings:
+    matches = difflib.get_close_matches(name, siblings, n=1, cutoff=0.6)
+    return f"{section}.{matches[0]}".lstrip(".") if matches else None
+  matches = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+  return matches[0] if matches else None
+
+
+def _check_keys(cfg: ml_collections.ConfigDict) -> None:
+  """Refuses keys that base_config() lacks inside its own sections (and top-level values
+  it lacks); sections it does not have belong to extensions (e.g. `population`)."""
+  base = base_config()
+  known = flatten(base)
+  for name, value in cfg.items():
+    if name not in base and isinstance(value, ml_collections.ConfigDict):
+      continue
+    for key in flatten({name: value.to_dict()} if isinstance(value, ml_collections.ConfigDict)
+                       else {name: value}):
+      if key not in known and not key.startswith(_FREE_FORM):
+        suggestion = closest_key(key, known)
+        raise ConfigError(f"config.{key}: unknown key" + (
+            f"; did you mean config.{suggestion}?" if suggestion else
+            f"; expected one of the keys of mbjax.train.config.base_config()"))
+
+
+def _check_ranges(cfg: ml_collections.ConfigDict) -> None:
+  for key, rule in RANGES.items():
+    value = _get(cfg, key)
+    values = value if isinstance(value, (tuple, list)) else (value,)
+    if not all(rule.admits(v) for v in values):
+      each = " (each element)" if isinstance(value, (tuple, list)) else ""
+      raise ConfigError(f"config.{key}={value!r}: expected {rule.describe()}{each}")
+
+
 _CHOICES = {
     "network.core": ("none", "gru", "lstm", "cfc", "mamba"),
     "network.scan_path": ("sequential", "associative", "chunked"),
@@ -212,39 +368,29 @@ _CHOICES = {
 
 
 def validate(cfg: ml_collections.ConfigDict) -> None:
-  """Raises ValueError naming the first invalid field."""
+  """Raises ConfigError (a ValueError) naming the first invalid key or value."""
+  _check_keys(cfg)
+  _check_ranges(cfg)
   for key, choices in _CHOICES.items():
     section, field = key.split(".")
     value = cfg[section][field]
     if value not in choices:
-      raise ValueError(f"config.{key}={value!r}: expected one of {choices}")
-  positive = ("num_envs", "total_env_steps", "ppo.num_steps", "ppo.update_epochs",
-              "ppo.num_minibatches", "ppo.seq_len", "run.log_every_updates",
-              "run.checkpoint_every_updates", "env.frame_stack", "network.mamba_layers",
-              "network.ssm_state_size", "network.conv_size", "network.mamba_expand",
-              "network.scan_chunk", "cpqe.horizon", "cpqe.batch_size",
-              "world_model.head_layers", "run.max_nonfinite_updates")
-  for key in positive:
-    value = _get(cfg, key)
-    if value < 1:
-      raise ValueError(f"config.{key}={value}: expected a positive integer")
-  if cfg.world_model.rssm_layers < 0:
-    raise ValueError(f"config.world_model.rssm_layers={cfg.world_model.rssm_layers}: "
-                     "expected 0 (linear maps, as upstream) or more hidden layers")
+      raise ConfigError(f"config.{key}={value!r}: expected one of {choices}")
   if cfg.run.checkpoint_every_updates % cfg.run.log_every_updates:
-    raise ValueError(
+    raise ConfigError(
         f"config.run.checkpoint_every_updates={cfg.run.checkpoint_every_updates} must be a "
         f"multiple of config.run.log_every_updates={cfg.run.log_every_updates}")
+  if cfg.cpqe.sigma_min >= cfg.cpqe.sigma_max:
+    raise ConfigError(f"config.cpqe.sigma_min={cfg.cpqe.sigma_min} must be below "
+                      f"config.cpqe.sigma_max={cfg.cpqe.sigma_max}")
   check_env_version(cfg)
-  if not 0.0 < cfg.env.reset_fraction <= 1.0:
-    raise ValueError(f"config.env.reset_fraction={cfg.env.reset_fraction}: expected (0, 1]")
   if cfg.ppo.squashed_entropy and cfg.network.squash != "tanh":
-    raise ValueError("config.ppo.squashed_entropy=True: expected config.network.squash='tanh'"
-                     f", got {cfg.network.squash!r}")
+    raise ConfigError("config.ppo.squashed_entropy=True: expected config.network.squash='tanh'"
+                      f", got {cfg.network.squash!r}")
   steps = cfg.ppo.num_steps
   seq_len = cfg.ppo.seq_len if cfg.network.core != "none" else 1
   if steps % seq_len or (steps // seq_len) % cfg.ppo.num_minibatches:
-    raise ValueError(
+    raise ConfigError(
         f"config.ppo.num_minibatches={cfg.ppo.num_minibatches}: the rollout's "
         f"{steps // seq_len} chunks of length {seq_len} (ppo.num_steps / ppo.seq_len) must "
         "split evenly into minibatches")
@@ -253,14 +399,14 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
 
 
 def check_env_version(cfg: ml_collections.ConfigDict | dict, source: str = "config") -> None:
-  """Raises ValueError unless `cfg` (a config, or one read back from a run's config.json)
+  """Raises ConfigError unless `cfg` (a config, or one read back from a run's config.json)
   names the rules version of its env that this code implements. A config written before
   versions were recorded counts as version "1" for a versioned env."""
   env = cfg["env"]
   implemented = registry.version(env["name"])
   recorded = env.get("version", "1" if implemented else "")
   if recorded != implemented:
-    raise ValueError(
+    raise ConfigError(
         f"{source}: env.version={recorded!r}, but {env['name']!r} here implements rules "
         f"version {implemented!r}; returns under other rules are not comparable (retrain, "
         "or evaluate with the code of that version)")
@@ -270,16 +416,13 @@ def _validate_apex(cfg: ml_collections.ConfigDict) -> None:
   if not cfg.world_model.enabled:
     for name in ("dream", "efe"):
       if cfg[name].enabled:
-        raise ValueError(f"config.{name}.enabled=True needs config.world_model.enabled=True")
+        raise ConfigError(f"config.{name}.enabled=True needs config.world_model.enabled=True")
   if cfg.world_model.enabled and cfg.ppo.num_steps % cfg.world_model.seq_len:
-    raise ValueError(f"config.world_model.seq_len={cfg.world_model.seq_len} must divide "
-                     f"config.ppo.num_steps={cfg.ppo.num_steps}")
-  if not 0.0 < cfg.served.distill_end <= 1.0:
-    raise ValueError(f"config.served.distill_end={cfg.served.distill_end}: expected a "
-                     "fraction of the run in (0, 1]")
+    raise ConfigError(f"config.world_model.seq_len={cfg.world_model.seq_len} must divide "
+                      f"config.ppo.num_steps={cfg.ppo.num_steps}")
   source = cfg.served.distill_from
   if source != "none" and not cfg[source].enabled:
-    raise ValueError(f"config.served.distill_from={source!r} needs config.{source}.enabled")
+    raise ConfigError(f"config.served.distill_from={source!r} needs config.{source}.enabled")
 
 
 def _validate_bridge(cfg: ml_collections.ConfigDict) -> None:
@@ -287,12 +430,9 @@ def _validate_bridge(cfg: ml_collections.ConfigDict) -> None:
   for key, choices in (("server_mode", ("realtime", "lockstep")),
                        ("frame_format", ("jpeg", "raw"))):
     if b[key] not in choices:
-      raise ValueError(f"config.bridge.{key}={b[key]!r}: expected one of {choices}")
-  for key in ("num_actor_threads", "num_obs_enemies", "max_episode_steps", "pixel_size"):
-    if b[key] < 1:
-      raise ValueError(f"config.bridge.{key}={b[key]}: expected a positive integer")
+      raise ConfigError(f"config.bridge.{key}={b[key]!r}: expected one of {choices}")
   if b.enabled and cfg.num_envs % b.num_actor_threads:
-    raise ValueError(f"config.bridge.num_actor_threads={b.num_actor_threads} must divide "
+    raise ConfigError(f"config.bridge.num_actor_threads={b.num_actor_threads} must divide "
                      f"config.num_envs={cfg.num_envs}")
 
 

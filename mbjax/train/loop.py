@@ -159,8 +159,12 @@ class Driver(abc.ABC):
     """A fresh state (nothing in the workdir yet)."""
 
   @abc.abstractmethod
-  def restore(self, checkpointer: checkpoint_lib.Checkpointer, step: int) -> Any:
-    """The state of checkpoint `step`."""
+  def restore_target(self) -> Any:
+    """The abstract state (shapes, dtypes, shardings) a checkpoint is restored onto."""
+
+  def resume(self, restored) -> Any:
+    """The state to continue from, given a restored checkpoint."""
+    return restored
 
   @abc.abstractmethod
   def update_step(self, state) -> int:
@@ -262,12 +266,14 @@ def run(driver: Driver, cfg, workdir: str, *, stop_after: int | None = None) -> 
   checkpointer = writer = None
   try:
     checkpointer = checkpoint_lib.Checkpointer(workdir, cfg.run.keep_checkpoints)
-    resume_step = checkpointer.latest_step()
+    # The newest checkpoint that restores (unreadable ones are set aside, with a warning).
+    resume_step, restored = checkpointer.restore_latest(driver.restore_target(), cfg,
+                                                        set_aside=True)
     if resume_step is None:
       logging.info("New run in %s.", workdir)
       state = driver.init()
     else:
-      state = driver.restore(checkpointer, resume_step)
+      state = driver.resume(restored)
       logging.info("Resumed %s from update %d.", workdir, resume_step)
     if primary:
       files.write_json(os.path.join(workdir, "config.json"), cfg.to_dict())

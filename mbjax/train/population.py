@@ -423,7 +423,7 @@ def load_base(cfg) -> ppo.PPOState:
   """The base agent of `cfg.population.base_workdir`, checked to fit `cfg`'s network."""
   workdir = cfg.population.base_workdir
   if not os.path.exists(os.path.join(workdir, "config.json")):
-    raise FileNotFoundError(
+    raise checkpoint_lib.RunNotFoundError(
         f"config.population.base_workdir={workdir!r} holds no trained run (config.json); "
         "train one first: python -m experiments.train --config=configs/arena_ppo.py "
         f"--workdir={workdir}")
@@ -446,11 +446,10 @@ def restore_population(workdir: str, num_devices: int = 1
     cfg = ml_collections.ConfigDict(json.load(f))
   trainer = PopulationTrainer(cfg, sharding.make_mesh(num_devices))
   checkpointer = checkpoint_lib.Checkpointer(workdir, cfg.run.keep_checkpoints)
-  step = checkpointer.latest_step()
-  if step is None:
-    raise FileNotFoundError(f"no checkpoint under {checkpointer.directory}")
-  state = checkpointer.restore(step, trainer.restore_target(), cfg)
+  step, state = checkpointer.restore_latest(trainer.restore_target(), cfg)
   checkpointer.close()
+  if step is None:
+    raise checkpoint_lib.RunNotFoundError(f"no checkpoint under {checkpointer.directory}")
   return trainer, state
 
 
@@ -501,9 +500,9 @@ class PopulationDriver(loop.Driver):
                  trainer.num_updates, trainer.env_steps_per_update, trainer.mesh.size)
     return trainer.init(load_base(self.cfg), jax.random.PRNGKey(self.cfg.seed))
 
-  def restore(self, checkpointer, step):
+  def restore_target(self):
     # Onto this run's mesh, whatever device count wrote the checkpoint.
-    return checkpointer.restore(step, self.trainer.restore_target(), self.cfg)
+    return self.trainer.restore_target()
 
   def update_step(self, state) -> int:
     return int(state.update_step)

@@ -8,12 +8,10 @@ run back for the evaluation and recording tools.
 """
 from __future__ import annotations
 
-import json
 import os
 import time
 
 import jax
-import ml_collections
 from absl import logging
 
 from mbjax.envs import registry
@@ -45,24 +43,19 @@ class AnakinDriver(loop.Driver):
     self.env_steps_per_update = self.trainer.env_steps_per_update
     self.served_policy = served_policy(cfg)
     self._compiled = {}
+    logging.info("Learners: ppo%s; served policy: %s", "".join(
+        f", {name}" for name in ("world_model", "dream", "efe") if cfg[name].enabled),
+        self.served_policy)
 
   def init(self):
     logging.info("Starting %s: %d updates of %d env steps over %d device(s).",
                  self.cfg.env.name, self.num_updates, self.env_steps_per_update,
                  self.mesh.size)
-    self._log_learners()
     return self.sharded.init(jax.random.PRNGKey(self.cfg.seed))
 
-  def restore(self, checkpointer, step):
-    self._log_learners()
+  def restore_target(self):
     like = self.sharded.runner_like
-    abstract = checkpoint_lib.abstract_like(like, sharding.runner_shardings(self.mesh, like))
-    return checkpointer.restore(step, abstract, self.cfg)
-
-  def _log_learners(self):
-    logging.info("Learners: ppo%s; served policy: %s", "".join(
-        f", {name}" for name in ("world_model", "dream", "efe") if self.cfg[name].enabled),
-        self.served_policy)
+    return checkpoint_lib.abstract_like(like, sharding.runner_shardings(self.mesh, like))
 
   def update_step(self, runner) -> int:
     return int(distributed.host_value(runner.update_step))
@@ -123,21 +116,19 @@ def restore_trained(workdir: str):
   config saved beside it — for evaluation and recording tools. A Sebulba (bridge) run gives
   (`sebulba.BridgePolicy`, `sebulba.LearnerState`): an agent of the bridge's observations,
   which plays reference servers, not an Anakin environment."""
-  with open(os.path.join(workdir, "config.json")) as f:
-    cfg = ml_collections.ConfigDict(json.load(f))
+  cfg = checkpoint_lib.read_run_config(workdir)
   if cfg.bridge.enabled:
     from mbjax.train import sebulba
     return sebulba.restore_trained(workdir, cfg)
   checkpointer = checkpoint_lib.Checkpointer(workdir, cfg.run.keep_checkpoints)
-  step = checkpointer.latest_step()
-  if step is None:
-    raise FileNotFoundError(f"no checkpoint under {checkpointer.directory}")
+  if checkpointer.latest_step() is None:
+    raise checkpoint_lib.RunNotFoundError(f"no checkpoint under {checkpointer.directory}")
   env, env_params = registry.make(cfg.env.name, **cfg.env.kwargs.to_dict())
   mesh = sharding.make_mesh(1)
   trainer = sharding.ShardedTrainer(cfg, env, env_params, mesh)
   abstract = checkpoint_lib.abstract_like(
       trainer.runner_like, sharding.runner_shardings(mesh, trainer.runner_like))
-  runner = checkpointer.restore(step, abstract, cfg)
+  _, runner = checkpointer.restore_latest(abstract, cfg)
   checkpointer.close()
   return trainer.trainer, runner
 

@@ -540,16 +540,15 @@ def restore_trained(workdir: str, cfg) -> tuple[BridgePolicy, LearnerState]:
   like = jax.eval_shape(lambda key: LearnerState(
       ppo.init(key, network, optimizer, (obs_size,), jnp.float32), key, jnp.int32(0)),
       jax.random.PRNGKey(0))
+  cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
   checkpointer = checkpoint_lib.Checkpointer(workdir, cfg.run.keep_checkpoints)
   try:
-    step = checkpointer.latest_step()
-    if step is None:
-      raise FileNotFoundError(f"no checkpoint under {checkpointer.directory}")
-    cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
-    state = checkpointer.restore(step, checkpoint_lib.abstract_like(
+    step, state = checkpointer.restore_latest(checkpoint_lib.abstract_like(
         like, jax.tree.map(lambda _: cpu, like)), cfg)
   finally:
     checkpointer.close()
+  if step is None:
+    raise checkpoint_lib.RunNotFoundError(f"no checkpoint under {checkpointer.directory}")
   return BridgePolicy(cfg, network), state
 
 
@@ -568,16 +567,19 @@ class SebulbaDriver(loop.Driver):
     return self.learner.num_updates
 
   def init(self):
-    self.learner = Sebulba(self.cfg, self.ports, clock_epoch=self.clock_epoch)
+    if self.learner is None:
+      self.learner = Sebulba(self.cfg, self.ports, clock_epoch=self.clock_epoch)
     return self.learner
 
-  def restore(self, checkpointer, step):
+  def restore_target(self):
     learner = self.init()
     like = learner.checkpoint()
     # Replicated on this run's learner mesh, whatever device count wrote the checkpoint.
-    learner.load(checkpointer.restore(step, checkpoint_lib.abstract_like(
-        like, jax.tree.map(lambda _: learner.replicated, like)), self.cfg))
-    return learner
+    return checkpoint_lib.abstract_like(like, jax.tree.map(lambda _: learner.replicated, like))
+
+  def resume(self, restored):
+    self.learner.load(restored)
+    return self.learner
 
   def update_step(self, learner) -> int:
     return learner.update_step

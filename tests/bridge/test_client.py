@@ -170,3 +170,50 @@ def test_no_game_bounded_wait_then_late_start_connects():
   game.join()
   assert bytes(game.received) == codec.encode_action(
       codec.Action(move_x=1.0, ui_click=True, click_x=3, click_y=4))
+
+
+def test_read_and_poll_return_under_a_flood_of_valid_packets():
+  """A game that sends faster than the client parses keeps the socket readable forever; the
+  drain stops at its budget or the read's deadline instead of following the flood."""
+  listener = socket.socket()
+  listener.bind(("127.0.0.1", 0))
+  listener.listen(1)
+  stop = threading.Event()
+  blob = b"".join(packet(float(t)) for t in range(2000))
+
+  def flood():
+    conn, _ = listener.accept()
+    try:
+      while not stop.is_set():
+        conn.sendall(blob)
+    except OSError:
+      pass
+    finally:
+      conn.close()
+
+  sender = threading.Thread(target=flood, daemon=True)
+  sender.start()
+  c = make_client(listener.getsockname()[1])
+  results = {}
+
+  def reader():
+    start = time.monotonic()
+    results["read"] = c.read(0.5)
+    results["read_s"] = time.monotonic() - start
+    start = time.monotonic()
+    results["poll"] = c.poll()
+    results["poll_s"] = time.monotonic() - start
+
+  worker = threading.Thread(target=reader, daemon=True)
+  worker.start()
+  worker.join(10.0)
+  returned = not worker.is_alive()
+  stop.set()  # ends the flood (and so an unbounded drain) either way
+  worker.join(10.0)
+  c.close()  # a sender blocked on the full socket fails now
+  sender.join(5.0)
+  listener.close()
+  assert returned, "read() did not return under the flood"
+  assert results["read"] is not None and results["read_s"] < 3.0
+  assert results["poll"] is not None and results["poll_s"] < 3.0
+  assert results["poll"].seq > results["read"].seq and c.counters.stale_states > 0

@@ -1,6 +1,7 @@
 """BonkLink codec conformance: hand-built byte strings laid out per the spec
 (reference/upstream_runtime.md §1.3–1.4) decode to the expected fields; encoders produce
 those exact bytes; malformed input raises MalformedPacket naming the field; fuzzing."""
+import dataclasses
 import io
 import random
 import struct
@@ -158,6 +159,65 @@ def test_oversized_length_prefixes_raise_bad_length(prefix, expected):
 def test_malformed_frames(data, expected):
   with pytest.raises(codec.MalformedPacket, match=expected):
     codec.decode_frame(data)
+
+
+def _with_sof_size(jpeg: bytes, width: int, height: int) -> bytes:
+  """The JPEG with its baseline SOF0 header claiming `width` × `height` pixels."""
+  at = jpeg.index(b"\xff\xc0")
+  return jpeg[:at + 5] + struct.pack(">HH", height, width) + jpeg[at + 9:]
+
+
+def test_jpeg_size_is_checked_before_decoding(monkeypatch):
+  small = codec.encode_jpeg(np.zeros((16, 16, 3), np.uint8))
+  assert codec.decode_frame(_with_sof_size(small, 16, 16)).shape == (16, 16, 3)
+  over = codec.encode_jpeg(np.zeros((1200, 1200, 3), np.uint8))  # 1.44 M pixels
+  assert len(over) < codec.MAX_FRAME_BYTES
+  monkeypatch.setattr(Image.Image, "load", lambda self: pytest.fail("decoded an oversized JPEG"))
+  for data, size in ((over, "w=1200 h=1200"), (_with_sof_size(small, 9000, 9000), "w=9000"),
+                     (_with_sof_size(small, 8193, 16), "w=8193")):
+    with pytest.raises(codec.MalformedPacket, match=f"JPEG frame of {size}.*MAX_FRAME_PIXELS"):
+      codec.decode_frame(data)
+  with pytest.raises(codec.MalformedPacket, match="MBRF frame of w=1200 h=1200"):
+    codec.decode_frame(b"MBRF" + struct.pack("<iii", 1200, 1200, 3) + bytes(1200 * 1200 * 3))
+
+
+def _state_with(offset: int, value: float, with_hinp: bool = False) -> bytes:
+  """The hand-built state with the f32 at byte `offset` replaced by `value`."""
+  body = bytearray(hand_built_state(with_hinp))
+  body[offset:offset + 4] = struct.pack("<f", value)
+  return bytes(body)
+
+
+_HINP_AT = len(hand_built_state(False)) + 8  # after the magic and the version
+
+
+@pytest.mark.parametrize("offset, value, with_hinp, expected", [
+    (0, float("nan"), False, "player position"),
+    (16, float("inf"), False, "player velocity"),
+    (24, float("-inf"), False, "player health"),
+    (32, float("nan"), False, "game time"),
+    (42 + 16 + 12, float("nan"), False, "enemy 1 position and health"),
+    (_HINP_AT, float("nan"), True, "HINP move"),
+    (_HINP_AT + 20, float("inf"), True, "HINP move, look and click"),
+])
+def test_non_finite_state_floats_are_malformed(offset, value, with_hinp, expected):
+  codec.decode_state(_state_with(offset, 1.0, with_hinp))  # the same layout, finite: fine
+  with pytest.raises(codec.MalformedPacket, match=f"{expected}.*expected finite"):
+    codec.decode_state(_state_with(offset, value, with_hinp))
+
+
+@pytest.mark.parametrize("axis", range(4))
+def test_non_finite_actions_are_malformed_and_not_encoded(axis):
+  values = [0.5, -0.5, 0.25, 0.0]
+  values[axis] = float("nan") if axis % 2 else float("inf")
+  with pytest.raises(codec.MalformedPacket, match="action move x/y, look x/y"):
+    codec.decode_action(struct.pack("<4f4?", *values, False, False, False, False))
+  fields = dict(zip(("move_x", "move_y", "look_x", "look_y"), values))
+  with pytest.raises(ValueError, match="expected finite floats"):
+    codec.encode_action(codec.Action(**fields))
+  state = codec.decode_state(hand_built_state(True))
+  with pytest.raises(ValueError, match="non-finite"):
+    codec.encode_state(dataclasses.replace(state, game_time=values[axis]))
 
 
 def test_malformed_actions():

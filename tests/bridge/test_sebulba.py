@@ -7,7 +7,6 @@ same rollout.
 import functools
 import json
 import logging
-import os
 import re
 import time
 
@@ -16,21 +15,16 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from configs import bridge_ppo
 from mbjax.agents import ppo
 from mbjax.bridge import launch, shim
 from mbjax.envs.spaces import HybridAction
 from mbjax.train import run as run_lib
 from mbjax.train import sebulba, sharding
 
-_CONFIG = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "bridge_ppo.py")
-
 
 def debug_config(**overrides):
-  import importlib.util
-  spec = importlib.util.spec_from_file_location("bridge_ppo", _CONFIG)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  cfg = module.get_config("debug")
+  cfg = bridge_ppo.get_config("debug")
   for key, value in overrides.items():
     section, _, field = key.rpartition(".")
     (cfg[section] if section else cfg)[field] = value

@@ -1,5 +1,7 @@
 """The reference BonkLink server (in-process, lock-step) speaks the wire format, applies
 actions, serves frames that match BonkArena's renderer, and maps card clicks."""
+import struct
+
 import jax
 import numpy as np
 import pytest
@@ -90,3 +92,24 @@ def test_jpeg_frames_and_garbage_from_client_counted():
     assert obs is not None and c.counters.connects == 2
     assert srv.instances[0].counters.bad_lengths == 1
     c.close()
+
+
+def test_a_nan_action_is_rejected_and_the_game_stays_finite(raw_server):
+  inst = raw_server.instances[0]
+  malformed_before = inst.counters.malformed_actions
+  c = client_lib.BonkLinkClient(port=raw_server.ports[0], connect_timeout=2.0)
+  assert c.read(10.0) is not None
+  nan_move = struct.pack("<4f4?", float("nan"), 1.0, 0.0, 0.0, False, False, False, False)
+  c._sock.sendall(struct.pack("<i", len(nan_move)) + nan_move)  # what a broken client sends
+  assert c.send(codec.Action(move_x=1.0))
+  after = c.read(10.0).state
+  c.close()
+  assert np.isfinite(after.player_position).all() and np.isfinite(after.player_velocity).all()
+  assert inst.counters.malformed_actions == malformed_before + 1
+  later = client_lib.BonkLinkClient(port=raw_server.ports[0], connect_timeout=2.0)
+  assert np.isfinite(later.read(10.0).state.player_position).all()
+  assert later.send(codec.Action(move_y=1.0))
+  state = later.read(10.0).state
+  later.close()
+  assert np.isfinite(state.player_position).all()
+  assert all(np.isfinite(e.position).all() for e in state.enemies)

@@ -149,8 +149,15 @@ def test_upstream_pt_import_without_torch_says_so(tmp_path, monkeypatch):
     episodes.import_upstream_pt(str(tmp_path / "ep.pt"))
 
 
+@pytest.mark.torch
 def test_upstream_pt_file_round_trip(tmp_path):
-  torch = pytest.importorskip("torch")  # optional: mbjax does not depend on torch
+  """The `.pt` file itself: torch.save, then import_upstream_pt's torch.load(weights_only=
+  True), which must refuse a pickled object. Runs only with the optional torch extra; without
+  it, the tests above cover the dict → episode mapping and the missing-torch message, and
+  reading a real `.pt` file is not covered."""
+  torch = pytest.importorskip(
+      "torch", reason="torch is not installed (pip install -e '.[torch]'): reading upstream "
+      ".pt files (torch.load, weights_only=True) is not covered by this run")
   data = upstream_pt_dict()
   path = str(tmp_path / "demo_x_chunk0000.pt")
   torch.save({k: (torch.from_numpy(v) if isinstance(v, np.ndarray) else v)

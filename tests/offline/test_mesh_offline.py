@@ -150,10 +150,10 @@ def test_batches_that_do_not_divide_the_devices_name_their_config_key(mesh, tmp_
   cfg.idm.batch = 6
   workspace = pipeline.Workspace(str(tmp_path), cfg)
   with pytest.raises(ValueError, match=r"idm\.batch=6 .* the 4 devices"):
-    pipeline.idm_train(workspace, cfg)
+    pipeline.models.idm_train(workspace, cfg)
   cfg.skills.batch, cfg.run.num_devices = 12, 8
   with pytest.raises(ValueError, match=r"run\.num_devices=8: .*8 devices, 4 available"):
-    pipeline.skills_train(workspace, cfg)
+    pipeline.models.skills_train(workspace, cfg)
   learner = _learner_config()
   learner.offline.batch_size = 6
   with pytest.raises(ValueError, match=r"learner\.offline\.batch_size=6 .* the 4 devices"):

@@ -13,6 +13,7 @@ import pytest
 from configs import video_pretrain
 from mbjax.envs.spaces import HybridActionSpec
 from mbjax.offline import chunks, episodes, pipeline
+from mbjax.offline.pipeline.models import split_episodes
 
 
 def test_phase_names_and_aliases():
@@ -46,16 +47,16 @@ def test_reward_holdout_by_source_pattern_then_per_look():
   looks = {"atari_pong_0_ab": "atari_pong", "atari_pong_1_cd": "atari_pong",
            "a1": "fixed", "a2": "fixed", "a3": "fixed", "a4": "fixed", "a5": "fixed",
            "b1": "follow", "b2": "follow", "c1": "lonely"}
-  held_out = pipeline._split_episodes(looks, 0.2, ("atari_*",), seed=0)
+  held_out = split_episodes(looks, 0.2, ("atari_*",), seed=0)
   # Both Atari clips by the pattern; of the others per look: ceil(0.2·5) = 1 "fixed",
   # ceil(0.2·2) = 1 "follow", none of the single "lonely" episode.
   assert {"atari_pong_0_ab", "atari_pong_1_cd"} <= held_out
   by_look = collections.Counter(looks[e] for e in held_out)
   assert by_look == {"atari_pong": 2, "fixed": 1, "follow": 1}
-  assert pipeline._split_episodes(dict(reversed(looks.items())), 0.2, ("atari_*",),
-                                  seed=0) == held_out  # deterministic, order-free
+  assert split_episodes(dict(reversed(looks.items())), 0.2, ("atari_*",),
+                        seed=0) == held_out  # deterministic, order-free
   # Without the pattern the Atari clips are one more look: ceil(0.5·2) = 1 of them.
-  by_look = collections.Counter(looks[e] for e in pipeline._split_episodes(looks, 0.5, (), 0))
+  by_look = collections.Counter(looks[e] for e in split_episodes(looks, 0.5, (), 0))
   assert by_look == {"atari_pong": 1, "fixed": 3, "follow": 1}  # fixed: ceil(0.5·5) = 3
 
 
@@ -107,8 +108,16 @@ def test_every_phase_runs_and_writes_the_upstream_layout(finished_run):
 
   report = json.load(open(os.path.join(workdir, "report.json")))
   # IDM accuracy is measured where the true actions are BonkArena's (not the Atari clip's).
-  assert report["idm"]["all/frames"] == bonk_arena_idm * cfg.convert.chunk_frames
-  assert 0.0 <= report["idm"]["all/accuracy_0"] <= 1.0
+  # The debug recordings hold no menu frame, so every true card label is the no-op and the
+  # labels must say so on every frame (a mis-packed or mis-aligned labelling would miss).
+  # At this size the IDM does not learn movement (R² ≈ 0): that it can is
+  # tests/offline/test_idm.py's learning test; here R² is only computed on every frame.
+  idm_report = report["idm"]
+  assert idm_report["all/frames"] == bonk_arena_idm * cfg.convert.chunk_frames
+  assert idm_report["menu/frames"] == 0
+  assert idm_report["gameplay/accuracy_0"] == idm_report["all/accuracy_0"] == 1.0
+  assert idm_report["all/move_frames"] == idm_report["all/frames"]
+  assert np.isfinite(idm_report["all/move_r2"])
   # The Atari clip is always held out of reward training, and each BonkArena look (two
   # episodes each) has one held-out episode: one Spearman entry per source look.
   held_out = results["reward_train"]["held_out_episodes"]
@@ -118,7 +127,9 @@ def test_every_phase_runs_and_writes_the_upstream_layout(finished_run):
   assert {look: reward[look]["episodes"] for look in reward if not look.startswith("all")} == {
       "atari_space_invaders": 1, "fixed:default@64": 1, "follow:desert@64": 1}
   assert reward["all_atari"]["episodes"] == 1 and reward["all_bonk_arena"]["episodes"] == 2
-  assert -1.0 <= reward["all"]["spearman_time"] <= 1.0
+  # Held-out progress rises with time: measured 0.50 (all) and 0.51 (BonkArena looks); with
+  # 20 training steps, −0.33 and −0.22. A reward model that learnt nothing misses.
+  assert reward["all"]["spearman_time"] > 0.25 and reward["all_bonk_arena"]["spearman_time"] > 0.25
   assert 1.0 <= report["skills"]["perplexity"] <= cfg.skills.num_codes
   assert report["dream"]["episodes"] == cfg.eval.episodes
   assert np.isfinite(report["dream"]["dream_return_mean"])

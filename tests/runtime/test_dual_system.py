@@ -187,3 +187,23 @@ def test_controller_drives_the_reference_server_over_the_bridge(motor):
   assert client.counters.packets >= 60  # and sent 60 Hz states back
   assert math.dist(start, end) > 0.5  # the motor's moves moved the player
   assert stats.summary()["achieved_hz"] > 40  # 60 Hz paced; loose for a loaded machine
+
+
+def test_the_backend_api_key_comes_from_the_named_environment_variable(monkeypatch):
+  """`--config.llm.api_key_env=NAME` on the locked config run_dual_system loads: System 2's
+  requests carry the key held in NAME."""
+  from configs import dual_system as dual_system_config
+
+  cfg = dual_system_config.get_config("llm")
+  cfg.lock()
+  monkeypatch.setenv("MBJAX_TEST_DUAL_SYSTEM_KEY", "k-dual")
+  with ReferenceLLMServer(DS.reference_responder) as server:
+    cfg.llm.base_url = server.url
+    cfg.llm.api_key_env = "MBJAX_TEST_DUAL_SYSTEM_KEY"
+    planner, stop_backend = DS.make_planner(cfg)
+    directive = planner.plan(P.GameSnapshot(player_pos=(12.0, 12.0), health_frac=1.0,
+                                            menu_open=False, menu_cards=(),
+                                            enemies=np.zeros((0, 2)), gems=np.zeros((0, 2))))
+    stop_backend()
+  assert directive is not None and len(server.requests) == 1
+  assert server.headers[0]["Authorization"] == "Bearer k-dual"

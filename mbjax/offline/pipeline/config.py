@@ -1,0 +1,161 @@
+"""The offline pipeline's config schema (`base_config`) and what the phases derive from it:
+each model's hyperparameter dataclass, the action spec, the frame shape, the device mesh and
+the XLA compile options.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import ml_collections
+from jax.sharding import Mesh
+
+from mbjax.envs.spaces import HybridActionSpec
+from mbjax.offline import chunks as chunks_lib
+from mbjax.offline import idm as idm_lib
+from mbjax.offline import reward_model as reward_lib
+from mbjax.offline import rlds as rlds_lib
+from mbjax.offline import skills as skills_lib
+from mbjax.train import config as learner_config
+from mbjax.train import sharding
+
+# XLA options that trade run speed for compile speed (backend optimisation level 0: about
+# half the compile time of the learner's update, a third or less of an initialiser's,
+# measured 2026-11-26). Initialisers run once, so they always compile this way, as one
+# jitted program each rather than one eager compilation per parameter shape.
+FAST_COMPILE = {"xla_backend_optimization_level": 0}
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Every field the pipeline reads, with defaults (configs/video_pretrain.py overrides)."""
+  cfg = ml_collections.ConfigDict()
+  cfg.seed = 0
+  # Every training phase (idm_train, reward_train, skills_train, world_model, dream) runs
+  # data-parallel over a mesh of this many devices (0: all); each phase's batch size is the
+  # global batch and must divide by it. (`learner.run` is not read by the pipeline.)
+  cfg.run = ml_collections.ConfigDict({"num_devices": 0})
+  # The action space the videos were played with: continuous dims, then discrete branches.
+  cfg.action = ml_collections.ConfigDict({"continuous_dim": 2, "branches": (4,)})
+
+  cfg.source = ml_collections.ConfigDict()
+  cfg.source.video_dir = ""  # "": <workdir>/videos (where ground_truth records)
+  # An RLDS dataset (the directory holding its dataset_info.json) that world_model and dream
+  # train on instead of <workdir>/episodes (`mbjax.offline.rlds.read_episodes`); "": none.
+  cfg.source.rlds_dir = ""
+  cfg.source.rlds_split = "train"
+  # Our step field → its path in the dataset's steps (e.g. observation=observation/image).
+  cfg.source.rlds_fields = ml_collections.ConfigDict(
+      {f: f for f in rlds_lib.REQUIRED_FIELDS + rlds_lib.OPTIONAL_FIELDS})
+
+  # The validation set-up: BonkArena gameplay recorded with its true actions.
+  cfg.ground_truth = ml_collections.ConfigDict()
+  cfg.ground_truth.enabled = False
+  cfg.ground_truth.episodes = 24
+  cfg.ground_truth.policies = ("scripted", "random")  # scripted | random | checkpoint
+  cfg.ground_truth.checkpoint = ""  # train workdir for the "checkpoint" policy
+  cfg.ground_truth.variants = ("fixed:default", "follow:default")  # camera:palette looks
+  cfg.ground_truth.pixel_size = 128
+  cfg.ground_truth.upgrade_hud = True
+  cfg.ground_truth.time_limit = 0  # 0: the game's own
+  cfg.ground_truth.fps = 30
+  cfg.ground_truth.view_fraction = 0.5  # follow camera: visible part of the arena side
+  cfg.ground_truth.menu_pick_prob = 0.1  # geometric menu dwell, see ground_truth.py
+  cfg.ground_truth.atari_games = ()  # ale-py ROM ids: out-of-domain clips for the reward model
+  cfg.ground_truth.atari_clips = 1
+  cfg.ground_truth.atari_steps = 900
+  cfg.ground_truth.label_fraction = 0.1  # chunks given their true actions (idm_train data)
+
+  cfg.convert = ml_collections.ConfigDict()
+  cfg.convert.fps = 30.0
+  cfg.convert.size = 96  # square frames
+  cfg.convert.chunk_frames = 250
+  cfg.convert.compression = chunks_lib.DEFAULT_COMPRESSION
+
+  # Model sections start from the model's own hyperparameter dataclass, plus training fields.
+  cfg.idm = _section(idm_lib.IDMConfig)
+  cfg.idm.steps = 2000
+  cfg.idm.batch = 8
+  cfg.idm.clip_length = 16
+  cfg.idm.focus_fraction = 0.25  # clips centred on rare discrete labels (menu choices)
+  cfg.idm.class_weight_power = 0.5
+
+  cfg.reward = _section(reward_lib.RewardConfig)
+  cfg.reward.steps = 2000
+  cfg.reward.batch = 64
+  cfg.reward.scale = 1.0  # rewards = Δprogress × scale
+  cfg.reward.holdout_fraction = 0.2  # of each look's episodes, kept out of reward_train
+  # Glob patterns over episode ids (video file stem + "_" + hash): matching episodes are
+  # always held out — a source the model never trains on, for an out-of-domain number.
+  cfg.reward.holdout_sources = ("atari_*",)
+
+  cfg.export = ml_collections.ConfigDict()
+  # embeddings (the reward model's features, as upstream) | frames. A pixel world model is
+  # ~250× slower per step on CPU than one over embeddings (measured 2026-11-26).
+  cfg.export.observation = "embeddings"
+  cfg.export.frame_size = 64  # frames: resized to this square size for the world model
+  cfg.export.min_length = 32  # shorter episodes are skipped
+
+  cfg.skills = _section(skills_lib.SkillConfig)  # window 16, stride 8, 256 codes
+  cfg.skills.steps = 2000
+  cfg.skills.batch = 128
+
+  # The apex learners' sections (world_model, dream, efe, offline, network.squash) as in
+  # a training config; the offline phases read only those.
+  cfg.learner = learner_config.base_config()
+  cfg.learner.efe.enabled = False
+  cfg.learner.world_model.update(deter=256, stoch=16, classes=16, hidden=256, seq_len=32)
+  cfg.world_model_steps = 2000
+  cfg.dream_steps = 1000
+  cfg.log_every = 100  # updates per jitted chunk / progress line
+  # Compile the learner and the dream evaluation for compile speed (`FAST_COMPILE`), at
+  # the cost of slower steps: for tiny models (`:debug`), where compiling is most of a phase.
+  cfg.fast_compile = False
+
+  cfg.eval = ml_collections.ConfigDict()
+  cfg.eval.episodes = 16  # dream-policy episodes played in BonkArena
+  cfg.eval.max_steps = 1500
+  cfg.eval.speed_bins = (0.05, 0.25)  # player speed (world units / frame) bin edges
+  return cfg
+
+
+def _section(hyperparameters) -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict({f.name: f.default
+                                    for f in dataclasses.fields(hyperparameters)})
+
+
+def _model_config(hyperparameters, section: ml_collections.ConfigDict):
+  """The dataclass built from the config section's fields of the same names."""
+  names = {f.name for f in dataclasses.fields(hyperparameters)}
+  return hyperparameters(**{k: (tuple(v) if isinstance(v, (list, tuple)) else v)
+                            for k, v in section.items() if k in names})
+
+
+def idm_config(cfg) -> idm_lib.IDMConfig:
+  return _model_config(idm_lib.IDMConfig, cfg.idm)
+
+
+def reward_config(cfg) -> reward_lib.RewardConfig:
+  return _model_config(reward_lib.RewardConfig, cfg.reward)
+
+
+def skill_config(cfg) -> skills_lib.SkillConfig:
+  return _model_config(skills_lib.SkillConfig, cfg.skills)
+
+
+def action_spec(cfg) -> HybridActionSpec:
+  return HybridActionSpec(continuous_dim=cfg.action.continuous_dim,
+                          branches=tuple(cfg.action.branches))
+
+
+def frame_shape(cfg) -> tuple[int, int, int]:
+  return (cfg.convert.size, cfg.convert.size, 3)
+
+
+def mesh(cfg) -> Mesh:
+  try:
+    return sharding.make_mesh(cfg.run.num_devices)
+  except ValueError as e:
+    raise ValueError(f"run.num_devices={cfg.run.num_devices}: {e}") from None
+
+
+def compiler_options(cfg) -> dict | None:
+  return FAST_COMPILE if cfg.fast_compile else None

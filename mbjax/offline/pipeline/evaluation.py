@@ -1,0 +1,226 @@
+"""The pipeline's measurements against ground truth and the `eval` phase that writes them to
+`report.json` and prints them as a table: IDM accuracy and movement R² per group of frames,
+the reward model's rank correlation with true progress on held-out episodes, skill-token
+perplexity, and the dream policy's return in BonkArena (measured by the `dream` phase).
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import numpy as np
+
+from mbjax import files
+from mbjax.offline import chunks as chunks_lib
+from mbjax.offline import idm as idm_lib
+from mbjax.offline import reward_model as reward_lib
+from mbjax.offline.pipeline import config as config_lib
+from mbjax.offline.pipeline.config import action_spec
+from mbjax.offline.pipeline.models import load_reward
+from mbjax.offline.pipeline.workspace import (Skipped, Workspace, episodes_of, model_exists,
+                                              readable_chunks, source_look, truth_for_chunk,
+                                              truth_meta, unpack_actions)
+from mbjax.train import offline as offline_lib
+
+
+def evaluate_dream_policy(ws: Workspace, trainer: offline_lib.OfflineTrainer, state,
+                          cfg) -> dict:
+  """Mean return of the saved dream policy in BonkArena vs the uniform random policy (same
+  keys). The game is drawn like the videos (the first ground-truth look, at the chunks'
+  frame size) and each frame is turned into what the world model saw: resized to
+  `export.frame_size`, or embedded by the reward model. The random policy ignores its
+  observations, so it plays the same game with vector observations (no drawing to compile)."""
+  if trainer.learners.dream is None or not cfg.ground_truth.enabled:
+    return {"skipped": "needs the dream learner and the BonkArena ground-truth set-up"}
+  from mbjax.envs.bonk_arena import BonkArena, random_policy, rollout  # the validation env
+  camera, _, palette = cfg.ground_truth.variants[0].partition(":")
+  env = BonkArena(observation="pixels", pixel_size=cfg.convert.size, camera=camera,
+                  palette=palette, upgrade_hud=cfg.ground_truth.upgrade_hud)
+  params = env.default_params()
+  if cfg.export.observation == "embeddings":
+    reward_params, reward_cfg, _ = load_reward(ws, cfg)
+    obs_fn = lambda frames: reward_lib.ProgressNet(reward_cfg).apply(reward_params, frames)[0]
+  else:
+    size = cfg.export.frame_size
+    obs_fn = lambda frames: jax.image.resize(
+        frames, (frames.shape[0], size, size, 3), "linear").round().clip(0, 255).astype(
+            np.uint8)
+  keys = jax.random.split(jax.random.PRNGKey(cfg.seed + 7), cfg.eval.episodes)
+  options = config_lib.compiler_options(cfg)
+  play = jax.jit(jax.vmap(lambda key: offline_lib.play_latent_policy(
+      env, params, trainer.learners, state.aux, key, cfg.eval.max_steps, obs_fn=obs_fn)),
+                 compiler_options=options)
+  dream_returns = np.asarray(play(keys))
+  vector_env = BonkArena(observation="vector")
+  play_random = jax.jit(lambda key: rollout.evaluate(
+      vector_env, params, random_policy, key, cfg.eval.episodes, cfg.eval.max_steps)["return"],
+                        compiler_options=options)
+  random_returns = np.asarray(play_random(keys[0]))
+  return {"episodes": cfg.eval.episodes,
+          "dream_return_mean": float(dream_returns.mean()),
+          "dream_return_std": float(dream_returns.std()),
+          "random_return_mean": float(random_returns.mean()),
+          "random_return_std": float(random_returns.std())}
+
+
+def evaluate_idm(ws: Workspace, cfg) -> dict:
+  """IDM labels of the chunks it labelled (the 90% without labels) against the truth, per
+  group of frames: all, menu overlay vs gameplay, player-speed bins, and camera."""
+  spec, skipped = action_spec(cfg), Skipped("eval")
+  pred_c, pred_d, true_c, true_d, groups = [], [], [], [], {}
+  for path, arrays in readable_chunks(ws.chunk_paths(), skipped):
+    meta = chunks_lib.decode_meta(arrays["meta"], path)
+    truth = truth_for_chunk(arrays, path)
+    if meta.get("action_labeling") != "idm" or truth is None or "menu_open" not in truth:
+      continue
+    continuous, discrete = unpack_actions(arrays["actions"], spec)
+    pred_c.append(continuous)
+    pred_d.append(discrete)
+    true_c.append(idm_lib.norm_clipped(truth["actions_continuous"]))
+    true_d.append(truth["actions_discrete"].reshape(len(continuous), -1))
+    menu, speed = truth["menu_open"].astype(bool), truth["player_speed"]
+    camera = truth_meta(arrays).get("camera", "unknown")
+    edges = (0.0,) + tuple(cfg.eval.speed_bins) + (np.inf,)
+    frame_groups = {"all": np.ones_like(menu), "menu": menu, "gameplay": ~menu,
+                    f"camera_{camera}": ~menu}
+    for lo, hi in zip(edges[:-1], edges[1:]):
+      frame_groups[f"speed_{lo:g}-{hi:g}"] = ~menu & (speed >= lo) & (speed < hi)
+    for name, mask in frame_groups.items():
+      groups.setdefault(name, []).append((len(pred_c) - 1, mask))
+  if not pred_c:
+    return {"idm": "no IDM-labelled chunk with ground truth"}
+  lengths = np.cumsum([0] + [len(c) for c in pred_c])
+  total = lengths[-1]
+  masks = {}
+  for name, entries in groups.items():
+    mask = np.zeros(total, bool)
+    for index, m in entries:
+      mask[lengths[index]:lengths[index + 1]] = m
+    masks[name] = mask
+  pred = idm_lib.IDMLabels(np.concatenate(pred_c), np.concatenate(pred_d), ())
+  # Movement is scored where the video shows it: the game is paused under the menu.
+  result = idm_lib.evaluate_labels(pred, np.concatenate(true_c), np.concatenate(true_d),
+                                   masks, move_visible=~masks["menu"])
+  return {"idm": result, "skipped": skipped.entries}
+
+
+def _mean_defined(values) -> float | None:
+  """Mean of the finite values (a Spearman is undefined when a sequence is constant)."""
+  values = [v for v in values if np.isfinite(v)]
+  return float(np.mean(values)) if values else None
+
+
+def evaluate_rewards(ws: Workspace, cfg) -> dict:
+  """Spearman rank correlation of each held-out episode's progress scores with its true
+  progress and with time; per source look (camera:palette@size, or atari_<game>), per
+  source (BonkArena, Atari) and over all, the mean over episodes where it is defined.
+
+  True progress: BonkArena, the XP collected so far (`xp_total`); Atari, the game score so
+  far (`score`: ale-py's rewards summed before the frame — points scored, or in Pong the
+  net points). A clip whose score never changes has no defined score correlation; it still
+  counts for the correlation with time, the order the model was trained to recover.
+  """
+  if not model_exists(ws.model_dir("reward")):
+    return {"reward": "no reward model"}
+  held_out = set(json.load(open(os.path.join(ws.model_dir("reward"), "config.json")))
+                 ["held_out_episodes"])
+  skipped, per_look = Skipped("eval"), {}
+  for episode_id, paths in episodes_of(ws.chunk_paths(), skipped).items():
+    if episode_id not in held_out:
+      continue
+    parts = list(readable_chunks(paths, skipped))
+    if len(parts) != len(paths) or any("progress_scores" not in a for _, a in parts):
+      continue
+    truths = [truth_for_chunk(a, p) for p, a in parts]
+    if any(t is None for t in truths):
+      continue
+    progress = np.concatenate([a["progress_scores"] for _, a in parts])
+    score_key = "xp_total" if "xp_total" in truths[0] else "score"
+    if score_key not in truths[0]:
+      continue
+    true_score = np.concatenate([t[score_key] for t in truths])
+    look = source_look(truth_meta(parts[0][1]))
+    entry = per_look.setdefault(look, {"score": [], "time": []})
+    entry["score"].append(reward_lib.spearman(progress, true_score))
+    entry["time"].append(reward_lib.spearman(progress, np.arange(len(progress))))
+
+  def summarise(entries) -> dict:
+    score = [v for e in entries for v in e["score"]]
+    time_ = [v for e in entries for v in e["time"]]
+    return {"episodes": len(score), "episodes_score_defined": int(np.isfinite(score).sum()),
+            "spearman_score": _mean_defined(score), "spearman_time": _mean_defined(time_)}
+
+  summary = {look: summarise([e]) for look, e in sorted(per_look.items())}
+  summary["all_bonk_arena"] = summarise([e for look, e in per_look.items()
+                                         if not look.startswith("atari")])
+  summary["all_atari"] = summarise([e for look, e in per_look.items()
+                                    if look.startswith("atari")])
+  summary["all"] = summarise(per_look.values())
+  return {"reward": summary}
+
+
+def evaluate_skills(ws: Workspace, cfg) -> dict:
+  """Perplexity exp(H) of the skill-token distribution over all labelled frames' windows
+  and the fraction of the codebook in use."""
+  tokens, skipped = [], Skipped("eval")
+  for _, arrays in readable_chunks(ws.chunk_paths(), skipped):
+    if "skill_tokens" in arrays:
+      t = arrays["skill_tokens"]
+      tokens.append(t[t >= 0][::cfg.skills.window])  # one entry per labelling window
+  if not tokens:
+    return {"skills": "no skill tokens"}
+  tokens = np.concatenate(tokens)
+  counts = np.bincount(tokens, minlength=cfg.skills.num_codes).astype(np.float64)
+  p = counts / counts.sum()
+  entropy = -np.sum(p[p > 0] * np.log(p[p > 0]))
+  return {"skills": {"windows": int(len(tokens)), "perplexity": float(np.exp(entropy)),
+                     "codes_used": int((counts > 0).sum()),
+                     "usage_fraction": float((counts > 0).mean())}}
+
+
+def evaluate(ws: Workspace, cfg) -> dict:
+  """The `eval` phase: every measurement above, and each finished phase's seconds."""
+  report = {**evaluate_idm(ws, cfg), **evaluate_rewards(ws, cfg), **evaluate_skills(ws, cfg)}
+  report["dream"] = ws.record.get("dream", {}).get("evaluation", "dream phase not run")
+  report["throughput"] = {phase: info["seconds"] for phase, info in ws.record.items()
+                          if "seconds" in info}
+  files.write_json(ws.report, report, indent=1)
+  print(format_report(report))
+  return {"report": ws.report}
+
+
+def format_report(report: dict) -> str:
+  """The report as a printed table: one line per measured quantity."""
+  lines = ["quantity                                   value"]
+  add = lambda name, value: lines.append(
+      f"{name:<42} {value:.4f}" if isinstance(value, float) else f"{name:<42} {value}")
+  idm = report.get("idm")
+  if isinstance(idm, dict):
+    groups = sorted({k.split("/")[0] for k in idm})
+    for group in groups:
+      frames = idm.get(f"{group}/frames", 0)
+      accuracies = [v for k, v in idm.items() if k.startswith(f"{group}/accuracy_")]
+      add(f"IDM {group}: frames", frames)
+      for i, value in enumerate(accuracies):
+        add(f"IDM {group}: discrete accuracy (branch {i})", value)
+      if f"{group}/move_r2" in idm:
+        add(f"IDM {group}: movement R²", idm[f"{group}/move_r2"])
+  reward = report.get("reward")
+  if isinstance(reward, dict):
+    for look, entry in reward.items():
+      if not entry.get("episodes"):
+        continue
+      defined = f"{entry['episodes_score_defined']}/{entry['episodes']} episodes"
+      add(f"reward Spearman vs true progress [{look}] ({defined})",
+          "undefined" if entry["spearman_score"] is None else entry["spearman_score"])
+      add(f"reward Spearman vs time [{look}]", entry["spearman_time"])
+  skills = report.get("skills")
+  if isinstance(skills, dict):
+    add("skills: perplexity", skills["perplexity"])
+    add("skills: codes used", skills["codes_used"])
+  dream_eval = report.get("dream")
+  if isinstance(dream_eval, dict) and "dream_return_mean" in dream_eval:
+    add("dream policy return (mean)", dream_eval["dream_return_mean"])
+    add("random policy return (mean)", dream_eval["random_return_mean"])
+  return "\n".join(lines)

@@ -1,0 +1,358 @@
+"""The three models the pipeline trains on chunks and labels them with, two phases each:
+the inverse dynamics model (`idm_train`, `idm_label`: per-frame `actions`), the reward model
+(`reward_train`, `reward_label`: `progress_scores` and `rewards`) and the skills VQ-VAE
+(`skills_train`, `skills_label`: `skill_tokens`).
+
+What the three share — resume, the batch sharding, saving, loading and the labelling loop
+that stamps the model's id into every chunk it writes — is `ChunkModel`; each phase below
+says only what it trains on and what it writes.
+"""
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import os
+import time
+from typing import Any, Callable, NamedTuple, Sequence
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+
+from mbjax.envs.spaces import HybridActionSpec
+from mbjax.offline import chunks as chunks_lib
+from mbjax.offline import idm as idm_lib
+from mbjax.offline import reward_model as reward_lib
+from mbjax.offline import skills as skills_lib
+from mbjax.offline.pipeline import config as config_lib
+from mbjax.offline.pipeline.config import action_spec, frame_shape
+from mbjax.offline.pipeline.workspace import (LABELLED, Skipped, Workspace, episodes_of,
+                                              format_metrics, load_model, model_exists,
+                                              pack_actions, readable_chunks, save_model,
+                                              source_look, truth_meta, unpack_actions,
+                                              update_meta)
+from mbjax.train import sharding
+
+# Initialisers run once: one jitted program each, compiled for compile speed.
+_idm_init = jax.jit(idm_lib.init, static_argnums=(1, 2, 3),
+                    compiler_options=config_lib.FAST_COMPILE)
+_reward_init = jax.jit(reward_lib.init, static_argnums=(1, 2),
+                       compiler_options=config_lib.FAST_COMPILE)
+_skills_init = jax.jit(skills_lib.init, static_argnums=(1, 2),
+                       compiler_options=config_lib.FAST_COMPILE)
+
+
+class ChunkModel(NamedTuple):
+  """A model trained on the chunks that then labels them. `name` is its directory
+  (`models/<name>/`), its config section (`cfg.<name>`: `steps`, the global `batch`), its
+  phases (`<name>_train`, `<name>_label`) and the meta key (`<name>_model`) that records
+  which model labelled a chunk, so that a rerun skips what the current model labelled."""
+
+  name: str
+  # cfg → the saved pytree of a fresh model (only its shape is used: traced, never run).
+  fresh: Callable[[ml_collections.ConfigDict], Any]
+
+  def train(self, ws: Workspace, cfg,
+            fit: Callable[[jax.sharding.Sharding], tuple[Any, dict, dict]]) -> dict:
+    """The training phase: nothing to do when the model is saved; otherwise
+    `fit(data_sharding)` → (pytree to save, its config, info), saved under its id."""
+    directory = ws.model_dir(self.name)
+    if model_exists(directory):
+      return {"model": directory, "resumed": "already trained"}
+    # Before any data is read: a batch that does not split over the devices fails at once.
+    data_sharding = sharding.batch_sharding(config_lib.mesh(cfg), cfg[self.name].batch,
+                                            f"{self.name}.batch")
+    started = time.time()
+    saved, saved_config, info = fit(data_sharding)
+    seconds = round(time.time() - started, 1)
+    model_id = save_model(directory, saved, saved_config)
+    return {"model": directory, "model_id": model_id, "seconds": seconds, **info}
+
+  def log_progress(self, cfg) -> Callable[[int, dict], None]:
+    """The `log_fn` of the model's `fit`: one line per logged step."""
+    steps = cfg[self.name].steps
+    return lambda step, metrics: logging.info("%s_train %d/%d: %s", self.name, step, steps,
+                                              format_metrics(metrics))
+
+  def load(self, ws: Workspace, cfg) -> tuple[Any, str]:
+    """(saved pytree, model id) of the trained model."""
+    saved, saved_config = load_model(ws.model_dir(self.name),
+                                     jax.eval_shape(lambda: self.fresh(cfg)))
+    return saved, saved_config["model_id"]
+
+  def label(self, ws: Workspace, cfg, units: dict[str, list[str]], model_id: str,
+            new_arrays: Callable[[list[str], list[dict]], list[dict]],
+            keep: Callable[[dict], bool] = lambda meta: False,
+            skipped: Skipped | None = None, **meta) -> dict:
+    """The labelling phase over `units` (name → chunk paths: one chunk, or an episode's
+    chunks in order). A unit whose chunks were all labelled by `model_id` (or are kept by
+    `keep(chunk meta)`) is left alone; otherwise `new_arrays(paths, chunk arrays)` gives
+    the arrays to add to each chunk, written with `meta` and the model's id in its meta.
+    A unit with a chunk that cannot be read or labelled is skipped and recorded in
+    `skipped` (a new record unless the caller's, which may hold chunks already set aside)."""
+    model_key = f"{self.name}_model"
+    if skipped is None:
+      skipped = Skipped(f"{self.name}_label")
+    labelled = kept = 0
+    for number, (unit, paths) in enumerate(units.items(), 1):
+      try:
+        if all(m.get(model_key) == model_id or keep(m)
+               for m in map(chunks_lib.read_meta, paths)):
+          kept += 1
+          continue
+        parts = [chunks_lib.read_chunk(p) for p in paths]
+        for path, arrays, added in zip(paths, parts, new_arrays(paths, parts)):
+          stamp = update_meta(arrays, path, **meta, **{model_key: model_id})
+          chunks_lib.update_chunk(path, {**added, "meta": stamp}, cfg.convert.compression)
+      except chunks_lib.ChunkError as e:
+        skipped.add(unit, e)
+        continue
+      labelled += 1
+      logging.info("%s_label [%d/%d] %s: %d frames", self.name, number, len(units), unit,
+                   sum(len(a["observations"]) for a in parts))
+    return {"labelled": labelled, "already_labelled": kept, "skipped": skipped.entries}
+
+
+def _each_chunk(ws: Workspace) -> dict[str, list[str]]:
+  """Labelling units of one chunk each, named by file."""
+  return {os.path.basename(path): [path] for path in ws.chunk_paths()}
+
+
+# -- inverse dynamics model -----------------------------------------------------------------
+
+IDM = ChunkModel("idm", lambda cfg: idm_lib.init(
+    jax.random.PRNGKey(0), config_lib.idm_config(cfg), frame_shape(cfg), action_spec(cfg)
+).params)
+
+
+def _labelled_episodes(ws: Workspace, spec: HybridActionSpec, skipped: Skipped):
+  episodes, focus = [], []
+  for path in ws.chunk_paths():
+    try:
+      if chunks_lib.read_meta(path).get("action_labeling") not in LABELLED:
+        continue
+      arrays = chunks_lib.read_chunk(path)
+      continuous, discrete = unpack_actions(arrays["actions"], spec)
+    except chunks_lib.ChunkError as e:
+      skipped.add(path, e)
+      continue
+    valid = arrays.get("actions_valid", np.ones((len(continuous), 2), bool))
+    episodes.append(idm_lib.Episode(arrays["observations"], idm_lib.ActionLabels(
+        continuous, discrete, valid[:, 0], valid[:, 1])))
+  if not episodes:
+    raise ValueError(f"idm_train: no chunk in {ws.chunks} carries labelled actions "
+                     f"(meta action_labeling in {LABELLED}); label some first")
+  discrete = np.concatenate([e.labels.discrete for e in episodes])
+  common = [np.bincount(discrete[:, b], minlength=n).argmax()
+            for b, n in enumerate(spec.branches)]
+  # Rare choices (the menu picks) are where the discrete heads learn: oversample them.
+  for e in episodes:
+    rare = np.zeros(len(e.labels.discrete), bool)
+    for b, c in enumerate(common):
+      rare |= e.labels.discrete[:, b] != c
+    focus.append(np.flatnonzero(rare & np.asarray(e.labels.discrete_valid)))
+  return episodes, focus
+
+
+def idm_train(ws: Workspace, cfg) -> dict:
+  """The IDM on the chunks whose actions are labels (`LABELLED`), class-weighted."""
+
+  def fit(data_sharding):
+    spec, skipped = action_spec(cfg), Skipped("idm_train")
+    episodes, focus = _labelled_episodes(ws, spec, skipped)
+    discrete = np.concatenate([e.labels.discrete for e in episodes])
+    valid = np.concatenate([e.labels.discrete_valid for e in episodes])
+    weights = idm_lib.class_weights_from_labels(discrete, spec, cfg.idm.class_weight_power,
+                                                valid)
+    idm_cfg = config_lib.idm_config(cfg)
+    state = _idm_init(jax.random.PRNGKey(cfg.seed), idm_cfg, frame_shape(cfg), spec, weights)
+    state, metrics = idm_lib.fit(
+        state, episodes, cfg.idm.steps, np.random.default_rng(cfg.seed), cfg.idm.batch,
+        cfg.idm.clip_length, focus, cfg.idm.focus_fraction, log_fn=IDM.log_progress(cfg),
+        log_every=cfg.log_every, data_sharding=data_sharding)
+    saved_config = {"idm": dataclasses.asdict(idm_cfg), "frame_shape": list(frame_shape(cfg)),
+                    "class_weights": [w.tolist() for w in weights]}
+    return state.params, saved_config, {"chunks": len(episodes), "frames": int(len(discrete)),
+                                        "final": metrics, "skipped": skipped.entries}
+
+  return IDM.train(ws, cfg, fit)
+
+
+def idm_label(ws: Workspace, cfg) -> dict:
+  """`actions` for every chunk whose actions are not labels."""
+  params, model_id = IDM.load(ws, cfg)
+  idm_cfg, spec = config_lib.idm_config(cfg), action_spec(cfg)
+
+  def new_arrays(paths, parts):
+    del paths
+    labels = [idm_lib.label(params, idm_cfg, spec, a["observations"]) for a in parts]
+    return [{"actions": pack_actions(x.continuous, list(x.probs))} for x in labels]
+
+  return IDM.label(ws, cfg, _each_chunk(ws), model_id, new_arrays,
+                   keep=lambda meta: meta.get("action_labeling") in LABELLED,
+                   action_labeling="idm")
+
+
+# -- reward model ---------------------------------------------------------------------------
+
+REWARD = ChunkModel("reward", lambda cfg: reward_lib.init(
+    jax.random.PRNGKey(0), config_lib.reward_config(cfg), frame_shape(cfg)).params)
+
+
+def split_episodes(looks: dict[str, str], fraction: float, sources: Sequence[str],
+                   seed: int) -> set[str]:
+  """The held-out episode ids, given each episode's look (`_episode_look`).
+
+  Every episode whose id matches one of the glob patterns `sources` is held out (a whole
+  video source kept from training, e.g. "atari_*": the out-of-domain clips). Of the others,
+  each look contributes a seeded choice of ceil(fraction · n) of its n episodes — at least
+  one when it has two or more — so every look gets a held-out number and the split does not
+  depend on the luck of one draw over all episodes.
+  """
+  held_out = {e for e in looks if any(fnmatch.fnmatchcase(e, p) for p in sources)}
+  by_look: dict[str, list[str]] = {}
+  for episode_id in sorted(looks):
+    if episode_id not in held_out:
+      by_look.setdefault(looks[episode_id], []).append(episode_id)
+  rng = np.random.default_rng(seed + 1)
+  for _, ids in sorted(by_look.items()):
+    count = int(np.ceil(fraction * len(ids))) if len(ids) > 1 else 0
+    held_out.update(ids[i] for i in rng.permutation(len(ids))[:count])
+  return held_out
+
+
+def _episode_look(paths: list[str]) -> str:
+  """The source look of an episode (`source_look`) from its first chunk's recording."""
+  try:
+    arrays = chunks_lib.read_chunk(paths[0], keys=("video_source",), validate=False)
+  except chunks_lib.ChunkError:
+    arrays = {}  # no recording to go by (imported chunks, or unreadable: skipped later)
+  return source_look(truth_meta(arrays))
+
+
+def reward_train(ws: Workspace, cfg) -> dict:
+  """Bradley–Terry progress model on frame pairs within chunks of the training episodes
+  (the episodes matching `reward.holdout_sources`, and `reward.holdout_fraction` of each
+  look's others, are kept out, for eval; `split_episodes`)."""
+
+  def fit(data_sharding):
+    skipped = Skipped("reward_train")
+    grouped = episodes_of(ws.chunk_paths(), skipped)
+    looks = {episode_id: _episode_look(paths) for episode_id, paths in grouped.items()}
+    held_out = sorted(split_episodes(looks, cfg.reward.holdout_fraction,
+                                     tuple(cfg.reward.holdout_sources), cfg.seed))
+    frames = []
+    for episode_id, paths in grouped.items():
+      if episode_id in held_out:
+        continue
+      for _, arrays in readable_chunks(paths, skipped, keys=("observations",)):
+        frames.append(arrays["observations"])
+    if not frames:
+      raise ValueError(f"reward_train: no readable training chunk in {ws.chunks}")
+    reward_cfg = config_lib.reward_config(cfg)
+    state = _reward_init(jax.random.PRNGKey(cfg.seed), reward_cfg, frame_shape(cfg))
+    state, metrics = reward_lib.fit(
+        state, frames, cfg.reward.steps, np.random.default_rng(cfg.seed), cfg.reward.batch,
+        log_fn=REWARD.log_progress(cfg), log_every=cfg.log_every, data_sharding=data_sharding)
+    saved_config = {"reward": dataclasses.asdict(reward_cfg),
+                    "frame_shape": list(frame_shape(cfg)), "held_out_episodes": held_out}
+    return state.params, saved_config, {"chunks": len(frames), "held_out_episodes": held_out,
+                                        "final": metrics, "skipped": skipped.entries}
+
+  return REWARD.train(ws, cfg, fit)
+
+
+def load_reward(ws: Workspace, cfg) -> tuple[Any, reward_lib.RewardConfig, str]:
+  """(params, hyperparameters, model id) of the trained reward model."""
+  params, model_id = REWARD.load(ws, cfg)
+  return params, config_lib.reward_config(cfg), model_id
+
+
+def reward_label(ws: Workspace, cfg) -> dict:
+  """`progress_scores` and `rewards` = Δprogress × scale, scored over each whole episode
+  (so a chunk's last reward looks at the next chunk's first frame; 0 at the episode's end)."""
+  params, reward_cfg, model_id = load_reward(ws, cfg)
+
+  def new_arrays(paths, parts):
+    del paths
+    progress = reward_lib.score(params, reward_cfg,
+                                np.concatenate([a["observations"] for a in parts]))
+    rewards = reward_lib.rewards_from_progress(progress, cfg.reward.scale)
+    bounds = np.cumsum([0] + [len(a["observations"]) for a in parts])
+    return [{"progress_scores": progress[lo:hi], "rewards": rewards[lo:hi]}
+            for lo, hi in zip(bounds[:-1], bounds[1:])]
+
+  # One unreadable chunk leaves its whole episode unlabelled.
+  skipped = Skipped("reward_label")
+  return REWARD.label(ws, cfg, episodes_of(ws.chunk_paths(), skipped), model_id, new_arrays,
+                      skipped=skipped, reward_labeling="video_reward")
+
+
+# -- skills ---------------------------------------------------------------------------------
+
+
+def _skills_saved(state) -> dict:
+  """What a skills model saves: its network parameters and its codebook."""
+  return {"params": state.params, "codebook": state.codebook}
+
+
+SKILLS = ChunkModel("skills", lambda cfg: _skills_saved(skills_lib.init(
+    jax.random.PRNGKey(0), config_lib.skill_config(cfg), action_spec(cfg))))
+
+
+def _chunk_actions(path: str, arrays: dict, spec: HybridActionSpec):
+  """(continuous, discrete) of a chunk's `actions`; ChunkError when it has none."""
+  if "actions" not in arrays:
+    raise chunks_lib.ChunkError(f"{path}: no 'actions'; run idm_label first")
+  return unpack_actions(arrays["actions"], spec)
+
+
+def skills_train(ws: Workspace, cfg) -> dict:
+  """The VQ-VAE over windows of every chunk's actions."""
+
+  def fit(data_sharding):
+    spec, skill_cfg = action_spec(cfg), config_lib.skill_config(cfg)
+    skipped, windows = Skipped("skills_train"), []
+    for path, arrays in readable_chunks(ws.chunk_paths(), skipped):
+      try:
+        continuous, discrete = _chunk_actions(path, arrays, spec)
+      except chunks_lib.ChunkError as e:
+        skipped.add(path, e)
+        continue
+      windows.append(skills_lib.training_windows(
+          skills_lib.action_vectors(continuous, discrete, spec), skill_cfg.window,
+          skill_cfg.stride))
+    windows = np.concatenate(windows) if windows else np.zeros((0,))
+    if not len(windows):
+      raise ValueError(f"skills_train: no chunk in {ws.chunks} has {skill_cfg.window} "
+                       "labelled actions; run idm_label first")
+    key = jax.random.PRNGKey(cfg.seed)
+    state = _skills_init(key, skill_cfg, spec)
+    state, metrics = skills_lib.fit(
+        state, windows, cfg.skills.steps, np.random.default_rng(cfg.seed),
+        jax.random.fold_in(key, 1), cfg.skills.batch, log_fn=SKILLS.log_progress(cfg),
+        log_every=cfg.log_every, data_sharding=data_sharding)
+    return (_skills_saved(state), {"skills": dataclasses.asdict(skill_cfg)},
+            {"windows": int(len(windows)), "final": metrics, "skipped": skipped.entries})
+
+  return SKILLS.train(ws, cfg, fit)
+
+
+def skills_label(ws: Workspace, cfg) -> dict:
+  """`skill_tokens` for every chunk with actions (per frame: `skills_lib.tokens_per_frame`)."""
+  saved, model_id = SKILLS.load(ws, cfg)
+  spec, skill_cfg = action_spec(cfg), config_lib.skill_config(cfg)
+
+  def new_arrays(paths, parts):
+    added = []
+    for path, arrays in zip(paths, parts):
+      continuous, discrete = _chunk_actions(path, arrays, spec)
+      tokens, starts = skills_lib.encode(saved["params"], saved["codebook"], skill_cfg, spec,
+                                         continuous, discrete)
+      added.append({"skill_tokens": skills_lib.tokens_per_frame(tokens, starts,
+                                                                len(continuous),
+                                                                skill_cfg.window)})
+    return added
+
+  return SKILLS.label(ws, cfg, _each_chunk(ws), model_id, new_arrays)

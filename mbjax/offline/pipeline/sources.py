@@ -1,0 +1,75 @@
+"""The phases that bring gameplay in: `ground_truth` records BonkArena (and Atari) videos with
+their true per-frame data, `convert` cuts videos into chunks, `attach_labels` gives a
+fraction of the chunks their true actions (the stand-in for a hand-labelled subset).
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+from absl import logging
+
+from mbjax.offline import chunks as chunks_lib
+from mbjax.offline import ground_truth as ground_truth_lib
+from mbjax.offline import idm as idm_lib
+from mbjax.offline import video as video_lib
+from mbjax.offline.pipeline.config import action_spec
+from mbjax.offline.pipeline.workspace import (Skipped, Workspace, one_hot, pack_actions,
+                                              readable_chunks, truth_for_chunk, update_meta)
+
+
+def ground_truth(ws: Workspace, cfg) -> dict:
+  """Records the BonkArena (and optional Atari) ground-truth videos into the video
+  directory (`mbjax.offline.ground_truth`); finished episodes are kept."""
+  gt = cfg.ground_truth
+  settings = ground_truth_lib.Settings(
+      episodes=gt.episodes, policies=tuple(gt.policies), checkpoint=gt.checkpoint or None,
+      variants=tuple(gt.variants), pixel_size=gt.pixel_size, view_fraction=gt.view_fraction,
+      upgrade_hud=gt.upgrade_hud, time_limit=gt.time_limit or None, fps=gt.fps,
+      seed=cfg.seed, menu_pick_prob=gt.menu_pick_prob, atari_games=tuple(gt.atari_games),
+      atari_clips=gt.atari_clips, atari_steps=gt.atari_steps)
+  index = ground_truth_lib.record_dataset(ws.videos, settings, progress=logging.info)
+  return {"episodes": len(index), "frames": sum(e["length"] for e in index.values()),
+          "video_dir": ws.videos}
+
+
+def convert(ws: Workspace, cfg) -> dict:
+  size = cfg.convert.size
+  settings = video_lib.ConvertConfig(
+      fps=cfg.convert.fps, size=(size, size), chunk_frames=cfg.convert.chunk_frames,
+      audio=False, compression=cfg.convert.compression)
+  manifest = video_lib.convert_many(video_lib.sources_for(video_dir=ws.videos), ws.chunks,
+                                    settings, progress=logging.info)
+  entries = manifest["sources"].values()
+  return {"sources": len(manifest["sources"]),
+          "frames": sum(e["frames"] for e in entries),
+          "skipped": {k: e["reason"] for k, e in manifest["sources"].items()
+                      if e["status"] == "skipped"}}
+
+
+def attach_labels(ws: Workspace, cfg) -> dict:
+  """Gives `ground_truth.label_fraction` of the BonkArena chunks (a seeded, deterministic
+  choice) their true `actions` and `actions_valid` ([continuous, discrete] visible: the
+  move is invisible while the paused level-up menu is shown, as a labeller would see)."""
+  spec, skipped = action_spec(cfg), Skipped("attach_labels")
+  candidates = []
+  for path, arrays in readable_chunks(ws.chunk_paths(), skipped):
+    truth = truth_for_chunk(arrays, path)
+    if truth is not None and "actions_continuous" in truth and "menu_open" in truth:
+      candidates.append(path)
+  count = int(np.ceil(cfg.ground_truth.label_fraction * len(candidates)))
+  chosen = sorted(np.random.default_rng(cfg.seed).permutation(len(candidates))[:count])
+  for i in chosen:
+    path = candidates[i]
+    arrays = chunks_lib.read_chunk(path)
+    truth = truth_for_chunk(arrays, path)
+    discrete = truth["actions_discrete"].reshape(len(truth["rewards"]), -1)
+    actions = pack_actions(idm_lib.norm_clipped(truth["actions_continuous"]),
+                           [one_hot(discrete[:, b], n) for b, n in enumerate(spec.branches)])
+    valid = np.stack([~truth["menu_open"], np.ones_like(truth["menu_open"])], -1)
+    chunks_lib.update_chunk(path, {
+        "actions": actions, "actions_valid": valid.astype(bool),
+        "meta": update_meta(arrays, path, action_labeling="ground_truth")},
+                            cfg.convert.compression)
+  return {"labelled_chunks": [os.path.basename(candidates[i]) for i in chosen],
+          "candidates": len(candidates), "skipped": skipped.entries}
