@@ -14,6 +14,7 @@ import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_cpu_enable_concurrency_optimized_scheduler=false")
 
+import contextlib  # noqa: E402
 import dataclasses  # noqa: E402
 import filecmp  # noqa: E402
 import logging  # noqa: E402
@@ -339,15 +340,13 @@ def ctrl_c_during_training(ctx: Context):
           "restores", result.returncode == 130 and said and 0 < step < 200)
 
 
-def non_finite_rewards(ctx: Context):
-  """an env whose rewards are NaN (CartPole :debug run, in this process)"""
+@contextlib.contextmanager
+def nan_rewards(env_name: str):
+  """While active, the registered env `env_name` pays NaN for every step (in this process)."""
   import jax.numpy as jnp
 
-  from configs import cartpole_ppo
   from mbjax.envs import registry
   from mbjax.envs.wrappers import Wrapper
-  from mbjax.train import finite, loop
-  from mbjax.train import run as run_lib
 
   class NaNRewards(Wrapper):
     def reset(self, key, params):
@@ -361,21 +360,31 @@ def non_finite_rewards(ctx: Context):
     def action_mask(self, state, params):
       return self.env.action_mask(state, params)
 
-  make = registry._FACTORIES["CartPole-v1"]
-  registry._FACTORIES["CartPole-v1"] = lambda **kw: (NaNRewards(make(**kw)[0]),
-                                                     make(**kw)[1])
+  make = registry._FACTORIES[env_name]
+  registry._FACTORIES[env_name] = lambda **kw: (NaNRewards(make(**kw)[0]), make(**kw)[1])
+  try:
+    yield
+  finally:
+    registry._FACTORIES[env_name] = make
+
+
+def non_finite_rewards(ctx: Context):
+  """an env whose rewards are NaN (CartPole :debug run, in this process)"""
+  from configs import cartpole_ppo
+  from mbjax.train import finite, loop
+  from mbjax.train import run as run_lib
+
   workdir = os.path.join(ctx.directory("nan"), "run")
   cfg = cartpole_ppo.get_config("debug")
   cfg.run.num_devices, cfg.run.video_max_frames = 1, 0
   # A checkpoint after the first 10 skipped updates, the stop after 20 > 15 of them.
   cfg.run.checkpoint_every_updates, cfg.run.max_nonfinite_updates = 10, 15
   try:
-    run_lib.run(cfg, workdir)
+    with nan_rewards(cfg.env.name):
+      run_lib.run(cfg, workdir)
     happened = "finished, no error"
   except loop.NonFiniteUpdates as e:
     happened = str(e).replace(ctx.root, "<tmp>")
-  finally:
-    registry._FACTORIES["CartPole-v1"] = make
   _, runner = run_lib.restore_trained(workdir)
   finite_saved = finite.host_all_finite(runner.agent.params)
   return (f"{happened[:110]}…; checkpoint {int(runner.update_step)} finite: {finite_saved}",

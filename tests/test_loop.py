@@ -243,35 +243,19 @@ def test_an_extended_run_stretches_the_annealed_learning_rate():
   assert isinstance(state, optax.InjectStatefulHyperparamsState)
 
 
-def test_an_anakin_run_with_nan_rewards_skips_every_update_and_stops(tmp_path, monkeypatch):
+def test_an_anakin_run_with_nan_rewards_skips_every_update_and_stops(tmp_path):
   """Through `experiments/train.py`'s driver: an env whose rewards are all NaN. Every update
   is skipped inside the jitted chunk, the run stops after run.max_nonfinite_updates of them
   naming the rewards, and its one checkpoint holds the untouched initial agent."""
   from configs import cartpole_ppo
-  from mbjax.envs import registry
-  from mbjax.envs.wrappers import Wrapper
+  from experiments.bench_faults import nan_rewards
   from mbjax.train import run as run_lib
 
-  class NaNRewards(Wrapper):
-    def reset(self, key, params):
-      return self.env.reset(key, params)
-
-    def step(self, key, state, action, params):
-      obs, state, reward, terminated, truncated, info = self.env.step(key, state, action,
-                                                                      params)
-      return obs, state, reward * jnp.nan, terminated, truncated, info
-
-    def action_mask(self, state, params):
-      return self.env.action_mask(state, params)
-
-  make = registry._FACTORIES["CartPole-v1"]
-  monkeypatch.setitem(registry._FACTORIES, "CartPole-v1",
-                      lambda **kw: (NaNRewards(make(**kw)[0]), make(**kw)[1]))
   cfg = cartpole_ppo.get_config("debug")
   cfg.run.num_devices, cfg.run.video_max_frames = 1, 0
   cfg.run.log_every_updates = cfg.run.checkpoint_every_updates = 2
   cfg.run.max_nonfinite_updates = 3
-  with pytest.raises(loop.NonFiniteUpdates, match=r"4 updates in a row \(up to update 4\) "
+  with nan_rewards(cfg.env.name), pytest.raises(loop.NonFiniteUpdates, match=r"4 updates in a row \(up to update 4\) "
                      r"were skipped for non-finite values \(rewards from the env in 4, the "
                      r"loss in 4, the gradients in 4, the updated parameters in 4\)"):
     run_lib.run(cfg, str(tmp_path))
