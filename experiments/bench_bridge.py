@@ -1,19 +1,17 @@
-"""Bridge benchmarks: observation age and actor throughput over BonkLink, replay add/sample.
+"""Bridge benchmarks: observation age and actor throughput over BonkLink.
 
-  python -m experiments.bench_bridge                       # 20 s, 8 games at 60 Hz + replay
+  python -m experiments.bench_bridge                       # 20 s, 8 games at 60 Hz
   python -m experiments.bench_bridge --duration_s=300      # the 5-minute run in BENCHMARKS.md
 
-Part 1 launches 8 reference games (realtime, 60 Hz, JPEG frames at 10 Hz by default) and
+It launches 8 reference games (realtime, 60 Hz, JPEG frames at 10 Hz by default) and
 drives them with the Sebulba actors (random-init policy, no learner: rollouts are consumed
 and dropped), reporting per window and overall: observation age at the actor (game stamped
 the state → the policy used it) p50/p99, actor steps/s, client counters. Target: p99 < 20
-ms with no growth over time. Part 2 times the device replay at 500k × 32×32×3 uint8: add
-(batch 128, donated) and sample (batch 256) against the reference JAX replay library's
-0.18 ms / 0.28 ms measured on this machine kind (notes/environment.md).
+ms with no growth over time. The device replay's add and sample are timed beside
+flashbax's by `experiments/bench_peers.py --row=replay`.
 
 Measured (2026-11-26, the 2-core CPU with nothing else running, 300 s): obs age p50 5.2 ms,
-p99 18.8 ms (per-30 s windows 16.7–22.7 ms, no trend), 462 actor steps/s of 480; replay add
-0.047 ms, sample 0.087 ms. Under a load average of 6–8 from other jobs p99 rose to 34 ms.
+p99 18.8 ms (per-30 s windows 16.7–22.7 ms, no trend), 462 actor steps/s of 480. Under a load average of 6–8 from other jobs p99 rose to 34 ms.
 """
 import os
 
@@ -24,13 +22,11 @@ import threading  # noqa: E402
 import time  # noqa: E402
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 from mbjax import files  # noqa: E402
 from mbjax.bridge import launch  # noqa: E402
-from mbjax.data import replay  # noqa: E402
 from mbjax.train import config as config_lib  # noqa: E402
 from mbjax.train import sebulba  # noqa: E402
 
@@ -41,8 +37,6 @@ _ACTORS = flags.DEFINE_integer("actor_threads", 2, "Actor threads (must divide -
 _HZ = flags.DEFINE_float("update_hz", 60.0, "Game state rate.")
 _FRAME_HZ = flags.DEFINE_float("frame_hz", 10.0, "Frames per second per game (0: none).")
 _FORMAT = flags.DEFINE_enum("frame_format", "jpeg", ["jpeg", "raw"], "Frame encoding.")
-_REPLAY = flags.DEFINE_bool("replay", True, "Also run the replay benchmark.")
-_BRIDGE = flags.DEFINE_bool("bridge", True, "Run the bridge benchmark.")
 _OUT = flags.DEFINE_string("json_out", None, "Optional path for the results as JSON.")
 
 
@@ -115,51 +109,11 @@ def bench_bridge() -> dict:
           "actor_steps_per_s": float(np.mean(steps)), "windows": windows}
 
 
-def _time(fn, *args, n: int) -> tuple[float, float]:
-  t0 = time.perf_counter()
-  out = jax.block_until_ready(fn(*args))
-  compile_s = time.perf_counter() - t0
-  t0 = time.perf_counter()
-  for _ in range(n):
-    out = fn(*args)
-  jax.block_until_ready(out)
-  return compile_s, (time.perf_counter() - t0) / n * 1e3
-
-
-def bench_replay() -> dict:
-  capacity = 500_000
-  state = replay.init(jnp.zeros((32, 32, 3), jnp.uint8), capacity)
-  batch = jnp.ones((128, 32, 32, 3), jnp.uint8)
-  t0 = time.perf_counter()
-  state = jax.block_until_ready(replay.add_jit(state, batch))
-  add_compile = time.perf_counter() - t0
-  n = 2000
-  t0 = time.perf_counter()
-  for _ in range(n):
-    state = replay.add_jit(state, batch)
-  jax.block_until_ready(state)
-  add_ms = (time.perf_counter() - t0) / n * 1e3
-  state = state.replace(size=jnp.int32(capacity))
-  sample = jax.jit(replay.sample, static_argnums=2)
-  key = jax.random.PRNGKey(0)
-  sample_compile, sample_ms = _time(sample, state, key, 256, n=n)
-  return {"capacity": capacity, "item": "32x32x3 uint8", "add_batch": 128, "sample_batch": 256,
-          "add_ms": add_ms, "add_compile_s": add_compile, "sample_ms": sample_ms,
-          "sample_compile_s": sample_compile, "anchor_add_ms": 0.18, "anchor_sample_ms": 0.28}
-
-
 def main(argv):
   del argv
   results = {"device": str(jax.devices()[0]), "cpu_count": os.cpu_count()}
-  if _REPLAY.value:
-    results["replay"] = bench_replay()
-    r = results["replay"]
-    print(f"replay add 128: {r['add_ms']:.3f} ms (anchor 0.18) | sample 256: "
-          f"{r['sample_ms']:.3f} ms (anchor 0.28) | compile {r['add_compile_s']:.2f} s / "
-          f"{r['sample_compile_s']:.2f} s")
-  if _BRIDGE.value:
-    results["bridge"] = b = bench_bridge()
-    print(f"bridge {b['games']} games @ {b['update_hz']:.0f} Hz for {b['duration_s']:.0f} s: "
+  results["bridge"] = b = bench_bridge()
+  print(f"bridge {b['games']} games @ {b['update_hz']:.0f} Hz for {b['duration_s']:.0f} s: "
           f"obs age p50 {b['obs_age_ms_p50']:.2f} ms p99 {b['obs_age_ms_p99']:.2f} ms | "
           f"{b['actor_steps_per_s']:.0f} actor steps/s")
   if _OUT.value:

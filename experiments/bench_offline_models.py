@@ -11,13 +11,10 @@ sets it, at that config's chunk size (`convert.size`) and at each of `--idm_size
 for comparison, the default `IDMConfig` at `--size`² (`--parts=idm`: only the IDM).
 Throughput does not depend on the weights, so freshly initialised models are timed.
 
-Anchors at the same load: the upstream MetaBonk architectures in JAX, timed the same way —
-the IDM that encodes all 7 frames of every window with a Nature CNN and feeds the
-7×36,864 concatenation to a 256-unit dense layer, and the 4-convolution reward model.
-Upstream on this CPU (PyTorch): IDM labelling 38–40 frames/s, reward scoring ~230 frames/s.
 The reward part times the `:arena` pipeline's reward model (`--parts=reward`: only it) at
 each of `--reward_sizes` (96²: that pipeline's chunks until 2026-11-26, now 128²; 224²:
-upstream's), each size with the upstream-style reward anchor.
+upstream's). Upstream's own PyTorch IDM and reward model, in the same run:
+`experiments/bench_peers.py --row=idm` and `--row=reward`.
 Prints frames/s of wall time, frames per CPU-second of this process, and the load average.
 """
 import os
@@ -27,9 +24,7 @@ os.environ.setdefault("XLA_FLAGS", "--xla_cpu_enable_concurrency_optimized_sched
 import dataclasses  # noqa: E402
 import time  # noqa: E402
 
-import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
@@ -40,14 +35,12 @@ from mbjax.offline import idm, pipeline, reward_model  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/video_pretrain.py:arena",
                                           "Pipeline config whose IDM is timed.")
-_SIZE = flags.DEFINE_integer("size", 224, "Frame side (reward model, default IDM, anchors).")
+_SIZE = flags.DEFINE_integer("size", 224, "Frame side (reward model, default IDM).")
 _IDM_SIZES = flags.DEFINE_list("idm_sizes", ["224"], "Further frame sides for the config's "
                                "IDM (its own chunk size is always timed).")
 _FRAMES = flags.DEFINE_integer("frames", 512, "Frames in the timed chunk.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed runs per case (best is reported).")
 _BATCHES = flags.DEFINE_list("batches", ["16", "32", "64", "128"], "Piece sizes to try.")
-_ANCHOR_FRAMES = flags.DEFINE_integer("anchor_frames", 128,
-                                      "Frames for the (slow) upstream-style anchors; 0: skip.")
 _PARTS = flags.DEFINE_list("parts", ["reward", "idm"], "What to time: reward and/or idm.")
 _REWARD_SIZES = flags.DEFINE_list(
     "reward_sizes", ["96", "128", "224"], "Frame sides for the reward model: 96, the "
@@ -55,35 +48,6 @@ _REWARD_SIZES = flags.DEFINE_list(
     "upstream's.")
 
 SPEC = HybridActionSpec(continuous_dim=2, branches=(4,))  # BonkArena's action space
-
-
-class UpstreamIDM(nn.Module):
-  """Upstream's `InverseDynamicsModel`: a Nature CNN on each frame of the window, the
-  features concatenated, two 256-unit layers, tanh move and button logits."""
-
-  @nn.compact
-  def __call__(self, windows):  # uint8 [N, 7, H, W, 3]
-    n, w = windows.shape[:2]
-    x = windows.reshape((n * w,) + windows.shape[2:]).astype(jnp.float32) / 255.0
-    for channels, kernel, stride in ((32, 8, 4), (64, 4, 2), (64, 3, 1)):
-      x = nn.relu(nn.Conv(channels, (kernel, kernel), (stride, stride), padding="VALID")(x))
-    x = x.reshape(n, -1)
-    x = nn.relu(nn.Dense(256)(nn.relu(nn.Dense(256)(x))))
-    return jnp.tanh(nn.Dense(2)(x)), nn.Dense(4)(x)
-
-
-class UpstreamReward(nn.Module):
-  """Upstream's `TemporalRankRewardModel`: 4 strided convolutions (224→56→28→14→7),
-  global average pool, a 256-d embedding and a linear score of its tanh."""
-
-  @nn.compact
-  def __call__(self, frames):
-    x = frames.astype(jnp.float32) / 255.0
-    x = nn.relu(nn.Conv(32, (8, 8), (4, 4), padding=((2, 2), (2, 2)))(x))
-    for channels in (64, 128, 256):
-      x = nn.relu(nn.Conv(channels, (4, 4), (2, 2), padding=((1, 1), (1, 1)))(x))
-    z = nn.Dense(256)(x.mean(axis=(1, 2)))
-    return nn.Dense(1)(jnp.tanh(z))[:, 0]
 
 
 def best_of(repeats, fn):
@@ -102,39 +66,13 @@ def report(name, batch, frames, wall, cpu):
         f"{os.getloadavg()[0]:.2f}", flush=True)
 
 
-def upstream_idm_label(params, frames, batch):
-  """Upstream's labelling: every window's 7 frames gathered and encoded anew."""
-  apply = jax.jit(UpstreamIDM().apply)
-  padded = np.concatenate([frames[:1].repeat(3, 0), frames, frames[-1:].repeat(3, 0)])
-  out = []
-  for start in range(0, len(frames), batch):
-    centres = np.arange(start, min(start + batch, len(frames)))
-    windows = padded[np.minimum(centres, len(frames) - 1)[:, None] + np.arange(7)]
-    if len(windows) < batch:
-      windows = np.concatenate([windows, windows[-1:].repeat(batch - len(windows), 0)])
-    out.append(np.asarray(apply(params, windows)[0])[:len(centres)])
-  return np.concatenate(out)
-
-
-def upstream_score(params, frames, batch):
-  apply = jax.jit(UpstreamReward().apply)
-  out = []
-  for start in range(0, len(frames), batch):
-    piece = frames[start:start + batch]
-    if len(piece) < batch:
-      piece = np.concatenate([piece, piece[-1:].repeat(batch - len(piece), 0)])
-    out.append(np.asarray(apply(params, piece))[:min(batch, len(frames) - start)])
-  return np.concatenate(out)
-
-
 def rng_frames(count, side):
   return np.random.default_rng(0).integers(0, 256, (count, side, side, 3), dtype=np.uint8)
 
 
 def time_reward(key, count, batches):
   """`reward_model.score` with the `:arena` pipeline's reward model (`reward.*` of
-  configs/video_pretrain.py:arena) at each of `--reward_sizes`, every piece size, then
-  the upstream-style reward model at the same sizes (piece 64)."""
+  configs/video_pretrain.py:arena) at each of `--reward_sizes`, every piece size."""
   base = pipeline.config.reward_config(video_pretrain.get_config("arena"))
   for side in (int(s) for s in _REWARD_SIZES.value):
     frames = rng_frames(count, side)
@@ -144,11 +82,6 @@ def time_reward(key, count, batches):
       wall, cpu = best_of(_REPEATS.value,
                           lambda: reward_model.score(state.params, cfg, frames))
       report(f"reward score {side}²", batch, count, wall, cpu)
-    anchor = frames[:_ANCHOR_FRAMES.value]
-    if len(anchor):
-      params = UpstreamReward().init(key, anchor[:1])
-      wall, cpu = best_of(_REPEATS.value, lambda: upstream_score(params, anchor, 64))
-      report(f"upstream-style reward {side}²", 64, len(anchor), wall, cpu)
 
 
 def main(argv):
@@ -176,11 +109,6 @@ def main(argv):
       state = idm.init(key, cfg, (side, side, 3), SPEC)
       wall, cpu = best_of(_REPEATS.value, lambda: idm.label(state.params, cfg, SPEC, chunk))
       report(f"{name} (window {cfg.window})", batch, count, wall, cpu)
-  anchor = frames[:_ANCHOR_FRAMES.value]
-  if len(anchor):
-    params = UpstreamIDM().init(key, anchor[:1, None].repeat(7, 1))
-    wall, cpu = best_of(_REPEATS.value, lambda: upstream_idm_label(params, anchor, 32))
-    report("upstream-style IDM label", 32, len(anchor), wall, cpu)
   print(f"load average after: {os.getloadavg()}")
 
 

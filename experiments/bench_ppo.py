@@ -2,8 +2,8 @@
 
 Prints (1) compile time and steady-state env-steps/s (acting + learning) of one seed's whole
 run as a single jitted program, best of `--repeats`, and (2) the final return of `--seeds`
-seeds trained together under `vmap`. The anchor is a PureJaxRL-style PPO on the same
-2-core CPU (about 65k env-steps/s, final return 470–490; shared/notes/environment.md).
+seeds trained together under `vmap`. PureJaxRL's `ppo.py` beside it, in the same run:
+`experiments/bench_peers.py --row=ppo_cartpole`.
 """
 import os
 

@@ -2,18 +2,17 @@
 
   python -m experiments.bench_video [--frames=900] [--repeats=3]
 
-Sources (made first, not timed): a textured synthetic clip (moving smooth noise, the hard
-case for compression) and a BonkArena gameplay clip (flat colours, follow camera, the
-pipeline's ground-truth source), both 30 fps H.264. Each is timed (best of --repeats) as:
+Sources (made first, not timed; `experiments/video_clips.py`): a textured synthetic clip
+(moving block noise, the hard case for compression) and a BonkArena gameplay clip (flat
+colours, follow camera, the pipeline's ground-truth source), both 30 fps H.264. Each is
+timed (best of --repeats) as:
   decode        PyAV decode of every frame, no conversion;
   decode+resize `video.iter_frames` at the source rate to 224² RGB (what conversion reads);
-  end to end    `video.convert_many` to chunks (decode, resize, save) per compression;
-  upstream-style the same decode, then upstream's path: bilinear resize and
-                np.savez_compressed of each chunk, serially (an anchor measured at
-                the same load as our numbers; upstream itself decoded with OpenCV).
+  end to end    `video.convert_many` to chunks (decode, resize, save) per compression.
 Prints frames/s of wall time, frames per CPU-second (all threads of this process: less
 sensitive to other jobs on a shared machine than wall time), bytes/frame and the load
-average. Upstream on this CPU: 121–126 frames/s end to end, decode ~600.
+average. Upstream's `process_video` on the same clip, in the same run:
+`experiments/bench_peers.py --row=video`.
 """
 import os
 
@@ -24,9 +23,9 @@ import tempfile  # noqa: E402
 import time  # noqa: E402
 
 import av  # noqa: E402
-import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
+from experiments import video_clips  # noqa: E402
 from mbjax.offline import chunks, video  # noqa: E402
 
 _FRAMES = flags.DEFINE_integer("frames", 1200, "Frames per source clip (30 fps).")
@@ -38,39 +37,6 @@ _SOURCE_SIZE = flags.DEFINE_integer("source_size", 448, "Side of the source clip
 _OUT = flags.DEFINE_string("out", None, "Keep the source clips here (default: a temp dir).")
 
 
-def textured_clip(path: str, frames: int, side: int) -> None:
-  """Smooth noise scrolling diagonally, with fine grain: little for deflate to find."""
-  rng = np.random.default_rng(0)
-  base = rng.integers(0, 256, (side // 8 + frames, side // 8 + frames, 3), np.uint8)
-  base = np.kron(base, np.ones((8, 8, 1), np.uint8))
-  grain = rng.integers(0, 24, (4, side, side, 3), np.uint8)
-  clip = (base[8 * i:8 * i + side, 4 * i:4 * i + side] + grain[i % 4] for i in range(frames))
-  _encode(path, clip, side)
-
-
-def arena_clip(path: str, frames: int, side: int) -> None:
-  import jax
-
-  from mbjax.envs.bonk_arena import BonkArena, make_scripted_policy, recording
-
-  env = BonkArena(pixel_size=side, camera="follow")
-  params = env.default_params().replace(time_limit=frames)
-  episode_fn = recording.make_episode_fn(env, params, make_scripted_policy(env))
-  ep = jax.device_get(episode_fn(jax.random.PRNGKey(0)))
-  _encode(path, ep.frames[:int(ep.valid.sum())], side)
-
-
-def _encode(path, frames, side):
-  with av.open(path, mode="w") as container:
-    stream = container.add_stream("libx264", rate=30)
-    stream.width = stream.height = side
-    stream.pix_fmt = "yuv420p"
-    stream.options = {"crf": "20"}
-    for frame in frames:
-      container.mux(stream.encode(av.VideoFrame.from_ndarray(np.asarray(frame), format="rgb24")))
-    container.mux(stream.encode())
-
-
 def best_of(repeats, fn):
   """(count, best wall seconds, CPU seconds of that run)."""
   runs = []
@@ -80,21 +46,6 @@ def best_of(repeats, fn):
     runs.append((time.perf_counter() - start, time.process_time() - cpu))
   wall, cpu = min(runs)
   return count, wall, cpu
-
-
-def upstream_style(path, out):
-  os.makedirs(out, exist_ok=True)
-  frames, index, count = [], 0, 0
-  with av.open(path) as container:
-    for frame in container.decode(video=0):
-      frames.append(frame.reformat(224, 224, "rgb24", interpolation="BILINEAR").to_ndarray())
-      if len(frames) == _CHUNK_FRAMES.value:
-        np.savez_compressed(os.path.join(out, f"chunk{index:04d}.npz"),
-                            observations=np.stack(frames))
-        count, frames, index = count + len(frames), [], index + 1
-  if frames:
-    np.savez_compressed(os.path.join(out, f"chunk{index:04d}.npz"), observations=np.stack(frames))
-  return count + len(frames)
 
 
 def decode_only(path):
@@ -110,10 +61,9 @@ def main(argv):
   os.makedirs(work, exist_ok=True)
   clips = {"textured": os.path.join(work, "textured.mp4"),
            "arena": os.path.join(work, "arena.mp4")}
-  if not os.path.exists(clips["textured"]):
-    textured_clip(clips["textured"], _FRAMES.value, _SOURCE_SIZE.value)
-  if not os.path.exists(clips["arena"]):
-    arena_clip(clips["arena"], _FRAMES.value, _SOURCE_SIZE.value)
+  for name, path in clips.items():
+    if not os.path.exists(path):
+      video_clips.CLIPS[name](path, _FRAMES.value, _SOURCE_SIZE.value, _SOURCE_SIZE.value)
   print(f"sources: {_SOURCE_SIZE.value}² 30 fps H.264, {_FRAMES.value} frames; output 224² "
         f"at 30 fps (every frame kept); best of {_REPEATS.value}")
   print(f"load average before: {os.getloadavg()}")
@@ -140,8 +90,6 @@ def main(argv):
       n, wall, cpu = best_of(_REPEATS.value, convert)
       size = sum(os.path.getsize(p) for p in chunks.list_chunks(out))
       row(name, "end to end, " + compression, n, wall, cpu, f"{size / n:.0f}")
-    out = os.path.join(work, f"upstream_{name}")
-    row(name, "upstream-style", *best_of(_REPEATS.value, lambda: upstream_style(path, out)))
   print(f"load average after: {os.getloadavg()}")
   if not _OUT.value:
     shutil.rmtree(work)

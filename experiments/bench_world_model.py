@@ -6,8 +6,8 @@
    (observation 204, embedding 256, deterministic 256, Gaussian stochastic 64), once with
    mbjax's layers and once with upstream's (`rssm_layers=0`: linear maps around the GRU;
    `head_layers=1`; the continue and std heads remain). Compile
-   and steady-state times are printed apart. Anchor: the upstream PyTorch RSSM update
-   takes 300–390 ms per 16 × 64 batch on this 2-core CPU. `--nothroughput` skips it.
+   and steady-state times are printed apart (upstream's PyTorch update beside these:
+   `experiments/bench_peers.py --row=world_model`). `--nothroughput` skips it.
 2. Learning: trains the world model of `--config` (default `configs/arena_apex.py`) on
    BonkArena vector trajectories (64 envs × 512 steps of scripted play with Gaussian action
    noise 0.5) and every `--eval_every` updates prints the one-step prediction error on
@@ -241,13 +241,10 @@ def main(argv):
     for upstream_layers, label in ((False, "mbjax's layers"), (True, "upstream's layers")):
       upstream = throughput_lib.upstream_world_model_config(upstream_layers)
       wm = upstream.world_model
-      seconds = throughput(upstream, throughput_lib.UPSTREAM_OBS_DIM, spec, with_dream=False,
-                           label=f"upstream size (obs {throughput_lib.UPSTREAM_OBS_DIM}, embed "
-                           f"{wm.hidden}, deter {wm.deter}, Gaussian {wm.stoch}), {label} "
-                           f"(rssm_layers={wm.rssm_layers}, head_layers={wm.head_layers}), "
-                           "WM only")
-      low, high = throughput_lib.speedup_over_upstream(seconds)
-      print(f"  vs upstream PyTorch 300-390 ms: {low:.1f}-{high:.1f}x faster")
+      throughput(upstream, throughput_lib.UPSTREAM_OBS_DIM, spec, with_dream=False,
+                 label=f"upstream size (obs {throughput_lib.UPSTREAM_OBS_DIM}, embed "
+                 f"{wm.hidden}, deter {wm.deter}, Gaussian {wm.stoch}), {label} "
+                 f"(rssm_layers={wm.rssm_layers}, head_layers={wm.head_layers}), WM only")
   if _LEARN_STEPS.value:
     wm = _CONFIG.value.world_model
     print(f"learning on BonkArena ({_LEARN_ENVS.value} envs x {_LEARN_LENGTH.value} steps of "

@@ -2,13 +2,15 @@
 
 Shared by `experiments/bench_scaling.py` (weak scaling on 1, 2, 4, ... devices),
 `experiments/accelerator_check.py` (the GPU/TPU table), `experiments/bench_world_model.py`
-(the world-model steps, against upstream's time at its size) and
-`experiments/bench_motor.py` (the selective-scan paths). Each measurement compiles once, reports the compile time
-apart, runs once more to warm up, then times `repeats` calls (median). Everything here
-is timing glue; the measured functions are the library's own.
+(the world-model steps), `experiments/bench_motor.py` (the selective-scan paths) and the
+mbjax side of the peer harness (`experiments/peers/mbjax_side.py`). Each measurement
+compiles once, reports the compile time apart, runs once more to warm up, then times
+`repeats` calls (median). Everything here is timing glue; the measured functions are the
+library's own.
 """
 from __future__ import annotations
 
+import functools
 import time
 from typing import Any, Callable
 
@@ -16,9 +18,10 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from mbjax.agents import dream
+from mbjax.agents import dream, ppo
 from mbjax.agents import world_model as wm_lib
 from mbjax.envs import registry
 from mbjax.envs.spaces import HybridActionSpec
@@ -26,11 +29,9 @@ from mbjax.nets import ssm
 from mbjax.train import config as config_lib
 from mbjax.train import sharding
 
-# Upstream MetaBonk's RSSM, the issue's speed anchor: observation 204, embedding 256, GRU 256,
-# Gaussian latents 64; its PyTorch update takes 300–390 ms per 16 × 64 batch on the
-# project's 2-core CPU.
+# Upstream MetaBonk's RSSM: observation 204, embedding 256, GRU 256, Gaussian latents 64. Its
+# PyTorch update is timed beside ours by `experiments/bench_peers.py --row=world_model`.
 UPSTREAM_OBS_DIM = 204
-UPSTREAM_PYTORCH_STEP_S = (0.300, 0.390)
 
 
 def upstream_world_model_config(upstream_layers: bool = True) -> ml_collections.ConfigDict:
@@ -42,12 +43,6 @@ def upstream_world_model_config(upstream_layers: bool = True) -> ml_collections.
             else dict(rssm_layers=1, head_layers=2))
   cfg.world_model.update(deter=256, stoch=64, classes=0, hidden=256, **layers)
   return cfg
-
-
-def speedup_over_upstream(seconds: float) -> tuple[float, float]:
-  """How many times faster than upstream's PyTorch update (low, high) a world-model step of
-  `seconds` at upstream's size is."""
-  return tuple(anchor / seconds for anchor in UPSTREAM_PYTORCH_STEP_S)
 
 
 def call_times(call: Callable[[], Any], repeats: int) -> list[float]:
@@ -99,19 +94,92 @@ def ppo_update(cfg: ml_collections.ConfigDict, num_devices: int, repeats: int,
           "env_steps_per_s": trainer.trainer.env_steps_per_update / seconds}
 
 
-def world_model_update(cfg: ml_collections.ConfigDict, obs_dim: int, action_size: int,
-                       batch_per_device: int, length: int, num_devices: int,
-                       repeats: int, dream_spec: HybridActionSpec | None = None,
-                       shard: bool = True) -> dict:
+def parameter_count(params) -> int:
+  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
+
+
+def ppo_learner_network(obs_dim: int, spec: HybridActionSpec, hidden: int,
+                        activation: str = "relu"):
+  """A feed-forward actor-critic (two hidden layers of `hidden` per tower) and its number of
+  parameters."""
+  net = config_lib.base_config().network
+  net.update(hidden_sizes=(hidden, hidden), activation=activation, core="none")
+  network = ppo.make_network(net, spec)
+  shapes = jax.eval_shape(lambda: ppo.init(jax.random.PRNGKey(0), network, optax.sgd(0.0),
+                                           (obs_dim,), jnp.float32).params)
+  return network, parameter_count(shapes)
+
+
+def width_for_parameters(obs_dim: int, spec: HybridActionSpec, target: int) -> int:
+  """The largest hidden width whose `ppo_learner_network` has at most `target` parameters
+  (bisection: the count grows with the width)."""
+  low, high = 1, 4096  # count(low) <= target < count(high) once checked
+  if ppo_learner_network(obs_dim, spec, low)[1] > target:
+    raise ValueError(f"even width 1 has more than {target} parameters")
+  while high - low > 1:
+    middle = (low + high) // 2
+    if ppo_learner_network(obs_dim, spec, middle)[1] <= target:
+      low = middle
+    else:
+      high = middle
+  return low
+
+
+def compile_ppo_learner_update(obs_dim: int, spec: HybridActionSpec, hidden: int,
+                               num_steps: int, num_envs: int, epochs: int,
+                               minibatch_size: int) -> tuple[Callable[[], Any], float, dict]:
+  """One `ppo.update` (no acting) on a fixed random rollout [num_steps, num_envs] of
+  `obs_dim` vector observations, with actions, log-probs and values from the initial policy:
+  `epochs` passes of minibatches of `minibatch_size` transitions, Adam 3e-4 with global-norm
+  clipping 0.5, as upstream's learner. Returns (call, compile seconds, {"parameters": n,
+  "transitions": per update})."""
+  transitions = num_steps * num_envs
+  if transitions % minibatch_size or minibatch_size % num_envs:
+    raise ValueError(f"{num_steps} × {num_envs} transitions must split into minibatches of "
+                     f"{minibatch_size}, a multiple of the {num_envs} envs")
+  cfg = config_lib.base_config().ppo
+  cfg.update(update_epochs=epochs, num_minibatches=transitions // minibatch_size, lr=3e-4,
+             anneal_lr=False, clip_value_loss=False, vf_coef=1.0)
+  network, count = ppo_learner_network(obs_dim, spec, hidden)
+  optimizer = ppo.make_optimizer(cfg, 1)
+  keys = jax.random.split(jax.random.PRNGKey(0), 4)
+  state = ppo.init(keys[0], network, optimizer, (obs_dim,), jnp.float32)
+  obs = jax.random.normal(keys[1], (num_steps, num_envs, obs_dim))
+  is_first = jnp.zeros((num_steps, num_envs), bool)
+  mask = spec.all_valid_mask((num_steps, num_envs))
+  carry = network.initial_carry(num_envs)
+  _, dist, value = jax.vmap(lambda o, f, m: network.apply(state.params, carry, o, f, m))(
+      obs, is_first, mask)
+  action = jax.vmap(lambda d, k: d.sample(k))(dist, jax.random.split(keys[2], num_steps))
+  reward = jax.random.normal(keys[3], (num_steps, num_envs))
+  terminated = jnp.zeros((num_steps, num_envs), bool).at[63].set(True)
+  rollout = ppo.Rollout(
+      obs=obs, is_first=is_first, carry=jax.tree.map(lambda c: jnp.stack([c] * num_steps),
+                                                     carry),
+      mask=mask, action=action, log_prob=dist.log_prob(action), value=value, reward=reward,
+      terminated=terminated, truncated=jnp.zeros_like(terminated),
+      next_value=jnp.roll(value, -1, axis=0))
+  update = jax.jit(functools.partial(ppo.update, ppo=cfg, network=network, optimizer=optimizer))
+  key = jax.random.PRNGKey(1)
+  start = time.perf_counter()
+  compiled = update.lower(state, rollout, key).compile()
+  compile_seconds = time.perf_counter() - start
+  return (lambda: compiled(state, rollout, key)), compile_seconds, {
+      "parameters": count, "transitions": transitions}
+
+
+def compile_world_model_step(cfg: ml_collections.ConfigDict, obs_dim: int, action_size: int,
+                             batch_per_device: int, length: int, num_devices: int = 1,
+                             dream_spec: HybridActionSpec | None = None, shard: bool = True
+                             ) -> tuple[Callable[[], Any], float, int]:
   """One world-model optimiser step on `batch_per_device` windows of `length` steps per
   device (random vector observations), data-parallel over the first `num_devices` devices
   with device-mean losses, as the apex learner runs it; with `dream_spec` (the action
-  spec), also one dream step imagining from every posterior. `shard=False` times a plain
+  spec), also one dream step imagining from every posterior. `shard=False` compiles a plain
   jit on one device instead (`num_devices` 1): the single-device program, with no mesh or
-  collectives, which the single-device benchmarks compare with upstream's single-process
-  update (at upstream's size on the 2-core CPU the two measured alike within the machine's
-  noise: 173–258 ms plain, 187–237 ms through a 1-device mesh). Returns compile seconds,
-  seconds per step and transitions/s."""
+  collectives, which the peer harness compares with upstream's single-process update.
+  Returns (call: runs one step on fixed inputs and returns its result, compile seconds,
+  transitions per step)."""
   if not shard and num_devices != 1:
     raise ValueError(f"shard=False times one device; got num_devices={num_devices}")
   axis_name = sharding.DATA_AXIS if shard else None
@@ -154,10 +222,21 @@ def world_model_update(cfg: ml_collections.ConfigDict, obs_dim: int, action_size
   start = time.perf_counter()
   compiled = update.lower(state, data, key).compile()
   compile_seconds = time.perf_counter() - start
-  jax.block_until_ready(compiled(state, data, key))
-  seconds = time_calls(lambda: compiled(state, data, key), repeats)
+  return (lambda: compiled(state, data, key)), compile_seconds, batch * length
+
+
+def world_model_update(cfg: ml_collections.ConfigDict, obs_dim: int, action_size: int,
+                       batch_per_device: int, length: int, num_devices: int,
+                       repeats: int, dream_spec: HybridActionSpec | None = None,
+                       shard: bool = True) -> dict:
+  """`compile_world_model_step`'s step timed: compile seconds, median seconds per step of
+  `repeats` (after one warm-up) and transitions/s."""
+  call, compile_seconds, transitions = compile_world_model_step(
+      cfg, obs_dim, action_size, batch_per_device, length, num_devices, dream_spec, shard)
+  jax.block_until_ready(call())
+  seconds = time_calls(call, repeats)
   return {"compile_s": compile_seconds, "update_s": seconds,
-          "transitions_per_s": batch * length / seconds}
+          "transitions_per_s": transitions / seconds}
 
 
 def scan_inputs(length: int, batch: int = 8, channels: int = 64, state: int = 16):

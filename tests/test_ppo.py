@@ -124,3 +124,16 @@ def test_recurrent_ppo_runs_and_carries_state():
   assert np.isfinite(metrics["loss/total"]).all()
   cell, hidden = runner.carry
   assert cell.shape == (4, 16) and np.abs(hidden).max() > 0
+
+
+def test_bootstrap_values_by_hand():
+  # T 3, E 2. Env 0: truncated at t=1 (final obs worth 7), env 1: terminated at t=0.
+  value = np.array([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]], np.float32)
+  last_value = np.array([8.0, 9.0], np.float32)
+  final_value = np.array([[0.0, 0.0], [7.0, 0.0], [0.0, 0.0]], np.float32)
+  terminated = np.array([[False, True], [False, False], [False, False]])
+  truncated = np.array([[False, False], [True, False], [False, False]])
+  expected = np.array([[3.0, 0.0], [7.0, 6.0], [8.0, 9.0]], np.float32)
+  for fn in (anakin.bootstrap_values, jax.jit(anakin.bootstrap_values)):
+    np.testing.assert_array_equal(
+        fn(value, last_value, final_value, terminated, truncated), expected)

@@ -36,15 +36,24 @@ is moved into place with `os.replace`: a crash never leaves a half-written chunk
 final name, and `list_chunks` ignores the temporaries.
 
 Compression: chunks are written as a zip of `.npy` members (what `np.savez` writes and
-`np.load` reads, whatever the member compression). `write_chunk(compression=...)` picks
-"none" (stored, as `np.savez`), "fast" (deflate level 1), "deflate" (level 6, as
+`np.load` reads, whatever the member compression: stored or raw deflate, readable by
+upstream's `np.load` and any unzip). `write_chunk(compression=...)` picks "none" (stored, as
+`np.savez`), "fast" (deflate level 1), "rle" (deflate level 1 with zlib's Z_RLE strategy:
+run lengths and Huffman codes, no match search), "deflate" (level 6, as
 `np.savez_compressed`, where upstream spent most of its conversion time) or "auto" (the
-default): deflate level 1 when a sample of the frames (4, evenly spaced) shrinks below
-`AUTO_RATIO` of its size under it, else stored. Measured by `experiments/bench_video.py`
-(BENCHMARKS.md, "Video → chunks"): on flat-coloured game frames level 1 shrinks chunks
-15-27x for about twice the conversion time of storing, while on noisy, detailed frames it
-gains 10-30% for 4x the time; "auto" takes the right one per chunk. The key layout is the
-same for every choice.
+default), chosen per chunk from a sample of the frames (4, evenly spaced), so that chunks
+are about as small as `np.savez_compressed`'s at a fraction of its time: stored when level
+1 saves less than `AUTO_STORE_SAVING` of the sample (random bytes); "deflate" when level 1
+already shrinks it below `AUTO_FLAT_RATIO` (flat-coloured game frames: level 6 makes them
+another 20-30% smaller for about 2.5x level 1's time, which is small beside decoding
+them); else "rle" when its sample is at most `AUTO_RLE_SLACK` larger than level 1's
+(detailed, textured frames: the match search finds next to nothing there, and skipping it
+deflates 2.4x faster); else "fast". Large members are
+deflated in blocks on every core at once (each block primed with the previous block's last
+32 KiB, ends byte-aligned, as pigz does; zlib releases the GIL), which is why chunks are
+zipped here rather than through `zipfile`. Measured by `experiments/bench_video.py` and
+against upstream by `experiments/bench_peers.py --row=video` (BENCHMARKS.md, "Video →
+chunks"). The key layout is the same for every choice.
 
 `manifest.json` (one per output directory, written atomically by `save_manifest`) records
 per source: status ("done" or "skipped"), reason (for skipped), chunks, frames, fps and the
@@ -52,12 +61,15 @@ settings used, so a rerun skips finished sources and retries the rest.
 """
 from __future__ import annotations
 
+import concurrent.futures
+import io
 import json
 import os
 import re
+import struct
 import zipfile
 import zlib
-from typing import Iterator, Mapping
+from typing import Iterator, Mapping, NamedTuple
 
 import numpy as np
 
@@ -79,13 +91,27 @@ ARRAY_KEYS: dict[str, tuple[np.dtype, int]] = {
     "audio_tokens": (np.dtype(np.int32), 1),
 }
 STRING_KEYS = ("meta", "video_source")
-# None: stored (np.savez); an int: zip deflate at that level (np.savez_compressed uses 6);
-# "auto" is resolved per chunk by `_auto_level`.
-COMPRESSION_LEVELS = {"none": None, "fast": 1, "deflate": 6, "auto": "auto"}
+
+
+class Deflate(NamedTuple):
+  """Raw deflate of a zip member at zlib `level` with zlib `strategy`."""
+  level: int
+  strategy: int = zlib.Z_DEFAULT_STRATEGY
+
+
+# None: stored (np.savez); a Deflate; "auto" is resolved per chunk by `compression_codec`.
+COMPRESSION_LEVELS = {"none": None, "fast": Deflate(1), "rle": Deflate(1, zlib.Z_RLE),
+                      "deflate": Deflate(6), "auto": "auto"}
 DEFAULT_COMPRESSION = "auto"
-# "auto" deflates when a frame sample compresses below this fraction: deflating costs 2-4x
-# the conversion time, worth it for a 2x smaller file, not for 30% (bench_video, 224² noise).
-AUTO_RATIO = 0.5
+# "auto" stores a chunk whose frame sample level 1 shrinks by less than this fraction.
+AUTO_STORE_SAVING = 0.03
+# "auto" takes level 6 when level 1 shrinks the sample below this fraction of its size.
+AUTO_FLAT_RATIO = 0.5
+# "auto" takes Z_RLE when its sample is at most this much larger than level 1's.
+AUTO_RLE_SLACK = 0.05
+# Members above this size are deflated in blocks of this size on every core.
+DEFLATE_BLOCK = 2 << 20
+_WINDOW = 32 << 10  # deflate's window: each block is primed with the previous block's tail
 
 
 class ChunkError(ValueError):
@@ -144,19 +170,101 @@ def validate_chunk(arrays: Mapping[str, np.ndarray], name: str = "chunk") -> int
   return length
 
 
-def write_npz(path: str, arrays: Mapping[str, np.ndarray], level: int | None) -> None:
-  """Writes `arrays` as `.npy` members of a zip (np.load-compatible) via a temporary file."""
-  compression = zipfile.ZIP_STORED if level is None else zipfile.ZIP_DEFLATED
-  with files.atomic_path(path) as tmp:
-    with zipfile.ZipFile(tmp, "w", compression=compression, compresslevel=level,
-                         allowZip64=True) as zf:
-      for key, value in arrays.items():
-        with zf.open(key + ".npy", "w", force_zip64=True) as member:
-          np.lib.format.write_array(member, np.asanyarray(value), allow_pickle=False)
+_pool: concurrent.futures.ThreadPoolExecutor | None = None
 
 
-def compression_level(compression: str, arrays: Mapping[str, np.ndarray]) -> int | None:
-  """The zip deflate level (None: stored) that `compression` means for these arrays."""
+def _deflate_pool() -> concurrent.futures.ThreadPoolExecutor:
+  global _pool
+  if _pool is None:
+    _pool = concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 1,
+                                                  thread_name_prefix="chunk-deflate")
+  return _pool
+
+
+def _deflate_block(data: memoryview, start: int, end: int, codec: Deflate, last: bool) -> bytes:
+  primer = bytes(data[max(0, start - _WINDOW):start])
+  compressor = zlib.compressobj(codec.level, zlib.DEFLATED, -15, 8, codec.strategy,
+                                **({"zdict": primer} if primer else {}))
+  return compressor.compress(data[start:end]) + compressor.flush(
+      zlib.Z_FINISH if last else zlib.Z_SYNC_FLUSH)
+
+
+def deflate(segments, codec: Deflate) -> list[bytes]:
+  """One raw deflate stream of the concatenated `segments` (buffers), as pieces to be written
+  in order. Each segment is cut into blocks of `DEFLATE_BLOCK` bytes, compressed in
+  parallel threads; every block but the last ends on a byte boundary (a sync flush), so the
+  pieces concatenate into a valid stream."""
+  segments = [memoryview(s).cast("B") for s in segments]
+  blocks = [(data, start, min(start + DEFLATE_BLOCK, len(data)))
+            for data in segments for start in range(0, max(len(data), 1), DEFLATE_BLOCK)]
+  last = len(blocks) - 1
+  jobs = [(data, start, end, codec, i == last) for i, (data, start, end) in enumerate(blocks)]
+  if sum(len(s) for s in segments) <= DEFLATE_BLOCK:
+    return [_deflate_block(*job) for job in jobs]
+  return list(_deflate_pool().map(lambda job: _deflate_block(*job), jobs))
+
+
+def _npy_bytes(value: np.ndarray) -> tuple[bytes, memoryview]:
+  """(the `.npy` header, the array's bytes) of `value`, without copying its data."""
+  if not value.flags.c_contiguous:  # (np.ascontiguousarray would turn 0-d into 1-d)
+    value = value.copy(order="C")
+  if value.dtype.hasobject:
+    raise ChunkError("chunks store plain arrays only, not Python objects")
+  header = io.BytesIO()
+  np.lib.format.write_array_header_2_0(header, np.lib.format.header_data_from_array_1_0(value))
+  return header.getvalue(), memoryview(value.reshape(-1).view(np.uint8))
+
+
+_ZIP64_EXTRA = struct.Struct("<HHQQ")  # id 1, length 16, uncompressed, compressed size
+_LOCAL = struct.Struct("<IHHHHHIIIHH")
+_CENTRAL = struct.Struct("<IHHHHHHIIIHHHHHII")
+_DOS_DATE = (0 << 9) | (1 << 5) | 1  # 1980-01-01, 00:00: chunks do not record a time
+
+
+def _write_zip(f, members: list[tuple[str, list, int, int, int]]) -> None:
+  """Writes (name, payload pieces, method, crc32, uncompressed size) as a zip64 archive."""
+  central = []
+  for name, pieces, method, crc, size in members:
+    offset, packed = f.tell(), sum(len(p) for p in pieces)
+    encoded = name.encode()
+    f.write(_LOCAL.pack(0x04034B50, 45, 0, method, 0, _DOS_DATE, crc, 0xFFFFFFFF,
+                        0xFFFFFFFF, len(encoded), _ZIP64_EXTRA.size))
+    f.write(encoded + _ZIP64_EXTRA.pack(1, 16, size, packed))
+    for piece in pieces:
+      f.write(piece)
+    extra = struct.pack("<HHQQQ", 1, 24, size, packed, offset)
+    central.append(_CENTRAL.pack(0x02014B50, 45, 45, 0, method, 0, _DOS_DATE, crc, 0xFFFFFFFF,
+                                 0xFFFFFFFF, len(encoded), len(extra), 0, 0, 0, 0o644 << 16,
+                                 0xFFFFFFFF) + encoded + extra)
+  start = f.tell()
+  for entry in central:
+    f.write(entry)
+  end = f.tell()
+  f.write(struct.pack("<IQHHIIQQQQ", 0x06064B50, 44, 45, 45, 0, 0, len(central), len(central),
+                      end - start, start))
+  f.write(struct.pack("<IIQI", 0x07064B50, 0, end, 1))
+  f.write(struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, 0xFFFF, 0xFFFF, 0xFFFFFFFF, 0xFFFFFFFF,
+                      0))
+
+
+def write_npz(path: str, arrays: Mapping[str, np.ndarray], codec: Deflate | None) -> None:
+  """Writes `arrays` as `.npy` members of a zip (np.load-compatible) via a temporary file,
+  each member stored (`codec` None) or deflated with `codec`."""
+  members = []
+  for key, value in arrays.items():
+    header, data = _npy_bytes(np.asanyarray(value))
+    crc = zlib.crc32(data, zlib.crc32(header))
+    if codec is None:
+      pieces, method = [header, data], zipfile.ZIP_STORED
+    else:
+      pieces, method = deflate([header, data], codec), zipfile.ZIP_DEFLATED
+    members.append((key + ".npy", pieces, method, crc, len(header) + len(data)))
+  with files.atomic_open(path, "wb") as f:
+    _write_zip(f, members)
+
+
+def compression_codec(compression: str, arrays: Mapping[str, np.ndarray]) -> Deflate | None:
+  """The member codec (None: stored) that `compression` means for these arrays."""
   if compression not in COMPRESSION_LEVELS:
     raise ValueError(f"compression must be one of {sorted(COMPRESSION_LEVELS)}, "
                      f"got {compression!r}")
@@ -164,18 +272,25 @@ def compression_level(compression: str, arrays: Mapping[str, np.ndarray]) -> int
     return COMPRESSION_LEVELS[compression]
   biggest = max(arrays.values(), key=lambda a: a.nbytes)  # the frames, in a chunk
   picks = np.linspace(0, len(biggest) - 1, 4).astype(int) if biggest.ndim else []
-  sample = np.ascontiguousarray(biggest[picks]).tobytes() if len(picks) else b""
+  sample = memoryview(np.ascontiguousarray(biggest[picks]).tobytes() if len(picks) else b"")
+  fast, rle = COMPRESSION_LEVELS["fast"], COMPRESSION_LEVELS["rle"]
   if len(sample) < 4096:  # too small to matter either way
-    return 1
-  return 1 if len(zlib.compress(sample, 1)) < AUTO_RATIO * len(sample) else None
+    return fast
+  fast_size = len(_deflate_block(sample, 0, len(sample), fast, True))
+  if fast_size > (1 - AUTO_STORE_SAVING) * len(sample):
+    return None
+  if fast_size < AUTO_FLAT_RATIO * len(sample):
+    return COMPRESSION_LEVELS["deflate"]
+  rle_size = len(_deflate_block(sample, 0, len(sample), rle, True))
+  return rle if rle_size <= (1 + AUTO_RLE_SLACK) * fast_size else fast
 
 
 def write_chunk(path: str, arrays: Mapping[str, np.ndarray],
                 compression: str = DEFAULT_COMPRESSION) -> None:
   """Validates `arrays` and writes them to `path` atomically."""
-  level = compression_level(compression, arrays)
+  codec = compression_codec(compression, arrays)
   validate_chunk(arrays, path)
-  write_npz(path, arrays, level)
+  write_npz(path, arrays, codec)
 
 
 def read_chunk(path: str, keys: tuple[str, ...] | None = None, validate: bool = True) -> dict:

@@ -153,7 +153,7 @@ def write_episode(path: str, episode: Mapping[str, np.ndarray],
                   compression: str = chunks.DEFAULT_COMPRESSION) -> None:
   """Validates and writes an episode atomically (temporary file, then `os.replace`)."""
   validate_episode(episode, path)
-  chunks.write_npz(path, episode, chunks.compression_level(compression, episode))
+  chunks.write_npz(path, episode, chunks.compression_codec(compression, episode))
 
 
 def read_episode(path: str) -> dict:

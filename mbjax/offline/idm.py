@@ -280,6 +280,14 @@ def matching_pool(cfg: IDMConfig, side: int) -> int:
   return 2 if cfg.cost_grid == 0 else max(1, round(side / cfg.cost_grid))
 
 
+def matching_map(frames: jax.Array, pool: int) -> jax.Array:
+  """f32[N, H, W, 3] in [0, 1] → the luma of each frame, pool × pool mean-pooled:
+  f32[N, H / pool, W / pool] (what `cost_volume` compares)."""
+  n, h, w, _ = frames.shape
+  luma = jnp.asarray([0.299, 0.587, 0.114], frames.dtype)
+  return jnp.dot(frames, luma).reshape(n, h // pool, pool, w // pool, pool).mean(axis=(2, 4))
+
+
 def cost_volume(a: jax.Array, b: jax.Array, radius: int, cell: int, pool: int = 2
                 ) -> jax.Array:
   """Matching costs of frame `b` against frame `a` (f32[N, H, W, 3] in [0, 1]) for every
@@ -294,21 +302,41 @@ def cost_volume(a: jax.Array, b: jax.Array, radius: int, cell: int, pool: int = 
   the same comparison, and the network only learns to read it. Pooling and luma keep it
   cheap on a CPU (the (2r + 1)² shifted copies dominate); `b` is edge-padded.
   """
-  n, h, w, _ = a.shape
+  _check_cells(a.shape[1], a.shape[2], cell, pool)
+  return map_cost_volume(matching_map(a, pool), matching_map(b, pool), radius, cell // pool)
+
+
+def _check_cells(h: int, w: int, cell: int, pool: int) -> None:
   if h % cell or w % cell or cell % pool:
     raise ValueError(f"cost_volume: frame {h}x{w} must divide into cells of {cell}, and the "
                      f"cells into pools of {pool}")
-  luma = jnp.asarray([0.299, 0.587, 0.114], a.dtype)
-  a, b = (jnp.dot(x, luma).reshape(n, h // pool, pool, w // pool, pool).mean(axis=(2, 4))
-          for x in (a, b))
-  h, w, c, r = h // pool, w // pool, cell // pool, radius
+
+
+def map_cost_volume(a: jax.Array, b: jax.Array, radius: int, cell: int) -> jax.Array:
+  """`cost_volume` of two `matching_map`s f32[N, h, w], with cells of `cell` map pixels.
+  Sequences map each frame once and compare neighbours (`IDMNet`), rather than mapping
+  every frame twice, once per pair it is in. Pairs are compared one at a time (`lax.map`):
+  the shifted copies of one pair stay in cache, 1.5x faster here than all pairs at once.
+  The costs are the same; XLA fuses the program around them differently, so labels move
+  by float rounding (≤ 1e-7 at 128² and 224²)."""
+  return jax.lax.map(lambda pair: _costs(pair[0][None], pair[1][None], radius, cell)[0],
+                     (a, b))
+
+
+def _costs(a: jax.Array, b: jax.Array, radius: int, cell: int) -> jax.Array:
+  n, h, w = a.shape
+  r = radius
   padded = jnp.pad(b, ((0, 0), (r, r), (r, r)), mode="edge")
   costs = []
   for dy in range(-r, r + 1):  # one row shift at a time: all dx of it in one fused op
     rows = padded[:, r + dy:r + dy + h]
     shifted = jnp.stack([rows[:, :, r + dx:r + dx + w] for dx in range(-r, r + 1)], 1)
     sq = jnp.square(shifted - a[:, None])
-    costs.append(sq.reshape(n, 2 * r + 1, h // c, c, w // c, c).mean(axis=(3, 5)))
+    # Cell sums by a windowed reduction: 1.3x faster here than reshaping to cells and
+    # taking the mean over two strided axes, and the same sums.
+    cell_sums = jax.lax.reduce_window(sq, 0.0, jax.lax.add, (1, 1, cell, cell),
+                                      (1, 1, cell, cell), "VALID")
+    costs.append(cell_sums / (cell * cell))
   volume = jnp.concatenate(costs, 1).transpose(0, 2, 3, 1)
   return volume - volume.min(axis=-1, keepdims=True)
 
@@ -365,8 +393,10 @@ class IDMNet(nn.Module):
     costs = None
     if self.cfg.motion_input == "cost_volume":
       full = frames.reshape((b * length,) + frames.shape[2:]).astype(jnp.float32) / 255.0
-      costs = cost_volume(*pairs(full), self.cfg.motion_radius, self.cfg.stem,
-                          matching_pool(self.cfg, frames.shape[2]))
+      pool = matching_pool(self.cfg, frames.shape[2])
+      _check_cells(full.shape[1], full.shape[2], self.cfg.stem, pool)
+      costs = map_cost_volume(*pairs(matching_map(full, pool)), self.cfg.motion_radius,
+                              self.cfg.stem // pool)
     motion = self.motion(*pairs(patches if self.cfg.motion_input == "patches" else stem),
                          costs)
     return emb, motion.reshape(b, length - 1, -1)

@@ -135,16 +135,19 @@ def make_train(cfg: ml_collections.ConfigDict, env: Environment, env_params: Any
     obs, env_state, reward, terminated, truncated, info = vec_env.step(
         per_env_keys(step_key), runner.env_state, to_env_action(action, network.squash),
         env_params)
-    # V(s'): the same forward the next step makes, except where the episode ended, where
-    # s' is the final observation that auto-reset replaced.
-    final_obs = ppo.prepare_obs(info["final_obs"], obs_stats, normalize)
-    next_value = network.apply(params, carry, final_obs, jnp.zeros_like(runner.is_first),
-                               method=network.value)
+    # V(s') of a truncated episode's final observation, which auto-reset replaced; computed
+    # only on the (rare) steps where an env was truncated. `bootstrap_values` completes it.
+    final_value = jax.lax.cond(
+        truncated.any(),
+        lambda: network.apply(params, carry,
+                              ppo.prepare_obs(info["final_obs"], obs_stats, normalize),
+                              jnp.zeros_like(runner.is_first), method=network.value),
+        lambda: jnp.zeros_like(value))
     done = terminated | truncated
     transition = ppo.Rollout(
         obs=runner.obs, is_first=runner.is_first, carry=runner.carry, mask=mask,
         action=action, log_prob=log_prob, value=value, reward=reward, terminated=terminated,
-        truncated=truncated, next_value=next_value)
+        truncated=truncated, next_value=final_value)
     info = dict(info, **{"return": info["episode_return"], "length": info["episode_length"]})
     stats = (done, {k: info[k] for k in episode_keys})
     runner = runner.replace(env_state=env_state, obs=obs, is_first=done, carry=carry, key=key)
@@ -153,6 +156,12 @@ def make_train(cfg: ml_collections.ConfigDict, env: Environment, env_params: Any
   def update(runner: RunnerState, coefficients: ppo.LossCoefficients | None = None
              ) -> tuple[RunnerState, dict]:
     runner, (rollout, (done, ended)) = jax.lax.scan(env_step, runner, None, num_steps)
+    last_value = network.apply(
+        runner.agent.params, runner.carry,
+        ppo.prepare_obs(runner.obs, runner.agent.obs_stats, normalize), runner.is_first,
+        method=network.value)
+    rollout = rollout._replace(next_value=bootstrap_values(
+        rollout.value, last_value, rollout.next_value, rollout.terminated, rollout.truncated))
     key, update_key = jax.random.split(runner.key)
     agent, aux, metrics = apex.update(runner.agent, runner.aux, rollout, update_key,
                                       learners=learners, network=network,
@@ -177,6 +186,17 @@ def make_train(cfg: ml_collections.ConfigDict, env: Environment, env_params: Any
 
   return Trainer(init, update, train, num_updates, env_steps_per_update, network, env,
                  env_params, cfg)
+
+
+def bootstrap_values(value: jax.Array, last_value: jax.Array, final_value: jax.Array,
+                     terminated: jax.Array, truncated: jax.Array) -> jax.Array:
+  """V(s'_t) for a rollout [T, E]: where step t ended its episode by truncation, the value
+  of the final observation (`final_value`); by termination, 0; elsewhere s' is the next
+  step's observation, whose value the next step computed (`value[t + 1]`; after the last
+  step, `last_value` [E]). Same carry, observation and is_first as a separate forward of
+  s' would use, so the same numbers, without a second critic forward per step."""
+  following = jnp.concatenate([value[1:], last_value[None]])
+  return jnp.where(truncated, final_value, jnp.where(terminated, 0.0, following))
 
 
 def final_episode_return(metrics: dict, last_updates: int) -> jax.Array:

@@ -168,18 +168,51 @@ def test_upstream_variants_channels_first_no_dones_no_meta_and_float64_rewards(t
     chunks.import_upstream_chunk(src, str(tmp_path / "d.npz"))
 
 
-def test_auto_compression_deflates_flat_frames_and_stores_noise(tmp_path):
+def test_auto_compression_by_what_level_1_makes_of_a_sample(tmp_path):
   import zipfile
 
+  rng = np.random.default_rng(0)
   # 32 frames of 32x32: the sample (4 frames) is 12 KiB, enough to judge.
-  flat = {**make_chunk(32), "observations": np.zeros((32, 32, 32, 3), np.uint8)}
-  flat["observations"][:, 2:5] = 200
-  noise = np.random.default_rng(0).integers(0, 256, (32, 32, 32, 3), dtype=np.uint8)
-  noisy = {**make_chunk(32), "observations": noise}  # deflate cannot shrink random bytes
-  for name, arrays, expected in (("flat", flat, zipfile.ZIP_DEFLATED),
-                                 ("noisy", noisy, zipfile.ZIP_STORED)):
+  def chunk(observations):
+    return {**make_chunk(32), "observations": observations.astype(np.uint8)}
+
+  noise = chunk(rng.integers(0, 256, (32, 32, 32, 3)))  # deflate cannot shrink random bytes
+  # 16 random levels: Huffman codes halve it, with nothing for a match search to find.
+  levels = chunk(rng.integers(0, 16, (32, 32, 32, 3)))
+  # A 4-pixel pattern repeated (flat, game-like): level 1 shrinks it far below half.
+  pattern = np.array([0, 50, 100, 150], np.uint8).repeat(3).reshape(4, 3)
+  stripes = np.tile(pattern, (32, 32, 8, 1))
+  # 22 rows of noise over 10 of stripes: level 1 keeps about 70%; run lengths (matches at
+  # distance 1) miss the stripes' 4-pixel period, so "rle" is about 10% larger.
+  mixed = np.concatenate([noise["observations"][:, :22], stripes[:, 22:]], axis=1)
+  assert chunks.compression_codec("auto", noise) is None
+  assert chunks.compression_codec("auto", chunk(stripes)) == chunks.COMPRESSION_LEVELS["deflate"]
+  assert chunks.compression_codec("auto", levels) == chunks.COMPRESSION_LEVELS["rle"]
+  assert chunks.compression_codec("auto", chunk(mixed)) == chunks.COMPRESSION_LEVELS["fast"]
+  for name, arrays, expected in (("noise", noise, zipfile.ZIP_STORED),
+                                 ("stripes", chunk(stripes), zipfile.ZIP_DEFLATED)):
     path = str(tmp_path / f"{name}.npz")
     chunks.write_chunk(path, arrays, "auto")
     with zipfile.ZipFile(path) as zf:
       assert zf.getinfo("observations.npy").compress_type == expected, name
     np.testing.assert_array_equal(chunks.read_chunk(path)["observations"], arrays["observations"])
+
+
+@pytest.mark.parametrize("compression", ["fast", "rle"])
+def test_block_parallel_deflate_is_one_valid_stream(tmp_path, monkeypatch, compression):
+  import zipfile
+  import zlib
+
+  monkeypatch.setattr(chunks, "DEFLATE_BLOCK", 1000)  # 36 blocks on the thread pool
+  arrays = make_chunk(150)
+  data = arrays["observations"].tobytes()  # 36,000 bytes
+  pieces = chunks.deflate([data[:7], data[7:]], chunks.COMPRESSION_LEVELS[compression])
+  assert len(pieces) == 1 + 36 and zlib.decompress(b"".join(pieces), -15) == data
+  path = str(tmp_path / "c.npz")
+  chunks.write_chunk(path, arrays, compression)
+  with zipfile.ZipFile(path) as zf:
+    assert zf.testzip() is None  # every member's CRC-32 checks
+    assert zf.getinfo("observations.npy").compress_type == zipfile.ZIP_DEFLATED
+  with np.load(path, allow_pickle=False) as npz:
+    np.testing.assert_array_equal(npz["observations"], arrays["observations"])
+    assert npz["meta"].shape == () and str(npz["meta"]) == str(arrays["meta"])
