@@ -137,8 +137,11 @@ def make_train(cfg: ml_collections.ConfigDict, env: Environment, env_params: Any
         env_params)
     # V(s') of a truncated episode's final observation, which auto-reset replaced; computed
     # only on the (rare) steps where an env was truncated. `bootstrap_values` completes it.
+    # The predicate is made device-invariant (psum): under the population's vmap inside
+    # shard_map, a device-varying batched predicate trips JAX's varying-axis check.
+    any_truncated = _psum(truncated.any().astype(jnp.int32), axis_name) > 0
     final_value = jax.lax.cond(
-        truncated.any(),
+        any_truncated,
         lambda: network.apply(params, carry,
                               ppo.prepare_obs(info["final_obs"], obs_stats, normalize),
                               jnp.zeros_like(runner.is_first), method=network.value),

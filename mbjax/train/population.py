@@ -125,7 +125,7 @@ def member_names(cfg) -> tuple[str, ...]:
 
 
 def role_weight_matrix(roles) -> np.ndarray:
-  """f32[len(roles), 7]: each role's absolute reward weights (`rewards.role_weights`)."""
+  """f32[len(roles), NUM_REWARD_TERMS]: each role's absolute reward weights (`rewards.role_weights`)."""
   return np.asarray([rewards.role_weights(r) for r in roles], np.float32)
 
 
@@ -205,7 +205,7 @@ class PopulationTrainer:
     self.roles = member_roles(cfg)
     self.names = member_names(cfg)
     self.num_members = len(self.roles)
-    self.weights = jnp.asarray(role_weight_matrix(self.roles))  # [P, 7]
+    self.weights = jnp.asarray(role_weight_matrix(self.roles))  # [P, NUM_REWARD_TERMS]
     self.specs = hparam_specs(cfg)
     # Built from the config's own values: the network, the update count, shapes. Members'
     # trainers are rebuilt inside the vmapped update with their traced reward weights.
@@ -312,7 +312,7 @@ class PopulationTrainer:
 
   def episode_terms(self, agent: ppo.PPOState, key: jax.Array,
                     num_episodes: int | None = None) -> jax.Array:
-    """f32[E, 7]: the summed reward terms of E episodes of one agent (its return under any
+    """f32[E, NUM_REWARD_TERMS]: the summed reward terms of E episodes of one agent (its return under any
     role is these terms · that role's weights). Episodes are cut at `eval_max_steps`."""
     policy = evaluate.stateless_policy(self.template, agent,
                                        self.cfg.population.eval_deterministic)
@@ -323,7 +323,7 @@ class PopulationTrainer:
 
   def _evaluate(self, agents: ppo.PPOState, key: jax.Array) -> jax.Array:
     """f32[P, E]: each member's own-role return in E episodes (the same keys for all)."""
-    terms = jax.vmap(self.episode_terms, (0, None))(agents, key)  # [P, E, 7]
+    terms = jax.vmap(self.episode_terms, (0, None))(agents, key)  # [P, E, NUM_REWARD_TERMS]
     return jnp.einsum("pet,pt->pe", terms, self.weights)
 
   def group_step(self, key: jax.Array, agents, hparams: dict, returns: jax.Array):
