@@ -36,6 +36,7 @@ from absl import app, flags  # noqa: E402
 
 from configs import arena_apex, arena_ppo, minatar  # noqa: E402
 from experiments import cli  # noqa: E402
+from mbjax import files  # noqa: E402
 from mbjax.envs import registry  # noqa: E402
 from mbjax.train import anakin  # noqa: E402
 from mbjax.train import config as config_lib  # noqa: E402
@@ -182,8 +183,8 @@ def save_runs(path: str, runs: dict[str, ArmRun]) -> None:
     arrays.update({f"{arm}/env_steps": run.env_steps, f"{arm}/return": run.returns,
                    f"{arm}/count": run.counts,
                    f"{arm}/seconds": np.array([run.seconds, run.compile_seconds])})
-  np.savez(path + ".tmp.npz", **arrays)
-  os.replace(path + ".tmp.npz", path)
+  with files.atomic_open(path, "wb") as f:
+    np.savez(f, **arrays)
 
 
 def load_runs(paths: list[str]) -> dict[str, ArmRun]:

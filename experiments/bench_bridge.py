@@ -25,6 +25,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
+from mbjax import files  # noqa: E402
 from mbjax.bridge import launch  # noqa: E402
 from mbjax.train import config as config_lib  # noqa: E402
 from mbjax.train import sebulba  # noqa: E402
@@ -116,8 +117,7 @@ def main(argv):
           f"obs age p50 {b['obs_age_ms_p50']:.2f} ms p99 {b['obs_age_ms_p99']:.2f} ms | "
           f"{b['actor_steps_per_s']:.0f} actor steps/s")
   if _OUT.value:
-    with open(_OUT.value, "w") as f:
-      json.dump(results, f, indent=2)
+    files.write_json(_OUT.value, results)
 
 
 if __name__ == "__main__":

@@ -14,10 +14,12 @@ import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_cpu_enable_concurrency_optimized_scheduler=false")
 
+import contextlib  # noqa: E402
 import dataclasses  # noqa: E402
 import filecmp  # noqa: E402
 import logging  # noqa: E402
 import shutil  # noqa: E402
+import signal  # noqa: E402
 import socket  # noqa: E402
 import struct  # noqa: E402
 import subprocess  # noqa: E402
@@ -292,10 +294,118 @@ def record_without_a_game(ctx: Context):
           result.returncode == cli.EXIT_USER_ERROR and not os.path.exists(out))
 
 
+def two_runs_on_one_workdir(ctx: Context):
+  """train on a workdir that another live process is training in"""
+  from mbjax.train import loop
+
+  run = ctx.copy_of_run("lock")
+  before = run + ".before"
+  shutil.copytree(run, before)
+  holder = loop.WorkdirLock(run)  # this process stands for the first run
+  try:
+    result = binary("experiments.train", *_DEBUG_RUN, f"--workdir={run}",
+                    "--config.total_env_steps=6400")
+  finally:
+    holder.release()
+  unchanged = _same_tree(run, before)
+  named = f"in use by process {os.getpid()}" in result.stderr
+  return (f"exit {result.returncode}: {_last_line(result, ctx.root)[:90]}…; the run is "
+          f"{'unchanged' if unchanged else 'CHANGED'}",
+          result.returncode != 0 and named and unchanged)
+
+
+def ctrl_c_during_training(ctx: Context):
+  """Ctrl-C (SIGINT) while train runs, between its checkpoints"""
+  from mbjax.train import run as run_lib
+
+  workdir = os.path.join(ctx.directory("interrupt"), "run")
+  process = subprocess.Popen(
+      [sys.executable, "-m", "experiments.train", *_DEBUG_RUN, f"--workdir={workdir}",
+       "--config.total_env_steps=25600", "--config.run.log_every_updates=5",
+       "--config.run.checkpoint_every_updates=50"],
+      cwd=REPO, env={**os.environ, "JAX_PLATFORMS": "cpu"}, text=True,
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+  metrics = os.path.join(workdir, "metrics.jsonl")
+  deadline = time.time() + 300
+  while time.time() < deadline and process.poll() is None and not (
+      os.path.exists(metrics) and os.path.getsize(metrics)):
+    time.sleep(0.05)
+  process.send_signal(signal.SIGINT)
+  _, stderr = process.communicate(timeout=300)
+  result = subprocess.CompletedProcess(process.args, process.returncode, "", stderr)
+  _, runner = run_lib.restore_trained(workdir)
+  step = int(runner.update_step)
+  said = f"Interrupted at update {step}; checkpoint" in stderr
+  return (f"exit {result.returncode}: {_last_line(result, ctx.root)[:90]}…; update {step} "
+          "restores", result.returncode == 130 and said and 0 < step < 200)
+
+
+@contextlib.contextmanager
+def nan_rewards(env_name: str):
+  """While active, the registered env `env_name` pays NaN for every step (in this process)."""
+  import jax.numpy as jnp
+
+  from mbjax.envs import registry
+  from mbjax.envs.wrappers import Wrapper
+
+  class NaNRewards(Wrapper):
+    def reset(self, key, params):
+      return self.env.reset(key, params)
+
+    def step(self, key, state, action, params):
+      obs, state, reward, terminated, truncated, info = self.env.step(key, state, action,
+                                                                      params)
+      return obs, state, reward * jnp.nan, terminated, truncated, info
+
+    def action_mask(self, state, params):
+      return self.env.action_mask(state, params)
+
+  make = registry._FACTORIES[env_name]
+  registry._FACTORIES[env_name] = lambda **kw: (NaNRewards(make(**kw)[0]), make(**kw)[1])
+  try:
+    yield
+  finally:
+    registry._FACTORIES[env_name] = make
+
+
+def non_finite_rewards(ctx: Context):
+  """an env whose rewards are NaN (CartPole :debug run, in this process)"""
+  from configs import cartpole_ppo
+  from mbjax.train import finite, loop
+  from mbjax.train import run as run_lib
+
+  workdir = os.path.join(ctx.directory("nan"), "run")
+  cfg = cartpole_ppo.get_config("debug")
+  cfg.run.num_devices, cfg.run.video_max_frames = 1, 0
+  # A checkpoint after the first 10 skipped updates, the stop after 20 > 15 of them.
+  cfg.run.checkpoint_every_updates, cfg.run.max_nonfinite_updates = 10, 15
+  try:
+    with nan_rewards(cfg.env.name):
+      run_lib.run(cfg, workdir)
+    happened = "finished, no error"
+  except loop.NonFiniteUpdates as e:
+    happened = str(e).replace(ctx.root, "<tmp>")
+  _, runner = run_lib.restore_trained(workdir)
+  finite_saved = finite.host_all_finite(runner.agent.params)
+  return (f"{happened[:110]}…; checkpoint {int(runner.update_step)} finite: {finite_saved}",
+          "rewards from the env" in happened and finite_saved)
+
+
+def extend_a_finished_run(ctx: Context):
+  """train a finished run again with a larger total_env_steps"""
+  run = ctx.copy_of_run("extend")
+  result = binary("experiments.train", *_DEBUG_RUN, f"--workdir={run}",
+                  "--config.total_env_steps=6400")
+  steps = sorted(int(d) for d in os.listdir(os.path.join(run, "checkpoints")) if d.isdigit())
+  return (f"exit {result.returncode}; checkpoints {steps}", result.returncode == 0
+          and steps == [40, 50])
+
+
 FAULTS: list[Callable[[Context], tuple[str, bool]]] = [
     merge_into_a_run, declined_save, resume_past_a_corrupt_checkpoint,
     evaluate_past_a_truncated_config, evaluate_past_a_broken_array_store, bridge_flood,
-    nan_action, jpeg_bomb, config_mistakes, record_without_a_game,
+    nan_action, jpeg_bomb, config_mistakes, record_without_a_game, two_runs_on_one_workdir,
+    ctrl_c_during_training, non_finite_rewards, extend_a_finished_run,
 ]
 
 

@@ -32,9 +32,9 @@ import numpy as np  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from mbjax import files  # noqa: E402
 from mbjax.population import merge as merge_lib  # noqa: E402
 from mbjax.train import population  # noqa: E402
-from mbjax.train.run import _write_json_atomic  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", "configs/arena_population.py:bench", "Population config.")
@@ -198,7 +198,7 @@ def main(argv):
         f"load average at end {os.getloadavg()}")
 
   os.makedirs(_WORKDIR.value, exist_ok=True)
-  _write_json_atomic(os.path.join(_WORKDIR.value, "bench_population.json"), {
+  files.write_json(os.path.join(_WORKDIR.value, "bench_population.json"), {
       "roles": list(roles), "seeds": [r["seed"] for r in runs], "episodes": _EPISODES.value,
       "env_steps_per_member": int(cfg.total_env_steps), "merge_settings": {
           "lam_task_arithmetic": _LAM_TA.value, "k": _K.value, "lam_ties": _LAM_TIES.value},

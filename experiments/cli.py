@@ -5,7 +5,9 @@ config override (`--config.ppo.lrr`: the message names the full path and the clo
 `config.ppo.lr`), a value the config schema refuses (`ConfigError`), a workdir without a
 run or a checkpoint, an unreadable or incompatible checkpoint (`CheckpointError`), an
 `app.UsageError` — is printed as `error: <message>` on stderr with exit status 1, instead of
-a traceback or absl's page of flag help. Anything else still raises with its traceback.
+a traceback or absl's page of flag help. So is a training run that stopped early for a
+reason the operator acts on (`RunStopped`: a busy workdir, non-finite updates, Ctrl-C), with
+the exit status it carries (130 for Ctrl-C). Anything else still raises with its traceback.
 """
 from __future__ import annotations
 
@@ -20,7 +22,8 @@ from ml_collections.config_flags import config_flags
 EXIT_USER_ERROR = 1  # as absl's flag errors
 # Exception types that are a user's to fix, by module; looked up only in modules already
 # imported (none of them can have raised otherwise), so a binary that needs no JAX loads none.
-_USER_ERRORS = {"mbjax.train.config": "ConfigError", "mbjax.train.checkpoint": "CheckpointError"}
+_USER_ERRORS = {"mbjax.train.config": "ConfigError", "mbjax.train.checkpoint": "CheckpointError",
+                "mbjax.train.loop": "RunStopped"}
 
 _OVERRIDE = re.compile(r"^--?([A-Za-z_]\w*)\.([\w.]+)(?:=|$)")
 
@@ -37,7 +40,7 @@ def reporting_user_errors(main: Callable[[list[str]], None]) -> Callable[[list[s
     except Exception as e:
       if not isinstance(e, user_errors()):
         raise
-      fail(str(e))
+      fail(str(e), getattr(e, "exit_code", EXIT_USER_ERROR))
   return main_reporting
 
 
@@ -46,9 +49,9 @@ def user_errors() -> tuple[type[Exception], ...]:
                             for module, name in _USER_ERRORS.items() if module in sys.modules))
 
 
-def fail(message: str) -> None:
+def fail(message: str, exit_code: int = EXIT_USER_ERROR) -> None:
   sys.stderr.write(f"error: {message}\n")
-  sys.exit(EXIT_USER_ERROR)
+  sys.exit(exit_code)
 
 
 def parse_flags(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) -> list[str]:

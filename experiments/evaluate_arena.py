@@ -10,6 +10,11 @@ return with its 95% confidence interval, mean length, the fraction of episodes t
 death, `menu_fraction` (share of env steps with the level-up menu open) and each reward
 term's contribution (weight × summed term), so a degenerate policy (idling in the menu,
 pinned to a wall) shows in the table. Without `--checkpoint` it prints the baselines only.
+
+A run trained through the bridge (`configs/bridge_ppo.py`) plays the shim's observations,
+not BonkArena's: it is evaluated against the random policy on reference game servers
+launched here, `--episodes` fresh runs of up to `bridge.max_episode_steps` steps in rounds
+of its `num_envs` games (its mode action), as the Sebulba run's own final evaluation does.
 """
 import os
 
@@ -25,6 +30,7 @@ from mbjax.envs.bonk_arena import (BonkArena, idle_menu_policy, make_scripted_po
 from mbjax.envs.bonk_arena import game  # noqa: E402
 from mbjax.train import evaluate  # noqa: E402
 from mbjax.train import metrics as metrics_lib  # noqa: E402
+from mbjax.train import sebulba  # noqa: E402
 from mbjax.train import run as run_lib  # noqa: E402
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None,
@@ -61,6 +67,21 @@ def format_table(results: dict, params) -> str:
   return "\n".join(lines)
 
 
+def evaluate_bridge_run(policy, state) -> None:
+  cfg, steps = policy.cfg, policy.cfg.bridge.max_episode_steps
+  games = min(_EPISODES.value, cfg.num_envs)
+  rounds = -(-_EPISODES.value // games)
+  print(f"{rounds * games} runs each on reference servers, up to {steps} steps, update "
+        f"{int(state.update_step)} of {_CHECKPOINT.value}")
+  with sebulba.launched_servers(cfg, games) as ports:
+    for name, agent in (("trained", jax.device_get(state.agent)), ("random", None)):
+      stats = [sebulba.evaluate(cfg, ports, agent, steps, seed=_SEED.value + r)
+               for r in range(rounds)]
+      print(f"{name:>9}: return {np.mean([s['mean_return'] for s in stats]):7.2f} per run | "
+            f"{np.mean([s['mean_reward'] for s in stats]):.4f} per step | died "
+            f"{sum(s['deaths'] for s in stats)} of {rounds * games}")
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -70,6 +91,8 @@ def main(argv):
   header = f"{_EPISODES.value} episodes each, BonkArena rules version {game.RULES_VERSION}"
   if _CHECKPOINT.value:
     trainer, runner = run_lib.restore_trained(_CHECKPOINT.value)
+    if trainer.cfg.bridge.enabled:
+      return evaluate_bridge_run(trainer, runner)
     if trainer.cfg.env.name != "bonk_arena":
       raise app.UsageError(f"{_CHECKPOINT.value} trained on {trainer.cfg.env.name!r}")
     kwargs = trainer.cfg.env.kwargs.to_dict()

@@ -20,6 +20,7 @@ from absl import app, flags  # noqa: E402
 from experiments import cli  # noqa: E402
 from mbjax.envs.bonk_arena import directives  # noqa: E402
 from mbjax.runtime import dual_system  # noqa: E402
+from mbjax.train import metrics  # noqa: E402
 from mbjax.train import run as run_lib  # noqa: E402
 
 _CONDITIONED = flags.DEFINE_string("conditioned", None, "Workdir of the conditioned motor.")
@@ -65,6 +66,7 @@ def pooled(stats: dict) -> float:
 
 def main(argv):
   del argv
+  metrics.quiet_library_logging()
   results = {"conditioned": rates(_CONDITIONED.value), "baseline": rates(_BASELINE.value)}
   print(f"{_ENVS.value} envs × {_STEPS.value} steps, seed {_SEED.value}, load average "
         f"{os.getloadavg()}")

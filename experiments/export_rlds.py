@@ -8,8 +8,9 @@ the pipeline with `--config.source.rlds_dir=<that dir>`. Needs the `rlds` extra.
 that do not read, or whose fields differ from the first one's, are skipped and listed; the
 exit status is then 1.
 """
-from absl import app, flags, logging
+from absl import flags, logging
 
+from experiments import cli
 from mbjax.offline import rlds
 
 _EPISODES_DIR = flags.DEFINE_string("episodes_dir", None, "Directory of .npz episodes.",
@@ -30,4 +31,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -42,18 +42,19 @@ os.environ.setdefault("XLA_FLAGS", "--xla_cpu_enable_concurrency_optimized_sched
 import json  # noqa: E402
 import shutil  # noqa: E402
 import sys  # noqa: E402
-import tempfile  # noqa: E402
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 from experiments import cli  # noqa: E402
+from mbjax import files  # noqa: E402
 from mbjax.population import llm_weighting  # noqa: E402
 from mbjax.population import merge as merge_lib  # noqa: E402
 from mbjax.runtime import llm  # noqa: E402
 from mbjax.runtime.weighting import AsyncWeights  # noqa: E402
 from mbjax.train import checkpoint as checkpoint_lib  # noqa: E402
+from mbjax.train import metrics  # noqa: E402
 from mbjax.train.run import restore_trained  # noqa: E402
 
 _BASE = flags.DEFINE_string("base", None, "Workdir of the base the specialists started from.")
@@ -113,13 +114,6 @@ def llm_shares(names: list[str], stats: merge_lib.PairStatistics, norms: list[fl
     weights = AsyncWeights(request, chat)
     shares = weights.wait(wait_s)
   return shares, weights.summary()
-
-
-def _write_json_atomic(path: str, payload: dict) -> None:
-  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
-  with os.fdopen(fd, "w") as f:
-    json.dump(payload, f, indent=2, sort_keys=True)
-  os.replace(tmp, path)
 
 
 def check_output(out: str, inputs: list[str], overwrite: bool) -> None:
@@ -219,15 +213,15 @@ def merge_workdirs(base: str, specialists: list[str], out: str, method: str, lam
   cfg = checkpoint_lib.read_run_config(base)
   out = os.path.abspath(out)
   os.makedirs(os.path.dirname(out), exist_ok=True)
-  staging = tempfile.mkdtemp(dir=os.path.dirname(out), prefix=f".{os.path.basename(out)}.")
+  staging = files.staging_directory(out)
   try:
     step = int(base_runner.update_step)
     checkpointer = checkpoint_lib.Checkpointer(staging, cfg.run.keep_checkpoints)
     checkpointer.save(step, runner, cfg)
     checkpointer.close()
-    _write_json_atomic(os.path.join(staging, "config.json"), cfg.to_dict())
+    files.write_json(os.path.join(staging, "config.json"), cfg.to_dict())
     summary["checkpoint"] = os.path.join(out, "checkpoints", str(step))
-    _write_json_atomic(os.path.join(staging, "merge_summary.json"), summary)
+    files.write_json(os.path.join(staging, "merge_summary.json"), summary)
     _publish(staging, out)
   finally:
     shutil.rmtree(staging, ignore_errors=True)
@@ -237,6 +231,7 @@ def merge_workdirs(base: str, specialists: list[str], out: str, method: str, lam
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  metrics.quiet_library_logging()
   rule = (merge_lib.GatingRule(_MIN_COSINE.value, _MAX_CONFLICT.value, _GATE_MODE.value)
           if _GATE.value else None)
   backend = (llm.BackendConfig(protocol=_LLM_PROTOCOL.value, base_url=_LLM_BASE_URL.value,

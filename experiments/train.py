@@ -1,6 +1,7 @@
 """Trains an agent: `python -m experiments.train --config=configs/<exp>.py --workdir=<dir>`.
 
-Rerunning the same command with the same --workdir resumes from its latest checkpoint.
+Rerunning the same command with the same --workdir resumes from its latest checkpoint (a
+larger `--config.total_env_steps` extends a finished run); Ctrl-C stops after saving one.
 Config values are overridden with `--config.<path>=<value>` (e.g. `--config.ppo.lr=1e-4`).
 """
 import os

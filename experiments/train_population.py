@@ -16,7 +16,7 @@ from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from experiments import cli  # noqa: E402
-from mbjax.train import population  # noqa: E402
+from mbjax.train import metrics, population  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Population config file.",
                                           lock_config=True)
@@ -28,6 +28,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  metrics.quiet_library_logging()
   try:
     population.validate(_CONFIG.value)
   except ValueError as e:  # the config's fault, by validate's contract

@@ -413,6 +413,9 @@ def test_merge_binary_on_trained_checkpoints(tmp_path):
       cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]
   assert "scout × tank: cosine" in result.stdout
+  # The results come without orbax's INFO lines about reading and writing checkpoints.
+  assert not [line for line in result.stderr.splitlines()
+              if line.startswith("I") and ("orbax" in line or "CheckpointManager" in line)]
 
   summary = json.loads((out / "merge_summary.json").read_text())
   assert summary["method"] == "ties_count" and len(summary["merged"]) == 2

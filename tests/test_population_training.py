@@ -57,7 +57,7 @@ def test_members_start_from_the_base_with_their_roles(setup):
   cfg, trainer, _, base = setup
   assert trainer.roles == ("scout", "scout", "tank", "tank")
   np.testing.assert_allclose(trainer.weights[0], np.multiply(rewards.UPSTREAM_WEIGHTS,
-                                                             (1, 1.5, 1, 1, 20, 0.5, 2)))
+                                                             (1, 1.5, 1, 1, 20, 0.5, 2, 1)))
   state = jax.device_get(trainer.init(population.load_base(cfg), jax.random.PRNGKey(0)))
   for m in range(4):
     chex.assert_trees_all_equal(population.member(state.runners.agent.params, m), base.params)

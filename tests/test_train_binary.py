@@ -1,4 +1,5 @@
-"""End to end through `experiments/train.py`: outputs, resume after SIGKILL, config errors.
+"""End to end through `experiments/train.py`: outputs, resume after Ctrl-C and SIGKILL,
+extending a finished run, config errors.
 
 The binary runs in subprocesses, as a user would run it, on one CPU device.
 """
@@ -13,7 +14,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from mbjax.train.metrics import read_jsonl
+from mbjax.train.metrics import read_jsonl, read_scalars
 
 pytestmark = pytest.mark.slow  # every test runs the binary in subprocesses
 
@@ -49,9 +50,20 @@ def _training_metrics(workdir):
           for r in read_jsonl(os.path.join(workdir, "metrics.jsonl"))]
 
 
+def _mode(path):
+  return os.stat(path).st_mode & 0o777
+
+
 def test_train_writes_metrics_checkpoints_and_reports_them(tmp_path):
   result = _train(tmp_path)
   records = read_jsonl(tmp_path / "metrics.jsonl")
+  # Created as open() creates files (0666 less the umask), not owner-only.
+  umask = os.umask(0)
+  os.umask(umask)
+  assert _mode(tmp_path / "metrics.jsonl") == _mode(tmp_path / "config.json") == 0o666 & ~umask
+  # Each progress line says how long the run has taken and how long it has left.
+  assert "update 20/40 | env steps 2,560 | elapsed 0:00:" in result.stderr
+  assert "| ETA 0:00:" in result.stderr
   assert [r["update_step"] for r in records] == [10, 20, 30, 40]
   assert records[-1]["env_steps"] == 40 * 4 * 32
   assert "perf/compile_seconds" in records[0] and "perf/compile_seconds" not in records[1]
@@ -61,14 +73,24 @@ def test_train_writes_metrics_checkpoints_and_reports_them(tmp_path):
   assert f"checkpoints: {tmp_path}/checkpoints" in result.stdout
 
 
-def test_resume_after_sigkill_is_bitwise_identical(tmp_path):
+def test_resume_after_ctrl_c_and_sigkill_is_bitwise_identical(tmp_path):
+  """One run stopped by Ctrl-C (it saves the chunk it is in and says where to resume),
+  resumed, killed, resumed again, ends bit for bit where an uninterrupted run does, with the
+  same metrics and TensorBoard points (each once)."""
   uninterrupted, interrupted = tmp_path / "a", tmp_path / "b"
   # The uninterrupted run goes on beside the one that is killed (two processes, two cores).
   log = tmp_path / "uninterrupted.log"
   with open(log, "w") as out:
     reference = subprocess.Popen(_train_command(uninterrupted, *RESUME_FLAGS), cwd=ROOT,
                                  env=ENV, stdout=out, stderr=subprocess.STDOUT)
-    killed_at = _kill_after_checkpoint(interrupted, *RESUME_FLAGS, at_least=10)
+    stopped = _interrupt_after_checkpoint(interrupted, *RESUME_FLAGS)
+    assert stopped.returncode == 130, stopped.stderr[-3000:]
+    step = max(int(d) for d in os.listdir(interrupted / "checkpoints") if d.isdigit())
+    assert step < 100 and "Traceback" not in stopped.stderr
+    assert stopped.stderr.strip().splitlines()[-1].endswith(
+        f"Interrupted at update {step}; checkpoint {interrupted}/checkpoints/{step} saved. "
+        "Rerun the same command to resume from it.")
+    killed_at = _kill_after_checkpoint(interrupted, *RESUME_FLAGS, at_least=step + 10)
     assert killed_at < 100
 
     _train(interrupted, *RESUME_FLAGS)
@@ -82,13 +104,26 @@ def test_resume_after_sigkill_is_bitwise_identical(tmp_path):
   for key in flat_a:  # parameters, optimiser state, env state, RNG, counters
     np.testing.assert_array_equal(flat_a[key], flat_b[key], err_msg=str(key))
   assert _training_metrics(uninterrupted) == _training_metrics(interrupted)
+  points = {run: read_scalars(run / "tensorboard") for run in (uninterrupted, interrupted)}
+  assert [s for s, _ in points[interrupted]["loss/total"]] == [128 * u for u in range(5, 101, 5)]
+  assert {tag: [v for _, v in p] for tag, p in points[uninterrupted].items()
+          if not tag.startswith("perf/")} == {
+              tag: [v for _, v in p] for tag, p in points[interrupted].items()
+              if not tag.startswith("perf/")}
 
 
-def test_resume_with_a_different_config_is_refused(tmp_path):
+def test_a_finished_run_extends_and_refuses_a_different_config(tmp_path):
   _train(tmp_path)
   result = _train(tmp_path, "--config.ppo.lr=0.001", check=False)
   assert result.returncode != 0
   assert "different config" in result.stderr and "ppo.lr" in result.stderr
+  # A larger total_env_steps extends the finished run (40 updates of 128 steps → 50).
+  _train(tmp_path, "--config.total_env_steps=6400")
+  assert [r["update_step"] for r in read_jsonl(tmp_path / "metrics.jsonl")] == [
+      10, 20, 30, 40, 50]
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["40", "50"]
+  result = _train(tmp_path, check=False)  # back to 5,120: a run is not shortened
+  assert result.returncode != 0 and "extended, not shortened" in result.stderr
 
 
 @pytest.mark.parametrize("flag,message", [
@@ -116,18 +151,39 @@ def test_apex_run_trains_every_learner_and_its_checkpoint_plays_in_the_recorder(
     assert key in last and np.isfinite(last[key]), key
   video = workdir / "videos" / "update_0000004.mp4"
   assert f"video: {video}" in result.stdout and video.stat().st_size > 0
-  subprocess.run([sys.executable, "-m", "experiments.record_arena", "--policy=checkpoint",
-                  f"--checkpoint={workdir}", "--episodes=1", f"--out_dir={videos}"],
-                 cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600, check=True)
+  recording = subprocess.run(
+      [sys.executable, "-m", "experiments.record_arena", "--policy=checkpoint",
+       f"--checkpoint={workdir}", "--episodes=1", f"--out_dir={videos}"],
+      cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600, check=True)
   evaluation = subprocess.run(
       [sys.executable, "-m", "experiments.evaluate_arena", f"--checkpoint={workdir}",
        "--episodes=2"], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600,
-      check=True).stdout
-  rows = {line.split("|")[0].strip() for line in evaluation.splitlines() if "|" in line}
-  assert {"trained", "scripted", "random", "idle"} <= rows, evaluation
+      check=True)
+  rows = {line.split("|")[0].strip() for line in evaluation.stdout.splitlines() if "|" in line}
+  assert {"trained", "scripted", "random", "idle"} <= rows, evaluation.stdout
+  # The results come without orbax's INFO lines about reading the checkpoint.
+  for output in (recording.stderr, evaluation.stderr):
+    assert not [line for line in output.splitlines()
+                if line.startswith("I") and ("orbax" in line or "CheckpointManager" in line)]
   recorded = np.load(videos / "checkpoint_000.npz", allow_pickle=False)
   assert recorded["rewards"].shape[0] > 0
   assert (videos / "checkpoint_000.mp4").stat().st_size > 0
+
+
+def _interrupt_after_checkpoint(workdir, *flags):
+  """Starts a training run, sends it SIGINT (Ctrl-C) once it has written a checkpoint and
+  returns the finished process (with its output)."""
+  process = subprocess.Popen(_train_command(workdir, *flags), cwd=ROOT, env=ENV,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  checkpoints = workdir / "checkpoints"
+  deadline = time.time() + 300
+  while time.time() < deadline and process.poll() is None:
+    if checkpoints.exists() and any(d.isdigit() for d in os.listdir(checkpoints)):
+      break
+    time.sleep(0.02)
+  process.send_signal(signal.SIGINT)
+  stdout, stderr = process.communicate(timeout=300)
+  return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
 
 
 def _kill_after_checkpoint(workdir, *flags, env=ENV, at_least=20):

@@ -253,9 +253,11 @@ def distill_coef(served: ml_collections.ConfigDict, progress: jax.Array | float)
 
 def update(agent: ppo.PPOState, aux: AuxState, replay, rollout: ppo.Rollout, key, *,
            learners: Learners, network, optimizer, axis_name: str | None = None,
-           progress: jax.Array | float = 0.0):
+           progress: jax.Array | float = 0.0,
+           coefficients: ppo.LossCoefficients | None = None):
   """One apex learner step; returns (agent, aux, replay, metrics). `progress` is the
-  fraction of the run's updates done before this one (for `served.distill_schedule`)."""
+  fraction of the run's updates done before this one (for `served.distill_schedule`);
+  `coefficients` override the config's PPO loss coefficients."""
   cfg = learners.cfg
   rollout = jax.tree.map(jnp.asarray, rollout)
   ppo_key, teacher_key, aux_key = jax.random.split(key, 3)
@@ -265,7 +267,8 @@ def update(agent: ppo.PPOState, aux: AuxState, replay, rollout: ppo.Rollout, key
       rollout = rollout._replace(teacher=_teacher(aux, rollout, learners, teacher_key))
     agent, metrics = ppo.update(agent, rollout, ppo_key, cfg.ppo, network=network,
                                 optimizer=optimizer, axis_name=axis_name,
-                                distill_coef=distill_coef(cfg.served, progress))
+                                distill_coef=distill_coef(cfg.served, progress),
+                                coefficients=coefficients)
   if learners.cpqe is not None:
     chunks = cpqe_lib.rollout_chunks(
         rollout.obs, to_env_action(rollout.action, learners.squash).continuous, rollout.reward,

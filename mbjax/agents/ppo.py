@@ -104,17 +104,42 @@ def make_network(net: ml_collections.ConfigDict, spec) -> ActorCritic:
                      core_options=options)
 
 
+class LossCoefficients(NamedTuple):
+  """The loss's coefficients, Python floats or traced arrays (one PBT member's values)."""
+
+  clip_eps: Any
+  ent_coef: Any
+  vf_coef: Any
+
+  @classmethod
+  def from_section(cls, ppo: ml_collections.ConfigDict) -> "LossCoefficients":
+    return cls(ppo.clip_eps, ppo.ent_coef, ppo.vf_coef)
+
+
 def make_optimizer(ppo: ml_collections.ConfigDict, num_updates: int
                    ) -> optax.GradientTransformation:
-  """Adam with global-norm clipping from the `ppo` section; `anneal_lr` decays the rate to 0
-  over `num_updates` updates."""
-  if ppo.anneal_lr:
-    steps = num_updates * ppo.update_epochs * ppo.num_minibatches
-    learning_rate = optax.linear_schedule(ppo.lr, 0.0, steps)
-  else:
-    learning_rate = ppo.lr
-  return optax.chain(optax.clip_by_global_norm(ppo.max_grad_norm),
-                     optax.adam(learning_rate, eps=1e-5))
+  """Adam with global-norm clipping from the `ppo` section. The learning rate `lr` lives in
+  the optimiser state (`optax.inject_hyperparams`; `with_learning_rate` sets it, e.g. per PBT
+  member); `anneal_lr` decays it linearly from there to 0 at the last of `num_updates`
+  updates. A run extended to more updates (a larger `total_env_steps` on resume) keeps its
+  step count, so the decay is re-stretched: from the resumed step t on, the rate is
+  lr · (1 − t / T_new) over the new run's T_new optimiser steps."""
+  steps = num_updates * ppo.update_epochs * ppo.num_minibatches
+
+  def clipped_adam(learning_rate):
+    if ppo.anneal_lr:
+      learning_rate = optax.linear_schedule(learning_rate, 0.0, steps)
+    return optax.chain(optax.clip_by_global_norm(ppo.max_grad_norm),
+                       optax.adam(learning_rate, eps=1e-5))
+
+  return optax.inject_hyperparams(clipped_adam)(learning_rate=ppo.lr)
+
+
+def with_learning_rate(opt_state, learning_rate: jax.Array | float):
+  """`opt_state` (of `make_optimizer`) with its base learning rate set to `learning_rate`."""
+  return opt_state._replace(hyperparams={**opt_state.hyperparams,
+                                         "learning_rate": jnp.asarray(learning_rate,
+                                                                      jnp.float32)})
 
 
 def init(key: jax.Array, network: ActorCritic, optimizer: optax.GradientTransformation,
@@ -165,9 +190,10 @@ class Minibatch(NamedTuple):
 
 def loss(params, batch: Minibatch, ppo: ml_collections.ConfigDict, *, network: ActorCritic,
          obs_stats: ObservationStatistics, axis_name: str | None = None,
-         distill_coef: jax.Array | float | None = None):
-  """Clipped-surrogate PPO loss on one minibatch with the `ppo` section's coefficients;
-  returns (loss, metrics).
+         distill_coef: jax.Array | float | None = None,
+         coefficients: LossCoefficients | None = None):
+  """Clipped-surrogate PPO loss on one minibatch with the `ppo` section's coefficients (or
+  `coefficients`, e.g. one PBT member's); returns (loss, metrics).
 
   loss = −E[min(ρA, clip(ρ, 1±ε)A)] + c_v · ½E[(V − R)²] (optionally clipped around the old
   value) − c_e · E[H[π]] (H of the squashed action with `ppo.squashed_entropy`, see
@@ -175,6 +201,7 @@ def loss(params, batch: Minibatch, ppo: ml_collections.ConfigDict, *, network: A
   rollout carries a teacher (c_d: `distill_coef`, required then). Averaged over devices
   when sharded.
   """
+  coef = LossCoefficients.from_section(ppo) if coefficients is None else coefficients
   data = batch.rollout
   if data.teacher is not None and distill_coef is None:
     raise ValueError("ppo.loss: the rollout carries a distillation teacher; pass distill_coef")
@@ -191,16 +218,16 @@ def loss(params, batch: Minibatch, ppo: ml_collections.ConfigDict, *, network: A
 
   log_ratio = log_prob - data.log_prob
   ratio = jnp.exp(log_ratio)
-  clipped_ratio = jnp.clip(ratio, 1.0 - ppo.clip_eps, 1.0 + ppo.clip_eps)
+  clipped_ratio = jnp.clip(ratio, 1.0 - coef.clip_eps, 1.0 + coef.clip_eps)
   policy_loss = -jnp.minimum(ratio * advantage, clipped_ratio * advantage).mean()
 
   value_error = jnp.square(value - batch.target)
   if ppo.clip_value_loss:
-    clipped_value = data.value + jnp.clip(value - data.value, -ppo.clip_eps, ppo.clip_eps)
+    clipped_value = data.value + jnp.clip(value - data.value, -coef.clip_eps, coef.clip_eps)
     value_error = jnp.maximum(value_error, jnp.square(clipped_value - batch.target))
   value_loss = 0.5 * value_error.mean()
 
-  total = policy_loss + ppo.vf_coef * value_loss - ppo.ent_coef * entropy
+  total = policy_loss + coef.vf_coef * value_loss - coef.ent_coef * entropy
   distill = {}
   if data.teacher is not None:
     distill_loss = data.teacher.kl_divergence(dist).mean()
@@ -214,7 +241,7 @@ def loss(params, batch: Minibatch, ppo: ml_collections.ConfigDict, *, network: A
       "loss/value": value_loss,
       "policy/entropy": entropy,
       "policy/approx_kl": ((ratio - 1.0) - log_ratio).mean(),
-      "policy/clip_fraction": (jnp.abs(ratio - 1.0) > ppo.clip_eps).mean(),
+      "policy/clip_fraction": (jnp.abs(ratio - 1.0) > coef.clip_eps).mean(),
   }
   # Differentiating the device-mean gives the mean gradient (see module docstring).
   return pmean(total, axis_name), jax.tree.map(lambda m: pmean(m, axis_name), metrics)
@@ -251,11 +278,13 @@ def _gather_minibatch(chunks, indices) -> Minibatch:
 
 def update(state: PPOState, rollout: Rollout, key: jax.Array, ppo: ml_collections.ConfigDict,
            *, network: ActorCritic, optimizer: optax.GradientTransformation,
-           axis_name: str | None = None, distill_coef: jax.Array | float | None = None
+           axis_name: str | None = None, distill_coef: jax.Array | float | None = None,
+           coefficients: LossCoefficients | None = None
            ) -> tuple[PPOState, dict[str, jax.Array]]:
   """One PPO update on a rollout [T, E, ...] with the `ppo` config section; `key` must be
   equal on every device. `distill_coef` weighs the KL towards `rollout.teacher` (a
-  schedule, see `mbjax.agents.apex`)."""
+  schedule, see `mbjax.agents.apex`); `coefficients` replace the section's loss
+  coefficients."""
   rollout = jax.tree.map(jnp.asarray, rollout)  # host arrays cannot be indexed by tracers
   num_steps = rollout.reward.shape[0]
   seq_len = ppo.seq_len if network.core != "none" else 1
@@ -276,7 +305,7 @@ def update(state: PPOState, rollout: Rollout, key: jax.Array, ppo: ml_collection
     params, opt_state = train
     grads, metrics = grad_fn(params, _gather_minibatch(chunks, indices), ppo, network=network,
                              obs_stats=state.obs_stats, axis_name=axis_name,
-                             distill_coef=distill_coef)
+                             distill_coef=distill_coef, coefficients=coefficients)
     updates, opt_state = optimizer.update(grads, opt_state, params)
     metrics["optim/grad_norm"] = optax.tree.norm(grads)
     return (optax.apply_updates(params, updates), opt_state), metrics

@@ -17,20 +17,18 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
 
 import numpy as np
 
+from mbjax import files
 from mbjax.bridge import client as client_lib
 from mbjax.bridge import codec, shim
 
 
 def _write_chunk(path: str, arrays: dict) -> None:
-  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".npz.tmp")
-  with os.fdopen(fd, "wb") as f:
+  with files.atomic_open(path, "wb") as f:
     np.savez_compressed(f, **arrays)
-  os.replace(tmp, path)
 
 
 class Recorder:

@@ -107,7 +107,9 @@ class _Game:
     from mbjax.envs.spaces import HybridAction
 
     self.env = BonkArena(observation="vector", pixel_size=cfg.pixel_size)
-    self.params = self.env.default_params().replace(time_limit=int(cfg.time_limit))
+    # The client's player picks the cards, with a player's time (`game.RUNTIME_MENU_DWELL`).
+    self.params = self.env.default_params().replace(
+        time_limit=int(cfg.time_limit), menu_dwell_limit=game.RUNTIME_MENU_DWELL)
     self.card_names = game.CARDS
     boxes = self.env.renderer.menu_boxes.reshape(cfg.pixel_size, cfg.pixel_size)
     self.card_boxes = np.where(boxes <= 2, boxes, -1)  # border pixels pick nothing

@@ -67,12 +67,13 @@ import json
 import os
 import re
 import struct
-import tempfile
 import zipfile
 import zlib
 from typing import Iterator, Mapping, NamedTuple
 
 import numpy as np
+
+from mbjax import files
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "mbjax.offline.chunks/1"
@@ -258,15 +259,8 @@ def write_npz(path: str, arrays: Mapping[str, np.ndarray], codec: Deflate | None
     else:
       pieces, method = deflate([header, data], codec), zipfile.ZIP_DEFLATED
     members.append((key + ".npy", pieces, method, crc, len(header) + len(data)))
-  directory = os.path.dirname(os.path.abspath(path))
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".npz")
-  try:
-    with os.fdopen(fd, "wb") as f:
-      _write_zip(f, members)
-    os.replace(tmp, path)
-  except BaseException:
-    os.unlink(tmp)
-    raise
+  with files.atomic_open(path, "wb") as f:
+    _write_zip(f, members)
 
 
 def compression_codec(compression: str, arrays: Mapping[str, np.ndarray]) -> Deflate | None:
@@ -369,15 +363,7 @@ def load_manifest(directory: str) -> dict:
 
 def save_manifest(directory: str, manifest: Mapping) -> None:
   """Writes `manifest.json` atomically (temporary file, then `os.replace`)."""
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".json")
-  try:
-    with os.fdopen(fd, "w") as f:
-      json.dump(manifest, f, indent=1, sort_keys=True)
-    os.replace(tmp, os.path.join(directory, MANIFEST))
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
+  files.write_json(os.path.join(directory, MANIFEST), manifest, indent=1)
 
 
 # -- upstream import --------------------------------------------------------------------------

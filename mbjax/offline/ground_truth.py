@@ -31,13 +31,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mbjax import files
 from mbjax.envs.bonk_arena import BonkArena, make_scripted_policy, random_policy
 from mbjax.envs.bonk_arena import game, recording, render
 from mbjax.envs.spaces import HybridAction
@@ -110,13 +110,6 @@ def parse_variant(text: str) -> tuple[str, str]:
   return camera, palette
 
 
-def _save_json(path: str, payload) -> None:
-  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
-  with os.fdopen(fd, "w") as f:
-    json.dump(payload, f, indent=1, sort_keys=True)
-  os.replace(tmp, path)
-
-
 def record_atari_clip(game_name: str, seed: int, steps: int, path: str, fps: int) -> dict:
   """A random-action Atari clip (action repeat 2: 30 fps of the 60 Hz game) to MP4 + `.npz`
   with actions_discrete i32[T, 1] (minimal action set index), rewards f32[T], score f32[T]
@@ -148,10 +141,8 @@ def record_atari_clip(game_name: str, seed: int, steps: int, path: str, fps: int
            "lives": np.asarray(lives, np.int32), "fps": np.int32(fps),
            "meta": np.asarray(json.dumps({"source": "atari", "game": game_name, "seed": seed,
                                           "action_repeat": 2}))}
-  tmp = os.path.splitext(path)[0] + ".npz.tmp"
-  with open(tmp, "wb") as f:
+  with files.atomic_open(os.path.splitext(path)[0] + ".npz", "wb") as f:
     np.savez(f, **truth)
-  os.replace(tmp, os.path.splitext(path)[0] + ".npz")
   return {"length": len(frames), "return": float(rewards.sum()), "menu_frames": 0}
 
 
@@ -208,7 +199,7 @@ def record_dataset(out_dir: str, settings: Settings,
     summary = recording.record_episode(episode_fns[(name, camera, palette)], key, path,
                                        s.fps, meta)
     index[stem] = {**meta, **summary}
-    _save_json(index_path, index)
+    files.write_json(index_path, index, indent=1)
     if progress:
       progress(f"{stem}: {summary['length']} steps, return {summary['return']:.2f}, "
                f"{summary['menu_frames']} menu frames")
@@ -220,7 +211,7 @@ def record_dataset(out_dir: str, settings: Settings,
         continue
       summary = record_atari_clip(game_name, s.seed + j, s.atari_steps, path, s.fps)
       index[stem] = {"source": "atari", "game": game_name, "seed": s.seed + j, **summary}
-      _save_json(index_path, index)
+      files.write_json(index_path, index, indent=1)
       if progress:
         progress(f"{stem}: {summary['length']} frames, return {summary['return']:.0f}")
   return index

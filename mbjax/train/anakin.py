@@ -3,7 +3,8 @@ one jitted program.
 
 `make_train(cfg, env, env_params)` returns pure functions in PureJaxRL's shape:
 `init(key) -> RunnerState`, `update(runner) -> (runner, metrics)` (collect one rollout of
-`num_steps` × envs, then one PPO update) and `train(key)`, the whole run as one
+`num_steps` × envs, then one PPO update; optionally with traced `ppo.LossCoefficients`) and
+`train(key)`, the whole run as one
 `jit(scan(...))` that can be vmapped over seeds.
 
 Every function takes `axis_name`: under `shard_map` (see `mbjax.train.sharding`) each device
@@ -24,6 +25,7 @@ from mbjax.agents import apex, ppo
 from mbjax.envs.base import Environment
 from mbjax.envs.wrappers import EpisodeStatistics, FrameStack, VecEnv, unwrapped
 from mbjax.nets.hybrid import to_env_action
+from mbjax.train import finite
 
 
 @flax.struct.dataclass
@@ -42,7 +44,7 @@ class RunnerState:
 
 class Trainer(NamedTuple):
   init: Callable[[jax.Array], RunnerState]
-  update: Callable[[RunnerState], tuple[RunnerState, dict]]
+  update: Callable[..., tuple[RunnerState, dict]]  # (runner, coefficients=None)
   train: Callable[[jax.Array], tuple[RunnerState, dict]]
   num_updates: int
   env_steps_per_update: int
@@ -138,9 +140,12 @@ def make_train(cfg: ml_collections.ConfigDict, env: Environment, env_params: Any
     if learners.trains_ppo:
       # V(s') of a truncated episode's final observation, which auto-reset replaced;
       # computed only on the (rare) steps where an env was truncated. `bootstrap_values`
-      # completes it.
+      # completes it. The predicate is made device-invariant (psum): under the population's
+      # vmap inside shard_map, a device-varying batched predicate trips JAX's varying-axis
+      # check.
+      any_truncated = _psum(truncated.any().astype(jnp.int32), axis_name) > 0
       final_value = jax.lax.cond(
-          truncated.any(),
+          any_truncated,
           lambda: network.apply(runner.agent.params, acted.carry,
                                 ppo.prepare_obs(info["final_obs"], runner.agent.obs_stats,
                                                 normalize),
@@ -158,7 +163,8 @@ def make_train(cfg: ml_collections.ConfigDict, env: Environment, env_params: Any
     runner = acted.replace(env_state=env_state, obs=obs, is_first=done, key=key)
     return runner, (transition, stats)
 
-  def update(runner: RunnerState) -> tuple[RunnerState, dict]:
+  def update(runner: RunnerState, coefficients: ppo.LossCoefficients | None = None
+             ) -> tuple[RunnerState, dict]:
     runner, (rollout, (done, ended)) = jax.lax.scan(env_step, runner, None, num_steps)
     if learners.trains_ppo:
       last_value = network.apply(
@@ -172,7 +178,13 @@ def make_train(cfg: ml_collections.ConfigDict, env: Environment, env_params: Any
     agent, aux, replay, metrics = apex.update(
         runner.agent, runner.aux, runner.replay, rollout, update_key, learners=learners,
         network=network, optimizer=optimizer, axis_name=axis_name,
-        progress=runner.update_step / num_updates)
+        progress=runner.update_step / num_updates, coefficients=coefficients)
+    # A non-finite observation, reward, loss or result skips the update (counted); a
+    # non-finite rollout also stays out of the replay.
+    (agent, aux), metrics = finite.guard((runner.agent, runner.aux), (agent, aux), rollout.obs,
+                                         rollout.reward, metrics, axis_name)
+    replay = jax.lax.cond(metrics["nonfinite/obs"] + metrics["nonfinite/reward"] > 0,
+                          lambda: runner.replay, lambda: replay)
     episodes = _psum(done.sum(), axis_name)
     metrics["episode/count"] = episodes
     for name, value in ended.items():

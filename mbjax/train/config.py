@@ -22,6 +22,8 @@ from mbjax.envs import registry
 # Fields that may differ between a checkpoint's config and the resuming run's: they steer
 # logging and saving only, never the numbers a run computes.
 RUN_CONTROL_PREFIX = "run."
+# Fields that may grow on resume: a finished run is extended by a larger total_env_steps.
+EXTENDABLE_FIELDS = ("total_env_steps",)
 
 
 def core_for_role(role: str) -> str:
@@ -36,6 +38,8 @@ def base_config() -> ml_collections.ConfigDict:
   # the default core, as upstream serves a liquid network to any policy named *pilot*.
   cfg.role = ""
   cfg.num_envs = 4  # global: split evenly over the devices
+  # May be raised on resume to extend a run; schedules over the run (ppo.anneal_lr,
+  # served.distill_schedule) then stretch to the new length from where the run is.
   cfg.total_env_steps = 500_000
 
   cfg.env = ml_collections.ConfigDict()
@@ -156,6 +160,9 @@ def base_config() -> ml_collections.ConfigDict:
   cfg.run.keep_checkpoints = 2
   cfg.run.video_max_frames = 500  # 0 disables the end-of-run video
   cfg.run.video_fps = 30
+  # Consecutive updates skipped for non-finite values (mbjax.train.finite) that stop a run
+  # with an error; the newest checkpoint then holds the last finite parameters.
+  cfg.run.max_nonfinite_updates = 10
 
   # Sebulba training through the BonkLink bridge (mbjax.train.sebulba); num_envs = games.
   cfg.bridge = ml_collections.ConfigDict()
@@ -298,7 +305,7 @@ RANGES = {
     "run.num_devices": _NON_NEGATIVE_INT, "run.actor_device": _Range(-1, integer=True),
     "run.log_every_updates": _COUNT, "run.checkpoint_every_updates": _COUNT,
     "run.keep_checkpoints": _COUNT, "run.video_max_frames": _NON_NEGATIVE_INT,
-    "run.video_fps": _COUNT,
+    "run.video_fps": _COUNT, "run.max_nonfinite_updates": _COUNT,
     "bridge.base_port": _Range(0, 65535, integer=True), "bridge.ticks_per_action": _COUNT,
     "bridge.update_hz": _POSITIVE, "bridge.frame_hz": _NON_NEGATIVE,
     "bridge.pixel_size": _COUNT, "bridge.game_time_limit": _COUNT,
@@ -468,7 +475,8 @@ def flatten(cfg: ml_collections.ConfigDict | dict, prefix: str = "") -> dict:
 
 
 def incompatible_fields(saved: dict, current: ml_collections.ConfigDict) -> list[str]:
-  """Fields (outside `run.*`) whose values differ between a checkpoint and this run.
+  """Fields (outside `run.*`) whose values differ between a checkpoint and this run, but for
+  `EXTENDABLE_FIELDS` grown by this run.
 
   A field missing from either config counts as its `base_config()` default: fields are
   added with defaults that keep the earlier behaviour, so an older checkpoint still resumes
@@ -476,5 +484,14 @@ def incompatible_fields(saved: dict, current: ml_collections.ConfigDict) -> list
   defaults = flatten(base_config())
   old, new = {**defaults, **flatten(saved)}, {**defaults, **flatten(current)}
   keys = sorted(set(old) | set(new))
-  return [f"{k}: checkpoint {old.get(k, '<absent>')!r} vs now {new.get(k, '<absent>')!r}"
-          for k in keys if not k.startswith(RUN_CONTROL_PREFIX) and old.get(k) != new.get(k)]
+  differences = []
+  for k in keys:
+    if k.startswith(RUN_CONTROL_PREFIX) or old.get(k) == new.get(k):
+      continue
+    line = f"{k}: checkpoint {old.get(k, '<absent>')!r} vs now {new.get(k, '<absent>')!r}"
+    if k in EXTENDABLE_FIELDS:
+      if new[k] > old[k]:
+        continue
+      line += " (a run can be extended, not shortened)"
+    differences.append(line)
+  return differences

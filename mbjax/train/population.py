@@ -9,9 +9,10 @@ roles differ in what they are rewarded for, not only in two hyperparameters as u
 Training: one jitted update advances every member at once — `jax.vmap` over the stacked
 runner states, each member with its own env batch, RNG stream, role weights and PPO
 hyperparameters. The hyperparameters that PBT tunes (`population.hparams`, any of
-`TUNABLE`) are per-member *traced* inputs: inside the vmapped update each member's config
-holds its own values as tracers and `anakin.make_train` builds that member's optimiser
-and loss from it at trace time, so a perturbed learning rate or clip ε changes the next
+`TUNABLE`) are per-member *traced* inputs: before each member's update its learning rate is
+written into its optimiser state (`ppo.with_learning_rate`; the optimiser injects it,
+`optax.inject_hyperparams`) and its loss coefficients reach the loss as a
+`ppo.LossCoefficients` pytree, so a perturbed learning rate or clip ε changes the next
 update without recompiling.
 
 PBT (`mbjax.population.pbt`): every `pbt_every_updates` updates each member plays
@@ -43,9 +44,9 @@ Observation statistics are frozen at the base's by default (`freeze_obs_stats`):
 vector θᵢ − θ_base only means something when every specialist reads the same normalised
 inputs, which the merges in `mbjax.population.merge` assume.
 
-`run(cfg, workdir)` trains (or resumes) a population like `mbjax.train.run.run` does a single
-agent: chunks of `run.log_every_updates` updates, metrics per member, orbax checkpoints of
-the whole population state, and at the end one standard run workdir per role
+`run(cfg, workdir)` trains (or resumes) a population with the driver loop single agents use
+(`mbjax.train.loop`): chunks of `run.log_every_updates` updates, metrics per member, orbax
+checkpoints of the whole population state, and at the end one standard run workdir per role
 (`<workdir>/specialists/<role>`) holding the role's best member, which
 `experiments/merge.py`, `experiments/evaluate_arena.py` and `restore_trained` read.
 """
@@ -54,7 +55,6 @@ from __future__ import annotations
 import json
 import os
 import time
-from typing import Any
 
 import chex
 import flax.struct
@@ -70,15 +70,15 @@ from mbjax.envs import registry
 from mbjax.envs.bonk_arena import rewards, rollout
 from mbjax.population import merge as merge_lib
 from mbjax.population import pbt
-from mbjax.train import anakin, evaluate, sharding
+from mbjax import files
+from mbjax.train import anakin, evaluate, loop, sharding
 from mbjax.train import checkpoint as checkpoint_lib
 from mbjax.train import config as config_lib
-from mbjax.train.metrics import MetricsWriter
-from mbjax.train.run import _write_json_atomic, restore_trained, summarize_chunk
+from mbjax.train.run import restore_trained
 
 # cfg.ppo fields that may be per-member hyperparameters: each reaches the update as a
 # traced value (the optimiser's learning rate, the loss coefficients).
-TUNABLE = ("lr", "ent_coef", "clip_eps", "vf_coef")
+TUNABLE = ("lr",) + ppo.LossCoefficients._fields
 # Fields a base checkpoint must share with the population for its parameters to fit.
 _BASE_FIELDS = ("env.", "network.", "ppo.normalize_observations")
 
@@ -125,7 +125,7 @@ def member_names(cfg) -> tuple[str, ...]:
 
 
 def role_weight_matrix(roles) -> np.ndarray:
-  """f32[len(roles), 7]: each role's absolute reward weights (`rewards.role_weights`)."""
+  """f32[len(roles), NUM_REWARD_TERMS]: each role's absolute reward weights (`rewards.role_weights`)."""
   return np.asarray([rewards.role_weights(r) for r in roles], np.float32)
 
 
@@ -187,14 +187,6 @@ def validate(cfg) -> None:
                        f"config.population.hparams.{name}={bounds}")
 
 
-def member_config(cfg, hparams: dict) -> ml_collections.ConfigDict:
-  """A copy of `cfg` whose tuned `ppo.*` fields hold one member's (traced) values."""
-  member = ml_collections.ConfigDict(cfg.to_dict(), type_safe=False)
-  for name, value in hparams.items():
-    member.ppo[name] = value
-  return member
-
-
 class PopulationTrainer:
   """The population's pure functions for one config, jitted once and reused, sharded over
   `mesh` (default: `run.num_devices` devices)."""
@@ -213,10 +205,10 @@ class PopulationTrainer:
     self.roles = member_roles(cfg)
     self.names = member_names(cfg)
     self.num_members = len(self.roles)
-    self.weights = jnp.asarray(role_weight_matrix(self.roles))  # [P, 7]
+    self.weights = jnp.asarray(role_weight_matrix(self.roles))  # [P, NUM_REWARD_TERMS]
     self.specs = hparam_specs(cfg)
     # Built from the config's own values: the network, the update count, shapes. Members'
-    # trainers are rebuilt inside the vmapped update with their traced hyperparameters.
+    # trainers are rebuilt inside the vmapped update with their traced reward weights.
     self.template = anakin.make_train(cfg, self.env, self.env_params)
     self._num_shards = num_shards
     self._sharded = anakin.make_train(cfg, self.env, self.env_params, num_shards,
@@ -275,19 +267,26 @@ class PopulationTrainer:
   # -- training ---------------------------------------------------------------------------
 
   def _member_update(self, runner: anakin.RunnerState, hparams: dict, weights: jax.Array):
-    member = anakin.make_train(member_config(self.cfg, hparams), self.env,
+    member = anakin.make_train(self.cfg, self.env,
                                self.env_params.replace(reward_weights=weights),
                                self._num_shards, sharding.DATA_AXIS)
-    new, metrics = member.update(runner)
+    coefficients = ppo.LossCoefficients(*(hparams.get(name, self.cfg.ppo[name])
+                                          for name in ppo.LossCoefficients._fields))
+    if "lr" in hparams:
+      runner = runner.replace(agent=runner.agent.replace(
+          opt_state=ppo.with_learning_rate(runner.agent.opt_state, hparams["lr"])))
+    new, metrics = member.update(runner, coefficients)
     if self.cfg.population.freeze_obs_stats:
       new = new.replace(agent=new.agent.replace(obs_stats=runner.agent.obs_stats))
     return new, metrics
 
   def update(self, state: PopulationState) -> tuple[PopulationState, dict]:
-    """One rollout and PPO update of every member; metrics are [P]. Per device: call it
-    under `shard_map` over `mesh` with `partition` (as `chunk` does)."""
+    """One rollout and PPO update of every member; metrics are [P] (with each member's
+    hyperparameters, `hparam/<name>`). Per device: call it under `shard_map` over `mesh`
+    with `partition` (as `chunk` does)."""
     runners, metrics = jax.vmap(self._member_update)(state.runners, state.hparams,
                                                      self.weights)
+    metrics.update({f"hparam/{name}": value for name, value in state.hparams.items()})
     return state.replace(runners=runners, update_step=state.update_step + 1), metrics
 
   def chunk(self, num_updates: int):
@@ -313,7 +312,7 @@ class PopulationTrainer:
 
   def episode_terms(self, agent: ppo.PPOState, key: jax.Array,
                     num_episodes: int | None = None) -> jax.Array:
-    """f32[E, 7]: the summed reward terms of E episodes of one agent (its return under any
+    """f32[E, NUM_REWARD_TERMS]: the summed reward terms of E episodes of one agent (its return under any
     role is these terms · that role's weights). Episodes are cut at `eval_max_steps`."""
     policy = evaluate.stateless_policy(self.template, agent,
                                        self.cfg.population.eval_deterministic)
@@ -324,7 +323,7 @@ class PopulationTrainer:
 
   def _evaluate(self, agents: ppo.PPOState, key: jax.Array) -> jax.Array:
     """f32[P, E]: each member's own-role return in E episodes (the same keys for all)."""
-    terms = jax.vmap(self.episode_terms, (0, None))(agents, key)  # [P, E, 7]
+    terms = jax.vmap(self.episode_terms, (0, None))(agents, key)  # [P, E, NUM_REWARD_TERMS]
     return jnp.einsum("pet,pt->pe", terms, self.weights)
 
   def group_step(self, key: jax.Array, agents, hparams: dict, returns: jax.Array):
@@ -470,18 +469,96 @@ def export_specialists(trainer: PopulationTrainer, state: PopulationState,
     if checkpointer.latest_step() != update_step:
       checkpointer.save(update_step, runner, cfg)
     checkpointer.close()
-    _write_json_atomic(os.path.join(path, "config.json"), cfg.to_dict())
+    files.write_json(os.path.join(path, "config.json"), cfg.to_dict())
     paths[role] = path
   return paths
 
 
-def _chunk_record(trainer: PopulationTrainer, metrics: dict, hparams: dict) -> dict:
+def _chunk_record(trainer: PopulationTrainer, metrics: dict) -> dict:
+  """Each member's chunk summary (its hyperparameters included) under its name."""
   record = {}
   for m, name in enumerate(trainer.names):
-    summary = summarize_chunk(jax.tree.map(lambda x, m=m: x[:, m], metrics))
+    summary = loop.summarize_chunk(jax.tree.map(lambda x, m=m: x[:, m], metrics))
     record.update({f"{name}/{k}": v for k, v in summary.items()})
-    record.update({f"{name}/hparam/{h}": float(v[m]) for h, v in hparams.items()})
   return record
+
+
+class PopulationDriver(loop.Driver):
+  """The population's side of the driver loop: chunks of every member's updates, a PBT
+  round every `pbt_every_updates`, and the specialists' export at the end."""
+
+  def __init__(self, cfg, trainer: PopulationTrainer):
+    self.cfg, self.trainer = cfg, trainer
+    self.num_updates = trainer.num_updates
+    self.env_steps_per_update = trainer.env_steps_per_update  # per member
+
+  def init(self):
+    trainer = self.trainer
+    logging.info("Starting a population of %d (%s) from %s: %d updates of %d env steps "
+                 "per member over %d device(s).", trainer.num_members,
+                 ", ".join(trainer.names), self.cfg.population.base_workdir,
+                 trainer.num_updates, trainer.env_steps_per_update, trainer.mesh.size)
+    return trainer.init(load_base(self.cfg), jax.random.PRNGKey(self.cfg.seed))
+
+  def restore_target(self):
+    # Onto this run's mesh, whatever device count wrote the checkpoint.
+    return self.trainer.restore_target()
+
+  def update_step(self, state) -> int:
+    return int(state.update_step)
+
+  def compile(self, state, num_updates):
+    return self.trainer.compiled_chunk(num_updates, state)[1]
+
+  def run_chunk(self, state, num_updates):
+    chunk, _ = self.trainer.compiled_chunk(num_updates, state)
+    state, metrics = chunk(state)
+    jax.block_until_ready(state)
+    return state, jax.device_get(metrics)
+
+  def record(self, metrics, seconds):
+    trainer = self.trainer
+    record = _chunk_record(trainer, metrics)
+    num_updates = len(metrics["loss/total"])
+    record["perf/env_steps_per_second"] = (
+        num_updates * trainer.env_steps_per_update * trainer.num_members / seconds)
+    return record
+
+  def learned(self, state):
+    return state.runners.agent
+
+  def after_chunk(self, state, update_step, record):
+    p, trainer = self.cfg.population, self.trainer
+    if not (p.pbt_every_updates and update_step % p.pbt_every_updates == 0):
+      return state
+    state, info = trainer.pbt_round(state)
+    info = jax.device_get(info)
+    scores = np.asarray(info["returns"]).mean(axis=1)
+    for m, name in enumerate(trainer.names):
+      record[f"{name}/pbt/eval_return"] = float(scores[m])
+      record[f"{name}/pbt/source"] = int(info["source"][m])
+    copies = [f"{trainer.names[m]}←{trainer.names[int(info['source'][m])]}"
+              for m in np.flatnonzero(info["replaced"])]
+    logging.info("PBT at update %d: eval returns %s; %s", update_step,
+                 ", ".join(f"{n} {s:.2f}" for n, s in zip(trainer.names, scores)),
+                 "copies " + ", ".join(copies) if copies else "no copies")
+    return state
+
+  def describe(self, record):
+    return "%.0f env steps/s | returns %s" % (
+        record["perf/env_steps_per_second"], ", ".join(
+            f"{n} {record[f'{n}/episode/return']:.2f}" for n in self.trainer.names
+            if record[f"{n}/episode/return"] is not None))
+
+  def finish(self, state, update_step, record, workdir):
+    del record
+    p, trainer = self.cfg.population, self.trainer
+    if update_step != trainer.num_updates:
+      return state, {}, {}
+    if p.members_per_role > 1 and (not p.pbt_every_updates
+                                   or update_step % p.pbt_every_updates):
+      state = trainer.score(state)  # pick each role's best on its final parameters
+    return state, {}, {"specialists": export_specialists(trainer, state, workdir)}
 
 
 def run(cfg, workdir: str, *, max_updates: int | None = None,
@@ -490,66 +567,6 @@ def run(cfg, workdir: str, *, max_updates: int | None = None,
   `max_updates` when given (a checkpoint is written there, so a rerun continues; it may
   continue on another device count). Returns the last metrics record, the final state and
   the output locations."""
-  trainer = trainer or PopulationTrainer(cfg)
-  p = cfg.population
-  workdir = os.path.abspath(workdir)
-  os.makedirs(workdir, exist_ok=True)
-  checkpointer = checkpoint_lib.Checkpointer(workdir, cfg.run.keep_checkpoints)
-  # Onto this run's mesh, whatever device count wrote the checkpoint.
-  resume_step, state = checkpointer.restore_latest(trainer.restore_target(), cfg,
-                                                   set_aside=True)
-  if resume_step is None:
-    state = trainer.init(load_base(cfg), jax.random.PRNGKey(cfg.seed))
-    logging.info("Starting a population of %d (%s) from %s: %d updates of %d env steps "
-                 "per member over %d device(s).", trainer.num_members,
-                 ", ".join(trainer.names), p.base_workdir, trainer.num_updates,
-                 trainer.env_steps_per_update, trainer.mesh.size)
-  else:
-    logging.info("Resumed %s from update %d.", workdir, resume_step)
-  _write_json_atomic(os.path.join(workdir, "config.json"), cfg.to_dict())
-  writer = MetricsWriter(workdir, trainer.env_steps_per_update, resume_step)
-
-  last = trainer.num_updates if max_updates is None else min(max_updates, trainer.num_updates)
-  record = {}
-  update_step = int(state.update_step)
-  while update_step < last:
-    size = min(cfg.run.log_every_updates, last - update_step)
-    chunk, compile_seconds = trainer.compiled_chunk(size, state)
-    start = time.perf_counter()
-    state, metrics = chunk(state)
-    jax.block_until_ready(state)
-    seconds = time.perf_counter() - start
-    update_step += size
-    record = _chunk_record(trainer, jax.device_get(metrics), jax.device_get(state.hparams))
-    record["perf/env_steps_per_second"] = (
-        size * trainer.env_steps_per_update * trainer.num_members / seconds)
-    if compile_seconds is not None:
-      record["perf/compile_seconds"] = compile_seconds
-    if p.pbt_every_updates and update_step % p.pbt_every_updates == 0:
-      state, info = trainer.pbt_round(state)
-      info = jax.device_get(info)
-      scores = np.asarray(info["returns"]).mean(axis=1)
-      for m, name in enumerate(trainer.names):
-        record[f"{name}/pbt/eval_return"] = float(scores[m])
-        record[f"{name}/pbt/source"] = int(info["source"][m])
-      copies = [f"{trainer.names[m]}←{trainer.names[int(info['source'][m])]}"
-                for m in np.flatnonzero(info["replaced"])]
-      logging.info("PBT at update %d: eval returns %s; %s", update_step,
-                   ", ".join(f"{n} {s:.2f}" for n, s in zip(trainer.names, scores)),
-                   "copies " + ", ".join(copies) if copies else "no copies")
-    writer.write(update_step, update_step * trainer.env_steps_per_update, record)
-    logging.info("update %d/%d | %.0f env steps/s | returns %s", update_step,
-                 trainer.num_updates, record["perf/env_steps_per_second"], ", ".join(
-                     f"{n} {record[f'{n}/episode/return']:.2f}" for n in trainer.names
-                     if record[f"{n}/episode/return"] is not None))
-    if (update_step % cfg.run.checkpoint_every_updates == 0 or update_step == last):
-      checkpointer.save(update_step, state, cfg)
-  checkpointer.close()
-  writer.close()
-  outputs = {"metrics": writer.path, "checkpoints": checkpointer.directory}
-  if update_step == trainer.num_updates:
-    if p.members_per_role > 1 and (not p.pbt_every_updates
-                                   or update_step % p.pbt_every_updates):
-      state = trainer.score(state)  # pick each role's best on its final parameters
-    outputs["specialists"] = export_specialists(trainer, state, workdir)
-  return {**record, "state": state, "outputs": outputs}
+  driver = PopulationDriver(cfg, trainer or PopulationTrainer(cfg))
+  result = loop.run(driver, cfg, workdir, stop_after=max_updates)
+  return {**result.record, "state": result.state, "outputs": result.outputs}

@@ -1,52 +1,103 @@
-"""The training driver behind `experiments/train.py`: build, resume, loop, log, save.
+"""The Anakin trainer behind `experiments/train.py`: its side of the shared driver loop.
 
-`run(cfg, workdir)` is the only function here with side effects on disk. It restores the
-latest checkpoint in `workdir` if there is one (so rerunning a command resumes it), runs
-jitted chunks of `run.log_every_updates` updates, writes metrics after each chunk,
-checkpoints every `run.checkpoint_every_updates` updates and at the end, and finally
-records a video of the trained agent when the environment can render.
+`run(cfg, workdir)` trains (or resumes) one agent with `mbjax.train.loop` — jitted chunks
+of `run.log_every_updates` updates sharded over `run.num_devices` devices — and finally
+records a video of the trained agent when the environment can render. Bridge configs
+(`bridge.enabled`) go to the Sebulba trainer instead. `restore_trained` reads a finished
+run back for the evaluation and recording tools.
 """
 from __future__ import annotations
 
-import json
 import os
-import tempfile
 import time
 
 import jax
-import numpy as np
 from absl import logging
 
 from mbjax.envs import registry
 from mbjax.envs.wrappers import can_render
 from mbjax.train import checkpoint as checkpoint_lib
 from mbjax.train import config as config_lib
-from mbjax.train import distributed, evaluate, sharding, video
-from mbjax.train.metrics import MetricsWriter
-
-def summarize_chunk(metrics: dict) -> dict:
-  """Reduces a chunk's per-update metrics [n] to one record: episode statistics
-  (`episode/*`) weighted by the number of episodes that finished in each update, everything
-  else averaged."""
-  metrics = distributed.host_value(metrics)
-  counts = np.asarray(metrics["episode/count"], np.float64)
-  summary = {}
-  for key, values in metrics.items():
-    values = np.asarray(values, np.float64)
-    if key == "episode/count":
-      summary[key] = int(values.sum())
-    elif key.startswith("episode/"):
-      summary[key] = float((values * counts).sum() / counts.sum()) if counts.sum() else None
-    else:
-      summary[key] = float(values.mean())
-  return summary
+from mbjax.train import distributed, evaluate, loop, sharding, video
 
 
-def _write_json_atomic(path: str, payload: dict) -> None:
-  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
-  with os.fdopen(fd, "w") as f:
-    json.dump(payload, f, indent=2, sort_keys=True)
-  os.replace(tmp, path)
+def served_policy(cfg) -> str:
+  """What the served policy is, as the metrics record it."""
+  s = cfg.served
+  if s.distill_from == "none":
+    return s.policy
+  return (f"ppo+distill({s.distill_from}, {s.distill_coef}, {s.distill_schedule} to "
+          f"{s.distill_end})")
+
+
+class AnakinDriver(loop.Driver):
+  """Acting and learning in one jitted chunk (`mbjax.train.anakin`), data-parallel."""
+
+  def __init__(self, cfg):
+    self.cfg = cfg
+    env, env_params = registry.make(cfg.env.name, **cfg.env.kwargs.to_dict())
+    self.mesh = sharding.make_mesh(cfg.run.num_devices)
+    self.sharded = sharding.ShardedTrainer(cfg, env, env_params, self.mesh)
+    self.trainer = self.sharded.trainer
+    self.num_updates = self.trainer.num_updates
+    self.env_steps_per_update = self.trainer.env_steps_per_update
+    self.served_policy = served_policy(cfg)
+    self._compiled = {}
+    learners = (["ppo"] if cfg.served.policy == "ppo" else []) + [
+        name for name in ("world_model", "dream", "efe") if cfg[name].enabled]
+    logging.info("Learners: %s; served policy: %s", ", ".join(learners), self.served_policy)
+
+  def init(self):
+    logging.info("Starting %s: %d updates of %d env steps over %d device(s).",
+                 self.cfg.env.name, self.num_updates, self.env_steps_per_update,
+                 self.mesh.size)
+    return self.sharded.init(jax.random.PRNGKey(self.cfg.seed))
+
+  def restore_target(self):
+    like = self.sharded.runner_like
+    return checkpoint_lib.abstract_like(like, sharding.runner_shardings(self.mesh, like))
+
+  def update_step(self, runner) -> int:
+    return int(distributed.host_value(runner.update_step))
+
+  def compile(self, runner, num_updates):
+    if num_updates in self._compiled:
+      return None
+    start = time.perf_counter()
+    self._compiled[num_updates] = self.sharded.chunk(num_updates).lower(runner).compile()
+    return time.perf_counter() - start
+
+  def run_chunk(self, runner, num_updates):
+    runner, metrics = self._compiled[num_updates](runner)
+    jax.block_until_ready(runner)
+    return runner, distributed.host_value(metrics)
+
+  def record(self, metrics, seconds):
+    record = loop.summarize_chunk(metrics)
+    record["served/policy"] = self.served_policy
+    num_updates = len(metrics["episode/count"])
+    record["perf/env_steps_per_second"] = num_updates * self.env_steps_per_update / seconds
+    return record
+
+  def learned(self, runner):
+    return runner.agent, runner.aux
+
+  def describe(self, record):
+    episode_return = record["episode/return"]
+    return "%.0f steps/s | return %s | length %s%s" % (
+        record["perf/env_steps_per_second"],
+        "-" if episode_return is None else f"{episode_return:.2f}",
+        "-" if episode_return is None else f"{record['episode/length']:.1f}",
+        "" if "perf/compile_seconds" not in record
+        else f" | compiled in {record['perf/compile_seconds']:.1f} s")
+
+  def finish(self, runner, update_step, record, workdir):
+    del update_step, record
+    cfg = self.cfg
+    if (cfg.run.video_max_frames > 0 and can_render(self.trainer.env)
+        and distributed.is_primary()):
+      return runner, {}, {"video": _record_video(self.trainer, runner, cfg, workdir)}
+    return runner, {}, {}
 
 
 def run(cfg, workdir: str) -> dict:
@@ -56,86 +107,19 @@ def run(cfg, workdir: str) -> dict:
   if cfg.bridge.enabled:  # an external game over the bridge: the Sebulba loop
     from mbjax.train import sebulba
     return sebulba.run(cfg, workdir)
-  workdir = os.path.abspath(workdir)
-  os.makedirs(workdir, exist_ok=True)
-  env, env_params = registry.make(cfg.env.name, **cfg.env.kwargs.to_dict())
-  mesh = sharding.make_mesh(cfg.run.num_devices)
-  trainer = sharding.ShardedTrainer(cfg, env, env_params, mesh)
-  num_updates = trainer.trainer.num_updates
-  steps_per_update = trainer.trainer.env_steps_per_update
-
-  checkpointer = checkpoint_lib.Checkpointer(workdir, cfg.run.keep_checkpoints)
-  abstract = checkpoint_lib.abstract_like(
-      trainer.runner_like, sharding.runner_shardings(mesh, trainer.runner_like))
-  resume_step, runner = checkpointer.restore_latest(abstract, cfg, set_aside=True)
-  if resume_step is None:
-    runner = trainer.init(jax.random.PRNGKey(cfg.seed))
-    logging.info("Starting %s on %s: %d updates of %d env steps over %d device(s).",
-                 cfg.env.name, workdir, num_updates, steps_per_update, mesh.size)
-  else:
-    logging.info("Resumed %s from update %d.", workdir, resume_step)
-  if distributed.is_primary():
-    _write_json_atomic(os.path.join(workdir, "config.json"), cfg.to_dict())
-  writer = (MetricsWriter(workdir, steps_per_update, resume_step)
-            if distributed.is_primary() else None)
-
-  served_policy = (cfg.served.policy if cfg.served.distill_from == "none" else
-                   f"ppo+distill({cfg.served.distill_from}, {cfg.served.distill_coef}, "
-                   f"{cfg.served.distill_schedule} to {cfg.served.distill_end})")
-  learners = [name for name in ("world_model", "dream", "efe") if cfg[name].enabled]
-  logging.info("Learners: %s; served policy: %s",
-               ", ".join((["ppo"] if cfg.served.policy == "ppo" else []) + learners),
-               served_policy)
-  compiled = {}
-  record = {}
-  update_step = int(distributed.host_value(runner.update_step))
-  while update_step < num_updates:
-    chunk_size = min(cfg.run.log_every_updates, num_updates - update_step)
-    compile_seconds = None
-    if chunk_size not in compiled:
-      start = time.perf_counter()
-      compiled[chunk_size] = trainer.chunk(chunk_size).lower(runner).compile()
-      compile_seconds = time.perf_counter() - start
-    start = time.perf_counter()
-    runner, metrics = compiled[chunk_size](runner)
-    jax.block_until_ready(runner)
-    seconds = time.perf_counter() - start
-    update_step += chunk_size
-    env_steps = update_step * steps_per_update
-
-    record = summarize_chunk(metrics)
-    record["served/policy"] = served_policy
-    record["perf/env_steps_per_second"] = chunk_size * steps_per_update / seconds
-    if compile_seconds is not None:
-      record["perf/compile_seconds"] = compile_seconds
-    if writer:
-      writer.write(update_step, env_steps, record)
-    episode_return = record["episode/return"]
-    logging.info(
-        "update %d/%d | env steps %s | %.0f steps/s | return %s | length %s%s",
-        update_step, num_updates, f"{env_steps:,}", record["perf/env_steps_per_second"],
-        "-" if episode_return is None else f"{episode_return:.2f}",
-        "-" if episode_return is None else f"{record['episode/length']:.1f}",
-        "" if compile_seconds is None else f" | compiled in {compile_seconds:.1f} s")
-
-    if update_step % cfg.run.checkpoint_every_updates == 0 or update_step == num_updates:
-      checkpointer.save(update_step, runner, cfg)
-  checkpointer.close()
-  if writer:
-    writer.close()
-
-  outputs = {"metrics": os.path.join(workdir, "metrics.jsonl"), "tensorboard": os.path.join(workdir, "tensorboard"),
-             "checkpoints": checkpointer.directory}
-  if (cfg.run.video_max_frames > 0 and can_render(trainer.trainer.env)
-      and distributed.is_primary()):
-    outputs["video"] = _record_video(trainer.trainer, runner, cfg, workdir)
-  return {**record, "outputs": outputs}
+  result = loop.run(AnakinDriver(cfg), cfg, workdir)
+  return {**result.record, "outputs": result.outputs}
 
 
 def restore_trained(workdir: str):
   """(trainer, runner) of the latest checkpoint in `workdir`, on one device, built from the
-  config saved beside it — for evaluation and recording tools."""
+  config saved beside it — for evaluation and recording tools. A Sebulba (bridge) run gives
+  (`sebulba.BridgePolicy`, `sebulba.LearnerState`): an agent of the bridge's observations,
+  which plays reference servers, not an Anakin environment."""
   cfg = checkpoint_lib.read_run_config(workdir)
+  if cfg.bridge.enabled:
+    from mbjax.train import sebulba
+    return sebulba.restore_trained(workdir, cfg)
   checkpointer = checkpoint_lib.Checkpointer(workdir, cfg.run.keep_checkpoints)
   if checkpointer.latest_step() is None:
     raise checkpoint_lib.RunNotFoundError(f"no checkpoint under {checkpointer.directory}")

@@ -38,20 +38,23 @@ learner apart on an accelerator host, point `run.actor_device` at a device past 
 `run.num_devices`, e.g. `run.num_devices=2`, `run.actor_device=2`: learner on devices 0
 and 1, actors on device 2. `num_envs` must divide by `run.num_devices`.
 
-I/O lives here only: sockets and threads in the actors, files in `run`. Metrics include the
+I/O lives here only: sockets and threads in the actors; `run` drives the learner with the
+shared driver loop (`mbjax.train.loop`: resume, metrics, checkpoints). Metrics include the
 observation age at the actor (time from the game stamping a state to the policy using it;
 `gameTime` is wall-clock seconds since `bridge.clock_epoch` for servers launched here) and
 the client counters (stale/malformed packets, reconnects).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
-import os
 import queue
 import threading
 import time
+from typing import Any, NamedTuple
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -63,13 +66,24 @@ from mbjax.bridge import client as client_lib
 from mbjax.bridge import launch, shim
 from mbjax.data import replay
 from mbjax.envs.spaces import HybridAction, HybridActionSpec
-from mbjax.train import sharding
+from mbjax.train import checkpoint as checkpoint_lib
+from mbjax.train import config as config_lib
+from mbjax.train import finite, loop, sharding
 
 ACTION_SPEC = HybridActionSpec(continuous_dim=2, branches=(shim.MENU_BRANCH,))
 
 
 class BridgeError(RuntimeError):
   """A game stayed unreachable past `bridge.reconnect_timeout`."""
+
+
+@flax.struct.dataclass
+class LearnerState:
+  """What a Sebulba checkpoint holds (the actors' state is not kept)."""
+
+  agent: ppo.PPOState
+  key: jax.Array  # the learner's minibatch stream
+  update_step: jax.Array  # i32[]
 
 
 class _Published:
@@ -102,10 +116,13 @@ class ActorStats:
 def make_learner_update(cfg, network, optimizer, mesh: Mesh):
   """Jitted `(agent, rollout [T, E, ...], key) -> (agent, metrics)`: `ppo.update`
   data-parallel over `mesh`, the rollout's env axis split over `data` (E must divide by the
-  device count), agent, key and metrics replicated."""
+  device count), agent, key and metrics replicated. An update with non-finite inputs or
+  results is skipped (`mbjax.train.finite`)."""
+
   def update(agent, rollout, key):
-    return ppo.update(agent, rollout, key, cfg.ppo, network=network, optimizer=optimizer,
-                      axis_name=sharding.DATA_AXIS)
+    new, metrics = ppo.update(agent, rollout, key, cfg.ppo, network=network,
+                              optimizer=optimizer, axis_name=sharding.DATA_AXIS)
+    return finite.guard(agent, new, rollout.obs, rollout.reward, metrics, sharding.DATA_AXIS)
 
   return jax.jit(jax.shard_map(update, mesh=mesh,
                                in_specs=(P(), P(None, sharding.DATA_AXIS), P()),
@@ -285,10 +302,10 @@ class Actor(threading.Thread):
 
 class Sebulba:
   """Actors + learner around running games. `step()` = one PPO update on fresh rollouts,
-  on the learner mesh (`run.num_devices` devices unless `mesh` is given)."""
+  on the learner mesh (`run.num_devices` devices unless `mesh` is given). A fresh agent;
+  `load` continues a checkpoint."""
 
   def __init__(self, cfg, ports: list[int], clock_epoch: float | None = None,
-               agent: ppo.PPOState | None = None, update_step: int = 0,
                mesh: Mesh | None = None):
     b = cfg.bridge
     if cfg.num_envs != len(ports):
@@ -314,9 +331,9 @@ class Sebulba:
     key = jax.random.PRNGKey(cfg.seed)
     key, init_key = jax.random.split(key)
     self.key = jax.device_put(key, self.replicated)
-    self.agent = jax.device_put(agent if agent is not None else ppo.init(
-        init_key, self.network, self.optimizer, self.obs_shape, jnp.float32), self.replicated)
-    self.update_step = update_step
+    self.agent = jax.device_put(ppo.init(init_key, self.network, self.optimizer,
+                                         self.obs_shape, jnp.float32), self.replicated)
+    self.update_step = 0
     self._update = make_learner_update(cfg, self.network, self.optimizer, self.mesh)
     self.published = _Published(self.agent, actor_device(cfg.run.actor_device))
     self.stop_event = threading.Event()
@@ -327,14 +344,29 @@ class Sebulba:
               self.published, queue.Queue(maxsize=1), self.stop_event, clock_epoch)
         for i in range(b.num_actor_threads)]
 
+  @property
+  def started(self) -> bool:
+    return any(actor.ident is not None for actor in self.actors)
+
   def start(self) -> None:
     for actor in self.actors:
       actor.start()
 
+  def checkpoint(self) -> LearnerState:
+    """What a checkpoint of the learner holds."""
+    return LearnerState(self.agent, self.key, jnp.int32(self.update_step))
+
+  def load(self, saved: LearnerState) -> None:
+    """Continues from `saved` (a restored `checkpoint()`), before `start`."""
+    self.agent, self.key = saved.agent, saved.key
+    self.update_step = int(saved.update_step)
+    self.published.publish(self.update_step, self.agent)
+
   def stop(self) -> None:
     self.stop_event.set()
     for actor in self.actors:
-      actor.join(timeout=5.0)
+      if actor.ident is not None:  # started
+        actor.join(timeout=5.0)
 
   def _get_rollout(self, actor: Actor):
     deadline = time.monotonic() + self.cfg.bridge.rollout_timeout
@@ -392,11 +424,13 @@ class Sebulba:
 
 
 def evaluate(cfg, ports: list[int], agent: ppo.PPOState | None, num_steps: int,
-             seed: int = 0) -> dict:
+             seed: int = 0, record: bool = False) -> dict:
   """Plays every game for `num_steps` steps (or until its run ends) from a fresh run with the
   policy's mode action (`agent`) or, with `agent=None`, uniform random actions and a random
   allowed menu choice; returns the mean per-step reward, the mean return per game (a run
-  that ends early stops adding to it) and how many runs ended in death.
+  that ends early stops adding to it) and how many runs ended in death. With `record`, also
+  the first game's "frames" (uint8[T, H, W, 3]; the servers must attach one to every state,
+  as lock-step servers with `frame_hz > 0` do), "rewards" (f32[T]) and "actions".
 
   Needs servers started with `restart_on_connect=True` (the connection starts the run), and
   no actor connected to them."""
@@ -405,7 +439,9 @@ def evaluate(cfg, ports: list[int], agent: ppo.PPOState | None, num_steps: int,
   observe = functools.partial(shim.observation, arena_size=b.arena_size,
                               num_enemies=b.num_obs_enemies)
   rng = np.random.default_rng(seed)
-  clients = [client_lib.BonkLinkClient(b.host, p, decode_frames=False) for p in ports]
+  clients = [client_lib.BonkLinkClient(b.host, p, decode_frames=record and g == 0)
+             for g, p in enumerate(ports)]
+  episode = {"frames": [], "rewards": [], "move": [], "choice": []}
   if agent is not None:
     @jax.jit
     def mode(params, obs_stats, obs, mask):
@@ -439,9 +475,15 @@ def evaluate(cfg, ports: list[int], agent: ppo.PPOState | None, num_steps: int,
         o = clients[g].read(b.step_timeout)
         if o is None:
           raise BridgeError(f"evaluation: {clients[g].address} stopped answering")
-        total += shim.reward(states[g], o.state, distance_weight=b.distance_reward,
+        reward = shim.reward(states[g], o.state, distance_weight=b.distance_reward,
                              arena_size=b.arena_size)
+        total += reward
         steps += 1
+        if record and g == 0 and o.frame is not None:
+          episode["frames"].append(o.frame)
+          episode["rewards"].append(reward)
+          episode["move"].append(move[0])
+          episode["choice"].append(choice[0])
         states[g] = o.state
         ended, dead = shim.episode_end(o.state)
         if ended:
@@ -449,8 +491,14 @@ def evaluate(cfg, ports: list[int], agent: ppo.PPOState | None, num_steps: int,
           deaths += int(dead)
       if not alive.any():
         break
-    return {"mean_reward": total / max(steps, 1), "mean_return": total / len(clients),
-            "steps": steps, "deaths": deaths}
+    result = {"mean_reward": total / max(steps, 1), "mean_return": total / len(clients),
+              "steps": steps, "deaths": deaths}
+    if record:
+      result.update(frames=np.asarray(episode["frames"], np.uint8),
+                    rewards=np.asarray(episode["rewards"], np.float32),
+                    actions_continuous=np.asarray(episode["move"], np.float32),
+                    actions_discrete=np.asarray(episode["choice"], np.int32)[:, None])
+    return result
   finally:
     for c in clients:
       c.close()
@@ -464,86 +512,154 @@ def server_options(cfg) -> dict:
               time_limit=b.game_time_limit, seed=cfg.seed)
 
 
-def run(cfg, workdir: str) -> dict:
-  """Trains through the bridge: launches reference servers if `bridge.launch_server`
-  (else connects to `bridge.host:bridge.base_port + i`), resumes from `workdir`'s latest
-  checkpoint, logs metrics every `run.log_every_updates` updates."""
-  from mbjax.train import checkpoint as checkpoint_lib
-  from mbjax.train import config as config_lib
-  from mbjax.train.metrics import MetricsWriter
+@contextlib.contextmanager
+def launched_servers(cfg, num_games: int, **overrides):
+  """Reference servers for `num_games` fresh games (`server_options(cfg)` with `overrides`;
+  each connection starts a new run); yields their ports and stops them afterwards."""
+  server = launch.ServerProcess(num_games, base_port=0, restart_on_connect=True,
+                                **{**server_options(cfg), **overrides})
+  try:
+    yield server.start()
+  finally:
+    server.stop()
 
+
+class BridgePolicy(NamedTuple):
+  """What evaluation and recording tools need of a trained Sebulba run beside its state."""
+
+  cfg: Any
+  network: Any
+
+
+def restore_trained(workdir: str, cfg) -> tuple[BridgePolicy, LearnerState]:
+  """(its policy, the `LearnerState` of the latest checkpoint) of a Sebulba run in `workdir`
+  trained with `cfg`, on the host CPU (`mbjax.train.run.restore_trained` reads any run)."""
+  network = ppo.make_network(cfg.network, ACTION_SPEC)
+  obs_size = shim.observation_size(cfg.bridge.num_obs_enemies)
+  optimizer = ppo.make_optimizer(cfg.ppo, 1)
+  like = jax.eval_shape(lambda key: LearnerState(
+      ppo.init(key, network, optimizer, (obs_size,), jnp.float32), key, jnp.int32(0)),
+      jax.random.PRNGKey(0))
+  cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+  checkpointer = checkpoint_lib.Checkpointer(workdir, cfg.run.keep_checkpoints)
+  try:
+    step, state = checkpointer.restore_latest(checkpoint_lib.abstract_like(
+        like, jax.tree.map(lambda _: cpu, like)), cfg)
+  finally:
+    checkpointer.close()
+  if step is None:
+    raise checkpoint_lib.RunNotFoundError(f"no checkpoint under {checkpointer.directory}")
+  return BridgePolicy(cfg, network), state
+
+
+class SebulbaDriver(loop.Driver):
+  """The Sebulba learner's side of the driver loop: one `Sebulba.step` per update, the
+  actors started before the first, the final evaluation against the random policy."""
+
+  def __init__(self, cfg, ports: list[int], clock_epoch: float | None, evaluate_after: bool):
+    self.cfg, self.ports, self.clock_epoch = cfg, ports, clock_epoch
+    self.evaluate_after = evaluate_after
+    self.env_steps_per_update = cfg.num_envs * cfg.ppo.num_steps
+    self.learner: Sebulba | None = None
+
+  @property
+  def num_updates(self) -> int:
+    return self.learner.num_updates
+
+  def init(self):
+    if self.learner is None:
+      self.learner = Sebulba(self.cfg, self.ports, clock_epoch=self.clock_epoch)
+    return self.learner
+
+  def restore_target(self):
+    learner = self.init()
+    like = learner.checkpoint()
+    # Replicated on this run's learner mesh, whatever device count wrote the checkpoint.
+    return checkpoint_lib.abstract_like(like, jax.tree.map(lambda _: learner.replicated, like))
+
+  def resume(self, restored):
+    self.learner.load(restored)
+    return self.learner
+
+  def update_step(self, learner) -> int:
+    return learner.update_step
+
+  def run_chunk(self, learner, num_updates):
+    if not learner.started:
+      learner.start()
+    chunk = [learner.step() for _ in range(num_updates)]
+    return learner, {k: np.asarray([m[k] for m in chunk]) for k in chunk[0]}
+
+  def record(self, metrics, seconds):
+    record = loop.summarize_chunk(metrics)
+    record.update(self.learner.drain_stats())
+    record["perf/actor_steps_per_second"] = record["actor/steps"] / seconds
+    record["perf/updates_per_second"] = len(metrics["loss/total"]) / seconds
+    return record
+
+  def learned(self, learner):
+    return learner.agent
+
+  def describe(self, record):
+    # The age since the game stamped a state needs the game's clock (`bridge.clock_epoch`);
+    # without it (lock-step servers, a real game) the age since its bytes arrived.
+    age = ("obs age p99 %.1f ms" % record["bridge/obs_age_ms_p99"]
+           if "bridge/obs_age_ms_p99" in record else
+           "obs age p99 %.1f ms since received" % record["bridge/receive_age_ms_p99"]
+           if "bridge/receive_age_ms_p99" in record else "obs age p99 -")
+    return "%.0f actor steps/s | return %s | %s | faults %d" % (
+        record["perf/actor_steps_per_second"],
+        f"{record['episode/return']:.3f}" if "episode/return" in record else "-", age,
+        record["bridge/faults"])
+
+  def saved(self, learner):
+    return learner.checkpoint()
+
+  def finish(self, learner, update_step, record, workdir):
+    del update_step, record, workdir
+    if not self.evaluate_after:
+      return learner, {}, {}
+    learner.stop()
+    cfg, steps = self.cfg, self.cfg.bridge.eval_steps
+    trained = evaluate(cfg, self.ports, learner.agent, steps, seed=cfg.seed)
+    random = evaluate(cfg, self.ports, None, steps, seed=cfg.seed)
+    logging.info("evaluation over %d steps per game from fresh runs: trained %.4f / step "
+                 "(%d deaths), random %.4f / step (%d deaths)", steps,
+                 trained["mean_reward"], trained["deaths"], random["mean_reward"],
+                 random["deaths"])
+    return learner, {"eval/trained_mean_reward": trained["mean_reward"],
+                     "eval/random_mean_reward": random["mean_reward"],
+                     "eval/trained_deaths": trained["deaths"],
+                     "eval/random_deaths": random["deaths"]}, {}
+
+  def close(self):
+    if self.learner is not None:
+      self.learner.stop()
+
+
+def run(cfg, workdir: str) -> dict:
+  """Trains through the bridge with the shared driver loop (`mbjax.train.loop`): launches
+  reference servers if `bridge.launch_server` (else connects to `bridge.host:bridge.base_port
+  + i`), resumes from `workdir`'s latest checkpoint, logs metrics every
+  `run.log_every_updates` updates and, with launched servers and `bridge.eval_steps`,
+  evaluates the trained policy against the random one at the end."""
   config_lib.validate(cfg)
   b = cfg.bridge
-  workdir = os.path.abspath(workdir)
-  os.makedirs(workdir, exist_ok=True)
   server, epoch = None, None
-  if b.launch_server:
-    epoch = time.monotonic()
-    # restart_on_connect: the final evaluation starts fresh runs by reconnecting.
-    server = launch.ServerProcess(cfg.num_envs, base_port=b.base_port, epoch=epoch,
-                                  restart_on_connect=True, **server_options(cfg))
-    ports = server.start()
-    if b.server_mode == "lockstep":
-      epoch = None  # lock-step gameTime is tick-based: no wall-clock age
-  else:
-    ports = [b.base_port + i for i in range(cfg.num_envs)]
-  checkpointer = checkpoint_lib.Checkpointer(workdir, cfg.run.keep_checkpoints)
-  steps_per_update = cfg.num_envs * cfg.ppo.num_steps
   try:
-    learner = Sebulba(cfg, ports, clock_epoch=epoch)
-    like = {"agent": learner.agent, "key": learner.key, "update_step": jnp.int32(0)}
-    # Replicated on this run's learner mesh, whatever device count wrote the checkpoint.
-    resume, restored = checkpointer.restore_latest(checkpoint_lib.abstract_like(
-        like, jax.tree.map(lambda _: learner.replicated, like)), cfg, set_aside=True)
-    if resume is not None:
-      learner = Sebulba(cfg, ports, clock_epoch=epoch, agent=restored["agent"],
-                        update_step=int(restored["update_step"]), mesh=learner.mesh)
-      learner.key = restored["key"]
-      logging.info("Resumed %s from update %d.", workdir, resume)
-    writer = MetricsWriter(workdir, steps_per_update, resume)
-    learner.start()
-    record, chunk, start = {}, [], time.perf_counter()
-    while learner.update_step < learner.num_updates:
-      chunk.append(learner.step())
-      if learner.update_step % cfg.run.log_every_updates and (
-          learner.update_step < learner.num_updates):
-        continue
-      seconds = time.perf_counter() - start
-      record = {k: float(np.mean([m[k] for m in chunk])) for k in chunk[0]}
-      record.update(learner.drain_stats())
-      record["perf/actor_steps_per_second"] = record["actor/steps"] / seconds
-      record["perf/updates_per_second"] = len(chunk) / seconds
-      writer.write(learner.update_step, learner.update_step * steps_per_update, record)
-      logging.info("update %d/%d | %.0f actor steps/s | return %s | obs age p99 %s ms | faults %d",
-                   learner.update_step, learner.num_updates,
-                   record["perf/actor_steps_per_second"],
-                   f"{record['episode/return']:.3f}" if "episode/return" in record else "-",
-                   f"{record['bridge/obs_age_ms_p99']:.1f}"
-                   if "bridge/obs_age_ms_p99" in record else "-", record["bridge/faults"])
-      if (learner.update_step % cfg.run.checkpoint_every_updates == 0
-          or learner.update_step == learner.num_updates):
-        checkpointer.save(learner.update_step, {"agent": learner.agent, "key": learner.key,
-                                                "update_step": jnp.int32(learner.update_step)},
-                          cfg)
-      chunk, start = [], time.perf_counter()
-    if b.eval_steps and server is not None:
-      learner.stop()
-      trained = evaluate(cfg, ports, learner.agent, b.eval_steps, seed=cfg.seed)
-      random = evaluate(cfg, ports, None, b.eval_steps, seed=cfg.seed)
-      record = {**record, "eval/trained_mean_reward": trained["mean_reward"],
-                "eval/random_mean_reward": random["mean_reward"],
-                "eval/trained_deaths": trained["deaths"], "eval/random_deaths": random["deaths"]}
-      writer.write(learner.update_step, learner.update_step * steps_per_update, record)
-      logging.info("evaluation over %d steps per game from fresh runs: trained %.4f / step "
-                   "(%d deaths), random %.4f / step (%d deaths)", b.eval_steps,
-                   trained["mean_reward"], trained["deaths"], random["mean_reward"],
-                   random["deaths"])
-    writer.close()
-    return {**record, "outputs": {"metrics": writer.path,
-                                  "checkpoints": checkpointer.directory}}
+    if b.launch_server:
+      epoch = time.monotonic()
+      # restart_on_connect: the final evaluation starts fresh runs by reconnecting.
+      server = launch.ServerProcess(cfg.num_envs, base_port=b.base_port, epoch=epoch,
+                                    restart_on_connect=True, **server_options(cfg))
+      ports = server.start()
+      if b.server_mode == "lockstep":
+        epoch = None  # lock-step gameTime is tick-based: no wall-clock age
+    else:
+      ports = [b.base_port + i for i in range(cfg.num_envs)]
+    driver = SebulbaDriver(cfg, ports, epoch, evaluate_after=bool(b.eval_steps and server))
+    result = loop.run(driver, cfg, workdir)
+    return {**result.record, "outputs": result.outputs}
   finally:
-    if "learner" in locals():
-      learner.stop()
-    checkpointer.close()
     if server is not None:
       server.stop()

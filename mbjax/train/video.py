@@ -1,10 +1,9 @@
 """Writing rendered frames to MP4 (PyAV, H.264), atomically."""
 from __future__ import annotations
 
-import os
-import tempfile
-
 import numpy as np
+
+from mbjax import files
 
 
 def write_mp4(path: str, frames: np.ndarray, fps: int = 30) -> str:
@@ -19,11 +18,7 @@ def write_mp4(path: str, frames: np.ndarray, fps: int = 30) -> str:
   pad_h, pad_w = frames.shape[1] % 2, frames.shape[2] % 2
   if pad_h or pad_w:
     frames = np.pad(frames, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)), mode="edge")
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix=".video-", suffix=".mp4")
-  os.close(fd)
-  try:
+  with files.atomic_path(path) as tmp:
     with av.open(tmp, mode="w", format="mp4") as container:
       stream = container.add_stream("libx264", rate=fps)
       stream.height, stream.width = frames.shape[1:3]
@@ -32,8 +27,4 @@ def write_mp4(path: str, frames: np.ndarray, fps: int = 30) -> str:
       for frame in frames:
         container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
       container.mux(stream.encode())
-    os.replace(tmp, path)
-  except BaseException:
-    os.unlink(tmp)
-    raise
   return path

@@ -5,6 +5,9 @@ simulated devices). The learner's data-parallel update equals the one-device upd
 same rollout.
 """
 import functools
+import json
+import logging
+import re
 import time
 
 import jax
@@ -16,6 +19,7 @@ from configs import bridge_ppo
 from mbjax.agents import ppo
 from mbjax.bridge import launch, shim
 from mbjax.envs.spaces import HybridAction
+from mbjax.train import run as run_lib
 from mbjax.train import sebulba, sharding
 
 
@@ -73,8 +77,10 @@ def test_server_killed_and_restarted_mid_run():
 
 
 @pytest.mark.slow
-def test_ppo_through_the_bridge_beats_random():
-  """The debug config's 4 lock-step games, trained for 150 updates, against the uniform
+def test_ppo_through_the_bridge_beats_random(tmp_path, caplog):
+  """The debug config's 4 lock-step games, trained for 150 updates by the binary's driver
+  (`sebulba.run`: a run workdir with config.json, read back by `restore_trained` as the
+  evaluation and recording tools do), against the uniform
   random policy, both evaluated from fresh runs on the same reward (mbjax.bridge.shim), by
   the return per game over up to 200 steps (the per-step mean reward, used before, favours
   a policy that dies early: in one run the trained policy survived 732 of 800 steps and
@@ -86,22 +92,26 @@ def test_ppo_through_the_bridge_beats_random():
   busy process on the other core (as in CI), three training seeds gave means of 18.2,
   19.4 and 15.1 against random rounds of 5.5–11.4. One CI run's single round gave 14.2
   against random 11.0, below the 1.3× that this test asks of the means."""
+  caplog.set_level(logging.INFO)
   cfg = debug_config(total_env_steps=4 * 32 * 150)
-  server = launch.ServerProcess(4, base_port=0, restart_on_connect=True,
-                                **sebulba.server_options(cfg))
-  ports = server.start()
-  learner = sebulba.Sebulba(cfg, ports)
-  try:
+  sebulba.run(cfg, str(tmp_path))
+  # Lock-step servers have no wall clock: the line gives the age since the bytes arrived.
+  assert re.search(r"update 150/150 .* obs age p99 [0-9.]+ ms since received", caplog.text)
+  policy, state = run_lib.restore_trained(str(tmp_path))
+  assert policy.cfg.to_dict() == json.loads((tmp_path / "config.json").read_text())
+  assert policy.cfg.bridge.enabled and int(state.update_step) == 150
+  agent = jax.device_get(state.agent)
+  with sebulba.launched_servers(cfg, 4) as ports:
     random_before = sebulba.evaluate(cfg, ports, None, 200, seed=0)
-    learner.start()
-    while learner.update_step < learner.num_updates:
-      learner.step()
-    learner.stop()
-    trained = [sebulba.evaluate(cfg, ports, learner.agent, 200) for _ in range(3)]
+    trained = [sebulba.evaluate(cfg, ports, agent, 200) for _ in range(3)]
     random_after = [sebulba.evaluate(cfg, ports, None, 200, seed=s) for s in (1, 2)]
-  finally:
-    learner.stop()
-    server.stop()
+  # What experiments/record_arena.py records of it: a frame, reward and action per step.
+  with sebulba.launched_servers(cfg, 1, frame_hz=cfg.bridge.update_hz, frame_format="raw",
+                                pixel_size=32) as ports:
+    episode = sebulba.evaluate(cfg, ports, agent, 20, record=True)
+  steps = len(episode["rewards"])
+  assert 0 < steps <= 20 and episode["frames"].shape == (steps, 32, 32, 3)
+  assert episode["actions_discrete"].shape == (steps, 1)
   random = np.mean([r["mean_return"] for r in [random_before, *random_after]])
   trained_return = np.mean([t["mean_return"] for t in trained])
   print(f"trained {trained} random {random_before} {random_after}")
@@ -160,3 +170,31 @@ def test_learner_update_on_four_devices_equals_one_device():
     sebulba.Sebulba(cfg, list(range(4)), mesh=sharding.make_mesh(3))
   with pytest.raises(ValueError, match=r"config.run.actor_device=4: expected -1"):
     sebulba.actor_device(4)
+
+
+def test_learner_update_skips_non_finite_rollouts_and_names_the_input():
+  """The learner's update keeps the agent when the rollout holds an Inf observation or a
+  NaN reward (one game's, one step's) and flags which; a sound rollout updates it."""
+  cfg = debug_config(num_envs=2)
+  network = ppo.make_network(cfg.network, sebulba.ACTION_SPEC)
+  optimizer = ppo.make_optimizer(cfg.ppo, 10)
+  mesh = sharding.make_mesh(1)
+  update = sebulba.make_learner_update(cfg, network, optimizer, mesh)
+  obs_size = sebulba.shim.observation_size(cfg.bridge.num_obs_enemies)
+  start = ppo.init(jax.random.PRNGKey(0), network, optimizer, (obs_size,), np.float32)
+  sound = _synthetic_rollout(np.random.default_rng(1), cfg.ppo.num_steps, 2, obs_size)
+  faults = {"obs": sound._replace(obs=sound.obs.copy()),
+            "reward": sound._replace(reward=sound.reward.copy())}
+  faults["obs"].obs[3, 1, 0] = np.inf
+  faults["reward"].reward[5, 0] = np.nan
+  for name, rollout in {"sound": sound, **faults}.items():
+    agent, metrics = jax.device_get(update(start, rollout, jax.random.PRNGKey(2)))
+    flags = {c: metrics[f"nonfinite/{c}"] for c in ("obs", "reward", "loss", "grads")}
+    if name == "sound":
+      assert metrics["nonfinite/skipped"] == 0 and not any(flags.values())
+      assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(agent.params),
+                                                          jax.tree.leaves(start.params)))
+    else:
+      assert metrics["nonfinite/skipped"] == 1 and flags[name] == 1, (name, flags)
+      assert flags["obs" if name == "reward" else "reward"] == 0
+      jax.tree.map(np.testing.assert_array_equal, agent, jax.device_get(start))

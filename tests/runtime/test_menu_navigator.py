@@ -33,7 +33,8 @@ CENTRES = [(12 / 64, 0.5), (32 / 64, 0.5), (52 / 64, 0.5)]
 @pytest.fixture(scope="module")
 def arena():
   env = BonkArena(observation="vector", pixel_size=PIXELS)
-  params = env.default_params()
+  # A runtime's menu waits for the navigator (the dual-system game's dwell limit).
+  params = env.default_params().replace(menu_dwell_limit=game.RUNTIME_MENU_DWELL)
   # Standing still keeps the loop to one env-step compile; the menu choice is the navigator's.
   step = jax.jit(lambda key, state, choice: env.step(
       key, state, HybridAction(jnp.zeros((2,)), choice[None]), params)[1])

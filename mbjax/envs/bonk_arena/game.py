@@ -73,6 +73,12 @@ SPAWNS_PER_TICK = 2
 RULES_VERSION = 2
 
 
+# `menu_dwell_limit` where a player, not a learner, picks the cards (the dual-system runtime,
+# the reference BonkLink server): a menu waits 10 s at 60 Hz for a planner or a VLM, as a
+# real game waits; training keeps the short default, which leaves no gain in idling.
+RUNTIME_MENU_DWELL = 600
+
+
 @flax.struct.dataclass
 class EnvParams:
   """Game tunables. Units: world units and game ticks (steps)."""

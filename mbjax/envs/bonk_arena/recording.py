@@ -22,7 +22,7 @@ and the state shown in frame t, for evaluating models per kind of frame:
   meta str[]             JSON: `source` ("bonk_arena"), the game's `rules_version`, how the
                          video was drawn (pixel_size, camera, palette, upgrade_hud) plus
                          whatever the recorder adds (policy, seed, ...).
-Both files are written to a temporary name and moved into place with `os.replace`, so a
+Both files are written to a temporary name and renamed into place (`mbjax.files`), so a
 crash never leaves a half-written file under the final name.
 """
 from __future__ import annotations
@@ -36,6 +36,7 @@ import numpy as np
 
 import jax.numpy as jnp
 
+from mbjax import files
 from mbjax.envs.bonk_arena import game, render, rewards, rollout
 from mbjax.envs.bonk_arena.env import BonkArena
 from mbjax.envs.bonk_arena.game import EnvParams
@@ -49,25 +50,21 @@ def write_mp4(frames: np.ndarray, path: str, fps: int, crf: int = 18) -> None:
   height, width = frames.shape[1:3]
   if height % 2 or width % 2:
     raise ValueError(f"frame size must be even for yuv420p, got {height}x{width}")
-  tmp = path + ".tmp"
-  with av.open(tmp, mode="w", format="mp4") as container:
+  with files.atomic_path(path) as tmp, av.open(tmp, mode="w", format="mp4") as container:
     stream = container.add_stream("libx264", rate=fps)
     stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
     stream.options = {"crf": str(crf)}
     for frame in frames:
       container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
     container.mux(stream.encode())  # flush the encoder
-  os.replace(tmp, path)
 
 
 def write_ground_truth(episode: dict[str, np.ndarray], path: str, fps: int,
                        meta: dict | None = None) -> None:
   meta = {"source": "bonk_arena", "rules_version": game.RULES_VERSION, **(meta or {})}
-  tmp = path + ".tmp"
-  with open(tmp, "wb") as f:
+  with files.atomic_open(path, "wb") as f:
     np.savez(f, fps=np.int32(fps), reward_term_names=np.asarray(rewards.REWARD_TERMS),
              meta=np.asarray(json.dumps(meta, sort_keys=True)), **episode)
-  os.replace(tmp, path)
 
 
 def xp_total(params: EnvParams, state: game.EnvState) -> jax.Array:

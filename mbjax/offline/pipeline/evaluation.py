@@ -11,6 +11,7 @@ import os
 import jax
 import numpy as np
 
+from mbjax import files
 from mbjax.offline import chunks as chunks_lib
 from mbjax.offline import idm as idm_lib
 from mbjax.offline import reward_model as reward_lib
@@ -19,7 +20,7 @@ from mbjax.offline.pipeline.config import action_spec
 from mbjax.offline.pipeline.models import load_reward
 from mbjax.offline.pipeline.workspace import (Skipped, Workspace, episodes_of, model_exists,
                                               readable_chunks, source_look, truth_for_chunk,
-                                              truth_meta, unpack_actions, write_json)
+                                              truth_meta, unpack_actions)
 from mbjax.train import offline as offline_lib
 
 
@@ -184,7 +185,7 @@ def evaluate(ws: Workspace, cfg) -> dict:
   report["dream"] = ws.record.get("dream", {}).get("evaluation", "dream phase not run")
   report["throughput"] = {phase: info["seconds"] for phase, info in ws.record.items()
                           if "seconds" in info}
-  write_json(ws.report, report)
+  files.write_json(ws.report, report, indent=1)
   print(format_report(report))
   return {"report": ws.report}
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import time
 from typing import Any
 
@@ -18,6 +17,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
+from mbjax import files
 from mbjax.envs.spaces import HybridActionSpec
 from mbjax.offline import chunks as chunks_lib
 from mbjax.offline import ground_truth as ground_truth_lib
@@ -25,13 +25,6 @@ from mbjax.offline import video as video_lib
 
 # `meta["action_labeling"]` of chunks whose actions are labels (not IDM predictions).
 LABELLED = ("ground_truth", "human")
-
-
-def write_json(path: str, payload) -> None:
-  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-", suffix=".json")
-  with os.fdopen(fd, "w") as f:
-    json.dump(payload, f, indent=1, sort_keys=True, default=float)
-  os.replace(tmp, path)
 
 
 class Workspace:
@@ -55,7 +48,7 @@ class Workspace:
 
   def finish(self, phase: str, info: dict) -> None:
     self.record[phase] = {**info, "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    write_json(self._record_path, self.record)
+    files.write_json(self._record_path, self.record, indent=1)
 
   def chunk_paths(self) -> list[str]:
     return chunks_lib.list_chunks(self.chunks)
@@ -67,7 +60,7 @@ def save_model(directory: str, params: Any, config: dict) -> str:
   if os.path.exists(directory):
     raise FileExistsError(f"{directory} exists; remove it to retrain")
   os.makedirs(os.path.dirname(directory), exist_ok=True)
-  staging = tempfile.mkdtemp(dir=os.path.dirname(directory), prefix=".tmp-")
+  staging = files.staging_directory(directory)
   checkpointer = ocp.StandardCheckpointer()
   checkpointer.save(os.path.join(staging, "params"), params)
   checkpointer.wait_until_finished()
@@ -76,7 +69,8 @@ def save_model(directory: str, params: Any, config: dict) -> str:
   digest = hashlib.blake2b(flat.tobytes(), digest_size=6)
   digest.update(json.dumps(config, sort_keys=True, default=str).encode())
   model_id = digest.hexdigest()
-  write_json(os.path.join(staging, "config.json"), {"model_id": model_id, **config})
+  files.write_json(os.path.join(staging, "config.json"), {"model_id": model_id, **config},
+                   indent=1)
   os.replace(staging, directory)
   return model_id
 

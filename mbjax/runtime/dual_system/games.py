@@ -44,20 +44,15 @@ class Game(Protocol):
     ...
 
 
-RUNTIME_MENU_DWELL = 600
-
-
 class ArenaGame:
   """BonkArena in this process: `act` advances one tick; finished runs restart at once."""
 
   def __init__(self, env: BonkArena | None = None, params=None, seed: int = 0,
                frame_every: int = 0, render: bool = False):
     self.env = env or BonkArena(observation="vector")
-    # A card waits for System 2 or the VLM navigator as a real game waits for its player
-    # (no choice is forced within RUNTIME_MENU_DWELL steps, 10 s at 60 Hz); training keeps
-    # the game's short dwell limit.
-    self.params = (params if params is not None else
-                   self.env.default_params().replace(menu_dwell_limit=RUNTIME_MENU_DWELL))
+    # A card waits for System 2 or the VLM navigator (`game.RUNTIME_MENU_DWELL`).
+    self.params = (params if params is not None else self.env.default_params().replace(
+        menu_dwell_limit=game.RUNTIME_MENU_DWELL))
     self.frame_every = frame_every  # attach a rendered frame every N steps (0: never)
     env, params = self.env, self.params
 
