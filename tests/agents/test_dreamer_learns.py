@@ -45,9 +45,9 @@ def test_latent_actor_learns_a_bandit_through_imagination():
   cfg.served.policy = "dreamer"
   cfg.efe.enabled = False
   cfg.num_envs, cfg.ppo.num_steps = 8, 16
-  cfg.total_env_steps = 8 * 16 * 40
+  cfg.total_env_steps = 8 * 16 * 80
   cfg.world_model.update(deter=32, blocks=2, stoch=4, classes=4, hidden=32)
-  cfg.replay.update(capacity=8 * 256, batch_size=8, seq_len=8, burn_in=2, train_ratio=4.0,
+  cfg.replay.update(capacity=8 * 256, batch_size=8, seq_len=8, burn_in=2, train_ratio=8.0,
                     prefill=256)
   cfg.dream.update(hidden_sizes=(32,), horizon=5)
   base = config_lib.base_config()  # the learning rates stay the shipped ones
