@@ -31,6 +31,7 @@ observation entropy the Active-Inference head uses).
 """
 from __future__ import annotations
 
+import math
 from typing import Any, NamedTuple
 
 import chex
@@ -234,7 +235,7 @@ class ConvDecoder(nn.Module):
   @nn.compact
   def __call__(self, features):
     height, width, channels = self.obs_shape
-    ups = max(int(round(jnp.log2(height / 4))), 0)
+    ups = max(round(math.log2(height / 4)), 0)  # static: a Python number, not traced
     filters = self.depth * 2 ** max(ups - 1, 0)
     x = nn.Dense(4 * (width * 4 // height) * filters, name="project")(features)
     x = x.reshape(features.shape[:-1] + (4, width * 4 // height, filters))

@@ -43,3 +43,33 @@ def test_world_model_learns_a_linear_system(small_config, spec):
   baseline = float(metrics["wm/copy_last_error"][-10:].mean())
   assert final_error < 0.75 * baseline, (final_error, baseline)
   assert final_error < float(metrics["wm/one_step_error"][:10].mean()) / 5
+
+
+@pytest.mark.parametrize("frame", [(16, 16, 3), (32, 16, 1)])
+def test_pixel_world_model_decodes_frames_of_the_observed_shape_and_updates(small_config, spec,
+                                                                            frame):
+  """uint8 frames go through the convolutional encoder and decoder: the decoded mean and std
+  have the frame's shape (square and 2:1 frames), the mean lies in [0, 1] pixel units, and
+  one jitted update gives a finite loss and changes the decoder."""
+  cfg = small_config()
+  cfg.world_model.cnn_depth = 4
+  model = wm_lib.make_world_model(cfg.world_model, frame, spec)
+  optimizer = wm_lib.make_optimizer(cfg.world_model)
+  state = wm_lib.init(jax.random.PRNGKey(0), model, optimizer, frame, jnp.uint8, 5)
+  batch, length = 2, 4
+  obs = jax.random.randint(jax.random.PRNGKey(1), (length, batch) + frame, 0, 256, jnp.int32)
+  data = wm_lib.Sequence(obs.astype(jnp.uint8), jnp.zeros((length, batch, 5)),
+                         jnp.zeros((length, batch)), jnp.zeros((length, batch), bool),
+                         jnp.zeros((length, batch), bool).at[0].set(True),
+                         jnp.ones((length, batch, 3), bool))
+  features = jnp.zeros((length, batch, cfg.world_model.deter + 4 * 4))
+  mean, std = model.apply(state.params, features, method=wm_lib.WorldModel.decode)
+  assert mean.shape == std.shape == (length, batch) + frame
+  assert float(mean.min()) >= 0.0 and float(mean.max()) <= 1.0
+  new, _, metrics = jax.jit(lambda s, d, k: wm_lib.update(
+      s, d, k, cfg.world_model, model=model, optimizer=optimizer))(
+          state, data, jax.random.PRNGKey(2))
+  assert np.isfinite(float(metrics["wm/loss"]))
+  decoder = lambda p: jax.tree.leaves(p["params"]["decoder"])
+  assert any(not np.array_equal(a, b) for a, b in zip(decoder(state.params),
+                                                      decoder(new.params)))
