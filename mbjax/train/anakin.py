@@ -128,6 +128,7 @@ def make_train(cfg: ml_collections.ConfigDict, env: Environment, env_params: Any
     params, obs_stats = runner.agent.params, runner.agent.obs_stats
     mask = vec_env.action_mask(runner.env_state, env_params)
     net_obs = ppo.prepare_obs(runner.obs, obs_stats, normalize)
+    # JAX envs tick uniformly: no dt, so timed cores (CfC) step by Δt = 1 here and in unroll.
     carry, dist, value = network.apply(params, runner.carry, net_obs, runner.is_first, mask)
     action = jax.vmap(lambda d, k: d.sample(k))(dist, per_env_keys(act_key))
     log_prob = dist.log_prob(action)
