@@ -113,6 +113,7 @@ def make_train(cfg: ml_collections.ConfigDict, env: Environment, env_params: Any
   def ppo_act(runner: RunnerState, mask, key):
     """PPO's action, with what its update needs (log-prob, value, next carry)."""
     net_obs = ppo.prepare_obs(runner.obs, runner.agent.obs_stats, normalize)
+    # JAX envs tick uniformly: no dt, so timed cores (CfC) step by Δt = 1 here and in unroll.
     carry, dist, value = network.apply(runner.agent.params, runner.carry, net_obs,
                                        runner.is_first, mask)
     action = jax.vmap(lambda d, k: d.sample(k))(dist, per_env_keys(key))
