@@ -141,10 +141,14 @@ def train_seeds(cfg: ml_collections.ConfigDict, num_seeds: int, chunk: int, log=
 
 def return_at(run: ArmRun, env_steps: int, window: int) -> np.ndarray:
   """[seeds] mean return of the episodes that ended in the `window` env steps up to
-  `env_steps` (NaN for a seed where none ended, or beyond the run)."""
+  `env_steps` (NaN for a seed where none ended, or beyond the run). A point less than one
+  update past the run's end is its end: a budget of 1 M steps runs the whole updates that
+  fit (999,424 steps of 2,048-step updates)."""
+  per_update = run.env_steps[0]
+  if env_steps >= run.env_steps[-1] + per_update:
+    return np.full(run.returns.shape[0], np.nan)
+  env_steps = min(env_steps, int(run.env_steps[-1]))
   inside = (run.env_steps <= env_steps) & (run.env_steps > env_steps - window)
-  if env_steps > run.env_steps[-1]:
-    inside[:] = False
   total = (run.returns * run.counts * inside).sum(-1)
   count = (run.counts * inside).sum(-1)
   with np.errstate(invalid="ignore", divide="ignore"):

@@ -40,6 +40,8 @@ def test_return_at_an_env_step_point_by_hand():
   # Up to 200: seed 0 only the -8; seed 1 none ended.
   at = bench_ablation.return_at(run, 200, 200)
   assert at[0] == -8.0 and math.isnan(at[1])
+  # Less than one update past the end is the end (a budget the updates do not divide).
+  np.testing.assert_allclose(bench_ablation.return_at(run, 450, 200), [-3.0, -7.0])
   assert np.isnan(bench_ablation.return_at(run, 500, 200)).all()  # past the run
 
 
