@@ -28,7 +28,7 @@ from absl import app, flags  # noqa: E402
 from mbjax import files  # noqa: E402
 from mbjax.bridge import launch  # noqa: E402
 from mbjax.train import config as config_lib  # noqa: E402
-from mbjax.train import sebulba  # noqa: E402
+from mbjax.train import sebulba, sebulba_actor  # noqa: E402
 
 _DURATION = flags.DEFINE_float("duration_s", 20.0, "Seconds of bridge traffic to measure.")
 _WINDOW = flags.DEFINE_float("window_s", 10.0, "Seconds per reported window.")
@@ -52,7 +52,7 @@ def bench_bridge() -> dict:
   cfg.bridge.update_hz = _HZ.value
   epoch = time.monotonic()
   server = launch.ServerProcess(cfg.num_envs, base_port=0, epoch=epoch,
-                                **sebulba.server_options(cfg))
+                                **sebulba_actor.server_options(cfg))
   ports = server.start()
   learner = sebulba.Sebulba(cfg, ports, clock_epoch=epoch)
   for actor in learner.actors:  # decode frames like a pixel learner would

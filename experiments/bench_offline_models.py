@@ -2,7 +2,7 @@
 
   python -m experiments.bench_offline_models [--frames=512] [--repeats=3]
 
-Times `idm.label` and `reward_model.score` over one chunk of `--frames` frames, end to end
+Times `idm_labelling.label` and `reward_model.score` over one chunk of `--frames` frames, end to end
 from a uint8 numpy chunk (edge padding, fixed-size jitted pieces, results back in numpy),
 for each piece size in `--batches`; compilation is excluded (one warm-up run), the best of
 `--repeats` is kept. The IDM is timed as `--config` (default
@@ -31,7 +31,7 @@ from ml_collections import config_flags  # noqa: E402
 
 from configs import video_pretrain  # noqa: E402
 from mbjax.envs.spaces import HybridActionSpec  # noqa: E402
-from mbjax.offline import idm, pipeline, reward_model  # noqa: E402
+from mbjax.offline import idm, idm_labelling, idm_training, pipeline, reward_model  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/video_pretrain.py:arena",
                                           "Pipeline config whose IDM is timed.")
@@ -106,8 +106,9 @@ def main(argv):
     chunk = frames if side == size else rng_frames(count, side)
     for batch in batches:
       cfg = dataclasses.replace(base, label_batch=batch)
-      state = idm.init(key, cfg, (side, side, 3), SPEC)
-      wall, cpu = best_of(_REPEATS.value, lambda: idm.label(state.params, cfg, SPEC, chunk))
+      state = idm_training.init(key, cfg, (side, side, 3), SPEC)
+      wall, cpu = best_of(_REPEATS.value, lambda: idm_labelling.label(state.params, cfg, SPEC,
+                                                                   chunk))
       report(f"{name} (window {cfg.window})", batch, count, wall, cpu)
   print(f"load average after: {os.getloadavg()}")
 

@@ -19,7 +19,7 @@ Rows (peer, its venv, what is timed):
   ppo_learner    upstream's PPO learner update (rollout 2048, 3 epochs × 256, continuous 2
                  + branch 33, obs 204) vs `ppo.update` at that shape (`--equal_params`:
                  mbjax's network narrowed to at most upstream's parameter count)
-  idm            upstream's IDM labelling at 224² vs the `:arena` IDM (`idm.label`)
+  idm            upstream's IDM labelling at 224² vs the `:arena` IDM (`idm_labelling.label`)
   reward         upstream's reward model scoring at 224² vs `:arena`'s (`reward_model.score`)
   video          upstream's `process_video` vs `video.convert_many` on one 640×360 H.264
                  clip (`--clip=textured|arena`) → 224² `.npz` chunks; bytes/frame printed

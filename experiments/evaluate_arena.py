@@ -30,7 +30,7 @@ from mbjax.envs.bonk_arena import (BonkArena, idle_menu_policy, make_scripted_po
 from mbjax.envs.bonk_arena import game  # noqa: E402
 from mbjax.train import evaluate  # noqa: E402
 from mbjax.train import metrics as metrics_lib  # noqa: E402
-from mbjax.train import sebulba  # noqa: E402
+from mbjax.train import sebulba_actor  # noqa: E402
 from mbjax.train import run as run_lib  # noqa: E402
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None,
@@ -73,9 +73,9 @@ def evaluate_bridge_run(policy, state) -> None:
   rounds = -(-_EPISODES.value // games)
   print(f"{rounds * games} runs each on reference servers, up to {steps} steps, update "
         f"{int(state.update_step)} of {_CHECKPOINT.value}")
-  with sebulba.launched_servers(cfg, games) as ports:
+  with sebulba_actor.launched_servers(cfg, games) as ports:
     for name, agent in (("trained", jax.device_get(state.agent)), ("random", None)):
-      stats = [sebulba.evaluate(cfg, ports, agent, steps, seed=_SEED.value + r)
+      stats = [sebulba_actor.evaluate(cfg, ports, agent, steps, seed=_SEED.value + r)
                for r in range(rounds)]
       print(f"{name:>9}: return {np.mean([s['mean_return'] for s in stats]):7.2f} per run | "
             f"{np.mean([s['mean_reward'] for s in stats]):.4f} per step | died "

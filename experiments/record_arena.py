@@ -24,7 +24,7 @@ from mbjax import files  # noqa: E402
 from mbjax.envs.bonk_arena import BonkArena, make_scripted_policy, random_policy  # noqa: E402
 from mbjax.envs.bonk_arena import recording  # noqa: E402
 from mbjax.train import evaluate  # noqa: E402
-from mbjax.train import metrics, sebulba  # noqa: E402
+from mbjax.train import metrics, sebulba_actor  # noqa: E402
 from mbjax.train import run as run_lib  # noqa: E402
 
 _POLICY = flags.DEFINE_enum("policy", "scripted", ["scripted", "random", "checkpoint"],
@@ -63,10 +63,10 @@ def record_bridge_run(policy, state) -> None:
   overrides = dict(mode="lockstep", frame_hz=cfg.bridge.update_hz, frame_format="raw",
                    pixel_size=_PIXEL_SIZE.value)
   agent = jax.device_get(state.agent)
-  with sebulba.launched_servers(cfg, 1, **overrides) as ports:
+  with sebulba_actor.launched_servers(cfg, 1, **overrides) as ports:
     for i in range(_EPISODES.value):
-      episode = sebulba.evaluate(cfg, ports, agent, cfg.bridge.max_episode_steps,
-                                 seed=_SEED.value + i, record=True)
+      episode = sebulba_actor.evaluate(cfg, ports, agent, cfg.bridge.max_episode_steps,
+                                       seed=_SEED.value + i, record=True)
       path = os.path.join(_OUT_DIR.value, f"{_POLICY.value}_{i:03d}.mp4")
       recording.write_mp4(episode["frames"], path, _FPS.value)
       with files.atomic_open(os.path.splitext(path)[0] + ".npz", "wb") as f:

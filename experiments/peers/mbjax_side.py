@@ -131,19 +131,19 @@ def _random_frames(count: int, side: int) -> np.ndarray:
 def _idm(args):
   from configs import video_pretrain
   from mbjax.envs.spaces import HybridActionSpec
-  from mbjax.offline import idm
+  from mbjax.offline import idm_labelling, idm_training
   from mbjax.offline.pipeline import config as pipeline_config
 
   cfg = pipeline_config.idm_config(video_pretrain.get_config("arena"))
   spec = HybridActionSpec(continuous_dim=2, branches=(4,))  # BonkArena's
   frames = _random_frames(args.frames, args.size)
-  state = idm.init(jax.random.PRNGKey(0), cfg, frames.shape[1:], spec)
-  idm.label(state.params, cfg, spec, frames)
+  state = idm_training.init(jax.random.PRNGKey(0), cfg, frames.shape[1:], spec)
+  idm_labelling.label(state.params, cfg, spec, frames)
 
   def run(index):
     del index
     return {"rates": {"frames": protocol.timed_rate(
-        lambda: idm.label(state.params, cfg, spec, frames), len(frames))}}
+        lambda: idm_labelling.label(state.params, cfg, spec, frames), len(frames))}}
 
   return run, {"frames": len(frames), "size": args.size, "label_batch": cfg.label_batch,
                "window": cfg.window}

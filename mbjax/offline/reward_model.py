@@ -190,7 +190,7 @@ def fit(state: RewardState, episodes: Sequence[np.ndarray], num_steps: int,
   """`num_steps` updates on random pairs from in-memory episodes (uint8[T, H, W, 3] each);
   returns (state, last metrics as floats). `data_sharding`
   (`mbjax.train.sharding.batch_sharding`): each global batch of `batch` pairs is split over
-  its mesh and the state replicated there (data-parallel, as `idm.fit`)."""
+  its mesh and the state replicated there (data-parallel, as `idm_training.fit`)."""
   if data_sharding is not None:
     state = jax.device_put(state, NamedSharding(data_sharding.mesh, P()))
   lengths = [e.shape[0] for e in episodes]

@@ -245,8 +245,8 @@ def fit(state: SkillState, windows: np.ndarray, num_steps: int, rng: np.random.G
   """`num_steps` updates on random minibatches of `windows` f32[N, window, A].
 
   `data_sharding` (`mbjax.train.sharding.batch_sharding`): each global minibatch is split
-  over its mesh and the state replicated there (data-parallel, as `idm.fit`); the codebook
-  EMA sums over the global batch, so it too is the single-device update."""
+  over its mesh and the state replicated there (data-parallel, as `idm_training.fit`); the
+  codebook EMA sums over the global batch, so it too is the single-device update."""
   if data_sharding is not None:
     state = jax.device_put(state, NamedSharding(data_sharding.mesh, P()))
   windows = np.asarray(windows, np.float32)

@@ -12,8 +12,8 @@ import numpy as np
 from configs import bridge_ppo
 from mbjax.agents import ppo
 from mbjax.bridge import client as client_lib
-from mbjax.bridge import codec
-from mbjax.train import sebulba, sharding
+from mbjax.bridge import codec, shim
+from mbjax.train import sebulba, sebulba_actor, sharding
 
 
 def test_elapsed_steps_by_hand():
@@ -23,11 +23,11 @@ def test_elapsed_steps_by_hand():
   previous = [0.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, np.inf, 5.0]
   now = [0.5, 1.5, 1.0, 4.0, 0.5, np.nan, np.inf, 1.0, 3.0]
   is_first = [True, False, False, False, False, False, False, False, True]
-  dt, malformed = sebulba.elapsed_steps(previous, now, is_first, 0.25)
+  dt, malformed = sebulba_actor.elapsed_steps(previous, now, is_first, 0.25)
   assert dt.dtype == np.float32
   np.testing.assert_array_equal(dt, [1, 2, 0, 10, 1, 1, 1, 1, 1])
   np.testing.assert_array_equal(malformed, [0, 0, 0, 0, 1, 1, 1, 1, 0])
-  dt, _ = sebulba.elapsed_steps(previous, now, is_first, 0.25, max_steps=4.0)
+  dt, _ = sebulba_actor.elapsed_steps(previous, now, is_first, 0.25, max_steps=4.0)
   np.testing.assert_array_equal(dt, [1, 2, 0, 4, 1, 1, 1, 1, 1])
 
 
@@ -72,9 +72,9 @@ def test_cfc_actor_feeds_game_time_and_learner_unrolls_with_it():
   cfg.ppo.num_steps, cfg.ppo.seq_len = 8, 8
   cfg.ppo.num_minibatches, cfg.ppo.update_epochs = 1, 1
   cfg.bridge.server_mode, cfg.bridge.update_hz = "realtime", 4.0
-  network = ppo.make_network(cfg.network, sebulba.ACTION_SPEC)
+  network = ppo.make_network(cfg.network, sebulba_actor.ACTION_SPEC)
   optimizer = ppo.make_optimizer(cfg.ppo, 1)
-  obs_size = sebulba.shim.observation_size(cfg.bridge.num_obs_enemies)
+  obs_size = shim.observation_size(cfg.bridge.num_obs_enemies)
   agent = ppo.init(jax.random.PRNGKey(3), network, optimizer, (obs_size,), np.float32)
   # Policy heads at 100× their 0.01-scaled init, so that Δt moves log-probs visibly.
   scaled = ("mean_head", "logit_heads")
@@ -85,9 +85,10 @@ def test_cfc_actor_feeds_game_time_and_learner_unrolls_with_it():
 
   cpu = jax.devices("cpu")[0]
   stop = threading.Event()
-  actor = sebulba.Actor(0, [0], cfg, network,
-                        sebulba.make_act_fn(network, cfg.ppo.normalize_observations),
-                        sebulba._Published(agent, cpu), queue.Queue(maxsize=1), stop, None)
+  actor = sebulba_actor.Actor(0, [0], cfg, network,
+                              sebulba_actor.make_act_fn(network, cfg.ppo.normalize_observations),
+                              sebulba_actor.PublishedParams(agent, cpu), queue.Queue(maxsize=1),
+                              stop, None)
   actor.clients = [_ScriptedGame([10.0, 10.25, 10.75, 10.75, 10.5, 14.0, 14.125, 14.375])]
   actor.start()
   try:

@@ -20,7 +20,7 @@ from mbjax.agents import ppo
 from mbjax.bridge import launch, shim
 from mbjax.envs.spaces import HybridAction
 from mbjax.train import run as run_lib
-from mbjax.train import sebulba, sharding
+from mbjax.train import sebulba, sebulba_actor, sharding
 
 
 def debug_config(**overrides):
@@ -36,7 +36,7 @@ def test_server_killed_and_restarted_mid_run():
   cfg = debug_config(num_envs=2, **{"ppo.num_steps": 16, "ppo.num_minibatches": 2,
                                     "bridge.step_timeout": 0.5,
                                     "bridge.reconnect_timeout": 60.0, "run.num_devices": 2})
-  server = launch.ServerProcess(2, base_port=0, **sebulba.server_options(cfg))
+  server = launch.ServerProcess(2, base_port=0, **sebulba_actor.server_options(cfg))
   ports = server.start()
   learner = sebulba.Sebulba(cfg, ports)
   assert learner.mesh.size == 2
@@ -101,14 +101,14 @@ def test_ppo_through_the_bridge_beats_random(tmp_path, caplog):
   assert policy.cfg.to_dict() == json.loads((tmp_path / "config.json").read_text())
   assert policy.cfg.bridge.enabled and int(state.update_step) == 150
   agent = jax.device_get(state.agent)
-  with sebulba.launched_servers(cfg, 4) as ports:
-    random_before = sebulba.evaluate(cfg, ports, None, 200, seed=0)
-    trained = [sebulba.evaluate(cfg, ports, agent, 200) for _ in range(3)]
-    random_after = [sebulba.evaluate(cfg, ports, None, 200, seed=s) for s in (1, 2)]
+  with sebulba_actor.launched_servers(cfg, 4) as ports:
+    random_before = sebulba_actor.evaluate(cfg, ports, None, 200, seed=0)
+    trained = [sebulba_actor.evaluate(cfg, ports, agent, 200) for _ in range(3)]
+    random_after = [sebulba_actor.evaluate(cfg, ports, None, 200, seed=s) for s in (1, 2)]
   # What experiments/record_arena.py records of it: a frame, reward and action per step.
-  with sebulba.launched_servers(cfg, 1, frame_hz=cfg.bridge.update_hz, frame_format="raw",
-                                pixel_size=32) as ports:
-    episode = sebulba.evaluate(cfg, ports, agent, 20, record=True)
+  with sebulba_actor.launched_servers(cfg, 1, frame_hz=cfg.bridge.update_hz,
+                                      frame_format="raw", pixel_size=32) as ports:
+    episode = sebulba_actor.evaluate(cfg, ports, agent, 20, record=True)
   steps = len(episode["rewards"])
   assert 0 < steps <= 20 and episode["frames"].shape == (steps, 32, 32, 3)
   assert episode["actions_discrete"].shape == (steps, 1)
@@ -169,18 +169,18 @@ def test_learner_update_on_four_devices_equals_one_device():
   with pytest.raises(ValueError, match=r"num_envs=4 \(games\) must be divisible by the 3"):
     sebulba.Sebulba(cfg, list(range(4)), mesh=sharding.make_mesh(3))
   with pytest.raises(ValueError, match=r"config.run.actor_device=4: expected -1"):
-    sebulba.actor_device(4)
+    sebulba_actor.actor_device(4)
 
 
 def test_learner_update_skips_non_finite_rollouts_and_names_the_input():
   """The learner's update keeps the agent when the rollout holds an Inf observation or a
   NaN reward (one game's, one step's) and flags which; a sound rollout updates it."""
   cfg = debug_config(num_envs=2)
-  network = ppo.make_network(cfg.network, sebulba.ACTION_SPEC)
+  network = ppo.make_network(cfg.network, sebulba_actor.ACTION_SPEC)
   optimizer = ppo.make_optimizer(cfg.ppo, 10)
   mesh = sharding.make_mesh(1)
   update = sebulba.make_learner_update(cfg, network, optimizer, mesh)
-  obs_size = sebulba.shim.observation_size(cfg.bridge.num_obs_enemies)
+  obs_size = shim.observation_size(cfg.bridge.num_obs_enemies)
   start = ppo.init(jax.random.PRNGKey(0), network, optimizer, (obs_size,), np.float32)
   sound = _synthetic_rollout(np.random.default_rng(1), cfg.ppo.num_steps, 2, obs_size)
   faults = {"obs": sound._replace(obs=sound.obs.copy()),

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from mbjax.envs.spaces import HybridActionSpec
-from mbjax.offline import idm
+from mbjax.offline import idm, idm_labelling, idm_training
 
 SIZE, SPRITE, STEP = 32, 4, 2  # frame side, square side, pixels per unit of action
 SPEC = HybridActionSpec(continuous_dim=2, branches=(3,))
@@ -44,7 +44,7 @@ def synthetic_episode(rng: np.random.Generator, length: int):
 
 def as_episode(frames, moves, choice, menu):
   valid = np.ones(len(frames), bool)
-  return idm.Episode(frames, idm.ActionLabels(moves, choice, valid, valid))
+  return idm_training.Episode(frames, idm_training.ActionLabels(moves, choice, valid, valid))
 
 
 @pytest.mark.slow
@@ -52,15 +52,15 @@ def test_idm_learns_synthetic_moves_and_menu_choices():
   rng = np.random.default_rng(0)
   train = [as_episode(*synthetic_episode(rng, 200)) for _ in range(8)]
   frames, moves, choice, menu = synthetic_episode(rng, 300)
-  weights = idm.class_weights_from_labels(
+  weights = idm_training.class_weights_from_labels(
       np.concatenate([e.labels.discrete for e in train]), SPEC, power=0.5)
-  state = idm.init(jax.random.PRNGKey(0), TINY, (SIZE, SIZE, 3), SPEC, weights)
+  state = idm_training.init(jax.random.PRNGKey(0), TINY, (SIZE, SIZE, 3), SPEC, weights)
   focus = [np.nonzero(e.labels.discrete[:, 0])[0] for e in train]
-  state, _ = idm.fit(state, train, 500, np.random.default_rng(1), batch=8, clip_length=12,
-                     focus=focus, focus_fraction=0.25)
-  labels = idm.label(state.params, TINY, SPEC, frames)
+  state, _ = idm_training.fit(state, train, 500, np.random.default_rng(1), batch=8,
+                              clip_length=12, focus=focus, focus_fraction=0.25)
+  labels = idm_labelling.label(state.params, TINY, SPEC, frames)
   # The last frame's move is invisible (no next frame), so score the others.
-  metrics = idm.evaluate_labels(
+  metrics = idm_labelling.evaluate_labels(
       jax.tree.map(lambda x: x[:-1], labels), moves[:-1], choice[:-1],
       {"all": np.ones(len(frames) - 1, bool), "menu": menu[:-1]})
   # Measured 0.928–0.965 over four seeds.
@@ -88,12 +88,12 @@ def test_label_equals_per_window_computation_jitted_or_not(length, motion_input)
                       hidden=16, motion_input=motion_input, motion_radius=1,
                       label_batch=4)  # 6 frames: two pieces, the last one padded
   frames = np.random.default_rng(1).integers(0, 256, (length, 16, 16, 3), dtype=np.uint8)
-  state = idm.init(jax.random.PRNGKey(2), cfg, (16, 16, 3), SPEC)
+  state = idm_training.init(jax.random.PRNGKey(2), cfg, (16, 16, 3), SPEC)
   expected_cont, expected_probs = per_window_labels(state.params, cfg, SPEC, frames)
-  runs = [idm.label(state.params, cfg, SPEC, frames)]
+  runs = [idm_labelling.label(state.params, cfg, SPEC, frames)]
   if motion_input == "stem":  # the un-jitted pieces and padding do not depend on the encoder
     with jax.disable_jit():
-      runs.append(idm.label(state.params, cfg, SPEC, frames))
+      runs.append(idm_labelling.label(state.params, cfg, SPEC, frames))
   for got in runs:
     assert got.continuous.shape == (length, 2) and got.discrete.shape == (length, 1)
     np.testing.assert_allclose(got.continuous, expected_cont, rtol=1e-4, atol=1e-5)
@@ -161,12 +161,13 @@ def test_random_symmetry_moves_labels_with_the_frames():
   # flip/transpose the pixel's displacement must equal the transformed label.
   clip = np.zeros((1, 2, 8, 8, 3), np.uint8)
   clip[0, 0, 1, 2] = clip[0, 1, 1, 5] = 255
-  labels = idm.ActionLabels(jnp.asarray([[[3.0, 0.0], [0.0, 0.0]]]),
-                            jnp.zeros((1, 2, 1), jnp.int32), jnp.ones((1, 2), bool),
-                            jnp.ones((1, 2), bool))
+  labels = idm_training.ActionLabels(jnp.asarray([[[3.0, 0.0], [0.0, 0.0]]]),
+                                     jnp.zeros((1, 2, 1), jnp.int32), jnp.ones((1, 2), bool),
+                                     jnp.ones((1, 2), bool))
   seen = set()
   for seed in range(16):
-    frames, moved = idm.random_symmetry(jax.random.PRNGKey(seed), jnp.asarray(clip), labels, 1.0)
+    frames, moved = idm_training.random_symmetry(jax.random.PRNGKey(seed), jnp.asarray(clip),
+                                                 labels, 1.0)
     frames = np.asarray(frames)
     start, end = np.argwhere(frames[0, 0, ..., 0])[0], np.argwhere(frames[0, 1, ..., 0])[0]
     displacement = tuple((end - start)[::-1].tolist())  # (dx, dy)
@@ -175,7 +176,8 @@ def test_random_symmetry_moves_labels_with_the_frames():
     seen.add(displacement)
   # Every transform keeps |move| = 3 on one axis; all four directions appear.
   assert seen == {(3, 0), (-3, 0), (0, 3), (0, -3)}
-  frames, same = idm.random_symmetry(jax.random.PRNGKey(0), jnp.asarray(clip), labels, 0.0)
+  frames, same = idm_training.random_symmetry(jax.random.PRNGKey(0), jnp.asarray(clip), labels,
+                                              0.0)
   np.testing.assert_array_equal(np.asarray(frames), clip)
   assert np.asarray(same.discrete_valid).all()
 
@@ -183,26 +185,29 @@ def test_random_symmetry_moves_labels_with_the_frames():
 def test_norm_clipped_is_what_the_game_applies():
   moves = np.array([[2.0, 0.0], [1.0, 1.0], [0.3, -0.4], [-3.0, 3.0]], np.float32)
   expected = [[1, 0], [0.70710678, 0.70710678], [0.3, -0.4], [-0.70710678, 0.70710678]]
-  np.testing.assert_allclose(idm.norm_clipped(moves), expected, rtol=1e-6)
-  np.testing.assert_allclose(idm.norm_clipped(jnp.asarray(moves)), expected, rtol=1e-6)
+  np.testing.assert_allclose(idm_training.norm_clipped(moves), expected, rtol=1e-6)
+  np.testing.assert_allclose(idm_training.norm_clipped(jnp.asarray(moves)), expected,
+                             rtol=1e-6)
 
 
 def test_class_weights_by_hand():
   # counts (3, 1, 0); power 1 → 1/3, 1, and the unseen class gets the largest seen (1);
   # the mean over the four labelled frames, (3·1/3 + 1)/4 = 0.5, is scaled to 1.
-  weights = idm.class_weights_from_labels(np.array([[0], [0], [0], [1]]), SPEC, power=1.0)
+  discrete = np.array([[0], [0], [0], [1]])
+  weights = idm_training.class_weights_from_labels(discrete, SPEC, power=1.0)
   np.testing.assert_allclose(weights[0], [2 / 3, 2, 2], rtol=1e-6)
-  uniform = idm.class_weights_from_labels(np.array([[0], [0], [0], [1]]), SPEC, power=0.0)
+  uniform = idm_training.class_weights_from_labels(discrete, SPEC, power=0.0)
   np.testing.assert_allclose(uniform[0], [1, 1, 1], rtol=1e-6)
 
 
 def test_r2_and_grouped_accuracy_by_hand():
   # Truth mean (1, 1): Σ‖y − ȳ‖² = 4; Σ‖y − ŷ‖² = (2 − 1)² · 2 = 2 → R² = 0.5.
-  assert idm.r2_score([[0, 0], [1, 1]], [[0, 0], [2, 2]]) == pytest.approx(0.5)
-  pred = idm.IDMLabels(np.array([[0, 0], [1, 1], [0, 0.]]), np.array([[0], [2], [1]]), ())
-  metrics = idm.evaluate_labels(pred, np.array([[0, 0], [2, 2], [0, 0.]]),
-                                np.array([[0], [2], [2]]),
-                                {"all": np.ones(3, bool), "menu": np.array([0, 1, 1], bool)})
+  assert idm_labelling.r2_score([[0, 0], [1, 1]], [[0, 0], [2, 2]]) == pytest.approx(0.5)
+  pred = idm_labelling.IDMLabels(np.array([[0, 0], [1, 1], [0, 0.]]),
+                                 np.array([[0], [2], [1]]), ())
+  metrics = idm_labelling.evaluate_labels(
+      pred, np.array([[0, 0], [2, 2], [0, 0.]]), np.array([[0], [2], [2]]),
+      {"all": np.ones(3, bool), "menu": np.array([0, 1, 1], bool)})
   assert metrics["all/accuracy_0"] == pytest.approx(2 / 3)
   assert metrics["menu/accuracy_0"] == pytest.approx(0.5)
   assert metrics["menu/frames"] == 2
@@ -211,10 +216,10 @@ def test_r2_and_grouped_accuracy_by_hand():
   assert metrics["all/move_r2"] == pytest.approx(0.625)
   # Movement scored only where it is visible: frames 0 and 1, the first assert's R² 0.5;
   # the menu group keeps one such frame (too few for an R²) but all its frames for accuracy.
-  visible = idm.evaluate_labels(pred, np.array([[0, 0], [2, 2], [0, 0.]]),
-                                np.array([[0], [2], [2]]),
-                                {"all": np.ones(3, bool), "menu": np.array([0, 1, 1], bool)},
-                                move_visible=np.array([1, 1, 0], bool))
+  visible = idm_labelling.evaluate_labels(
+      pred, np.array([[0, 0], [2, 2], [0, 0.]]), np.array([[0], [2], [2]]),
+      {"all": np.ones(3, bool), "menu": np.array([0, 1, 1], bool)},
+      move_visible=np.array([1, 1, 0], bool))
   assert visible["all/move_r2"] == pytest.approx(0.5)
   assert visible["all/move_frames"] == 2 and visible["menu/move_frames"] == 1
   assert np.isnan(visible["menu/move_r2"]) and visible["menu/accuracy_0"] == pytest.approx(0.5)
@@ -224,13 +229,13 @@ def test_sample_clips_puts_focus_frames_among_the_trained_centres():
   rng = np.random.default_rng(0)
   lengths, length, window = [40, 100], 12, 5
   focus = [np.array([], int), np.array([3, 50])]  # 3: the clip is clamped to the start
-  episode, start = idm.sample_clips(rng, lengths, 500, length, window, focus, 1.0)
+  episode, start = idm_training.sample_clips(rng, lengths, 500, length, window, focus, 1.0)
   assert np.all(episode == 1)
   c = window // 2
   assert all(any(s + c <= f <= s + length - 1 - c for f in focus[1]) for s in start)
   assert {0, 1} <= set(start.tolist())  # both clip positions with frame 3 as a centre
   # Without focus, clips cover both episodes in proportion to their clip positions.
-  episode, start = idm.sample_clips(rng, lengths, 4000, length, window)
+  episode, start = idm_training.sample_clips(rng, lengths, 4000, length, window)
   assert np.mean(episode == 0) == pytest.approx(29 / (29 + 89), abs=0.03)
   assert np.all(start + length <= np.asarray(lengths)[episode])
 
@@ -239,6 +244,6 @@ def test_bad_inputs_raise_clear_errors():
   with pytest.raises(ValueError, match="window must be odd"):
     idm.IDMConfig(window=4)
   with pytest.raises(ValueError, match="uint8"):
-    idm.label(None, TINY, SPEC, np.zeros((3, 32, 32, 3), np.float32))
+    idm_labelling.label(None, TINY, SPEC, np.zeros((3, 32, 32, 3), np.float32))
   with pytest.raises(ValueError, match="divisible by the stem"):
-    idm.init(jax.random.PRNGKey(0), TINY, (30, 30, 3), SPEC)
+    idm_training.init(jax.random.PRNGKey(0), TINY, (30, 30, 3), SPEC)

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from mbjax.envs.spaces import HybridActionSpec
-from mbjax.offline import idm, pipeline, reward_model, skills
+from mbjax.offline import idm, idm_training, pipeline, reward_model, skills
 from mbjax.train import config as config_lib
 from mbjax.train import offline, sharding
 
@@ -55,15 +55,16 @@ def test_idm_fit_on_four_devices_equals_one(mesh):
   rng = np.random.default_rng(0)
   episodes = []
   for _ in range(2):
-    labels = idm.ActionLabels(rng.uniform(-1, 1, (24, 2)).astype(np.float32),
-                              rng.integers(0, 3, (24, 1)).astype(np.int32),
-                              rng.random(24) < 0.8, np.ones(24, bool))
-    episodes.append(idm.Episode(frames(rng, 24), labels))
+    labels = idm_training.ActionLabels(rng.uniform(-1, 1, (24, 2)).astype(np.float32),
+                                       rng.integers(0, 3, (24, 1)).astype(np.int32),
+                                       rng.random(24) < 0.8, np.ones(24, bool))
+    episodes.append(idm_training.Episode(frames(rng, 24), labels))
   cfg = idm.IDMConfig(window=3, stem=4, channels=(8, 8), embed_dim=8, motion_channels=(8,),
                       hidden=8, shift=2)
-  init = jitted_init(idm, cfg, (SIZE, SIZE, 3), SPEC)
-  run = lambda data_sharding: idm.fit(init(), episodes, 2, np.random.default_rng(1), batch=8,
-                                     clip_length=5, data_sharding=data_sharding)
+  init = jitted_init(idm_training, cfg, (SIZE, SIZE, 3), SPEC)
+  run = lambda data_sharding: idm_training.fit(init(), episodes, 2, np.random.default_rng(1),
+                                              batch=8, clip_length=5,
+                                              data_sharding=data_sharding)
   plain, plain_metrics = run(None)
   sharded, sharded_metrics = run(sharding.batch_sharding(mesh, 8, "idm.batch"))
   assert_same(sharded.params, plain.params)

@@ -13,7 +13,7 @@ import numpy as np
 
 from mbjax import files
 from mbjax.offline import chunks as chunks_lib
-from mbjax.offline import idm as idm_lib
+from mbjax.offline import idm_labelling, idm_training
 from mbjax.offline import reward_model as reward_lib
 from mbjax.offline.pipeline import config as config_lib
 from mbjax.offline.pipeline.config import action_spec
@@ -77,7 +77,7 @@ def evaluate_idm(ws: Workspace, cfg) -> dict:
     continuous, discrete = unpack_actions(arrays["actions"], spec)
     pred_c.append(continuous)
     pred_d.append(discrete)
-    true_c.append(idm_lib.norm_clipped(truth["actions_continuous"]))
+    true_c.append(idm_training.norm_clipped(truth["actions_continuous"]))
     true_d.append(truth["actions_discrete"].reshape(len(continuous), -1))
     menu, speed = truth["menu_open"].astype(bool), truth["player_speed"]
     camera = truth_meta(arrays).get("camera", "unknown")
@@ -98,10 +98,11 @@ def evaluate_idm(ws: Workspace, cfg) -> dict:
     for index, m in entries:
       mask[lengths[index]:lengths[index + 1]] = m
     masks[name] = mask
-  pred = idm_lib.IDMLabels(np.concatenate(pred_c), np.concatenate(pred_d), ())
+  pred = idm_labelling.IDMLabels(np.concatenate(pred_c), np.concatenate(pred_d), ())
   # Movement is scored where the video shows it: the game is paused under the menu.
-  result = idm_lib.evaluate_labels(pred, np.concatenate(true_c), np.concatenate(true_d),
-                                   masks, move_visible=~masks["menu"])
+  result = idm_labelling.evaluate_labels(pred, np.concatenate(true_c),
+                                         np.concatenate(true_d), masks,
+                                         move_visible=~masks["menu"])
   return {"idm": result, "skipped": skipped.entries}
 
 

@@ -22,7 +22,7 @@ from absl import logging
 
 from mbjax.envs.spaces import HybridActionSpec
 from mbjax.offline import chunks as chunks_lib
-from mbjax.offline import idm as idm_lib
+from mbjax.offline import idm_labelling, idm_training
 from mbjax.offline import reward_model as reward_lib
 from mbjax.offline import skills as skills_lib
 from mbjax.offline.pipeline import config as config_lib
@@ -35,7 +35,7 @@ from mbjax.offline.pipeline.workspace import (LABELLED, Skipped, Workspace, epis
 from mbjax.train import sharding
 
 # Initialisers run once: one jitted program each, compiled for compile speed.
-_idm_init = jax.jit(idm_lib.init, static_argnums=(1, 2, 3),
+_idm_init = jax.jit(idm_training.init, static_argnums=(1, 2, 3),
                     compiler_options=config_lib.FAST_COMPILE)
 _reward_init = jax.jit(reward_lib.init, static_argnums=(1, 2),
                        compiler_options=config_lib.FAST_COMPILE)
@@ -121,7 +121,7 @@ def _each_chunk(ws: Workspace) -> dict[str, list[str]]:
 
 # -- inverse dynamics model -----------------------------------------------------------------
 
-IDM = ChunkModel("idm", lambda cfg: idm_lib.init(
+IDM = ChunkModel("idm", lambda cfg: idm_training.init(
     jax.random.PRNGKey(0), config_lib.idm_config(cfg), frame_shape(cfg), action_spec(cfg)
 ).params)
 
@@ -138,7 +138,7 @@ def _labelled_episodes(ws: Workspace, spec: HybridActionSpec, skipped: Skipped):
       skipped.add(path, e)
       continue
     valid = arrays.get("actions_valid", np.ones((len(continuous), 2), bool))
-    episodes.append(idm_lib.Episode(arrays["observations"], idm_lib.ActionLabels(
+    episodes.append(idm_training.Episode(arrays["observations"], idm_training.ActionLabels(
         continuous, discrete, valid[:, 0], valid[:, 1])))
   if not episodes:
     raise ValueError(f"idm_train: no chunk in {ws.chunks} carries labelled actions "
@@ -163,11 +163,11 @@ def idm_train(ws: Workspace, cfg) -> dict:
     episodes, focus = _labelled_episodes(ws, spec, skipped)
     discrete = np.concatenate([e.labels.discrete for e in episodes])
     valid = np.concatenate([e.labels.discrete_valid for e in episodes])
-    weights = idm_lib.class_weights_from_labels(discrete, spec, cfg.idm.class_weight_power,
-                                                valid)
+    weights = idm_training.class_weights_from_labels(discrete, spec,
+                                                     cfg.idm.class_weight_power, valid)
     idm_cfg = config_lib.idm_config(cfg)
     state = _idm_init(jax.random.PRNGKey(cfg.seed), idm_cfg, frame_shape(cfg), spec, weights)
-    state, metrics = idm_lib.fit(
+    state, metrics = idm_training.fit(
         state, episodes, cfg.idm.steps, np.random.default_rng(cfg.seed), cfg.idm.batch,
         cfg.idm.clip_length, focus, cfg.idm.focus_fraction, log_fn=IDM.log_progress(cfg),
         log_every=cfg.log_every, data_sharding=data_sharding)
@@ -186,7 +186,7 @@ def idm_label(ws: Workspace, cfg) -> dict:
 
   def new_arrays(paths, parts):
     del paths
-    labels = [idm_lib.label(params, idm_cfg, spec, a["observations"]) for a in parts]
+    labels = [idm_labelling.label(params, idm_cfg, spec, a["observations"]) for a in parts]
     return [{"actions": pack_actions(x.continuous, list(x.probs))} for x in labels]
 
   return IDM.label(ws, cfg, _each_chunk(ws), model_id, new_arrays,

@@ -11,7 +11,7 @@ from absl import logging
 
 from mbjax.offline import chunks as chunks_lib
 from mbjax.offline import ground_truth as ground_truth_lib
-from mbjax.offline import idm as idm_lib
+from mbjax.offline import idm_training
 from mbjax.offline import video as video_lib
 from mbjax.offline.pipeline.config import action_spec
 from mbjax.offline.pipeline.workspace import (Skipped, Workspace, one_hot, pack_actions,
@@ -64,7 +64,7 @@ def attach_labels(ws: Workspace, cfg) -> dict:
     arrays = chunks_lib.read_chunk(path)
     truth = truth_for_chunk(arrays, path)
     discrete = truth["actions_discrete"].reshape(len(truth["rewards"]), -1)
-    actions = pack_actions(idm_lib.norm_clipped(truth["actions_continuous"]),
+    actions = pack_actions(idm_training.norm_clipped(truth["actions_continuous"]),
                            [one_hot(discrete[:, b], n) for b, n in enumerate(spec.branches)])
     valid = np.stack([~truth["menu_open"], np.ones_like(truth["menu_open"])], -1)
     chunks_lib.update_chunk(path, {
