@@ -1,0 +1,100 @@
+"""Labelled actions for chunks from a recording of the same video: the checks that a
+recording and a chunk belong together, which recording step each chunk frame shows, and the
+chunk's `actions` / `actions_valid` in the layout `idm_train` reads.
+
+A recording holds one step per video frame (step t is frame t, as
+`mbjax/envs/bonk_arena/recording.py` and `experiments/record_arena.py` write it):
+`actions_continuous` f32[T, C], `actions_discrete` int[T, K] (or int[T] for one branch), and
+optionally `fps` (must be the video's frame rate) and `menu_open` bool[T] (frames whose move
+is not visible: the continuous label is marked invalid there). Every check raises
+`chunks.ChunkError` naming the file and what was expected.
+"""
+from __future__ import annotations
+
+import math
+from typing import Mapping
+
+import numpy as np
+
+from mbjax.envs.spaces import HybridActionSpec
+from mbjax.offline import chunks as chunks_lib
+from mbjax.offline import idm_training
+from mbjax.offline import video as video_lib
+from mbjax.offline.pipeline.workspace import one_hot, pack_actions
+
+REQUIRED_FIELDS = ("actions_continuous", "actions_discrete")
+
+
+def check_recording(recording: Mapping[str, np.ndarray], spec: HybridActionSpec,
+                    name: str) -> int:
+  """Checks the action fields of a recording against `spec`; returns its step count T."""
+  missing = [k for k in REQUIRED_FIELDS if k not in recording]
+  if missing:
+    raise chunks_lib.ChunkError(f"{name}: missing {missing}; a recording needs "
+                                f"{list(REQUIRED_FIELDS)} (one row per video frame)")
+  continuous = recording["actions_continuous"]
+  steps = len(continuous) if continuous.ndim else 0
+  if continuous.dtype.kind != "f" or continuous.shape != (steps, spec.continuous_dim):
+    raise chunks_lib.ChunkError(
+        f"{name}: actions_continuous: expected float [T, {spec.continuous_dim}], got "
+        f"{continuous.dtype}{list(continuous.shape)}")
+  discrete = _discrete(recording, name, spec, steps)
+  for b, size in enumerate(spec.branches):
+    if steps and (discrete[:, b].min() < 0 or discrete[:, b].max() >= size):
+      raise chunks_lib.ChunkError(
+          f"{name}: actions_discrete[:, {b}] holds {discrete[:, b].min()}..."
+          f"{discrete[:, b].max()}; branch {b} has choices 0..{size - 1}")
+  if "menu_open" in recording and recording["menu_open"].shape != (steps,):
+    raise chunks_lib.ChunkError(f"{name}: menu_open: expected bool [{steps}], got "
+                                f"{list(recording['menu_open'].shape)}")
+  if steps == 0:
+    raise chunks_lib.ChunkError(f"{name}: the recording has no step")
+  return steps
+
+
+def _discrete(recording, name: str, spec: HybridActionSpec, steps: int) -> np.ndarray:
+  discrete = recording["actions_discrete"]
+  if discrete.ndim == 1:
+    discrete = discrete[:, None]
+  if discrete.dtype.kind not in "iu" or discrete.shape != (steps, len(spec.branches)):
+    raise chunks_lib.ChunkError(
+        f"{name}: actions_discrete: expected int [{steps}, {len(spec.branches)}] (the "
+        f"branches {spec.branches}), got {recording['actions_discrete'].dtype}"
+        f"{list(recording['actions_discrete'].shape)}")
+  return discrete
+
+
+def steps_for_chunk(meta: Mapping, length: int, steps: int, recording_fps: float | None,
+                    chunk: str, recording: str) -> np.ndarray:
+  """int64[length]: the recording step each chunk frame shows. Refuses a recording at
+  another frame rate than the video, one shorter than the video's frames in the chunk, and
+  (for the video's last chunk) one that runs on past the video's last frame."""
+  source_fps = float(meta["source_fps"])
+  if recording_fps is not None and not math.isclose(recording_fps, source_fps, rel_tol=1e-3):
+    raise chunks_lib.ChunkError(f"{recording}: recorded at {recording_fps:g} fps, but the "
+                                f"video of {chunk} runs at {source_fps:g} fps")
+  index = video_lib.source_frame_indices(dict(meta), length)
+  if index[-1] >= steps:
+    raise chunks_lib.ChunkError(
+        f"{recording}: {steps} steps, but {chunk} shows video frames up to {index[-1]}; "
+        "expected one recording step per video frame")
+  # The last output frame covers source frames index[-1] .. index[-1] + ⌈source/output⌉ − 1.
+  covered = index[-1] + max(1, math.ceil(source_fps / float(meta["fps"])))
+  if meta.get("last_chunk") and steps > covered:
+    raise chunks_lib.ChunkError(
+        f"{recording}: {steps} steps, but the video of {chunk} ends after frame "
+        f"{covered - 1}; expected one recording step per video frame")
+  return index
+
+
+def chunk_labels(at_frames: Mapping[str, np.ndarray], spec: HybridActionSpec) -> dict:
+  """A chunk's `actions` f32[T, C + Σn] (the applied move, then one-hot choices) and
+  `actions_valid` bool[T, 2] ([continuous, discrete] visible) from the recording's fields
+  taken at the chunk's frames."""
+  length = len(at_frames["actions_continuous"])
+  discrete = np.asarray(at_frames["actions_discrete"]).reshape(length, -1)
+  actions = pack_actions(idm_training.norm_clipped(at_frames["actions_continuous"]),
+                         [one_hot(discrete[:, b], n) for b, n in enumerate(spec.branches)])
+  move_visible = ~np.asarray(at_frames.get("menu_open", np.zeros(length, bool)), bool)
+  return {"actions": actions,
+          "actions_valid": np.stack([move_visible, np.ones(length, bool)], -1)}
