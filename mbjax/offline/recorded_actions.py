@@ -7,11 +7,14 @@ A recording holds one step per video frame (step t is frame t, as
 `actions_continuous` f32[T, C], `actions_discrete` int[T, K] (or int[T] for one branch), and
 optionally `fps` (must be the video's frame rate) and `menu_open` bool[T] (frames whose move
 is not visible: the continuous label is marked invalid there). Every check raises
-`chunks.ChunkError` naming the file and what was expected.
+`chunks.ChunkError` naming the file and what was expected. `label_chunks` (the library
+side of `experiments/label_chunks.py`) reads and writes the files.
 """
 from __future__ import annotations
 
 import math
+import os
+import zipfile
 from typing import Mapping
 
 import numpy as np
@@ -20,7 +23,7 @@ from mbjax.envs.spaces import HybridActionSpec
 from mbjax.offline import chunks as chunks_lib
 from mbjax.offline import idm_training
 from mbjax.offline import video as video_lib
-from mbjax.offline.pipeline.workspace import one_hot, pack_actions
+from mbjax.offline.pipeline.workspace import one_hot, pack_actions, update_meta
 
 REQUIRED_FIELDS = ("actions_continuous", "actions_discrete")
 
@@ -98,3 +101,69 @@ def chunk_labels(at_frames: Mapping[str, np.ndarray], spec: HybridActionSpec) ->
   move_visible = ~np.asarray(at_frames.get("menu_open", np.zeros(length, bool)), bool)
   return {"actions": actions,
           "actions_valid": np.stack([move_visible, np.ones(length, bool)], -1)}
+
+
+def read_recording(path: str) -> dict:
+  """The arrays of a recording `.npz` (never unpickled)."""
+  try:
+    with np.load(path, allow_pickle=False) as npz:
+      return {k: npz[k] for k in npz.files}
+  except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+    raise chunks_lib.ChunkError(f"{path}: not a readable .npz recording "
+                                f"({type(e).__name__}: {e})") from None
+
+
+def video_source(path: str) -> str:
+  """A chunk's `video_source`, or "" for a chunk without one."""
+  try:
+    with np.load(path, allow_pickle=False) as npz:
+      return str(npz["video_source"]) if "video_source" in npz.files else ""
+  except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+    raise chunks_lib.ChunkError(f"{path}: not a readable .npz chunk "
+                                f"({type(e).__name__}: {e})") from None
+
+
+def chunks_of_video(arguments: list[str], video: str) -> list[str]:
+  """The chunks among `arguments` (chunk files, or directories of chunks) cut from `video`
+  (compared less the extension: `foo.npz` stands for `foo.mp4`); a chunk file named on its
+  own that was cut from another video is an error."""
+  stem = os.path.splitext(os.path.realpath(video))[0]
+  found = []
+  for argument in arguments:
+    named = not os.path.isdir(argument)
+    for path in [argument] if named else chunks_lib.list_chunks(argument):
+      source = video_source(path)
+      if source and os.path.splitext(os.path.realpath(source))[0] == stem:
+        found.append(path)
+      elif named:
+        raise chunks_lib.ChunkError(f"{path}: cut from {source or 'no video'!r}, not from "
+                                    f"{stem}.*; expected a chunk of the recording's video")
+  if not found:
+    raise chunks_lib.ChunkError(f"no chunk in {arguments} was cut from {stem}.*: convert "
+                                "that video first, or name it (--video)")
+  return found
+
+
+def label_chunks(arguments: list[str], recording_path: str, spec: HybridActionSpec,
+                 video: str | None = None, compression: str = chunks_lib.DEFAULT_COMPRESSION
+                 ) -> list[str]:
+  """Writes the recording's actions into the chunks of its video among `arguments`
+  (`chunks_of_video`; `video` defaults to `recording_path`'s name) with meta
+  action_labeling "human"; returns their paths. Every chunk is checked before any is
+  written, and each is written atomically."""
+  recording = read_recording(recording_path)
+  steps = check_recording(recording, spec, recording_path)
+  fps = float(recording["fps"]) if "fps" in recording else None
+  updates = {}
+  for path in chunks_of_video(arguments, video or recording_path):
+    arrays = chunks_lib.read_chunk(path)
+    meta = chunks_lib.decode_meta(arrays["meta"], path)
+    index = steps_for_chunk(meta, len(arrays["observations"]), steps, fps, path,
+                            recording_path)
+    at_frames = {k: v[index] for k, v in recording.items() if v.ndim and len(v) == steps}
+    updates[path] = {**chunk_labels(at_frames, spec),
+                     "meta": update_meta(arrays, path, action_labeling="human",
+                                         action_source=os.path.abspath(recording_path))}
+  for path, new_arrays in updates.items():
+    chunks_lib.update_chunk(path, new_arrays, compression)
+  return list(updates)
