@@ -11,6 +11,7 @@ from configs import video_pretrain
 from mbjax.envs.bonk_arena import recording as recording_lib
 from mbjax.offline import chunks, pipeline, recorded_actions
 from mbjax.offline.pipeline import config as config_lib
+from mbjax.offline.pipeline import workspace
 from mbjax.train import config as train_config
 
 FRAMES, FPS, CHUNK = 20, 10, 10
@@ -73,6 +74,8 @@ def test_a_recording_labels_its_videos_chunks_and_idm_train_takes_them(converted
       assert arrays["actions_valid"][j].tolist() == [not truth["menu_open"][step], True]
   assert all(_labelling(p) == "none" for p in chunks.list_chunks(chunk_dir)
              if "play_b" in p)
+  # Actions without per-step rewards label chunks; they are not ground truth for `eval`.
+  assert workspace.truth_for_chunk(chunks.read_chunk(labelled[0]), labelled[0]) is None
   info = pipeline.run(str(root / "work"), cfg, "idm_train")["idm_train"]
   assert info["chunks"] == 2 and info["frames"] == 2 * CHUNK
 
