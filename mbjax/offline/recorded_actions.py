@@ -144,18 +144,35 @@ def chunks_of_video(arguments: list[str], video: str) -> list[str]:
   return found
 
 
+def video_frames(chunk_dir: str, video: str) -> int | None:
+  """The frames `video` decoded to when `chunk_dir` was converted (its manifest's duration
+  × frame rate), or None when the manifest does not list it."""
+  target = os.path.realpath(video)
+  for entry in chunks_lib.load_manifest(chunk_dir)["sources"].values():
+    if entry.get("status") == "done" and os.path.realpath(entry.get("path", "")) == target:
+      return round(entry["duration_s"] * entry["source_fps"])
+  return None
+
+
 def label_chunks(arguments: list[str], recording_path: str, spec: HybridActionSpec,
                  video: str | None = None, compression: str = chunks_lib.DEFAULT_COMPRESSION
                  ) -> list[str]:
   """Writes the recording's actions into the chunks of its video among `arguments`
   (`chunks_of_video`; `video` defaults to `recording_path`'s name) with meta
-  action_labeling "human"; returns their paths. Every chunk is checked before any is
-  written, and each is written atomically."""
+  action_labeling "human"; returns their paths. The recording must have a step per frame of
+  the video (`video_frames`, or else what `steps_for_chunk` can check); every chunk is
+  checked before any is written, and each is written atomically."""
   recording = read_recording(recording_path)
   steps = check_recording(recording, spec, recording_path)
   fps = float(recording["fps"]) if "fps" in recording else None
   updates = {}
   for path in chunks_of_video(arguments, video or recording_path):
+    source = video_source(path)
+    frames = video_frames(os.path.dirname(path), source)
+    if frames is not None and frames != steps:
+      raise chunks_lib.ChunkError(
+          f"{recording_path}: {steps} steps, but {source} has {frames} frames (the manifest "
+          "of its chunks); expected one recording step per video frame")
     arrays = chunks_lib.read_chunk(path)
     meta = chunks_lib.decode_meta(arrays["meta"], path)
     index = steps_for_chunk(meta, len(arrays["observations"]), steps, fps, path,

@@ -81,8 +81,8 @@ def test_a_recording_labels_its_videos_chunks_and_idm_train_takes_them(converted
 
 
 @pytest.mark.parametrize("fields, message", [
-    ({"steps": FRAMES - 1}, "19 steps, but {chunk} shows video frames up to 19"),
-    ({"steps": FRAMES + 3}, "23 steps, but the video of {chunk} ends after frame 19"),
+    ({"steps": FRAMES - 1}, "19 steps, but {video} has 20 frames (the manifest"),
+    ({"steps": FRAMES + 3}, "23 steps, but {video} has 20 frames (the manifest"),
     ({"fps": np.int32(25)}, "recorded at 25 fps, but the video of {chunk} runs at 10 fps"),
     ({"actions_discrete": None}, "missing ['actions_discrete']; a recording needs"),
     ({"actions_discrete": np.full((FRAMES, 1), 4, np.int32)},
@@ -97,10 +97,28 @@ def test_a_mismatched_recording_is_refused_naming_the_file_and_nothing_is_writte
   _recording(path, fields.pop("steps", FRAMES), **fields)
   with pytest.raises(chunks.ChunkError) as error:
     recorded_actions.label_chunks(play_b, path, config_lib.action_spec(cfg))
-  # Every error names the recording; a frame-count error also the chunk that does not fit.
-  chunk = play_b[0] if "fps" in message else play_b[-1]
-  assert str(error.value).startswith(path) and message.format(chunk=chunk) in str(error.value)
+  video = str(root / "videos" / "play_b.mp4")
+  assert str(error.value).startswith(path)
+  assert message.format(chunk=play_b[0], video=video) in str(error.value)
   assert [_labelling(p) for p in play_b] == ["none", "none"]
+
+
+def test_steps_for_a_resampled_chunk_and_the_recordings_it_refuses():
+  """A 30 fps video cut at 10 fps: output frame j shows video frame 3j; without a manifest,
+  the video's last chunk bounds the recording at 12 steps (its last frame covers 9..11)."""
+  meta = {"source_fps": 30.0, "fps": 10.0, "start_frame": 0, "timeline_start_s": 0.0,
+          "last_chunk": True}
+  for steps in (10, 11, 12):
+    assert recorded_actions.steps_for_chunk(meta, 4, steps, 30.0, "c", "r").tolist() == [
+        0, 3, 6, 9]
+  with pytest.raises(chunks.ChunkError, match="^r: 9 steps, but c shows video frames up to 9"):
+    recorded_actions.steps_for_chunk(meta, 4, 9, None, "c", "r")
+  with pytest.raises(chunks.ChunkError, match="^r: 13 steps, but the video of c ends after "
+                     "frame 11"):
+    recorded_actions.steps_for_chunk(meta, 4, 13, None, "c", "r")
+  # Not the video's last chunk: a longer recording is the rest of the video.
+  assert recorded_actions.steps_for_chunk({**meta, "last_chunk": False}, 4, 40, None, "c",
+                                          "r")[-1] == 9
 
 
 def test_a_chunk_of_another_video_is_refused(converted):
