@@ -1,10 +1,14 @@
 """The offline video pipeline (mbjax/offline/pipeline/): gameplay video → chunks → IDM
 actions → video rewards → episodes → skill tokens → offline world model and dream policy.
 
-Your own videos (a directory of .mp4/.mkv/.webm/.avi files):
+Your own videos (a directory of .mp4/.mkv/.webm/.avi files; README, "Your own videos"):
+  python -m experiments.video_pretrain --config=configs/video_pretrain.py \\
+      --config.source.video_dir=path/to/videos --workdir=runs/video --phase=convert
+  python -m experiments.label_chunks --config=configs/video_pretrain.py \\
+      --chunks=runs/video/chunks --recording=path/to/videos/<name>.npz
   python -m experiments.video_pretrain --config=configs/video_pretrain.py \\
       --config.source.video_dir=path/to/videos --workdir=runs/video
-  (idm_train needs some chunks with labelled `actions`: meta action_labeling "human".)
+  (idm_train learns from the chunks label_chunks marks human-labelled.)
 
 Validation against ground truth (`:arena`): records BonkArena gameplay (scripted, random and
 trained policies, fixed and player-following cameras, two palettes) with its true actions,
@@ -12,7 +16,8 @@ labels 10% of the chunks with them, runs every phase and prints the report table
   python -m experiments.video_pretrain --config=configs/video_pretrain.py:arena \\
       --config.ground_truth.checkpoint=runs/arena_base --workdir=runs/video_arena
 (`checkpoint`: the trained policy's run directory; the default, runs/arena_ppo, is where
-`make train` writes.) Expected (measured 2026-11-26 on the 2-core CPU, 42.5 min; BENCHMARKS.md,
+`make train` writes; relative to the directory the command runs from, and checked before
+the first phase.) Expected (measured 2026-11-26 on the 2-core CPU, 42.5 min; BENCHMARKS.md,
 "Offline video pipeline"), on the 90% of chunks the IDM labels (23,502 frames): menu-card
 accuracy 0.992 on menu frames (0.997 on all), movement R² 0.913 on the frames whose move is
 visible (fixed camera 0.88, following 0.95); reward-model Spearman 0.830 against true

@@ -46,7 +46,7 @@ from typing import Callable, NamedTuple
 import ml_collections
 from absl import logging
 
-from mbjax.offline.pipeline import evaluation, learners, models, sources
+from mbjax.offline.pipeline import config, evaluation, learners, models, sources
 # The schema and the work directory's I/O, as configs/, experiments/ and the tests use them.
 from mbjax.offline.pipeline.config import base_config
 from mbjax.offline.pipeline.workspace import (Workspace, load_model, pack_actions, save_model,
@@ -99,11 +99,14 @@ def resolve_phases(phase: str, cfg: ml_collections.ConfigDict) -> list[str]:
 
 
 def run(workdir: str, cfg: ml_collections.ConfigDict, phase: str = "all") -> dict:
-  """Runs `phase` (see `resolve_phases`) under `workdir`; returns {phase: info}."""
+  """Runs `phase` (see `resolve_phases`) under `workdir`; returns {phase: info}. The config's
+  paths are checked first (`config.resolve_paths`): a wrong one fails before any phase."""
+  names = resolve_phases(phase, cfg)
+  cfg = config.resolve_paths(cfg, names)
   ws = Workspace(workdir, cfg)
   functions = {p.name: p.fn for p in REGISTRY}
   results = {}
-  for name in resolve_phases(phase, cfg):
+  for name in names:
     started = time.time()
     logging.info("phase %s: starting", name)
     info = functions[name](ws, cfg)

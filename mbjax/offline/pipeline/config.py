@@ -5,6 +5,7 @@ the XLA compile options.
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import ml_collections
 from jax.sharding import Mesh
@@ -23,6 +24,10 @@ from mbjax.train import sharding
 # measured 2026-11-26). Initialisers run once, so they always compile this way, as one
 # jitted program each rather than one eager compilation per parameter shape.
 FAST_COMPILE = {"xla_backend_optimization_level": 0}
+# The config's path fields. A relative path is relative to the directory the command runs
+# from, as `--workdir` is (every documented command runs from the repository root, where
+# `make train` writes runs/arena_ppo); `resolve_paths` makes them absolute and checks them.
+PATH_FIELDS = ("source.video_dir", "source.rlds_dir", "ground_truth.checkpoint")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -116,6 +121,39 @@ def base_config() -> ml_collections.ConfigDict:
   cfg.eval.max_steps = 1500
   cfg.eval.speed_bins = (0.05, 0.25)  # player speed (world units / frame) bin edges
   return cfg
+
+
+def resolve_paths(cfg: ml_collections.ConfigDict, phases: list[str],
+                  base: str | None = None) -> ml_collections.ConfigDict:
+  """A copy of `cfg` with its `PATH_FIELDS` made absolute against `base` (default: the
+  current directory), after checking that each path the `phases` will read exists, so a
+  wrong path fails here, in one line naming the field, not after hours of earlier phases.
+  Raises `ConfigError`."""
+  base = os.path.abspath(base or os.getcwd())
+  resolved = cfg.copy_and_resolve_references()
+  for field in PATH_FIELDS:
+    section, key = field.split(".")
+    if resolved[section][key]:
+      resolved[section][key] = os.path.join(base, os.path.expanduser(resolved[section][key]))
+
+  def require(field: str, path: str, what: str, remedy: str) -> None:
+    if not path or not os.path.exists(path):
+      shown = f"{path} (relative paths are resolved against {base})" if path else "empty"
+      raise learner_config.ConfigError(f"{field}: {shown}: expected {what}; {remedy}")
+
+  gt, source = resolved.ground_truth, resolved.source
+  if "ground_truth" in phases and "checkpoint" in gt.policies:
+    require("ground_truth.checkpoint", gt.checkpoint and os.path.join(gt.checkpoint,
+                                                                      "config.json"),
+            "the workdir of a training run (its config.json) for the 'checkpoint' policy",
+            "train one there (make train) or pass --config.ground_truth.checkpoint=<workdir>")
+  if source.video_dir and "convert" in phases and "ground_truth" not in phases:
+    require("source.video_dir", source.video_dir, "a directory of videos",
+            "pass --config.source.video_dir=<your videos>")
+  if source.rlds_dir and {"world_model", "dream"} & set(phases):
+    require("source.rlds_dir", os.path.join(source.rlds_dir, "dataset_info.json"),
+            "an RLDS dataset (its dataset_info.json)", "export one with experiments.export_rlds")
+  return resolved
 
 
 def _section(hyperparameters) -> ml_collections.ConfigDict:

@@ -11,11 +11,11 @@ from absl import logging
 
 from mbjax.offline import chunks as chunks_lib
 from mbjax.offline import ground_truth as ground_truth_lib
-from mbjax.offline import idm_training
+from mbjax.offline import recorded_actions
 from mbjax.offline import video as video_lib
 from mbjax.offline.pipeline.config import action_spec
-from mbjax.offline.pipeline.workspace import (Skipped, Workspace, one_hot, pack_actions,
-                                              readable_chunks, truth_for_chunk, update_meta)
+from mbjax.offline.pipeline.workspace import (Skipped, Workspace, readable_chunks,
+                                              truth_for_chunk, update_meta)
 
 
 def ground_truth(ws: Workspace, cfg) -> dict:
@@ -62,14 +62,9 @@ def attach_labels(ws: Workspace, cfg) -> dict:
   for i in chosen:
     path = candidates[i]
     arrays = chunks_lib.read_chunk(path)
-    truth = truth_for_chunk(arrays, path)
-    discrete = truth["actions_discrete"].reshape(len(truth["rewards"]), -1)
-    actions = pack_actions(idm_training.norm_clipped(truth["actions_continuous"]),
-                           [one_hot(discrete[:, b], n) for b, n in enumerate(spec.branches)])
-    valid = np.stack([~truth["menu_open"], np.ones_like(truth["menu_open"])], -1)
+    labels = recorded_actions.chunk_labels(truth_for_chunk(arrays, path), spec)
     chunks_lib.update_chunk(path, {
-        "actions": actions, "actions_valid": valid.astype(bool),
-        "meta": update_meta(arrays, path, action_labeling="ground_truth")},
+        **labels, "meta": update_meta(arrays, path, action_labeling="ground_truth")},
                             cfg.convert.compression)
   return {"labelled_chunks": [os.path.basename(candidates[i]) for i in chosen],
           "candidates": len(candidates), "skipped": skipped.entries}

@@ -151,7 +151,8 @@ def unpack_actions(actions: np.ndarray, spec: HybridActionSpec):
 
 def truth_for_chunk(arrays: dict, name: str) -> dict | None:
   """The ground-truth arrays of a chunk's frames (from the `.npz` beside its source video,
-  one entry per recorded frame), or None when the source has none."""
+  one entry per recorded frame), or None when the source has none (a recording of actions
+  alone, without per-step `rewards` and `fps`, is a labelling source, not ground truth)."""
   source = str(arrays["video_source"]) if "video_source" in arrays else ""
   truth_path = os.path.splitext(source)[0] + ".npz"
   if not source or not os.path.exists(truth_path):
@@ -159,6 +160,8 @@ def truth_for_chunk(arrays: dict, name: str) -> dict | None:
   meta = chunks_lib.decode_meta(arrays["meta"], name)
   with np.load(truth_path, allow_pickle=False) as npz:
     truth = {k: npz[k] for k in npz.files}
+  if "rewards" not in truth or "fps" not in truth:
+    return None
   ground_truth_lib.check_rules_version(
       {truth_path: json.loads(str(truth.get("meta", "{}")))}, truth_path)
   steps = len(truth["rewards"])
