@@ -64,17 +64,6 @@ class LatentCarry:
   prev_action: jax.Array  # f32[E, A], model vector of a_{t−1}
 
 
-class Transition(flax.struct.PyTreeNode):
-  """One env step of one env as the replay stores it (the model's action vector)."""
-
-  obs: jax.Array
-  action: jax.Array
-  reward: jax.Array
-  terminated: jax.Array
-  is_first: jax.Array
-  mask: jax.Array
-
-
 # Folded into the init and update keys for CPQE, leaving the other learners' splits alone.
 _CPQE_STREAM = 0x43505145
 
@@ -173,7 +162,8 @@ def init_replay(learners: Learners, num_envs: int, obs_shape, obs_dtype):
   if not learners.enabled:
     return ()
   spec = learners.spec
-  example = Transition(
+  # One env step as the replay stores it: a `Sequence` without its time axis.
+  example = wm_lib.Sequence(
       obs=jnp.zeros(tuple(obs_shape), obs_dtype),
       action=jnp.zeros((wm_lib.action_vector_size(spec),), jnp.float32),
       reward=jnp.zeros((), jnp.float32), terminated=jnp.zeros((), bool),
@@ -279,8 +269,9 @@ def update(agent: ppo.PPOState, aux: AuxState, replay, rollout: ppo.Rollout, key
     metrics = {**metrics, **cpqe_metrics}
   if not learners.enabled:
     return agent, aux, replay, metrics
-  transitions = Transition(rollout.obs, _model_actions(rollout.action, learners),
-                           rollout.reward, rollout.terminated, rollout.is_first, rollout.mask)
+  transitions = wm_lib.Sequence(rollout.obs, _model_actions(rollout.action, learners),
+                                rollout.reward, rollout.terminated, rollout.is_first,
+                                rollout.mask)
   replay = replay_lib.add_streams(replay, jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1),
                                                        transitions))
   aux, model_metrics = train_from_replay(aux, replay, aux_key, learners=learners,
@@ -308,9 +299,7 @@ def train_from_replay(aux: AuxState, replay, key, *, learners: Learners,
   def one_update(aux, update_key):
     sample_key, learn_key = jax.random.split(update_key)
     windows = replay_lib.sample_windows(replay, sample_key, local_batch, length)
-    sequence = wm_lib.Sequence(windows.obs, windows.action, windows.reward,
-                               windows.terminated, windows.is_first.at[0].set(True),
-                               windows.mask)
+    sequence = windows._replace(is_first=windows.is_first.at[0].set(True))
     return model_update(aux, sequence, learn_key, learners=learners, axis_name=axis_name)
 
   def train(aux):

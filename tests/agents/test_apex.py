@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from mbjax.agents import apex, ppo
+from mbjax.agents import world_model as wm_lib
 from mbjax.data import replay as replay_lib
 from mbjax.train import config as config_lib
 
@@ -87,7 +88,7 @@ def test_model_updates_wait_for_the_prefill(small_config, spec):
   aux = apex.init(jax.random.PRNGKey(1), learners, (5,), jnp.float32)
   replay = apex.init_replay(learners, 2, (5,), jnp.float32)
   rollout = _rollout(np.random.default_rng(4), spec)
-  transitions = apex.Transition(rollout.obs, jnp.zeros((16, 2, 5)), rollout.reward,
+  transitions = wm_lib.Sequence(rollout.obs, jnp.zeros((16, 2, 5)), rollout.reward,
                                 rollout.terminated, rollout.is_first, rollout.mask)
   add = lambda r: replay_lib.add_streams(r, jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1),
                                                          transitions))

@@ -41,17 +41,26 @@ class _SignBandit(Environment):
     return HybridActionSpec(continuous_dim=0, branches=(2,))
 
 
-@pytest.mark.slow
-def test_latent_actor_learns_a_bandit_through_imagination():
+def _dreamer_config(envs, steps, rollouts, width, latents):
+  """The base config with the dream actor served (EFE off), `rollouts` rollouts of envs ×
+  steps, and a world model and actor-critic of `width` units, latents (stoch, classes)."""
   cfg = config_lib.base_config()
   cfg.served.policy = "dreamer"
   cfg.efe.enabled = False
-  cfg.num_envs, cfg.ppo.num_steps = 8, 16
-  cfg.total_env_steps = 8 * 16 * 80
-  cfg.world_model.update(deter=32, blocks=2, stoch=4, classes=4, hidden=32)
+  cfg.num_envs, cfg.ppo.num_steps = envs, steps
+  cfg.total_env_steps = envs * steps * rollouts
+  stoch, classes = latents
+  cfg.world_model.update(deter=width, blocks=2, stoch=stoch, classes=classes, hidden=width)
+  cfg.dream.hidden_sizes = (width,)
+  return cfg
+
+
+@pytest.mark.slow
+def test_latent_actor_learns_a_bandit_through_imagination():
+  cfg = _dreamer_config(envs=8, steps=16, rollouts=80, width=32, latents=(4, 4))
   cfg.replay.update(capacity=8 * 256, batch_size=8, seq_len=8, burn_in=2, train_ratio=8.0,
                     prefill=256)
-  cfg.dream.update(hidden_sizes=(32,), horizon=5)
+  cfg.dream.horizon = 5
   base = config_lib.base_config()  # the learning rates stay the shipped ones
   for section in ("world_model", "dream"):
     for field in ("lr", "actor_lr", "critic_lr"):
@@ -77,15 +86,10 @@ def test_a_resumed_dreamer_run_is_bitwise_the_uninterrupted_one(tmp_path):
   fresh process's abstract state, 2 more updates equal 4 updates in one go — replay
   contents and cursor, world model, actor-critic, optimiser states and RNG alike. Prefill
   is crossed after the restore, so the restored replay is what the model trains on."""
-  cfg = config_lib.base_config()
-  cfg.served.policy = "dreamer"
-  cfg.efe.enabled = False
-  cfg.num_envs, cfg.ppo.num_steps = 4, 8
-  cfg.total_env_steps = 4 * 8 * 4
-  cfg.world_model.update(deter=16, blocks=2, stoch=2, classes=2, hidden=16)
+  cfg = _dreamer_config(envs=4, steps=8, rollouts=4, width=16, latents=(2, 2))
   cfg.replay.update(capacity=4 * 64, batch_size=4, seq_len=4, burn_in=1, train_ratio=1.0,
                     prefill=96)
-  cfg.dream.update(hidden_sizes=(16,), horizon=3)
+  cfg.dream.horizon = 3
   config_lib.validate(cfg)
   trainer = anakin.make_train(cfg, _SignBandit(), ())
   update = jax.jit(trainer.update)
