@@ -244,10 +244,12 @@ def distill_coef(served: ml_collections.ConfigDict, progress: jax.Array | float)
 def update(agent: ppo.PPOState, aux: AuxState, replay, rollout: ppo.Rollout, key, *,
            learners: Learners, network, optimizer, axis_name: str | None = None,
            progress: jax.Array | float = 0.0,
-           coefficients: ppo.LossCoefficients | None = None):
+           coefficients: ppo.LossCoefficients | None = None,
+           store: jax.Array | bool = True):
   """One apex learner step; returns (agent, aux, replay, metrics). `progress` is the
   fraction of the run's updates done before this one (for `served.distill_schedule`);
-  `coefficients` override the config's PPO loss coefficients."""
+  `coefficients` override the config's PPO loss coefficients; the rollout goes into the
+  replay only where `store` (the same on every device: the streams stay equally full)."""
   cfg = learners.cfg
   rollout = jax.tree.map(jnp.asarray, rollout)
   ppo_key, teacher_key, aux_key = jax.random.split(key, 3)
@@ -272,8 +274,11 @@ def update(agent: ppo.PPOState, aux: AuxState, replay, rollout: ppo.Rollout, key
   transitions = wm_lib.Sequence(rollout.obs, _model_actions(rollout.action, learners),
                                 rollout.reward, rollout.terminated, rollout.is_first,
                                 rollout.mask)
-  replay = replay_lib.add_streams(replay, jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1),
-                                                       transitions))
+  # The replay passes through the untaken branch unchanged, so it is updated in place.
+  replay = jax.lax.cond(
+      store, lambda r: replay_lib.add_streams(r, jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1),
+                                                              transitions)),
+      lambda r: r, replay)
   aux, model_metrics = train_from_replay(aux, replay, aux_key, learners=learners,
                                          axis_name=axis_name)
   return agent, aux, replay, {**metrics, **model_metrics}

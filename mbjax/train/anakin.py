@@ -176,16 +176,18 @@ def make_train(cfg: ml_collections.ConfigDict, env: Environment, env_params: Any
           rollout.value, last_value, rollout.next_value, rollout.terminated,
           rollout.truncated))
     key, update_key = jax.random.split(runner.key)
+    finite_rollout = finite.all_finite((rollout.obs, rollout.reward))
+    if axis_name is not None:
+      finite_rollout = jax.lax.pmin(finite_rollout.astype(jnp.int32), axis_name) > 0
     agent, aux, replay, metrics = apex.update(
         runner.agent, runner.aux, runner.replay, rollout, update_key, learners=learners,
         network=network, optimizer=optimizer, axis_name=axis_name,
-        progress=runner.update_step / num_updates, coefficients=coefficients)
+        progress=runner.update_step / num_updates, coefficients=coefficients,
+        store=finite_rollout)
     # A non-finite observation, reward, loss or result skips the update (counted); a
     # non-finite rollout also stays out of the replay.
     (agent, aux), metrics = finite.guard((runner.agent, runner.aux), (agent, aux), rollout.obs,
                                          rollout.reward, metrics, axis_name)
-    replay = jax.lax.cond(metrics["nonfinite/obs"] + metrics["nonfinite/reward"] > 0,
-                          lambda: runner.replay, lambda: replay)
     episodes = _psum(done.sum(), axis_name)
     metrics["episode/count"] = episodes
     for name, value in ended.items():
