@@ -73,3 +73,45 @@ def test_pixel_world_model_decodes_frames_of_the_observed_shape_and_updates(smal
   decoder = lambda p: jax.tree.leaves(p["params"]["decoder"])
   assert any(not np.array_equal(a, b) for a, b in zip(decoder(state.params),
                                                       decoder(new.params)))
+
+
+@pytest.mark.parametrize("obs_shape", [(5,), (16, 16, 3)], ids=["vector", "pixels"])
+def test_the_decoder_std_likelihood_trains_only_the_std_layer(small_config, spec, obs_shape):
+  """The std's term of the decoder likelihood, (residual / σ)² / 2 + log σ with the residual
+  held fixed, grows without bound as σ shrinks; it must train σ's own layer and nothing the
+  mean reads (hidden layers, latent state, encoder), or it outweighs the squared error and
+  the decoder learns only the observations' mean. Its gradient is zero everywhere else; the
+  squared error's gradient reaches the hidden layers but not σ's layer."""
+  cfg = small_config()
+  cfg.world_model.cnn_depth = 4
+  model = wm_lib.make_world_model(cfg.world_model, obs_shape, spec)
+  optimizer = wm_lib.make_optimizer(cfg.world_model)
+  dtype = jnp.uint8 if len(obs_shape) == 3 else jnp.float32
+  params = wm_lib.init(jax.random.PRNGKey(0), model, optimizer, obs_shape, dtype, 5).params
+  # σ's layer starts at zero, which passes no gradient back at all; give it trained-like
+  # weights so that only the stop-gradient can keep its term away from the hidden layers.
+  params = jax.tree_util.tree_map_with_path(
+      lambda path, x: (0.1 * jax.random.normal(jax.random.PRNGKey(3), x.shape)
+                       if "log_std" in jax.tree_util.keystr(path) else x), params)
+  features = jax.random.normal(jax.random.PRNGKey(1), (3, cfg.world_model.deter + 16))
+  target = jax.random.uniform(jax.random.PRNGKey(2), (3,) + obs_shape)
+
+  def decoder_terms(params, features):
+    mean, std = model.apply(params, features, method=wm_lib.WorldModel.decode)
+    residual = jax.lax.stop_gradient(mean) - target
+    return (0.5 * jnp.square(residual / std) + jnp.log(std)).sum(), jnp.square(mean - target).sum()
+
+  std_grads, std_feature_grad = jax.grad(lambda p, f: decoder_terms(p, f)[0], (0, 1))(
+      params, features)
+  mean_grads = jax.grad(lambda p: decoder_terms(p, features)[1])(params)
+  decoder = lambda g: g["params"]["decoder"]
+  assert float(jnp.abs(std_feature_grad).max()) == 0.0
+  for name, layer in decoder(std_grads).items():
+    size = sum(float(jnp.abs(x).sum()) for x in jax.tree.leaves(layer))
+    assert (size > 0.0) == (name == "log_std"), name
+  assert all(float(jnp.abs(x).max()) == 0.0
+             for x in jax.tree.leaves(decoder(mean_grads)["log_std"]))
+  hidden = [name for name in decoder(mean_grads) if name not in ("log_std", "mean", "out")]
+  assert hidden and all(
+      sum(float(jnp.abs(x).sum()) for x in jax.tree.leaves(decoder(mean_grads)[name])) > 0.0
+      for name in hidden)
