@@ -139,3 +139,32 @@ def test_empty_directory_and_missing_run_config(tmp_path):
   (tmp_path / "config.json").write_text('{"seed": ')
   with pytest.raises(checkpoint_lib.RunNotFoundError, match="not valid JSON"):
     checkpoint_lib.read_run_config(str(tmp_path))
+
+
+def test_a_state_of_another_layout_is_incompatible_not_damage(tmp_path):
+  """A checkpoint whose pytree differs from the one this code builds (a field added to the
+  runner state since it was written) raises the incompatibility, naming the step, and is not
+  skipped or set aside as damage."""
+  cfg = write_steps(tmp_path, [10])
+  grown = {**LIKE, "latent": jax.ShapeDtypeStruct((4,), jnp.float32)}
+  checkpointer = checkpoint_lib.Checkpointer(str(tmp_path), keep=5)
+  with pytest.raises(checkpoint_lib.IncompatibleCheckpointError, match=r"/10 holds a state of "
+                     r"another layout"):
+    checkpointer.restore_latest(grown, cfg, set_aside=True)
+  checkpointer.close()
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["10"]
+
+
+def test_a_run_config_written_before_a_field_existed_reads_with_its_default(tmp_path):
+  """config.json of an older run lacks fields added since (and keeps sections of its own):
+  read back, the missing fields hold their base_config() defaults, which keep the earlier
+  behaviour."""
+  saved = config_lib.base_config().to_dict()
+  del saved["served"]["policy"]
+  del saved["replay"]
+  saved["population"] = {"size": 4}
+  (tmp_path / "config.json").write_text(__import__("json").dumps(saved))
+  cfg = checkpoint_lib.read_run_config(str(tmp_path))
+  assert cfg.served.policy == config_lib.base_config().served.policy
+  assert cfg.replay.to_dict() == config_lib.base_config().replay.to_dict()
+  assert cfg.population.size == 4

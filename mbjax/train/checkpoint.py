@@ -49,6 +49,9 @@ class CheckpointNotSavedError(CheckpointError):
 # What orbax and TensorStore raise for a damaged checkpoint: JSONDecodeError (a ValueError)
 # for truncated metadata, ValueError for a broken array store, KeyError for a missing item.
 _READ_ERRORS = (ValueError, KeyError, OSError)
+# What orbax says when the checkpoint's pytree is not the one asked for: the code changed the
+# state's layout, which is not damage.
+_LAYOUT_MISMATCH = ("tree structures do not match", "Structure mismatch")
 
 
 def read_run_config(workdir: str) -> ml_collections.ConfigDict:
@@ -59,9 +62,23 @@ def read_run_config(workdir: str) -> ml_collections.ConfigDict:
                            "(experiments/train.py writes config.json there)")
   try:
     with open(path) as f:
-      return ml_collections.ConfigDict(json.load(f))
+      saved = json.load(f)
   except json.JSONDecodeError as e:
     raise RunNotFoundError(f"{path} is not valid JSON ({e})") from None
+  return ml_collections.ConfigDict(_with_defaults(saved, config_lib.base_config().to_dict()))
+
+
+def _with_defaults(saved: dict, defaults: dict) -> dict:
+  """`saved` with the `base_config()` fields it lacks at their defaults: fields are added
+  with defaults that keep the earlier behaviour (as `config.incompatible_fields` assumes),
+  so a run written before a field existed reads as it ran."""
+  merged = dict(saved)
+  for key, default in defaults.items():
+    if key not in merged:
+      merged[key] = default
+    elif isinstance(default, dict) and isinstance(merged[key], dict):
+      merged[key] = _with_defaults(merged[key], default)
+  return merged
 
 
 class Checkpointer:
@@ -109,8 +126,16 @@ class Checkpointer:
       raise IncompatibleCheckpointError(
           f"checkpoint {self.directory}/{step} was written with a different config; use a "
           "new --workdir or the original config. Differences:\n  " + "\n  ".join(differences))
-    restored = self._manager.restore(
-        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
+    try:
+      restored = self._manager.restore(
+          step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
+    except ValueError as error:
+      if not any(marker in str(error) for marker in _LAYOUT_MISMATCH):
+        raise
+      raise IncompatibleCheckpointError(
+          f"checkpoint {self.directory}/{step} holds a state of another layout than this "
+          "code builds for its config (written by another version of mbjax?); retrain in a "
+          "new --workdir, or restore it with the code that wrote it") from None
     return restored["state"]
 
   def restore_latest(self, abstract_state: Any, cfg: ml_collections.ConfigDict, *,
