@@ -3,6 +3,7 @@ by hand: which starts stay in one episode, and the copy-last baseline."""
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from experiments import bench_world_model
 from mbjax.agents import apex
@@ -39,3 +40,48 @@ def test_open_loop_masks_episode_ends_and_copy_last_is_by_hand():
     np.testing.assert_allclose(copy_error[t, :, k - 1], expected, rtol=1e-5)
     np.testing.assert_allclose(real[t, :, k - 1], data["reward"][t + k - 1])
   assert np.isfinite(model_error).all() and np.isfinite(predicted).all()
+
+
+def test_play_records_each_step_before_the_action_and_restarts_finished_episodes():
+  """`play` with a carry-less policy: step t holds the observation and mask the action was
+  chosen on, the action as the model's vector, and is_first exactly after a finished
+  episode (BonkArena with a short time limit, random actions)."""
+  from mbjax.envs import registry
+  from mbjax.envs.bonk_arena import random_policy
+  from mbjax.agents import world_model as wm_lib
+
+  env, params = registry.make("bonk_arena", observation="vector")
+  params = params.replace(time_limit=12)
+  spec = env.action_spec(params)
+  envs, length = 3, 40
+  data = jax.device_get(jax.jit(lambda k: bench_world_model.play(
+      env, params, spec, bench_world_model._Stateless(random_policy), envs, length, k))(
+          jax.random.PRNGKey(0)))
+  assert data["obs"].shape[:2] == (length, envs)
+  assert data["action"].shape == (length, envs, wm_lib.action_vector_size(spec))
+  done = data["terminated"] | data["truncated"]
+  assert done.any()
+  np.testing.assert_array_equal(data["is_first"][0], True)
+  np.testing.assert_array_equal(data["is_first"][1:], done[:-1])
+  masks = jax.vmap(jax.vmap(env.action_mask, in_axes=(0, None)), in_axes=(0, None))(
+      data["state"], params)
+  np.testing.assert_array_equal(data["mask"], masks)
+
+
+def test_copy_last_ratios_and_reward_pearson_by_hand():
+  horizon = bench_world_model.HORIZON
+  rng = np.random.default_rng(0)
+  model_error = rng.uniform(size=(6, 2, horizon))
+  copy_error = rng.uniform(0.5, 1.0, size=(6, 2, horizon))
+  inside = np.ones((6, 2, horizon), bool)
+  inside[4:, 1, 3:] = False
+  ratios = bench_world_model.copy_last_ratios(model_error, copy_error, inside)
+  k = 5
+  keep = inside[..., k]
+  assert ratios.shape == (horizon,)
+  np.testing.assert_allclose(ratios[k], model_error[..., k][keep].mean()
+                             / copy_error[..., k][keep].mean())
+  real = rng.normal(size=(6, 2, horizon))
+  step_r, sum_r = bench_world_model.reward_pearson(2.0 * real + 1.0, real, inside)
+  np.testing.assert_allclose([step_r, sum_r], [1.0, 1.0], rtol=1e-6)
+  assert bench_world_model.reward_pearson(-real, real, inside)[0] == pytest.approx(-1.0)
