@@ -191,7 +191,10 @@ def test_a_lock_left_by_a_dead_process_is_taken_over(tmp_path, caplog):
 
 def test_ctrl_c_saves_the_chunk_and_says_where_to_resume(tmp_path):
   """SIGINT during update 3 (in the chunk of updates 3-4, checkpoints every 6): the run
-  stops after that chunk with a checkpoint at 4, and a rerun continues to the end."""
+  stops after that chunk with a checkpoint at 4, and a rerun continues to the end; the
+  SIGINT handler the run found is back afterwards (the default one, or SIG_IGN where the
+  tests run as a background job)."""
+  handler_before = signal.getsignal(signal.SIGINT)
   cfg = toy_config(checkpoint_every=6, keep=2)
   driver = ToyDriver(cfg, on_update=lambda t: t == 3 and os.kill(os.getpid(), signal.SIGINT))
   with pytest.raises(loop.Interrupted) as stopped:
@@ -200,7 +203,7 @@ def test_ctrl_c_saves_the_chunk_and_says_where_to_resume(tmp_path):
                                 "saved. Rerun the same command to resume from it.")
   assert stopped.value.exit_code == 130
   assert checkpoint_steps(tmp_path) == [4]
-  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+  assert signal.getsignal(signal.SIGINT) is handler_before
   result = loop.run(ToyDriver(cfg), cfg, str(tmp_path))
   np.testing.assert_array_equal(result.state["params"], [10.0, 10.0, 10.0])
   assert [r["update_step"] for r in strict_records(tmp_path)] == [2, 4, 6, 8, 10]
