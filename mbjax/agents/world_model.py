@@ -231,7 +231,7 @@ class ConvDecoder(nn.Module):
   per pixel in [0, 1] units (the mirror of `ConvEncoder`).
 
   The std's layer reads the mean's hidden layers through a stop-gradient: its likelihood
-  term, (residual / σ)² + log σ, grows without bound where σ is small, and when it could
+  term, (residual / σ)² / 2 + log σ, grows without bound where σ is small, and when it could
   train the shared layers it outweighed the squared error so far that the decoder learned
   only the observations' mean (a BonkArena model reconstructed no better than the data's
   variance after 600 updates; with the stop-gradient it beat copy-last at every k ≤ 15)."""

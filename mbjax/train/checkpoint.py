@@ -55,7 +55,8 @@ _LAYOUT_MISMATCH = ("tree structures do not match", "Structure mismatch")
 
 
 def read_run_config(workdir: str) -> ml_collections.ConfigDict:
-  """The config.json a training run wrote in `workdir`."""
+  """The config.json a training run wrote in `workdir`, with fields added since at their
+  defaults."""
   path = os.path.join(workdir, "config.json")
   if not os.path.isfile(path):
     raise RunNotFoundError(f"{path} not found: expected the workdir of a training run "
