@@ -47,6 +47,7 @@ from experiments import cli  # noqa: E402
 from experiments import throughput as throughput_lib  # noqa: E402
 from mbjax.agents import apex  # noqa: E402
 from mbjax.agents import world_model as wm_lib  # noqa: E402
+from mbjax.data import replay as replay_lib  # noqa: E402
 from mbjax.envs import registry  # noqa: E402
 from mbjax.envs.bonk_arena import make_scripted_policy, random_policy  # noqa: E402
 from mbjax.envs.spaces import HybridActionSpec  # noqa: E402
@@ -296,16 +297,16 @@ def fit() -> None:
   state = wm_lib.init(jax.random.PRNGKey(1), model, optimizer, obs_shape, jnp.float32,
                       wm_lib.action_vector_size(spec))
   window = cfg.replay.burn_in + cfg.replay.seq_len
-  batch = cfg.replay.batch_size
+  # The play as the agent's replay holds it: one stream per env, windows sampled alike.
+  steps = wm_lib.Sequence(*(jnp.swapaxes(data[name], 0, 1)
+                            for name in wm_lib.Sequence._fields))
+  replay = replay_lib.add_streams(
+      replay_lib.init_streams(jax.tree.map(lambda x: x[0, 0], steps), _FIT_LENGTH.value,
+                              _FIT_ENVS.value), steps)
 
   def sample(key):
-    time_key, env_key = jax.random.split(key)
-    starts = jax.random.randint(time_key, (batch,), 0, _FIT_LENGTH.value - window + 1)
-    envs = jax.random.randint(env_key, (batch,), 0, _FIT_ENVS.value)
-    take = lambda x: x[starts[None] + jnp.arange(window)[:, None], envs[None]]
-    return wm_lib.Sequence(take(data["obs"]), take(data["action"]), take(data["reward"]),
-                           take(data["terminated"]), take(data["is_first"]).at[0].set(True),
-                           take(data["mask"]))
+    windows = replay_lib.sample_windows(replay, key, cfg.replay.batch_size, window)
+    return windows._replace(is_first=windows.is_first.at[0].set(True))
 
   @jax.jit
   def train(state, key):
