@@ -123,10 +123,10 @@ def video_source(path: str) -> str:
                                 f"({type(e).__name__}: {e})") from None
 
 
-def chunks_of_video(arguments: list[str], video: str) -> list[str]:
-  """The chunks among `arguments` (chunk files, or directories of chunks) cut from `video`
-  (compared less the extension: `foo.npz` stands for `foo.mp4`); a chunk file named on its
-  own that was cut from another video is an error."""
+def chunks_of_video(arguments: list[str], video: str) -> list[tuple[str, str]]:
+  """(path, video_source) of the chunks among `arguments` (chunk files, or directories of
+  chunks) cut from `video` (compared less the extension: `foo.npz` stands for `foo.mp4`); a
+  chunk file named on its own that was cut from another video is an error."""
   stem = os.path.splitext(os.path.realpath(video))[0]
   found = []
   for argument in arguments:
@@ -134,7 +134,7 @@ def chunks_of_video(arguments: list[str], video: str) -> list[str]:
     for path in [argument] if named else chunks_lib.list_chunks(argument):
       source = video_source(path)
       if source and os.path.splitext(os.path.realpath(source))[0] == stem:
-        found.append(path)
+        found.append((path, source))
       elif named:
         raise chunks_lib.ChunkError(f"{path}: cut from {source or 'no video'!r}, not from "
                                     f"{stem}.*; expected a chunk of the recording's video")
@@ -165,10 +165,12 @@ def label_chunks(arguments: list[str], recording_path: str, spec: HybridActionSp
   recording = read_recording(recording_path)
   steps = check_recording(recording, spec, recording_path)
   fps = float(recording["fps"]) if "fps" in recording else None
-  updates = {}
-  for path in chunks_of_video(arguments, video or recording_path):
-    source = video_source(path)
-    frames = video_frames(os.path.dirname(path), source)
+  updates, frames_of = {}, {}  # (chunk directory, video) -> frames: a manifest read once
+  for path, source in chunks_of_video(arguments, video or recording_path):
+    where = (os.path.dirname(path), source)
+    if where not in frames_of:
+      frames_of[where] = video_frames(*where)
+    frames = frames_of[where]
     if frames is not None and frames != steps:
       raise chunks_lib.ChunkError(
           f"{recording_path}: {steps} steps, but {source} has {frames} frames (the manifest "
