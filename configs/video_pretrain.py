@@ -81,6 +81,8 @@ def get_config(arg: str | None = None):
     # (Spearman ≈ 0.5; 20 steps left it at ≈ −0.3), which the pipeline test checks.
     cfg.reward.update(steps=300, batch=8, channels=(8, 16), embed_dim=32, stem=4,
                       score_batch=32)
+    cfg.death.update(steps=20, batch=8, channels=(8, 16), embed_dim=16, stem=4,
+                     score_batch=32)
     cfg.skills.update(steps=20, batch=16, num_codes=16, code_dim=8, hidden=32)
     cfg.learner.world_model.update(deter=16, blocks=2, stoch=4, classes=4, hidden=16)
     cfg.learner.replay.update(seq_len=6, burn_in=2)

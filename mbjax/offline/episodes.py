@@ -35,8 +35,11 @@ files' arrays as `steps` is a short adapter if an RLDS dataset is ever wanted.
 
 A video's episode is one chunk (as upstream exported one `.pt` per chunk); chunk metadata
 (episode_id, chunk_index, last_chunk) is kept so consumers can stitch chunks back together.
-A video rarely ends in a terminal state, so `is_terminal` is all False unless the caller
-says otherwise (`terminal_at_end`).
+`is_terminal` is the chunk's `terminals` (the deaths `mbjax.offline.deaths` finds; all False
+without them). A chunk boundary is not a terminal: an episode that stops without one was cut
+(truncated), and consumers bootstrap there. A chunk with a death before its last frame is
+exported as one episode per life, cut after the death (`split_lives`), named
+`<chunk stem>_life<k>.npz`.
 
 Upstream `.pt` episodes (`torch.save` of a dict: observations f32 [T, D], actions f32
 [T, 6], optional rewards f32 [T], dones bool [T], audio_tokens i32 [T], meta dict) import
@@ -173,8 +176,8 @@ def list_episodes(directory: str) -> list[str]:
 
 def episode_from_chunk(arrays: Mapping[str, np.ndarray], observation: str = "frames",
                        embed_fn: Callable[[np.ndarray], np.ndarray] | None = None,
-                       terminal_at_end: bool = False, name: str = "chunk") -> dict:
-  """A labelled chunk (needs `actions`) → an episode.
+                       name: str = "chunk") -> dict:
+  """A labelled chunk (needs `actions`) → an episode; `is_terminal` from its `terminals`.
 
   observation: "frames" keeps the uint8 frames; "embeddings" stores `embed_fn(frames)`,
     float [T, D] (e.g. the reward model's embedding, as upstream's export did).
@@ -193,8 +196,10 @@ def episode_from_chunk(arrays: Mapping[str, np.ndarray], observation: str = "fra
                          f"[{len(frames)}, D]")
   else:
     obs = frames
-  terminal = np.zeros(len(frames), bool)
-  terminal[-1] = terminal_at_end
+  terminal = np.asarray(arrays.get("terminals", np.zeros(len(frames), bool)), bool)
+  if terminal.shape != (len(frames),):
+    raise EpisodeError(f"{name}: terminals must be bool[{len(frames)}], got "
+                       f"{list(terminal.shape)}")
   meta = chunks.decode_meta(arrays["meta"], f"{name}: meta") if "meta" in arrays else {}
   meta["source_chunk"] = os.path.basename(name)
   labels = {ep_key: arrays[key] for key, ep_key in CHUNK_LABELS.items() if key in arrays}
@@ -202,11 +207,32 @@ def episode_from_chunk(arrays: Mapping[str, np.ndarray], observation: str = "fra
                       labels=labels, metadata=meta, name=name)
 
 
+def split_lives(episode: Mapping[str, np.ndarray]) -> list[dict]:
+  """An episode cut after every terminal step but its last: one episode per life (each with
+  its own is_first/is_last; metadata gains `life`, counted from 0). An episode without an
+  inner terminal comes back alone, unchanged."""
+  length = len(episode["reward"])
+  cuts = [int(t) + 1 for t in np.flatnonzero(episode["is_terminal"]) if t + 1 < length]
+  if not cuts:
+    return [dict(episode)]
+  lives = []
+  for life, (lo, hi) in enumerate(zip([0] + cuts, cuts + [length])):
+    piece = {k: (v if k == "episode_metadata" else v[lo:hi]) for k, v in episode.items()}
+    flags = np.zeros((2, hi - lo), bool)
+    flags[0, 0] = flags[1, -1] = True
+    piece["is_first"], piece["is_last"] = flags
+    piece["episode_metadata"] = np.asarray(json.dumps({**metadata(episode), "life": life},
+                                                      sort_keys=True))
+    lives.append(piece)
+  return lives
+
+
 def export_chunks(chunk_dir: str, out_dir: str, observation: str = "frames",
                   embed_fn: Callable[[np.ndarray], np.ndarray] | None = None,
                   compression: str = chunks.DEFAULT_COMPRESSION,
                   progress: Callable[[str], None] | None = None) -> dict:
-  """Every chunk of `chunk_dir` → `out_dir/<chunk name>`, resumably; returns the manifest.
+  """Every chunk of `chunk_dir` → `out_dir/<chunk name>` (one file per life, `split_lives`),
+  resumably; returns the manifest.
 
   An episode already exported with the same observation kind is skipped. A chunk that
   cannot be exported (unreadable, unlabelled, non-finite labels) is recorded as skipped
@@ -219,12 +245,17 @@ def export_chunks(chunk_dir: str, out_dir: str, observation: str = "frames",
     key = os.path.basename(path)
     entry = manifest["sources"].get(key)
     if (entry and entry.get("status") == "done" and entry.get("settings") == settings
-        and os.path.exists(os.path.join(out_dir, key))):
+        and all(os.path.exists(os.path.join(out_dir, name))
+                for name in entry.get("episodes", [key]))):
       continue
     try:
       episode = episode_from_chunk(chunks.read_chunk(path), observation, embed_fn, name=path)
-      write_episode(os.path.join(out_dir, key), episode, compression)
-      entry = {"status": "done", "steps": len(episode["reward"])}
+      lives = split_lives(episode)
+      stem = os.path.splitext(key)[0]
+      names = [key] if len(lives) == 1 else [f"{stem}_life{k}.npz" for k in range(len(lives))]
+      for life_name, life in zip(names, lives):
+        write_episode(os.path.join(out_dir, life_name), life, compression)
+      entry = {"status": "done", "steps": len(episode["reward"]), "episodes": names}
     except (chunks.ChunkError, EpisodeError) as e:
       entry = {"status": "skipped", "reason": str(e), "steps": 0}
     manifest["sources"][key] = {**entry, "settings": settings}

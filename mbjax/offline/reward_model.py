@@ -1,11 +1,20 @@
-"""Reward from video: a temporal-ranking progress model (Bradley–Terry over frame pairs).
+"""Reward from video: a progress model (Bradley–Terry over frame pairs) that resets on death.
 
-A per-frame score f(x) is trained so that, for frames i < j of the same episode,
-P(j is later than i) = σ(f(x_j) − f(x_i)) (Bradley & Terry 1952; the time-contrastive
-"later is better" objective upstream MetaBonk uses). Pairs are sampled uniformly among the
-ordered pairs of one episode (or chunk) at least `min_gap` frames apart: nearby frames are
-often indistinguishable, and a larger gap asks only for coarse progress. Scoring a video
-gives `progress` f32[T], and `rewards_from_progress` turns it into per-step rewards.
+A per-frame score f(x) is trained so that, for a pair (worse, better),
+P(better ranks above worse) = σ(f(x_better) − f(x_worse)) (Bradley & Terry 1952). Two kinds
+of pair:
+- progress (upstream MetaBonk's time-contrastive "later is better"): frames i < j of one
+  life (an episode, chunk or the part of one between deaths), at least `min_gap` frames
+  apart, uniform over such pairs;
+- death (`death_window` > 0, `death_fraction` of each batch): in a life that ended in a
+  death (`mbjax.offline.deaths` finds them in video), a frame among its last
+  `death_window` ranks *below* an earlier frame of the same life, and progress pairs never
+  reach into that window.
+Progress alone is a clock: whatever drifts with time is paid for, health lost and walls
+reached included, and an episode's return telescopes to f(end) − f(start) whether the
+player died or not. The death pairs make the frames that lead to a death the worst of
+their life, so dying costs what the life had gained. Scoring a video gives `progress`
+f32[T], and `rewards_from_progress` turns it into per-step rewards.
 
 Network: the IDM's `FrameEncoder` (space-to-depth stem, strided 3×3 convolutions, dense,
 layer norm) → embedding z (the observation embedding the episode export may use) → score =
@@ -13,11 +22,11 @@ dense(tanh(z)), upstream's head. uint8 frames are converted inside the jit.
 
 API (`RewardConfig` is hashable and a static field of `RewardState`):
   init(key, cfg, frame_shape) -> RewardState
-  update(state, pairs u8[B, 2, H, W, 3]) -> (state, metrics)   [:, 0] earlier, [:, 1] later
+  update(state, pairs u8[B, 2, H, W, 3]) -> (state, metrics)   [:, 0] worse, [:, 1] better
   score(params, cfg, frames u8[T, H, W, 3]) -> progress f32[T]   (fixed jitted pieces)
   embed(params, cfg, frames) -> (z f32[T, D], progress f32[T])
   rewards_from_progress(progress, scale) -> rewards f32[T]
-  sample_pairs / fit: host-side pair sampling and a plain training loop.
+  sample_pairs / sample_death_pairs / fit: host-side pair sampling and a training loop.
   spearman(a, b): rank correlation, for evaluating progress against the truth.
 
 Reward alignment: `rewards[t] = (progress[t+1] − progress[t]) · scale` and the last reward
@@ -50,7 +59,9 @@ class RewardConfig:
   channels: tuple[int, ...] = (32, 64, 64)  # stem width, then one 3×3/2 conv per entry
   embed_dim: int = 256
   pool: str = "mean"  # "mean" (position-invariant) or "flatten"
-  min_gap: int = 1  # frames between the two frames of a training pair, at least
+  min_gap: int = 1  # frames between the two frames of a progress pair, at least
+  death_window: int = 0  # last frames of a life ended by death that rank below its past
+  death_fraction: float = 0.5  # share of each batch that is death pairs (when any died)
   lr: float = 3e-4
   weight_decay: float = 1e-4
   max_grad_norm: float = 1.0
@@ -59,6 +70,9 @@ class RewardConfig:
   def __post_init__(self):
     if self.min_gap < 1:
       raise ValueError(f"RewardConfig.min_gap must be >= 1, got {self.min_gap}")
+    if self.death_window < 0 or not 0.0 <= self.death_fraction < 1.0:
+      raise ValueError(f"RewardConfig: death_window must be >= 0 and death_fraction in "
+                       f"[0, 1), got {self.death_window}, {self.death_fraction}")
     object.__setattr__(self, "channels", tuple(int(c) for c in self.channels))
 
 
@@ -112,7 +126,7 @@ def loss(params, cfg: RewardConfig, pairs: jax.Array):
 
 @functools.partial(jax.jit, donate_argnums=0)
 def update(state: RewardState, pairs: jax.Array):
-  """One AdamW step on pairs uint8[B, 2, H, W, 3] ([:, 0] earlier, [:, 1] later)."""
+  """One AdamW step on pairs uint8[B, 2, H, W, 3] ([:, 0] ranks below [:, 1])."""
   (value, metrics), grads = jax.value_and_grad(loss, has_aux=True)(state.params, state.cfg,
                                                                    pairs)
   updates, opt_state = make_optimizer(state.cfg).update(grads, state.opt_state, state.params)
@@ -183,22 +197,58 @@ def sample_pairs(rng: np.random.Generator, lengths: Sequence[int], batch: int,
   return episode, index - k * (k + 1) // 2, k + min_gap
 
 
+def sample_death_pairs(rng: np.random.Generator, lengths: Sequence[int], died: Sequence[bool],
+                       batch: int, window: int):
+  """Pairs of lives that ended in a death → (life i64[B], worse i64[B], better i64[B]): the
+  worse frame uniform over the life's last `window` frames, the better one uniform over
+  the frames before them. Lives are drawn uniformly among the dead ones longer than
+  `window`."""
+  lengths = np.asarray(lengths, np.int64)
+  candidates = np.flatnonzero(np.asarray(died, bool) & (lengths > window))
+  if not len(candidates):
+    raise ValueError(f"no life that ended in a death is longer than death_window={window} "
+                     f"(lengths {lengths.tolist()})")
+  life = rng.choice(candidates, size=batch)
+  worse = lengths[life] - 1 - (rng.random(batch) * window).astype(np.int64)
+  better = (rng.random(batch) * (lengths[life] - window)).astype(np.int64)
+  return life, worse, better
+
+
+def sample_training_pairs(rng: np.random.Generator, lengths: Sequence[int],
+                          died: Sequence[bool] | None, batch: int, cfg: RewardConfig):
+  """A batch of (life, worse, better): progress pairs, and death pairs when
+  `cfg.death_window` > 0 and some life died (see the module docstring)."""
+  lengths = np.asarray(lengths, np.int64)
+  died = np.zeros(len(lengths), bool) if died is None else np.asarray(died, bool)
+  if died.shape != lengths.shape:
+    raise ValueError(f"died must have one entry per life ({len(lengths)}), got {died.shape}")
+  dying = died & (lengths > cfg.death_window) if cfg.death_window else np.zeros_like(died)
+  deaths = int(round(batch * cfg.death_fraction)) if dying.any() else 0
+  # Progress pairs stay out of the death window: there, later is worse.
+  before_death = np.where(dying, lengths - cfg.death_window, lengths)
+  parts = [sample_pairs(rng, before_death, batch - deaths, cfg.min_gap)]
+  if deaths:
+    parts.append(sample_death_pairs(rng, lengths, dying, deaths, cfg.death_window))
+  return tuple(np.concatenate(column) for column in zip(*parts))
+
+
 def fit(state: RewardState, episodes: Sequence[np.ndarray], num_steps: int,
-        rng: np.random.Generator, batch: int = 32,
+        rng: np.random.Generator, batch: int = 32, died: Sequence[bool] | None = None,
         log_fn: Callable[[int, dict], None] | None = None, log_every: int = 50,
         data_sharding: NamedSharding | None = None):
-  """`num_steps` updates on random pairs from in-memory episodes (uint8[T, H, W, 3] each);
-  returns (state, last metrics as floats). `data_sharding`
-  (`mbjax.train.sharding.batch_sharding`): each global batch of `batch` pairs is split over
-  its mesh and the state replicated there (data-parallel, as `idm_training.fit`)."""
+  """`num_steps` updates on pairs from in-memory lives (uint8[T, H, W, 3] each; `died`:
+  which of them ended in a death, used when `death_window` > 0); returns (state, last
+  metrics as floats). `data_sharding` (`mbjax.train.sharding.batch_sharding`): each global
+  batch of `batch` pairs is split over its mesh and the state replicated there
+  (data-parallel, as `idm_training.fit`)."""
   if data_sharding is not None:
     state = jax.device_put(state, NamedSharding(data_sharding.mesh, P()))
   lengths = [e.shape[0] for e in episodes]
   metrics = {}
   for step in range(num_steps):
-    ids, earlier, later = sample_pairs(rng, lengths, batch, state.cfg.min_gap)
+    ids, worse, better = sample_training_pairs(rng, lengths, died, batch, state.cfg)
     pairs = np.stack([np.stack([episodes[e][i], episodes[e][j]])
-                      for e, i, j in zip(ids, earlier, later)])
+                      for e, i, j in zip(ids, worse, better)])
     state, metrics = update(state, jax.device_put(pairs, data_sharding))
     if log_fn is not None and (step + 1) % log_every == 0:
       log_fn(step + 1, jax.tree.map(float, metrics))

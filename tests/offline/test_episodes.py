@@ -112,6 +112,39 @@ def test_export_chunks_is_resumable_and_skips_bad_chunks(tmp_path):
   np.testing.assert_array_equal(ep["action"], labelled_chunk(seed=2)["actions"])
 
 
+def test_deaths_become_terminals_and_a_death_inside_a_chunk_splits_its_lives(tmp_path):
+  src, out = tmp_path / "chunks", tmp_path / "episodes"
+  src.mkdir()
+  terminals = np.zeros(7, bool)
+  terminals[[2, 6]] = True  # a death on step 2, another on the chunk's last step
+  chunks.write_chunk(str(src / "demo_a_chunk0000.npz"), labelled_chunk(7, terminals=terminals))
+  ending = np.zeros(5, bool)
+  ending[-1] = True
+  chunks.write_chunk(str(src / "demo_b_chunk0000.npz"), labelled_chunk(5, terminals=ending))
+  manifest = episodes.export_chunks(str(src), str(out))
+  assert manifest["sources"]["demo_a_chunk0000.npz"]["episodes"] == [
+      "demo_a_chunk0000_life0.npz", "demo_a_chunk0000_life1.npz"]
+  life0, life1 = (episodes.read_episode(str(out / f"demo_a_chunk0000_life{k}.npz"))
+                  for k in (0, 1))
+  chunk = labelled_chunk(7)
+  np.testing.assert_array_equal(life0["observation"], chunk["observations"][:3])
+  np.testing.assert_array_equal(life1["reward"], chunk["rewards"][3:])
+  np.testing.assert_array_equal(life0["is_terminal"], [False, False, True])
+  np.testing.assert_array_equal(life1["is_terminal"], [False, False, False, True])
+  np.testing.assert_array_equal(life1["discount"], [1, 1, 1, 0])
+  np.testing.assert_array_equal(life1["is_first"], [True, False, False, False])
+  assert [episodes.metadata(e)["life"] for e in (life0, life1)] == [0, 1]
+  # A death on the last step ends the one episode in a terminal state.
+  whole = episodes.read_episode(str(out / "demo_b_chunk0000.npz"))
+  np.testing.assert_array_equal(whole["is_terminal"], ending)
+  # Rerun: both are done, the split one included.
+  messages = []
+  episodes.export_chunks(str(src), str(out), progress=messages.append)
+  assert messages == []
+  with pytest.raises(episodes.EpisodeError, match="c.npz: terminals must be bool"):
+    episodes.episode_from_chunk(labelled_chunk(5, terminals=np.zeros(4, bool)), name="c.npz")
+
+
 def upstream_pt_dict(length=4):
   rng = np.random.default_rng(3)
   return {

@@ -13,7 +13,7 @@ import pytest
 from configs import video_pretrain
 from mbjax.envs.spaces import HybridActionSpec
 from mbjax.offline import chunks, episodes, pipeline
-from mbjax.offline.pipeline.models import split_episodes
+from mbjax.offline.pipeline.models import chunk_lives, split_episodes
 
 
 def test_phase_names_and_aliases():
@@ -60,6 +60,17 @@ def test_reward_holdout_by_source_pattern_then_per_look():
   assert by_look == {"atari_pong": 1, "fixed": 3, "follow": 1}  # fixed: ceil(0.5·5) = 3
 
 
+def test_chunk_lives_cut_after_each_death():
+  frames = np.arange(6)[:, None, None, None] * np.ones((6, 2, 2, 3), np.uint8)
+  lives = chunk_lives({"observations": frames,
+                       "terminals": np.array([0, 1, 0, 0, 0, 1], bool)})
+  assert [(f[:, 0, 0, 0].tolist(), died) for f, died in lives] == [
+      ([0, 1], True), ([2, 3, 4, 5], True)]
+  lives = chunk_lives({"observations": frames, "terminals": np.array([0, 0, 1, 0, 0, 0], bool)})
+  assert [(len(f), died) for f, died in lives] == [(3, True), (3, False)]
+  assert [(len(f), died) for f, died in chunk_lives({"observations": frames})] == [(6, False)]
+
+
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
   """Every phase of `configs/video_pretrain.py:debug`, run once for the module's tests;
@@ -94,6 +105,8 @@ def test_every_phase_runs_and_writes_the_upstream_layout(finished_run):
     assert arrays["rewards"].dtype == np.float32 and arrays["rewards"].shape == (length,)
     assert arrays["progress_scores"].dtype == np.float32
     assert arrays["skill_tokens"].dtype == np.int32
+    assert arrays["terminals"].dtype == np.bool_ and arrays["terminals"].shape == (length,)
+    assert arrays["death_probs"].dtype == np.float32 and arrays["death_probs"].shape == (length,)
     meta = chunks.decode_meta(arrays["meta"])
     labellings.append(meta["action_labeling"])
     atari = os.path.basename(str(arrays["video_source"])).startswith("atari_")
@@ -130,6 +143,13 @@ def test_every_phase_runs_and_writes_the_upstream_layout(finished_run):
   # Held-out progress rises with time: measured 0.50 (all) and 0.51 (BonkArena looks); with
   # 20 training steps, −0.33 and −0.22. A reward model that learnt nothing misses.
   assert reward["all"]["spearman_time"] > 0.25 and reward["all_bonk_arena"]["spearman_time"] > 0.25
+  # Deaths and the video reward are scored on the held-out BonkArena videos (the Atari clip
+  # has no true deaths and is not compared with the game's reward).
+  assert report["death"]["all"]["videos"] == 2
+  assert report["death"]["all"]["frames"] == 2 * cfg.ground_truth.time_limit
+  assert report["video_reward"]["all"]["episodes"] == 2
+  assert report["video_reward"]["all"]["windows"] == 2 * (
+      cfg.ground_truth.time_limit // cfg.eval.reward_window)
   assert 1.0 <= report["skills"]["perplexity"] <= cfg.skills.num_codes
   assert report["dream"]["episodes"] == cfg.eval.episodes
   assert np.isfinite(report["dream"]["dream_return_mean"])

@@ -74,9 +74,35 @@ def test_sample_pairs_is_uniform_over_ordered_pairs_with_the_gap():
                              atol=0.01)
 
 
+def test_death_pairs_rank_a_life_s_last_frames_below_its_past():
+  rng = np.random.default_rng(0)
+  # Life 0 (10 frames) died, life 1 (8 frames) was cut, life 2 (3 frames) died too short.
+  life, worse, better = rm.sample_death_pairs(rng, [10, 8, 3], [True, False, True], 4000,
+                                              window=3)
+  assert np.all(life == 0)
+  assert set(worse) == {7, 8, 9} and set(better) == set(range(7))
+  cfg = rm.RewardConfig(min_gap=2, death_window=3, death_fraction=0.25)
+  life, worse, better = rm.sample_training_pairs(rng, [10, 8, 3], [True, False, True], 4000,
+                                                 cfg)
+  death = worse > better
+  assert death.sum() == 1000 and np.all(life[death] == 0)
+  # Progress pairs never reach into life 0's window; life 2 is too short for a death pair
+  # but keeps its progress pair (0, 2).
+  assert worse[~death & (life == 0)].max() < 7 and better[~death & (life == 0)].max() < 7
+  assert set(zip(worse[life == 2], better[life == 2])) == {(0, 2)}
+  assert better[~death & (life == 1)].max() == 7
+  # Without deaths (or death_window 0) every pair is a progress pair.
+  _, worse, better = rm.sample_training_pairs(rng, [10, 8], None, 100, cfg)
+  assert np.all(worse < better)
+  with pytest.raises(ValueError, match="died must have one entry per life"):
+    rm.sample_training_pairs(rng, [10, 8], [True], 8, cfg)
+
+
 def test_bad_inputs_raise_clear_errors():
   with pytest.raises(ValueError, match="min_gap"):
     rm.RewardConfig(min_gap=0)
+  with pytest.raises(ValueError, match="death_fraction"):
+    rm.RewardConfig(death_fraction=1.0)
   with pytest.raises(ValueError, match="uint8"):
     rm.score(None, TINY, np.zeros((2, 16, 16, 3), np.float32))
   with pytest.raises(ValueError, match="no episode"):

@@ -1,7 +1,8 @@
-"""The offline video pipeline: gameplay video → chunks → IDM actions → video rewards →
-episodes → skill tokens → offline world model and dream policy → evaluation. The library
-side of `experiments/video_pretrain.py`: one function `(workspace, cfg) -> info` per phase,
-listed in `REGISTRY`, and `run`, which runs them in order and records what each produced.
+"""The offline video pipeline: gameplay video → chunks → IDM actions → deaths → video
+rewards → episodes → skill tokens → offline world model and dream policy → evaluation. The
+library side of `experiments/video_pretrain.py`: one function `(workspace, cfg) -> info` per
+phase, listed in `REGISTRY`, and `run`, which runs them in order and records what each
+produced.
 
 Phases, in the order `all` runs them (upstream names accepted as aliases, `ALIASES`):
 
@@ -12,14 +13,17 @@ Phases, in the order `all` runs them (upstream names accepted as aliases, `ALIAS
                  stand-in for a hand-labelled subset; ground-truth set-up only)
   idm_train      inverse dynamics model on the chunks that carry labels
   idm_label      `actions` for every unlabelled chunk
-  reward_train   temporal-ranking progress model on the training episodes
+  death_train    end-of-life classifier on where the training videos end (no labels)
+  death_label    `death_probs` and `terminals` (deaths) for every chunk
+  reward_train   progress model on the training episodes' lives, deaths ranked last
   reward_label   `progress_scores` and `rewards` for every chunk
   export         episodes (`mbjax.offline.episodes`), frames or reward-model embeddings
   skills_train   VQ-VAE over action windows
   skills_label   `skill_tokens` for every chunk
   world_model    RSSM on the exported episodes (`mbjax.train.offline`)
   dream          latent actor-critic against the finished world model, then played
-  eval           accuracy / R² / rank correlation / perplexity → `report.json` and a table
+  eval           accuracy / R² / deaths found / reward vs the game's / perplexity →
+                 `report.json` and a table
 
 Layout under the work directory: `videos/` (ground-truth recordings, or point
 `config.source.video_dir` elsewhere), `chunks/` (every label is added to the chunk in
@@ -32,8 +36,9 @@ is written into the chunk's `meta`). A chunk that cannot be read is logged with 
 recorded under `skipped` in `phases.json`, and the phase goes on with the others.
 
 Modules: `config` (the schema, `base_config`), `workspace` (the work directory, model and
-chunk I/O), `sources` (ground_truth, convert, attach_labels), `models` (the IDM, reward and
-skills phases), `learners` (export, world_model, dream), `evaluation` (eval and the report).
+chunk I/O), `sources` (ground_truth, convert, attach_labels), `models` (the IDM, death,
+reward and skills phases), `learners` (export, world_model, dream), `evaluation` (eval and
+the report).
 A new phase is a function `(workspace, cfg) -> info` in the module of its kind and one
 `Phase` line in `REGISTRY`, at its place in the order; its config fields go in
 `config.base_config`.
@@ -73,6 +78,8 @@ REGISTRY = (
     Phase("attach_labels", sources.attach_labels, in_all=_ground_truth_enabled),
     Phase("idm_train", models.idm_train, aliases=("train_idm",)),
     Phase("idm_label", models.idm_label, aliases=("label_actions",)),
+    Phase("death_train", models.death_train),
+    Phase("death_label", models.death_label),
     Phase("reward_train", models.reward_train, aliases=("train_reward",)),
     Phase("reward_label", models.reward_label, aliases=("label_rewards",)),
     Phase("export", learners.export, aliases=("export_rollouts", "export_pt")),

@@ -12,6 +12,7 @@ from jax.sharding import Mesh
 
 from mbjax.envs.spaces import HybridActionSpec
 from mbjax.offline import chunks as chunks_lib
+from mbjax.offline import deaths as deaths_lib
 from mbjax.offline import idm as idm_lib
 from mbjax.offline import reward_model as reward_lib
 from mbjax.offline import rlds as rlds_lib
@@ -34,9 +35,10 @@ def base_config() -> ml_collections.ConfigDict:
   """Every field the pipeline reads, with defaults (configs/video_pretrain.py overrides)."""
   cfg = ml_collections.ConfigDict()
   cfg.seed = 0
-  # Every training phase (idm_train, reward_train, skills_train, world_model, dream) runs
-  # data-parallel over a mesh of this many devices (0: all); each phase's batch size is the
-  # global batch and must divide by it. (`learner.run` is not read by the pipeline.)
+  # Every training phase (idm_train, death_train, reward_train, skills_train, world_model,
+  # dream) runs data-parallel over a mesh of this many devices (0: all); each phase's batch
+  # size is the global batch and must divide by it. (`learner.run` is not read by the
+  # pipeline.)
   cfg.run = ml_collections.ConfigDict({"num_devices": 0})
   # The action space the videos were played with: continuous dims, then discrete branches.
   cfg.action = ml_collections.ConfigDict({"continuous_dim": 2, "branches": (4,)})
@@ -83,7 +85,15 @@ def base_config() -> ml_collections.ConfigDict:
   cfg.idm.focus_fraction = 0.25  # clips centred on rare discrete labels (menu choices)
   cfg.idm.class_weight_power = 0.5
 
+  # End-of-life classifier: trained on where the videos end, it marks deaths (`terminals`).
+  cfg.death = _section(deaths_lib.DeathConfig)
+  cfg.death.steps = 2000
+  cfg.death.batch = 64
+  cfg.death.tolerance = 5  # eval: a death counts as found within this many frames
+
   cfg.reward = _section(reward_lib.RewardConfig)
+  # Deaths (the chunks' `terminals`, from death_label) rank below the life they end.
+  cfg.reward.death_window = 30
   cfg.reward.steps = 2000
   cfg.reward.batch = 64
   cfg.reward.scale = 1.0  # rewards = Δprogress × scale
@@ -120,6 +130,7 @@ def base_config() -> ml_collections.ConfigDict:
   cfg.eval.episodes = 16  # dream-policy episodes played in BonkArena
   cfg.eval.max_steps = 1500
   cfg.eval.speed_bins = (0.05, 0.25)  # player speed (world units / frame) bin edges
+  cfg.eval.reward_window = 15  # steps per window when video and true returns are compared
   return cfg
 
 
@@ -170,6 +181,10 @@ def _model_config(hyperparameters, section: ml_collections.ConfigDict):
 
 def idm_config(cfg) -> idm_lib.IDMConfig:
   return _model_config(idm_lib.IDMConfig, cfg.idm)
+
+
+def death_config(cfg) -> deaths_lib.DeathConfig:
+  return _model_config(deaths_lib.DeathConfig, cfg.death)
 
 
 def reward_config(cfg) -> reward_lib.RewardConfig:

@@ -1,6 +1,7 @@
 """The pipeline's measurements against ground truth and the `eval` phase that writes them to
 `report.json` and prints them as a table: IDM accuracy and movement R² per group of frames,
-the reward model's rank correlation with true progress on held-out episodes, skill-token
+deaths found in the held-out videos, the video reward against the game's own reward and the
+progress scores' rank correlation with true progress on held-out episodes, skill-token
 perplexity, and the dream policy's return in BonkArena (measured by the `dream` phase).
 """
 from __future__ import annotations
@@ -13,6 +14,7 @@ import numpy as np
 
 from mbjax import files
 from mbjax.offline import chunks as chunks_lib
+from mbjax.offline import deaths as deaths_lib
 from mbjax.offline import idm_labelling, idm_training
 from mbjax.offline import reward_model as reward_lib
 from mbjax.offline.pipeline import config as config_lib
@@ -112,6 +114,95 @@ def _mean_defined(values) -> float | None:
   return float(np.mean(values)) if values else None
 
 
+def _held_out_truth(ws: Workspace, model: str, needed: tuple[str, ...]):
+  """(policy, chunk arrays concatenated, truth concatenated) of each episode `model` held
+  out whose chunks all read, all carry `needed` and all have ground truth; policy is the
+  recording's (`atari` for Atari clips)."""
+  directory = ws.model_dir(model)
+  held_out = set(json.load(open(os.path.join(directory, "config.json")))["held_out_episodes"])
+  skipped = Skipped("eval")
+  for episode_id, paths in episodes_of(ws.chunk_paths(), skipped).items():
+    if episode_id not in held_out:
+      continue
+    parts = list(readable_chunks(paths, skipped))
+    if len(parts) != len(paths) or any(k not in a for _, a in parts for k in needed):
+      continue
+    truths = [truth_for_chunk(a, p) for p, a in parts]
+    if any(t is None for t in truths):
+      continue
+    meta = truth_meta(parts[0][1])
+    policy = "atari" if meta.get("source") == "atari" else meta.get("policy", "unknown")
+    arrays = {k: np.concatenate([a[k] for _, a in parts]) for k in needed}
+    truth = {k: np.concatenate([t[k] for t in truths]) for k in truths[0]
+             if all(k in t for t in truths)}
+    yield policy, arrays, truth
+
+
+def evaluate_deaths(ws: Workspace, cfg) -> dict:
+  """The `terminals` death_label marked in each held-out BonkArena video against its true
+  deaths (`terminated`): a death is found when a terminal lies within `death.tolerance`
+  frames of it; a terminal farther from every death is false. Per policy and over all."""
+  if not model_exists(ws.model_dir("death")):
+    return {"death": "no death model"}
+  per_policy = {}
+  for policy, arrays, truth in _held_out_truth(ws, "death", ("terminals",)):
+    if "terminated" not in truth:
+      continue  # no true episode ends (Atari clips record lives, not deaths)
+    counts = deaths_lib.match_terminals(arrays["terminals"], truth["terminated"],
+                                        cfg.death.tolerance)
+    entry = per_policy.setdefault(policy, {"videos": 0, "frames": 0})
+    entry["videos"] += 1
+    entry["frames"] += len(arrays["terminals"])
+    for key, value in counts.items():
+      entry[key] = entry.get(key, 0) + value
+  if not per_policy:
+    return {"death": "no held-out video with true deaths and death labels"}
+  total = {"videos": 0, "frames": 0}
+  for entry in per_policy.values():
+    for key, value in entry.items():
+      total[key] = total.get(key, 0) + value
+  summary = {**per_policy, "all": total}
+  for entry in summary.values():
+    entry["found_fraction"] = (entry["detected"] / entry["deaths"] if entry["deaths"]
+                               else None)
+    entry["false_per_frame"] = entry["false_terminals"] / entry["frames"]
+  return {"death": summary}
+
+
+def evaluate_video_reward(ws: Workspace, cfg) -> dict:
+  """The video reward (the chunks' `rewards`) against the game's own per-step reward on the
+  held-out BonkArena episodes: Spearman between video and true returns over consecutive
+  `eval.reward_window`-step windows (per policy, and all windows pooled), and between
+  per-episode returns across every held-out episode — what a reward that pays for time,
+  not play, fails."""
+  if not model_exists(ws.model_dir("reward")):
+    return {"video_reward": "no reward model"}
+  width, windows, returns = cfg.eval.reward_window, {}, {}
+  for policy, arrays, truth in _held_out_truth(ws, "reward", ("rewards",)):
+    if policy == "atari" or "rewards" not in truth:
+      continue
+    video, game = arrays["rewards"], truth["rewards"]
+    starts = np.arange(0, len(game) - width + 1, width)
+    entry = windows.setdefault(policy, ([], []))
+    entry[0].extend(video[a:a + width].sum() for a in starts)
+    entry[1].extend(game[a:a + width].sum() for a in starts)
+    returns.setdefault(policy, []).append((float(video.sum()), float(game.sum())))
+  if not returns:
+    return {"video_reward": "no held-out BonkArena episode with video rewards"}
+  summary = {policy: {"windows": len(v), "window_spearman": reward_lib.spearman(v, g),
+                      "episodes": len(returns[policy]),
+                      "video_return_mean": float(np.mean([r[0] for r in returns[policy]])),
+                      "true_return_mean": float(np.mean([r[1] for r in returns[policy]]))}
+             for policy, (v, g) in sorted(windows.items())}
+  pooled = [np.concatenate([np.asarray(w[i]) for w in windows.values()]) for i in (0, 1)]
+  episodes = np.asarray([r for rs in returns.values() for r in rs])
+  summary["all"] = {"window_steps": width, "windows": len(pooled[0]),
+                    "window_spearman": reward_lib.spearman(*pooled),
+                    "episodes": len(episodes),
+                    "episode_spearman": reward_lib.spearman(episodes[:, 0], episodes[:, 1])}
+  return {"video_reward": summary}
+
+
 def evaluate_rewards(ws: Workspace, cfg) -> dict:
   """Spearman rank correlation of each held-out episode's progress scores with its true
   progress and with time; per source look (camera:palette@size, or atari_<game>), per
@@ -182,7 +273,9 @@ def evaluate_skills(ws: Workspace, cfg) -> dict:
 
 def evaluate(ws: Workspace, cfg) -> dict:
   """The `eval` phase: every measurement above, and each finished phase's seconds."""
-  report = {**evaluate_idm(ws, cfg), **evaluate_rewards(ws, cfg), **evaluate_skills(ws, cfg)}
+  report = {**evaluate_idm(ws, cfg), **evaluate_deaths(ws, cfg),
+            **evaluate_video_reward(ws, cfg), **evaluate_rewards(ws, cfg),
+            **evaluate_skills(ws, cfg)}
   report["dream"] = ws.record.get("dream", {}).get("evaluation", "dream phase not run")
   report["throughput"] = {phase: info["seconds"] for phase, info in ws.record.items()
                           if "seconds" in info}
@@ -207,6 +300,22 @@ def format_report(report: dict) -> str:
         add(f"IDM {group}: discrete accuracy (branch {i})", value)
       if f"{group}/move_r2" in idm:
         add(f"IDM {group}: movement R²", idm[f"{group}/move_r2"])
+  death = report.get("death")
+  if isinstance(death, dict):
+    for policy, entry in death.items():
+      found = entry["found_fraction"]
+      add(f"deaths found [{policy}] ({entry['detected']}/{entry['deaths']})",
+          "no deaths" if found is None else found)
+      add(f"false terminals per frame [{policy}] ({entry['false_terminals']})",
+          entry["false_per_frame"])
+  video_reward = report.get("video_reward")
+  if isinstance(video_reward, dict):
+    width = video_reward.get("all", {}).get("window_steps", "?")
+    for policy, entry in video_reward.items():
+      add(f"video vs true return, {width}-step windows [{policy}]", entry["window_spearman"])
+    if "all" in video_reward:
+      add(f"video vs true episode return ({video_reward['all']['episodes']} episodes)",
+          video_reward["all"]["episode_spearman"])
   reward = report.get("reward")
   if isinstance(reward, dict):
     for look, entry in reward.items():

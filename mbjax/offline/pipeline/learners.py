@@ -35,7 +35,8 @@ def export(ws: Workspace, cfg) -> dict:
                                         embed_fn, cfg.convert.compression,
                                         progress=logging.info)
   sources = manifest["sources"]
-  return {"episodes": sum(e["status"] == "done" for e in sources.values()),
+  return {"episodes": sum(len(e.get("episodes", [k])) for k, e in sources.items()
+                          if e["status"] == "done"),
           "steps": sum(e["steps"] for e in sources.values()),
           "skipped": {k: e["reason"] for k, e in sources.items() if e["status"] == "skipped"}}
 

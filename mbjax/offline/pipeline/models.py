@@ -1,9 +1,10 @@
-"""The three models the pipeline trains on chunks and labels them with, two phases each:
-the inverse dynamics model (`idm_train`, `idm_label`: per-frame `actions`), the reward model
+"""The four models the pipeline trains on chunks and labels them with, two phases each:
+the inverse dynamics model (`idm_train`, `idm_label`: per-frame `actions`), the end-of-life
+classifier (`death_train`, `death_label`: `death_probs` and `terminals`), the reward model
 (`reward_train`, `reward_label`: `progress_scores` and `rewards`) and the skills VQ-VAE
 (`skills_train`, `skills_label`: `skill_tokens`).
 
-What the three share — resume, the batch sharding, saving, loading and the labelling loop
+What the four share — resume, the batch sharding, saving, loading and the labelling loop
 that stamps the model's id into every chunk it writes — is `ChunkModel`; each phase below
 says only what it trains on and what it writes.
 """
@@ -22,6 +23,7 @@ from absl import logging
 
 from mbjax.envs.spaces import HybridActionSpec
 from mbjax.offline import chunks as chunks_lib
+from mbjax.offline import deaths as deaths_lib
 from mbjax.offline import idm_labelling, idm_training
 from mbjax.offline import reward_model as reward_lib
 from mbjax.offline import skills as skills_lib
@@ -37,6 +39,8 @@ from mbjax.train import sharding
 # Initialisers run once: one jitted program each, compiled for compile speed.
 _idm_init = jax.jit(idm_training.init, static_argnums=(1, 2, 3),
                     compiler_options=config_lib.FAST_COMPILE)
+_death_init = jax.jit(deaths_lib.init, static_argnums=(1, 2),
+                      compiler_options=config_lib.FAST_COMPILE)
 _reward_init = jax.jit(reward_lib.init, static_argnums=(1, 2),
                        compiler_options=config_lib.FAST_COMPILE)
 _skills_init = jax.jit(skills_lib.init, static_argnums=(1, 2),
@@ -112,6 +116,13 @@ class ChunkModel(NamedTuple):
       logging.info("%s_label [%d/%d] %s: %d frames", self.name, number, len(units), unit,
                    sum(len(a["observations"]) for a in parts))
     return {"labelled": labelled, "already_labelled": kept, "skipped": skipped.entries}
+
+
+def _by_chunk(parts: list[dict], **episode_arrays: np.ndarray) -> list[dict]:
+  """Per-frame arrays of a whole episode (its chunks `parts` in order) → one dict per chunk."""
+  bounds = np.cumsum([0] + [len(a["observations"]) for a in parts])
+  return [{k: v[lo:hi] for k, v in episode_arrays.items()}
+          for lo, hi in zip(bounds[:-1], bounds[1:])]
 
 
 def _each_chunk(ws: Workspace) -> dict[str, list[str]]:
@@ -194,10 +205,7 @@ def idm_label(ws: Workspace, cfg) -> dict:
                    action_labeling="idm")
 
 
-# -- reward model ---------------------------------------------------------------------------
-
-REWARD = ChunkModel("reward", lambda cfg: reward_lib.init(
-    jax.random.PRNGKey(0), config_lib.reward_config(cfg), frame_shape(cfg)).params)
+# -- held-out episodes ----------------------------------------------------------------------
 
 
 def split_episodes(looks: dict[str, str], fraction: float, sources: Sequence[str],
@@ -231,34 +239,116 @@ def _episode_look(paths: list[str]) -> str:
   return source_look(truth_meta(arrays))
 
 
+def held_out_episodes(grouped: dict[str, list[str]], cfg) -> list[str]:
+  """The episodes death_train and reward_train keep out, for eval (`split_episodes` with the
+  `reward.holdout_*` settings)."""
+  looks = {episode_id: _episode_look(paths) for episode_id, paths in grouped.items()}
+  return sorted(split_episodes(looks, cfg.reward.holdout_fraction,
+                               tuple(cfg.reward.holdout_sources), cfg.seed))
+
+
+# -- end-of-life classifier -----------------------------------------------------------------
+
+DEATH = ChunkModel("death", lambda cfg: deaths_lib.init(
+    jax.random.PRNGKey(0), config_lib.death_config(cfg), frame_shape(cfg)).params)
+
+
+def death_train(ws: Workspace, cfg) -> dict:
+  """The end-of-life classifier on the training episodes' videos, whole (its positives are
+  each video's last frames; a video whose last chunk is not `last_chunk` has none)."""
+
+  def fit(data_sharding):
+    skipped = Skipped("death_train")
+    grouped = episodes_of(ws.chunk_paths(), skipped)
+    held_out = held_out_episodes(grouped, cfg)
+    videos, ends = [], []
+    for episode_id, paths in grouped.items():
+      parts = list(readable_chunks(paths, skipped, keys=("observations", "meta")))
+      if episode_id in held_out or len(parts) != len(paths):
+        continue  # a video with a chunk missing would have a false end
+      videos.append(np.concatenate([a["observations"] for _, a in parts]))
+      path, last = parts[-1]
+      ends.append(bool(chunks_lib.decode_meta(last["meta"], path).get("last_chunk", False)))
+    if not any(ends):
+      raise ValueError(f"death_train: no complete training video in {ws.chunks} (every chunk "
+                       "readable, the last one marked last_chunk)")
+    death_cfg = config_lib.death_config(cfg)
+    state = _death_init(jax.random.PRNGKey(cfg.seed), death_cfg, frame_shape(cfg))
+    state, metrics = deaths_lib.fit(
+        state, videos, cfg.death.steps, np.random.default_rng(cfg.seed), cfg.death.batch,
+        ends=ends, log_fn=DEATH.log_progress(cfg), log_every=cfg.log_every,
+        data_sharding=data_sharding)
+    saved_config = {"death": dataclasses.asdict(death_cfg),
+                    "frame_shape": list(frame_shape(cfg)), "held_out_episodes": held_out}
+    return state.params, saved_config, {"videos": len(videos), "ending_videos": sum(ends),
+                                        "final": metrics, "skipped": skipped.entries}
+
+  return DEATH.train(ws, cfg, fit)
+
+
+def death_label(ws: Workspace, cfg) -> dict:
+  """`death_probs` f32[T] and `terminals` bool[T] (`deaths.terminals_from_probs`) for every
+  chunk, scored over each whole episode (a run of frames that crosses a chunk boundary ends
+  once, in the chunk where it ends)."""
+  params, model_id = DEATH.load(ws, cfg)
+  death_cfg = config_lib.death_config(cfg)
+
+  def new_arrays(paths, parts):
+    del paths
+    probs = deaths_lib.probabilities(params, death_cfg,
+                                     np.concatenate([a["observations"] for a in parts]))
+    return _by_chunk(parts, death_probs=probs,
+                     terminals=deaths_lib.terminals_from_probs(probs, death_cfg.threshold))
+
+  skipped = Skipped("death_label")
+  return DEATH.label(ws, cfg, episodes_of(ws.chunk_paths(), skipped), model_id, new_arrays,
+                     skipped=skipped)
+
+
+def chunk_lives(arrays: dict) -> list[tuple[np.ndarray, bool]]:
+  """A chunk's frames cut after every frame its `terminals` marks: (frames, whether that
+  piece ended in a death). A chunk without `terminals` is one piece that did not."""
+  frames = arrays["observations"]
+  cuts = (np.flatnonzero(arrays["terminals"]) + 1).tolist() if "terminals" in arrays else []
+  bounds = [0] + cuts + ([len(frames)] if not cuts or cuts[-1] != len(frames) else [])
+  return [(frames[lo:hi], hi in cuts) for lo, hi in zip(bounds[:-1], bounds[1:])]
+
+
+# -- reward model ---------------------------------------------------------------------------
+
+REWARD = ChunkModel("reward", lambda cfg: reward_lib.init(
+    jax.random.PRNGKey(0), config_lib.reward_config(cfg), frame_shape(cfg)).params)
+
+
 def reward_train(ws: Workspace, cfg) -> dict:
-  """Bradley–Terry progress model on frame pairs within chunks of the training episodes
-  (the episodes matching `reward.holdout_sources`, and `reward.holdout_fraction` of each
-  look's others, are kept out, for eval; `split_episodes`)."""
+  """Bradley–Terry progress model on frame pairs within the lives of the training episodes'
+  chunks (cut at the `terminals` death_label marks; `held_out_episodes` kept out)."""
 
   def fit(data_sharding):
     skipped = Skipped("reward_train")
     grouped = episodes_of(ws.chunk_paths(), skipped)
-    looks = {episode_id: _episode_look(paths) for episode_id, paths in grouped.items()}
-    held_out = sorted(split_episodes(looks, cfg.reward.holdout_fraction,
-                                     tuple(cfg.reward.holdout_sources), cfg.seed))
-    frames = []
+    held_out = held_out_episodes(grouped, cfg)
+    lives, died = [], []
     for episode_id, paths in grouped.items():
       if episode_id in held_out:
         continue
-      for _, arrays in readable_chunks(paths, skipped, keys=("observations",)):
-        frames.append(arrays["observations"])
-    if not frames:
+      for _, arrays in readable_chunks(paths, skipped):
+        for frames, death in chunk_lives(arrays):
+          lives.append(frames)
+          died.append(death)
+    if not lives:
       raise ValueError(f"reward_train: no readable training chunk in {ws.chunks}")
     reward_cfg = config_lib.reward_config(cfg)
     state = _reward_init(jax.random.PRNGKey(cfg.seed), reward_cfg, frame_shape(cfg))
     state, metrics = reward_lib.fit(
-        state, frames, cfg.reward.steps, np.random.default_rng(cfg.seed), cfg.reward.batch,
-        log_fn=REWARD.log_progress(cfg), log_every=cfg.log_every, data_sharding=data_sharding)
+        state, lives, cfg.reward.steps, np.random.default_rng(cfg.seed), cfg.reward.batch,
+        died=died, log_fn=REWARD.log_progress(cfg), log_every=cfg.log_every,
+        data_sharding=data_sharding)
     saved_config = {"reward": dataclasses.asdict(reward_cfg),
                     "frame_shape": list(frame_shape(cfg)), "held_out_episodes": held_out}
-    return state.params, saved_config, {"chunks": len(frames), "held_out_episodes": held_out,
-                                        "final": metrics, "skipped": skipped.entries}
+    return state.params, saved_config, {"lives": len(lives), "deaths": int(sum(died)),
+                                        "held_out_episodes": held_out, "final": metrics,
+                                        "skipped": skipped.entries}
 
   return REWARD.train(ws, cfg, fit)
 
@@ -278,10 +368,8 @@ def reward_label(ws: Workspace, cfg) -> dict:
     del paths
     progress = reward_lib.score(params, reward_cfg,
                                 np.concatenate([a["observations"] for a in parts]))
-    rewards = reward_lib.rewards_from_progress(progress, cfg.reward.scale)
-    bounds = np.cumsum([0] + [len(a["observations"]) for a in parts])
-    return [{"progress_scores": progress[lo:hi], "rewards": rewards[lo:hi]}
-            for lo, hi in zip(bounds[:-1], bounds[1:])]
+    return _by_chunk(parts, progress_scores=progress,
+                     rewards=reward_lib.rewards_from_progress(progress, cfg.reward.scale))
 
   # One unreadable chunk leaves its whole episode unlabelled.
   skipped = Skipped("reward_label")
