@@ -10,9 +10,11 @@ No death labels are needed, only whole videos (or chunks whose `last_chunk` says
 ended there).
 
 Net: the IDM's `FrameEncoder` (flatten pooling by default: a HUD is read where it is drawn)
-→ dense → logit. Training batches hold `positive_fraction` end frames (they are rare: 3 of
+→ dense → logit. Training batches hold `positive_fraction` end frames (they are rare: 5 of
 ~1,000 per video), the rest drawn uniformly from the other frames; the loss is the sigmoid
-cross-entropy. `terminals_from_probs` turns per-frame probabilities into terminal flags:
+cross-entropy. With a few dozen dying videos the classifier readily keys on what else those
+frames share (a palette, an early-game look), so training frames get their colour channels
+shuffled and their brightness scaled (`augment`). `terminals_from_probs` turns per-frame probabilities into terminal flags:
 each run of frames at or above `threshold` ends a life at its last frame, so a death shown
 for several frames is marked once, where the player was last seen alive (the frame whose
 action ended the episode, `terminated[t]` in the recordings' layout).
@@ -53,7 +55,10 @@ class DeathConfig:
   pool: str = "flatten"  # where a HUD element is drawn matters
   end_frames: int = 5  # the last frames of a video that count as its end
   positive_fraction: float = 0.25  # share of each training batch drawn from end frames
-  threshold: float = 0.5  # probability at which a frame ends a life
+  threshold: float = 0.9  # probability at which a frame ends a life
+  # Training frames get their colour channels shuffled and their brightness scaled, so that
+  # colour (a palette, a level's look) cannot stand in for what a death looks like.
+  augment: bool = True
   lr: float = 3e-4
   weight_decay: float = 1e-4
   max_grad_norm: float = 1.0
@@ -181,6 +186,15 @@ def sample_batch(rng: np.random.Generator, lengths: Sequence[int], batch: int,
   return np.concatenate(videos), np.concatenate(frames), targets
 
 
+def augment_colours(rng: np.random.Generator, frames: np.ndarray) -> np.ndarray:
+  """uint8[B, H, W, 3] with each frame's channels permuted and scaled by one factor in
+  [0.7, 1.3] (clipped)."""
+  order = np.argsort(rng.random((len(frames), 3)), axis=1)
+  shuffled = np.take_along_axis(frames, order[:, None, None, :], axis=3)
+  scale = rng.uniform(0.7, 1.3, (len(frames), 1, 1, 1))
+  return np.clip(shuffled * scale, 0, 255).astype(np.uint8)
+
+
 def fit(state: DeathState, videos: Sequence[np.ndarray], num_steps: int,
         rng: np.random.Generator, batch: int = 64, ends: Sequence[bool] | None = None,
         log_fn: Callable[[int, dict], None] | None = None, log_every: int = 50,
@@ -195,6 +209,8 @@ def fit(state: DeathState, videos: Sequence[np.ndarray], num_steps: int,
     ids, index, targets = sample_batch(rng, lengths, batch, cfg.end_frames,
                                        cfg.positive_fraction, ends)
     frames = np.stack([videos[v][i] for v, i in zip(ids, index)])
+    if cfg.augment:
+      frames = augment_colours(rng, frames)
     state, metrics = update(state, jax.device_put(frames, data_sharding),
                             jax.device_put(targets, data_sharding))
     if log_fn is not None and (step + 1) % log_every == 0:

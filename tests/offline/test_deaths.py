@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from mbjax.offline import deaths
+from mbjax.offline.deaths import augment_colours
 
 TINY = deaths.DeathConfig(stem=4, channels=(8, 16), embed_dim=16, end_frames=3, lr=1e-3,
                           score_batch=8)
@@ -82,6 +83,18 @@ def test_probabilities_in_pieces_equal_one_pass():
   expected = jax.nn.sigmoid(deaths.EndOfLifeNet(TINY).apply(state.params, frames))
   np.testing.assert_allclose(deaths.probabilities(state.params, TINY, frames), expected,
                              rtol=1e-5, atol=1e-6)
+
+
+def test_colour_augmentation_permutes_channels_and_scales_brightness():
+  frames = np.broadcast_to(np.array([40, 80, 120], np.uint8), (64, 2, 2, 3)).copy()
+  out = augment_colours(np.random.default_rng(0), frames).astype(np.float64)
+  assert out.shape == frames.shape and np.all(out == out[:, :1, :1])  # one change per frame
+  pixel = out[:, 0, 0]
+  ratio = np.sort(pixel, axis=1) / np.array([40.0, 80.0, 120.0])
+  np.testing.assert_allclose(ratio, ratio[:, :1] * np.ones(3), atol=1 / 40)  # one scale
+  assert np.all((ratio[:, 0] > 0.69) & (ratio[:, 0] < 1.31))
+  orders = {tuple(np.argsort(p)) for p in pixel}
+  assert len(orders) == 6  # every channel order occurs over 64 frames
 
 
 def test_bad_config_and_frames_are_refused():
