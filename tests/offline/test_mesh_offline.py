@@ -1,5 +1,5 @@
-"""The offline learners data-parallel over a device mesh: two updates of the IDM, the reward
-model, the skills VQ-VAE and the offline world model + dream actor-critic with the global
+"""The offline learners data-parallel over a device mesh: two updates of the IDM, the death
+classifier, the reward model (with death pairs), the skills VQ-VAE and the offline world model + dream actor-critic with the global
 batch split over 4 simulated CPU devices (conftest) equal the plain single-device updates,
 and batch sizes that do not divide the device count fail naming their config key.
 
@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from mbjax.envs.spaces import HybridActionSpec
-from mbjax.offline import idm, idm_training, pipeline, reward_model, skills
+from mbjax.offline import deaths, idm, idm_training, pipeline, reward_model, skills
 from mbjax.train import config as config_lib
 from mbjax.train import offline, sharding
 
@@ -72,13 +72,27 @@ def test_idm_fit_on_four_devices_equals_one(mesh):
   assert sharded_metrics == pytest.approx(plain_metrics, rel=1e-5)
 
 
+def test_death_classifier_fit_on_four_devices_equals_one(mesh):
+  rng = np.random.default_rng(0)
+  videos = [frames(rng, 12), frames(rng, 20)]
+  cfg = deaths.DeathConfig(stem=4, channels=(8,), embed_dim=8)
+  init = jitted_init(deaths, cfg, (SIZE, SIZE, 3))
+  run = lambda data_sharding: deaths.fit(init(), videos, 2, np.random.default_rng(1), batch=8,
+                                         data_sharding=data_sharding)
+  plain, plain_metrics = run(None)
+  sharded, sharded_metrics = run(sharding.batch_sharding(mesh, 8, "death.batch"))
+  assert_same(sharded.params, plain.params)
+  assert sharded_metrics == pytest.approx(plain_metrics, rel=1e-5)
+
+
 def test_reward_model_fit_on_four_devices_equals_one(mesh):
   rng = np.random.default_rng(0)
   episodes = [frames(rng, 12), frames(rng, 20)]
-  cfg = reward_model.RewardConfig(stem=4, channels=(8,), embed_dim=8)
+  cfg = reward_model.RewardConfig(stem=4, channels=(8,), embed_dim=8, death_window=3)
   init = jitted_init(reward_model, cfg, (SIZE, SIZE, 3))
   run = lambda data_sharding: reward_model.fit(init(), episodes, 2, np.random.default_rng(1),
-                                              batch=8, data_sharding=data_sharding)
+                                              batch=8, died=[False, True],
+                                              data_sharding=data_sharding)
   plain, plain_metrics = run(None)
   sharded, sharded_metrics = run(sharding.batch_sharding(mesh, 8, "reward.batch"))
   assert_same(sharded.params, plain.params)
