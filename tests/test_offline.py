@@ -114,6 +114,6 @@ def test_dream_policy_learned_offline_beats_the_recording_policy():
 
   play = jax.jit(jax.vmap(lambda key: offline.play_latent_policy(
       env, params, trainer.learners, state.aux, key, 500)))
-  dream_return = float(play(jax.random.split(jax.random.PRNGKey(2), 32)).mean())
+  dream_return = float(play(jax.random.split(jax.random.PRNGKey(2), 32))["return"].mean())
   print(f"random {random_return:.1f}, offline dream policy {dream_return:.1f}")
   assert dream_return > 2.0 * random_return

@@ -193,25 +193,37 @@ def latent_policy(learners: apex.Learners, aux: apex.AuxState, source: str = "dr
 
 def play_latent_policy(env, env_params, learners: apex.Learners, aux: apex.AuxState, key,
                        max_steps: int, source: str = "dream", deterministic: bool = False,
-                       obs_fn: Callable | None = None) -> jax.Array:
-  """Plays one episode (up to `max_steps`) in a single env; returns its return."""
+                       obs_fn: Callable | None = None,
+                       summed_info: tuple[str, ...] = ()) -> dict[str, jax.Array]:
+  """Plays one episode (up to `max_steps`) in a single env → {"return", "length" (steps
+  played), and each `summed_info` key of the env's `info` summed over those steps} (e.g.
+  BonkArena's `reward_terms`, which shows how a return was made)."""
   initial_carry, policy_step = latent_policy(learners, aux, source, deterministic, obs_fn)
   reset_key, key = jax.random.split(key)
   obs, env_state = env.reset(reset_key, env_params)
 
   def step(carry, step_key):
-    obs, env_state, policy_carry, is_first, alive, total = carry
+    obs, env_state, policy_carry, is_first, alive, totals = carry
     act_key, env_key = jax.random.split(step_key)
     mask = env.action_mask(env_state, env_params)[None]
     policy_carry, action = policy_step(policy_carry, obs[None], is_first, mask, act_key)
     action = jax.tree.map(lambda x: x[0], action)
-    obs, env_state, reward, terminated, truncated, _ = env.step(env_key, env_state, action,
-                                                                env_params)
-    total = total + jnp.where(alive, reward, 0.0)
+    obs, env_state, reward, terminated, truncated, info = env.step(env_key, env_state, action,
+                                                                   env_params)
+    played = {"return": reward, "length": jnp.float32(1.0),
+              **{k: info[k].astype(jnp.float32) for k in summed_info}}
+    totals = jax.tree.map(lambda total, x: total + jnp.where(alive, x, 0.0), totals, played)
     alive = alive & ~(terminated | truncated)
-    return (obs, env_state, policy_carry, jnp.zeros((1,), bool), alive, total), None
+    return (obs, env_state, policy_carry, jnp.zeros((1,), bool), alive, totals), None
 
-  init = (obs, env_state, initial_carry(1), jnp.ones((1,), bool), jnp.bool_(True),
-          jnp.float32(0.0))
-  (_, _, _, _, _, total), _ = jax.lax.scan(step, init, jax.random.split(key, max_steps))
-  return total
+  def first_info():  # the shapes of `info`, traced, never run
+    mask = env.action_mask(env_state, env_params)[None]
+    _, action = policy_step(initial_carry(1), obs[None], jnp.ones((1,), bool), mask, key)
+    return env.step(key, env_state, jax.tree.map(lambda x: x[0], action), env_params)[-1]
+
+  info = jax.eval_shape(first_info)
+  totals = {"return": jnp.float32(0.0), "length": jnp.float32(0.0),
+            **{k: jnp.zeros(jnp.shape(info[k]), jnp.float32) for k in summed_info}}
+  init = (obs, env_state, initial_carry(1), jnp.ones((1,), bool), jnp.bool_(True), totals)
+  (_, _, _, _, _, totals), _ = jax.lax.scan(step, init, jax.random.split(key, max_steps))
+  return totals

@@ -152,7 +152,12 @@ def test_every_phase_runs_and_writes_the_upstream_layout(finished_run):
       cfg.ground_truth.time_limit // cfg.eval.reward_window)
   assert 1.0 <= report["skills"]["perplexity"] <= cfg.skills.num_codes
   assert report["dream"]["episodes"] == cfg.eval.episodes
-  assert np.isfinite(report["dream"]["dream_return_mean"])
+  for policy in ("dream", "random"):
+    played = report["dream"][policy]
+    assert np.isfinite(played["return_mean"]) and 0 < played["length_mean"] <= cfg.eval.max_steps
+    # The return is the sum of the weighted terms: the terms are summed over the same steps.
+    assert sum(played["reward_terms"].values()) == pytest.approx(played["return_mean"],
+                                                                 rel=1e-4, abs=1e-4)
   # The saved dream policy is the trained one, trained against a fixed world model: the
   # dream checkpoint holds the world model checkpoint's model bit for bit, another actor.
   assert results["dream"]["final"]["dream/actor_loss"] != 0.0

@@ -28,14 +28,15 @@ from mbjax.train import offline as offline_lib
 
 def evaluate_dream_policy(ws: Workspace, trainer: offline_lib.OfflineTrainer, state,
                           cfg) -> dict:
-  """Mean return of the saved dream policy in BonkArena vs the uniform random policy (same
-  keys). The game is drawn like the videos (the first ground-truth look, at the chunks'
-  frame size) and each frame is turned into what the world model saw: resized to
-  `export.frame_size`, or embedded by the reward model. The random policy ignores its
+  """The saved dream policy in BonkArena vs the uniform random policy (same keys): mean
+  return and length, menu fraction and each reward term's mean contribution. The game is
+  drawn like the videos (the first ground-truth look, at the chunks' frame size) and each
+  frame is turned into what the world model saw: resized to `export.frame_size`, or
+  embedded by the reward model. The random policy ignores its
   observations, so it plays the same game with vector observations (no drawing to compile)."""
   if trainer.learners.dream is None or not cfg.ground_truth.enabled:
     return {"skipped": "needs the dream learner and the BonkArena ground-truth set-up"}
-  from mbjax.envs.bonk_arena import BonkArena, random_policy, rollout  # the validation env
+  from mbjax.envs.bonk_arena import BonkArena, random_policy, rewards, rollout  # validation
   camera, _, palette = cfg.ground_truth.variants[0].partition(":")
   env = BonkArena(observation="pixels", pixel_size=cfg.convert.size, camera=camera,
                   palette=palette, upgrade_hud=cfg.ground_truth.upgrade_hud)
@@ -51,19 +52,28 @@ def evaluate_dream_policy(ws: Workspace, trainer: offline_lib.OfflineTrainer, st
   keys = jax.random.split(jax.random.PRNGKey(cfg.seed + 7), cfg.eval.episodes)
   options = config_lib.compiler_options(cfg)
   play = jax.jit(jax.vmap(lambda key: offline_lib.play_latent_policy(
-      env, params, trainer.learners, state.aux, key, cfg.eval.max_steps, obs_fn=obs_fn)),
-                 compiler_options=options)
-  dream_returns = np.asarray(play(keys))
+      env, params, trainer.learners, state.aux, key, cfg.eval.max_steps, obs_fn=obs_fn,
+      summed_info=("reward_terms",))), compiler_options=options)
+  dream = jax.device_get(play(keys))
   vector_env = BonkArena(observation="vector")
   play_random = jax.jit(lambda key: rollout.evaluate(
-      vector_env, params, random_policy, key, cfg.eval.episodes, cfg.eval.max_steps)["return"],
+      vector_env, params, random_policy, key, cfg.eval.episodes, cfg.eval.max_steps),
                         compiler_options=options)
-  random_returns = np.asarray(play_random(keys[0]))
+  random = jax.device_get(play_random(keys[0]))
+  weights = np.asarray(params.reward_weights, np.float64)
+
+  def summary(returns, lengths, terms) -> dict:
+    """Mean return and length, the share of steps in the level-up menu and each reward
+    term's mean contribution (weight × summed term): a wall-pinning policy shows there."""
+    return {"return_mean": float(np.mean(returns)), "return_std": float(np.std(returns)),
+            "length_mean": float(np.mean(lengths)),
+            "menu_fraction": float(np.sum(terms[:, rewards.MENU]) / max(np.sum(lengths), 1)),
+            "reward_terms": {name: float(np.mean(terms[:, i]) * weights[i])
+                             for i, name in enumerate(rewards.REWARD_TERMS)}}
+
   return {"episodes": cfg.eval.episodes,
-          "dream_return_mean": float(dream_returns.mean()),
-          "dream_return_std": float(dream_returns.std()),
-          "random_return_mean": float(random_returns.mean()),
-          "random_return_std": float(random_returns.std())}
+          "dream": summary(dream["return"], dream["length"], dream["reward_terms"]),
+          "random": summary(random["return"], random["length"], random["reward_terms"])}
 
 
 def evaluate_idm(ws: Workspace, cfg) -> dict:
@@ -330,7 +340,11 @@ def format_report(report: dict) -> str:
     add("skills: perplexity", skills["perplexity"])
     add("skills: codes used", skills["codes_used"])
   dream_eval = report.get("dream")
-  if isinstance(dream_eval, dict) and "dream_return_mean" in dream_eval:
-    add("dream policy return (mean)", dream_eval["dream_return_mean"])
-    add("random policy return (mean)", dream_eval["random_return_mean"])
+  if isinstance(dream_eval, dict) and "dream" in dream_eval:
+    for policy in ("dream", "random"):
+      entry = dream_eval[policy]
+      add(f"{policy} policy return (mean)", entry["return_mean"])
+      add(f"{policy} policy: menu fraction", entry["menu_fraction"])
+      terms = ", ".join(f"{k} {v:+.2f}" for k, v in entry["reward_terms"].items())
+      add(f"{policy} policy: reward terms", terms)
   return "\n".join(lines)
