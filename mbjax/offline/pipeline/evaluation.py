@@ -125,9 +125,8 @@ def _mean_defined(values) -> float | None:
 
 
 def _held_out_truth(ws: Workspace, model: str, needed: tuple[str, ...]):
-  """(policy, chunk arrays concatenated, truth concatenated) of each episode `model` held
-  out whose chunks all read, all carry `needed` and all have ground truth; policy is the
-  recording's (`atari` for Atari clips)."""
+  """(recording meta, chunk arrays concatenated, truth concatenated) of each episode `model`
+  held out whose chunks all read, all carry `needed` and all have ground truth."""
   directory = ws.model_dir(model)
   held_out = set(json.load(open(os.path.join(directory, "config.json")))["held_out_episodes"])
   skipped = Skipped("eval")
@@ -140,12 +139,15 @@ def _held_out_truth(ws: Workspace, model: str, needed: tuple[str, ...]):
     truths = [truth_for_chunk(a, p) for p, a in parts]
     if any(t is None for t in truths):
       continue
-    meta = truth_meta(parts[0][1])
-    policy = "atari" if meta.get("source") == "atari" else meta.get("policy", "unknown")
     arrays = {k: np.concatenate([a[k] for _, a in parts]) for k in needed}
     truth = {k: np.concatenate([t[k] for t in truths]) for k in truths[0]
              if all(k in t for t in truths)}
-    yield policy, arrays, truth
+    yield truth_meta(parts[0][1]), arrays, truth
+
+
+def _policy(meta: dict) -> str:
+  """The policy that played a recording (`atari` for the Atari clips)."""
+  return "atari" if meta.get("source") == "atari" else meta.get("policy", "unknown")
 
 
 def evaluate_deaths(ws: Workspace, cfg) -> dict:
@@ -155,7 +157,8 @@ def evaluate_deaths(ws: Workspace, cfg) -> dict:
   if not model_exists(ws.model_dir("death")):
     return {"death": "no death model"}
   per_policy = {}
-  for policy, arrays, truth in _held_out_truth(ws, "death", ("terminals",)):
+  for meta, arrays, truth in _held_out_truth(ws, "death", ("terminals",)):
+    policy = _policy(meta)
     if "terminated" not in truth:
       continue  # no true episode ends (Atari clips record lives, not deaths)
     counts = deaths_lib.match_terminals(arrays["terminals"], truth["terminated"],
@@ -188,7 +191,8 @@ def evaluate_video_reward(ws: Workspace, cfg) -> dict:
   if not model_exists(ws.model_dir("reward")):
     return {"video_reward": "no reward model"}
   width, windows, returns = cfg.eval.reward_window, {}, {}
-  for policy, arrays, truth in _held_out_truth(ws, "reward", ("rewards",)):
+  for meta, arrays, truth in _held_out_truth(ws, "reward", ("rewards",)):
+    policy = _policy(meta)
     if policy == "atari" or "rewards" not in truth:
       continue
     video, game = arrays["rewards"], truth["rewards"]
@@ -225,25 +229,14 @@ def evaluate_rewards(ws: Workspace, cfg) -> dict:
   """
   if not model_exists(ws.model_dir("reward")):
     return {"reward": "no reward model"}
-  held_out = set(json.load(open(os.path.join(ws.model_dir("reward"), "config.json")))
-                 ["held_out_episodes"])
-  skipped, per_look = Skipped("eval"), {}
-  for episode_id, paths in episodes_of(ws.chunk_paths(), skipped).items():
-    if episode_id not in held_out:
+  per_look = {}
+  for meta, arrays, truth in _held_out_truth(ws, "reward", ("progress_scores",)):
+    progress = arrays["progress_scores"]
+    score_key = "xp_total" if "xp_total" in truth else "score"
+    if score_key not in truth:
       continue
-    parts = list(readable_chunks(paths, skipped))
-    if len(parts) != len(paths) or any("progress_scores" not in a for _, a in parts):
-      continue
-    truths = [truth_for_chunk(a, p) for p, a in parts]
-    if any(t is None for t in truths):
-      continue
-    progress = np.concatenate([a["progress_scores"] for _, a in parts])
-    score_key = "xp_total" if "xp_total" in truths[0] else "score"
-    if score_key not in truths[0]:
-      continue
-    true_score = np.concatenate([t[score_key] for t in truths])
-    look = source_look(truth_meta(parts[0][1]))
-    entry = per_look.setdefault(look, {"score": [], "time": []})
+    true_score = truth[score_key]
+    entry = per_look.setdefault(source_look(meta), {"score": [], "time": []})
     entry["score"].append(reward_lib.spearman(progress, true_score))
     entry["time"].append(reward_lib.spearman(progress, np.arange(len(progress))))
 

@@ -263,8 +263,10 @@ def death_train(ws: Workspace, cfg) -> dict:
     held_out = held_out_episodes(grouped, cfg)
     videos, ends = [], []
     for episode_id, paths in grouped.items():
+      if episode_id in held_out:
+        continue
       parts = list(readable_chunks(paths, skipped, keys=("observations", "meta")))
-      if episode_id in held_out or len(parts) != len(paths):
+      if len(parts) != len(paths):
         continue  # a video with a chunk missing would have a false end
       videos.append(np.concatenate([a["observations"] for _, a in parts]))
       path, last = parts[-1]
