@@ -14,18 +14,20 @@ Net: the IDM's `FrameEncoder` (flatten pooling by default: a HUD is read where i
 ~1,000 per video), the rest drawn uniformly from the other frames; the loss is the sigmoid
 cross-entropy. With a few dozen dying videos the classifier readily keys on what else those
 frames share (a palette, an early-game look), so training frames get their colour channels
-shuffled and their brightness scaled (`augment`). `terminals_from_probs` turns per-frame probabilities into terminal flags:
-each run of frames at or above `threshold` ends a life at its last frame, so a death shown
-for several frames is marked once, where the player was last seen alive (the frame whose
-action ended the episode, `terminated[t]` in the recordings' layout).
+shuffled and their brightness scaled (`augment`). `terminals_from_probs` turns per-frame
+probabilities into terminal flags: each run of frames at or above `threshold` ends a life at
+its last frame, so a death shown for several frames is marked once, where the player was
+last seen alive (the frame whose action ended the episode, `terminated[t]` in the
+recordings' layout).
 
 API (`DeathConfig` is hashable and a static field of `DeathState`):
   init(key, cfg, frame_shape) -> DeathState
   update(state, frames u8[B, H, W, 3], targets f32[B]) -> (state, metrics)
   probabilities(params, cfg, frames u8[T, H, W, 3]) -> f32[T]   (fixed jitted pieces)
   terminals_from_probs(probs f32[T], threshold) -> bool[T]
-  sample_batch / fit: host-side sampling and a plain training loop.
+  sample_batch / augment_colours / fit: host-side sampling, augmentation, a training loop.
   match_terminals(predicted, true, tolerance): detected / missed deaths and false terminals.
+What was tried and measured: docs/experiments/2026-12-06-deaths-and-video-reward.md.
 """
 from __future__ import annotations
 
