@@ -13,7 +13,7 @@ of pair:
 Progress alone is a clock: whatever drifts with time is paid for, health lost and walls
 reached included, and an episode's return telescopes to f(end) − f(start) whether the
 player died or not. The death pairs make the frames that lead to a death the worst of
-their life, so dying costs what the life had gained. Scoring a video gives `progress`
+their life, so a life that ends in a death ends at its lowest score. Scoring a video gives `progress`
 f32[T], and `rewards_from_progress` turns it into per-step rewards.
 
 Network: the IDM's `FrameEncoder` (space-to-depth stem, strided 3×3 convolutions, dense,
@@ -26,7 +26,8 @@ API (`RewardConfig` is hashable and a static field of `RewardState`):
   score(params, cfg, frames u8[T, H, W, 3]) -> progress f32[T]   (fixed jitted pieces)
   embed(params, cfg, frames) -> (z f32[T, D], progress f32[T])
   rewards_from_progress(progress, scale) -> rewards f32[T]
-  sample_pairs / sample_death_pairs / fit: host-side pair sampling and a training loop.
+  sample_pairs / sample_death_pairs / sample_training_pairs / fit: host-side pair sampling
+    and a training loop.
   spearman(a, b): rank correlation, for evaluating progress against the truth.
 
 Reward alignment: `rewards[t] = (progress[t+1] − progress[t]) · scale` and the last reward
