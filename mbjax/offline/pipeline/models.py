@@ -239,12 +239,15 @@ def _episode_look(paths: list[str]) -> str:
   return source_look(truth_meta(arrays))
 
 
-def held_out_episodes(grouped: dict[str, list[str]], cfg) -> list[str]:
-  """The episodes death_train and reward_train keep out, for eval (`split_episodes` with the
+def training_split(ws: Workspace, cfg, skipped: Skipped):
+  """(training episodes: episode_id → chunk paths, held-out episode ids) — what death_train
+  and reward_train train on and keep out for eval (`split_episodes` with the
   `reward.holdout_*` settings)."""
+  grouped = episodes_of(ws.chunk_paths(), skipped)
   looks = {episode_id: _episode_look(paths) for episode_id, paths in grouped.items()}
-  return sorted(split_episodes(looks, cfg.reward.holdout_fraction,
-                               tuple(cfg.reward.holdout_sources), cfg.seed))
+  held_out = sorted(split_episodes(looks, cfg.reward.holdout_fraction,
+                                   tuple(cfg.reward.holdout_sources), cfg.seed))
+  return {e: paths for e, paths in grouped.items() if e not in held_out}, held_out
 
 
 # -- end-of-life classifier -----------------------------------------------------------------
@@ -259,12 +262,9 @@ def death_train(ws: Workspace, cfg) -> dict:
 
   def fit(data_sharding):
     skipped = Skipped("death_train")
-    grouped = episodes_of(ws.chunk_paths(), skipped)
-    held_out = held_out_episodes(grouped, cfg)
+    training, held_out = training_split(ws, cfg, skipped)
     videos, ends = [], []
-    for episode_id, paths in grouped.items():
-      if episode_id in held_out:
-        continue
+    for paths in training.values():
       parts = list(readable_chunks(paths, skipped, keys=("observations", "meta")))
       if len(parts) != len(paths):
         continue  # a video with a chunk missing would have a false end
@@ -328,12 +328,9 @@ def reward_train(ws: Workspace, cfg) -> dict:
 
   def fit(data_sharding):
     skipped = Skipped("reward_train")
-    grouped = episodes_of(ws.chunk_paths(), skipped)
-    held_out = held_out_episodes(grouped, cfg)
+    training, held_out = training_split(ws, cfg, skipped)
     lives, died = [], []
-    for episode_id, paths in grouped.items():
-      if episode_id in held_out:
-        continue
+    for paths in training.values():
       for _, arrays in readable_chunks(paths, skipped):
         for frames, death in chunk_lives(arrays):
           lives.append(frames)
