@@ -69,6 +69,9 @@ def get_config(arg: str | None = None):
     # 1,000 steps: 0.80; BENCHMARKS.md).
     cfg.idm.update(motion_input="cost_volume", motion_fraction=0.5, window=3,
                    symmetry_fraction=0.5, steps=4000, lr_decay_steps=4000, cost_grid=128)
+    # Behaviour cloning imitates the scripted player's videos, turned by quarter turns (the
+    # arena looks the same turned; a mirror would reverse the way it circles the enemies).
+    cfg.bc.update(episodes="*_scripted_*", symmetry_fraction=0.75)
     # The offline world model and dream policy at the budget of the recorded run.
     cfg.world_model_steps, cfg.dream_steps = 1000, 500
   if arg == "debug":
@@ -87,6 +90,8 @@ def get_config(arg: str | None = None):
     cfg.death.update(steps=20, batch=8, channels=(8, 16), embed_dim=16, stem=4,
                      score_batch=32)
     cfg.skills.update(steps=20, batch=16, num_codes=16, code_dim=8, hidden=32)
+    cfg.bc.update(steps=20, batch=8, channels=(8, 16), embed_dim=16, hidden=16, stem=4,
+                  move_bins=5)
     cfg.learner.world_model.update(deter=16, blocks=2, stoch=4, classes=4, hidden=16)
     cfg.learner.replay.update(seq_len=6, burn_in=2)
     cfg.learner.dream.update(hidden_sizes=(16,), horizon=3)
@@ -95,5 +100,5 @@ def get_config(arg: str | None = None):
     cfg.world_model_steps = cfg.dream_steps = 10
     cfg.fast_compile = True
     cfg.log_every = 5
-    cfg.eval.update(episodes=2, max_steps=50)
+    cfg.eval.update(episodes=2, max_steps=50, bc_episodes=2)
   return cfg

@@ -166,10 +166,13 @@ def random_shift(key: jax.Array, clips: jax.Array, max_shift: int) -> jax.Array:
 
 
 def random_symmetry(key: jax.Array, clips: jax.Array, labels: ActionLabels,
-                    fraction: float) -> tuple[jax.Array, ActionLabels]:
+                    fraction: float, rotations_only: bool = False
+                    ) -> tuple[jax.Array, ActionLabels]:
   """Each square clip [B, L, S, S, C], with probability `fraction`, goes through one of the
   seven non-identity symmetries of the square (uniformly: mirrored left-right and/or upside
-  down and/or transposed; the same for all its frames). The move (dx, dy) transforms with
+  down and/or transposed; the same for all its frames), or with `rotations_only` one of the
+  three rotations (an even number of those reflections: a mirror image turns a player who
+  circles clockwise into one who circles the other way). The move (dx, dy) transforms with
   the frames — (−dx, dy), (dx, −dy), (dy, dx) — so top-down movement labels stay exact; the
   transformed clips' discrete labels are dropped (menu cards and HUD move with the image).
   """
@@ -178,7 +181,11 @@ def random_symmetry(key: jax.Array, clips: jax.Array, labels: ActionLabels,
                      f"{clips.shape} and moves {labels.continuous.shape}")
   apply_key, code_key = jax.random.split(key)
   apply = jax.random.uniform(apply_key, (clips.shape[0],)) < fraction
-  code = jax.random.randint(code_key, (clips.shape[0],), 1, 8) * apply  # bits: x, y, swap
+  if rotations_only:  # both flips (180°), or a swap with one flip (±90°)
+    code = jnp.asarray([3, 5, 6])[jax.random.randint(code_key, (clips.shape[0],), 0, 3)]
+  else:
+    code = jax.random.randint(code_key, (clips.shape[0],), 1, 8)
+  code = code * apply  # bits: flip x, flip y, swap
 
   def transform(clip, move, code):
     flip_x, flip_y, swap = (code & 1) > 0, (code & 2) > 0, (code & 4) > 0

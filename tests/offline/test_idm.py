@@ -182,6 +182,24 @@ def test_random_symmetry_moves_labels_with_the_frames():
   assert np.asarray(same.discrete_valid).all()
 
 
+def test_rotations_only_never_mirrors():
+  # An L of lit pixels is chiral: each transformed frame must be the L turned by 90°, 180°
+  # or 270° (np.rot90), never mirrored, with the move (1, 0) turned the same way.
+  clip = np.zeros((1, 1, 6, 6, 3), np.uint8)
+  clip[0, 0, 1:4, 1] = clip[0, 0, 3, 2] = 255
+  labels = idm_training.ActionLabels(jnp.asarray([[[1.0, 0.0]]]), jnp.zeros((1, 1, 1), jnp.int32),
+                                     jnp.ones((1, 1), bool), jnp.ones((1, 1), bool))
+  rotations = {k: np.rot90(clip[0, 0], k, axes=(0, 1)) for k in (1, 2, 3)}
+  seen = set()
+  for seed in range(24):
+    frames, moved = idm_training.random_symmetry(jax.random.PRNGKey(seed), jnp.asarray(clip),
+                                                 labels, 1.0, rotations_only=True)
+    turned = [k for k, r in rotations.items() if np.array_equal(np.asarray(frames[0, 0]), r)]
+    assert len(turned) == 1
+    seen.add((turned[0], tuple(np.asarray(moved.continuous[0, 0]).tolist())))
+  assert len(seen) == 3 and len({move for _, move in seen}) == 3
+
+
 def test_norm_clipped_is_what_the_game_applies():
   moves = np.array([[2.0, 0.0], [1.0, 1.0], [0.3, -0.4], [-3.0, 3.0]], np.float32)
   expected = [[1, 0], [0.70710678, 0.70710678], [0.3, -0.4], [-0.70710678, 0.70710678]]

@@ -151,6 +151,19 @@ def test_every_phase_runs_and_writes_the_upstream_layout(finished_run):
   assert report["video_reward"]["all"]["windows"] == 2 * (
       cfg.ground_truth.time_limit // cfg.eval.reward_window)
   assert 1.0 <= report["skills"]["perplexity"] <= cfg.skills.num_codes
+  # The behaviour-cloned policy imitated the training videos (every one scripted), and is
+  # played against the scripted policy and random play, one game per look.
+  played_bc = report["bc"]
+  assert played_bc["imitated_policies"] == ["scripted"]
+  assert played_bc["imitated_episodes"] == results["bc_train"]["episodes"] == 2
+  assert played_bc["episodes"] == cfg.eval.bc_episodes
+  assert set(played_bc["bc_return_per_look"]) == set(cfg.ground_truth.variants)
+  assert np.isfinite(played_bc["demonstrator_fraction"])
+  for policy in ("bc", "demonstrator", "random"):
+    played = played_bc[policy]
+    assert 0 < played["length_mean"] <= cfg.eval.max_steps
+    assert sum(played["reward_terms"].values()) == pytest.approx(played["return_mean"],
+                                                                 rel=1e-4, abs=1e-4)
   assert report["dream"]["episodes"] == cfg.eval.episodes
   for policy in ("dream", "random"):
     played = report["dream"][policy]

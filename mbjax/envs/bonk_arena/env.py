@@ -54,13 +54,15 @@ class BonkArena(base.Environment):
     max_enemies, max_gems: entity slots (static shapes; more slots cost more per step).
       When every gem slot is taken, a new gem replaces the oldest.
     num_obs_enemies, num_obs_gems: how many of the nearest enemies/gems the vector shows.
-    camera, palette, upgrade_hud: how frames look (`render.Renderer`; the defaults draw the
-      fixed whole-arena view in the default palette without the upgrade HUD).
+    camera, palette, upgrade_hud, view_fraction: how frames look (`render.Renderer`; the
+      defaults draw the fixed whole-arena view in the default palette without the upgrade
+      HUD; `view_fraction` is the part of the arena side the follow camera shows).
   """
 
   def __init__(self, observation: str = "vector", pixel_size: int = 64, max_enemies: int = 32,
                max_gems: int = 16, num_obs_enemies: int = 5, num_obs_gems: int = 3,
-               camera: str = "fixed", palette: str = "default", upgrade_hud: bool = False):
+               camera: str = "fixed", palette: str = "default", upgrade_hud: bool = False,
+               view_fraction: float = 0.5):
     if observation not in ("vector", "pixels"):
       raise ValueError(f"observation must be 'vector' or 'pixels', got {observation!r}")
     if not 1 <= num_obs_enemies <= max_enemies:
@@ -74,7 +76,8 @@ class BonkArena(base.Environment):
     self.max_gems = int(max_gems)
     self.num_obs_enemies = int(num_obs_enemies)
     self.num_obs_gems = int(num_obs_gems)
-    self.renderer = render.Renderer(self.pixel_size, camera, palette, upgrade_hud)
+    self.renderer = render.Renderer(self.pixel_size, camera, palette, upgrade_hud,
+                                    view_fraction)
     # Name → slice of each block of the vector observation.
     self.vector_layout = vector_obs.vector_layout(self.num_obs_enemies, self.num_obs_gems)
 

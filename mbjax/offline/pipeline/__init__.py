@@ -13,6 +13,7 @@ Phases, in the order `all` runs them (upstream names accepted as aliases, `ALIAS
                  stand-in for a hand-labelled subset; ground-truth set-up only)
   idm_train      inverse dynamics model on the chunks that carry labels
   idm_label      `actions` for every unlabelled chunk
+  bc_train       behaviour-cloned policy on the frames and actions of chosen videos
   death_train    end-of-life classifier on where the training videos end (no labels)
   death_label    `death_probs` and `terminals` (deaths) for every chunk
   reward_train   progress model on the training episodes' lives, deaths ranked last
@@ -22,7 +23,8 @@ Phases, in the order `all` runs them (upstream names accepted as aliases, `ALIAS
   skills_label   `skill_tokens` for every chunk
   world_model    RSSM on the exported episodes (`mbjax.train.offline`)
   dream          latent actor-critic against the finished world model, then played
-  eval           accuracy / R² / deaths found / reward vs the game's / perplexity →
+  eval           accuracy / R² / deaths found / reward vs the game's / perplexity /
+                 the behaviour-cloned policy against its demonstrator and random play →
                  `report.json` and a table
 
 Layout under the work directory: `videos/` (ground-truth recordings, or point
@@ -78,6 +80,7 @@ REGISTRY = (
     Phase("attach_labels", sources.attach_labels, in_all=_ground_truth_enabled),
     Phase("idm_train", models.idm_train, aliases=("train_idm",)),
     Phase("idm_label", models.idm_label, aliases=("label_actions",)),
+    Phase("bc_train", models.bc_train),
     Phase("death_train", models.death_train),
     Phase("death_label", models.death_label),
     Phase("reward_train", models.reward_train, aliases=("train_reward",)),

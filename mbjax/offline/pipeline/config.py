@@ -11,6 +11,7 @@ import ml_collections
 from jax.sharding import Mesh
 
 from mbjax.envs.spaces import HybridActionSpec
+from mbjax.offline import bc as bc_lib
 from mbjax.offline import chunks as chunks_lib
 from mbjax.offline import deaths as deaths_lib
 from mbjax.offline import idm as idm_lib
@@ -85,6 +86,14 @@ def base_config() -> ml_collections.ConfigDict:
   cfg.idm.focus_fraction = 0.25  # clips centred on rare discrete labels (menu choices)
   cfg.idm.class_weight_power = 0.5
 
+  # Behaviour cloning (the VPT recipe): a policy on the frames and actions (IDM or true
+  # labels) of the training episodes whose id matches the glob `episodes` (which videos to
+  # imitate, e.g. one player's), played in BonkArena by `eval`.
+  cfg.bc = _section(bc_lib.BCConfig)
+  cfg.bc.steps = 3000
+  cfg.bc.batch = 64
+  cfg.bc.episodes = "*"
+
   # End-of-life classifier: trained on where the videos end, it marks deaths (`terminals`).
   cfg.death = _section(deaths_lib.DeathConfig)
   cfg.death.steps = 2000
@@ -128,6 +137,9 @@ def base_config() -> ml_collections.ConfigDict:
 
   cfg.eval = ml_collections.ConfigDict()
   cfg.eval.episodes = 16  # dream-policy episodes played in BonkArena
+  # Behaviour-cloned policy, demonstrator and random episodes (the same games for all three),
+  # spread over the ground-truth looks.
+  cfg.eval.bc_episodes = 128
   cfg.eval.max_steps = 1500
   cfg.eval.speed_bins = (0.05, 0.25)  # player speed (world units / frame) bin edges
   cfg.eval.reward_window = 15  # steps per window when video and true returns are compared
@@ -181,6 +193,10 @@ def _model_config(hyperparameters, section: ml_collections.ConfigDict):
 
 def idm_config(cfg) -> idm_lib.IDMConfig:
   return _model_config(idm_lib.IDMConfig, cfg.idm)
+
+
+def bc_config(cfg) -> bc_lib.BCConfig:
+  return _model_config(bc_lib.BCConfig, cfg.bc)
 
 
 def death_config(cfg) -> deaths_lib.DeathConfig:

@@ -2,7 +2,8 @@
 `report.json` and prints them as a table: IDM accuracy and movement R² per group of frames,
 deaths found in the held-out videos, the video reward against the game's own reward and the
 progress scores' rank correlation with true progress on held-out episodes, skill-token
-perplexity, and the dream policy's return in BonkArena (measured by the `dream` phase).
+perplexity, the behaviour-cloned policy against its demonstrator and random play, and the
+dream policy's return in BonkArena (measured by the `dream` phase).
 """
 from __future__ import annotations
 
@@ -10,44 +11,89 @@ import json
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from mbjax import files
+from mbjax.offline import bc as bc_lib
 from mbjax.offline import chunks as chunks_lib
 from mbjax.offline import deaths as deaths_lib
 from mbjax.offline import idm_labelling, idm_training
 from mbjax.offline import reward_model as reward_lib
 from mbjax.offline.pipeline import config as config_lib
 from mbjax.offline.pipeline.config import action_spec
-from mbjax.offline.pipeline.models import load_reward
+from mbjax.offline.pipeline.models import BC, load_reward
 from mbjax.offline.pipeline.workspace import (Skipped, Workspace, episodes_of, model_exists,
                                               readable_chunks, source_look, truth_for_chunk,
                                               truth_meta, unpack_actions)
 from mbjax.train import offline as offline_lib
 
 
+def video_env(cfg, look: str):
+  """(BonkArena drawn like the ground-truth videos in `look` ("camera:palette"), a function
+  from its observations [..., S, S, 3] to chunk frames [..., size, size, 3]): the game is
+  drawn at `ground_truth.pixel_size` and area-averaged down to `convert.size` — what
+  `convert`'s AREA resize does to the recorded videos, for a whole factor — or resized
+  linearly (antialiased) for any other pair of sizes."""
+  from mbjax.envs.bonk_arena import BonkArena  # the validation set-up's game
+  camera, _, palette = look.partition(":")
+  drawn, size = cfg.ground_truth.pixel_size, cfg.convert.size
+  env = BonkArena(observation="pixels", pixel_size=drawn, camera=camera, palette=palette,
+                  upgrade_hud=cfg.ground_truth.upgrade_hud,
+                  view_fraction=cfg.ground_truth.view_fraction)
+
+  def to_frame(obs):
+    lead = obs.shape[:-3]
+    if drawn == size:
+      return obs
+    if drawn % size == 0:
+      factor = drawn // size
+      frames = obs.reshape(lead + (size, factor, size, factor, 3)).astype(jnp.float32).mean(
+          axis=(-4, -2))
+    else:
+      frames = jax.image.resize(obs.astype(jnp.float32), lead + (size, size, 3), "linear")
+    return jnp.clip(jnp.round(frames), 0, 255).astype(jnp.uint8)
+
+  return env, to_frame
+
+
+def _play_summary(played: dict, weights: np.ndarray) -> dict:
+  """Episodes' `return`, `length` and summed `reward_terms` → mean return with its normal 95%
+  interval, mean length, the share of steps in the level-up menu and each reward term's
+  mean contribution (weight × summed term): a wall-pinning policy shows there."""
+  from mbjax.envs.bonk_arena import rewards  # the validation set-up's game
+  returns, lengths = np.asarray(played["return"]), np.asarray(played["length"])
+  terms = np.asarray(played["reward_terms"])
+  return {"return_mean": float(np.mean(returns)), "return_std": float(np.std(returns)),
+          "return_ci95": float(1.96 * np.std(returns, ddof=1) / np.sqrt(len(returns)))
+          if len(returns) > 1 else None,
+          "length_mean": float(np.mean(lengths)),
+          "menu_fraction": float(np.sum(terms[:, rewards.MENU]) / max(np.sum(lengths), 1)),
+          "reward_terms": {name: float(np.mean(terms[:, i]) * weights[i])
+                           for i, name in enumerate(rewards.REWARD_TERMS)}}
+
+
 def evaluate_dream_policy(ws: Workspace, trainer: offline_lib.OfflineTrainer, state,
                           cfg) -> dict:
   """The saved dream policy in BonkArena vs the uniform random policy (same keys): mean
   return and length, menu fraction and each reward term's mean contribution. The game is
-  drawn like the videos (the first ground-truth look, at the chunks' frame size) and each
-  frame is turned into what the world model saw: resized to `export.frame_size`, or
-  embedded by the reward model. The random policy ignores its
-  observations, so it plays the same game with vector observations (no drawing to compile)."""
+  drawn like the videos (`video_env`, the first ground-truth look) and each frame is turned
+  into what the world model saw: resized to `export.frame_size`, or embedded by the reward
+  model. The random policy ignores its observations, so it plays the same game with
+  vector observations (no drawing to compile)."""
   if trainer.learners.dream is None or not cfg.ground_truth.enabled:
     return {"skipped": "needs the dream learner and the BonkArena ground-truth set-up"}
-  from mbjax.envs.bonk_arena import BonkArena, random_policy, rewards, rollout  # validation
-  camera, _, palette = cfg.ground_truth.variants[0].partition(":")
-  env = BonkArena(observation="pixels", pixel_size=cfg.convert.size, camera=camera,
-                  palette=palette, upgrade_hud=cfg.ground_truth.upgrade_hud)
+  from mbjax.envs.bonk_arena import BonkArena, random_policy, rollout  # validation
+  env, to_frame = video_env(cfg, cfg.ground_truth.variants[0])
   params = env.default_params()
   if cfg.export.observation == "embeddings":
     reward_params, reward_cfg, _ = load_reward(ws, cfg)
-    obs_fn = lambda frames: reward_lib.ProgressNet(reward_cfg).apply(reward_params, frames)[0]
+    obs_fn = lambda obs: reward_lib.ProgressNet(reward_cfg).apply(reward_params,
+                                                                  to_frame(obs))[0]
   else:
     size = cfg.export.frame_size
-    obs_fn = lambda frames: jax.image.resize(
-        frames, (frames.shape[0], size, size, 3), "linear").round().clip(0, 255).astype(
+    obs_fn = lambda obs: jax.image.resize(
+        to_frame(obs), (obs.shape[0], size, size, 3), "linear").round().clip(0, 255).astype(
             np.uint8)
   keys = jax.random.split(jax.random.PRNGKey(cfg.seed + 7), cfg.eval.episodes)
   options = config_lib.compiler_options(cfg)
@@ -61,19 +107,69 @@ def evaluate_dream_policy(ws: Workspace, trainer: offline_lib.OfflineTrainer, st
                         compiler_options=options)
   random = jax.device_get(play_random(keys[0]))
   weights = np.asarray(params.reward_weights, np.float64)
+  return {"episodes": cfg.eval.episodes, "dream": _play_summary(dream, weights),
+          "random": _play_summary(random, weights)}
 
-  def summary(returns, lengths, terms) -> dict:
-    """Mean return and length, the share of steps in the level-up menu and each reward
-    term's mean contribution (weight × summed term): a wall-pinning policy shows there."""
-    return {"return_mean": float(np.mean(returns)), "return_std": float(np.std(returns)),
-            "length_mean": float(np.mean(lengths)),
-            "menu_fraction": float(np.sum(terms[:, rewards.MENU]) / max(np.sum(lengths), 1)),
-            "reward_terms": {name: float(np.mean(terms[:, i]) * weights[i])
-                             for i, name in enumerate(rewards.REWARD_TERMS)}}
 
-  return {"episodes": cfg.eval.episodes,
-          "dream": summary(dream["return"], dream["length"], dream["reward_terms"]),
-          "random": summary(random["return"], random["length"], random["reward_terms"])}
+def evaluate_bc(ws: Workspace, cfg) -> dict:
+  """The behaviour-cloned policy in BonkArena, drawn like the videos (`video_env`; the
+  `eval.bc_episodes` games split evenly over the ground-truth looks), against the policy
+  that played the videos it imitated, as it played them (with `ground_truth.menu_pick_prob`'s
+  menu dwell), when one policy did, and the uniform random policy — the same games for all
+  three (the same keys; the other two play with vector observations). Reports each one's
+  `_play_summary`, the return per look, and `demonstrator_fraction` = (BC − random) /
+  (demonstrator − random) of the mean returns."""
+  directory = ws.model_dir("bc")
+  if not model_exists(directory):
+    return {"bc": "no behaviour-cloned policy"}
+  if not cfg.ground_truth.enabled:
+    return {"bc": "playing it needs the BonkArena ground-truth set-up"}
+  from mbjax.envs.bonk_arena import BonkArena, random_policy, rollout  # validation
+  from mbjax.offline import ground_truth
+
+  bc_params, _ = BC.load(ws, cfg)
+  bc_cfg, spec = config_lib.bc_config(cfg), action_spec(cfg)
+  imitated = json.load(open(os.path.join(directory, "config.json")))["imitated_episodes"]
+  policies = sorted({_policy(meta) for meta in (truth_meta(chunks_lib.read_chunk(
+      paths[0], ("video_source",))) for e, paths in episodes_of(
+          ws.chunk_paths(), Skipped("eval")).items() if e in imitated)})
+  looks = tuple(cfg.ground_truth.variants)
+  per_look = -(-cfg.eval.bc_episodes // len(looks))
+  look_keys = [jax.random.fold_in(jax.random.PRNGKey(cfg.seed + 11), i)
+               for i in range(len(looks))]
+  steps, options = cfg.eval.max_steps, config_lib.compiler_options(cfg)
+  gathered = lambda runs: {k: np.concatenate([np.asarray(r[k]) for r in runs])
+                           for k in ("return", "length", "reward_terms")}
+  played = {}
+  for look, key in zip(looks, look_keys):
+    env, to_frame = video_env(cfg, look)
+    policy = bc_lib.policy_fn(bc_params, bc_cfg, spec, to_frame)
+    played[look] = jax.device_get(jax.jit(lambda key: rollout.evaluate(
+        env, env.default_params(), policy, key, per_look, steps), compiler_options=options)(key))
+  vector_env = BonkArena(observation="vector")
+  params = vector_env.default_params()
+  weights = np.asarray(params.reward_weights, np.float64)
+
+  def play_vector(policy_fn):
+    play = jax.jit(lambda key: rollout.evaluate(vector_env, params, policy_fn, key, per_look,
+                                                steps), compiler_options=options)
+    return gathered([jax.device_get(play(key)) for key in look_keys])
+
+  report = {"episodes": per_look * len(looks), "imitated_episodes": len(imitated),
+            "imitated_policies": policies,
+            "bc": _play_summary(gathered(list(played.values())), weights),
+            "bc_return_per_look": {look: float(np.mean(np.asarray(p["return"])))
+                                   for look, p in played.items()},
+            "random": _play_summary(play_vector(random_policy), weights)}
+  if len(policies) == 1 and policies[0] in ("scripted", "random", "checkpoint"):
+    _, demonstrator = ground_truth.make_policy(policies[0], cfg.ground_truth.checkpoint)
+    demonstrator = ground_truth.with_menu_dwell(demonstrator, cfg.ground_truth.menu_pick_prob)
+    report["demonstrator"] = _play_summary(play_vector(demonstrator), weights)
+    gap = report["demonstrator"]["return_mean"] - report["random"]["return_mean"]
+    report["demonstrator_fraction"] = (
+        (report["bc"]["return_mean"] - report["random"]["return_mean"]) / gap
+        if abs(gap) > 1e-6 else None)
+  return {"bc": report}
 
 
 def evaluate_idm(ws: Workspace, cfg) -> dict:
@@ -278,7 +374,7 @@ def evaluate(ws: Workspace, cfg) -> dict:
   """The `eval` phase: every measurement above, and each finished phase's seconds."""
   report = {**evaluate_idm(ws, cfg), **evaluate_deaths(ws, cfg),
             **evaluate_video_reward(ws, cfg), **evaluate_rewards(ws, cfg),
-            **evaluate_skills(ws, cfg)}
+            **evaluate_skills(ws, cfg), **evaluate_bc(ws, cfg)}
   report["dream"] = ws.record.get("dream", {}).get("evaluation", "dream phase not run")
   report["throughput"] = {phase: info["seconds"] for phase, info in ws.record.items()
                           if "seconds" in info}
@@ -332,6 +428,17 @@ def format_report(report: dict) -> str:
   if isinstance(skills, dict):
     add("skills: perplexity", skills["perplexity"])
     add("skills: codes used", skills["codes_used"])
+  bc = report.get("bc")
+  if isinstance(bc, dict):
+    for policy in ("bc", "demonstrator", "random"):
+      if policy in bc:
+        entry = bc[policy]
+        add(f"{policy} policy return (mean ± 95% CI, {bc['episodes']} episodes)",
+            f"{entry['return_mean']:.2f} ± {entry['return_ci95'] or 0:.2f}")
+        terms = ", ".join(f"{k} {v:+.2f}" for k, v in entry["reward_terms"].items())
+        add(f"{policy} policy: reward terms", terms)
+    if bc.get("demonstrator_fraction") is not None:
+      add("bc: share of the demonstrator's gain over random", bc["demonstrator_fraction"])
   dream_eval = report.get("dream")
   if isinstance(dream_eval, dict) and "dream" in dream_eval:
     for policy in ("dream", "random"):

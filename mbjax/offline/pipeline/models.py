@@ -1,10 +1,11 @@
-"""The four models the pipeline trains on chunks and labels them with, two phases each:
+"""The models the pipeline trains on chunks: four that then label them, two phases each —
 the inverse dynamics model (`idm_train`, `idm_label`: per-frame `actions`), the end-of-life
 classifier (`death_train`, `death_label`: `death_probs` and `terminals`), the reward model
 (`reward_train`, `reward_label`: `progress_scores` and `rewards`) and the skills VQ-VAE
-(`skills_train`, `skills_label`: `skill_tokens`).
+(`skills_train`, `skills_label`: `skill_tokens`) — and the behaviour-cloned policy
+(`bc_train`), which `eval` plays in BonkArena.
 
-What the four share — resume, the batch sharding, saving, loading and the labelling loop
+What they share — resume, the batch sharding, saving, loading and the labelling loop
 that stamps the model's id into every chunk it writes — is `ChunkModel`; each phase below
 says only what it trains on and what it writes.
 """
@@ -22,6 +23,7 @@ import numpy as np
 from absl import logging
 
 from mbjax.envs.spaces import HybridActionSpec
+from mbjax.offline import bc as bc_lib
 from mbjax.offline import chunks as chunks_lib
 from mbjax.offline import deaths as deaths_lib
 from mbjax.offline import idm_labelling, idm_training
@@ -39,6 +41,8 @@ from mbjax.train import sharding
 # Initialisers run once: one jitted program each, compiled for compile speed.
 _idm_init = jax.jit(idm_training.init, static_argnums=(1, 2, 3),
                     compiler_options=config_lib.FAST_COMPILE)
+_bc_init = jax.jit(bc_lib.init, static_argnums=(1, 2, 3),
+                   compiler_options=config_lib.FAST_COMPILE)
 _death_init = jax.jit(deaths_lib.init, static_argnums=(1, 2),
                       compiler_options=config_lib.FAST_COMPILE)
 _reward_init = jax.jit(reward_lib.init, static_argnums=(1, 2),
@@ -248,6 +252,47 @@ def training_split(ws: Workspace, cfg, skipped: Skipped):
   held_out = sorted(split_episodes(looks, cfg.reward.holdout_fraction,
                                    tuple(cfg.reward.holdout_sources), cfg.seed))
   return {e: paths for e, paths in grouped.items() if e not in held_out}, held_out
+
+
+# -- behaviour cloning ----------------------------------------------------------------------
+
+BC = ChunkModel("bc", lambda cfg: bc_lib.init(
+    jax.random.PRNGKey(0), config_lib.bc_config(cfg), action_spec(cfg), frame_shape(cfg)
+).params)
+
+
+def bc_train(ws: Workspace, cfg) -> dict:
+  """The behaviour-cloned policy on the frames and `actions` (IDM or true labels) of the
+  training episodes whose id matches `bc.episodes`; the ids it imitated are saved with it."""
+
+  def fit(data_sharding):
+    skipped = Skipped("bc_train")
+    training, held_out = training_split(ws, cfg, skipped)
+    chosen = sorted(e for e in training if fnmatch.fnmatch(e, cfg.bc.episodes))
+    frames, actions, imitated = [], [], []
+    for episode_id in chosen:
+      parts = list(readable_chunks(training[episode_id], skipped,
+                                   keys=("observations", "actions")))
+      frames += [a["observations"] for _, a in parts]
+      actions += [a["actions"] for _, a in parts]
+      imitated += [episode_id] if parts else []
+    if not frames:
+      raise ValueError(f"bc_train: no training chunk with `actions` among the episodes "
+                       f"matching bc.episodes={cfg.bc.episodes!r} ({len(chosen)} of "
+                       f"{len(training)}) in {ws.chunks}; run idm_label first")
+    bc_cfg, spec = config_lib.bc_config(cfg), action_spec(cfg)
+    state = _bc_init(jax.random.PRNGKey(cfg.seed), bc_cfg, spec, frame_shape(cfg))
+    state, metrics = bc_lib.fit(state, frames, actions, cfg.bc.steps,
+                                np.random.default_rng(cfg.seed), cfg.bc.batch,
+                                log_fn=BC.log_progress(cfg), log_every=cfg.log_every,
+                                data_sharding=data_sharding)
+    saved_config = {"bc": dataclasses.asdict(bc_cfg), "frame_shape": list(frame_shape(cfg)),
+                    "imitated_episodes": imitated, "held_out_episodes": held_out}
+    return state.params, saved_config, {"episodes": len(imitated),
+                                        "frames": int(sum(map(len, frames))),
+                                        "final": metrics, "skipped": skipped.entries}
+
+  return BC.train(ws, cfg, fit)
 
 
 # -- end-of-life classifier -----------------------------------------------------------------
