@@ -75,6 +75,9 @@ class BCConfig:
   pool: str = "flatten"
   move_bins: int = 11  # per continuous dim; the grid has move_bins^C cells
   rare_fraction: float = 0.25  # share of each batch drawn from frames with a rare choice
+  # Acting: the move grid's softmax temperature (0: its most likely cell). Choices are
+  # always sampled at temperature 1.
+  move_temperature: float = 1.0
   symmetry_fraction: float = 0.0  # training frames turned (top-down games only)
   rotations_only: bool = True  # turned, never mirrored
   lr: float = 3e-4
@@ -82,6 +85,8 @@ class BCConfig:
   max_grad_norm: float = 1.0
 
   def __post_init__(self):
+    if self.move_temperature < 0:
+      raise ValueError(f"BCConfig.move_temperature must be >= 0, got {self.move_temperature}")
     if self.move_bins < 2:
       raise ValueError(f"BCConfig.move_bins must be >= 2, got {self.move_bins}")
     if not 0.0 <= self.symmetry_fraction <= 1.0:
@@ -217,8 +222,11 @@ def act(params, cfg: BCConfig, spec: HybridActionSpec, frames: jax.Array, mask: 
   chex.assert_shape(mask, (frames.shape[0], spec.mask_size))
   move_logits, logits = BCPolicyNet(cfg, spec).apply(params, frames)
   move_key, key = jax.random.split(key)
-  move = move_centres(cfg.move_bins, spec.continuous_dim)[
-      jax.random.categorical(move_key, move_logits)]
+  if cfg.move_temperature > 0:
+    cell = jax.random.categorical(move_key, move_logits / cfg.move_temperature)
+  else:
+    cell = jnp.argmax(move_logits, -1)
+  move = move_centres(cfg.move_bins, spec.continuous_dim)[cell]
   logits = mask_logits(logits, mask)
   keys = jax.random.split(key, max(spec.num_branches, 1))
   choices = [jax.random.categorical(k, logits[:, o:o + n])

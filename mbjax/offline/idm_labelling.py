@@ -98,12 +98,15 @@ def label(params, cfg: IDMConfig, spec: HybridActionSpec, frames) -> IDMLabels:
 
 
 def r2_score(pred: np.ndarray, truth: np.ndarray) -> float:
-  """1 − Σ‖y − ŷ‖² / Σ‖y − ȳ‖², pooled over the dims (NaN for < 2 frames)."""
+  """1 − Σ‖y − ŷ‖² / Σ‖y − ȳ‖², pooled over the dims; NaN (undefined) for < 2 frames or a
+  truth that does not vary (every move the same, e.g. all zero)."""
   pred, truth = np.asarray(pred, np.float64), np.asarray(truth, np.float64)
   if truth.shape[0] < 2:
     return float("nan")
   total = np.sum(np.square(truth - truth.mean(axis=0)))
-  return float(1.0 - np.sum(np.square(truth - pred)) / max(total, 1e-12))
+  if total <= 1e-12:
+    return float("nan")
+  return float(1.0 - np.sum(np.square(truth - pred)) / total)
 
 
 def evaluate_labels(pred: IDMLabels, continuous: np.ndarray, discrete: np.ndarray,

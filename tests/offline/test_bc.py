@@ -2,6 +2,8 @@
 by hand, the loss at a uniform policy by hand (jitted and not), batch sampling, and a small
 learning test where the demonstrator's move from one kind of frame is either of two
 opposite directions — the cloned policy must take each at full speed, not stand still."""
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -108,6 +110,12 @@ def test_cloned_policy_takes_either_way_at_full_speed():
   assert 0.25 < (middle > 0).mean() < 0.75  # both ways
   assert (action.discrete[64:128, 0] == 0).mean() > 0.9
   assert (action.discrete[:64, 0] == 3).mean() > 0.9
+  # At temperature 0 the move is the grid's most likely cell: always the same one per frame.
+  greedy = dataclasses.replace(cfg, move_temperature=0.0)
+  move_x = np.asarray(bc.act(state.params, greedy, SPEC, test, mask,
+                             jax.random.PRNGKey(4)).continuous[:, 0])
+  assert (move_x[:64] == -1.0).all() and (move_x[64:128] == 1.0).all()
+  assert len(set(move_x[128:].tolist())) == 1
   # The mask is obeyed: with card 0 forbidden nothing picks it.
   masked = bc.act(state.params, cfg, SPEC, test, mask.at[:, 0].set(False), jax.random.PRNGKey(3))
   assert not (np.asarray(masked.discrete) == 0).any()

@@ -221,6 +221,8 @@ def test_class_weights_by_hand():
 def test_r2_and_grouped_accuracy_by_hand():
   # Truth mean (1, 1): Σ‖y − ȳ‖² = 4; Σ‖y − ŷ‖² = (2 − 1)² · 2 = 2 → R² = 0.5.
   assert idm_labelling.r2_score([[0, 0], [1, 1]], [[0, 0], [2, 2]]) == pytest.approx(0.5)
+  # Undefined, not a huge negative number, when the truth does not vary.
+  assert np.isnan(idm_labelling.r2_score([[0, 0], [1, 1]], [[0, 0], [0, 0]]))
   pred = idm_labelling.IDMLabels(np.array([[0, 0], [1, 1], [0, 0.]]),
                                  np.array([[0], [2], [1]]), ())
   metrics = idm_labelling.evaluate_labels(

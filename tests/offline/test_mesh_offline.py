@@ -1,5 +1,5 @@
-"""The offline learners data-parallel over a device mesh: two updates of the IDM, the death
-classifier, the reward model (with death pairs), the skills VQ-VAE and the offline world model + dream actor-critic with the global
+"""The offline learners data-parallel over a device mesh: two updates of the IDM, the
+behaviour-cloned policy (frames turned), the death classifier, the reward model (with death pairs), the skills VQ-VAE and the offline world model + dream actor-critic with the global
 batch split over 4 simulated CPU devices (conftest) equal the plain single-device updates,
 and batch sizes that do not divide the device count fail naming their config key.
 
@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from mbjax.envs.spaces import HybridActionSpec
-from mbjax.offline import deaths, idm, idm_training, pipeline, reward_model, skills
+from mbjax.offline import bc, deaths, idm, idm_training, pipeline, reward_model, skills
 from mbjax.train import config as config_lib
 from mbjax.train import offline, sharding
 
@@ -69,6 +69,22 @@ def test_idm_fit_on_four_devices_equals_one(mesh):
   sharded, sharded_metrics = run(sharding.batch_sharding(mesh, 8, "idm.batch"))
   assert_same(sharded.params, plain.params)
   assert int(sharded.step) == 2
+  assert sharded_metrics == pytest.approx(plain_metrics, rel=1e-5)
+
+
+def test_behaviour_cloning_fit_on_four_devices_equals_one(mesh):
+  rng = np.random.default_rng(0)
+  videos = [frames(rng, 12), frames(rng, 20)]
+  actions = [np.concatenate([rng.uniform(-1, 1, (len(v), 2)), np.eye(3)[rng.integers(0, 3, len(v))]],
+                            -1).astype(np.float32) for v in videos]
+  cfg = bc.BCConfig(stem=4, channels=(8,), embed_dim=8, hidden=8, move_bins=3,
+                    symmetry_fraction=0.5)
+  init = jitted_init(bc, cfg, SPEC, (SIZE, SIZE, 3))
+  run = lambda data_sharding: bc.fit(init(), videos, actions, 2, np.random.default_rng(1),
+                                     batch=8, data_sharding=data_sharding)
+  plain, plain_metrics = run(None)
+  sharded, sharded_metrics = run(sharding.batch_sharding(mesh, 8, "bc.batch"))
+  assert_same(sharded.params, plain.params)
   assert sharded_metrics == pytest.approx(plain_metrics, rel=1e-5)
 
 
