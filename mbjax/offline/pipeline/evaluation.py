@@ -130,9 +130,9 @@ def evaluate_bc(ws: Workspace, cfg) -> dict:
   bc_params, _ = BC.load(ws, cfg)
   bc_cfg, spec = config_lib.bc_config(cfg), action_spec(cfg)
   imitated = json.load(open(os.path.join(directory, "config.json")))["imitated_episodes"]
-  policies = sorted({_policy(meta) for meta in (truth_meta(chunks_lib.read_chunk(
-      paths[0], ("video_source",))) for e, paths in episodes_of(
-          ws.chunk_paths(), Skipped("eval")).items() if e in imitated)})
+  grouped = episodes_of(ws.chunk_paths(), Skipped("eval"))
+  policies = sorted({_policy(truth_meta(chunks_lib.read_chunk(grouped[e][0], ("video_source",))))
+                     for e in imitated if e in grouped})
   looks = tuple(cfg.ground_truth.variants)
   per_look = -(-cfg.eval.bc_episodes // len(looks))
   look_keys = [jax.random.fold_in(jax.random.PRNGKey(cfg.seed + 11), i)
