@@ -26,8 +26,8 @@ each batch, drawn from the frames whose discrete label is not its branch's most 
 choice; the rest is uniform over all frames. Colours are left alone (unlike the death
 classifier's training frames): they tell an enemy from a gem.
 
-Acting: a grid cell's centre is sampled for the move and each branch's choice from its
-masked softmax, so a demonstrator that waits a random number of menu frames before it
+Acting: a grid cell's centre is sampled for the move (at `move_temperature`; 0 takes the
+most likely cell) and each branch's choice from its masked softmax, so a demonstrator that waits a random number of menu frames before it
 picks is imitated as such (an arg-max would wait for ever when waiting is the likelier
 label).
 
