@@ -65,6 +65,7 @@ def _world_model(args, upstream_layers: bool):
   import jax.numpy as jnp
 
   from experiments import throughput
+  from mbjax.agents import world_model as wm_lib
   from mbjax.envs.bonk_arena import BonkArena
 
   env = BonkArena()
@@ -75,8 +76,9 @@ def _world_model(args, upstream_layers: bool):
   jax.block_until_ready(call())
   run = protocol.steps_round(lambda: jax.block_until_ready(call()), args.steps, transitions,
                              "transitions")
+  # The peer's model takes the same action vectors (`--action_dim`).
   return run, {"obs_dim": throughput.UPSTREAM_OBS_DIM, "batch": 16, "length": 64,
-               "compile_s": compile_s}
+               "action_dim": wm_lib.action_vector_size(spec), "compile_s": compile_s}
 
 
 def _dreamer(args):

@@ -101,9 +101,14 @@ class GRU(nn.Module):
     kernel = self.param("recurrent", nn.initializers.lecun_normal(batch_axis=(0,)),
                         (groups, width, 3 * width))
     bias = self.param("recurrent_bias", nn.initializers.zeros, (groups, 3 * width))
-    hr, hz, h_n = jnp.split(
-        jnp.einsum("...gi,gio->...go", h.reshape(h.shape[:-1] + (groups, width)), kernel)
-        + bias, 3, -1)
+    if groups == 1:
+      # A plain matrix product: as a one-group batched product, XLA's CPU backend copied
+      # the kernel to another layout every step (and its gradient back).
+      recurrent = (h @ kernel[0] + bias[0])[..., None, :]
+    else:
+      recurrent = jnp.einsum("...gi,gio->...go", h.reshape(h.shape[:-1] + (groups, width)),
+                             kernel) + bias
+    hr, hz, h_n = jnp.split(recurrent, 3, -1)
     ir, iz, i_n = jnp.split(
         nn.Dense(3 * self.size, name="input")(x).reshape(h.shape[:-1] + (groups, 3 * width)),
         3, -1)
@@ -151,27 +156,38 @@ class RSSM(nn.Module):
     mean, raw_std = jnp.split(raw, 2, -1)
     return jnp.concatenate([mean, nn.softplus(raw_std) + self.min_std], -1)
 
-  def _sample(self, stats, key):
+  def noise(self, key: jax.Array, batch_shape: tuple[int, ...]) -> jax.Array:
+    """The random draws `_sample` turns into latents of `batch_shape`: a uniform per
+    categorical latent (inverse-CDF sampling: one draw per latent instead of the Gumbel
+    trick's one per class) or a standard normal per Gaussian dimension. Drawn for a whole
+    window or horizon before its scan: inside it, the random bits of each step were a
+    tenth of a world-model update's time on a CPU."""
+    if self.classes:
+      return jax.random.uniform(key, tuple(batch_shape) + (self.stoch, 1))
+    return jax.random.normal(key, tuple(batch_shape) + (self.stoch,))
+
+  def _sample(self, stats, noise):
     if self.classes:
       probs = jnp.exp(stats)
-      # Inverse-CDF sampling: one uniform per latent instead of the Gumbel trick's one per
-      # class (random bits are a large part of an imagined step's cost on a CPU).
-      u = jax.random.uniform(key, stats.shape[:-1] + (1,))
-      index = (jnp.cumsum(probs, -1)[..., :-1] < u).sum(-1)
+      index = (jnp.cumsum(probs, -1)[..., :-1] < noise).sum(-1)
       one_hot = jax.nn.one_hot(index, self.classes)
       sample = one_hot + probs - jax.lax.stop_gradient(probs)  # straight-through
       return sample.reshape(stats.shape[:-2] + (self.stoch_size,))
     mean, std = jnp.split(stats, 2, -1)
-    return mean + std * jax.random.normal(key, mean.shape)
+    return mean + std * noise
 
   @nn.compact
-  def img_step(self, state: LatentState, action: jax.Array, key: jax.Array) -> LatentState:
-    """Prior transition: p(s_t | s_{t−1}, a_{t−1})."""
+  def _transition(self, state: LatentState, action: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(h_t, statistics of p(z_t | h_t)) after (s_{t−1}, a_{t−1})."""
     x = _mlp(jnp.concatenate([state.stoch, action], -1), (self.hidden,) * self.layers, "img_in")
     deter = GRU(self.deter, self.blocks, name="gru")(state.deter, x)
     x = _mlp(deter, (self.hidden,) * self.layers, "img_out")
-    stats = self._stats(nn.Dense(self._stats_size, name="prior_stats")(x))
-    return LatentState(deter, self._sample(stats, key), stats)
+    return deter, self._stats(nn.Dense(self._stats_size, name="prior_stats")(x))
+
+  def img_step(self, state: LatentState, action: jax.Array, noise: jax.Array) -> LatentState:
+    """Prior transition: p(s_t | s_{t−1}, a_{t−1}), sampled with `noise` (see `noise`)."""
+    deter, stats = self._transition(state, action)
+    return LatentState(deter, self._sample(stats, noise), stats)
 
   @nn.compact
   def embed_projection(self, embed: jax.Array) -> jax.Array:
@@ -183,21 +199,25 @@ class RSSM(nn.Module):
 
   @nn.compact
   def obs_step(self, state: LatentState, action: jax.Array, embed_projection: jax.Array,
-               is_first: jax.Array, key: jax.Array
+               is_first: jax.Array, noise: jax.Array
                ) -> tuple[LatentState, LatentState, LatentState]:
     """(posterior q(s_t | s_{t−1}, a_{t−1}, o_t), the prior p(s_t | s_{t−1}, a_{t−1}) it
-    refines, `continued`): the observation enters as `embed_projection(embed(o_t))`. Where
-    o_t starts an episode the prior starts from the reset state; `continued` is the prior
-    from the carried state everywhere, i.e. the state after the previous transition, whose
-    reward and continue flag belong to the episode that ended."""
-    prior_key, post_key = jax.random.split(key)
-    continued = self.img_step(state, action, prior_key)
+    refines, `continued`): the observation enters as `embed_projection(embed(o_t))`;
+    `noise` [2, B, ...] samples the prior and the posterior (see `noise`). Where o_t starts
+    an episode the prior starts from the reset state; `continued` is the prior from the
+    carried state everywhere, i.e. the state after the previous transition, whose reward
+    and continue flag belong to the episode that ended."""
+    prior_noise, post_noise = noise
+    continued_deter, continued_stats = self._transition(state, action)
+    continued = LatentState(continued_deter, self._sample(continued_stats, prior_noise),
+                            continued_stats)
     # The reset state and action are zeros, so every env's reset prior is the same row.
-    fresh = self.img_step(self.initial(1), jnp.zeros((1, action.shape[-1]), action.dtype),
-                          prior_key)
-    prior = jax.tree.map(
-        lambda f, c: jnp.where(is_first.reshape((-1,) + (1,) * (c.ndim - 1)), f, c),
-        fresh, continued)
+    fresh_deter, fresh_stats = self._transition(
+        self.initial(1), jnp.zeros((1, action.shape[-1]), action.dtype))
+    first = lambda x: is_first.reshape((-1,) + (1,) * (x.ndim - 1))
+    deter = jnp.where(first(continued_deter), fresh_deter, continued_deter)
+    stats = jnp.where(first(continued_stats), fresh_stats, continued_stats)
+    prior = LatentState(deter, self._sample(stats, prior_noise), stats)
     if self.layers:
       x = nn.Dense(self.hidden, name="post_deter")(prior.deter) + embed_projection
       x = nn.silu(nn.LayerNorm(epsilon=1e-3, name="post_norm")(x))
@@ -206,7 +226,7 @@ class RSSM(nn.Module):
     else:
       raw = nn.Dense(self._stats_size, name="post_deter")(prior.deter) + embed_projection
     stats = self._stats(raw)
-    return LatentState(prior.deter, self._sample(stats, post_key), stats), prior, continued
+    return LatentState(prior.deter, self._sample(stats, post_noise), stats), prior, continued
 
 
 class ConvEncoder(nn.Module):
@@ -337,7 +357,8 @@ class WorldModel(nn.Module):
   def __call__(self, obs, action, is_first, key):
     """Touches every parameter (for `init`): one observe step plus all heads."""
     state = self.rssm.initial(obs.shape[0])
-    post, _, _ = self.rssm.obs_step(state, action, self.projected_embed(obs), is_first, key)
+    post, _, _ = self.rssm.obs_step(state, action, self.projected_embed(obs), is_first,
+                                    self.rssm.noise(key, (2, obs.shape[0])))
     features = post.features
     heads = (self.decode(features), self.reward(features), self.continue_logit(features))
     return heads + ((self.mask_logits(features),) if self.mask_size else ())
@@ -416,18 +437,19 @@ def _filter(model: WorldModel, params, obs, prev_action, is_first, key):
   projected = model.apply(params, obs, method=WorldModel.projected_embed)
 
   def step(state, inputs):
-    projected_t, action_t, first_t, key_t = inputs
-    post, prior, continued = model.apply(params, state, action_t, projected_t, first_t, key_t,
-                                         method=lambda m, *a: m.rssm.obs_step(*a))
+    projected_t, action_t, first_t, noise_t = inputs
+    post, prior, continued = model.apply(params, state, action_t, projected_t, first_t,
+                                         noise_t, method=lambda m, *a: m.rssm.obs_step(*a))
     return post, (post, prior, continued)
 
-  keys = jax.random.split(key, is_first.shape[0])
+  # [L, 2, B, ...]: each step's prior and posterior draws.
+  noise = model.rssm.noise(key, (is_first.shape[0], 2, is_first.shape[1]))
   initial = model.apply(params, is_first.shape[1], method=lambda m, b: m.rssm.initial(b))
   # Derive the zero state from the data so that, under shard_map, it varies over the data
   # axis like the states the scan produces (a constant would be device-invariant).
   anchor = jnp.zeros_like(projected[0, :, 0])
   initial = jax.tree.map(lambda x: x + anchor.reshape((-1,) + (1,) * (x.ndim - 1)), initial)
-  _, outputs = jax.lax.scan(step, initial, (projected, prev_action, is_first, keys))
+  _, outputs = jax.lax.scan(step, initial, (projected, prev_action, is_first, noise))
   return outputs
 
 
@@ -435,13 +457,16 @@ def filter_step(model: WorldModel, params, state: LatentState, prev_action, obs,
                 key) -> LatentState:
   """One acting step of the filter: the posterior of o_t [B, ...] after (s_{t−1}, a_{t−1})."""
   projected = model.apply(params, obs, method=WorldModel.projected_embed)
-  post, _, _ = model.apply(params, state, prev_action, projected, is_first, key,
+  post, _, _ = model.apply(params, state, prev_action, projected, is_first,
+                           model.rssm.noise(key, (2, is_first.shape[0])),
                            method=lambda m, *a: m.rssm.obs_step(*a))
   return post
 
 
 def img_step(model: WorldModel, params, state: LatentState, action, key) -> LatentState:
-  return model.apply(params, state, action, key, method=lambda m, *a: m.rssm.img_step(*a))
+  """One prior transition of states [B] (its draws from `key`)."""
+  noise = model.rssm.noise(key, action.shape[:-1])
+  return model.apply(params, state, action, noise, method=lambda m, *a: m.rssm.img_step(*a))
 
 
 def predicted_mask(model: WorldModel, params, features: jax.Array, spec: HybridActionSpec):
@@ -462,13 +487,17 @@ def imagine(model: WorldModel, params, policy, start: LatentState, horizon: int,
   """Rolls the prior forward `horizon` steps from `start` [N] with `policy(features, key)
   -> (model_action [N, A], raw_action)`; returns (states [H+1, N], raw actions [H, N])."""
 
-  def step(state, key_t):
-    policy_key, dynamics_key = jax.random.split(key_t)
+  def step(state, inputs):
+    policy_key, noise_t = inputs
     model_action, raw_action = policy(state.features, policy_key)
-    next_state = img_step(model, params, state, model_action, dynamics_key)
+    next_state = model.apply(params, state, model_action, noise_t,
+                             method=lambda m, *a: m.rssm.img_step(*a))
     return next_state, (next_state, raw_action)
 
-  _, (states, raw_actions) = jax.lax.scan(step, start, jax.random.split(key, horizon))
+  policy_key, dynamics_key = jax.random.split(key)
+  noise = model.rssm.noise(dynamics_key, (horizon, start.deter.shape[0]))
+  _, (states, raw_actions) = jax.lax.scan(
+      step, start, (jax.random.split(policy_key, horizon), noise))
   states = jax.tree.map(lambda s0, s: jnp.concatenate([s0[None], s]), start, states)
   return states, raw_actions
 

@@ -74,10 +74,12 @@ def test_prior_after_each_action_equals_a_separate_transition(rssm_layers, jit, 
   assert not np.allclose(next_prior.deter[2, 1], priors.deter[3, 1])
 
 
-def test_block_gru_is_independent_gru_cells_on_the_blocks():
+@pytest.mark.parametrize("blocks", [1, 2])
+def test_block_gru_is_independent_gru_cells_on_the_blocks(blocks):
   """With 2 blocks, each half of the state follows its own GRU over its own half of the
-  recurrent weights; the input map is shared. Checked against numpy gate equations."""
-  gru = wm_lib.GRU(size=4, blocks=2)
+  recurrent weights; the input map is shared (1 block: a plain GRU, computed by a plain
+  matrix product). Checked against numpy gate equations."""
+  gru = wm_lib.GRU(size=4, blocks=blocks)
   rng = np.random.default_rng(0)
   h, x = rng.normal(size=(3, 4)).astype(np.float32), rng.normal(size=(3, 5)).astype(np.float32)
   params = gru.init(jax.random.PRNGKey(0), h, x)["params"]
@@ -85,14 +87,15 @@ def test_block_gru_is_independent_gru_cells_on_the_blocks():
   out = np.asarray(gru.apply({"params": params}, h, x))
   sigmoid = lambda v: 1 / (1 + np.exp(-v))
   projected = x @ params["input"]["kernel"] + params["input"]["bias"]  # [3, 12]
-  for g in range(2):
-    hg = h[:, 2 * g:2 * g + 2]
-    rec = hg @ params["recurrent"][g] + params["recurrent_bias"][g]  # [3, 6]
-    inp = projected[:, 6 * g:6 * g + 6]
-    reset = sigmoid(inp[:, 0:2] + rec[:, 0:2])
-    update = sigmoid(inp[:, 2:4] + rec[:, 2:4])
-    candidate = np.tanh(inp[:, 4:6] + reset * rec[:, 4:6])
-    np.testing.assert_allclose(out[:, 2 * g:2 * g + 2],
+  w = 4 // blocks
+  for g in range(blocks):
+    hg = h[:, w * g:w * g + w]
+    rec = hg @ params["recurrent"][g] + params["recurrent_bias"][g]  # [3, 3w]
+    inp = projected[:, 3 * w * g:3 * w * (g + 1)]
+    reset = sigmoid(inp[:, 0:w] + rec[:, 0:w])
+    update = sigmoid(inp[:, w:2 * w] + rec[:, w:2 * w])
+    candidate = np.tanh(inp[:, 2 * w:] + reset * rec[:, 2 * w:])
+    np.testing.assert_allclose(out[:, w * g:w * g + w],
                                (1 - update) * candidate + update * hg, rtol=1e-5, atol=1e-6)
 
 
@@ -145,8 +148,26 @@ def test_categorical_latents_are_sampled_with_their_probabilities(small_config):
                      unimix=0.0)
   probs = np.array([[0.1, 0.2, 0.3, 0.4], [0.7, 0.0, 0.0, 0.3]], np.float32)
   stats = jnp.log(jnp.broadcast_to(probs, (20000, 2, 4)))
-  sample = np.asarray(rssm.apply({}, stats, jax.random.PRNGKey(0), method=wm_lib.RSSM._sample))
+  noise = rssm.noise(jax.random.PRNGKey(0), (20000,))
+  assert noise.shape == (20000, 2, 1)
+  sample = np.asarray(rssm.apply({}, stats, noise, method=wm_lib.RSSM._sample))
   sample = sample.reshape(20000, 2, 4)
   assert np.all(np.isclose(sample, 0.0, atol=1e-6) | np.isclose(sample, 1.0, atol=1e-6))
   np.testing.assert_allclose(sample.sum(-1), 1.0, atol=1e-6)
   np.testing.assert_allclose(sample.mean(0), probs, atol=0.012)  # 4 standard errors
+  # By hand: a uniform u picks the first class whose cumulative probability exceeds it
+  # (cumulative 0.1, 0.3, 0.6, 1.0 for the first latent).
+  u = jnp.array([0.05, 0.15, 0.35, 0.95])[:, None, None] * jnp.ones((4, 2, 1))
+  picked = rssm.apply({}, stats[:4], u, method=wm_lib.RSSM._sample).reshape(4, 2, 4)
+  np.testing.assert_array_equal(np.argmax(picked[:, 0], -1), [0, 1, 2, 3])
+
+
+def test_gaussian_latents_are_the_mean_plus_std_times_the_noise():
+  rssm = wm_lib.RSSM(deter=4, stoch=2, classes=0, hidden=4, layers=1, blocks=1, min_std=0.1,
+                     unimix=0.0)
+  noise = rssm.noise(jax.random.PRNGKey(0), (3,))
+  assert noise.shape == (3, 2)
+  stats = jnp.array([[1.0, -2.0, 0.5, 2.0]] * 3)  # mean (1, −2), std (0.5, 2)
+  sample = rssm.apply({}, stats, noise, method=wm_lib.RSSM._sample)
+  np.testing.assert_allclose(sample, jnp.array([1.0, -2.0]) + jnp.array([0.5, 2.0]) * noise,
+                             rtol=1e-6)
