@@ -168,8 +168,13 @@ def main(argv):
     print(f"mbjax ready: setup {mbjax.ready['setup_s']:.1f} s, {mbjax.ready['info']}",
           flush=True)
     values.update(mbjax.ready["info"])
+    try:
+      peer_args = [a.format(**values) for a in row.peer_args]
+    except KeyError as missing:
+      raise SystemExit(f"{name}: the peer's arguments {row.peer_args} need {missing}, which "
+                       f"mbjax's worker did not report (it reported {sorted(values)})")
     peer_cmd = [peer_python, "-m", f"experiments.peers.{row.peer_module}", *checkout_args,
-                *(a.format(**values) for a in row.peer_args)]
+                *peer_args]
     peer = protocol.Worker(row.venv, peer_cmd, repo, env, os.path.join(work, "peer.log"))
     print(f"{row.venv} ready: setup {peer.ready['setup_s']:.1f} s, {peer.ready['info']}",
           flush=True)

@@ -189,6 +189,12 @@ class RSSM(nn.Module):
     deter, stats = self._transition(state, action)
     return LatentState(deter, self._sample(stats, noise), stats)
 
+  def reset_prior(self, action_size: int) -> tuple[jax.Array, jax.Array]:
+    """(h, prior statistics) [1, ...] of an episode's first step: the transition from the
+    zero state and action, the same for every env — computed once per window, outside
+    `obs_step`'s scan (inside it, its gradient cost a dozen small ops a step)."""
+    return self._transition(self.initial(1), jnp.zeros((1, action_size)))
+
   @nn.compact
   def embed_projection(self, embed: jax.Array) -> jax.Array:
     """The observation's term in the posterior's first linear map, whose input is
@@ -199,21 +205,20 @@ class RSSM(nn.Module):
 
   @nn.compact
   def obs_step(self, state: LatentState, action: jax.Array, embed_projection: jax.Array,
-               is_first: jax.Array, noise: jax.Array
+               is_first: jax.Array, noise: jax.Array,
+               reset_prior: tuple[jax.Array, jax.Array]
                ) -> tuple[LatentState, LatentState, LatentState]:
     """(posterior q(s_t | s_{t−1}, a_{t−1}, o_t), the prior p(s_t | s_{t−1}, a_{t−1}) it
     refines, `continued`): the observation enters as `embed_projection(embed(o_t))`;
     `noise` [2, B, ...] samples the prior and the posterior (see `noise`). Where o_t starts
-    an episode the prior starts from the reset state; `continued` is the prior from the
-    carried state everywhere, i.e. the state after the previous transition, whose reward
-    and continue flag belong to the episode that ended."""
+    an episode the prior is `reset_prior` (see `reset_prior`); `continued` is the prior
+    from the carried state everywhere, i.e. the state after the previous transition, whose
+    reward and continue flag belong to the episode that ended."""
     prior_noise, post_noise = noise
     continued_deter, continued_stats = self._transition(state, action)
     continued = LatentState(continued_deter, self._sample(continued_stats, prior_noise),
                             continued_stats)
-    # The reset state and action are zeros, so every env's reset prior is the same row.
-    fresh_deter, fresh_stats = self._transition(
-        self.initial(1), jnp.zeros((1, action.shape[-1]), action.dtype))
+    fresh_deter, fresh_stats = reset_prior
     first = lambda x: is_first.reshape((-1,) + (1,) * (x.ndim - 1))
     deter = jnp.where(first(continued_deter), fresh_deter, continued_deter)
     stats = jnp.where(first(continued_stats), fresh_stats, continued_stats)
@@ -358,7 +363,8 @@ class WorldModel(nn.Module):
     """Touches every parameter (for `init`): one observe step plus all heads."""
     state = self.rssm.initial(obs.shape[0])
     post, _, _ = self.rssm.obs_step(state, action, self.projected_embed(obs), is_first,
-                                    self.rssm.noise(key, (2, obs.shape[0])))
+                                    self.rssm.noise(key, (2, obs.shape[0])),
+                                    self.rssm.reset_prior(action.shape[-1]))
     features = post.features
     heads = (self.decode(features), self.reward(features), self.continue_logit(features))
     return heads + ((self.mask_logits(features),) if self.mask_size else ())
@@ -436,10 +442,13 @@ def _filter(model: WorldModel, params, obs, prev_action, is_first, key):
   chex.assert_rank(is_first, 2)
   projected = model.apply(params, obs, method=WorldModel.projected_embed)
 
+  reset_prior = _reset_prior(model, params, prev_action.shape[-1])
+
   def step(state, inputs):
     projected_t, action_t, first_t, noise_t = inputs
     post, prior, continued = model.apply(params, state, action_t, projected_t, first_t,
-                                         noise_t, method=lambda m, *a: m.rssm.obs_step(*a))
+                                         noise_t, reset_prior,
+                                         method=lambda m, *a: m.rssm.obs_step(*a))
     return post, (post, prior, continued)
 
   # [L, 2, B, ...]: each step's prior and posterior draws.
@@ -459,8 +468,13 @@ def filter_step(model: WorldModel, params, state: LatentState, prev_action, obs,
   projected = model.apply(params, obs, method=WorldModel.projected_embed)
   post, _, _ = model.apply(params, state, prev_action, projected, is_first,
                            model.rssm.noise(key, (2, is_first.shape[0])),
+                           _reset_prior(model, params, prev_action.shape[-1]),
                            method=lambda m, *a: m.rssm.obs_step(*a))
   return post
+
+
+def _reset_prior(model: WorldModel, params, action_size: int):
+  return model.apply(params, action_size, method=lambda m, n: m.rssm.reset_prior(n))
 
 
 def img_step(model: WorldModel, params, state: LatentState, action, key) -> LatentState:
