@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from mbjax.agents.collectives import pmean
+from mbjax.agents.collectives import pmean, varying
 from mbjax.agents.returns import generalized_advantage_estimation
 from mbjax.envs.spaces import HybridAction
 from mbjax.nets import cores
@@ -206,6 +206,7 @@ def loss(params, batch: Minibatch, ppo: ml_collections.ConfigDict, *, network: A
   if data.teacher is not None and distill_coef is None:
     raise ValueError("ppo.loss: the rollout carries a distillation teacher; pass distill_coef")
   obs = prepare_obs(data.obs, obs_stats, ppo.normalize_observations)
+  params = varying(params, axis_name)  # the gradient's device sum once (a core's scan)
   dist, value = unroll(network, params, data.carry, obs, data.is_first, data.mask, data.dt)
   log_prob = dist.log_prob(data.action)
   entropy = dist.entropy(ppo.squashed_entropy).mean()

@@ -43,7 +43,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from mbjax.agents.collectives import pmean
+from mbjax.agents.collectives import pmean, varying
 from mbjax.agents.kl import categorical_kl, gaussian_kl
 from mbjax.agents.symlog import NUM_BINS, symlog, twohot_loss, twohot_mean
 from mbjax.envs.spaces import HybridAction, HybridActionSpec
@@ -566,6 +566,7 @@ def loss(params, batch: Sequence, key, section: ml_collections.ConfigDict, *,
          model: WorldModel, burn_in: int = 0, axis_name: str | None = None):
   """World-model loss on windows [L, B] whose first `burn_in` steps only warm up the latent
   state; returns (loss, (posteriors [L − burn_in, B] (no gradient), metrics))."""
+  params = varying(params, axis_name)  # the gradient's device sum once, not per filter step
   posts, priors, next_prior = rollforward(params, model, batch, key)
   length = batch.is_first.shape[0]
   trained = jnp.broadcast_to((jnp.arange(length) >= burn_in)[:, None], batch.is_first.shape)

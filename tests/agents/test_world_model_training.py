@@ -1,4 +1,5 @@
-"""Training the world model: a small learning check on a linear system."""
+"""Training the world model: a small learning check on a linear system, pixel and vector
+updates, the decoder's std term, and the data-parallel update's gradient sum."""
 import math
 
 import jax
@@ -7,6 +8,8 @@ import numpy as np
 import pytest
 
 from mbjax.agents import world_model as wm_lib
+from mbjax.train import sharding
+from tests.test_collectives import while_bodies_with_all_reduce
 
 
 @pytest.mark.slow
@@ -115,3 +118,36 @@ def test_the_decoder_std_likelihood_trains_only_the_std_layer(small_config, spec
   assert hidden and all(
       sum(float(jnp.abs(x).sum()) for x in jax.tree.leaves(decoder(mean_grads)[name])) > 0.0
       for name in hidden)
+
+
+def test_data_parallel_update_sums_gradients_over_devices_once(small_config, spec):
+  """`update` under shard_map over 4 devices (tests/conftest.py): the parameters' gradient is
+  all-reduced once, after the filter's scan, not inside its backward loop at every step (see
+  `collectives.varying`); the update is finite and the same on every device."""
+  cfg = small_config(classes=0)
+  model = wm_lib.make_world_model(cfg.world_model, (5,), spec)
+  optimizer = wm_lib.make_optimizer(cfg.world_model)
+  state = wm_lib.init(jax.random.PRNGKey(0), model, optimizer, (5,), jnp.float32, 5)
+  length, batch = 6, 8
+  data = wm_lib.Sequence(jax.random.normal(jax.random.PRNGKey(1), (length, batch, 5)),
+                         jnp.zeros((length, batch, 5)), jnp.zeros((length, batch)),
+                         jnp.zeros((length, batch), bool),
+                         jnp.zeros((length, batch), bool).at[0].set(True).at[3, 1].set(True),
+                         jnp.ones((length, batch, 3), bool))
+  mesh = sharding.make_mesh(4)
+
+  def step(state, data, key):
+    new, _, metrics = wm_lib.update(state, data, key, cfg.world_model, model=model,
+                                    optimizer=optimizer, axis_name=sharding.DATA_AXIS)
+    return new, metrics["wm/loss"]
+
+  update = jax.jit(jax.shard_map(
+      step, mesh=mesh, in_specs=(sharding.P(), sharding.P(None, sharding.DATA_AXIS),
+                                 sharding.P()), out_specs=(sharding.P(), sharding.P())))
+  key = jax.random.PRNGKey(2)
+  hlo = update.lower(state, data, key).compile().as_text()
+  assert "all-reduce" in hlo and while_bodies_with_all_reduce(hlo) == 0
+  new, loss = update(state, data, key)
+  assert np.isfinite(float(loss))
+  assert all(np.isfinite(np.asarray(x)).all() and x.sharding.is_fully_replicated
+             for x in jax.tree.leaves(new.params))
