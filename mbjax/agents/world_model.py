@@ -101,21 +101,28 @@ class GRU(nn.Module):
     kernel = self.param("recurrent", nn.initializers.lecun_normal(batch_axis=(0,)),
                         (groups, width, 3 * width))
     bias = self.param("recurrent_bias", nn.initializers.zeros, (groups, 3 * width))
+    inputs = nn.Dense(3 * self.size, name="input")(x)
     if groups == 1:
       # A plain matrix product: as a one-group batched product, XLA's CPU backend copied
       # the kernel to another layout every step (and its gradient back).
-      recurrent = (h @ kernel[0] + bias[0])[..., None, :]
+      state, recurrent = h, h @ kernel[0] + bias[0]
     else:
-      recurrent = jnp.einsum("...gi,gio->...go", h.reshape(h.shape[:-1] + (groups, width)),
-                             kernel) + bias
+      # Groups leading, [G, M, ·]: the batched product's natural layout, in which the gate
+      # arithmetic stays contiguous (with the groups inside, [..., G, ·], XLA's CPU backend
+      # left it transposed: a step took 1.7× as long at 1,024 rows, 1.25× with its gradient
+      # at 16).
+      to_groups = lambda v, w: v.reshape(-1, groups, w).transpose(1, 0, 2)
+      state = to_groups(h, width)
+      recurrent = jnp.matmul(state, kernel) + bias[:, None]
+      inputs = to_groups(inputs, 3 * width)
     hr, hz, h_n = jnp.split(recurrent, 3, -1)
-    ir, iz, i_n = jnp.split(
-        nn.Dense(3 * self.size, name="input")(x).reshape(h.shape[:-1] + (groups, 3 * width)),
-        3, -1)
+    ir, iz, i_n = jnp.split(inputs, 3, -1)
     reset, update = nn.sigmoid(ir + hr), nn.sigmoid(iz + hz)
     candidate = jnp.tanh(i_n + reset * h_n)
-    h = h.reshape(h.shape[:-1] + (groups, width))
-    return ((1.0 - update) * candidate + update * h).reshape(h.shape[:-2] + (self.size,))
+    new = (1.0 - update) * candidate + update * state
+    if groups > 1:
+      new = new.transpose(1, 0, 2)
+    return new.reshape(h.shape)
 
 
 class RSSM(nn.Module):
