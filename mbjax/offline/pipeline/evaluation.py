@@ -7,9 +7,6 @@ dream policy's return in BonkArena (measured by the `dream` phase).
 """
 from __future__ import annotations
 
-import json
-import os
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -24,8 +21,9 @@ from mbjax.offline.pipeline import config as config_lib
 from mbjax.offline.pipeline.config import action_spec
 from mbjax.offline.pipeline.models import BC, load_reward
 from mbjax.offline.pipeline.workspace import (Skipped, Workspace, episodes_of, model_exists,
-                                              readable_chunks, source_look, truth_for_chunk,
-                                              truth_meta, unpack_actions)
+                                              readable_chunks, saved_model_config,
+                                              source_look, truth_for_chunk, truth_meta,
+                                              unpack_actions)
 from mbjax.train import offline as offline_lib
 
 
@@ -129,7 +127,7 @@ def evaluate_bc(ws: Workspace, cfg) -> dict:
 
   bc_params, _ = BC.load(ws, cfg)
   bc_cfg, spec = config_lib.bc_config(cfg), action_spec(cfg)
-  imitated = json.load(open(os.path.join(directory, "config.json")))["imitated_episodes"]
+  imitated = saved_model_config(directory)["imitated_episodes"]
   grouped = episodes_of(ws.chunk_paths(), Skipped("eval"))
   policies = sorted({_policy(truth_meta(chunks_lib.read_chunk(grouped[e][0], ("video_source",))))
                      for e in imitated if e in grouped})
@@ -224,7 +222,7 @@ def _held_out_truth(ws: Workspace, model: str, needed: tuple[str, ...]):
   """(recording meta, chunk arrays concatenated, truth concatenated) of each episode `model`
   held out whose chunks all read, all carry `needed` and all have ground truth."""
   directory = ws.model_dir(model)
-  held_out = set(json.load(open(os.path.join(directory, "config.json")))["held_out_episodes"])
+  held_out = set(saved_model_config(directory)["held_out_episodes"])
   skipped = Skipped("eval")
   for episode_id, paths in episodes_of(ws.chunk_paths(), skipped).items():
     if episode_id not in held_out:

@@ -75,11 +75,18 @@ def save_model(directory: str, params: Any, config: dict) -> str:
   return model_id
 
 
+def saved_model_config(directory: str) -> dict:
+  """The config dict `save_model` wrote beside a model's parameters."""
+  path = os.path.join(directory, "config.json")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"no trained model in {directory}: run its training phase first")
+  with open(path) as f:
+    return json.load(f)
+
+
 def load_model(directory: str, abstract_params: Any) -> tuple[Any, dict]:
   """(params, config dict) saved by `save_model`; the params take `abstract_params`' tree."""
-  if not os.path.exists(os.path.join(directory, "config.json")):
-    raise FileNotFoundError(f"no trained model in {directory}: run its training phase first")
-  config = json.load(open(os.path.join(directory, "config.json")))
+  config = saved_model_config(directory)
   # Onto this process's first device, whatever mesh the training phase ran over: orbax
   # would otherwise look for the devices the arrays were saved from.
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
