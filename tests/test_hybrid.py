@@ -4,8 +4,8 @@ Covers log-prob and entropy against hand-written numpy references (Gaussian dens
 change of variables, log-softmax and entropy over the *allowed* choices only) for
 2 continuous dims × one masked 33-way branch in both squash modes, 0 continuous dims × three
 masked binary branches, and continuous-only; the tanh-squashed entropy estimate and its
-gradients against Monte Carlo and a fine-grid integral in numpy; `mode()`; `to_env_action`
-ranges; a hypothesis
+gradients against Monte Carlo and a fine-grid integral in numpy; sampling from pre-drawn
+noise by hand; `mode()`; `to_env_action` ranges; a hypothesis
 property that masked choices are never sampled; finite gradients through masked logits; and
 jitted == un-jitted.
 """
@@ -19,7 +19,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mbjax.envs.spaces import HybridAction, HybridActionSpec
-from mbjax.nets.hybrid import MASKED_LOGIT, HybridDistribution, mask_logits, to_env_action
+from mbjax.nets.hybrid import (MASKED_LOGIT, ActionNoise, HybridDistribution, action_noise,
+                               mask_logits, to_env_action)
 
 ATOL = 1e-6
 LOG_2PI = math.log(2.0 * math.pi)
@@ -259,6 +260,45 @@ def test_squashed_entropy_needs_tanh():
                                    mean, (), jnp.zeros((1, 0), bool), squash="clip")
   with pytest.raises(ValueError, match="squash='tanh'"):
     dist.entropy(squashed=True)
+
+
+# --- sampling from pre-drawn noise ------------------------------------------------------------
+
+TWO_BRANCHES = HybridActionSpec(1, (2, 3))
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_sample_with_noise_by_hand(jit):
+  """μ + σ·ε for the continuous dim; per branch the arg-max of logit + Gumbel, over the
+  allowed choices only."""
+  dist = HybridDistribution.create(
+      TWO_BRANCHES, jnp.asarray([[0.5]]), jnp.log(jnp.asarray([2.0])),
+      (jnp.log(jnp.asarray([[0.1, 0.9]])), jnp.asarray([[0.0, 5.0, 1.0]])),
+      jnp.asarray([[True, True, True, False, True]]))
+  noise = ActionNoise(jnp.asarray([[1.5]]), (jnp.asarray([[3.0, 0.0]]),
+                                             jnp.asarray([[2.0, 50.0, 0.5]])))
+  sample = jax.jit(HybridDistribution.sample_with) if jit else HybridDistribution.sample_with
+  action = sample(dist, noise)
+  np.testing.assert_allclose(action.continuous, [[0.5 + 2.0 * 1.5]], rtol=1e-6)
+  # Branch 0: log 0.1 + 3 = 0.70 beats log 0.9 = −0.11. Branch 1: choice 1 (logit 5, noise
+  # 50) is masked, so its −1e9 loses; 0 + 2 beats 1 + 0.5.
+  np.testing.assert_array_equal(action.discrete, [[0, 0]])
+
+
+def test_sample_is_sample_with_the_noise_its_key_draws():
+  batch = (4, 3)
+  rng = np.random.default_rng(0)
+  dist = HybridDistribution.create(
+      TWO_BRANCHES, jnp.asarray(rng.normal(size=batch + (1,)), jnp.float32),
+      jnp.zeros((1,)), (jnp.asarray(rng.normal(size=batch + (2,)), jnp.float32),
+                        jnp.asarray(rng.normal(size=batch + (3,)), jnp.float32)),
+      jnp.ones(batch + (5,), bool))
+  key = jax.random.key(7)
+  noise = action_noise(key, TWO_BRANCHES, batch)
+  assert noise.normal.shape == batch + (1,)
+  assert [g.shape for g in noise.gumbel] == [batch + (2,), batch + (3,)]
+  jax.tree.map(np.testing.assert_array_equal, dist.sample(key), dist.sample_with(noise))
+  assert dist.spec == TWO_BRANCHES
 
 
 # --- mode, mask_logits, to_env_action, validation ----------------------------------------------

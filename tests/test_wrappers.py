@@ -119,8 +119,15 @@ NUM_ENVS = 6
 STATS_VEC = VecEnv(EpisodeStatistics(Counter()))
 OPTIMISTIC_VEC = VecEnv(EpisodeStatistics(Counter()), reset_fraction=1 / 3)
 STACKED_VEC = VecEnv(FrameStack(Counter(), num_frames=2))
-_stats_step = jax.jit(STATS_VEC.step)
-_optimistic_step = jax.jit(OPTIMISTIC_VEC.step)
+
+
+def _jit_step(vec):
+  """`vec.step` taking one key per env (split into its step and reset keys)."""
+  return jax.jit(lambda keys, *args: vec.step(VecEnv.split_keys(keys), *args))
+
+
+_stats_step = _jit_step(STATS_VEC)
+_optimistic_step = _jit_step(OPTIMISTIC_VEC)
 
 
 def _keys(seed, n=NUM_ENVS):
@@ -182,7 +189,7 @@ def test_vec_env_truncation_is_reported_and_reset():
 
 
 def test_vec_env_frame_stack_resets_to_repeated_first_frame():
-  step = jax.jit(STACKED_VEC.step)
+  step = _jit_step(STACKED_VEC)
   obs, state = STACKED_VEC.reset(_keys(4, 2), LONG)
   ids = np.asarray(obs[:, 0])
   obs, state, _, _, _, info = step(_keys(5, 2), state, _actions([True, False]), LONG)
@@ -227,7 +234,7 @@ def test_optimistic_reset_pool_size():
   # ceil(fraction · num_envs), at least 1: 0.01 of 6 gives a single shared fresh episode.
   vec = VecEnv(Counter(), reset_fraction=0.01)
   _, state = vec.reset(_keys(9), LONG)
-  obs, *_ = jax.jit(vec.step)(_keys(10), state, _actions([True] * NUM_ENVS), LONG)
+  obs, *_ = _jit_step(vec)(_keys(10), state, _actions([True] * NUM_ENVS), LONG)
   assert len(set(np.asarray(obs[:, 0]))) == 1
   np.testing.assert_array_equal(obs[:, 1], 0.0)
 
@@ -346,7 +353,7 @@ def test_cartpole_vec_env_truncates_and_resets():
   state = state.replace(env_state=inner, episode_length=jnp.asarray([499, 0], jnp.int32),
                         episode_return=jnp.asarray([499.0, 0.0]))
   actions = HybridAction(jnp.zeros((2, 0)), jnp.asarray([[1], [0]], jnp.int32))
-  obs, state, reward, terminated, truncated, info = jax.jit(vec.step)(
+  obs, state, reward, terminated, truncated, info = _jit_step(vec)(
       _keys(14, 2), state, actions, CARTPOLE_PARAMS)
   np.testing.assert_array_equal(truncated, [True, False])
   np.testing.assert_array_equal(terminated, [False, False])

@@ -48,7 +48,7 @@ from mbjax.agents.collectives import pmean
 from mbjax.agents.returns import lambda_returns
 from mbjax.agents.symlog import NUM_BINS, twohot_loss, twohot_mean
 from mbjax.envs.spaces import HybridActionSpec
-from mbjax.nets.hybrid import HybridDistribution, to_env_action
+from mbjax.nets.hybrid import HybridDistribution, action_noise, to_env_action
 
 MIN_STD, MAX_STD = 0.1, 1.0
 
@@ -210,13 +210,15 @@ def update(state: LatentActorCriticState, wm_params, start: wm_lib.LatentState, 
   spec = nets.actor.spec
   start = jax.lax.stop_gradient(start)
 
-  def policy(features, policy_key):
+  def policy(features, noise):
     mask = wm_lib.predicted_mask(world_model, wm_params, features, spec)
-    raw = nets.actor.apply(state.actor_params, features, mask).sample(policy_key)
+    raw = nets.actor.apply(state.actor_params, features, mask).sample_with(noise)
     return wm_lib.action_vector(to_env_action(raw, nets.actor.squash), spec), (raw, mask)
 
+  policy_key, dynamics_key = jax.random.split(key)
+  policy_noise = action_noise(policy_key, spec, (section.horizon, start.deter.shape[0]))
   states, (raw_actions, masks) = wm_lib.imagine(world_model, wm_params, policy, start,
-                                                section.horizon, key)
+                                                section.horizon, policy_noise, dynamics_key)
   states, raw_actions = jax.lax.stop_gradient((states, raw_actions))
   features = states.features  # [H+1, N, F]
   rewards, reward_metrics = reward_fn(features[1:])

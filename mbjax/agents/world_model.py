@@ -504,21 +504,24 @@ def predicted_mask(model: WorldModel, params, features: jax.Array, spec: HybridA
   return jnp.concatenate(parts, -1)
 
 
-def imagine(model: WorldModel, params, policy, start: LatentState, horizon: int, key):
-  """Rolls the prior forward `horizon` steps from `start` [N] with `policy(features, key)
-  -> (model_action [N, A], raw_action)`; returns (states [H+1, N], raw actions [H, N])."""
+def imagine(model: WorldModel, params, policy, start: LatentState, horizon: int,
+            policy_noise, key):
+  """Rolls the prior forward `horizon` steps from `start` [N] with `policy(features,
+  noise_t) -> (model_action [N, A], raw_action)`, where `noise_t` is step t of
+  `policy_noise` (a pytree with leading axis [H], e.g. `hybrid.action_noise(k, spec, (H, N))`,
+  drawn before the loop like the latents' noise); returns (states [H+1, N], raw actions
+  [H, N])."""
+  chex.assert_tree_shape_prefix(policy_noise, (horizon,))
 
   def step(state, inputs):
-    policy_key, noise_t = inputs
-    model_action, raw_action = policy(state.features, policy_key)
+    policy_noise_t, noise_t = inputs
+    model_action, raw_action = policy(state.features, policy_noise_t)
     next_state = model.apply(params, state, model_action, noise_t,
                              method=lambda m, *a: m.rssm.img_step(*a))
     return next_state, (next_state, raw_action)
 
-  policy_key, dynamics_key = jax.random.split(key)
-  noise = model.rssm.noise(dynamics_key, (horizon, start.deter.shape[0]))
-  _, (states, raw_actions) = jax.lax.scan(
-      step, start, (jax.random.split(policy_key, horizon), noise))
+  noise = model.rssm.noise(key, (horizon, start.deter.shape[0]))
+  _, (states, raw_actions) = jax.lax.scan(step, start, (policy_noise, noise))
   states = jax.tree.map(lambda s0, s: jnp.concatenate([s0[None], s]), start, states)
   return states, raw_actions
 

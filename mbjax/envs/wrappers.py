@@ -146,10 +146,21 @@ class VecEnv:
   def action_mask(self, state, params) -> jax.Array:
     return jax.vmap(self.env.action_mask, in_axes=(0, None))(state, params)
 
+  @staticmethod
+  def split_keys(keys: jax.Array) -> jax.Array:
+    """Each env's key (any leading shape [...]) → its (step, reset) key pair [..., 2], what
+    `step` takes; split apart from it so a loop can split all of its steps' keys at once."""
+    split = jax.random.split
+    for _ in range(jax.random.key_data(keys).ndim - 1):
+      split = jax.vmap(split)
+    return split(keys)
+
   def step(self, keys: jax.Array, state, action: HybridAction, params) -> StepResult:
+    """`keys` [E, 2]: each env's step key and the key of the reset that replaces it if it
+    ends (`split_keys`)."""
     num_envs = keys.shape[0]
     chex.assert_tree_shape_prefix(action, (num_envs,))
-    step_keys, reset_keys = jnp.moveaxis(jax.vmap(jax.random.split)(keys), 1, 0)
+    step_keys, reset_keys = keys[:, 0], keys[:, 1]
     obs, state, reward, terminated, truncated, info = jax.vmap(
         self.env.step, in_axes=(0, 0, 0, None))(step_keys, state, action, params)
     done = terminated | truncated

@@ -28,7 +28,7 @@ float32 while keeping entropies finite.
 """
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import chex
 import distrax
@@ -76,6 +76,25 @@ def expected_tanh_log_det(mean: jax.Array, std: jax.Array) -> jax.Array:
   return jnp.where(is_narrow, by_hermite, by_parts)
 
 
+class ActionNoise(NamedTuple):
+  """The randomness of one hybrid action draw, made apart from the distribution so that a
+  loop can draw all of its steps' noise at once, before it runs (a threefry call inside a
+  loop body runs every step; on CPU as a small loop of its own)."""
+
+  normal: jax.Array  # f32[..., C] standard normal
+  gumbel: tuple[jax.Array, ...]  # one f32[..., n_i] standard Gumbel per branch
+
+
+def action_noise(key: jax.Array, spec: HybridActionSpec, batch_shape: tuple[int, ...] = ()
+                 ) -> ActionNoise:
+  """Noise for `batch_shape` draws from distributions over `spec`."""
+  normal_key, *branch_keys = jax.random.split(key, 1 + spec.num_branches)
+  normal = jax.random.normal(normal_key, batch_shape + (spec.continuous_dim,))
+  gumbel = tuple(jax.random.gumbel(k, batch_shape + (n,))
+                 for k, n in zip(branch_keys, spec.branches))
+  return ActionNoise(normal, gumbel)
+
+
 @flax.struct.dataclass
 class HybridDistribution:
   """A batch of joint action distributions; every field has the same leading batch shape."""
@@ -102,12 +121,19 @@ class HybridDistribution:
   def _normal(self) -> distrax.Normal:
     return distrax.Normal(self.mean, jnp.exp(self.log_std))
 
+  @property
+  def spec(self) -> HybridActionSpec:
+    return HybridActionSpec(self.mean.shape[-1], tuple(l.shape[-1] for l in self.logits))
+
   def sample(self, key: jax.Array) -> HybridAction:
     """Raw action: the pre-squash Gaussian sample and one index per branch."""
-    cont_key, *branch_keys = jax.random.split(key, 1 + len(self.logits))
-    continuous = self._normal().sample(seed=cont_key)
-    discrete = [distrax.Categorical(logits=l).sample(seed=k)
-                for l, k in zip(self.logits, branch_keys)]
+    return self.sample_with(action_noise(key, self.spec, self.mean.shape[:-1]))
+
+  def sample_with(self, noise: ActionNoise) -> HybridAction:
+    """The raw action that `noise` (`action_noise`, same batch shape) draws: μ + σ·ε for
+    the continuous dims, the Gumbel-max arg-max for each branch (Gumbel 1954)."""
+    continuous = self.mean + jnp.exp(self.log_std) * noise.normal
+    discrete = [jnp.argmax(l + g, axis=-1) for l, g in zip(self.logits, noise.gumbel)]
     return HybridAction(continuous, self._stack_branches(discrete))
 
   def mode(self) -> HybridAction:

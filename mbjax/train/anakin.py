@@ -24,7 +24,7 @@ import ml_collections
 from mbjax.agents import apex, ppo
 from mbjax.envs.base import Environment
 from mbjax.envs.wrappers import EpisodeStatistics, FrameStack, VecEnv, unwrapped
-from mbjax.nets.hybrid import to_env_action
+from mbjax.nets.hybrid import ActionNoise, action_noise, to_env_action
 from mbjax.train import finite
 
 
@@ -110,34 +110,44 @@ def make_train(cfg: ml_collections.ConfigDict, env: Environment, env_params: Any
                        apex.init_replay(learners, local_envs, obs_shape, obs_dtype),
                        key, jnp.int32(0))
 
-  def ppo_act(runner: RunnerState, mask, key):
+  def ppo_act(runner: RunnerState, mask, noise: ActionNoise):
     """PPO's action, with what its update needs (log-prob, value, next carry)."""
     net_obs = ppo.prepare_obs(runner.obs, runner.agent.obs_stats, normalize)
     # JAX envs tick uniformly: no dt, so timed cores (CfC) step by Δt = 1 here and in unroll.
     carry, dist, value = network.apply(runner.agent.params, runner.carry, net_obs,
                                        runner.is_first, mask)
-    action = jax.vmap(lambda d, k: d.sample(k))(dist, per_env_keys(key))
+    action = dist.sample_with(noise)
     return runner.replace(carry=carry), action, dist.log_prob(action), value
 
-  def latent_act(runner: RunnerState, mask, key):
+  def latent_act(runner: RunnerState, mask, keys):
     """The served latent actor's action; PPO's log-prob and value are not computed."""
     latent, action = jax.vmap(
         lambda carry, obs, first, m, k: jax.tree.map(lambda x: x[0], apex.act(
             runner.aux, jax.tree.map(lambda x: x[None], carry), obs[None], first[None],
             m[None], k, learners=learners)),
-    )(runner.latent, runner.obs, runner.is_first, mask, per_env_keys(key))
+    )(runner.latent, runner.obs, runner.is_first, mask, keys)
     zeros = jnp.zeros((local_envs,))
     return runner.replace(latent=latent), action, zeros, zeros
 
   act = ppo_act if learners.serving is None else latent_act
 
-  def env_step(runner: RunnerState, _):
-    key, act_key, step_key = jax.random.split(runner.key, 3)
+  def rollout_randomness(key: jax.Array):
+    """Every env's randomness for a whole rollout, drawn before it runs: [T, E_local] keys
+    for the env steps and their resets (`VecEnv.step`) and PPO's action noise (or the
+    latent actor's keys). One batched draw instead of several threefry calls a step."""
+    step_keys = jax.vmap(per_env_keys)(jax.random.split(key, num_steps))  # [T, E]
+    act_keys, env_keys = jnp.moveaxis(jax.vmap(jax.vmap(jax.random.split))(step_keys), 2, 0)
+    env_keys = VecEnv.split_keys(env_keys)
+    if learners.serving is not None:
+      return act_keys, env_keys
+    return jax.vmap(jax.vmap(lambda k: action_noise(k, spec)))(act_keys), env_keys
+
+  def env_step(runner: RunnerState, randomness):
+    act_randomness, env_keys = randomness
     mask = vec_env.action_mask(runner.env_state, env_params)
-    acted, action, log_prob, value = act(runner, mask, act_key)
+    acted, action, log_prob, value = act(runner, mask, act_randomness)
     obs, env_state, reward, terminated, truncated, info = vec_env.step(
-        per_env_keys(step_key), runner.env_state, to_env_action(action, network.squash),
-        env_params)
+        env_keys, runner.env_state, to_env_action(action, network.squash), env_params)
     if learners.trains_ppo:
       # V(s') of a truncated episode's final observation, which auto-reset replaced;
       # computed only on the (rare) steps where an env was truncated. `bootstrap_values`
@@ -161,12 +171,14 @@ def make_train(cfg: ml_collections.ConfigDict, env: Environment, env_params: Any
         truncated=truncated, next_value=final_value)
     info = dict(info, **{"return": info["episode_return"], "length": info["episode_length"]})
     stats = (done, {k: info[k] for k in episode_keys})
-    runner = acted.replace(env_state=env_state, obs=obs, is_first=done, key=key)
+    runner = acted.replace(env_state=env_state, obs=obs, is_first=done)
     return runner, (transition, stats)
 
   def update(runner: RunnerState, coefficients: ppo.LossCoefficients | None = None
              ) -> tuple[RunnerState, dict]:
-    runner, (rollout, (done, ended)) = jax.lax.scan(env_step, runner, None, num_steps)
+    key, rollout_key, update_key = jax.random.split(runner.key, 3)
+    runner, (rollout, (done, ended)) = jax.lax.scan(env_step, runner,
+                                                    rollout_randomness(rollout_key))
     if learners.trains_ppo:
       last_value = network.apply(
           runner.agent.params, runner.carry,
@@ -175,7 +187,6 @@ def make_train(cfg: ml_collections.ConfigDict, env: Environment, env_params: Any
       rollout = rollout._replace(next_value=bootstrap_values(
           rollout.value, last_value, rollout.next_value, rollout.terminated,
           rollout.truncated))
-    key, update_key = jax.random.split(runner.key)
     finite_rollout = finite.all_finite((rollout.obs, rollout.reward))
     if axis_name is not None:
       finite_rollout = jax.lax.pmin(finite_rollout.astype(jnp.int32), axis_name) > 0

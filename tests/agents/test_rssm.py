@@ -30,14 +30,16 @@ def test_observe_and_imagine_shapes_and_resets(model_and_params):
   np.testing.assert_array_equal(posts.features[3:], posts_other.features[3:])
   assert not np.allclose(posts.features[:3], posts_other.features[:3])
 
-  def policy(features, key):
-    return jnp.zeros(features.shape[:-1] + (5,)), jnp.zeros(features.shape[:-1])
+  def policy(features, noise):
+    return jnp.zeros(features.shape[:-1] + (5,)), noise
 
   start = jax.tree.map(lambda x: x[-1], posts)
-  states, raw = wm_lib.imagine(model, params, policy, start, 4, jax.random.PRNGKey(3))
+  policy_noise = jnp.arange(4.0)[:, None] * jnp.ones((4, batch))
+  states, raw = wm_lib.imagine(model, params, policy, start, 4, policy_noise,
+                               jax.random.PRNGKey(3))
   assert states.features.shape == (5, batch, posts.features.shape[-1])
   np.testing.assert_array_equal(states.features[0], start.features)
-  assert raw.shape == (4, batch)
+  np.testing.assert_array_equal(raw, policy_noise)  # step t's policy got step t's noise
 
 
 def _sequence(rng, length, batch, is_first):
