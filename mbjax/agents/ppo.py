@@ -311,12 +311,14 @@ def update(state: PPOState, rollout: Rollout, key: jax.Array, ppo: ml_collection
     metrics["optim/grad_norm"] = optax.tree.norm(grads)
     return (optax.apply_updates(params, updates), opt_state), metrics
 
-  def epoch(train, epoch_key):
-    order = jax.random.permutation(epoch_key, num_chunks)
+  def epoch(train, order):
     return jax.lax.scan(minibatch_step, train, order.reshape(ppo.num_minibatches, -1))
 
-  (params, opt_state), metrics = jax.lax.scan(
-      epoch, (state.params, state.opt_state), jax.random.split(key, ppo.update_epochs))
+  # Every epoch's shuffle drawn at once, before the loop (one batched draw, not a threefry
+  # loop and a sort per epoch); the same orders as drawing each inside its epoch.
+  orders = jax.vmap(lambda k: jax.random.permutation(k, num_chunks))(
+      jax.random.split(key, ppo.update_epochs))
+  (params, opt_state), metrics = jax.lax.scan(epoch, (state.params, state.opt_state), orders)
   obs_stats = state.obs_stats
   if ppo.normalize_observations and jnp.issubdtype(rollout.obs.dtype, jnp.floating):
     obs_stats = obs_stats.update(rollout.obs, axis_name)
