@@ -19,7 +19,10 @@ Printed per arm: the return at each of `--at` env steps — the mean return of t
 that ended in the `--window` env steps before it — as mean ± 95% confidence interval over
 seeds (Student's t), the seeds' values, the training wall clock (compile apart) and the
 machine's load. `--save` writes every arm's curve (after each arm: a stopped run keeps the
-arms it finished); `--reread=a.npz,b.npz` trains nothing and prints the table of saved arms.
+arms it finished); `--reread=a.npz,b.npz` trains nothing and prints the table of saved arms;
+`--workdirs=w0,w1,w2 --arms=dreamer` trains nothing and prints the table of one arm whose
+seeds ran apart as `experiments.train` runs (one seed per workdir, from its metrics.jsonl:
+a seed per process when one process cannot hold them all in the time at hand).
 """
 import os
 
@@ -40,6 +43,7 @@ from mbjax import files  # noqa: E402
 from mbjax.envs import registry  # noqa: E402
 from mbjax.train import anakin  # noqa: E402
 from mbjax.train import config as config_lib  # noqa: E402
+from mbjax.train import metrics as metrics_lib  # noqa: E402
 
 SUITES = {"arena": ("ppo", "ppo_1m", "dreamer", "efe", "full"),
           "minatar": ("ppo", "dreamer")}
@@ -60,6 +64,8 @@ _CHUNK = flags.DEFINE_integer("chunk", 10, "Updates per jitted call (one progres
 _SAVE = flags.DEFINE_string("save", "", "Optional .npz for every arm's curves.")
 _REREAD = flags.DEFINE_list("reread", [], "Train nothing: report the arms of earlier --save "
                             "files (comma-separated; a later file's arm replaces an earlier's).")
+_WORKDIRS = flags.DEFINE_list("workdirs", [], "Train nothing: report the first of --arms from "
+                              "these `experiments.train` workdirs, one seed each.")
 _OVERRIDE = flags.DEFINE_multi_string("override", [], "section.field=value applied to every "
                                       "arm's config (e.g. replay.train_ratio=8).")
 
@@ -94,7 +100,7 @@ def _apply(cfg: ml_collections.ConfigDict, override: str) -> None:
 
 
 class ArmRun(NamedTuple):
-  env_steps: np.ndarray  # i64[updates] env steps per seed after each update
+  env_steps: np.ndarray  # i64[updates] env steps per seed after each update (or logged chunk)
   returns: np.ndarray  # f32[seeds, updates] mean return of the episodes ended per update
   counts: np.ndarray  # i32[seeds, updates] episodes ended per update
   seconds: float  # train wall seconds, compile apart (NaN when re-read from a file)
@@ -205,12 +211,41 @@ def load_runs(paths: list[str]) -> dict[str, ArmRun]:
   return runs
 
 
+def load_workdirs(workdirs: list[str]) -> ArmRun:
+  """One arm from `experiments.train` runs of one config, a seed per workdir: each logged
+  chunk of its metrics.jsonl is one point of the curve (its env steps, the mean return and
+  the number of the episodes that ended in it)."""
+  curves = []
+  for workdir in workdirs:
+    path = os.path.join(workdir, metrics_lib.METRICS_FILE)
+    if not os.path.exists(path):
+      raise ValueError(f"--workdirs: {path} does not exist; expected the workdir of an "
+                       "experiments.train run")
+    records = [r for r in metrics_lib.read_jsonl(path) if "episode/count" in r]
+    if not records:
+      raise ValueError(f"--workdirs: {path} holds no episode statistics")
+    counts = np.array([r["episode/count"] for r in records])
+    # A chunk in which no episode ended logs its return as null.
+    returns = np.array([r["episode/return"] if r["episode/count"] else 0.0 for r in records])
+    curves.append((np.array([r["env_steps"] for r in records]), returns, counts))
+  steps = curves[0][0]
+  for workdir, (other, _, _) in zip(workdirs, curves):
+    if other.shape != steps.shape or (other != steps).any():
+      raise ValueError(f"--workdirs: {workdir} logged at other env steps than {workdirs[0]}; "
+                       "expected seeds of one config, each run to the same budget")
+  return ArmRun(steps, np.stack([c[1] for c in curves]), np.stack([c[2] for c in curves]),
+                float("nan"), float("nan"))
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   at = [int(float(x)) for x in _AT.value]
   if _REREAD.value:
     report(load_runs(_REREAD.value), at, _WINDOW.value)
+    return
+  if _WORKDIRS.value:
+    report({_ARMS.value[0]: load_workdirs(_WORKDIRS.value)}, at, _WINDOW.value)
     return
   unknown = sorted(set(_ARMS.value) - set(SUITES[_SUITE.value]))
   if unknown:

@@ -1,6 +1,7 @@
 """The sample-efficiency benchmark's bookkeeping (`experiments/bench_ablation.py`), by hand:
 arm configs, the return at an env-step point, the confidence interval, save and re-read.
 (Training the arms is the benchmark's job.)"""
+import json
 import math
 
 import numpy as np
@@ -64,3 +65,34 @@ def test_save_and_reread(tmp_path, capsys):
   np.savez(tmp_path / "other.npz", x=np.zeros(2))
   with pytest.raises(ValueError, match="other.npz: not a bench_ablation --save file"):
     bench_ablation.load_runs([str(tmp_path / "other.npz")])
+
+
+def _write_metrics(workdir, records):
+  workdir.mkdir()
+  with open(workdir / "metrics.jsonl", "w") as f:
+    for steps, ret, count in records:
+      f.write(json.dumps({"update_step": steps // 100, "env_steps": steps,
+                          "episode/return": ret, "episode/count": count, "wm/loss": 1.0})
+              + "\n")
+
+
+def test_workdirs_give_one_arm_a_seed_each(tmp_path):
+  """The `_run()` curves written as two `experiments.train` workdirs' metrics.jsonl (a chunk
+  without episodes logs its return as null) read back as the same arm."""
+  _write_metrics(tmp_path / "s0", [(100, -8.0, 1), (200, None, 0), (300, -2.0, 3),
+                                   (400, -6.0, 1)])
+  _write_metrics(tmp_path / "s1", [(100, None, 0), (200, None, 0), (300, None, 0),
+                                   (400, -7.0, 2)])
+  run = bench_ablation.load_workdirs([str(tmp_path / "s0"), str(tmp_path / "s1")])
+  expected = _run()
+  np.testing.assert_array_equal(run.env_steps, expected.env_steps)
+  np.testing.assert_array_equal(run.counts, expected.counts)
+  np.testing.assert_allclose(run.returns, expected.returns)
+  np.testing.assert_allclose(bench_ablation.return_at(run, 400, 200), [-3.0, -7.0])
+  assert math.isnan(run.seconds)
+
+  _write_metrics(tmp_path / "short", [(100, -8.0, 1), (200, -1.0, 1)])
+  with pytest.raises(ValueError, match="short logged at other env steps"):
+    bench_ablation.load_workdirs([str(tmp_path / "s0"), str(tmp_path / "short")])
+  with pytest.raises(ValueError, match="nowhere/metrics.jsonl does not exist"):
+    bench_ablation.load_workdirs([str(tmp_path / "nowhere")])
