@@ -21,8 +21,8 @@ seeds (Student's t), the seeds' values, the training wall clock (compile apart) 
 machine's load. `--save` writes every arm's curve (after each arm: a stopped run keeps the
 arms it finished); `--reread=a.npz,b.npz` trains nothing and prints the table of saved arms;
 `--workdirs=w0,w1,w2 --arms=dreamer` trains nothing and prints the table of one arm whose
-seeds ran apart as `experiments.train` runs (one seed per workdir, from its metrics.jsonl:
-a seed per process when one process cannot hold them all in the time at hand).
+seeds were trained one at a time by `experiments.train` (a seed per workdir, read from its
+metrics.jsonl), e.g. when the seeds together under vmap would take too long in one go.
 """
 import os
 
@@ -245,6 +245,8 @@ def main(argv):
     report(load_runs(_REREAD.value), at, _WINDOW.value)
     return
   if _WORKDIRS.value:
+    if len(_ARMS.value) != 1:
+      raise app.UsageError(f"--workdirs: name their one arm with --arms (got {_ARMS.value})")
     report({_ARMS.value[0]: load_workdirs(_WORKDIRS.value)}, at, _WINDOW.value)
     return
   unknown = sorted(set(_ARMS.value) - set(SUITES[_SUITE.value]))
