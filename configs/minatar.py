@@ -9,7 +9,7 @@ everything for the tests.
 
 Command:  python -m experiments.train --config=configs/minatar.py:breakout,dreamer \\
               --workdir=runs/minatar_breakout_dreamer
-Expected: Breakout, dreamer: return ≈ 5.3 at 200 k env steps (one seed; ≈ 1 h on 2 CPU
+Expected: Breakout, dreamer: return ≈ 5.6 at 200 k env steps (two seeds; ≈ 1 h each on 2 CPU
           cores), PPO: 6.2 at 200 k and 6.5 at 1 M — BENCHMARKS.md "Model-based agent".
 Debug:    --config=configs/minatar.py:debug — tiny sizes, 4 updates, used by tests.
 """
