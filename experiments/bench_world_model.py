@@ -45,13 +45,13 @@ from absl import app, flags  # noqa: E402
 from configs import arena_apex  # noqa: E402
 from experiments import cli  # noqa: E402
 from experiments import throughput as throughput_lib  # noqa: E402
-from mbjax.agents import apex  # noqa: E402
+from mbjax.agents import apex, dream  # noqa: E402
 from mbjax.agents import world_model as wm_lib  # noqa: E402
 from mbjax.data import replay as replay_lib  # noqa: E402
 from mbjax.envs import registry  # noqa: E402
 from mbjax.envs.bonk_arena import make_scripted_policy, random_policy  # noqa: E402
 from mbjax.envs.spaces import HybridActionSpec  # noqa: E402
-from mbjax.nets.hybrid import action_noise, to_env_action  # noqa: E402
+from mbjax.nets.hybrid import to_env_action  # noqa: E402
 from mbjax.train import evaluate  # noqa: E402
 from mbjax.train import metrics as metrics_lib  # noqa: E402
 from mbjax.train import run as run_lib  # noqa: E402
@@ -198,16 +198,8 @@ def cloned_returns(trainer, aux, data, starts, num_clones: int, key):
     filter_key, imagine_key = jax.random.split(key)
     prev = jnp.where(is_first[:, None], 0.0, carries.prev_action)
     post = wm_lib.filter_step(model, wm_params, carries.state, prev, obs, is_first, filter_key)
-
-    def policy(features, noise):
-      mask = wm_lib.predicted_mask(model, wm_params, features, learners.spec)
-      raw = nets.actor.apply(actor_state.actor_params, features, mask).sample_with(noise)
-      return wm_lib.action_vector(to_env_action(raw, learners.squash), learners.spec), raw
-
-    policy_key, dynamics_key = jax.random.split(imagine_key)
-    policy_noise = action_noise(policy_key, learners.spec, (HORIZON, post.deter.shape[0]))
-    states_h, _ = wm_lib.imagine(model, wm_params, policy, post, HORIZON, policy_noise,
-                                 dynamics_key)
+    states_h, _, _ = dream.imagine_actor(nets, actor_state.actor_params, model, wm_params,
+                                         post, HORIZON, imagine_key)
     features = states_h.features[1:]
     rewards = model.apply(wm_params, features, method=wm_lib.WorldModel.reward)
     continues = jax.nn.sigmoid(model.apply(wm_params, features,

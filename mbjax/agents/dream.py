@@ -196,6 +196,25 @@ def updated_return_scale(scale: jax.Array, returns: jax.Array, rate: float,
   return (1.0 - rate) * scale + rate * spread
 
 
+def imagine_actor(nets: Networks, actor_params, world_model: wm_lib.WorldModel, wm_params,
+                  start: wm_lib.LatentState, horizon: int, key):
+  """The latent actor played `horizon` steps in the world model from `start` [N], its
+  choices masked by the model's predicted action mask: (states [H+1, N], raw actions
+  [H, N], masks [H, N, M])."""
+  spec = nets.actor.spec
+
+  def policy(features, noise):
+    mask = wm_lib.predicted_mask(world_model, wm_params, features, spec)
+    raw = nets.actor.apply(actor_params, features, mask).sample_with(noise)
+    return wm_lib.action_vector(to_env_action(raw, nets.actor.squash), spec), (raw, mask)
+
+  policy_key, dynamics_key = jax.random.split(key)
+  policy_noise = action_noise(policy_key, spec, (horizon, start.deter.shape[0]))
+  states, (raw_actions, masks) = wm_lib.imagine(world_model, wm_params, policy, start,
+                                                horizon, policy_noise, dynamics_key)
+  return states, raw_actions, masks
+
+
 def update(state: LatentActorCriticState, wm_params, start: wm_lib.LatentState, key,
            section: ml_collections.ConfigDict, *, nets: Networks,
            world_model: wm_lib.WorldModel,
@@ -207,18 +226,9 @@ def update(state: LatentActorCriticState, wm_params, start: wm_lib.LatentState, 
   [H, N], metrics)` scores each imagined transition by the state it leads to. `replayed`
   (N = L·B starts in its [L, B] order) adds the critic's replay term. Returns (state,
   metrics)."""
-  spec = nets.actor.spec
   start = jax.lax.stop_gradient(start)
-
-  def policy(features, noise):
-    mask = wm_lib.predicted_mask(world_model, wm_params, features, spec)
-    raw = nets.actor.apply(state.actor_params, features, mask).sample_with(noise)
-    return wm_lib.action_vector(to_env_action(raw, nets.actor.squash), spec), (raw, mask)
-
-  policy_key, dynamics_key = jax.random.split(key)
-  policy_noise = action_noise(policy_key, spec, (section.horizon, start.deter.shape[0]))
-  states, (raw_actions, masks) = wm_lib.imagine(world_model, wm_params, policy, start,
-                                                section.horizon, policy_noise, dynamics_key)
+  states, raw_actions, masks = imagine_actor(nets, state.actor_params, world_model, wm_params,
+                                             start, section.horizon, key)
   states, raw_actions = jax.lax.stop_gradient((states, raw_actions))
   features = states.features  # [H+1, N, F]
   rewards, reward_metrics = reward_fn(features[1:])
