@@ -9,8 +9,8 @@ everything for the tests.
 
 Command:  python -m experiments.train --config=configs/minatar.py:breakout,dreamer \\
               --workdir=runs/minatar_breakout_dreamer
-Expected: Breakout, dreamer: return ≈ 5.6 at 200 k env steps (two seeds; ≈ 1 h each on 2 CPU
-          cores), PPO: 6.2 at 200 k and 6.5 at 1 M — BENCHMARKS.md "Model-based agent".
+Expected: Breakout, dreamer: return ≈ 5.9 at 200 k env steps (three seeds, 5.3–6.5; ≈ 1 h each
+          on 2 CPU cores), PPO: 6.2 at 200 k and 6.5 at 1 M — BENCHMARKS.md "Model-based agent".
 Debug:    --config=configs/minatar.py:debug — tiny sizes, 4 updates, used by tests.
 """
 from mbjax.train.config import base_config

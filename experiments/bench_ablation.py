@@ -170,6 +170,17 @@ def mean_ci(values: np.ndarray) -> tuple[float, float]:
   return float(values.mean()), float(half)
 
 
+def _mean_ci_text(values: np.ndarray) -> str:
+  """'mean ± half-width', or what is missing: a single seed has no interval, a point where
+  no seed ended an episode has no mean."""
+  mean, half = mean_ci(values)
+  if np.isnan(mean):
+    return "no episode ended"
+  if np.isnan(half):
+    return f"{mean:7.2f} (one seed)"
+  return f"{mean:7.2f} ± {half:5.2f}"
+
+
 def report(runs: dict[str, ArmRun], at: list[int], window: int) -> None:
   print(f"\nreturn at env steps (episodes ending in the {window:,} steps before each), "
         "mean ± 95% CI over seeds:")
@@ -177,8 +188,7 @@ def report(runs: dict[str, ArmRun], at: list[int], window: int) -> None:
     points = at or [int(run.env_steps[-1])]
     cells = []
     for steps in points:
-      mean, half = mean_ci(return_at(run, steps, window))
-      cells.append(f"{steps:>10,}: {mean:7.2f} ± {half:5.2f}")
+      cells.append(f"{steps:>10,}: " + _mean_ci_text(return_at(run, steps, window)))
     wall = "" if np.isnan(run.seconds) else (f" | train {run.seconds / 60:.0f} min + "
                                              f"{run.compile_seconds:.0f} s compile")
     print(f"  {arm:8s} " + " | ".join(cells) + wall)

@@ -76,7 +76,7 @@ def _write_metrics(workdir, records):
               + "\n")
 
 
-def test_workdirs_give_one_arm_a_seed_each(tmp_path):
+def test_workdirs_give_one_arm_a_seed_each(tmp_path, capsys):
   """The `_run()` curves written as two `experiments.train` workdirs' metrics.jsonl (a chunk
   without episodes logs its return as null) read back as the same arm."""
   _write_metrics(tmp_path / "s0", [(100, -8.0, 1), (200, None, 0), (300, -2.0, 3),
@@ -92,6 +92,12 @@ def test_workdirs_give_one_arm_a_seed_each(tmp_path):
   assert math.isnan(run.seconds)
 
   _write_metrics(tmp_path / "short", [(100, -8.0, 1), (200, -1.0, 1)])
+  one_seed = bench_ablation.load_workdirs([str(tmp_path / "s1")])
+  bench_ablation.report({"dreamer": one_seed}, [200, 400], 200)
+  out = capsys.readouterr().out
+  assert "200: no episode ended" in out and "400:   -7.00 (one seed)" in out
+  assert "nan" not in out.split("per seed")[0]
+
   with pytest.raises(ValueError, match="short logged at other env steps"):
     bench_ablation.load_workdirs([str(tmp_path / "s0"), str(tmp_path / "short")])
   with pytest.raises(ValueError, match="nowhere/metrics.jsonl does not exist"):
