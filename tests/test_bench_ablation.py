@@ -91,13 +91,13 @@ def test_workdirs_give_one_arm_a_seed_each(tmp_path, capsys):
   np.testing.assert_allclose(bench_ablation.return_at(run, 400, 200), [-3.0, -7.0])
   assert math.isnan(run.seconds)
 
-  _write_metrics(tmp_path / "short", [(100, -8.0, 1), (200, -1.0, 1)])
   one_seed = bench_ablation.load_workdirs([str(tmp_path / "s1")])
   bench_ablation.report({"dreamer": one_seed}, [200, 400], 200)
   out = capsys.readouterr().out
   assert "200: no episode ended" in out and "400:   -7.00 (one seed)" in out
   assert "nan" not in out.split("per seed")[0]
 
+  _write_metrics(tmp_path / "short", [(100, -8.0, 1), (200, -1.0, 1)])
   with pytest.raises(ValueError, match="short logged at other env steps"):
     bench_ablation.load_workdirs([str(tmp_path / "s0"), str(tmp_path / "short")])
   with pytest.raises(ValueError, match="nowhere/metrics.jsonl does not exist"):
