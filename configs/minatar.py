@@ -3,14 +3,15 @@ model-based agent against PPO (`experiments/bench_ablation.py --suite=minatar`).
 
 Variants (comma-separated): the game — `breakout` (default) or `asterix`; the agent —
 `dreamer` (default: the world model, the dream actor acting, trained on replay at
-`replay.train_ratio` 32) or `ppo` (PPO tuned for a 1 M-step budget: 16 envs × 128 steps,
-lr 5e-4 annealed, 4 epochs × 4 minibatches, 2×256 ReLU networks); `debug` shrinks
-everything for the tests.
+`replay.train_ratio` 64; at 32 its return rose ≈ 40 k env steps later) or `ppo` (PPO tuned
+for a 1 M-step budget: 16 envs × 128 steps, lr 5e-4 annealed, 4 epochs × 4 minibatches,
+2×256 ReLU networks); `debug` shrinks everything for the tests.
 
 Command:  python -m experiments.train --config=configs/minatar.py:breakout,dreamer \\
               --workdir=runs/minatar_breakout_dreamer
-Expected: Breakout, dreamer: return ≈ 5.9 at 200 k env steps (three seeds, 5.3–6.5; ≈ 1 h each
-          on 2 CPU cores), PPO: 6.2 at 200 k and 6.5 at 1 M — BENCHMARKS.md "Model-based agent".
+Expected: Breakout, dreamer: return ≈ 3.5 at 100 k env steps (seeds 0, 1: 3.56, 3.53) and
+          ≈ 6.8 at 200 k (seed 1; ≈ 2.7 h a seed on 2 CPU cores; at train ratio 32, 5.9
+          over three seeds), PPO: 6.2 at 200 k and 6.5 at 1 M — BENCHMARKS.md "Model-based agent".
 Debug:    --config=configs/minatar.py:debug — tiny sizes, 4 updates, used by tests.
 """
 from mbjax.train.config import base_config
@@ -51,7 +52,7 @@ def get_config(arg: str | None = None):
     cfg.total_env_steps = 200_000
     cfg.world_model.update(deter=512, blocks=8, hidden=128, stoch=32, classes=16)
     cfg.replay.update(capacity=200_000, batch_size=16, seq_len=64, burn_in=8,
-                      train_ratio=32.0, prefill=5_000)
+                      train_ratio=64.0, prefill=5_000)
     cfg.dream.hidden_sizes = (128, 128)
     cfg.run.log_every_updates = 5
     cfg.run.checkpoint_every_updates = 25
