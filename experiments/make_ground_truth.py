@@ -54,7 +54,7 @@ def main(argv):
     index = ground_truth.record_dataset(_OUT_DIR.value, settings, progress=logging.info)
   except (ValueError, ImportError) as e:
     raise app.UsageError(str(e)) from None
-  lengths = [e["length"] for e in index.values()]
+  lengths = [e["frames"] for e in index.values()]
   print(f"{len(index)} episodes, {sum(lengths)} frames in {_OUT_DIR.value} "
         f"(index: {os.path.join(_OUT_DIR.value, 'dataset.json')})")
 

@@ -49,10 +49,15 @@ def test_a_checkpoint_trained_under_other_rules_is_refused(tmp_path):
   checkpointer.close()
 
 
-def test_a_dataset_recorded_under_other_rules_is_refused():
-  current = {"0000_random": {"source": "bonk_arena", "rules_version": game.RULES_VERSION},
+def test_a_dataset_recorded_under_other_rules_or_drawing_is_refused():
+  current = {"0000_random": {"source": "bonk_arena", "rules_version": game.RULES_VERSION,
+                             "death_screen": True},
              "atari_pong_0": {"source": "atari"}}
   ground_truth.check_rules_version(current, "videos/dataset.json")
-  old = dict(current, **{"0001_scripted": {"source": "bonk_arena"}})
+  old = dict(current, **{"0001_scripted": {"source": "bonk_arena", "death_screen": True}})
   with pytest.raises(ValueError, match=r"1 episode\(s\) \(e.g. '0001_scripted'\).*version 1"):
     ground_truth.check_rules_version(old, "videos/dataset.json")
+  undrawn = dict(current, **{"0002_scripted": {"source": "bonk_arena",
+                                               "rules_version": game.RULES_VERSION}})
+  with pytest.raises(ValueError, match=r"'0002_scripted'.*before .* death screen"):
+    ground_truth.check_rules_version(undrawn, "videos/dataset.json")

@@ -1,24 +1,27 @@
 """Episode ends from video: a per-frame end-of-life classifier that needs no labels.
 
 A gameplay video stops for one of two reasons: the player died, or the recording stopped
-(a time limit, a cut). Frames just before a death look alike (an empty health bar, an
-enemy on the player; in a real game a death screen), while the frames before a cut look
-like any other frame. So a classifier trained to tell "one of the last `end_frames` frames
-of its video" from every other frame learns what a death looks like, and stays unsure
-where a video was only cut: nothing tells those last frames from the frames before them.
-No death labels are needed, only whole videos (or chunks whose `last_chunk` says the video
-ended there).
+(a time limit, a cut). A game shows a death: a death screen (BonkArena draws the state the
+killing hit leaves as one, `mbjax.envs.bonk_arena.render`, and its recordings end on that
+frame), while the frames before a cut look like any other frame. So a classifier trained
+to tell "one of the last `end_frames` frames of its video" from every other frame learns
+what a death looks like, and stays unsure where a video was only cut: nothing tells those
+last frames from the frames before them. No death labels are needed, only whole videos (or
+chunks whose `last_chunk` says the video ended there). `end_frames` is the number of frames
+a death is shown for at the end of a video (1 for BonkArena's recordings; without a death
+screen, the last few frames before a death share at most an empty health bar and an enemy
+on the player, docs/experiments/2026-12-06-deaths-and-video-reward.md).
 
 Net: the IDM's `FrameEncoder` (flatten pooling by default: a HUD is read where it is drawn)
-→ dense → logit. Training batches hold `positive_fraction` end frames (they are rare: 5 of
+→ dense → logit. Training batches hold `positive_fraction` end frames (they are rare: 1 of
 ~1,000 per video), the rest drawn uniformly from the other frames; the loss is the sigmoid
 cross-entropy. With a few dozen dying videos the classifier readily keys on what else those
 frames share (a palette, an early-game look), so training frames get their colour channels
 shuffled and their brightness scaled (`augment`). `terminals_from_probs` turns per-frame
 probabilities into terminal flags: each run of frames at or above `threshold` ends a life at
-its last frame, so a death shown for several frames is marked once, where the player was
-last seen alive (the frame whose action ended the episode, `terminated[t]` in the
-recordings' layout).
+its last frame, so a death shown for several frames is marked once, at the last frame of the
+life's video (BonkArena: the death screen, one frame after the step whose action ended the
+episode, `terminated[t]` in the recordings' layout).
 
 API (`DeathConfig` is hashable and a static field of `DeathState`):
   init(key, cfg, frame_shape) -> DeathState
@@ -55,7 +58,7 @@ class DeathConfig:
   channels: tuple[int, ...] = (32, 64, 64)  # stem width, then one 3×3/2 conv per entry
   embed_dim: int = 128
   pool: str = "flatten"  # where a HUD element is drawn matters
-  end_frames: int = 5  # the last frames of a video that count as its end
+  end_frames: int = 1  # the last frames of a video that count as its end (its death screen)
   positive_fraction: float = 0.25  # share of each training batch drawn from end frames
   threshold: float = 0.9  # probability at which a frame ends a life
   # Training frames get their colour channels shuffled and their brightness scaled, so that

@@ -143,13 +143,23 @@ def record_atari_clip(game_name: str, seed: int, steps: int, path: str, fps: int
                                           "action_repeat": 2}))}
   with files.atomic_open(os.path.splitext(path)[0] + ".npz", "wb") as f:
     np.savez(f, **truth)
-  return {"length": len(frames), "return": float(rewards.sum()), "menu_frames": 0}
+  return {"length": len(frames), "frames": len(frames), "return": float(rewards.sum()),
+          "menu_frames": 0}
 
 
 def check_rules_version(index: dict, index_path: str) -> None:
   """Raises ValueError if any BonkArena episode of a dataset index was recorded under other
   game rules than this code plays (an entry without `rules_version` predates version 2):
-  its rewards and episode ends would be silently compared with the current game's."""
+  its rewards and episode ends would be silently compared with the current game's; or
+  before its videos showed the death screen (no `death_screen` entry): a death classifier
+  trained on both would learn two looks of a death."""
+  undrawn = [stem for stem, entry in index.items()
+             if entry.get("source") == "bonk_arena" and not entry.get("death_screen")]
+  if undrawn:
+    raise ValueError(
+        f"{index_path}: {len(undrawn)} episode(s) (e.g. {undrawn[0]!r}) were recorded before "
+        "BonkArena videos showed the death screen. Record into a new directory (or delete "
+        "the old episodes) instead of mixing them.")
   stale = {stem: entry.get("rules_version", 1) for stem, entry in index.items()
            if entry.get("source") == "bonk_arena"
            and entry.get("rules_version", 1) != game.RULES_VERSION}
@@ -194,15 +204,16 @@ def record_dataset(out_dir: str, settings: Settings,
             "policy": name, "checkpoint": s.checkpoint,
             "seed": s.seed, "episode": i, "pixel_size": s.pixel_size,
             "camera": camera, "palette": palette, "upgrade_hud": s.upgrade_hud,
-            "view_fraction": renderer.view_fraction, "menu_pick_prob": s.menu_pick_prob}
+            "view_fraction": renderer.view_fraction, "menu_pick_prob": s.menu_pick_prob,
+            "death_screen": True}
     key = jax.random.fold_in(jax.random.PRNGKey(s.seed), i)
     summary = recording.record_episode(episode_fns[(name, camera, palette)], key, path,
                                        s.fps, meta)
     index[stem] = {**meta, **summary}
     files.write_json(index_path, index, indent=1)
     if progress:
-      progress(f"{stem}: {summary['length']} steps, return {summary['return']:.2f}, "
-               f"{summary['menu_frames']} menu frames")
+      progress(f"{stem}: {summary['length']} steps ({summary['frames']} frames), return "
+               f"{summary['return']:.2f}, {summary['menu_frames']} menu frames")
   for game_name in s.atari_games:
     for j in range(s.atari_clips):
       stem = f"atari_{game_name}_{j}"

@@ -324,6 +324,19 @@ def test_render_shape_dtype_and_changes_with_state():
   assert (hurt[:2, :32] == [60, 210, 60]).all() and (hurt[:2, 32:] == [10, 10, 10]).all()
 
 
+def test_a_dead_player_is_drawn_as_the_death_screen():
+  state = with_enemy(fresh(), 0, 3.0, 3.0)
+  alive = np.asarray(RENDER(state, PARAMS))
+  dead = np.asarray(RENDER(state.replace(health=jnp.float32(-0.01)), PARAMS))
+  assert (dead[:2] == [10, 10, 10]).all()  # the health bar is empty
+  assert (dead[28:36] == [255, 255, 255]).all()  # the band: rows 7/16..9/16 of 64
+  arena = np.concatenate([dead[4:28], dead[36:]])
+  assert (arena[..., 1:] == 0).all()  # red only, at the drawn colour's mean brightness
+  assert dead[8, 8, 0] == (220 + 50 + 50) // 3 and dead[30, 30, 0] == 255
+  assert dead[20, 20, 0] == 40  # the dark floor (mean 32) is lifted to 40
+  assert (alive[8, 8] == [220, 50, 50]).all() and (alive[28:36] != 255).any()
+
+
 def test_pixel_observations_are_the_render():
   obs, state = PIXEL_ENV.reset(KEY, PARAMS)
   assert obs.shape == (32, 32, 3) and obs.dtype == jnp.uint8
@@ -462,6 +475,35 @@ def test_record_episode_writes_video_and_matching_ground_truth(tmp_path):
   ep = episode_fn(KEY)  # the same key replays the same actions
   np.testing.assert_array_equal(truth["actions_continuous"], ep.actions_continuous[:12])
   np.testing.assert_allclose(truth["rewards"].sum(), summary["return"], rtol=1e-6)
+  assert summary["frames"] == 12 and not truth["death_screen"].any()
+
+
+def test_a_recorded_death_ends_its_video_with_the_death_screen(tmp_path):
+  import av
+
+  from mbjax.envs.bonk_arena import recording
+
+  # Fast enemies and no health: the random player dies within a few steps.
+  params = PARAMS.replace(time_limit=40, base_max_health=0.001, enemy_speed=(1.0,) * 4)
+  episode_fn = recording.make_episode_fn(PIXEL_ENV, params, random_policy)
+  path = str(tmp_path / "ep.mp4")
+  summary = recording.record_episode(episode_fn, KEY, path, fps=10)
+  steps = summary["length"]
+  assert summary["terminated"] and steps < 40 and summary["frames"] == steps + 1
+  truth = np.load(str(tmp_path / "ep.npz"))
+  assert truth["terminated"].tolist() == [False] * (steps - 1) + [True, False]
+  assert truth["death_screen"].tolist() == [False] * steps + [True]
+  assert not truth["truncated"].any() and truth["rewards"][-1] == 0.0
+  np.testing.assert_array_equal(truth["actions_continuous"][-1], [0.0, 0.0])
+  assert truth["actions_discrete"][-1, 0] == game.CARDS_PER_MENU  # the no-op
+  assert truth["health"][-1] <= 0.0 < truth["health"][-2]
+  np.testing.assert_allclose(truth["cumulative_reward"][-1], summary["return"], rtol=1e-6)
+  with av.open(path) as container:
+    frames = [f.to_ndarray(format="rgb24").astype(int) for f in container.decode(video=0)]
+  assert len(frames) == steps + 1
+  # Decoded: the last frame is the red death screen, the one before it is not.
+  green_over_red = lambda f: f[4:12, :, 1].mean() / max(f[4:12, :, 0].mean(), 1.0)
+  assert green_over_red(frames[-1]) < 0.3 < green_over_red(frames[-2])
 
 
 # -- render options and ground-truth recording (offline video pipeline) ----------------------

@@ -1,12 +1,16 @@
 """Recording BonkArena episodes as MP4 video plus the true per-frame actions and outcomes.
 
 The `.npz` written beside each video is the ground truth the offline video pipeline (IDM,
-reward-from-video) is validated against. Frame `t` of the video is the screen the policy
-saw when it chose action `t`; `rewards[t]`, `terminated[t]`, `truncated[t]` are the outcome
-of that action. Keys (arrays of length T = episode length; no pickled objects):
+reward-from-video, deaths) is validated against. Frame `t` of the video is the screen the
+policy saw when it chose action `t`; `rewards[t]`, `terminated[t]`, `truncated[t]` are the
+outcome of that action. A video whose player died shows one frame more, as a game's video
+shows its death screen: the terminal state, drawn as the death screen (`render`), with a
+row of its own that has no action (a zero move, the menu no-op), no reward and no episode
+end; `death_screen` marks it. Keys (arrays of length T = the frames of the video: the
+episode's steps, plus one after a death; no pickled objects):
   actions_continuous f32[T, 2], actions_discrete i32[T, 1], rewards f32[T],
   reward_terms f32[T, 8], reward_term_names str[8], terminated bool[T], truncated bool[T],
-  fps i32[];
+  death_screen bool[T], fps i32[];
 and the state shown in frame t, for evaluating models per kind of frame:
   menu_open bool[T]      the level-up menu overlay is on screen (actions are menu choices);
   player_pos f32[T, 2]   world (x, y);
@@ -107,8 +111,9 @@ def make_episode_fn(env: BonkArena, params: EnvParams, policy_fn: rollout.Policy
 
   def episode(key):
     ep = rollout.play_episode(env, params, policy_fn, key, record_fn=record)
-    extras = dict(ep.extras)
-    return ep.replace(frames=extras.pop("frame"), extras=extras)
+    extras, end_extras = dict(ep.extras), dict(ep.end_extras)
+    return ep.replace(frames=extras.pop("frame"), extras=extras,
+                      end_frame=end_extras.pop("frame"), end_extras=end_extras)
 
   return jax.jit(episode)
 
@@ -119,20 +124,32 @@ def record_episode(episode_fn, key: jax.Array, video_path: str, fps: int,
   `video_path` and the `.npz` beside it (same name, `.npz` suffix). Returns a summary."""
   ep = jax.device_get(episode_fn(key))
   length = int(np.sum(ep.valid))
-  truth = {
+  died = bool(ep.terminated[length - 1])
+  steps = {
       "actions_continuous": ep.actions_continuous[:length],
       "actions_discrete": ep.actions_discrete[:length],
       "rewards": ep.rewards[:length],
       "reward_terms": ep.reward_terms[:length],
       "terminated": ep.terminated[:length],
       "truncated": ep.truncated[:length],
-      "cumulative_reward": np.concatenate([[0.0], np.cumsum(ep.rewards[:length - 1])]
-                                          ).astype(np.float32),
+      "death_screen": np.zeros(length, bool),
+      "frame": ep.frames[:length],
       **{name: np.asarray(value)[:length] for name, value in ep.extras.items()},
   }
-  frames = ep.frames[:length]
+  if died:  # the death screen's row: no action, no reward, no episode end
+    screen = {name: np.zeros_like(value[:1]) for name, value in steps.items()}
+    screen["actions_discrete"] = np.full_like(steps["actions_discrete"][:1],
+                                              game.CARDS_PER_MENU)
+    screen["death_screen"] = np.ones(1, bool)
+    screen.update({name: np.asarray(value)[None] for name, value in ep.end_extras.items()})
+    screen["frame"] = ep.end_frame[None]
+    screen["menu_open"] = np.zeros(1, bool)  # the death screen covers the menu
+    steps = {name: np.concatenate([value, screen[name]]) for name, value in steps.items()}
+  frames = steps.pop("frame")
+  steps["cumulative_reward"] = np.concatenate([[0.0], np.cumsum(steps["rewards"][:-1])]
+                                              ).astype(np.float32)
   write_mp4(frames, video_path, fps)
-  write_ground_truth(truth, os.path.splitext(video_path)[0] + ".npz", fps, meta)
-  return {"length": length, "return": float(np.sum(truth["rewards"])),
-          "terminated": bool(truth["terminated"].any()),
-          "menu_frames": int(truth["menu_open"].sum()), "frame_size": list(frames.shape[1:3])}
+  write_ground_truth(steps, os.path.splitext(video_path)[0] + ".npz", fps, meta)
+  return {"length": length, "frames": len(frames), "return": float(np.sum(steps["rewards"])),
+          "terminated": died, "menu_frames": int(steps["menu_open"].sum()),
+          "frame_size": list(frames.shape[1:3])}

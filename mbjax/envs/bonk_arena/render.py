@@ -12,7 +12,10 @@ Screen layout (S = pixel_size, u = max(1, S // 64)): the arena fills the frame (
 arena_size / S world units) with a u-pixel wall border; the top 2u rows hold the health bar
 (green) and the next 2u rows the XP bar (blue); while the level-up menu is open three card
 boxes (white border, filled with the card's colour from `CARD_COLOURS`, left to right as in
-the menu branch) cover the middle quarter of the frame.
+the menu branch) cover the middle quarter of the frame. A dead player's state (health 0, the
+state a killing hit leaves: the episode's terminal state) is drawn as a death screen, as a
+game shows one: the arena in shades of red only, crossed by a full-width band in the menu
+border's colour (`DEATH_BAND`), the health bar empty.
 
 Options (all off by default; the default frame is unchanged by them):
 - `camera="follow"`: the view is centred on the player and shows `view_fraction` of the
@@ -94,11 +97,18 @@ PALETTES = {
 CAMERAS = ("fixed", "follow")
 GRID = 2.0  # world units between floor grid lines (follow camera)
 HUD_BITS = 6  # binary digits per card kind in the upgrade HUD (counts up to 63)
+DEATH_BAND = (7 / 16, 9 / 16)  # rows of the death screen's band, as fractions of the side
 
 
 def _packed(priority: int, rgb) -> int:
   r, g, b = (int(c) for c in rgb)
   return (priority << 24) | (r << 16) | (g << 8) | b
+
+
+def _death_tint(packed: jax.Array) -> jax.Array:
+  """Packed colours → the same priority, red only at the colour's mean brightness."""
+  grey = (((packed >> 16) & 0xFF) + ((packed >> 8) & 0xFF) + (packed & 0xFF)) // 3
+  return ((packed >> 24) << 24) | (jnp.maximum(grey, 40) << 16)
 
 
 def _square(half_lo: int, half_hi: int) -> np.ndarray:
@@ -251,6 +261,10 @@ class Renderer:
         boxes == 1, offered[1], jnp.where(
             boxes == 2, offered[2], _packed(MENU, c["menu_border"]))))
     canvas = jnp.where(state.menu_open & (boxes >= 0), box_colour, canvas).reshape(s, s)
+    band = (jnp.arange(s) >= int(DEATH_BAND[0] * s)) & (jnp.arange(s) < int(DEATH_BAND[1] * s))
+    death_screen = jnp.where(band[:, None], _packed(MENU, c["menu_border"]),
+                             _death_tint(canvas))
+    canvas = jnp.where(state.health <= 0.0, death_screen, canvas)
 
     # HUD: health and XP bars across the top rows.
     cols = jnp.arange(s, dtype=jnp.float32) + 0.5

@@ -41,6 +41,10 @@ class Episode:
   valid: jax.Array  # bool[T], True up to and including the last step of the episode
   # Per-step outputs of `play_episode`'s `record_fn` (empty without one).
   extras: dict = flax.struct.field(default_factory=dict)
+  # The state the episode ended in (the terminal state of a death, drawn as the death
+  # screen): its frame (uint8[S, S, 3], or [0]) and `record_fn(end, end)` (empty without one).
+  end_frame: jax.Array = flax.struct.field(default_factory=lambda: jnp.zeros((0,), jnp.uint8))
+  end_extras: dict = flax.struct.field(default_factory=dict)
 
 
 def _num_steps(params: EnvParams, num_steps: int | None) -> int:
@@ -62,8 +66,9 @@ def play_episode(env: BonkArena, params: EnvParams, policy_fn, key: jax.Array,
   `initial_carry(batch)` and `step(carry, obs [1, ...], is_first [1], mask [1, M], key) ->
   (carry, action [1, ...])`, such as a trained agent's `mbjax.train.evaluate.Policy`.
   `record_fn(state, next_state)`, if given, returns a dict of arrays recorded per step into
-  `Episode.extras` (`state` is what frame t shows, `next_state` the result of action t).
-  Pure; under jit, `env`, `policy_fn`, `with_frames`, `num_steps` and `record_fn` are static.
+  `Episode.extras` (`state` is what frame t shows, `next_state` the result of action t);
+  with frames or a `record_fn`, the state the episode ended in is drawn and recorded too
+  (`Episode.end_frame`, `end_extras`). Pure; under jit, `env`, `policy_fn`, `with_frames`, `num_steps` and `record_fn` are static.
   """
   reset_key, key = jax.random.split(key)
   obs, state = env.reset(reset_key, params)
@@ -76,8 +81,10 @@ def play_episode(env: BonkArena, params: EnvParams, policy_fn, key: jax.Array,
                                           key)
     return policy_carry, jax.tree.map(lambda x: x[0], action)
 
+  track_end = with_frames or record_fn is not None
+
   def body(carry, t):
-    obs, state, policy_carry, key, done = carry
+    obs, state, policy_carry, key, done, end_state = carry
     key, act_key, step_key = jax.random.split(key, 3)
     frame = env.render(state, params) if with_frames else jnp.zeros((0,), jnp.uint8)
     policy_carry, action = act(policy_carry, obs, env.action_mask(state, params), t == 0,
@@ -87,11 +94,21 @@ def play_episode(env: BonkArena, params: EnvParams, policy_fn, key: jax.Array,
     extras = {} if record_fn is None else record_fn(state, next_state)
     out = Episode(frame, action.continuous, action.discrete, reward, info["reward_terms"],
                   terminated, truncated, ~done, extras)
-    return (obs, next_state, policy_carry, key, done | terminated | truncated), out
+    ends_now = ~done & (terminated | truncated)
+    if track_end:
+      end_state = jax.tree.map(lambda a, b: jnp.where(ends_now, a, b), next_state, end_state)
+    return (obs, next_state, policy_carry, key, done | ends_now, end_state), out
 
   policy_carry = policy_fn.initial_carry(1) if stateful else ()
-  _, episode = jax.lax.scan(body, (obs, state, policy_carry, key, jnp.zeros((), bool)),
-                            jnp.arange(_num_steps(params, num_steps)))
+  end_state = state if track_end else ()
+  carry, episode = jax.lax.scan(
+      body, (obs, state, policy_carry, key, jnp.zeros((), bool), end_state),
+      jnp.arange(_num_steps(params, num_steps)))
+  end_state = carry[-1]
+  if with_frames:
+    episode = episode.replace(end_frame=env.render(end_state, params))
+  if record_fn is not None:
+    episode = episode.replace(end_extras=record_fn(end_state, end_state))
   return episode
 
 

@@ -29,7 +29,7 @@ def ground_truth(ws: Workspace, cfg) -> dict:
       seed=cfg.seed, menu_pick_prob=gt.menu_pick_prob, atari_games=tuple(gt.atari_games),
       atari_clips=gt.atari_clips, atari_steps=gt.atari_steps)
   index = ground_truth_lib.record_dataset(ws.videos, settings, progress=logging.info)
-  return {"episodes": len(index), "frames": sum(e["length"] for e in index.values()),
+  return {"episodes": len(index), "frames": sum(e["frames"] for e in index.values()),
           "video_dir": ws.videos}
 
 
