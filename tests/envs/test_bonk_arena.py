@@ -335,6 +335,10 @@ def test_a_dead_player_is_drawn_as_the_death_screen():
   assert dead[8, 8, 0] == (220 + 50 + 50) // 3 and dead[30, 30, 0] == 255
   assert dead[20, 20, 0] == 40  # the dark floor (mean 32) is lifted to 40
   assert (alive[8, 8] == [220, 50, 50]).all() and (alive[28:36] != 255).any()
+  from mbjax.envs.bonk_arena import render
+  desert = jax.jit(render.Renderer(64, palette="desert").__call__)
+  dead_desert = np.asarray(desert(state.replace(health=jnp.float32(-0.01)), PARAMS))
+  assert (dead_desert[28:36] == 255).all() and (dead_desert[4:28, ..., 1:] == 0).all()
 
 
 def test_pixel_observations_are_the_render():

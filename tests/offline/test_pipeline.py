@@ -209,3 +209,24 @@ def test_rerun_resumes_and_skips_a_corrupt_chunk(finished_run, tmp_path):
   assert os.path.basename(victim) in record["idm_label"]["skipped"]
   for path, actions in before.items():
     assert chunks.read_chunk(path)["actions"].shape == actions.shape
+
+
+def test_a_saved_model_with_other_settings_is_named_not_silently_kept(tmp_path):
+  import dataclasses
+
+  from mbjax.offline.pipeline import config as config_lib
+  from mbjax.offline.pipeline.models import DEATH
+  from mbjax.offline.pipeline.workspace import Workspace, save_model
+
+  cfg = video_pretrain.get_config("debug")
+  ws = Workspace(str(tmp_path), cfg)
+  save_model(ws.model_dir("death"), jax.device_get(DEATH.fresh(cfg)),
+             {"death": dataclasses.asdict(config_lib.death_config(cfg))})
+  assert DEATH.changed_settings(ws, cfg) == {}
+  DEATH.load(ws, cfg)
+  cfg.death.pool = "mean"  # another net: its parameters have other shapes
+  assert DEATH.changed_settings(ws, cfg) == {"pool": ("flatten", "mean")}
+  assert DEATH.train(ws, cfg, fit=None)["changed_settings"] == {"pool": ("flatten", "mean")}
+  with pytest.raises(ValueError, match=r"models/death does not fit .*'pool': \('flatten', "
+                                       r"'mean'\).*remove it to retrain"):
+    DEATH.load(ws, cfg)

@@ -14,8 +14,8 @@ arena_size / S world units) with a u-pixel wall border; the top 2u rows hold the
 boxes (white border, filled with the card's colour from `CARD_COLOURS`, left to right as in
 the menu branch) cover the middle quarter of the frame. A dead player's state (health 0, the
 state a killing hit leaves: the episode's terminal state) is drawn as a death screen, as a
-game shows one: the arena in shades of red only, crossed by a full-width band in the menu
-border's colour (`DEATH_BAND`), the health bar empty.
+game shows one, the same in every palette: the arena in shades of red only, crossed by a
+white full-width band (`DEATH_BAND`), the health bar empty.
 
 Options (all off by default; the default frame is unchanged by them):
 - `camera="follow"`: the view is centred on the player and shows `view_fraction` of the
@@ -262,7 +262,7 @@ class Renderer:
             boxes == 2, offered[2], _packed(MENU, c["menu_border"]))))
     canvas = jnp.where(state.menu_open & (boxes >= 0), box_colour, canvas).reshape(s, s)
     band = (jnp.arange(s) >= int(DEATH_BAND[0] * s)) & (jnp.arange(s) < int(DEATH_BAND[1] * s))
-    death_screen = jnp.where(band[:, None], _packed(MENU, c["menu_border"]),
+    death_screen = jnp.where(band[:, None], _packed(MENU, (255, 255, 255)),
                              _death_tint(canvas))
     canvas = jnp.where(state.health <= 0.0, death_screen, canvas)
 

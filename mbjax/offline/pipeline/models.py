@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import json
 import os
 import time
 from typing import Any, Callable, NamedTuple, Sequence
@@ -34,8 +35,8 @@ from mbjax.offline.pipeline.config import action_spec, frame_shape
 from mbjax.offline.pipeline.workspace import (LABELLED, Skipped, Workspace, episodes_of,
                                               format_metrics, load_model, model_exists,
                                               pack_actions, readable_chunks, save_model,
-                                              source_look, truth_meta, unpack_actions,
-                                              update_meta)
+                                              saved_model_config, source_look, truth_meta,
+                                              unpack_actions, update_meta)
 from mbjax.train import sharding
 
 # Initialisers run once: one jitted program each, compiled for compile speed.
@@ -60,14 +61,30 @@ class ChunkModel(NamedTuple):
   name: str
   # cfg → the saved pytree of a fresh model (only its shape is used: traced, never run).
   fresh: Callable[[ml_collections.ConfigDict], Any]
+  # cfg → the model's hyperparameters (a dataclass, saved as `config.json`'s `<name>`).
+  hyperparameters: Callable[[ml_collections.ConfigDict], Any]
+
+  def changed_settings(self, ws: Workspace, cfg) -> dict:
+    """{field: (saved value, configured value)} where the saved model's hyperparameters
+    differ from the config's."""
+    saved = saved_model_config(ws.model_dir(self.name)).get(self.name, {})
+    current = json.loads(json.dumps(dataclasses.asdict(self.hyperparameters(cfg)),
+                                    default=str))
+    return {k: (saved.get(k), v) for k, v in current.items() if saved.get(k) != v}
 
   def train(self, ws: Workspace, cfg,
             fit: Callable[[jax.sharding.Sharding], tuple[Any, dict, dict]]) -> dict:
-    """The training phase: nothing to do when the model is saved; otherwise
+    """The training phase: nothing to do when the model is saved (a warning names the
+    settings it was trained with that the config now changes); otherwise
     `fit(data_sharding)` → (pytree to save, its config, info), saved under its id."""
     directory = ws.model_dir(self.name)
     if model_exists(directory):
-      return {"model": directory, "resumed": "already trained"}
+      changed = self.changed_settings(ws, cfg)
+      if changed:
+        logging.warning("%s was trained with other settings %s (saved, configured); it is "
+                        "kept: remove it to retrain", directory, changed)
+      return {"model": directory, "resumed": "already trained",
+              **({"changed_settings": changed} if changed else {})}
     # Before any data is read: a batch that does not split over the devices fails at once.
     data_sharding = sharding.batch_sharding(config_lib.mesh(cfg), cfg[self.name].batch,
                                             f"{self.name}.batch")
@@ -85,8 +102,13 @@ class ChunkModel(NamedTuple):
 
   def load(self, ws: Workspace, cfg) -> tuple[Any, str]:
     """(saved pytree, model id) of the trained model."""
-    saved, saved_config = load_model(ws.model_dir(self.name),
-                                     jax.eval_shape(lambda: self.fresh(cfg)))
+    directory = ws.model_dir(self.name)
+    try:
+      saved, saved_config = load_model(directory, jax.eval_shape(lambda: self.fresh(cfg)))
+    except ValueError as e:  # orbax: the saved arrays do not have the configured shapes
+      raise ValueError(f"{directory} does not fit the configured {self.name} model (saved, "
+                       f"configured: {self.changed_settings(ws, cfg)}); remove it to retrain "
+                       f"with these settings, or configure the saved ones") from e
     return saved, saved_config["model_id"]
 
   def label(self, ws: Workspace, cfg, units: dict[str, list[str]], model_id: str,
@@ -138,7 +160,7 @@ def _each_chunk(ws: Workspace) -> dict[str, list[str]]:
 
 IDM = ChunkModel("idm", lambda cfg: idm_training.init(
     jax.random.PRNGKey(0), config_lib.idm_config(cfg), frame_shape(cfg), action_spec(cfg)
-).params)
+).params, config_lib.idm_config)
 
 
 def _labelled_episodes(ws: Workspace, spec: HybridActionSpec, skipped: Skipped):
@@ -258,7 +280,7 @@ def training_split(ws: Workspace, cfg, skipped: Skipped):
 
 BC = ChunkModel("bc", lambda cfg: bc_lib.init(
     jax.random.PRNGKey(0), config_lib.bc_config(cfg), action_spec(cfg), frame_shape(cfg)
-).params)
+).params, config_lib.bc_config)
 
 
 def bc_train(ws: Workspace, cfg) -> dict:
@@ -298,7 +320,8 @@ def bc_train(ws: Workspace, cfg) -> dict:
 # -- end-of-life classifier -----------------------------------------------------------------
 
 DEATH = ChunkModel("death", lambda cfg: deaths_lib.init(
-    jax.random.PRNGKey(0), config_lib.death_config(cfg), frame_shape(cfg)).params)
+    jax.random.PRNGKey(0), config_lib.death_config(cfg), frame_shape(cfg)).params,
+                   config_lib.death_config)
 
 
 def death_train(ws: Workspace, cfg) -> dict:
@@ -364,7 +387,8 @@ def chunk_lives(arrays: dict) -> list[tuple[np.ndarray, bool]]:
 # -- reward model ---------------------------------------------------------------------------
 
 REWARD = ChunkModel("reward", lambda cfg: reward_lib.init(
-    jax.random.PRNGKey(0), config_lib.reward_config(cfg), frame_shape(cfg)).params)
+    jax.random.PRNGKey(0), config_lib.reward_config(cfg), frame_shape(cfg)).params,
+                    config_lib.reward_config)
 
 
 def reward_train(ws: Workspace, cfg) -> dict:
@@ -430,7 +454,8 @@ def _skills_saved(state) -> dict:
 
 
 SKILLS = ChunkModel("skills", lambda cfg: _skills_saved(skills_lib.init(
-    jax.random.PRNGKey(0), config_lib.skill_config(cfg), action_spec(cfg))))
+    jax.random.PRNGKey(0), config_lib.skill_config(cfg), action_spec(cfg))),
+                    config_lib.skill_config)
 
 
 def _chunk_actions(path: str, arrays: dict, spec: HybridActionSpec):
