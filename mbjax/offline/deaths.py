@@ -12,8 +12,9 @@ a death is shown for at the end of a video (1 for BonkArena's recordings; withou
 screen, the last few frames before a death share at most an empty health bar and an enemy
 on the player, docs/experiments/2026-12-06-deaths-and-video-reward.md).
 
-Net: the IDM's `FrameEncoder` (flatten pooling by default: a HUD is read where it is drawn)
-→ dense → logit. Training batches hold `positive_fraction` end frames (they are rare: 1 of
+Net: the IDM's `FrameEncoder` (mean pooling by default: a death screen covers the frame, and
+a position-invariant net cannot learn where the few dying training videos' other sprites
+were; "flatten" reads a HUD element where it is drawn) → dense → logit. Training batches hold `positive_fraction` end frames (they are rare: 1 of
 ~1,000 per video), the rest drawn uniformly from the other frames; the loss is the sigmoid
 cross-entropy. With a few dozen dying videos the classifier readily keys on what else those
 frames share (a palette, an early-game look), so training frames get their colour channels
@@ -57,7 +58,7 @@ class DeathConfig:
   stem: int = 8  # space-to-depth block of the first layer
   channels: tuple[int, ...] = (32, 64, 64)  # stem width, then one 3×3/2 conv per entry
   embed_dim: int = 128
-  pool: str = "flatten"  # where a HUD element is drawn matters
+  pool: str = "mean"  # "flatten" if where something is drawn matters
   end_frames: int = 1  # the last frames of a video that count as its end (its death screen)
   positive_fraction: float = 0.25  # share of each training batch drawn from end frames
   threshold: float = 0.9  # probability at which a frame ends a life
