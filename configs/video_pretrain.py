@@ -23,10 +23,11 @@ accuracy 0.992 on menu frames (0.997 on all), movement R² 0.913 on the frames w
 visible (fixed camera 0.88, following 0.95); reward-model Spearman 0.830 against true
 progress on the 8 held-out BonkArena episodes; skill perplexity 144 (249 of 256 codes used);
 the offline dream policy returns −29.8 in BonkArena (random play −6.7). IDM training 4,000
-steps takes ~28 min of the run. Deaths and the video reward against the game's (measured
-2026-12-06 with 72 episodes, BENCHMARKS.md): 4 of 9 held-out deaths found, 0.07% false
-terminals per frame; video vs true return Spearman −0.02 over 15-step windows and 0.21 per
-episode (−0.21 / −0.48 with `reward.death_window=0`, the clock upstream used).
+steps takes ~28 min of the run. Deaths and the video reward against the game's (72 episodes,
+BENCHMARKS.md): with the death screen, 11 of 11 held-out deaths found and no false terminal
+in each of seeds 0 and 1 (2026-12-07); video vs true return Spearman −0.02 over 15-step
+windows and 0.21 per episode (2026-12-06, before the death screen; −0.21 / −0.48 with
+`reward.death_window=0`, the clock upstream used).
 
 Behaviour cloning from video (BENCHMARKS.md, "Behaviour cloning from video"): 96 scripted
 episodes, cloned from the IDM's labels and played in BonkArena drawn like the videos:
