@@ -68,7 +68,8 @@ def play_episode(env: BonkArena, params: EnvParams, policy_fn, key: jax.Array,
   `record_fn(state, next_state)`, if given, returns a dict of arrays recorded per step into
   `Episode.extras` (`state` is what frame t shows, `next_state` the result of action t);
   with frames or a `record_fn`, the state the episode ended in is drawn and recorded too
-  (`Episode.end_frame`, `end_extras`). Pure; under jit, `env`, `policy_fn`, `with_frames`, `num_steps` and `record_fn` are static.
+  (`Episode.end_frame`, `end_extras`). Pure; under jit, `env`, `policy_fn`, `with_frames`,
+  `num_steps` and `record_fn` are static.
   """
   reset_key, key = jax.random.split(key)
   obs, state = env.reset(reset_key, params)
