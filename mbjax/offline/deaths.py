@@ -17,12 +17,13 @@ a position-invariant net cannot learn where the few dying training videos' other
 were; "flatten" reads a HUD element where it is drawn) → dense → logit. Training batches
 hold `positive_fraction` end frames (they are rare: 1 of ~1,000 per video), the rest drawn
 uniformly from the other frames; the loss is the sigmoid cross-entropy. With a few dozen
-dying videos the classifier readily keys on what else those frames share (a palette, an early-game look), so training frames get their colour channels
-shuffled and their brightness scaled (`augment`). `terminals_from_probs` turns per-frame
-probabilities into terminal flags: each run of frames at or above `threshold` ends a life at
-its last frame, so a death shown for several frames is marked once, at the last frame of the
-life's video (BonkArena: the death screen, one frame after the step whose action ended the
-episode, `terminated[t]` in the recordings' layout).
+dying videos the classifier readily keys on what else those frames share (a palette, an
+early-game look), so training frames get their colour channels shuffled and their brightness
+scaled (`augment`). `terminals_from_probs` turns per-frame probabilities into terminal
+flags: each run of frames at or above `threshold` ends a life at its last frame, so a death
+shown for several frames is marked once, at the last frame of the life's video (BonkArena:
+the death screen, one frame after the step whose action ended the episode, `terminated[t]`
+in the recordings' layout).
 
 API (`DeathConfig` is hashable and a static field of `DeathState`):
   init(key, cfg, frame_shape) -> DeathState
