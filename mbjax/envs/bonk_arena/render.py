@@ -171,6 +171,8 @@ class Renderer:
       boxes[top:bottom, left:left + width] = 3
       boxes[top + u:bottom - u, left + u:left + width - u] = b
     self.menu_boxes = boxes.reshape(-1)
+    rows = np.arange(s)
+    self.death_band = (rows >= int(DEATH_BAND[0] * s)) & (rows < int(DEATH_BAND[1] * s))
 
     # Upgrade HUD columns: card kind per column (-1: none), and what the column shows:
     # -1 the marker, -2 blank, else the binary digit's weight.
@@ -261,8 +263,8 @@ class Renderer:
         boxes == 1, offered[1], jnp.where(
             boxes == 2, offered[2], _packed(MENU, c["menu_border"]))))
     canvas = jnp.where(state.menu_open & (boxes >= 0), box_colour, canvas).reshape(s, s)
-    band = (jnp.arange(s) >= int(DEATH_BAND[0] * s)) & (jnp.arange(s) < int(DEATH_BAND[1] * s))
-    death_screen = jnp.where(band[:, None], _packed(MENU, (255, 255, 255)),
+    death_screen = jnp.where(jnp.asarray(self.death_band)[:, None],
+                             _packed(MENU, (255, 255, 255)),
                              _death_tint(canvas))
     canvas = jnp.where(state.health <= 0.0, death_screen, canvas)
 
