@@ -8,7 +8,8 @@ moves, a random card in level-up menus, a click to restart after a run).
 Chunk format (the offline pipeline's, `upstream_learning.md` §6.1 plus the labelled keys):
 `observations` uint8 [T, H, W, 3] (top row first), `actions` f32 [T, 6] = (move x, move y,
 fire, ability, interact, ui_click), `click_norm` f32 [T, 2] (top-left origin, [0, 1]),
-`rewards` f32 [T] (`shim.reward`), `dones` bool [T] (end of a run; the last frame of every
+`rewards` f32 [T] (`shim.reward`) and the same in `game_rewards` (the game's own reward,
+which the pipeline's reward labelling never overwrites), `dones` bool [T] (end of a run; the last frame of every
 chunk is True, as upstream forces), `video_source` 0-d str, `meta` 0-d JSON str (episode_id,
 chunk_index, action_labeling, reward_labeling, fps, frame_size). Files are
 `bonklink_{port}_chunk{NNNN}.npz`, written atomically (tmp + rename), compressed.
@@ -121,7 +122,8 @@ class Recorder:
     path = os.path.join(self.out_dir, f"bonklink_{self.client.address[1]}_chunk{index:04d}.npz")
     _write_chunk(path, dict(
         observations=np.stack(frames).astype(np.uint8), actions=np.stack(actions),
-        click_norm=np.stack(clicks), rewards=np.asarray(rewards, np.float32), dones=dones,
+        click_norm=np.stack(clicks), rewards=np.asarray(rewards, np.float32),
+        game_rewards=np.asarray(rewards, np.float32), dones=dones,
         video_source=np.asarray(f"bonklink://{self.client.address[0]}:{self.client.address[1]}"),
         meta=np.asarray(json.dumps(meta))))
     self.paths.append(path)

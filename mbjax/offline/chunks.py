@@ -13,6 +13,7 @@ Layout (the upstream MetaBonk keys and dtypes, so upstream tools read our chunks
 | proxy_actions   | float32 [T, A]       | upstream optical-flow proxy (import only)           |
 | actions         | float32 [T, A]       | IDM labelling                                       |
 | rewards         | float32 [T]          | reward labelling: (s[t+1] − s[t]) · scale           |
+| game_rewards    | float32 [T]          | the game's own reward, where a recording carried it |
 | progress_scores | float32 [T]          | reward labelling: s[t]                              |
 | skill_tokens    | int32 [T]            | skill labelling (−1 = not covered)                  |
 | audio_tokens    | int32 [T]            | upstream audio labelling (import only)              |
@@ -309,6 +310,15 @@ def read_chunk(path: str, keys: tuple[str, ...] | None = None, validate: bool = 
   if validate and keys is None:
     validate_chunk(arrays, path)
   return arrays
+
+
+def chunk_keys(path: str) -> tuple[str, ...]:
+  """The keys a chunk holds, reading only its zip directory."""
+  try:
+    with np.load(path, allow_pickle=False) as npz:
+      return tuple(npz.files)
+  except (OSError, EOFError, ValueError, zipfile.BadZipFile) as e:
+    raise ChunkError(f"{path}: not a readable .npz chunk ({type(e).__name__}: {e})") from None
 
 
 def read_meta(path: str) -> dict:

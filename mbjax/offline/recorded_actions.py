@@ -5,8 +5,10 @@ chunk's `actions` / `actions_valid` in the layout `idm_train` reads.
 A recording holds one step per video frame (step t is frame t, as
 `mbjax/envs/bonk_arena/recording.py` and `experiments/record_arena.py` write it):
 `actions_continuous` f32[T, C], `actions_discrete` int[T, K] (or int[T] for one branch), and
-optionally `fps` (must be the video's frame rate) and `menu_open` bool[T] (frames whose move
-is not visible: the continuous label is marked invalid there). Every check raises
+optionally `fps` (must be the video's frame rate), `menu_open` bool[T] (frames whose move
+is not visible: the continuous label is marked invalid there) and `rewards` f32[T] (the
+game's reward of each step: copied to the chunk's `game_rewards`, what the reward model's
+"returns" objective learns from). Every check raises
 `chunks.ChunkError` naming the file and what was expected. `label_chunks` (the library
 side of `experiments/label_chunks.py`) reads and writes the files.
 """
@@ -50,6 +52,14 @@ def check_recording(recording: Mapping[str, np.ndarray], spec: HybridActionSpec,
   if "menu_open" in recording and recording["menu_open"].shape != (steps,):
     raise chunks_lib.ChunkError(f"{name}: menu_open: expected bool [{steps}], got "
                                 f"{list(recording['menu_open'].shape)}")
+  if "rewards" in recording:
+    rewards = recording["rewards"]
+    if rewards.dtype.kind != "f" or rewards.shape != (steps,):
+      raise chunks_lib.ChunkError(f"{name}: rewards: expected float [{steps}], got "
+                                  f"{rewards.dtype}{list(rewards.shape)}")
+    if not np.all(np.isfinite(rewards)):
+      raise chunks_lib.ChunkError(f"{name}: rewards: {int(np.sum(~np.isfinite(rewards)))} "
+                                  "non-finite values; expected the game's finite reward")
   if steps == 0:
     raise chunks_lib.ChunkError(f"{name}: the recording has no step")
   return steps
@@ -91,16 +101,19 @@ def steps_for_chunk(meta: Mapping, length: int, steps: int, recording_fps: float
 
 
 def chunk_labels(at_frames: Mapping[str, np.ndarray], spec: HybridActionSpec) -> dict:
-  """A chunk's `actions` f32[T, C + Σn] (the applied move, then one-hot choices) and
-  `actions_valid` bool[T, 2] ([continuous, discrete] visible) from the recording's fields
-  taken at the chunk's frames."""
+  """A chunk's `actions` f32[T, C + Σn] (the applied move, then one-hot choices),
+  `actions_valid` bool[T, 2] ([continuous, discrete] visible) and, when the recording has
+  them, `game_rewards` f32[T], from the recording's fields taken at the chunk's frames."""
   length = len(at_frames["actions_continuous"])
   discrete = np.asarray(at_frames["actions_discrete"]).reshape(length, -1)
   actions = pack_actions(idm_training.norm_clipped(at_frames["actions_continuous"]),
                          [one_hot(discrete[:, b], n) for b, n in enumerate(spec.branches)])
   move_visible = ~np.asarray(at_frames.get("menu_open", np.zeros(length, bool)), bool)
-  return {"actions": actions,
-          "actions_valid": np.stack([move_visible, np.ones(length, bool)], -1)}
+  labels = {"actions": actions,
+            "actions_valid": np.stack([move_visible, np.ones(length, bool)], -1)}
+  if "rewards" in at_frames:
+    labels["game_rewards"] = np.asarray(at_frames["rewards"], np.float32)
+  return labels
 
 
 def read_recording(path: str) -> dict:
@@ -157,7 +170,7 @@ def video_frames(chunk_dir: str, video: str) -> int | None:
 def label_chunks(arguments: list[str], recording_path: str, spec: HybridActionSpec,
                  video: str | None = None, compression: str = chunks_lib.DEFAULT_COMPRESSION
                  ) -> list[str]:
-  """Writes the recording's actions into the chunks of its video among `arguments`
+  """Writes the recording's actions (and rewards) into the chunks of its video among `arguments`
   (`chunks_of_video`; `video` defaults to `recording_path`'s name) with meta
   action_labeling "human"; returns their paths. The recording must have a step per frame of
   the video (`video_frames`, or else what `steps_for_chunk` can check); every chunk is

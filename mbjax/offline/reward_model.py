@@ -1,20 +1,28 @@
-"""Reward from video: a progress model (Bradley–Terry over frame pairs) that resets on death.
+"""Reward from video: a per-frame score f(x) whose change is the reward,
+`rewards[t] = (f(x[t+1]) − f(x[t])) · scale`, trained with one of two objectives
+(`RewardConfig.objective`):
 
-A per-frame score f(x) is trained so that, for a pair (worse, better),
-P(better ranks above worse) = σ(f(x_better) − f(x_worse)) (Bradley & Terry 1952). Two kinds
-of pair:
-- progress (upstream MetaBonk's time-contrastive "later is better"): frames i < j of one
-  life (an episode, chunk or the part of one between deaths), at least `min_gap` frames
-  apart, uniform over such pairs;
-- death (`death_window` > 0, `death_fraction` of each batch): in a life that ended in a
-  death (`mbjax.offline.deaths` finds them in video), a frame among its last
-  `death_window` ranks *below* an earlier frame of the same life, and progress pairs never
-  reach into that window.
-Progress alone is a clock: whatever drifts with time is paid for, health lost and walls
-reached included, and an episode's return telescopes to f(end) − f(start) whether the
-player died or not. The death pairs make the frames that lead to a death the worst of
-their life, so a life that ends in a death ends at its lowest score. Scoring a video gives `progress`
-f32[T], and `rewards_from_progress` turns it into per-step rewards.
+- "returns" (the default): where some videos carry the game's own per-step reward (a
+  labelled subset, as the IDM's actions: recordings made through the bridge or with
+  `experiments/label_chunks.py`, the ground truth's `attach_labels`; the chunk key
+  `game_rewards`), f is regressed so that f(x[t+k]) − f(x[t]) equals the game's return over
+  those k steps, k uniform in 1…`return_gap` (Huber loss). f is a potential of what the
+  frames show (a HUD's health, XP, level): the reward it gives has no drift, a video's
+  return is f(end) − f(start), and the labelled 10% teaches it what the other 90% shows.
+  Pairs get the same colour shuffle and brightness (`augment`) so a palette cannot stand in
+  for the HUD.
+- "progress" (upstream MetaBonk's, label-free): Bradley–Terry ranking,
+  P(better ranks above worse) = σ(f(x_better) − f(x_worse)) (Bradley & Terry 1952), over
+  - progress pairs, "later is better": frames i < j of one life (an episode, chunk or the
+    part of one between deaths), at least `min_gap` frames apart, uniform over such pairs;
+  - death pairs (`death_window` > 0, `death_fraction` of each batch): in a life that ended
+    in a death (`mbjax.offline.deaths` finds them in video), a frame among its last
+    `death_window` ranks *below* an earlier frame of the same life, and progress pairs
+    never reach into that window.
+  Progress alone is a clock: whatever drifts with time is paid for, health lost and walls
+  reached included; with the death pairs a life that ends in a death ends at its lowest
+  score, but neither orders windows or episodes by the game's reward (BonkArena, held out:
+  Spearman −0.02 over 15-step windows, 0.21 per episode; BENCHMARKS.md).
 
 Network: the IDM's `FrameEncoder` (space-to-depth stem, strided 3×3 convolutions, dense,
 layer norm) → embedding z (the observation embedding the episode export may use) → score =
@@ -22,12 +30,13 @@ dense(tanh(z)), upstream's head. uint8 frames are converted inside the jit.
 
 API (`RewardConfig` is hashable and a static field of `RewardState`):
   init(key, cfg, frame_shape) -> RewardState
-  update(state, pairs u8[B, 2, H, W, 3]) -> (state, metrics)   [:, 0] worse, [:, 1] better
+  update(state, pairs u8[B, 2, H, W, 3], returns f32[B] | None) -> (state, metrics)
+    progress: [:, 0] ranks below [:, 1]; returns: the game's return from [:, 0] to [:, 1]
   score(params, cfg, frames u8[T, H, W, 3]) -> progress f32[T]   (fixed jitted pieces)
   embed(params, cfg, frames) -> (z f32[T, D], progress f32[T])
   rewards_from_progress(progress, scale) -> rewards f32[T]
-  sample_pairs / sample_death_pairs / sample_training_pairs / fit: host-side pair sampling
-    and a training loop.
+  sample_pairs / sample_death_pairs / sample_training_pairs / sample_return_pairs /
+    augment_pairs / fit: host-side pair sampling, augmentation and a training loop.
   spearman(a, b): rank correlation, for evaluating progress against the truth.
 
 Reward alignment: `rewards[t] = (progress[t+1] − progress[t]) · scale` and the last reward
@@ -52,23 +61,38 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from mbjax.offline.idm import FrameEncoder
 
 
+OBJECTIVES = ("returns", "progress")
+
+
 @dataclasses.dataclass(frozen=True)
 class RewardConfig:
-  """Progress-model hyperparameters (hashable: a static jit argument)."""
+  """Reward-model hyperparameters (hashable: a static jit argument)."""
 
+  objective: str = "returns"  # "returns" (the game's reward, labelled subset) | "progress"
   stem: int = 8  # space-to-depth block of the first layer
   channels: tuple[int, ...] = (32, 64, 64)  # stem width, then one 3×3/2 conv per entry
   embed_dim: int = 256
   pool: str = "mean"  # "mean" (position-invariant) or "flatten"
+  return_gap: int = 16  # returns: the frames of a pair are 1…return_gap apart
+  huber_delta: float = 1.0  # returns: Huber loss threshold, in reward units
+  # Both frames of a pair get one channel permutation and one brightness factor.
+  augment: bool = True
   min_gap: int = 1  # frames between the two frames of a progress pair, at least
   death_window: int = 0  # last frames of a life ended by death that rank below its past
   death_fraction: float = 0.5  # share of each batch that is death pairs (when any died)
   lr: float = 3e-4
+  lr_decay_steps: int = 0  # > 0: cosine decay of lr to 0 over this many updates
   weight_decay: float = 1e-4
   max_grad_norm: float = 1.0
   score_batch: int = 32  # frames per jitted scoring piece (fastest of 32/64/128 here)
 
   def __post_init__(self):
+    if self.objective not in OBJECTIVES:
+      raise ValueError(f"RewardConfig.objective must be one of {OBJECTIVES}, got "
+                       f"{self.objective!r}")
+    if self.return_gap < 1 or self.huber_delta <= 0:
+      raise ValueError(f"RewardConfig: return_gap must be >= 1 and huber_delta > 0, got "
+                       f"{self.return_gap}, {self.huber_delta}")
     if self.min_gap < 1:
       raise ValueError(f"RewardConfig.min_gap must be >= 1, got {self.min_gap}")
     if self.death_window < 0 or not 0.0 <= self.death_fraction < 1.0:
@@ -97,8 +121,9 @@ class RewardState:
 
 
 def make_optimizer(cfg: RewardConfig) -> optax.GradientTransformation:
+  lr = optax.cosine_decay_schedule(cfg.lr, cfg.lr_decay_steps) if cfg.lr_decay_steps else cfg.lr
   return optax.chain(optax.clip_by_global_norm(cfg.max_grad_norm),
-                     optax.adamw(cfg.lr, weight_decay=cfg.weight_decay))
+                     optax.adamw(lr, weight_decay=cfg.weight_decay))
 
 
 def init(key: jax.Array, cfg: RewardConfig, frame_shape: tuple[int, int, int]) -> RewardState:
@@ -113,12 +138,23 @@ def bradley_terry_loss(earlier: jax.Array, later: jax.Array) -> jax.Array:
   return jnp.mean(jax.nn.softplus(earlier - later))
 
 
-def loss(params, cfg: RewardConfig, pairs: jax.Array):
+def return_loss(predicted: jax.Array, returns: jax.Array, delta: float) -> jax.Array:
+  """Mean Huber loss of predicted against true returns (quadratic within `delta`)."""
+  return jnp.mean(optax.huber_loss(predicted, returns, delta=delta))
+
+
+def loss(params, cfg: RewardConfig, pairs: jax.Array, returns: jax.Array | None = None):
   b = pairs.shape[0]
   chex.assert_shape(pairs, (b, 2, None, None, 3))
   _, scores = ProgressNet(cfg).apply(params, pairs.reshape((2 * b,) + pairs.shape[2:]))
   scores = scores.reshape(b, 2)
   margin = scores[:, 1] - scores[:, 0]
+  if cfg.objective == "returns":
+    chex.assert_shape(returns, (b,))
+    return return_loss(margin, returns, cfg.huber_delta), {
+        "return_error": jnp.mean(jnp.abs(margin - returns)),
+        "return_mean": jnp.mean(returns),
+    }
   return bradley_terry_loss(scores[:, 0], scores[:, 1]), {
       "pair_accuracy": jnp.mean((margin > 0).astype(jnp.float32)),
       "margin": jnp.mean(margin),
@@ -126,10 +162,11 @@ def loss(params, cfg: RewardConfig, pairs: jax.Array):
 
 
 @functools.partial(jax.jit, donate_argnums=0)
-def update(state: RewardState, pairs: jax.Array):
-  """One AdamW step on pairs uint8[B, 2, H, W, 3] ([:, 0] ranks below [:, 1])."""
+def update(state: RewardState, pairs: jax.Array, returns: jax.Array | None = None):
+  """One AdamW step on pairs uint8[B, 2, H, W, 3]: "progress", [:, 0] ranks below [:, 1];
+  "returns", `returns` f32[B] is the game's return from frame [:, 0] to frame [:, 1]."""
   (value, metrics), grads = jax.value_and_grad(loss, has_aux=True)(state.params, state.cfg,
-                                                                   pairs)
+                                                                   pairs, returns)
   updates, opt_state = make_optimizer(state.cfg).update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   metrics = dict(metrics, loss=value, grad_norm=optax.tree.norm(grads))
@@ -233,24 +270,68 @@ def sample_training_pairs(rng: np.random.Generator, lengths: Sequence[int],
   return tuple(np.concatenate(column) for column in zip(*parts))
 
 
+def sample_return_pairs(rng: np.random.Generator, lengths: Sequence[int], batch: int,
+                        max_gap: int):
+  """Frame pairs for the "returns" objective → (episode i64[B], start i64[B], end i64[B]):
+  an episode drawn in proportion to its length − 1, a gap uniform over 1…min(max_gap,
+  length − 1), a start uniform over the frames that leave room for it."""
+  lengths = np.asarray(lengths, np.int64)
+  if not len(lengths) or lengths.max() < 2:
+    raise ValueError(f"need an episode of at least 2 frames (lengths {lengths.tolist()})")
+  steps = np.maximum(lengths - 1, 0)
+  episode = rng.choice(len(lengths), size=batch, p=steps / steps.sum())
+  widest = np.minimum(max_gap, steps[episode])
+  gap = 1 + (rng.random(batch) * widest).astype(np.int64)
+  start = (rng.random(batch) * (lengths[episode] - gap)).astype(np.int64)
+  return episode, start, start + gap
+
+
+def augment_pairs(rng: np.random.Generator, pairs: np.ndarray) -> np.ndarray:
+  """uint8[B, 2, H, W, 3] with each pair's channels permuted and scaled by one factor in
+  [0.7, 1.3] (clipped), the same for both of its frames."""
+  order = np.argsort(rng.random((len(pairs), 3)), axis=1)
+  shuffled = np.take_along_axis(pairs, order[:, None, None, None, :], axis=4)
+  scale = rng.uniform(0.7, 1.3, (len(pairs), 1, 1, 1, 1))
+  return np.clip(shuffled * scale, 0, 255).astype(np.uint8)
+
+
 def fit(state: RewardState, episodes: Sequence[np.ndarray], num_steps: int,
         rng: np.random.Generator, batch: int = 32, died: Sequence[bool] | None = None,
+        rewards: Sequence[np.ndarray] | None = None,
         log_fn: Callable[[int, dict], None] | None = None, log_every: int = 50,
         data_sharding: NamedSharding | None = None):
-  """`num_steps` updates on pairs from in-memory lives (uint8[T, H, W, 3] each; `died`:
-  which of them ended in a death, used when `death_window` > 0); returns (state, last
-  metrics as floats). `data_sharding` (`mbjax.train.sharding.batch_sharding`): each global
-  batch of `batch` pairs is split over its mesh and the state replicated there
-  (data-parallel, as `idm_training.fit`)."""
+  """`num_steps` updates on pairs from in-memory episodes (uint8[T, H, W, 3] each); returns
+  (state, last metrics as floats). "progress": the episodes are lives and `died` says which
+  of them ended in a death (used when `death_window` > 0); "returns": `rewards` f32[T] per
+  episode, the game's reward of each frame's step. `data_sharding`
+  (`mbjax.train.sharding.batch_sharding`): each global batch of `batch` pairs is split over
+  its mesh and the state replicated there (data-parallel, as `idm_training.fit`)."""
+  cfg = state.cfg
+  lengths = [e.shape[0] for e in episodes]
+  if cfg.objective == "returns":
+    if rewards is None or [len(r) for r in rewards] != lengths:
+      raise ValueError("fit: the returns objective needs `rewards`, one f32[T] per episode "
+                       f"of the same length (episodes {lengths}, rewards "
+                       f"{None if rewards is None else [len(r) for r in rewards]})")
+    # returns[k] = sum of rewards[:k]: a pair's return is one subtraction.
+    cumulative = [np.concatenate([[0.0], np.cumsum(r, dtype=np.float64)]) for r in rewards]
   if data_sharding is not None:
     state = jax.device_put(state, NamedSharding(data_sharding.mesh, P()))
-  lengths = [e.shape[0] for e in episodes]
   metrics = {}
   for step in range(num_steps):
-    ids, worse, better = sample_training_pairs(rng, lengths, died, batch, state.cfg)
+    if cfg.objective == "returns":
+      ids, first, second = sample_return_pairs(rng, lengths, batch, cfg.return_gap)
+      returns = np.array([cumulative[e][j] - cumulative[e][i]
+                          for e, i, j in zip(ids, first, second)], np.float32)
+      returns = jax.device_put(returns, data_sharding)
+    else:
+      ids, first, second = sample_training_pairs(rng, lengths, died, batch, cfg)
+      returns = None
     pairs = np.stack([np.stack([episodes[e][i], episodes[e][j]])
-                      for e, i, j in zip(ids, worse, better)])
-    state, metrics = update(state, jax.device_put(pairs, data_sharding))
+                      for e, i, j in zip(ids, first, second)])
+    if cfg.augment:
+      pairs = augment_pairs(rng, pairs)
+    state, metrics = update(state, jax.device_put(pairs, data_sharding), returns)
     if log_fn is not None and (step + 1) % log_every == 0:
       log_fn(step + 1, jax.tree.map(float, metrics))
   return state, jax.tree.map(float, metrics)

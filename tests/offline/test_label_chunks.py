@@ -80,6 +80,17 @@ def test_a_recording_labels_its_videos_chunks_and_idm_train_takes_them(converted
   assert info["chunks"] == 2 and info["frames"] == 2 * CHUNK
 
 
+def test_a_recording_s_rewards_become_its_chunks_game_rewards(converted):
+  root, cfg = converted
+  path = str(root / "videos" / "play_a.npz")
+  _recording(path, rewards=np.arange(FRAMES, dtype=np.float32) / 10)
+  labelled = recorded_actions.label_chunks([str(root / "work" / "chunks")], path,
+                                           config_lib.action_spec(cfg), compression="none")
+  for k, chunk in enumerate(sorted(labelled)):  # chunk k shows steps 10k … 10k + 9
+    np.testing.assert_allclose(chunks.read_chunk(chunk)["game_rewards"],
+                               (CHUNK * k + np.arange(CHUNK)) / 10)
+
+
 @pytest.mark.parametrize("fields, message", [
     ({"steps": FRAMES - 1}, "19 steps, but {video} has 20 frames (the manifest"),
     ({"steps": FRAMES + 3}, "23 steps, but {video} has 20 frames (the manifest"),
@@ -87,6 +98,9 @@ def test_a_recording_labels_its_videos_chunks_and_idm_train_takes_them(converted
     ({"actions_discrete": None}, "missing ['actions_discrete']; a recording needs"),
     ({"actions_discrete": np.full((FRAMES, 1), 4, np.int32)},
      "actions_discrete[:, 0] holds 4...4; branch 0 has choices 0..3"),
+    ({"rewards": np.zeros(FRAMES, np.int32)}, "rewards: expected float [20], got int32[20]"),
+    ({"rewards": np.where(np.arange(FRAMES) == 3, np.nan, 0).astype(np.float32)},
+     "rewards: 1 non-finite values; expected the game's finite reward"),
 ])
 def test_a_mismatched_recording_is_refused_naming_the_file_and_nothing_is_written(
     converted, tmp_path, fields, message):

@@ -9,14 +9,15 @@ Phases, in the order `all` runs them (upstream names accepted as aliases, `ALIAS
   ground_truth   record BonkArena episodes to MP4 + true per-frame `.npz` (only when
                  `config.ground_truth.enabled`: the validation set-up)
   convert        videos → `.npz` chunks (`mbjax.offline.video`)
-  attach_labels  copy the true actions into `ground_truth.label_fraction` of the chunks (the
-                 stand-in for a hand-labelled subset; ground-truth set-up only)
+  attach_labels  copy the true actions and rewards into `ground_truth.label_fraction` of the
+                 chunks (the stand-in for a labelled subset; ground-truth set-up only)
   idm_train      inverse dynamics model on the chunks that carry labels
   idm_label      `actions` for every unlabelled chunk
   bc_train       behaviour-cloned policy on the frames and actions of chosen videos
   death_train    end-of-life classifier on where the training videos end (no labels)
   death_label    `death_probs` and `terminals` (deaths) for every chunk
-  reward_train   progress model on the training episodes' lives, deaths ranked last
+  reward_train   reward model: the game's reward of the labelled training chunks regressed
+                 ("returns"), or a progress ranking of the lives, deaths last ("progress")
   reward_label   `progress_scores` and `rewards` for every chunk
   export         episodes (`mbjax.offline.episodes`), frames or reward-model embeddings
   skills_train   VQ-VAE over action windows

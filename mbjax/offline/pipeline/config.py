@@ -100,12 +100,14 @@ def base_config() -> ml_collections.ConfigDict:
   cfg.death.batch = 64
   cfg.death.tolerance = 5  # eval: a death counts as found within this many frames
 
+  # objective "returns" learns from the chunks that carry the game's reward (`game_rewards`);
+  # "progress" needs no labels (`mbjax.offline.reward_model`).
   cfg.reward = _section(reward_lib.RewardConfig)
-  # Deaths (the chunks' `terminals`, from death_label) rank below the life they end.
+  # progress: deaths (the chunks' `terminals`, from death_label) rank below the life they end.
   cfg.reward.death_window = 30
   cfg.reward.steps = 2000
   cfg.reward.batch = 64
-  cfg.reward.scale = 1.0  # rewards = Δprogress × scale
+  cfg.reward.scale = 1.0  # rewards = Δprogress × scale (returns: already the game's units)
   cfg.reward.holdout_fraction = 0.2  # of each look's episodes, kept out of reward_train
   # Glob patterns over episode ids (video file stem + "_" + hash): matching episodes are
   # always held out — a source the model never trains on, for an out-of-domain number.

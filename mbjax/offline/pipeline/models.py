@@ -1,7 +1,8 @@
 """The models the pipeline trains on chunks: four that then label them, two phases each —
 the inverse dynamics model (`idm_train`, `idm_label`: per-frame `actions`), the end-of-life
 classifier (`death_train`, `death_label`: `death_probs` and `terminals`), the reward model
-(`reward_train`, `reward_label`: `progress_scores` and `rewards`) and the skills VQ-VAE
+(`reward_train` on the labelled chunks' `game_rewards` or on every chunk's lives,
+`reward_label`: `progress_scores` and `rewards`) and the skills VQ-VAE
 (`skills_train`, `skills_label`: `skill_tokens`) — and the behaviour-cloned policy
 (`bc_train`), which `eval` plays in BonkArena.
 
@@ -391,32 +392,62 @@ REWARD = ChunkModel("reward", lambda cfg: reward_lib.init(
                     config_lib.reward_config)
 
 
+def _reward_training_data(ws: Workspace, cfg, training: dict[str, list[str]],
+                          skipped: Skipped) -> tuple[dict, dict]:
+  """(`reward_lib.fit` arguments, what was used) of the configured objective: "returns",
+  the training chunks that carry the game's reward (`game_rewards`); "progress", the lives
+  of every training chunk (cut at the `terminals` death_label marks)."""
+  paths = [p for ps in training.values() for p in ps]
+  if cfg.reward.objective == "returns":
+    labelled = []
+    for path in paths:
+      try:
+        if "game_rewards" in chunks_lib.chunk_keys(path):
+          labelled.append(path)
+      except chunks_lib.ChunkError as e:
+        skipped.add(path, e)
+    frames, rewards = [], []
+    for _, arrays in readable_chunks(labelled, skipped, keys=("observations", "game_rewards")):
+      frames.append(arrays["observations"])
+      rewards.append(arrays["game_rewards"])
+    if not frames:
+      raise ValueError(
+          f"reward_train: reward.objective='returns' learns from chunks that carry the game's "
+          f"reward (`game_rewards`), and none of the {len(paths)} training chunks in "
+          f"{ws.chunks} does; label some (experiments/label_chunks.py with a recording that "
+          "has `rewards`, the ground truth's attach_labels, or bridge recordings) or set "
+          "--config.reward.objective=progress")
+    return {"episodes": frames, "rewards": rewards}, {
+        "labelled_chunks": len(frames), "frames": int(sum(map(len, frames)))}
+  lives, died = [], []
+  for _, arrays in readable_chunks(paths, skipped):
+    for life, death in chunk_lives(arrays):
+      lives.append(life)
+      died.append(death)
+  if not lives:
+    raise ValueError(f"reward_train: no readable training chunk in {ws.chunks}")
+  return {"episodes": lives, "died": died}, {"lives": len(lives), "deaths": int(sum(died))}
+
+
 def reward_train(ws: Workspace, cfg) -> dict:
-  """Bradley–Terry progress model on frame pairs within the lives of the training episodes'
-  chunks (cut at the `terminals` death_label marks; `held_out_episodes` kept out)."""
+  """The reward model (`reward.objective`: "returns" on the training chunks that carry the
+  game's reward, "progress" on every training chunk's lives; `held_out_episodes` kept
+  out)."""
 
   def fit(data_sharding):
     skipped = Skipped("reward_train")
     training, held_out = training_split(ws, cfg, skipped)
-    lives, died = [], []
-    for paths in training.values():
-      for _, arrays in readable_chunks(paths, skipped):
-        for frames, death in chunk_lives(arrays):
-          lives.append(frames)
-          died.append(death)
-    if not lives:
-      raise ValueError(f"reward_train: no readable training chunk in {ws.chunks}")
+    data, used = _reward_training_data(ws, cfg, training, skipped)
     reward_cfg = config_lib.reward_config(cfg)
     state = _reward_init(jax.random.PRNGKey(cfg.seed), reward_cfg, frame_shape(cfg))
     state, metrics = reward_lib.fit(
-        state, lives, cfg.reward.steps, np.random.default_rng(cfg.seed), cfg.reward.batch,
-        died=died, log_fn=REWARD.log_progress(cfg), log_every=cfg.log_every,
-        data_sharding=data_sharding)
+        state, num_steps=cfg.reward.steps, rng=np.random.default_rng(cfg.seed),
+        batch=cfg.reward.batch, log_fn=REWARD.log_progress(cfg), log_every=cfg.log_every,
+        data_sharding=data_sharding, **data)
     saved_config = {"reward": dataclasses.asdict(reward_cfg),
                     "frame_shape": list(frame_shape(cfg)), "held_out_episodes": held_out}
-    return state.params, saved_config, {"lives": len(lives), "deaths": int(sum(died)),
-                                        "held_out_episodes": held_out, "final": metrics,
-                                        "skipped": skipped.entries}
+    return state.params, saved_config, {**used, "held_out_episodes": held_out,
+                                        "final": metrics, "skipped": skipped.entries}
 
   return REWARD.train(ws, cfg, fit)
 

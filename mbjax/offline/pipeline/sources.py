@@ -1,6 +1,6 @@
 """The phases that bring gameplay in: `ground_truth` records BonkArena (and Atari) videos with
 their true per-frame data, `convert` cuts videos into chunks, `attach_labels` gives a
-fraction of the chunks their true actions (the stand-in for a hand-labelled subset).
+fraction of the chunks their true actions and rewards (the stand-in for a labelled subset).
 """
 from __future__ import annotations
 
@@ -50,7 +50,8 @@ def convert(ws: Workspace, cfg) -> dict:
 def attach_labels(ws: Workspace, cfg) -> dict:
   """Gives `ground_truth.label_fraction` of the BonkArena chunks (a seeded, deterministic
   choice) their true `actions` and `actions_valid` ([continuous, discrete] visible: the
-  move is invisible while the paused level-up menu is shown, as a labeller would see)."""
+  move is invisible while the paused level-up menu is shown, as a labeller would see) and
+  the game's reward, `game_rewards` — what a recording made while playing carries."""
   spec, skipped = action_spec(cfg), Skipped("attach_labels")
   candidates = []
   for path, arrays in readable_chunks(ws.chunk_paths(), skipped):
