@@ -24,8 +24,8 @@ visible (fixed camera 0.88, following 0.95); reward-model Spearman 0.830 against
 progress on the 8 held-out BonkArena episodes; skill perplexity 144 (249 of 256 codes used);
 the offline dream policy returns −29.8 in BonkArena (random play −6.7). IDM training 4,000
 steps takes ~28 min of the run. Deaths and the video reward against the game's (72 episodes,
-BENCHMARKS.md): with the death screen, 11 of 11 held-out deaths found and no false terminal
-in each of seeds 0 and 1 (2026-12-07); video vs true return Spearman −0.02 over 15-step
+BENCHMARKS.md): with the death screen, held-out deaths found 11/11, 11/11, 10/10 with 0, 0, 1
+false terminals over seeds 0–2 (2026-12-07); video vs true return Spearman −0.02 over 15-step
 windows and 0.21 per episode (2026-12-06, before the death screen; −0.21 / −0.48 with
 `reward.death_window=0`, the clock upstream used).
 
@@ -67,8 +67,13 @@ def get_config(arg: str | None = None):
     cfg.ground_truth.policies = ("scripted", "random", "checkpoint")
     cfg.ground_truth.checkpoint = "runs/arena_ppo"
     cfg.ground_truth.update(atari_games=("space_invaders", "ms_pacman"), atari_clips=2)
-    # Reward pairs at least 15 frames (0.5 s) apart: held-out BonkArena Spearman 0.81 / 0.81
-    # over two seeds, 0.73 / 0.79 with adjacent pairs allowed, 0.74 at 30 (2026-11-26).
+    # The reward model reads the HUD where it is drawn (flatten, a 4-px stem: the bars are 4
+    # rows at 128²) and learns the game's reward from the labelled 10% of the chunks, pairs
+    # up to 64 frames apart (16: the potential drifted more over an episode).
+    cfg.reward.update(objective="returns", pool="flatten", stem=4, channels=(32, 64, 64, 64),
+                      return_gap=64, lr=1e-3, steps=2000, lr_decay_steps=2000)
+    # With objective="progress": pairs at least 15 frames (0.5 s) apart — held-out Spearman
+    # against true progress 0.81 over two seeds (0.73 / 0.79 adjacent, 0.74 at 30).
     cfg.reward.min_gap = 15
     # Movement: 256-px recordings area-resampled to 128² chunks, where the player moves
     # ~1.6 px per frame drawn anti-aliased (sub-pixel positions show); the IDM reads it
