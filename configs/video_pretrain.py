@@ -17,7 +17,8 @@ labels 10% of the chunks with them, runs every phase and prints the report table
       --config.ground_truth.checkpoint=runs/arena_base --workdir=runs/video_arena
 (`checkpoint`: the trained policy's run directory; the default, runs/arena_ppo, is where
 `make train` writes; relative to the directory the command runs from, and checked before
-the first phase.) Expected (measured 2026-11-26 on the 2-core CPU, 42.5 min; BENCHMARKS.md,
+the first phase.) Expected (measured 2026-11-26 on the 2-core CPU, 42.5 min, with 10% of the
+chunks labelled, `ground_truth.label_unit=chunk`, and the progress reward; BENCHMARKS.md,
 "Offline video pipeline"), on the 90% of chunks the IDM labels (23,502 frames): menu-card
 accuracy 0.992 on menu frames (0.997 on all), movement R² 0.913 on the frames whose move is
 visible (fixed camera 0.88, following 0.95); reward-model Spearman 0.830 against true
@@ -96,7 +97,8 @@ def get_config(arg: str | None = None):
   if arg == "debug":
     # One policy in two looks: two compiled episode functions (each policy × look is one),
     # and one short Atari clip, so the always-held-out source path runs too.
-    cfg.ground_truth.update(episodes=4, time_limit=120, label_fraction=0.5, pixel_size=64,
+    # Three of the four BonkArena videos labelled: at least one is a training video.
+    cfg.ground_truth.update(episodes=4, time_limit=120, label_fraction=0.75, pixel_size=64,
                             policies=("scripted",), variants=("fixed:default", "follow:desert"),
                             atari_games=("space_invaders",), atari_clips=1, atari_steps=120)
     cfg.convert.update(size=32, chunk_frames=60)

@@ -70,7 +70,10 @@ def base_config() -> ml_collections.ConfigDict:
   cfg.ground_truth.atari_games = ()  # ale-py ROM ids: out-of-domain clips for the reward model
   cfg.ground_truth.atari_clips = 1
   cfg.ground_truth.atari_steps = 900
-  cfg.ground_truth.label_fraction = 0.1  # chunks given their true actions (idm_train data)
+  # Videos ("episode": whole, as a recording made while playing) or chunks ("chunk") given
+  # their true actions and rewards (idm_train's and the reward model's labelled subset).
+  cfg.ground_truth.label_fraction = 0.1
+  cfg.ground_truth.label_unit = "episode"
 
   cfg.convert = ml_collections.ConfigDict()
   cfg.convert.fps = 30.0

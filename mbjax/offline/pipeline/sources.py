@@ -1,6 +1,6 @@
 """The phases that bring gameplay in: `ground_truth` records BonkArena (and Atari) videos with
 their true per-frame data, `convert` cuts videos into chunks, `attach_labels` gives a
-fraction of the chunks their true actions and rewards (the stand-in for a labelled subset).
+fraction of the videos their true actions and rewards (the stand-in for a labelled subset).
 """
 from __future__ import annotations
 
@@ -16,6 +16,8 @@ from mbjax.offline import video as video_lib
 from mbjax.offline.pipeline.config import action_spec
 from mbjax.offline.pipeline.workspace import (Skipped, Workspace, readable_chunks,
                                               truth_for_chunk, update_meta)
+
+LABEL_UNITS = ("episode", "chunk")
 
 
 def ground_truth(ws: Workspace, cfg) -> dict:
@@ -48,24 +50,31 @@ def convert(ws: Workspace, cfg) -> dict:
 
 
 def attach_labels(ws: Workspace, cfg) -> dict:
-  """Gives `ground_truth.label_fraction` of the BonkArena chunks (a seeded, deterministic
-  choice) their true `actions` and `actions_valid` ([continuous, discrete] visible: the
-  move is invisible while the paused level-up menu is shown, as a labeller would see) and
-  the game's reward, `game_rewards` — what a recording made while playing carries."""
+  """Gives `ground_truth.label_fraction` of the BonkArena videos (`label_unit` "episode":
+  whole videos, as recordings made while playing are) or of their chunks ("chunk") — a
+  seeded, deterministic choice — their true `actions` and `actions_valid` ([continuous,
+  discrete] visible: the move is invisible while the paused level-up menu is shown, as a
+  labeller would see) and the game's reward, `game_rewards`, as such a recording carries."""
+  unit = cfg.ground_truth.label_unit
+  if unit not in LABEL_UNITS:
+    raise ValueError(f"ground_truth.label_unit: expected one of {LABEL_UNITS}, got {unit!r}")
   spec, skipped = action_spec(cfg), Skipped("attach_labels")
-  candidates = []
+  candidates: dict[str, list[str]] = {}  # unit → its chunk paths
   for path, arrays in readable_chunks(ws.chunk_paths(), skipped):
     truth = truth_for_chunk(arrays, path)
     if truth is not None and "actions_continuous" in truth and "menu_open" in truth:
-      candidates.append(path)
-  count = int(np.ceil(cfg.ground_truth.label_fraction * len(candidates)))
-  chosen = sorted(np.random.default_rng(cfg.seed).permutation(len(candidates))[:count])
-  for i in chosen:
-    path = candidates[i]
+      key = (chunks_lib.decode_meta(arrays["meta"], path)["episode_id"] if unit == "episode"
+             else path)
+      candidates.setdefault(key, []).append(path)
+  units = sorted(candidates)
+  count = int(np.ceil(cfg.ground_truth.label_fraction * len(units)))
+  picked = np.random.default_rng(cfg.seed).permutation(len(units))[:count]
+  chosen = sorted(p for i in picked for p in candidates[units[i]])
+  for path in chosen:
     arrays = chunks_lib.read_chunk(path)
     labels = recorded_actions.chunk_labels(truth_for_chunk(arrays, path), spec)
     chunks_lib.update_chunk(path, {
         **labels, "meta": update_meta(arrays, path, action_labeling="ground_truth")},
                             cfg.convert.compression)
-  return {"labelled_chunks": [os.path.basename(candidates[i]) for i in chosen],
-          "candidates": len(candidates), "skipped": skipped.entries}
+  return {"labelled_chunks": [os.path.basename(p) for p in chosen],
+          "candidates": sum(map(len, candidates.values())), "skipped": skipped.entries}
