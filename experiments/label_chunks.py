@@ -1,5 +1,5 @@
 """Marks chunks of a video as human-labelled, from a recording of the same video with the
-actions that were played (the labelled subset `idm_train` learns from):
+actions that were played (the labelled subset `idm_train` and `reward_train` learn from):
 
   python -m experiments.label_chunks --config=configs/video_pretrain.py \
       --chunks=runs/video/chunks --recording=videos/play_000.npz
@@ -8,8 +8,9 @@ actions that were played (the labelled subset `idm_train` learns from):
 chunks cut from the recording's video get its actions. The video is the file beside the
 recording with the same name (`record_arena` writes `<name>.mp4` and `<name>.npz`), or
 `--video`. The recording's fields: `mbjax/offline/recorded_actions.py`. Each labelled chunk
-gets `actions`, `actions_valid` and meta `action_labeling` "human", written atomically;
-nothing is written unless every matching chunk fits the recording.
+gets `actions`, `actions_valid`, `game_rewards` when the recording has `rewards`, and meta
+`action_labeling` "human", written atomically; nothing is written unless every matching
+chunk fits the recording.
 """
 import os
 

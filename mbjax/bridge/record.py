@@ -9,8 +9,8 @@ Chunk format (the offline pipeline's, `upstream_learning.md` §6.1 plus the labe
 `observations` uint8 [T, H, W, 3] (top row first), `actions` f32 [T, 6] = (move x, move y,
 fire, ability, interact, ui_click), `click_norm` f32 [T, 2] (top-left origin, [0, 1]),
 `rewards` f32 [T] (`shim.reward`) and the same in `game_rewards` (the game's own reward,
-which the pipeline's reward labelling never overwrites), `dones` bool [T] (end of a run; the last frame of every
-chunk is True, as upstream forces), `video_source` 0-d str, `meta` 0-d JSON str (episode_id,
+which the pipeline's reward labelling never overwrites), `dones` bool [T] (end of a run;
+the last frame of every chunk is True, as upstream forces), `video_source` 0-d str, `meta` 0-d JSON str (episode_id,
 chunk_index, action_labeling, reward_labeling, fps, frame_size). Files are
 `bonklink_{port}_chunk{NNNN}.npz`, written atomically (tmp + rename), compressed.
 """

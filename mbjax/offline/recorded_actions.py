@@ -170,8 +170,8 @@ def video_frames(chunk_dir: str, video: str) -> int | None:
 def label_chunks(arguments: list[str], recording_path: str, spec: HybridActionSpec,
                  video: str | None = None, compression: str = chunks_lib.DEFAULT_COMPRESSION
                  ) -> list[str]:
-  """Writes the recording's actions (and rewards) into the chunks of its video among `arguments`
-  (`chunks_of_video`; `video` defaults to `recording_path`'s name) with meta
+  """Writes the recording's actions (and rewards) into the chunks of its video among
+  `arguments` (`chunks_of_video`; `video` defaults to `recording_path`'s name) with meta
   action_labeling "human"; returns their paths. The recording must have a step per frame of
   the video (`video_frames`, or else what `steps_for_chunk` can check); every chunk is
   checked before any is written, and each is written atomically."""

@@ -10,7 +10,7 @@ Phases, in the order `all` runs them (upstream names accepted as aliases, `ALIAS
                  `config.ground_truth.enabled`: the validation set-up)
   convert        videos → `.npz` chunks (`mbjax.offline.video`)
   attach_labels  copy the true actions and rewards into `ground_truth.label_fraction` of the
-                 chunks (the stand-in for a labelled subset; ground-truth set-up only)
+                 videos (the stand-in for a labelled subset; ground-truth set-up only)
   idm_train      inverse dynamics model on the chunks that carry labels
   idm_label      `actions` for every unlabelled chunk
   bc_train       behaviour-cloned policy on the frames and actions of chosen videos
