@@ -19,8 +19,9 @@ def test_records_hinp_labelled_chunks(tmp_path):
   moves = []
   for index, path in enumerate(paths):
     chunk = np.load(path)
-    assert set(chunk.files) == {"observations", "actions", "click_norm", "rewards", "dones",
-                                "video_source", "meta"}
+    assert set(chunk.files) == {"observations", "actions", "click_norm", "rewards",
+                                "game_rewards", "dones", "video_source", "meta"}
+    np.testing.assert_array_equal(chunk["game_rewards"], chunk["rewards"])
     assert chunk["observations"].shape == (8, 64, 64, 3)
     assert chunk["observations"].dtype == np.uint8
     assert chunk["actions"].shape == (8, 6) and chunk["actions"].dtype == np.float32

@@ -1,6 +1,7 @@
 """The offline learners data-parallel over a device mesh: two updates of the IDM, the
-behaviour-cloned policy (frames turned), the death classifier, the reward model (with death pairs), the skills VQ-VAE and the offline world model + dream actor-critic with the global
-batch split over 4 simulated CPU devices (conftest) equal the plain single-device updates,
+behaviour-cloned policy (frames turned), the death classifier, the reward model (both
+objectives, progress with death pairs), the skills VQ-VAE and the offline world model +
+dream actor-critic with the global batch split over 4 simulated CPU devices (conftest) equal the plain single-device updates,
 and batch sizes that do not divide the device count fail naming their config key.
 
 Tolerance: the 4-device run sums the batch gradient per device and then across devices,
@@ -101,14 +102,17 @@ def test_death_classifier_fit_on_four_devices_equals_one(mesh):
   assert sharded_metrics == pytest.approx(plain_metrics, rel=1e-5)
 
 
-def test_reward_model_fit_on_four_devices_equals_one(mesh):
+@pytest.mark.parametrize("objective", ["returns", "progress"])
+def test_reward_model_fit_on_four_devices_equals_one(mesh, objective):
   rng = np.random.default_rng(0)
   episodes = [frames(rng, 12), frames(rng, 20)]
-  cfg = reward_model.RewardConfig(stem=4, channels=(8,), embed_dim=8, death_window=3)
+  cfg = reward_model.RewardConfig(objective=objective, stem=4, channels=(8,), embed_dim=8,
+                                  death_window=3, return_gap=4)
   init = jitted_init(reward_model, cfg, (SIZE, SIZE, 3))
+  labels = ({"rewards": [rng.normal(size=len(e)).astype(np.float32) for e in episodes]}
+            if objective == "returns" else {"died": [False, True]})
   run = lambda data_sharding: reward_model.fit(init(), episodes, 2, np.random.default_rng(1),
-                                              batch=8, died=[False, True],
-                                              data_sharding=data_sharding)
+                                              batch=8, data_sharding=data_sharding, **labels)
   plain, plain_metrics = run(None)
   sharded, sharded_metrics = run(sharding.batch_sharding(mesh, 8, "reward.batch"))
   assert_same(sharded.params, plain.params)
