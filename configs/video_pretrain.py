@@ -69,14 +69,8 @@ def get_config(arg: str | None = None):
     cfg.ground_truth.policies = ("scripted", "random", "checkpoint")
     cfg.ground_truth.checkpoint = "runs/arena_ppo"
     cfg.ground_truth.update(atari_games=("space_invaders", "ms_pacman"), atari_clips=2)
-    # The reward model reads the HUD where it is drawn (flatten, a 4-px stem; an 8-px stem and
-    # three layers: held-out Spearman 0.32 / 0.56 against 0.41 / 0.62, windows / episodes)
-    # and learns the game's reward from the labelled videos, pairs up to 64 frames apart (16:
-    # the potential drifted more over an episode). Scored 16 frames a piece (fastest here).
-    cfg.reward.update(objective="returns", pool="flatten", stem=4, channels=(32, 64, 64, 64),
-                      return_gap=64, lr=1e-3, steps=2000, lr_decay_steps=2000, score_batch=16)
-    # With objective="progress": pairs at least 15 frames (0.5 s) apart — held-out Spearman
-    # against true progress 0.81 over two seeds (0.73 / 0.79 adjacent, 0.74 at 30).
+    # With reward.objective="progress": pairs at least 15 frames (0.5 s) apart — held-out
+    # Spearman against true progress 0.81 over two seeds (0.73 / 0.79 adjacent, 0.74 at 30).
     cfg.reward.min_gap = 15
     # Movement: 256-px recordings area-resampled to 128² chunks, where the player moves
     # ~1.6 px per frame drawn anti-aliased (sub-pixel positions show); the IDM reads it
@@ -108,8 +102,8 @@ def get_config(arg: str | None = None):
                    hidden=32, keypoints=4, stem=4, label_batch=32)
     # 300 reward steps (a few seconds): enough for the held-out progress to rise with time
     # (Spearman ≈ 0.5; 20 steps left it at ≈ −0.3), which the pipeline test checks.
-    cfg.reward.update(steps=300, batch=8, channels=(8, 16), embed_dim=32, stem=4,
-                      score_batch=32)
+    cfg.reward.update(steps=300, lr_decay_steps=300, batch=8, channels=(8, 16), embed_dim=32,
+                      stem=4, score_batch=32)
     cfg.death.update(steps=20, batch=8, channels=(8, 16), embed_dim=16, stem=4,
                      score_batch=32)
     cfg.skills.update(steps=20, batch=16, num_codes=16, code_dim=8, hidden=32)
