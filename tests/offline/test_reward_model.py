@@ -28,7 +28,7 @@ def test_return_loss_by_hand():
 
 
 def hud_episode(rng: np.random.Generator, length: int):
-  """(frames, rewards): a health bar (top rows, channel 0) whose width is the game's potential
+  """(frames, rewards): a HUD bar (top rows, channel 0) whose width is the game's potential
   — it grows by 2 px on a pickup and shrinks by 3 px on a hit, at random steps — over
   per-frame noise; rewards[t] = (width[t+1] − width[t]) / 8, the outcome of step t."""
   events = rng.choice([0, 2, -3], size=length, p=[0.8, 0.12, 0.08])
