@@ -194,11 +194,13 @@ def sample_batch(rng: np.random.Generator, lengths: Sequence[int], batch: int,
 
 
 def augment_colours(rng: np.random.Generator, frames: np.ndarray) -> np.ndarray:
-  """uint8[B, H, W, 3] with each frame's channels permuted and scaled by one factor in
-  [0.7, 1.3] (clipped)."""
-  order = np.argsort(rng.random((len(frames), 3)), axis=1)
-  shuffled = np.take_along_axis(frames, order[:, None, None, :], axis=3)
-  scale = rng.uniform(0.7, 1.3, (len(frames), 1, 1, 1))
+  """uint8[B, ..., 3] (frames [B, H, W, 3], or groups of frames such as pairs
+  [B, 2, H, W, 3]) with each item's channels permuted and scaled by one factor in [0.7, 1.3]
+  (clipped), the same for every frame of an item."""
+  items = (len(frames),) + (1,) * (frames.ndim - 2)
+  order = np.argsort(rng.random((len(frames), 3)), axis=1).reshape(items + (3,))
+  shuffled = np.take_along_axis(frames, order, axis=-1)
+  scale = rng.uniform(0.7, 1.3, items + (1,))
   return np.clip(shuffled * scale, 0, 255).astype(np.uint8)
 
 

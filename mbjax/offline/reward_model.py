@@ -35,8 +35,9 @@ API (`RewardConfig` is hashable and a static field of `RewardState`):
   score(params, cfg, frames u8[T, H, W, 3]) -> progress f32[T]   (fixed jitted pieces)
   embed(params, cfg, frames) -> (z f32[T, D], progress f32[T])
   rewards_from_progress(progress, scale) -> rewards f32[T]
-  sample_pairs / sample_death_pairs / sample_training_pairs / sample_return_pairs /
-    augment_pairs / fit: host-side pair sampling, augmentation and a training loop.
+  sample_pairs / sample_death_pairs / sample_training_pairs / sample_return_pairs / fit:
+    host-side pair sampling and a training loop (pairs augmented by
+    `deaths.augment_colours`).
   spearman(a, b): rank correlation, for evaluating progress against the truth.
 
 Reward alignment: `rewards[t] = (progress[t+1] − progress[t]) · scale` and the last reward
@@ -58,6 +59,7 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from mbjax.offline import deaths as deaths_lib
 from mbjax.offline.idm import FrameEncoder
 
 
@@ -286,15 +288,6 @@ def sample_return_pairs(rng: np.random.Generator, lengths: Sequence[int], batch:
   return episode, start, start + gap
 
 
-def augment_pairs(rng: np.random.Generator, pairs: np.ndarray) -> np.ndarray:
-  """uint8[B, 2, H, W, 3] with each pair's channels permuted and scaled by one factor in
-  [0.7, 1.3] (clipped), the same for both of its frames."""
-  order = np.argsort(rng.random((len(pairs), 3)), axis=1)
-  shuffled = np.take_along_axis(pairs, order[:, None, None, None, :], axis=4)
-  scale = rng.uniform(0.7, 1.3, (len(pairs), 1, 1, 1, 1))
-  return np.clip(shuffled * scale, 0, 255).astype(np.uint8)
-
-
 def fit(state: RewardState, episodes: Sequence[np.ndarray], num_steps: int,
         rng: np.random.Generator, batch: int = 32, died: Sequence[bool] | None = None,
         rewards: Sequence[np.ndarray] | None = None,
@@ -330,7 +323,7 @@ def fit(state: RewardState, episodes: Sequence[np.ndarray], num_steps: int,
     pairs = np.stack([np.stack([episodes[e][i], episodes[e][j]])
                       for e, i, j in zip(ids, first, second)])
     if cfg.augment:
-      pairs = augment_pairs(rng, pairs)
+      pairs = deaths_lib.augment_colours(rng, pairs)
     state, metrics = update(state, jax.device_put(pairs, data_sharding), returns)
     if log_fn is not None and (step + 1) % log_every == 0:
       log_fn(step + 1, jax.tree.map(float, metrics))

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from mbjax.offline import deaths
 from mbjax.offline import reward_model as rm
 
 TINY = rm.RewardConfig(objective="progress", stem=4, channels=(8, 16), embed_dim=16,
@@ -79,7 +80,7 @@ def test_augment_pairs_shares_one_colour_change_per_pair():
   frame = np.zeros((4, 4, 3), np.uint8)
   frame[..., 0], frame[..., 1], frame[..., 2] = 100, 150, 200
   pairs = np.stack([np.stack([frame, frame])] * 64)
-  out = rm.augment_pairs(rng, pairs)
+  out = deaths.augment_colours(rng, pairs)
   np.testing.assert_array_equal(out[:, 0], out[:, 1])
   # Each pair's pixel is a permutation of (100, 150, 200) times one factor in [0.7, 1.3].
   factors = np.sort(out[:, 0, 0, 0].astype(float), axis=-1) / np.array([100, 150, 200])
