@@ -162,6 +162,8 @@ def test_relative_paths_resolve_against_the_base_and_are_checked(tmp_path):
   assert cfg.ground_truth.checkpoint == "runs/arena_ppo"  # the caller's config is kept
   # Not recording (the videos are there): the checkpoint is not read, so not required.
   config_lib.resolve_paths(cfg, ["convert", "idm_train"], base=str(tmp_path / "elsewhere"))
+  with pytest.raises(train_config.ConfigError, match=r"^ground_truth.checkpoint: "):
+    config_lib.resolve_paths(cfg, ["eval"], base=str(tmp_path / "elsewhere"))
   cfg.source.video_dir = "my_videos"
   with pytest.raises(train_config.ConfigError,
                      match=rf"^source.video_dir: {tmp_path}/my_videos \(relative paths"):

@@ -177,7 +177,10 @@ def resolve_paths(cfg: ml_collections.ConfigDict, phases: list[str],
       raise learner_config.ConfigError(f"{field}: {shown}: expected {what}; {remedy}")
 
   gt, source = resolved.ground_truth, resolved.source
-  if "ground_truth" in phases and "checkpoint" in gt.policies:
+  # eval plays the checkpoint as the demonstrator when it is what the cloned videos show.
+  reads_checkpoint = ("ground_truth" in phases or ("eval" in phases and gt.enabled
+                                                   and gt.checkpoint))
+  if reads_checkpoint and "checkpoint" in gt.policies:
     require("ground_truth.checkpoint", gt.checkpoint and os.path.join(gt.checkpoint,
                                                                       "config.json"),
             "the workdir of a training run (its config.json) for the 'checkpoint' policy",
