@@ -109,7 +109,8 @@ def get_config(arg: str | None = None):
                      score_batch=32)
     cfg.skills.update(steps=20, batch=16, num_codes=16, code_dim=8, hidden=32)
     cfg.bc.update(steps=20, batch=8, channels=(8, 16), embed_dim=16, hidden=16, stem=4,
-                  move_bins=5)
+                  move_bins=5, crop_fraction=0.5, locator_channels=(4, 4), locator_steps=5,
+                  locator_gap=2, locator_batch=4)
     cfg.learner.world_model.update(deter=16, blocks=2, stoch=4, classes=4, hidden=16)
     cfg.learner.replay.update(seq_len=6, burn_in=2)
     cfg.learner.dream.update(hidden_sizes=(16,), horizon=3)

@@ -31,8 +31,14 @@ most likely cell) and each branch's choice from its masked softmax, so a demonst
 picks is imitated as such (an arg-max would wait for ever when waiting is the likelier
 label).
 
+Fixed camera: where the camera does not follow the player, the player is a small sprite
+anywhere on screen, and a net over the whole frame has to learn "what is near the player"
+for every place it can be. With `crop_fraction`, a frozen `locator` (learnt from the
+labelled moves alone, `mbjax/offline/locator.py`) finds the player and a second encoder
+reads the view centred on it, as a follow camera would show it.
+
 API (`BCConfig` and the action spec are hashable, static fields of `BCState`):
-  init(key, cfg, spec, frame_shape) -> BCState
+  init(key, cfg, spec, frame_shape) -> BCState;  with_locator(state, locator params) -> BCState
   update(state, frames u8[B, H, W, 3], moves f32[B, C], choice_probs f32[B, Σn], key) ->
          (state, metrics)
   move_targets(moves f32[B, C], bins) -> f32[B, bins^C];  move_centres(bins, C) -> f32[bins^C, C]
@@ -57,7 +63,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from mbjax.envs.spaces import HybridAction, HybridActionSpec
 from mbjax.nets.hybrid import mask_logits
-from mbjax.offline import idm_training
+from mbjax.offline import idm_training, locator
 from mbjax.offline.idm import FrameEncoder
 
 
@@ -78,6 +84,11 @@ class BCConfig:
   # Acting: the move grid's softmax temperature (0: its most likely cell). Choices are
   # always sampled at temperature 1.
   move_temperature: float = 1.0
+  # A second view of each frame, centred on the player (`locator.crop` of this fraction of
+  # the side, at the frozen `locator` net's location), encoded by its own encoder beside the
+  # whole frame; 0: none. For videos whose camera does not follow the player.
+  crop_fraction: float = 0.0
+  locator_channels: tuple[int, ...] = (16, 16)
   symmetry_fraction: float = 0.0  # training frames turned (top-down games only)
   rotations_only: bool = True  # turned, never mirrored
   lr: float = 3e-4
@@ -94,7 +105,15 @@ class BCConfig:
                        f"{self.symmetry_fraction}")
     if not 0.0 <= self.rare_fraction < 1.0:
       raise ValueError(f"BCConfig.rare_fraction must be in [0, 1), got {self.rare_fraction}")
+    if not 0.0 <= self.crop_fraction <= 1.0:
+      raise ValueError(f"BCConfig.crop_fraction must be in [0, 1], got {self.crop_fraction}")
     object.__setattr__(self, "channels", tuple(int(c) for c in self.channels))
+    object.__setattr__(self, "locator_channels",
+                       tuple(int(c) for c in self.locator_channels))
+
+  @property
+  def locator(self) -> locator.LocatorConfig:
+    return locator.LocatorConfig(channels=self.locator_channels)
 
 
 class BCPolicyNet(nn.Module):
@@ -106,6 +125,12 @@ class BCPolicyNet(nn.Module):
     """uint8 [N, H, W, 3] → (move logits f32[N, bins^C], choice logits f32[N, Σn])."""
     cfg, spec = self.cfg, self.spec
     z = FrameEncoder(cfg.stem, cfg.channels, cfg.embed_dim, cfg.pool, name="encoder")(frames)
+    if cfg.crop_fraction:
+      # The locator is trained apart (`locator.fit`) and frozen here (`make_optimizer`).
+      centres = jax.lax.stop_gradient(locator.LocatorNet(cfg.locator, name="locator")(frames))
+      view = locator.crop(frames, centres, cfg.crop_fraction)
+      z = jnp.concatenate([z, FrameEncoder(cfg.stem, cfg.channels, cfg.embed_dim, cfg.pool,
+                                           name="view_encoder")(view)], -1)
     h = nn.relu(nn.Dense(cfg.hidden, name="hidden")(nn.relu(z)))
     move_logits = nn.Dense(cfg.move_bins ** spec.continuous_dim, name="move")(h)
     return move_logits, nn.Dense(spec.mask_size, name="choices")(h)
@@ -143,8 +168,16 @@ class BCState:
 
 
 def make_optimizer(cfg: BCConfig) -> optax.GradientTransformation:
-  return optax.chain(optax.clip_by_global_norm(cfg.max_grad_norm),
-                     optax.adamw(cfg.lr, weight_decay=cfg.weight_decay))
+  """AdamW on everything but the locator's parameters, which stay as `with_locator` set them
+  (weight decay would otherwise shrink them)."""
+  train = optax.chain(optax.clip_by_global_norm(cfg.max_grad_norm),
+                      optax.adamw(cfg.lr, weight_decay=cfg.weight_decay))
+  if not cfg.crop_fraction:
+    return train
+  labels = lambda params: jax.tree_util.tree_map_with_path(
+      lambda path, _: "frozen" if any(getattr(k, "key", None) == "locator" for k in path)
+      else "train", params)
+  return optax.multi_transform({"train": train, "frozen": optax.set_to_zero()}, labels)
 
 
 def init(key: jax.Array, cfg: BCConfig, spec: HybridActionSpec,
@@ -156,6 +189,20 @@ def init(key: jax.Array, cfg: BCConfig, spec: HybridActionSpec,
                      f"{MAX_MOVE_CELLS}; use fewer BCConfig.move_bins")
   params = BCPolicyNet(cfg, spec).init(key, jnp.zeros((1,) + tuple(frame_shape), jnp.uint8))
   return BCState(params, make_optimizer(cfg).init(params), jnp.zeros((), jnp.int32), cfg, spec)
+
+
+def with_locator(state: BCState, locator_params) -> BCState:
+  """`state` with its frozen locator's parameters replaced by a fitted locator's
+  (`locator.fit`'s `params`, of the net `state.cfg.locator` describes)."""
+  if not state.cfg.crop_fraction:
+    raise ValueError("BCConfig.crop_fraction is 0: the policy has no locator")
+  fitted = locator_params["params"]
+  if (jax.tree.structure(state.params["params"]["locator"]) != jax.tree.structure(fitted)
+      or any(a.shape != b.shape for a, b in zip(
+          jax.tree.leaves(state.params["params"]["locator"]), jax.tree.leaves(fitted)))):
+    raise ValueError("the fitted locator's parameters do not match BCConfig.locator_channels")
+  params = dict(state.params, params=dict(state.params["params"], locator=fitted))
+  return state.replace(params=params, opt_state=make_optimizer(state.cfg).init(params))
 
 
 def _branch_log_softmax(logits: jax.Array, spec: HybridActionSpec) -> list[jax.Array]:

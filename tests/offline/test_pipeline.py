@@ -186,6 +186,7 @@ def test_every_phase_runs_and_writes_the_upstream_layout(finished_run):
   played_bc = report["bc"]
   assert played_bc["imitated_policies"] == ["scripted"]
   assert played_bc["imitated_episodes"] == results["bc_train"]["episodes"] == 2
+  assert np.isfinite(results["bc_train"]["locator"]["explained"])  # debug: crop_fraction 0.5
   assert played_bc["episodes"] == cfg.eval.bc_episodes
   assert set(played_bc["bc_return_per_look"]) == set(cfg.ground_truth.variants)
   assert np.isfinite(played_bc["demonstrator_fraction"])

@@ -96,6 +96,13 @@ def base_config() -> ml_collections.ConfigDict:
   cfg.bc.steps = 3000
   cfg.bc.batch = 64
   cfg.bc.episodes = "*"
+  # With bc.crop_fraction > 0: the locator trains first, for locator_steps on the imitated
+  # episodes whose id matches locator_episodes (videos whose camera does not follow the
+  # player), on frame pairs locator_gap apart.
+  cfg.bc.locator_episodes = "*"
+  cfg.bc.locator_steps = 1000
+  cfg.bc.locator_gap = 8
+  cfg.bc.locator_batch = 32
 
   # End-of-life classifier: trained on where the videos end, it marks deaths (`terminals`).
   cfg.death = _section(deaths_lib.DeathConfig)

@@ -29,6 +29,7 @@ from mbjax.offline import bc as bc_lib
 from mbjax.offline import chunks as chunks_lib
 from mbjax.offline import deaths as deaths_lib
 from mbjax.offline import idm_labelling, idm_training
+from mbjax.offline import locator as locator_lib
 from mbjax.offline import reward_model as reward_lib
 from mbjax.offline import skills as skills_lib
 from mbjax.offline.pipeline import config as config_lib
@@ -292,11 +293,12 @@ def bc_train(ws: Workspace, cfg) -> dict:
     skipped = Skipped("bc_train")
     training, held_out = training_split(ws, cfg, skipped)
     chosen = sorted(e for e in training if fnmatch.fnmatch(e, cfg.bc.episodes))
-    frames, actions, imitated = [], [], []
+    frames, actions, imitated, chunk_episodes = [], [], [], []
     for episode_id in chosen:
       parts = list(readable_chunks(training[episode_id], skipped,
                                    keys=("observations", "actions")))
       frames += [a["observations"] for _, a in parts]
+      chunk_episodes += [episode_id] * len(parts)
       actions += [a["actions"] for _, a in parts]
       imitated += [episode_id] if parts else []
     if not frames:
@@ -305,6 +307,9 @@ def bc_train(ws: Workspace, cfg) -> dict:
                        f"{len(training)}) in {ws.chunks}; run idm_label first")
     bc_cfg, spec = config_lib.bc_config(cfg), action_spec(cfg)
     state = _bc_init(jax.random.PRNGKey(cfg.seed), bc_cfg, spec, frame_shape(cfg))
+    located = {}
+    if bc_cfg.crop_fraction:
+      state, located = _fit_locator(state, cfg, chunk_episodes, frames, actions, spec)
     state, metrics = bc_lib.fit(state, frames, actions, cfg.bc.steps,
                                 np.random.default_rng(cfg.seed), cfg.bc.batch,
                                 log_fn=BC.log_progress(cfg), log_every=cfg.log_every,
@@ -313,9 +318,31 @@ def bc_train(ws: Workspace, cfg) -> dict:
                     "imitated_episodes": imitated, "held_out_episodes": held_out}
     return state.params, saved_config, {"episodes": len(imitated),
                                         "frames": int(sum(map(len, frames))),
-                                        "final": metrics, "skipped": skipped.entries}
+                                        "final": metrics, "skipped": skipped.entries,
+                                        **located}
 
   return BC.train(ws, cfg, fit)
+
+
+def _fit_locator(state, cfg, chunk_episodes, frames, actions, spec):
+  """`state` with a locator fitted on the chunks (frames, actions; `chunk_episodes` names
+  each one's episode) whose episode matches `bc.locator_episodes`, each chunk a video of its
+  own (windows do not cross chunks) → (state, {"locator": its last metrics})."""
+  chosen = [i for i, e in enumerate(chunk_episodes)
+            if fnmatch.fnmatch(e, cfg.bc.locator_episodes)]
+  if not chosen:
+    raise ValueError(f"bc_train: no imitated episode matches bc.locator_episodes="
+                     f"{cfg.bc.locator_episodes!r}")
+  locator_cfg = dataclasses.replace(state.cfg.locator, gap=cfg.bc.locator_gap)
+  fitted = locator_lib.init(jax.random.PRNGKey(cfg.seed + 1), locator_cfg, frame_shape(cfg))
+  moves = [np.clip(actions[i][:, :spec.continuous_dim], -1.0, 1.0) for i in chosen]
+  fitted, metrics = locator_lib.fit(
+      fitted, [frames[i] for i in chosen], moves, [np.ones(len(m), bool) for m in moves],
+      cfg.bc.locator_steps, np.random.default_rng(cfg.seed + 1), cfg.bc.locator_batch,
+      log_fn=lambda step, m: logging.info("bc_train locator %d/%d: %s", step,
+                                          cfg.bc.locator_steps, m),
+      log_every=cfg.log_every)
+  return bc_lib.with_locator(state, fitted.params), {"locator": metrics}
 
 
 # -- end-of-life classifier -----------------------------------------------------------------
