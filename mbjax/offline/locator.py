@@ -62,6 +62,11 @@ class LocatorConfig:
   # Weight of the score map's entropy (over log of its cells) in the loss: it keeps the map
   # one peak (see the module docstring).
   entropy_weight: float = 0.1
+  # The entropy weight rises linearly from 0 over this many updates: a map that peaks before
+  # it has learnt to follow the player stays on whatever it peaked on.
+  # (On BonkArena's scripted videos without it, the desert palette's map settled on a HUD
+  # mark; with 500 of 1,000 updates it follows the player in both palettes.)
+  entropy_warmup: int = 500
   sharpness: float = 30.0  # scales the scores: a near-flat map barely feels the entropy
   lr: float = 1e-3
 
@@ -121,7 +126,8 @@ def locate(params, cfg: LocatorConfig, frames: jax.Array, soft: bool = False) ->
   return LocatorNet(cfg).apply(params, frames, soft)
 
 
-def loss(params, cfg: LocatorConfig, first: jax.Array, last: jax.Array, moves: jax.Array):
+def loss(params, cfg: LocatorConfig, first: jax.Array, last: jax.Array, moves: jax.Array,
+         entropy_weight: jax.Array | float | None = None):
   """The moves' variance left after the best linear map from the location change (first →
   last) to the summed moves f32[B, C], as a fraction of their variance; metrics also carry
   the fitted map's gain (the location change per unit of move, a sanity check on scale)."""
@@ -136,7 +142,8 @@ def loss(params, cfg: LocatorConfig, first: jax.Array, last: jax.Array, moves: j
   spread = jnp.sum(jnp.square(moves - moves.mean(0))) + 1e-6
   unexplained = jnp.sum(jnp.square(residual)) / spread
   entropy = 0.5 * jnp.mean(end_entropy + start_entropy)
-  return unexplained + cfg.entropy_weight * entropy, {
+  weight = cfg.entropy_weight if entropy_weight is None else entropy_weight
+  return unexplained + weight * entropy, {
       "explained": 1.0 - unexplained, "entropy": entropy,
       "mean_change": jnp.mean(jnp.linalg.norm(change, axis=-1))}
 
@@ -144,7 +151,8 @@ def loss(params, cfg: LocatorConfig, first: jax.Array, last: jax.Array, moves: j
 @functools.partial(jax.jit, donate_argnums=0)
 def update(state: LocatorState, first: jax.Array, last: jax.Array, moves: jax.Array):
   (value, metrics), grads = jax.value_and_grad(loss, has_aux=True)(
-      state.params, state.cfg, first, last, moves)
+      state.params, state.cfg, first, last, moves,
+      state.cfg.entropy_weight * jnp.minimum(1.0, state.step / max(state.cfg.entropy_warmup, 1)))
   updates, opt_state = optax.adam(state.cfg.lr).update(grads, state.opt_state, state.params)
   return state.replace(params=optax.apply_updates(state.params, updates), opt_state=opt_state,
                        step=state.step + 1), dict(metrics, loss=value)

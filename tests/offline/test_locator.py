@@ -108,7 +108,7 @@ def _drawn_videos(rng, count=4, length=40):
 def test_locator_finds_the_sprite_that_moves_as_the_actions_say():
   rng = np.random.default_rng(0)
   videos, moves, places = _drawn_videos(rng)
-  cfg = locator.LocatorConfig(channels=(8, 8), gap=4, lr=3e-3)
+  cfg = locator.LocatorConfig(channels=(8, 8), gap=4, lr=3e-3, entropy_warmup=100)
   state = locator.init(jax.random.PRNGKey(0), cfg, (SIZE, SIZE, 3))
   frames = np.concatenate(videos)
   truth = np.concatenate(places)
