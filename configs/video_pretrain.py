@@ -119,5 +119,5 @@ def get_config(arg: str | None = None):
     cfg.world_model_steps = cfg.dream_steps = 10
     cfg.fast_compile = True
     cfg.log_every = 5
-    cfg.eval.update(episodes=2, max_steps=50, bc_episodes=2)
+    cfg.eval.update(episodes=2, max_steps=50, bc_episodes=2, probe_episodes=1, probe_steps=50)
   return cfg

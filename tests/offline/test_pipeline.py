@@ -181,6 +181,12 @@ def test_every_phase_runs_and_writes_the_upstream_layout(finished_run):
   assert report["video_reward"]["all"]["windows"] == 2 * (
       cfg.ground_truth.time_limit // cfg.eval.reward_window)
   assert 1.0 <= report["skills"]["perplexity"] <= cfg.skills.num_codes
+  # The reward probes: random play and a constant move, one game per look each.
+  for policy in ("random", "constant_move"):
+    probe = report["reward_probes"][policy]
+    assert probe["games"] == len(cfg.ground_truth.variants)
+    assert np.isfinite(probe["video_return_mean"]) and probe["wall_term_mean"] <= 0.0
+  assert report["reward_probes"]["random"]["wall_term_mean"] > -0.5  # rarely at a wall
   # The behaviour-cloned policy imitated the training videos (every one scripted), and is
   # played against the scripted policy and random play, one game per look.
   played_bc = report["bc"]

@@ -162,6 +162,10 @@ def base_config() -> ml_collections.ConfigDict:
   cfg.eval.max_steps = 1500
   cfg.eval.speed_bins = (0.05, 0.25)  # player speed (world units / frame) bin edges
   cfg.eval.reward_window = 15  # steps per window when video and true returns are compared
+  # Reward probes: games a look of random play and of a constant move into a wall, scored
+  # by the reward model (0: none), and their step cap.
+  cfg.eval.probe_episodes = 3
+  cfg.eval.probe_steps = 600
   return cfg
 
 

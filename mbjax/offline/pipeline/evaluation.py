@@ -1,6 +1,6 @@
 """The pipeline's measurements against ground truth and the `eval` phase that writes them to
 `report.json` and prints them as a table: IDM accuracy and movement R² per group of frames,
-deaths found in the held-out videos, the video reward against the game's own reward and the
+deaths found in the held-out videos, the video reward against the game's own reward (and on play it must not pay for) and the
 progress scores' rank correlation with true progress on held-out episodes, skill-token
 perplexity, the behaviour-cloned policy against its demonstrator and random play, and the
 dream policy's return in BonkArena (measured by the `dream` phase).
@@ -311,6 +311,54 @@ def evaluate_video_reward(ws: Workspace, cfg) -> dict:
   return {"video_reward": summary}
 
 
+def evaluate_reward_probes(ws: Workspace, cfg) -> dict:
+  """The video reward of play it must not pay for, against random play, in BonkArena drawn
+  like the videos: `eval.probe_episodes` games a look of random play and of a constant move
+  (which pins the player to a wall, 0.05 a step), each `eval.probe_steps` at most. Per
+  policy: the true and the video return (the reward model's f(end) − f(start)) and the
+  wall term, mean over games; a video return that does not fall with the wall term is a
+  reward a wall-pinning policy can exploit."""
+  if not model_exists(ws.model_dir("reward")):
+    return {"reward_probes": "no reward model"}
+  if not cfg.ground_truth.enabled or not cfg.eval.probe_episodes:
+    return {"reward_probes": "probes need the BonkArena ground-truth set-up"}
+  from mbjax.envs.bonk_arena import random_policy, rewards, rollout  # validation
+  from mbjax.envs.spaces import HybridAction
+  params, reward_cfg, _ = load_reward(ws, cfg)
+  spec = action_spec(cfg)
+
+  def constant_move(key, obs, mask):
+    del key, obs, mask
+    return HybridAction(jnp.full((spec.continuous_dim,), 0.5).at[0].set(1.0),
+                        jnp.zeros((spec.num_branches,), jnp.int32))
+
+  played = {"random": [], "constant_move": []}
+  options = config_lib.compiler_options(cfg)
+  for look_index, look in enumerate(cfg.ground_truth.variants):
+    env, to_frame = video_env(cfg, look)
+    env_params = env.default_params()
+    weights = np.asarray(env_params.reward_weights, np.float64)
+    for name, policy in (("random", random_policy), ("constant_move", constant_move)):
+      play = jax.jit(lambda key: rollout.play_episode(
+          env, env_params, policy, key, with_frames=True, num_steps=cfg.eval.probe_steps),
+                     compiler_options=options)
+      for game in range(cfg.eval.probe_episodes):
+        episode = jax.device_get(play(jax.random.PRNGKey(cfg.seed * 1000 + look_index * 100
+                                                         + game)))
+        length = int(np.sum(episode.valid))
+        frames = np.asarray(to_frame(episode.frames[:length]))
+        progress = reward_lib.score(params, reward_cfg, frames)
+        terms = np.sum(np.asarray(episode.reward_terms[:length], np.float64), 0) * weights
+        played[name].append((float(np.sum(episode.rewards[:length])),
+                             float(progress[-1] - progress[0]) * cfg.reward.scale,
+                             float(terms[rewards.REWARD_TERMS.index("wall")])))
+  return {"reward_probes": {
+      name: {"games": len(games), "true_return_mean": float(np.mean([g[0] for g in games])),
+             "video_return_mean": float(np.mean([g[1] for g in games])),
+             "wall_term_mean": float(np.mean([g[2] for g in games]))}
+      for name, games in played.items()}}
+
+
 def evaluate_rewards(ws: Workspace, cfg) -> dict:
   """Spearman rank correlation of each held-out episode's progress scores with its true
   progress and with time; per source look (camera:palette@size, or atari_<game>), per
@@ -371,7 +419,8 @@ def evaluate_skills(ws: Workspace, cfg) -> dict:
 def evaluate(ws: Workspace, cfg) -> dict:
   """The `eval` phase: every measurement above, and each finished phase's seconds."""
   report = {**evaluate_idm(ws, cfg), **evaluate_deaths(ws, cfg),
-            **evaluate_video_reward(ws, cfg), **evaluate_rewards(ws, cfg),
+            **evaluate_video_reward(ws, cfg), **evaluate_reward_probes(ws, cfg),
+            **evaluate_rewards(ws, cfg),
             **evaluate_skills(ws, cfg), **evaluate_bc(ws, cfg)}
   report["dream"] = ws.record.get("dream", {}).get("evaluation", "dream phase not run")
   report["throughput"] = {phase: info["seconds"] for phase, info in ws.record.items()
@@ -413,6 +462,12 @@ def format_report(report: dict) -> str:
     if "all" in video_reward:
       add(f"video vs true episode return ({video_reward['all']['episodes']} episodes)",
           video_reward["all"]["episode_spearman"])
+  probes = report.get("reward_probes")
+  if isinstance(probes, dict):
+    for policy, entry in probes.items():
+      add(f"{policy} play: true / video return, wall term",
+          f"{entry['true_return_mean']:+.2f} / {entry['video_return_mean']:+.2f}, "
+          f"{entry['wall_term_mean']:+.2f} ({entry['games']} games)")
   reward = report.get("reward")
   if isinstance(reward, dict):
     for look, entry in reward.items():
