@@ -29,7 +29,7 @@ the arena), the view a follow camera would have shown.
 
 API (`LocatorConfig` is hashable, a static field of `LocatorState`):
   init(key, cfg, frame_shape) -> LocatorState
-  locate(params, cfg, frames u8[N, H, W, 3]) -> f32[N, 2]
+  locate(params, cfg, frames u8[N, H, W, 3]) -> f32[N, 2]  (soft=True: (soft-argmax, entropy))
   loss(params, cfg, first u8[B, H, W, 3], last u8[B, H, W, 3], moves f32[B, C]) ->
        (loss, metrics)
   update(state, first, last, moves) -> (state, metrics)
@@ -89,8 +89,8 @@ class LocatorNet(nn.Module):
     chex.assert_rank(frames, 4)
     x = frames.astype(jnp.float32) / 255.0
     x = nn.relu(nn.Conv(self.cfg.channels[0], (2, 2), strides=2, name="stem")(x))
-    for i, width in enumerate(self.cfg.channels[1:]):
-      x = nn.relu(nn.Conv(width, (3, 3), name=f"conv_{i}")(x))
+    for i, features in enumerate(self.cfg.channels[1:]):
+      x = nn.relu(nn.Conv(features, (3, 3), name=f"conv_{i}")(x))
     scores = self.cfg.sharpness * nn.Conv(1, (1, 1), name="score")(x)[..., 0]  # [N, h, w]
     n, h, w = scores.shape
     weights = jax.nn.softmax(scores.reshape(n, h * w), -1).reshape(n, h, w)
@@ -122,7 +122,7 @@ def init(key: jax.Array, cfg: LocatorConfig, frame_shape: tuple[int, int, int]) 
   return LocatorState(params, optax.adam(cfg.lr).init(params), jnp.zeros((), jnp.int32), cfg)
 
 
-def locate(params, cfg: LocatorConfig, frames: jax.Array, soft: bool = False) -> jax.Array:
+def locate(params, cfg: LocatorConfig, frames: jax.Array, soft: bool = False):
   return LocatorNet(cfg).apply(params, frames, soft)
 
 
