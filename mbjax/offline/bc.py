@@ -197,9 +197,8 @@ def with_locator(state: BCState, locator_params) -> BCState:
   if not state.cfg.crop_fraction:
     raise ValueError("BCConfig.crop_fraction is 0: the policy has no locator")
   fitted = locator_params["params"]
-  if (jax.tree.structure(state.params["params"]["locator"]) != jax.tree.structure(fitted)
-      or any(a.shape != b.shape for a, b in zip(
-          jax.tree.leaves(state.params["params"]["locator"]), jax.tree.leaves(fitted)))):
+  shapes = lambda tree: jax.tree.map(jnp.shape, tree)
+  if shapes(state.params["params"]["locator"]) != shapes(fitted):
     raise ValueError("the fitted locator's parameters do not match BCConfig.locator_channels")
   params = dict(state.params, params=dict(state.params["params"], locator=fitted))
   return state.replace(params=params, opt_state=make_optimizer(state.cfg).init(params))

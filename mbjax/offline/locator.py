@@ -158,9 +158,12 @@ def update(state: LocatorState, first: jax.Array, last: jax.Array, moves: jax.Ar
                        step=state.step + 1), dict(metrics, loss=value)
 
 
-def windows(moves: Sequence[np.ndarray], valid: Sequence[np.ndarray], gap: int) -> np.ndarray:
+def windows(moves: Sequence[np.ndarray], valid: Sequence[np.ndarray] | None,
+            gap: int) -> np.ndarray:
   """i64[N, 2] (video index, first frame) of every `gap`-frame window whose moves are all
-  valid (the move of frame t is made between frames t and t + 1)."""
+  valid (the move of frame t is made between frames t and t + 1; `valid` None: all are)."""
+  if valid is None:
+    valid = [np.ones(len(m), bool) for m in moves]
   found = []
   for v, (video_moves, video_valid) in enumerate(zip(moves, valid)):
     if len(video_valid) != len(video_moves):
@@ -174,11 +177,12 @@ def windows(moves: Sequence[np.ndarray], valid: Sequence[np.ndarray], gap: int) 
 
 
 def fit(state: LocatorState, videos: Sequence[np.ndarray], moves: Sequence[np.ndarray],
-        valid: Sequence[np.ndarray], num_steps: int, rng: np.random.Generator,
+        valid: Sequence[np.ndarray] | None, num_steps: int, rng: np.random.Generator,
         batch: int = 32, log_fn: Callable[[int, dict], None] | None = None,
         log_every: int = 50):
   """`num_steps` updates on pairs of frames `gap` apart drawn uniformly from the videos'
-  valid windows: videos uint8[T, H, W, 3], moves f32[T, C] and valid bool[T] per video;
+  valid windows: videos uint8[T, H, W, 3], moves f32[T, C] and valid bool[T] per video
+  (`valid` None: every move is);
   returns (state, last metrics as floats)."""
   gap = state.cfg.gap
   found = windows(moves, valid, gap)

@@ -1,9 +1,10 @@
 """The pipeline's measurements against ground truth and the `eval` phase that writes them to
 `report.json` and prints them as a table: IDM accuracy and movement R² per group of frames,
-deaths found in the held-out videos, the video reward against the game's own reward (and on play it must not pay for) and the
-progress scores' rank correlation with true progress on held-out episodes, skill-token
-perplexity, the behaviour-cloned policy against its demonstrator and random play, and the
-dream policy's return in BonkArena (measured by the `dream` phase).
+deaths found in the held-out videos, the video reward against the game's own reward (and on
+play it must not pay for) and the progress scores' rank correlation with true progress on
+held-out episodes, skill-token perplexity, the behaviour-cloned policy against its
+demonstrator and random play, and the dream policy's return in BonkArena (measured by the
+`dream` phase).
 """
 from __future__ import annotations
 

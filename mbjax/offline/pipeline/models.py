@@ -339,7 +339,7 @@ def _fit_locator(state, cfg, chunk_episodes, frames, actions, spec):
   fitted = locator_lib.init(jax.random.PRNGKey(cfg.seed + 1), locator_cfg, frame_shape(cfg))
   moves = [np.clip(actions[i][:, :spec.continuous_dim], -1.0, 1.0) for i in chosen]
   fitted, metrics = locator_lib.fit(
-      fitted, [frames[i] for i in chosen], moves, [np.ones(len(m), bool) for m in moves],
+      fitted, [frames[i] for i in chosen], moves, None,
       cfg.bc.locator_steps, np.random.default_rng(cfg.seed + 1), cfg.bc.locator_batch,
       log_fn=lambda step, m: logging.info("bc_train locator %d/%d: %s", step,
                                           cfg.bc.locator_steps, m),
