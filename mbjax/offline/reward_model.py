@@ -11,6 +11,16 @@
   return is f(end) − f(start), and the labelled 10% teaches it what the other 90% shows.
   Pairs get the same colour shuffle and brightness (`augment`) so a palette cannot stand in
   for the HUD.
+  A potential cannot charge for time spent in a state whose frames repeat (holding a move
+  into a wall, idling in a menu: f(x[t+k]) − f(x[t]) = 0 there). With `rate`, a second head
+  g(x) pays a rate per frame: rewards[t] = f(x[t+1]) − f(x[t]) + g(x[t]), and a pair's
+  predicted return is f(end) − f(start) + Σ g over its k steps. The sum is estimated from
+  one frame drawn inside the pair, k·g(x_u), and a squared error of a noisy estimate would
+  also penalise g's spread inside the window (E[(e + noise)²] = e² + var), smearing g
+  toward the window's mean; so each pair draws two frames u, v and the loss is the
+  double-sampling surrogate ½[ψ(sg e_v)·e_u + ψ(sg e_u)·e_v], e = predicted − true return,
+  ψ the Huber gradient (Baird 1995): its gradient is the Huber loss's on the exact sum
+  wherever the residuals are within `huber_delta`, and unbiased there.
 - "progress" (upstream MetaBonk's, label-free): Bradley–Terry ranking,
   P(better ranks above worse) = σ(f(x_better) − f(x_worse)) (Bradley & Terry 1952), over
   - progress pairs, "later is better": frames i < j of one life (an episode, chunk or the
@@ -30,18 +40,21 @@ dense(tanh(z)), upstream's head. uint8 frames are converted inside the jit.
 
 API (`RewardConfig` is hashable and a static field of `RewardState`):
   init(key, cfg, frame_shape) -> RewardState
-  update(state, pairs u8[B, 2, H, W, 3], returns f32[B] | None) -> (state, metrics)
-    progress: [:, 0] ranks below [:, 1]; returns: the game's return from [:, 0] to [:, 1]
+  update(state, pairs u8[B, 2 | 4, H, W, 3], returns f32[B] | None, gaps f32[B] | None)
+    -> (state, metrics). progress: [:, 0] ranks below [:, 1]; returns: the game's return
+    from [:, 0] to [:, 1], `gaps` steps apart; with `rate`, [:, 2:4] are two frames drawn
+    from the pair's steps (the rate samples)
   score(params, cfg, frames u8[T, H, W, 3]) -> progress f32[T]   (fixed jitted pieces)
-  embed(params, cfg, frames) -> (z f32[T, D], progress f32[T])
-  rewards_from_progress(progress, scale) -> rewards f32[T]
+  embed(params, cfg, frames) -> (z f32[T, D], progress f32[T], rate f32[T])
+  video_rewards(params, cfg, frames, scale) -> (progress f32[T], rewards f32[T])
+  rewards_from_progress(progress, scale, rate=None) -> rewards f32[T]
   sample_pairs / sample_death_pairs / sample_training_pairs / sample_return_pairs / fit:
     host-side pair sampling and a training loop (pairs augmented by
     `deaths.augment_colours`).
   spearman(a, b): rank correlation, for evaluating progress against the truth.
 
-Reward alignment: `rewards[t] = (progress[t+1] − progress[t]) · scale` and the last reward
-is 0 — reward t is the outcome of the action chosen on frame t, as in the environment's
+Reward alignment: `rewards[t] = (progress[t+1] − progress[t] + rate[t]) · scale` and the
+last reward is 0 — reward t is the outcome of the action chosen on frame t, as in the environment's
 recordings and the chunk layout (`mbjax/offline/chunks.py`), and as upstream labels it.
 """
 from __future__ import annotations
@@ -77,6 +90,7 @@ class RewardConfig:
   pool: str = "mean"  # "mean" (position-invariant) or "flatten"
   return_gap: int = 16  # returns: the frames of a pair are 1…return_gap apart
   huber_delta: float = 1.0  # returns: Huber loss threshold, in reward units
+  rate: bool = False  # returns: a per-frame rate g(x) beside the potential (see above)
   # Both frames of a pair get one channel permutation and one brightness factor.
   augment: bool = True
   min_gap: int = 1  # frames between the two frames of a progress pair, at least
@@ -95,6 +109,9 @@ class RewardConfig:
     if self.return_gap < 1 or self.huber_delta <= 0:
       raise ValueError(f"RewardConfig: return_gap must be >= 1 and huber_delta > 0, got "
                        f"{self.return_gap}, {self.huber_delta}")
+    if self.rate and self.objective != "returns":
+      raise ValueError("RewardConfig.rate is a term of the returns objective; got "
+                       f"objective={self.objective!r}")
     if self.min_gap < 1:
       raise ValueError(f"RewardConfig.min_gap must be >= 1, got {self.min_gap}")
     if self.death_window < 0 or not 0.0 <= self.death_fraction < 1.0:
@@ -108,10 +125,16 @@ class ProgressNet(nn.Module):
 
   @nn.compact
   def __call__(self, frames: jax.Array):
-    """uint8 [N, H, W, 3] → (embedding z f32[N, D], score f32[N])."""
+    """uint8 [N, H, W, 3] → (embedding z f32[N, D], score f32[N], rate f32[N]); the rate is
+    0 without `cfg.rate`."""
     cfg = self.cfg
     z = FrameEncoder(cfg.stem, cfg.channels, cfg.embed_dim, cfg.pool, name="encoder")(frames)
-    return z, nn.Dense(1, name="score")(jnp.tanh(z))[:, 0]
+    features = jnp.tanh(z)
+    score = nn.Dense(1, name="score")(features)[:, 0]
+    # Starts at 0: a rate is paid every frame, so an untrained one would drift the returns.
+    rate = (nn.Dense(1, kernel_init=nn.initializers.zeros, name="rate")(features)[:, 0]
+            if cfg.rate else jnp.zeros_like(score))
+    return z, score, rate
 
 
 @flax.struct.dataclass
@@ -145,17 +168,39 @@ def return_loss(predicted: jax.Array, returns: jax.Array, delta: float) -> jax.A
   return jnp.mean(optax.huber_loss(predicted, returns, delta=delta))
 
 
-def loss(params, cfg: RewardConfig, pairs: jax.Array, returns: jax.Array | None = None):
-  b = pairs.shape[0]
-  chex.assert_shape(pairs, (b, 2, None, None, 3))
-  _, scores = ProgressNet(cfg).apply(params, pairs.reshape((2 * b,) + pairs.shape[2:]))
-  scores = scores.reshape(b, 2)
+def double_sampled_return_loss(margin: jax.Array, rate_sums: jax.Array, returns: jax.Array,
+                               delta: float) -> jax.Array:
+  """Mean ½[ψ(sg e_v)·e_u + ψ(sg e_u)·e_v] with e = margin + rate_sums[:, i] − returns for
+  the two independent estimates i = u, v of the rate's sum (f32[B, 2]), ψ = clip(·, ±delta),
+  the Huber loss's gradient: a surrogate whose gradient is unbiased where |e| ≤ delta."""
+  errors = margin[:, None] + rate_sums - returns[:, None]
+  slopes = jax.lax.stop_gradient(jnp.clip(errors, -delta, delta))
+  return jnp.mean(0.5 * (slopes[:, 1] * errors[:, 0] + slopes[:, 0] * errors[:, 1]))
+
+
+def loss(params, cfg: RewardConfig, pairs: jax.Array, returns: jax.Array | None = None,
+         gaps: jax.Array | None = None):
+  b, frames_per_item = pairs.shape[:2]
+  chex.assert_shape(pairs, (b, 4 if cfg.rate else 2, None, None, 3))
+  _, scores, rates = ProgressNet(cfg).apply(
+      params, pairs.reshape((b * frames_per_item,) + pairs.shape[2:]))
+  scores, rates = scores.reshape(b, -1), rates.reshape(b, -1)
   margin = scores[:, 1] - scores[:, 0]
   if cfg.objective == "returns":
     chex.assert_shape(returns, (b,))
-    return return_loss(margin, returns, cfg.huber_delta), {
-        "return_error": jnp.mean(jnp.abs(margin - returns)),
+    if not cfg.rate:
+      return return_loss(margin, returns, cfg.huber_delta), {
+          "return_error": jnp.mean(jnp.abs(margin - returns)),
+          "return_mean": jnp.mean(returns),
+      }
+    chex.assert_shape(gaps, (b,))
+    rate_sums = gaps[:, None] * rates[:, 2:4]
+    predicted = margin + jnp.mean(rate_sums, axis=1)
+    return double_sampled_return_loss(margin, rate_sums, returns, cfg.huber_delta), {
+        "return_error": jnp.mean(jnp.abs(predicted - returns)),
         "return_mean": jnp.mean(returns),
+        "rate_mean": jnp.mean(rates[:, 2:4]),
+        "rate_share": jnp.mean(jnp.abs(rate_sums)) / (jnp.mean(jnp.abs(margin)) + 1e-6),
     }
   return bradley_terry_loss(scores[:, 0], scores[:, 1]), {
       "pair_accuracy": jnp.mean((margin > 0).astype(jnp.float32)),
@@ -164,11 +209,13 @@ def loss(params, cfg: RewardConfig, pairs: jax.Array, returns: jax.Array | None 
 
 
 @functools.partial(jax.jit, donate_argnums=0)
-def update(state: RewardState, pairs: jax.Array, returns: jax.Array | None = None):
+def update(state: RewardState, pairs: jax.Array, returns: jax.Array | None = None,
+           gaps: jax.Array | None = None):
   """One AdamW step on pairs uint8[B, 2, H, W, 3]: "progress", [:, 0] ranks below [:, 1];
-  "returns", `returns` f32[B] is the game's return from frame [:, 0] to frame [:, 1]."""
+  "returns", `returns` f32[B] is the game's return from frame [:, 0] to frame [:, 1]; with
+  `rate`, pairs carry two more frames, [:, 2:4], drawn from the pair's `gaps` f32[B] steps."""
   (value, metrics), grads = jax.value_and_grad(loss, has_aux=True)(state.params, state.cfg,
-                                                                   pairs, returns)
+                                                                   pairs, returns, gaps)
   updates, opt_state = make_optimizer(state.cfg).update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   metrics = dict(metrics, loss=value, grad_norm=optax.tree.norm(grads))
@@ -180,24 +227,23 @@ def _embed_piece(params, cfg: RewardConfig, frames):
   return ProgressNet(cfg).apply(params, frames)
 
 
-def embed(params, cfg: RewardConfig, frames) -> tuple[np.ndarray, np.ndarray]:
-  """uint8[T, H, W, 3] → (embeddings z f32[T, D], progress f32[T]), jitted in fixed pieces
-  of `cfg.score_batch` frames (the last piece padded by repeating its last frame)."""
+def embed(params, cfg: RewardConfig, frames) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """uint8[T, H, W, 3] → (embeddings z f32[T, D], progress f32[T], rate f32[T]), jitted in
+  fixed pieces of `cfg.score_batch` frames (the last piece padded by repeating its last
+  frame)."""
   frames = np.asarray(frames)
   if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8 or not len(frames):
     raise ValueError(f"frames must be uint8[T >= 1, H, W, 3], got {frames.dtype}"
                      f"{list(frames.shape)}")
   piece = cfg.score_batch
-  zs, scores = [], []
+  pieces = []
   for start in range(0, frames.shape[0], piece):
     chunk = frames[start:start + piece]
     if chunk.shape[0] < piece:
       chunk = np.concatenate([chunk, np.repeat(chunk[-1:], piece - chunk.shape[0], 0)])
-    z, s = _embed_piece(params, cfg, chunk)
     n = min(piece, frames.shape[0] - start)
-    zs.append(np.asarray(z)[:n])
-    scores.append(np.asarray(s)[:n])
-  return np.concatenate(zs), np.concatenate(scores)
+    pieces.append([np.asarray(out)[:n] for out in _embed_piece(params, cfg, chunk)])
+  return tuple(np.concatenate(column) for column in zip(*pieces))
 
 
 def score(params, cfg: RewardConfig, frames) -> np.ndarray:
@@ -205,13 +251,24 @@ def score(params, cfg: RewardConfig, frames) -> np.ndarray:
   return embed(params, cfg, frames)[1]
 
 
-def rewards_from_progress(progress, scale: float = 1.0) -> np.ndarray:
-  """rewards[t] = (progress[t+1] − progress[t]) · scale, rewards[T−1] = 0 (f32[T])."""
+def video_rewards(params, cfg: RewardConfig, frames,
+                  scale: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+  """(progress f32[T], rewards f32[T]) of a video uint8[T, H, W, 3], the rate included."""
+  _, progress, rate = embed(params, cfg, frames)
+  return progress, rewards_from_progress(progress, scale, rate)
+
+
+def rewards_from_progress(progress, scale: float = 1.0, rate=None) -> np.ndarray:
+  """rewards[t] = (progress[t+1] − progress[t] + rate[t]) · scale, rewards[T−1] = 0
+  (f32[T]; no rate: 0)."""
   progress = np.asarray(progress, np.float32)
   if progress.ndim != 1:
     raise ValueError(f"progress must be f32[T], got shape {progress.shape}")
+  rate = np.zeros_like(progress) if rate is None else np.asarray(rate, np.float32)
+  if rate.shape != progress.shape:
+    raise ValueError(f"rate must match progress {progress.shape}, got {rate.shape}")
   rewards = np.zeros_like(progress)
-  rewards[:-1] = np.diff(progress) * np.float32(scale)
+  rewards[:-1] = (np.diff(progress) + rate[:-1]) * np.float32(scale)
   return rewards
 
 
@@ -312,6 +369,7 @@ def fit(state: RewardState, episodes: Sequence[np.ndarray], num_steps: int,
     state = jax.device_put(state, NamedSharding(data_sharding.mesh, P()))
   metrics = {}
   for step in range(num_steps):
+    returns = gaps = None
     if cfg.objective == "returns":
       ids, first, second = sample_return_pairs(rng, lengths, batch, cfg.return_gap)
       returns = np.array([cumulative[e][j] - cumulative[e][i]
@@ -319,12 +377,16 @@ def fit(state: RewardState, episodes: Sequence[np.ndarray], num_steps: int,
       returns = jax.device_put(returns, data_sharding)
     else:
       ids, first, second = sample_training_pairs(rng, lengths, died, batch, cfg)
-      returns = None
-    pairs = np.stack([np.stack([episodes[e][i], episodes[e][j]])
-                      for e, i, j in zip(ids, first, second)])
+    indices = [first, second]
+    if cfg.rate:  # two frames drawn from each pair's steps first … second − 1
+      indices += [first + (rng.random(batch) * (second - first)).astype(np.int64)
+                  for _ in range(2)]
+      gaps = jax.device_put((second - first).astype(np.float32), data_sharding)
+    pairs = np.stack([np.stack([episodes[e][i] for i in item])
+                      for e, *item in zip(ids, *indices)])
     if cfg.augment:
       pairs = deaths_lib.augment_colours(rng, pairs)
-    state, metrics = update(state, jax.device_put(pairs, data_sharding), returns)
+    state, metrics = update(state, jax.device_put(pairs, data_sharding), returns, gaps)
     if log_fn is not None and (step + 1) % log_every == 0:
       log_fn(step + 1, jax.tree.map(float, metrics))
   return state, jax.tree.map(float, metrics)

@@ -2,6 +2,7 @@
 synthetic progress, the returns objective learns the potential of a synthetic HUD from a
 labelled subset, and the sampling/augmentation/scoring/Spearman helpers match hand-computed
 values."""
+import dataclasses
 import itertools
 
 import jax
@@ -26,6 +27,27 @@ def test_return_loss_by_hand():
   # Huber, δ = 1: |0 − 0.5| = 0.5 → 0.5 · 0.5² = 0.125; |3 − 0| = 3 → 1 · (3 − 0.5) = 2.5.
   loss = rm.return_loss(jnp.array([0.0, 3.0]), jnp.array([0.5, 0.0]), delta=1.0)
   assert float(loss) == pytest.approx((0.125 + 2.5) / 2, rel=1e-6)
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_double_sampled_return_loss_by_hand(jit):
+  # Pair 0: errors 1 + (0.5, 1.5) − 1 = (0.5, 1.5), slopes ψ = (0.5, 1) → ½(1·0.5 + 0.5·1.5)
+  # = 0.625. Pair 1: errors (−3, 0), slopes (−1, 0) → ½(0·(−3) + (−1)·0) = 0.
+  fn = jax.jit(rm.double_sampled_return_loss, static_argnums=3) if jit else \
+      rm.double_sampled_return_loss
+  margin, sums, returns = jnp.array([1.0, 0.0]), jnp.array([[0.5, 1.5], [-3.0, 0.0]]), \
+      jnp.array([1.0, 0.0])
+  assert float(fn(margin, sums, returns, 1.0)) == pytest.approx(0.3125)
+  # Each estimate's gradient is scaled by the other's slope: ∂/∂sums = ½ (1, 0.5), ½ (0, −1),
+  # over 2 pairs; ∂/∂margin = ½ (1.5, −1) / 2.
+  d_margin, d_sums = jax.grad(fn, argnums=(0, 1))(margin, sums, returns, 1.0)
+  np.testing.assert_allclose(d_sums, [[0.25, 0.125], [0.0, -0.25]])
+  np.testing.assert_allclose(d_margin, [0.375, -0.25])
+  # Two equal estimates: the Huber loss's own gradient.
+  same = jnp.array([[0.5, 0.5], [-3.0, -3.0]])
+  np.testing.assert_allclose(
+      jax.grad(fn)(margin, same, returns, 1.0),
+      jax.grad(lambda m: rm.return_loss(m + same[:, 0], returns, 1.0))(margin))
 
 
 def hud_episode(rng: np.random.Generator, length: int):
@@ -60,6 +82,39 @@ def test_returns_objective_learns_the_hud_potential():
   # 0.25–0.58.
   assert rm.spearman(windows(video), windows(rewards)) > 0.7, metrics
   assert np.mean(np.abs(video - rewards)) < 0.06, metrics
+
+
+def stuck_episode(rng: np.random.Generator, length: int):
+  """`hud_episode` where the player is also stuck on some steps (runs of 3–12): a mark in
+  the bottom-left corner shows it and each stuck step costs 0.1 more, as holding a move into
+  a wall does, while the HUD shows nothing of it."""
+  frames, rewards = hud_episode(rng, length)
+  stuck = np.zeros(length, bool)
+  for start in rng.choice(length, size=length // 15, replace=False):
+    stuck[start:start + rng.integers(3, 13)] = True
+  frames[stuck, -4:, :4, 1] = 220
+  return frames, rewards - 0.1 * stuck, stuck
+
+
+@pytest.mark.slow
+def test_the_rate_pays_for_time_in_a_state_the_potential_cannot_see():
+  cfg = dataclasses.replace(RETURNS, rate=True)
+  rng = np.random.default_rng(0)
+  train = [stuck_episode(rng, 60) for _ in range(6)]
+  state = rm.init(jax.random.PRNGKey(0), cfg, (16, 16, 3))
+  state, metrics = rm.fit(state, [e[0] for e in train], 600, np.random.default_rng(1),
+                          batch=32, rewards=[e[1] for e in train])
+  frames, rewards, stuck = stuck_episode(rng, 90)
+  _, _, rate = rm.embed(state.params, cfg, frames)
+  _, video = rm.video_rewards(state.params, cfg, frames)
+  # Seeds 0–2 (data and net): rate −0.095 / −0.100 / −0.113 on stuck frames, 0.004 / 0.004 /
+  # −0.007 on the others; 6-step windows ρ 0.98 / 0.99 / 0.88; the episode's return off by
+  # 0.39 / 0.20 / 0.74 (30–43 stuck steps). Without the rate: ρ 0.58 / 0.64 / 0.57, the
+  # return off by 3.7 / 3.9 / 2.5.
+  assert np.mean(rate[stuck]) < -0.06 and abs(np.mean(rate[~stuck])) < 0.02, metrics
+  windows = lambda r: r[:90].reshape(-1, 6).sum(1)
+  assert rm.spearman(windows(video), windows(rewards)) > 0.7, metrics
+  assert np.sum(video) == pytest.approx(np.sum(rewards), abs=0.25 + 0.03 * np.sum(stuck))
 
 
 def test_return_pairs_lie_within_an_episode_and_the_gap():
@@ -114,14 +169,19 @@ def test_ranking_learns_monotone_progress():
 def test_score_in_pieces_equals_one_pass():
   frames = np.random.default_rng(2).integers(0, 256, (13, 16, 16, 3), dtype=np.uint8)
   state = rm.init(jax.random.PRNGKey(3), TINY, (16, 16, 3))
-  z, progress = rm.embed(state.params, TINY, frames)  # pieces of 8, the last one padded
-  z_ref, progress_ref = rm.ProgressNet(TINY).apply(state.params, frames)
+  z, progress, rate = rm.embed(state.params, TINY, frames)  # pieces of 8, the last padded
+  z_ref, progress_ref, rate_ref = rm.ProgressNet(TINY).apply(state.params, frames)
+  np.testing.assert_array_equal(rate, np.zeros(13))  # no rate head without cfg.rate
+  np.testing.assert_array_equal(rate_ref, np.zeros(13))
   np.testing.assert_allclose(progress, progress_ref, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(z, z_ref, rtol=1e-5, atol=1e-6)
 
 
 def test_rewards_from_progress_by_hand():
   np.testing.assert_allclose(rm.rewards_from_progress([0.0, 1.0, 3.0], scale=2.0), [2, 4, 0])
+  # ((1 − 0) + 0.5) · 2 = 3, ((3 − 1) − 1) · 2 = 2; the last frame's rate is not paid.
+  np.testing.assert_allclose(
+      rm.rewards_from_progress([0.0, 1.0, 3.0], scale=2.0, rate=[0.5, -1.0, 7.0]), [3, 2, 0])
   np.testing.assert_allclose(rm.rewards_from_progress([5.0]), [0])
 
 
@@ -174,6 +234,10 @@ def test_bad_inputs_raise_clear_errors():
     rm.RewardConfig(objective="clock")
   with pytest.raises(ValueError, match="return_gap must be >= 1"):
     rm.RewardConfig(return_gap=0)
+  with pytest.raises(ValueError, match="rate is a term of the returns objective"):
+    rm.RewardConfig(objective="progress", rate=True)
+  with pytest.raises(ValueError, match="rate must match progress"):
+    rm.rewards_from_progress([0.0, 1.0], rate=[0.0])
   state = rm.init(jax.random.PRNGKey(0), RETURNS, (16, 16, 3))
   frames = np.zeros((5, 16, 16, 3), np.uint8)
   with pytest.raises(ValueError, match="needs `rewards`, one f32"):

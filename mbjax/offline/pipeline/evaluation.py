@@ -316,9 +316,9 @@ def evaluate_reward_probes(ws: Workspace, cfg) -> dict:
   """The video reward of play it must not pay for, against random play, in BonkArena drawn
   like the videos: `eval.probe_episodes` games a look of random play and of a constant move
   (which pins the player to a wall, 0.05 a step), each `eval.probe_steps` at most. Per
-  policy: the true and the video return (the reward model's f(end) − f(start)) and the
-  wall term, mean over games; a video return that does not fall with the wall term is a
-  reward a wall-pinning policy can exploit."""
+  policy: the true and the video return (the sum of the rewards `reward_label` would give)
+  and the wall term, mean over games; a video return that does not fall with the wall term
+  is a reward a wall-pinning policy can exploit."""
   if not model_exists(ws.model_dir("reward")):
     return {"reward_probes": "no reward model"}
   if not cfg.ground_truth.enabled or not cfg.eval.probe_episodes:
@@ -348,10 +348,9 @@ def evaluate_reward_probes(ws: Workspace, cfg) -> dict:
                                                          + game)))
         length = int(np.sum(episode.valid))
         frames = np.asarray(to_frame(episode.frames[:length]))
-        progress = reward_lib.score(params, reward_cfg, frames)
+        _, video = reward_lib.video_rewards(params, reward_cfg, frames, cfg.reward.scale)
         terms = np.sum(np.asarray(episode.reward_terms[:length], np.float64), 0) * weights
-        played[name].append((float(np.sum(episode.rewards[:length])),
-                             float(progress[-1] - progress[0]) * cfg.reward.scale,
+        played[name].append((float(np.sum(episode.rewards[:length])), float(np.sum(video)),
                              float(terms[rewards.REWARD_TERMS.index("wall")])))
   return {"reward_probes": {
       name: {"games": len(games), "true_return_mean": float(np.mean([g[0] for g in games])),

@@ -488,16 +488,17 @@ def load_reward(ws: Workspace, cfg) -> tuple[Any, reward_lib.RewardConfig, str]:
 
 
 def reward_label(ws: Workspace, cfg) -> dict:
-  """`progress_scores` and `rewards` = Δprogress × scale, scored over each whole episode
-  (so a chunk's last reward looks at the next chunk's first frame; 0 at the episode's end)."""
+  """`progress_scores` and `rewards` = (Δprogress + rate) × scale, scored over each whole
+  episode (so a chunk's last reward looks at the next chunk's first frame; 0 at the
+  episode's end)."""
   params, reward_cfg, model_id = load_reward(ws, cfg)
 
   def new_arrays(paths, parts):
     del paths
-    progress = reward_lib.score(params, reward_cfg,
-                                np.concatenate([a["observations"] for a in parts]))
-    return _by_chunk(parts, progress_scores=progress,
-                     rewards=reward_lib.rewards_from_progress(progress, cfg.reward.scale))
+    progress, rewards = reward_lib.video_rewards(
+        params, reward_cfg, np.concatenate([a["observations"] for a in parts]),
+        cfg.reward.scale)
+    return _by_chunk(parts, progress_scores=progress, rewards=rewards)
 
   # One unreadable chunk leaves its whole episode unlabelled.
   skipped = Skipped("reward_label")
