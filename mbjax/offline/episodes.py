@@ -234,19 +234,22 @@ def export_chunks(chunk_dir: str, out_dir: str, observation: str = "frames",
   """Every chunk of `chunk_dir` → `out_dir/<chunk name>` (one file per life, `split_lives`),
   resumably; returns the manifest.
 
-  An episode already exported with the same observation kind is skipped. A chunk that
-  cannot be exported (unreadable, unlabelled, non-finite labels) is recorded as skipped
-  with the reason, and the others are still exported.
+  A chunk already exported with the same observation kind, and not rewritten since (its
+  size and modification time: a relabelling phase rewrites the chunk, and its new rewards,
+  actions or deaths must reach the episodes), is skipped; a re-exported chunk's old episode
+  files are replaced. A chunk that cannot be exported (unreadable, unlabelled, non-finite
+  labels) is recorded as skipped with the reason, and the others are still exported.
   """
   os.makedirs(out_dir, exist_ok=True)
   manifest = chunks.load_manifest(out_dir)
-  settings = {"observation": observation}
   for path in chunks.list_chunks(chunk_dir):
     key = os.path.basename(path)
     entry = manifest["sources"].get(key)
-    if (entry and entry.get("status") == "done" and entry.get("settings") == settings
-        and all(os.path.exists(os.path.join(out_dir, name))
-                for name in entry.get("episodes", [key]))):
+    stat = os.stat(path)
+    settings = {"observation": observation, "chunk_stamp": [stat.st_size, stat.st_mtime_ns]}
+    old_names = entry.get("episodes", [key]) if entry and entry.get("status") == "done" else []
+    if (old_names and entry.get("settings") == settings
+        and all(os.path.exists(os.path.join(out_dir, name)) for name in old_names)):
       continue
     try:
       episode = episode_from_chunk(chunks.read_chunk(path), observation, embed_fn, name=path)
@@ -258,6 +261,10 @@ def export_chunks(chunk_dir: str, out_dir: str, observation: str = "frames",
       entry = {"status": "done", "steps": len(episode["reward"]), "episodes": names}
     except (chunks.ChunkError, EpisodeError) as e:
       entry = {"status": "skipped", "reason": str(e), "steps": 0}
+    # Lives of an earlier export that this one no longer has (a death relabelled away).
+    for stale in set(old_names) - set(entry.get("episodes", [])):
+      if os.path.exists(os.path.join(out_dir, stale)):
+        os.remove(os.path.join(out_dir, stale))
     manifest["sources"][key] = {**entry, "settings": settings}
     chunks.save_manifest(out_dir, manifest)
     if progress:

@@ -141,6 +141,17 @@ def test_deaths_become_terminals_and_a_death_inside_a_chunk_splits_its_lives(tmp
   messages = []
   episodes.export_chunks(str(src), str(out), progress=messages.append)
   assert messages == []
+  # A relabelled chunk (new rewards, one death fewer) is exported again; its old lives go.
+  relabelled = labelled_chunk(7, terminals=np.zeros(7, bool))
+  relabelled["rewards"] = relabelled["rewards"] + 1.0
+  chunks.update_chunk(str(src / "demo_a_chunk0000.npz"),
+                      {"rewards": relabelled["rewards"], "terminals": relabelled["terminals"]})
+  manifest = episodes.export_chunks(str(src), str(out))
+  assert manifest["sources"]["demo_a_chunk0000.npz"]["episodes"] == ["demo_a_chunk0000.npz"]
+  assert sorted(os.listdir(out)) == ["demo_a_chunk0000.npz", "demo_b_chunk0000.npz",
+                                     "manifest.json"]
+  np.testing.assert_array_equal(
+      episodes.read_episode(str(out / "demo_a_chunk0000.npz"))["reward"], relabelled["rewards"])
   with pytest.raises(episodes.EpisodeError, match="c.npz: terminals must be bool"):
     episodes.episode_from_chunk(labelled_chunk(5, terminals=np.zeros(4, bool)), name="c.npz")
 
