@@ -346,7 +346,12 @@ def model_update(aux: AuxState, sequence: wm_lib.Sequence, key, *, learners: Lea
     metrics = {}
   wm_params = aux.world_model.params
   trained = jax.tree.map(lambda x: x[burn_in:], sequence)
-  starts = jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]), posts)  # every posterior
+  flat = lambda x: x.reshape((-1,) + x.shape[2:])
+  starts = jax.tree.map(flat, posts)  # every posterior
+
+  def behaviour(nets: dream.Networks):  # the replayed steps' recorded actions
+    return dream.behaviour(starts.features, flat(trained.action), flat(trained.mask),
+                           nets.actor.spec, nets.actor.squash)
 
   if learners.dream is not None:
     replayed = dream.ReplayedReturns(posts.features, trained.reward, trained.terminated,
@@ -355,20 +360,20 @@ def model_update(aux: AuxState, sequence: wm_lib.Sequence, key, *, learners: Lea
         aux.dream, wm_params, starts, dream_key, cfg.dream, nets=learners.dream,
         world_model=learners.world_model,
         reward_fn=dream.world_model_reward(learners.world_model, wm_params),
-        replayed=replayed, axis_name=axis_name, prefix="dream")
+        replayed=replayed, behaviour=behaviour(learners.dream), axis_name=axis_name,
+        prefix="dream")
     metrics.update(dream_metrics)
     aux = aux.replace(dream=dream_state)
 
   if learners.efe is not None:
-    flat = lambda x: x.reshape((-1,) + x.shape[2:])
     preference = efe.update_preference(aux.preference, flat(trained.obs), flat(trained.reward),
                                        cfg.efe, axis_name)
     reward_fn = efe.negative_free_energy_reward(learners.world_model, wm_params, preference,
                                                 cfg.efe)
     efe_state, efe_metrics = dream.update(
         aux.efe, wm_params, starts, efe_key, cfg.efe, nets=learners.efe,
-        world_model=learners.world_model, reward_fn=reward_fn, axis_name=axis_name,
-        prefix="efe")
+        world_model=learners.world_model, reward_fn=reward_fn,
+        behaviour=behaviour(learners.efe), axis_name=axis_name, prefix="efe")
     metrics.update(efe_metrics)
     aux = aux.replace(efe=efe_state, preference=preference)
   return aux, metrics

@@ -11,6 +11,8 @@ v the critic:
   scale       S ← (1 − rate) S + rate (P95(G) − P5(G)),  advantages (G − v(s)) / max(1, S)
   actor       −w (log π(a|s) sg(advantage) + η H[π(·|s)])      (score function, no
               gradient through the dynamics)
+              − bc_scale · log π(a_t|s_t) over the replayed steps, with their recorded
+              actions (`behaviour`; 0 by default)
   critic      w · CE(twohot(G), v(s)) + slow_reg · CE(twohot(v_slow(s)), v(s))
               + replay_scale · CE(twohot(R_t), v(s_t)) on the replayed real trajectory,
   slow critic v_slow ← (1 − τ) v_slow + τ v after every update.
@@ -21,6 +23,13 @@ imagined return G_0 from each replayed state. The critic is a two-hot symlog dis
 is initialised at `outscale` × the usual scale, so the initial policy is near a fixed one
 (uniform choices, a centred Gaussian) without being exactly constant, and its categorical
 choices mix 1% (`unimix`) of the uniform distribution over the allowed choices.
+
+The behaviour term is for data the learner did not collect (the offline pipeline's videos):
+there the world model and the reward are only known where the recorded play went, and an
+actor free to leave it finds states whose predicted reward is wrong (a player pinned to a
+wall, a state the videos almost never show, predicted to cost nothing). Keeping the actor
+near the recorded actions is the behaviour-regularised offline recipe (TD3+BC, Fujimoto &
+Gu 2021; here on the imagined actor-critic).
 
 The same function trains the Active-Inference head (`mbjax.agents.efe`): only the reward
 differs (`reward_fn`) and it has no replayed returns, so "dream" and "EFE" are two
@@ -47,7 +56,7 @@ from mbjax.agents import world_model as wm_lib
 from mbjax.agents.collectives import pmean
 from mbjax.agents.returns import lambda_returns
 from mbjax.agents.symlog import NUM_BINS, twohot_loss, twohot_mean
-from mbjax.envs.spaces import HybridActionSpec
+from mbjax.envs.spaces import HybridAction, HybridActionSpec
 from mbjax.nets.hybrid import HybridDistribution, action_noise, to_env_action
 
 MIN_STD, MAX_STD = 0.1, 1.0
@@ -137,6 +146,37 @@ class ReplayedReturns(NamedTuple):
   is_first: jax.Array
 
 
+class Behaviour(NamedTuple):
+  """Replayed steps and the actions recorded there, flat [N], for the behaviour term."""
+
+  features: jax.Array  # posterior features [N, F]
+  action: HybridAction  # raw (pre-squash) actions [N]
+  mask: jax.Array  # the recorded action masks [N, M]
+  weight: jax.Array  # f32[N]: 1 where every recorded choice is allowed by the mask
+
+
+def behaviour(features: jax.Array, vector: jax.Array, mask: jax.Array,
+              spec: HybridActionSpec, squash: str) -> Behaviour:
+  """Replayed features [N, F], the world model's action vectors [N, A] (continuous dims,
+  then one-hot branches) and masks [N, M] → `Behaviour`. The raw action is the one whose
+  squash gives the recorded one: continuous atanh'd for "tanh" (clipped just inside ±1),
+  as is for "clip"; each branch's choice is the argmax of its one-hot. A step whose
+  recorded choice the mask forbids (a labelling error) gets weight 0."""
+  chex.assert_rank([features, vector, mask], 2)
+  continuous = vector[:, :spec.continuous_dim]
+  if squash == "tanh":
+    continuous = jnp.arctanh(jnp.clip(continuous, -0.999, 0.999))
+  start, choices, allowed = spec.continuous_dim, [], jnp.ones(vector.shape[:1], bool)
+  for n, offset in zip(spec.branches, spec.branch_offsets):
+    choice = jnp.argmax(vector[:, start + offset:start + offset + n], -1)
+    allowed &= jnp.take_along_axis(mask[:, offset:offset + n], choice[:, None], 1)[:, 0] > 0
+    choices.append(choice)
+  discrete = (jnp.stack(choices, -1) if choices else
+              jnp.zeros(vector.shape[:1] + (0,), jnp.int32)).astype(jnp.int32)
+  return Behaviour(features, HybridAction(continuous, discrete), mask,
+                   allowed.astype(jnp.float32))
+
+
 def make_networks(section: ml_collections.ConfigDict, spec: HybridActionSpec,
                   squash: str) -> Networks:
   sizes = tuple(section.hidden_sizes)
@@ -219,13 +259,13 @@ def update(state: LatentActorCriticState, wm_params, start: wm_lib.LatentState, 
            section: ml_collections.ConfigDict, *, nets: Networks,
            world_model: wm_lib.WorldModel,
            reward_fn: Callable[[jax.Array], tuple[jax.Array, dict]],
-           replayed: ReplayedReturns | None = None,
+           replayed: ReplayedReturns | None = None, behaviour: Behaviour | None = None,
            axis_name: str | None = None, prefix: str = "dream"):
   """Imagines from `start` [N] (no gradient to the world model) and takes one actor and
   one critic step with the `section`'s settings. `reward_fn(features [H, N, F]) -> (rewards
   [H, N], metrics)` scores each imagined transition by the state it leads to. `replayed`
-  (N = L·B starts in its [L, B] order) adds the critic's replay term. Returns (state,
-  metrics)."""
+  (N = L·B starts in its [L, B] order) adds the critic's replay term, `behaviour` the
+  actor's (weighted by `section.bc_scale`). Returns (state, metrics)."""
   start = jax.lax.stop_gradient(start)
   states, raw_actions, masks = imagine_actor(nets, state.actor_params, world_model, wm_params,
                                              start, section.horizon, key)
@@ -242,12 +282,23 @@ def update(state: LatentActorCriticState, wm_params, start: wm_lib.LatentState, 
                                       section.return_scale_rate, axis_name)
   advantages = (returns - values[:-1]) / jnp.maximum(1.0, return_scale)
 
+  use_behaviour = behaviour is not None and section.bc_scale > 0
+  if use_behaviour:
+    behaviour = jax.lax.stop_gradient(behaviour)
+
   def actor_loss(params):
     dist = nets.actor.apply(params, features[:-1], masks)
     log_prob = dist.log_prob(raw_actions)
     entropy = dist.entropy()
     loss = -(weights * (log_prob * advantages + section.ent_coef * entropy)).mean()
-    return pmean(loss, axis_name), entropy.mean()
+    behaviour_log_prob = jnp.zeros(())
+    if use_behaviour:
+      log_probs = nets.actor.apply(params, behaviour.features, behaviour.mask).log_prob(
+          behaviour.action)
+      behaviour_log_prob = (jnp.sum(behaviour.weight * log_probs)
+                            / jnp.maximum(behaviour.weight.sum(), 1.0))
+      loss -= section.bc_scale * behaviour_log_prob
+    return pmean(loss, axis_name), (entropy.mean(), behaviour_log_prob)
 
   slow_values = twohot_mean(nets.critic.apply(state.slow_critic_params, features[:-1]))
   if replayed is not None:
@@ -266,8 +317,8 @@ def update(state: LatentActorCriticState, wm_params, start: wm_lib.LatentState, 
       loss += section.replay_scale * replay_loss
     return pmean(loss, axis_name)
 
-  (actor_value, entropy), actor_grads = jax.value_and_grad(actor_loss, has_aux=True)(
-      state.actor_params)
+  (actor_value, (entropy, behaviour_log_prob)), actor_grads = jax.value_and_grad(
+      actor_loss, has_aux=True)(state.actor_params)
   critic_value, critic_grads = jax.value_and_grad(critic_loss)(state.critic_params)
   actor_updates, actor_opt = nets.actor_optimizer.update(actor_grads, state.actor_opt_state,
                                                          state.actor_params)
@@ -293,6 +344,8 @@ def update(state: LatentActorCriticState, wm_params, start: wm_lib.LatentState, 
       f"{prefix}/entropy": pmean(entropy, axis_name),
       f"{prefix}/return_scale": return_scale,
       f"{prefix}/kl_from_init": pmean(moved.mean(), axis_name),
+      **({f"{prefix}/behaviour_log_prob": pmean(behaviour_log_prob, axis_name)}
+         if use_behaviour else {}),
       **{f"{prefix}/{k}": pmean(v, axis_name) for k, v in reward_metrics.items()},
   }
   return new_state, metrics

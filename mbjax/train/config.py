@@ -209,6 +209,9 @@ def _latent_actor_critic(enabled: bool) -> ml_collections.ConfigDict:
   section.slow_reg = 1.0  # weight of the critic's pull towards the slow critic
   section.replay_scale = 0.3  # weight of the critic's loss on replayed real returns
   section.return_scale_rate = 0.01  # EMA rate of the 5th–95th percentile return range
+  # Weight of −log π(recorded action | replayed state) in the actor's loss: 0 online; the
+  # offline pipeline sets it, where the model is only right near the recorded play.
+  section.bc_scale = 0.0
   return section
 
 
@@ -264,7 +267,8 @@ def _latent_actor_critic_ranges(name: str) -> dict:
           f"{name}.hidden_sizes": _COUNT, f"{name}.max_grad_norm": _POSITIVE,
           f"{name}.unimix": _Range(0, 1, high_open=True), f"{name}.outscale": _POSITIVE,
           f"{name}.slow_critic_rate": _RATE, f"{name}.slow_reg": _NON_NEGATIVE,
-          f"{name}.replay_scale": _NON_NEGATIVE, f"{name}.return_scale_rate": _RATE}
+          f"{name}.replay_scale": _NON_NEGATIVE, f"{name}.return_scale_rate": _RATE,
+          f"{name}.bc_scale": _NON_NEGATIVE}
 
 
 # Every numeric field of `base_config()` and what it admits (a tuple: each element).

@@ -129,3 +129,61 @@ def test_latent_actor_acts_through_the_filter_and_honours_the_mask(small_config,
   np.testing.assert_allclose(new_carry.state.deter, post.deter, rtol=1e-5, atol=1e-6)
   assert new_carry.prev_action.shape == (64, 5)
   assert math.isclose(float(new_carry.prev_action[0, 2 + 1]), 1.0)  # one-hot of choice 1
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_behaviour_recovers_the_raw_recorded_actions_by_hand(spec, jit):
+  # Action vectors: continuous (2), then the one-hot of the one branch (3 choices).
+  vector = jnp.array([[0.5, -1.0, 0.0, 1.0, 0.0], [0.2, 0.3, 0.0, 0.0, 1.0]])
+  mask = jnp.array([[True, True, True], [True, True, False]])  # row 1's choice 2 is masked
+  features = jnp.zeros((2, 4))
+  fn = jax.jit(dream.behaviour, static_argnums=(3, 4)) if jit else dream.behaviour
+  clipped = fn(features, vector, mask, spec, "clip")
+  np.testing.assert_allclose(clipped.action.continuous, vector[:, :2])
+  np.testing.assert_array_equal(clipped.action.discrete, [[1], [2]])
+  np.testing.assert_array_equal(clipped.weight, [1.0, 0.0])
+  # tanh: atanh(0.5) = 0.549306, atanh(−0.999) = −3.800201 (−1 clipped inside), atanh(0.2)
+  # = 0.202733, atanh(0.3) = 0.309520.
+  tanh = fn(features, vector, mask, spec, "tanh")
+  np.testing.assert_allclose(tanh.action.continuous,
+                             [[0.549306, -3.800201], [0.202733, 0.309520]], rtol=1e-5)
+
+
+def test_the_behaviour_term_pulls_the_actor_to_the_recorded_actions(small_config, spec):
+  """With bc_scale > 0 and no reward, updates raise the log-likelihood of the recorded
+  actions (a fixed continuous action and choice); its metric is the weighted mean of
+  log π over the allowed steps, and a step whose choice is masked counts for nothing."""
+  cfg = small_config()
+  cfg.dream.update(bc_scale=1.0, actor_lr=3e-3)
+  nets = dream.make_networks(cfg.dream, spec, "clip")
+  model = wm_lib.make_world_model(cfg.world_model, (5,), spec)
+  wm_params = wm_lib.init(jax.random.PRNGKey(2), model, wm_lib.make_optimizer(cfg.world_model),
+                          (5,), jnp.float32, wm_lib.action_vector_size(spec)).params
+  feature_size = model.rssm.deter + model.rssm.stoch_size
+  state = dream.init(jax.random.PRNGKey(0), nets, feature_size)
+  obs = jax.random.normal(jax.random.PRNGKey(5), (1, 8, 5))  # one step of 8 streams
+  start = jax.tree.map(lambda x: x[0], jax.jit(lambda: wm_lib.observe(
+      model, wm_params, obs, jnp.zeros((1, 8, 5)), jnp.ones((1, 8), bool),
+      jax.random.PRNGKey(3))[0])())
+  vector = jnp.tile(jnp.array([[0.6, -0.6, 0.0, 0.0, 1.0]]), (8, 1))
+  mask = jnp.ones((8, 3), bool).at[0, 2].set(False)  # step 0's recorded choice is masked
+  behaviour = dream.behaviour(start.features, vector, mask, spec, "clip")
+  zero_reward = lambda f: (jnp.zeros(f.shape[:-1]), {})
+  update = jax.jit(lambda s, k: dream.update(s, wm_params, start, k, cfg.dream, nets=nets,
+                                             world_model=model, reward_fn=zero_reward,
+                                             behaviour=behaviour))
+  log_probs = nets.actor.apply(state.actor_params, start.features, mask).log_prob(
+      behaviour.action)
+  first = None
+  for step in range(40):
+    state, metrics = update(state, jax.random.PRNGKey(10 + step))
+    if first is None:
+      first = float(metrics["dream/behaviour_log_prob"])
+      # The allowed steps 1…7 only (step 0's masked choice would be about −1e9).
+      np.testing.assert_allclose(first, float(log_probs[1:].mean()), rtol=1e-5)
+  last = float(metrics["dream/behaviour_log_prob"])
+  # Measured: −2.92 → 1.17 (the std shrinks, the choice's probability rises from 1/3).
+  assert last > first + 2.0, (first, last)
+  dist = nets.actor.apply(state.actor_params, start.features[1:], mask[1:])
+  assert float(jax.nn.softmax(dist.logits[0], -1)[:, 2].min()) > 0.8
+  np.testing.assert_allclose(dist.mean, np.tile([0.6, -0.6], (7, 1)), atol=0.15)
