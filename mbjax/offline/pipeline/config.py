@@ -147,6 +147,10 @@ def base_config() -> ml_collections.ConfigDict:
   cfg.learner.efe.enabled = False
   cfg.learner.world_model.update(deter=256, stoch=16, classes=16, hidden=256)
   cfg.learner.replay.update(seq_len=24, burn_in=8)  # windows of 32 ≤ export.min_length
+  # The videos' play is all the model knows: the actor also imitates the recorded (IDM-
+  # labelled) actions, so it does not leave for states the videos never show, where the
+  # predicted reward is wrong (`mbjax.agents.dream`, the behaviour term).
+  cfg.learner.dream.bc_scale = 1.0
   cfg.world_model_steps = 2000
   cfg.dream_steps = 1000
   cfg.log_every = 100  # updates per jitted chunk / progress line
