@@ -350,8 +350,8 @@ def model_update(aux: AuxState, sequence: wm_lib.Sequence, key, *, learners: Lea
   starts = jax.tree.map(flat, posts)  # every posterior
 
   def behaviour(nets: dream.Networks):  # the replayed steps' recorded actions
-    return dream.behaviour(starts.features, flat(trained.action), flat(trained.mask),
-                           nets.actor.spec, nets.actor.squash)
+    return dream.recorded_behaviour(starts.features, flat(trained.action),
+                                    flat(trained.mask), nets.actor.spec, nets.actor.squash)
 
   if learners.dream is not None:
     replayed = dream.ReplayedReturns(posts.features, trained.reward, trained.terminated,

@@ -155,7 +155,7 @@ class Behaviour(NamedTuple):
   weight: jax.Array  # f32[N]: 1 where every recorded choice is allowed by the mask
 
 
-def behaviour(features: jax.Array, vector: jax.Array, mask: jax.Array,
+def recorded_behaviour(features: jax.Array, vector: jax.Array, mask: jax.Array,
               spec: HybridActionSpec, squash: str) -> Behaviour:
   """Replayed features [N, F], the world model's action vectors [N, A] (continuous dims,
   then one-hot branches) and masks [N, M] → `Behaviour`. The raw action is the one whose

@@ -137,7 +137,8 @@ def test_behaviour_recovers_the_raw_recorded_actions_by_hand(spec, jit):
   vector = jnp.array([[0.5, -1.0, 0.0, 1.0, 0.0], [0.2, 0.3, 0.0, 0.0, 1.0]])
   mask = jnp.array([[True, True, True], [True, True, False]])  # row 1's choice 2 is masked
   features = jnp.zeros((2, 4))
-  fn = jax.jit(dream.behaviour, static_argnums=(3, 4)) if jit else dream.behaviour
+  fn = (jax.jit(dream.recorded_behaviour, static_argnums=(3, 4)) if jit
+        else dream.recorded_behaviour)
   clipped = fn(features, vector, mask, spec, "clip")
   np.testing.assert_allclose(clipped.action.continuous, vector[:, :2])
   np.testing.assert_array_equal(clipped.action.discrete, [[1], [2]])
@@ -167,7 +168,7 @@ def test_the_behaviour_term_pulls_the_actor_to_the_recorded_actions(small_config
       jax.random.PRNGKey(3))[0])())
   vector = jnp.tile(jnp.array([[0.6, -0.6, 0.0, 0.0, 1.0]]), (8, 1))
   mask = jnp.ones((8, 3), bool).at[0, 2].set(False)  # step 0's recorded choice is masked
-  behaviour = dream.behaviour(start.features, vector, mask, spec, "clip")
+  behaviour = dream.recorded_behaviour(start.features, vector, mask, spec, "clip")
   zero_reward = lambda f: (jnp.zeros(f.shape[:-1]), {})
   update = jax.jit(lambda s, k: dream.update(s, wm_params, start, k, cfg.dream, nets=nets,
                                              world_model=model, reward_fn=zero_reward,
