@@ -267,3 +267,28 @@ def test_a_saved_model_with_other_settings_is_named_not_silently_kept(tmp_path):
   with pytest.raises(ValueError, match=r"models/death does not fit .*'pool': \('mean', "
                                        r"'flatten'\).*remove it to retrain"):
     DEATH.load(ws, cfg)
+
+
+def test_a_learner_trained_before_a_re_export_is_named_not_silently_resumed(tmp_path):
+  from mbjax.offline.pipeline import learners
+  from mbjax.offline.pipeline.workspace import Workspace, save_model
+
+  cfg = video_pretrain.get_config("debug")
+  ws = Workspace(str(tmp_path), cfg)
+  os.makedirs(ws.episodes)
+  entry = {"status": "done", "steps": 5, "episodes": ["a.npz"],
+           "settings": {"observation": "frames", "chunk_stamp": [100, 1]}}
+  chunks.save_manifest(ws.episodes, {"sources": {"a.npz": entry}})
+  digest = learners._episodes_digest(ws, cfg)
+  params = {"w": np.zeros(2, np.float32)}
+  model_id = save_model(ws.model_dir("world_model"), params, {"episodes_digest": digest})
+  save_model(ws.model_dir("dream"), params,
+             {"episodes_digest": digest, "world_model_id": model_id})
+  assert learners.world_model(ws, cfg)["resumed"] == "already trained"
+  # The chunk was relabelled and exported again: its stamp, and so the digest, changed.
+  entry["settings"]["chunk_stamp"] = [100, 2]
+  chunks.save_manifest(ws.episodes, {"sources": {"a.npz": entry}})
+  for phase in (learners.world_model, learners.dream):
+    with pytest.raises(ValueError, match=r"models/\w+ was trained before its inputs changed "
+                                         r"\(episodes_digest.*remove it to retrain"):
+      phase(ws, cfg)

@@ -35,7 +35,10 @@ place, atomically), `models/<name>/` (orbax parameters + `config.json`), `episod
 
 Every phase is resumable: a trained model whose directory is complete is not retrained,
 and a labelling phase skips chunks already labelled by the current model (the model's id
-is written into the chunk's `meta`). A chunk that cannot be read is logged with its name,
+is written into the chunk's `meta`). `export` redoes a chunk rewritten since (relabelled),
+and a world model or dream policy trained before the episodes were exported again (or, for
+dream, before the world model was retrained) stops the run, naming it, rather than being
+resumed. A chunk that cannot be read is logged with its name,
 recorded under `skipped` in `phases.json`, and the phase goes on with the others.
 
 Modules: `config` (the schema, `base_config`), `workspace` (the work directory, model and

@@ -5,6 +5,8 @@ model, then plays it in BonkArena (`evaluation.evaluate_dream_policy`).
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from typing import Any, NamedTuple
 
@@ -22,7 +24,8 @@ from mbjax.offline.pipeline.config import action_spec
 from mbjax.offline.pipeline.evaluation import evaluate_dream_policy
 from mbjax.offline.pipeline.models import load_reward
 from mbjax.offline.pipeline.workspace import (Workspace, format_metrics, load_model,
-                                              model_exists, save_model, unpack_actions)
+                                              model_exists, save_model, saved_model_config,
+                                              unpack_actions)
 from mbjax.train import offline as offline_lib
 
 
@@ -125,13 +128,39 @@ def _train_learners(setup: _LearnerSetup, cfg, name: str, steps: int, train_worl
   return state, info
 
 
+def _episodes_digest(ws: Workspace, cfg) -> str | None:
+  """A digest of what world_model and dream train on: the export manifest, whose entries
+  carry each exported chunk's size and modification time (None for an RLDS source)."""
+  if cfg.source.rlds_dir:
+    return None
+  sources = chunks_lib.load_manifest(ws.episodes)["sources"]
+  return hashlib.blake2b(json.dumps(sources, sort_keys=True).encode(),
+                         digest_size=6).hexdigest()
+
+
+def _check_resumed(directory: str, trained_on: dict) -> None:
+  """A saved model is resumed only if what it was trained on (`trained_on`: saved config
+  key → current value; None: not known) has not changed since."""
+  saved = saved_model_config(directory)
+  changed = [key for key, value in trained_on.items()
+             if value is not None and saved.get(key) not in (None, value)]
+  if changed:
+    raise ValueError(f"{directory} was trained before its inputs changed ({', '.join(changed)}"
+                     ": the episodes were exported again, e.g. after relabelling rewards, "
+                     "actions or deaths, or the world model was retrained); remove it to "
+                     "retrain")
+
+
 def world_model(ws: Workspace, cfg) -> dict:
   directory = ws.model_dir("world_model")
+  digest = _episodes_digest(ws, cfg)
   if model_exists(directory):
+    _check_resumed(directory, {"episodes_digest": digest})
     return {"model": directory, "resumed": "already trained"}
   state, info = _train_learners(_learner_setup(ws, cfg), cfg, "world_model",
                                 cfg.world_model_steps, True)
-  info["model_id"] = save_model(directory, state, {"learner": cfg.learner.to_dict()})
+  info["model_id"] = save_model(directory, state, {"learner": cfg.learner.to_dict(),
+                                                   "episodes_digest": digest})
   return {"model": directory, **info}
 
 
@@ -139,6 +168,10 @@ def dream(ws: Workspace, cfg) -> dict:
   """The dream actor-critic against the finished world model (which stays fixed), saved,
   then played in BonkArena against the uniform random policy."""
   directory = ws.model_dir("dream")
+  trained_on = {"episodes_digest": _episodes_digest(ws, cfg),
+                "world_model_id": saved_model_config(ws.model_dir("world_model"))["model_id"]}
+  if model_exists(directory):
+    _check_resumed(directory, trained_on)
   setup = _learner_setup(ws, cfg)  # the episodes are read once, for both uses below
   abstract = jax.eval_shape(setup.trainer.init, jax.random.PRNGKey(0))
   if model_exists(directory):
@@ -147,6 +180,7 @@ def dream(ws: Workspace, cfg) -> dict:
   else:
     start, _ = load_model(ws.model_dir("world_model"), abstract)
     state, info = _train_learners(setup, cfg, "dream", cfg.dream_steps, False, start)
-    info["model_id"] = save_model(directory, state, {"learner": cfg.learner.to_dict()})
+    info["model_id"] = save_model(directory, state, {"learner": cfg.learner.to_dict(),
+                                                     **trained_on})
   info["evaluation"] = evaluate_dream_policy(ws, setup.trainer, state, cfg)
   return {"model": directory, **info}
