@@ -156,7 +156,7 @@ class Behaviour(NamedTuple):
 
 
 def recorded_behaviour(features: jax.Array, vector: jax.Array, mask: jax.Array,
-              spec: HybridActionSpec, squash: str) -> Behaviour:
+                       spec: HybridActionSpec, squash: str) -> Behaviour:
   """Replayed features [N, F], the world model's action vectors [N, A] (continuous dims,
   then one-hot branches) and masks [N, M] → `Behaviour`. The raw action is the one whose
   squash gives the recorded one: continuous atanh'd for "tanh" (clipped just inside ±1),

@@ -54,8 +54,9 @@ API (`RewardConfig` is hashable and a static field of `RewardState`):
   spearman(a, b): rank correlation, for evaluating progress against the truth.
 
 Reward alignment: `rewards[t] = (progress[t+1] − progress[t] + rate[t]) · scale` and the
-last reward is 0 — reward t is the outcome of the action chosen on frame t, as in the environment's
-recordings and the chunk layout (`mbjax/offline/chunks.py`), and as upstream labels it.
+last reward is 0 — reward t is the outcome of the action chosen on frame t, as in the
+environment's recordings and the chunk layout (`mbjax/offline/chunks.py`), and as upstream
+labels it.
 """
 from __future__ import annotations
 

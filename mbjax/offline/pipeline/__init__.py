@@ -38,8 +38,8 @@ and a labelling phase skips chunks already labelled by the current model (the mo
 is written into the chunk's `meta`). `export` redoes a chunk rewritten since (relabelled),
 and a world model or dream policy trained before the episodes were exported again (or, for
 dream, before the world model was retrained) stops the run, naming it, rather than being
-resumed. A chunk that cannot be read is logged with its name,
-recorded under `skipped` in `phases.json`, and the phase goes on with the others.
+resumed. A chunk that cannot be read is logged with its name, recorded under `skipped` in
+`phases.json`, and the phase goes on with the others.
 
 Modules: `config` (the schema, `base_config`), `workspace` (the work directory, model and
 chunk I/O), `sources` (ground_truth, convert, attach_labels), `models` (the IDM, death,

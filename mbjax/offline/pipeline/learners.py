@@ -170,11 +170,12 @@ def dream(ws: Workspace, cfg) -> dict:
   directory = ws.model_dir("dream")
   trained_on = {"episodes_digest": _episodes_digest(ws, cfg),
                 "world_model_id": saved_model_config(ws.model_dir("world_model"))["model_id"]}
-  if model_exists(directory):
+  resumed = model_exists(directory)
+  if resumed:
     _check_resumed(directory, trained_on)
   setup = _learner_setup(ws, cfg)  # the episodes are read once, for both uses below
   abstract = jax.eval_shape(setup.trainer.init, jax.random.PRNGKey(0))
-  if model_exists(directory):
+  if resumed:
     state, _ = load_model(directory, abstract)
     info = {"model": directory, "resumed": "already trained"}
   else:
