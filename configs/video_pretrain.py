@@ -122,6 +122,7 @@ def get_config(arg: str | None = None):
     cfg.learner.dream.update(hidden_sizes=(16,), horizon=3)
     cfg.learner.offline.batch_size = 4
     cfg.export.min_length = 8
+    cfg.export.features = ("reward", "bc")  # both kinds of features exported and played
     cfg.world_model_steps = cfg.dream_steps = 10
     cfg.fast_compile = True
     cfg.log_every = 5

@@ -43,6 +43,7 @@ API (`BCConfig` and the action spec are hashable, static fields of `BCState`):
          (state, metrics)
   move_targets(moves f32[B, C], bins) -> f32[B, bins^C];  move_centres(bins, C) -> f32[bins^C, C]
   act(params, cfg, spec, frames u8[N, H, W, 3], mask bool[N, Σn], key) -> HybridAction
+  features(params, cfg, spec, frames u8[N, H, W, 3]) -> f32[N, hidden]  (the heads' input)
   policy_fn(params, cfg, spec, obs_fn) -> a single-env `policy_fn(key, obs, mask)`
   sample_batch / fit: host-side sampling and a training loop over in-memory episodes.
 """
@@ -121,8 +122,9 @@ class BCPolicyNet(nn.Module):
   spec: HybridActionSpec
 
   @nn.compact
-  def __call__(self, frames: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """uint8 [N, H, W, 3] → (move logits f32[N, bins^C], choice logits f32[N, Σn])."""
+  def __call__(self, frames: jax.Array, features_only: bool = False):
+    """uint8 [N, H, W, 3] → (move logits f32[N, bins^C], choice logits f32[N, Σn]), or with
+    `features_only` the hidden layer both heads read, f32[N, hidden]."""
     cfg, spec = self.cfg, self.spec
     z = FrameEncoder(cfg.stem, cfg.channels, cfg.embed_dim, cfg.pool, name="encoder")(frames)
     if cfg.crop_fraction:
@@ -132,6 +134,8 @@ class BCPolicyNet(nn.Module):
       z = jnp.concatenate([z, FrameEncoder(cfg.stem, cfg.channels, cfg.embed_dim, cfg.pool,
                                            name="view_encoder")(view)], -1)
     h = nn.relu(nn.Dense(cfg.hidden, name="hidden")(nn.relu(z)))
+    if features_only:
+      return h
     move_logits = nn.Dense(cfg.move_bins ** spec.continuous_dim, name="move")(h)
     return move_logits, nn.Dense(spec.mask_size, name="choices")(h)
 
@@ -280,6 +284,13 @@ def act(params, cfg: BCConfig, spec: HybridActionSpec, frames: jax.Array, mask: 
   discrete = (jnp.stack(choices, -1) if choices
               else jnp.zeros((frames.shape[0], 0), jnp.int32)).astype(jnp.int32)
   return HybridAction(move, discrete)
+
+
+def features(params, cfg: BCConfig, spec: HybridActionSpec, frames: jax.Array) -> jax.Array:
+  """f32[N, hidden]: what the policy's heads read of frames uint8[N, H, W, 3] — with the
+  locator, also the player's surroundings (an offline world model's observation)."""
+  chex.assert_rank(frames, 4)
+  return BCPolicyNet(cfg, spec).apply(params, frames, features_only=True)
 
 
 def policy_fn(params, cfg: BCConfig, spec: HybridActionSpec,

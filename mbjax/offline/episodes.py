@@ -230,13 +230,14 @@ def split_lives(episode: Mapping[str, np.ndarray]) -> list[dict]:
 def export_chunks(chunk_dir: str, out_dir: str, observation: str = "frames",
                   embed_fn: Callable[[np.ndarray], np.ndarray] | None = None,
                   compression: str = chunks.DEFAULT_COMPRESSION,
-                  progress: Callable[[str], None] | None = None) -> dict:
+                  progress: Callable[[str], None] | None = None, encoder: str = "") -> dict:
   """Every chunk of `chunk_dir` → `out_dir/<chunk name>` (one file per life, `split_lives`),
-  resumably; returns the manifest.
+  resumably; returns the manifest. `encoder` names what `embed_fn` computes (its models'
+  ids).
 
-  A chunk already exported with the same observation kind, and not rewritten since (its
-  size and modification time: a relabelling phase rewrites the chunk, and its new rewards,
-  actions or deaths must reach the episodes), is skipped; a re-exported chunk's old episode
+  A chunk already exported with the same observation kind and encoder, and not rewritten
+  since (its size and modification time: a relabelling phase rewrites the chunk, and its new
+  rewards, actions or deaths must reach the episodes), is skipped; a re-exported chunk's old episode
   files are replaced. A chunk that cannot be exported (unreadable, unlabelled, non-finite
   labels) is recorded as skipped with the reason, and the others are still exported.
   """
@@ -246,7 +247,8 @@ def export_chunks(chunk_dir: str, out_dir: str, observation: str = "frames",
     key = os.path.basename(path)
     entry = manifest["sources"].get(key)
     stat = os.stat(path)
-    settings = {"observation": observation, "chunk_stamp": [stat.st_size, stat.st_mtime_ns]}
+    settings = {"observation": observation, "encoder": encoder,
+                "chunk_stamp": [stat.st_size, stat.st_mtime_ns]}
     old_names = entry.get("episodes", [key]) if entry and entry.get("status") == "done" else []
     if (old_names and entry.get("settings") == settings
         and all(os.path.exists(os.path.join(out_dir, name)) for name in old_names)):

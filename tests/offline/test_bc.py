@@ -131,6 +131,21 @@ def test_policy_fn_acts_on_one_observation():
   assert set(np.asarray(action.continuous).tolist()) <= {-1.0, 0.0, 1.0}  # a grid centre
 
 
+@pytest.mark.parametrize("jit", [False, True])
+def test_features_are_what_both_heads_read(jit):
+  cfg = dataclasses.replace(TINY, crop_fraction=0.5, locator_channels=(4,))
+  state = bc.init(jax.random.PRNGKey(0), cfg, SPEC, (16, 16, 3))
+  frames = jax.random.randint(jax.random.PRNGKey(1), (3, 16, 16, 3), 0, 256).astype(jnp.uint8)
+  features_fn = lambda f: bc.features(state.params, cfg, SPEC, f)
+  features = np.asarray((jax.jit(features_fn) if jit else features_fn)(frames))
+  assert features.shape == (3, cfg.hidden) and (features >= 0).all()  # after the ReLU
+  move_logits, choice_logits = bc.BCPolicyNet(cfg, SPEC).apply(state.params, frames)
+  for head, logits in (("move", move_logits), ("choices", choice_logits)):
+    dense = state.params["params"][head]
+    np.testing.assert_allclose(features @ np.asarray(dense["kernel"]) + np.asarray(dense["bias"]),
+                               logits, rtol=1e-5, atol=1e-5)
+
+
 def test_bad_input_is_named():
   with pytest.raises(ValueError, match="move_bins"):
     bc.BCConfig(move_bins=1)

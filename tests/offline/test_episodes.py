@@ -110,6 +110,17 @@ def test_export_chunks_is_resumable_and_skips_bad_chunks(tmp_path):
   assert all("demo_a" not in m for m in messages)  # finished episodes are not redone
   ep = episodes.read_episode(str(out / "demo_a_chunk0001.npz"))
   np.testing.assert_array_equal(ep["action"], labelled_chunk(seed=2)["actions"])
+  # Other features (another encoder's id) are exported again, every chunk of them.
+  messages = []
+  embed = lambda frames: np.ones((len(frames), 3), np.float32)
+  episodes.export_chunks(str(src), str(out), "embeddings", embed, progress=messages.append)
+  assert sum("demo_a" in m for m in messages) == 2
+  messages = []
+  episodes.export_chunks(str(src), str(out), "embeddings", embed, progress=messages.append,
+                         encoder="reward:1234")
+  assert sum("demo_a" in m for m in messages) == 2
+  ep = episodes.read_episode(str(out / "demo_a_chunk0001.npz"))
+  np.testing.assert_array_equal(ep["observation"], np.ones((len(ep["reward"]), 3)))
 
 
 def test_deaths_become_terminals_and_a_death_inside_a_chunk_splits_its_lives(tmp_path):

@@ -12,7 +12,10 @@ import pytest
 
 from configs import video_pretrain
 from mbjax.envs.spaces import HybridActionSpec
+from mbjax.offline import bc as bc_lib
 from mbjax.offline import chunks, episodes, pipeline
+from mbjax.offline import reward_model as reward_lib
+from mbjax.offline.pipeline import config as config_lib
 from mbjax.offline.pipeline import models, workspace
 from mbjax.offline.pipeline.models import chunk_lives, split_episodes
 
@@ -220,6 +223,21 @@ def test_every_phase_runs_and_writes_the_upstream_layout(finished_run):
   assert not all(np.array_equal(a, b) for a, b in zip(*actors))
   # Each exported episode was read once by world_model and once by dream (not twice there).
   assert results["export"]["episodes"] == len(reads) and set(reads.values()) == {2}
+  # An episode's observation: the reward model's embedding, then the cloned policy's hidden
+  # layer (`export.features`), of its chunk's frames.
+  exported = lambda path: os.path.join(workdir, "episodes", os.path.basename(path))
+  chunk_path = next(path for path in paths if os.path.exists(exported(path)))
+  episode = episodes.read_episode(exported(chunk_path))
+  frames = chunks.read_chunk(chunk_path)["observations"]
+  ws = workspace.Workspace(workdir, cfg)
+  reward_params, reward_cfg, _ = models.load_reward(ws, cfg)
+  bc_params, _ = models.BC.load(ws, cfg)
+  expected = np.concatenate([
+      reward_lib.embed(reward_params, reward_cfg, frames)[0],
+      bc_lib.features(bc_params, config_lib.bc_config(cfg), config_lib.action_spec(cfg),
+                      frames)], -1)
+  assert expected.shape[1] == cfg.reward.embed_dim + cfg.bc.hidden
+  np.testing.assert_allclose(episode["observation"], expected, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.slow
@@ -248,10 +266,17 @@ def test_rerun_resumes_and_skips_a_corrupt_chunk(finished_run, tmp_path):
     assert chunks.read_chunk(path)["actions"].shape == actions.shape
 
 
+def test_unknown_exported_features_are_named(tmp_path):
+  cfg = video_pretrain.get_config("debug")
+  cfg.export.features = ("reward", "pixels")
+  with pytest.raises(ValueError, match=r"export.features: \('reward', 'pixels'\): expected "
+                                       r"distinct names from \('reward', 'bc'\)"):
+    models.frame_features(workspace.Workspace(str(tmp_path), cfg), cfg)
+
+
 def test_a_saved_model_with_other_settings_is_named_not_silently_kept(tmp_path):
   import dataclasses
 
-  from mbjax.offline.pipeline import config as config_lib
   from mbjax.offline.pipeline.models import DEATH
   from mbjax.offline.pipeline.workspace import Workspace, save_model
 

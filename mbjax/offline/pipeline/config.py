@@ -131,9 +131,13 @@ def base_config() -> ml_collections.ConfigDict:
   cfg.reward.holdout_sources = ("atari_*",)
 
   cfg.export = ml_collections.ConfigDict()
-  # embeddings (the reward model's features, as upstream) | frames. A pixel world model is
-  # ~250× slower per step on CPU than one over embeddings (measured 2026-11-26).
+  # embeddings (trained models' features, as upstream's reward-model embedding) | frames.
+  # A pixel world model is ~250× slower per step on CPU than one over embeddings (measured
+  # 2026-11-26).
   cfg.export.observation = "embeddings"
+  # Whose features, side by side (`models.frame_features`): "reward" (the reward model's
+  # embedding), "bc" (the behaviour-cloned policy's hidden layer).
+  cfg.export.features = ("reward",)
   cfg.export.frame_size = 64  # frames: resized to this square size for the world model
   cfg.export.min_length = 32  # shorter episodes are skipped
 

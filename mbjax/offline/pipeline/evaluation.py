@@ -20,7 +20,7 @@ from mbjax.offline import idm_labelling, idm_training
 from mbjax.offline import reward_model as reward_lib
 from mbjax.offline.pipeline import config as config_lib
 from mbjax.offline.pipeline.config import action_spec
-from mbjax.offline.pipeline.models import BC, load_reward
+from mbjax.offline.pipeline.models import BC, frame_features, load_reward
 from mbjax.offline.pipeline.workspace import (Skipped, Workspace, episodes_of, model_exists,
                                               readable_chunks, saved_model_config,
                                               source_look, truth_for_chunk, truth_meta,
@@ -77,8 +77,8 @@ def evaluate_dream_policy(ws: Workspace, trainer: offline_lib.OfflineTrainer, st
   """The saved dream policy in BonkArena vs the uniform random policy (same keys): mean
   return and length, menu fraction and each reward term's mean contribution. The game is
   drawn like the videos (`video_env`, the first ground-truth look) and each frame is turned
-  into what the world model saw: resized to `export.frame_size`, or embedded by the reward
-  model. The random policy ignores its observations, so it plays the same game with
+  into what the world model saw: resized to `export.frame_size`, or the exported features
+  (`models.frame_features`). The random policy ignores its observations, so it plays the same game with
   vector observations (no drawing to compile)."""
   if trainer.learners.dream is None or not cfg.ground_truth.enabled:
     return {"skipped": "needs the dream learner and the BonkArena ground-truth set-up"}
@@ -86,9 +86,8 @@ def evaluate_dream_policy(ws: Workspace, trainer: offline_lib.OfflineTrainer, st
   env, to_frame = video_env(cfg, cfg.ground_truth.variants[0])
   params = env.default_params()
   if cfg.export.observation == "embeddings":
-    reward_params, reward_cfg, _ = load_reward(ws, cfg)
-    obs_fn = lambda obs: reward_lib.ProgressNet(reward_cfg).apply(reward_params,
-                                                                  to_frame(obs))[0]
+    features, _ = frame_features(ws, cfg)
+    obs_fn = lambda obs: features(to_frame(obs))
   else:
     size = cfg.export.frame_size
     obs_fn = lambda obs: jax.image.resize(

@@ -1,7 +1,8 @@
 """The phases that train the apex learners offline: `export` writes the labelled chunks as
-episodes (frames, or the reward model's embeddings), `world_model` trains the RSSM on them
-(`mbjax.train.offline`) and `dream` the latent actor-critic against the finished world
-model, then plays it in BonkArena (`evaluation.evaluate_dream_policy`).
+episodes (frames, or trained models' features of them: `models.frame_features`),
+`world_model` trains the RSSM on them (`mbjax.train.offline`) and `dream` the latent
+actor-critic against the finished world model, then plays it in BonkArena
+(`evaluation.evaluate_dream_policy`).
 """
 from __future__ import annotations
 
@@ -17,12 +18,11 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from mbjax.offline import chunks as chunks_lib
 from mbjax.offline import episodes as episodes_lib
-from mbjax.offline import reward_model as reward_lib
 from mbjax.offline import rlds as rlds_lib
 from mbjax.offline.pipeline import config as config_lib
 from mbjax.offline.pipeline.config import action_spec
 from mbjax.offline.pipeline.evaluation import evaluate_dream_policy
-from mbjax.offline.pipeline.models import load_reward
+from mbjax.offline.pipeline.models import frame_features, in_pieces
 from mbjax.offline.pipeline.workspace import (Workspace, format_metrics, load_model,
                                               model_exists, save_model, saved_model_config,
                                               unpack_actions)
@@ -30,13 +30,14 @@ from mbjax.train import offline as offline_lib
 
 
 def export(ws: Workspace, cfg) -> dict:
-  embed_fn = None
+  embed_fn, encoder = None, ""
   if cfg.export.observation == "embeddings":
-    params, reward_cfg, _ = load_reward(ws, cfg)
-    embed_fn = lambda frames: reward_lib.embed(params, reward_cfg, frames)[0]
+    features, encoder = frame_features(ws, cfg)
+    encode = jax.jit(features, compiler_options=config_lib.compiler_options(cfg))
+    embed_fn = lambda frames: in_pieces(encode, np.asarray(frames), cfg.reward.score_batch)
   manifest = episodes_lib.export_chunks(ws.chunks, ws.episodes, cfg.export.observation,
                                         embed_fn, cfg.convert.compression,
-                                        progress=logging.info)
+                                        progress=logging.info, encoder=encoder)
   sources = manifest["sources"]
   return {"episodes": sum(len(e.get("episodes", [k])) for k, e in sources.items()
                           if e["status"] == "done"),

@@ -20,6 +20,7 @@ import time
 from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
@@ -39,6 +40,7 @@ from mbjax.offline.pipeline.workspace import (LABELLED, Skipped, Workspace, epis
                                               pack_actions, readable_chunks, save_model,
                                               saved_model_config, source_look, truth_meta,
                                               unpack_actions, update_meta)
+from mbjax.train import config as learner_config
 from mbjax.train import sharding
 
 # Initialisers run once: one jitted program each, compiled for compile speed.
@@ -485,6 +487,52 @@ def load_reward(ws: Workspace, cfg) -> tuple[Any, reward_lib.RewardConfig, str]:
   """(params, hyperparameters, model id) of the trained reward model."""
   params, model_id = REWARD.load(ws, cfg)
   return params, config_lib.reward_config(cfg), model_id
+
+
+# What the offline world model sees of a frame (`export`, and the dream policy's games).
+FEATURES = ("reward", "bc")
+
+
+def frame_features(ws: Workspace, cfg) -> tuple[Callable[[jax.Array], jax.Array], str]:
+  """(features, id): `features` maps video frames uint8[N, H, W, 3] to f32[N, D], the
+  outputs of the trained models `cfg.export.features` names, side by side — "reward": the
+  reward model's embedding (mean-pooled, so blind to where the player is), "bc": the
+  behaviour-cloned policy's hidden layer (with its locator, the player's surroundings) —
+  and `id` names those models, so episodes exported with others are exported again."""
+  names = tuple(cfg.export.features)
+  unknown = [n for n in names if n not in FEATURES]
+  if not names or unknown or len(set(names)) < len(names):
+    raise learner_config.ConfigError(f"export.features: {names}: expected distinct names "
+                                     f"from {FEATURES}")
+  parts, ids = [], []
+  for name in names:
+    if name == "reward":
+      params, reward_cfg, model_id = load_reward(ws, cfg)
+      parts.append(lambda f, p=params, c=reward_cfg: reward_lib.ProgressNet(c).apply(p, f)[0])
+    else:
+      params, model_id = BC.load(ws, cfg)
+      bc_cfg, spec = config_lib.bc_config(cfg), action_spec(cfg)
+      parts.append(lambda f, p=params: bc_lib.features(p, bc_cfg, spec, f))
+    ids.append(f"{name}:{model_id}")
+  features = lambda frames: jnp.concatenate([part(frames) for part in parts], -1)
+  return features, ",".join(ids)
+
+
+def in_pieces(fn: Callable[[jax.Array], jax.Array], frames: np.ndarray,
+              piece: int) -> np.ndarray:
+  """A jitted `fn` over uint8[T, H, W, 3] frames in pieces of `piece` frames (one shape to
+  compile; the last piece padded by repeating its last frame)."""
+  if frames.ndim != 4 or frames.dtype != np.uint8 or not len(frames):
+    raise ValueError(f"frames must be uint8[T >= 1, H, W, 3], got {frames.dtype}"
+                     f"{list(frames.shape)}")
+  out = []
+  for start in range(0, len(frames), piece):
+    chunk = frames[start:start + piece]
+    n = len(chunk)
+    if n < piece:
+      chunk = np.concatenate([chunk, np.repeat(chunk[-1:], piece - n, 0)])
+    out.append(np.asarray(fn(chunk))[:n])
+  return np.concatenate(out)
 
 
 def reward_label(ws: Workspace, cfg) -> dict:
