@@ -11,8 +11,11 @@ v the critic:
   scale       S ← (1 − rate) S + rate (P95(G) − P5(G)),  advantages (G − v(s)) / max(1, S)
   actor       −w (log π(a|s) sg(advantage) + η H[π(·|s)])      (score function, no
               gradient through the dynamics)
-              − bc_scale · log π(a_t|s_t) over the replayed steps, with their recorded
-              actions (`behaviour`; 0 by default)
+              − bc_scale · the u-weighted mean of log π(a_t|s_t) over the replayed steps,
+              with their recorded actions (`behaviour`; 0 by default); u_t = 1, or with
+              bc_temperature β > 0, u_t = min(exp(A_t / β), bc_max_weight), A_t =
+              (R_t − v(s_t)) / max(1, S) (advantage-weighted regression; 0 where R_t is
+              unknown)
   critic      w · CE(twohot(G), v(s)) + slow_reg · CE(twohot(v_slow(s)), v(s))
               + replay_scale · CE(twohot(R_t), v(s_t)) on the replayed real trajectory,
   slow critic v_slow ← (1 − τ) v_slow + τ v after every update.
@@ -29,7 +32,10 @@ there the world model and the reward are only known where the recorded play went
 actor free to leave it finds states whose predicted reward is wrong (a player pinned to a
 wall, a state the videos almost never show, predicted to cost nothing). Keeping the actor
 near the recorded actions is the behaviour-regularised offline recipe (TD3+BC, Fujimoto &
-Gu 2021; here on the imagined actor-critic).
+Gu 2021; here on the imagined actor-critic). Where the recordings mix good and bad play,
+imitating all of it alike imitates the bad too; weighting each step by how much better
+its replayed return was than the critic expected (AWR, Peng et al. 2019; as in AWAC and
+IQL's policy extraction) keeps the actor near the recorded play that paid.
 
 The same function trains the Active-Inference head (`mbjax.agents.efe`): only the reward
 differs (`reward_fn`) and it has no replayed returns, so "dream" and "EFE" are two
@@ -177,6 +183,14 @@ def recorded_behaviour(features: jax.Array, vector: jax.Array, mask: jax.Array,
                    allowed.astype(jnp.float32))
 
 
+def advantage_weights(advantages: jax.Array, known: jax.Array, temperature: float,
+                      max_weight: float) -> jax.Array:
+  """known · min(exp(advantages / temperature), max_weight): the behaviour term's weight of
+  each replayed step (0 where its return is unknown)."""
+  chex.assert_equal_shape([advantages, known])
+  return known * jnp.minimum(jnp.exp(advantages / temperature), max_weight)
+
+
 def make_networks(section: ml_collections.ConfigDict, spec: HybridActionSpec,
                   squash: str) -> Networks:
   sizes = tuple(section.hidden_sizes)
@@ -282,9 +296,26 @@ def update(state: LatentActorCriticState, wm_params, start: wm_lib.LatentState, 
                                       section.return_scale_rate, axis_name)
   advantages = (returns - values[:-1]) / jnp.maximum(1.0, return_scale)
 
+  if replayed is not None:
+    boot = returns[0].reshape(replayed.reward.shape)
+    replay_targets, replay_weights = replay_returns(replayed, boot, section.gamma,
+                                                    section.lambda_)
   use_behaviour = behaviour is not None and section.bc_scale > 0
+  behaviour_weight = jnp.ones(())
   if use_behaviour:
     behaviour = jax.lax.stop_gradient(behaviour)
+    if section.bc_temperature > 0:
+      if replayed is None:
+        raise ValueError("bc_temperature > 0 weights the recorded steps by their replayed "
+                         "returns: pass `replayed`")
+      replay_values = twohot_mean(nets.critic.apply(state.critic_params, replayed.features))
+      replay_advantages = (replay_targets - replay_values) / jnp.maximum(1.0, return_scale)
+      weighted = advantage_weights(replay_advantages, replay_weights,
+                                   section.bc_temperature, section.bc_max_weight)
+      weighted = jax.lax.stop_gradient(weighted.reshape(-1))
+      behaviour_weight = (jnp.sum(behaviour.weight * weighted)
+                          / jnp.maximum(behaviour.weight.sum(), 1.0))
+      behaviour = behaviour._replace(weight=behaviour.weight * weighted)
 
   def actor_loss(params):
     dist = nets.actor.apply(params, features[:-1], masks)
@@ -296,15 +327,11 @@ def update(state: LatentActorCriticState, wm_params, start: wm_lib.LatentState, 
       log_probs = nets.actor.apply(params, behaviour.features, behaviour.mask).log_prob(
           behaviour.action)
       behaviour_log_prob = (jnp.sum(behaviour.weight * log_probs)
-                            / jnp.maximum(behaviour.weight.sum(), 1.0))
+                            / jnp.maximum(behaviour.weight.sum(), 1e-6))
       loss -= section.bc_scale * behaviour_log_prob
     return pmean(loss, axis_name), (entropy.mean(), behaviour_log_prob)
 
   slow_values = twohot_mean(nets.critic.apply(state.slow_critic_params, features[:-1]))
-  if replayed is not None:
-    boot = returns[0].reshape(replayed.reward.shape)
-    replay_targets, replay_weights = replay_returns(replayed, boot, section.gamma,
-                                                    section.lambda_)
 
   def critic_loss(params):
     logits = nets.critic.apply(params, features[:-1])
@@ -344,7 +371,8 @@ def update(state: LatentActorCriticState, wm_params, start: wm_lib.LatentState, 
       f"{prefix}/entropy": pmean(entropy, axis_name),
       f"{prefix}/return_scale": return_scale,
       f"{prefix}/kl_from_init": pmean(moved.mean(), axis_name),
-      **({f"{prefix}/behaviour_log_prob": pmean(behaviour_log_prob, axis_name)}
+      **({f"{prefix}/behaviour_log_prob": pmean(behaviour_log_prob, axis_name),
+          f"{prefix}/behaviour_weight": pmean(behaviour_weight, axis_name)}
          if use_behaviour else {}),
       **{f"{prefix}/{k}": pmean(v, axis_name) for k, v in reward_metrics.items()},
   }

@@ -212,6 +212,11 @@ def _latent_actor_critic(enabled: bool) -> ml_collections.ConfigDict:
   # Weight of −log π(recorded action | replayed state) in the actor's loss: 0 online; the
   # offline pipeline sets it, where the model is only right near the recorded play.
   section.bc_scale = 0.0
+  # 0: every recorded step imitated alike. > 0: each weighted by exp(A / temperature),
+  # A the replayed λ-return's advantage over the critic (scaled like the actor's), capped
+  # at bc_max_weight — advantage-weighted regression, for recordings of mixed quality.
+  section.bc_temperature = 0.0
+  section.bc_max_weight = 20.0
   return section
 
 
@@ -268,7 +273,8 @@ def _latent_actor_critic_ranges(name: str) -> dict:
           f"{name}.unimix": _Range(0, 1, high_open=True), f"{name}.outscale": _POSITIVE,
           f"{name}.slow_critic_rate": _RATE, f"{name}.slow_reg": _NON_NEGATIVE,
           f"{name}.replay_scale": _NON_NEGATIVE, f"{name}.return_scale_rate": _RATE,
-          f"{name}.bc_scale": _NON_NEGATIVE}
+          f"{name}.bc_scale": _NON_NEGATIVE, f"{name}.bc_temperature": _NON_NEGATIVE,
+          f"{name}.bc_max_weight": _POSITIVE}
 
 
 # Every numeric field of `base_config()` and what it admits (a tuple: each element).
