@@ -19,7 +19,8 @@ Phases, in the order `all` runs them (upstream names accepted as aliases, `ALIAS
   reward_train   reward model: the game's reward of the labelled training chunks regressed
                  ("returns"), or a progress ranking of the lives, deaths last ("progress")
   reward_label   `progress_scores` and `rewards` for every chunk
-  export         episodes (`mbjax.offline.episodes`), frames or reward-model embeddings
+  export         episodes (`mbjax.offline.episodes`), frames or the features of trained
+                 models (`export.features`: the reward model's, the cloned policy's)
   skills_train   VQ-VAE over action windows
   skills_label   `skill_tokens` for every chunk
   world_model    RSSM on the exported episodes (`mbjax.train.offline`)
