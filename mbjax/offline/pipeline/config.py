@@ -155,11 +155,10 @@ def base_config() -> ml_collections.ConfigDict:
   # labelled) actions, so it does not leave for states the videos never show, where the
   # predicted reward is wrong (`mbjax.agents.dream`, the behaviour term).
   cfg.learner.dream.bc_scale = 1.0
-  # Videos mix good and bad play: each recorded step imitated by how much better its
-  # replayed return did than the critic expected (AWR). BonkArena's 72 mixed videos, seed 0:
-  # −10.0 imitated alike, −8.4 / −7.5 / −7.3 at temperature 0.1 / 0.03 / 0.01 (wall −2.3 →
-  # −0.08 a game; BENCHMARKS.md, "Offline video pipeline").
-  cfg.learner.dream.update(bc_temperature=0.01, bc_max_weight=100.0)
+  # Videos mix good and bad play; `learner.dream.bc_temperature` > 0 imitates each recorded
+  # step by how much better its replayed return did than the critic expected (AWR). Off:
+  # on BonkArena's 72 mixed videos, temperature 0.01 (cap 100) took seed 0 from −10.0 to
+  # −7.3 and seed 1 from −10.8 to −14.0, whose reward prices walls less (BENCHMARKS.md).
   cfg.world_model_steps = 2000
   cfg.dream_steps = 1000
   cfg.log_every = 100  # updates per jitted chunk / progress line
