@@ -24,8 +24,8 @@ accuracy 0.992 on menu frames (0.997 on all), movement R² 0.913 on the frames w
 visible (fixed camera 0.88, following 0.95); reward-model Spearman 0.830 against true
 progress on the 8 held-out BonkArena episodes; skill perplexity 144 (249 of 256 codes used);
 the offline dream policy returns −29.8 in BonkArena (random play −6.7; on the 72 episodes
-below, 2026-12-07: −7.3 / −14.0 / −13.2 over seeds 0–2 against random −6.9 / −6.9 / −7.2,
-seeds 1–2 still walking into walls). IDM training 4,000
+below, 2026-12-07: −10.0 / −10.8 / −17.9 over seeds 0–2 against random −6.9 / −6.9 / −7.2;
+it still walks into walls). IDM training 4,000
 steps takes ~28 min of the run. Deaths and the video reward against the game's (72 episodes,
 BENCHMARKS.md): with the death screen, held-out deaths found 11/11, 11/11, 10/10 with 0, 0, 1
 false terminals over seeds 0–2 (2026-12-07); video vs true return Spearman over 15-step

@@ -157,8 +157,8 @@ def base_config() -> ml_collections.ConfigDict:
   cfg.learner.dream.bc_scale = 1.0
   # Videos mix good and bad play; `learner.dream.bc_temperature` > 0 imitates each recorded
   # step by how much better its replayed return did than the critic expected (AWR). Off:
-  # on BonkArena's 72 mixed videos, temperature 0.01 (cap 100) took seed 0 from −10.0 to
-  # −7.3 and seed 1 from −10.8 to −14.0, whose reward prices walls less (BENCHMARKS.md).
+  # on BonkArena's 72 mixed videos, temperature 0.01 (cap 100) moved seeds 0 / 1 / 2 from
+  # −10.0 / −10.8 / −17.9 to −7.3 / −14.0 / −13.2 (BENCHMARKS.md): no clear gain.
   cfg.world_model_steps = 2000
   cfg.dream_steps = 1000
   cfg.log_every = 100  # updates per jitted chunk / progress line
