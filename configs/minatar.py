@@ -9,8 +9,8 @@ for a 1 M-step budget: 16 envs × 128 steps, lr 5e-4 annealed, 4 epochs × 4 min
 
 Command:  python -m experiments.train --config=configs/minatar.py:breakout,dreamer \\
               --workdir=runs/minatar_breakout_dreamer
-Expected: Breakout, dreamer: return ≈ 3.5 at 100 k env steps (seeds 0, 1: 3.56, 3.53) and
-          ≈ 6.1 at 200 k (seeds 0, 1: 5.43, 6.84; 2.5–2.7 h a seed on 2 CPU cores; at train
+Expected: Breakout, dreamer: return 3.8 at 100 k env steps (seeds 0–2: 3.56, 3.53, 4.30)
+          and 6.4 at 200 k (5.43, 6.84, 6.84; 2.5–2.7 h a seed on 2 CPU cores; at train
           ratio 32, 5.9 over three seeds), PPO: 6.2 at 200 k and 6.5 at 1 M — BENCHMARKS.md
           "Model-based agent".
 Debug:    --config=configs/minatar.py:debug — tiny sizes, 4 updates, used by tests.
