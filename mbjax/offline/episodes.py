@@ -237,8 +237,8 @@ def export_chunks(chunk_dir: str, out_dir: str, observation: str = "frames",
 
   A chunk already exported with the same observation kind and encoder, and not rewritten
   since (its size and modification time: a relabelling phase rewrites the chunk, and its new
-  rewards, actions or deaths must reach the episodes), is skipped; a re-exported chunk's old episode
-  files are replaced. A chunk that cannot be exported (unreadable, unlabelled, non-finite
+  rewards, actions or deaths must reach the episodes), is skipped; a re-exported chunk's old
+  episode files are replaced. A chunk that cannot be exported (unreadable, unlabelled, non-finite
   labels) is recorded as skipped with the reason, and the others are still exported.
   """
   os.makedirs(out_dir, exist_ok=True)

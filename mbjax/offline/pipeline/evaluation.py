@@ -78,8 +78,8 @@ def evaluate_dream_policy(ws: Workspace, trainer: offline_lib.OfflineTrainer, st
   return and length, menu fraction and each reward term's mean contribution. The game is
   drawn like the videos (`video_env`, the first ground-truth look) and each frame is turned
   into what the world model saw: resized to `export.frame_size`, or the exported features
-  (`models.frame_features`). The random policy ignores its observations, so it plays the same game with
-  vector observations (no drawing to compile)."""
+  (`models.frame_features`). The random policy ignores its observations, so it plays the
+  same game with vector observations (no drawing to compile)."""
   if trainer.learners.dream is None or not cfg.ground_truth.enabled:
     return {"skipped": "needs the dream learner and the BonkArena ground-truth set-up"}
   from mbjax.envs.bonk_arena import BonkArena, random_policy, rollout  # validation
