@@ -49,7 +49,7 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from mbjax.offline.idm import FrameEncoder
+from mbjax.offline.idm import FrameEncoder, in_pieces
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,18 +144,8 @@ def _probabilities_piece(params, cfg: DeathConfig, frames):
 def probabilities(params, cfg: DeathConfig, frames) -> np.ndarray:
   """P(frame ends a life) f32[T] of uint8[T, H, W, 3], jitted in fixed pieces of
   `cfg.score_batch` frames (the last piece padded by repeating its last frame)."""
-  frames = np.asarray(frames)
-  if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8 or not len(frames):
-    raise ValueError(f"frames must be uint8[T >= 1, H, W, 3], got {frames.dtype}"
-                     f"{list(frames.shape)}")
-  piece, out = cfg.score_batch, []
-  for start in range(0, len(frames), piece):
-    chunk = frames[start:start + piece]
-    n = len(chunk)
-    if n < piece:
-      chunk = np.concatenate([chunk, np.repeat(chunk[-1:], piece - n, 0)])
-    out.append(np.asarray(_probabilities_piece(params, cfg, chunk))[:n])
-  return np.concatenate(out)
+  return in_pieces(lambda chunk: _probabilities_piece(params, cfg, chunk), frames,
+                   cfg.score_batch)
 
 
 def terminals_from_probs(probs, threshold: float) -> np.ndarray:

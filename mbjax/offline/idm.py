@@ -41,7 +41,7 @@ hashable, so they are static jit arguments; all shapes are static.
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import chex
 import flax.linen as nn
@@ -123,6 +123,24 @@ def _conv_stack(x: jax.Array, convs) -> jax.Array:
   for conv in convs:
     x = nn.relu(conv(x))
   return x
+
+
+def in_pieces(fn: Callable[[np.ndarray], Any], frames, piece: int):
+  """`fn` (jitted, per-frame outputs) over video frames uint8[T, H, W, 3] in pieces of
+  `piece` frames — one shape to compile, the last piece padded by repeating its last frame
+  — and its outputs (a pytree of [T, ...] arrays) gathered on the host."""
+  frames = np.asarray(frames)
+  if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8 or not len(frames):
+    raise ValueError(f"frames must be uint8[T >= 1, H, W, 3], got {frames.dtype}"
+                     f"{list(frames.shape)}")
+  pieces = []
+  for start in range(0, len(frames), piece):
+    chunk = frames[start:start + piece]
+    n = len(chunk)
+    if n < piece:
+      chunk = np.concatenate([chunk, np.repeat(chunk[-1:], piece - n, 0)])
+    pieces.append(jax.tree.map(lambda x, n=n: np.asarray(x)[:n], fn(chunk)))
+  return jax.tree.map(lambda *xs: np.concatenate(xs), *pieces)
 
 
 class FrameEncoder(nn.Module):

@@ -74,7 +74,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from mbjax.offline import deaths as deaths_lib
-from mbjax.offline.idm import FrameEncoder
+from mbjax.offline.idm import FrameEncoder, in_pieces
 
 
 OBJECTIVES = ("returns", "progress")
@@ -232,19 +232,8 @@ def embed(params, cfg: RewardConfig, frames) -> tuple[np.ndarray, np.ndarray, np
   """uint8[T, H, W, 3] → (embeddings z f32[T, D], progress f32[T], rate f32[T]), jitted in
   fixed pieces of `cfg.score_batch` frames (the last piece padded by repeating its last
   frame)."""
-  frames = np.asarray(frames)
-  if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8 or not len(frames):
-    raise ValueError(f"frames must be uint8[T >= 1, H, W, 3], got {frames.dtype}"
-                     f"{list(frames.shape)}")
-  piece = cfg.score_batch
-  pieces = []
-  for start in range(0, frames.shape[0], piece):
-    chunk = frames[start:start + piece]
-    if chunk.shape[0] < piece:
-      chunk = np.concatenate([chunk, np.repeat(chunk[-1:], piece - chunk.shape[0], 0)])
-    n = min(piece, frames.shape[0] - start)
-    pieces.append([np.asarray(out)[:n] for out in _embed_piece(params, cfg, chunk)])
-  return tuple(np.concatenate(column) for column in zip(*pieces))
+  return tuple(in_pieces(lambda chunk: _embed_piece(params, cfg, chunk), frames,
+                         cfg.score_batch))
 
 
 def score(params, cfg: RewardConfig, frames) -> np.ndarray:

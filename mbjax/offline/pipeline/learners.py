@@ -18,11 +18,12 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from mbjax.offline import chunks as chunks_lib
 from mbjax.offline import episodes as episodes_lib
+from mbjax.offline import idm as idm_lib
 from mbjax.offline import rlds as rlds_lib
 from mbjax.offline.pipeline import config as config_lib
 from mbjax.offline.pipeline.config import action_spec
 from mbjax.offline.pipeline.evaluation import evaluate_dream_policy
-from mbjax.offline.pipeline.models import frame_features, in_pieces
+from mbjax.offline.pipeline.models import frame_features
 from mbjax.offline.pipeline.workspace import (Workspace, format_metrics, load_model,
                                               model_exists, save_model, saved_model_config,
                                               unpack_actions)
@@ -34,7 +35,7 @@ def export(ws: Workspace, cfg) -> dict:
   if cfg.export.observation == "embeddings":
     features, encoder = frame_features(ws, cfg)
     encode = jax.jit(features, compiler_options=config_lib.compiler_options(cfg))
-    embed_fn = lambda frames: in_pieces(encode, np.asarray(frames), cfg.reward.score_batch)
+    embed_fn = lambda frames: idm_lib.in_pieces(encode, frames, cfg.reward.score_batch)
   manifest = episodes_lib.export_chunks(ws.chunks, ws.episodes, cfg.export.observation,
                                         embed_fn, cfg.convert.compression,
                                         progress=logging.info, encoder=encoder)

@@ -518,23 +518,6 @@ def frame_features(ws: Workspace, cfg) -> tuple[Callable[[jax.Array], jax.Array]
   return features, ",".join(ids)
 
 
-def in_pieces(fn: Callable[[jax.Array], jax.Array], frames: np.ndarray,
-              piece: int) -> np.ndarray:
-  """A jitted `fn` over uint8[T, H, W, 3] frames in pieces of `piece` frames (one shape to
-  compile; the last piece padded by repeating its last frame)."""
-  if frames.ndim != 4 or frames.dtype != np.uint8 or not len(frames):
-    raise ValueError(f"frames must be uint8[T >= 1, H, W, 3], got {frames.dtype}"
-                     f"{list(frames.shape)}")
-  out = []
-  for start in range(0, len(frames), piece):
-    chunk = frames[start:start + piece]
-    n = len(chunk)
-    if n < piece:
-      chunk = np.concatenate([chunk, np.repeat(chunk[-1:], piece - n, 0)])
-    out.append(np.asarray(fn(chunk))[:n])
-  return np.concatenate(out)
-
-
 def reward_label(ws: Workspace, cfg) -> dict:
   """`progress_scores` and `rewards` = (Δprogress + rate) × scale, scored over each whole
   episode (so a chunk's last reward looks at the next chunk's first frame; 0 at the
