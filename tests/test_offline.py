@@ -44,6 +44,29 @@ def test_sample_windows_are_consecutive_steps_with_resets(jit):
     np.testing.assert_array_equal(windows.is_first[:, b], expected_first)
 
 
+@pytest.mark.parametrize("jit", [False, True])
+def test_rare_windows_hold_a_rare_choice_after_their_burn_in(jit):
+  common, rare = _episode(12, 0), _episode(12, 0)
+  common["action_discrete"] = np.zeros((12, 1), np.int64)
+  rare["action_discrete"] = np.zeros((12, 1), np.int64)
+  rare["action_discrete"][[1, 9]] = 2  # rare: not branch 0's most common choice (0)
+  data = offline.EpisodeData.concatenate([rare], SPEC)
+  np.testing.assert_array_equal(data.rare_index, [1, 9])
+  sample = lambda key: offline.sample_windows(data, key, 64, 4, SPEC, rare_fraction=0.5,
+                                              burn_in=1)
+  starts = np.asarray((jax.jit(sample) if jit else sample)(jax.random.PRNGKey(0)).obs[0, :, 0])
+  # Step 9 at window position 1..3: starts 6, 7, 8; step 1 at 1..3 would start at 0 or
+  # below, so those windows start at 0 (clipped), which still holds it after the burn-in.
+  assert set(starts[:32].astype(int)) == {0, 6, 7, 8}
+  assert set(starts[32:].astype(int)) - {0, 6, 7, 8}  # the rest uniform over 0..8
+  # No rare step: every window uniform, whatever the fraction.
+  data = offline.EpisodeData.concatenate([common], SPEC)
+  assert data.rare_index.shape == (0,)
+  starts = np.asarray(offline.sample_windows(data, jax.random.PRNGKey(0), 64, 4, SPEC, 0.5,
+                                             1).obs[0, :, 0])
+  assert len(set(starts.astype(int))) == 9
+
+
 def test_episode_validation_names_the_episode():
   bad = _episode(4, 0, name="run_07")
   bad["reward"][2] = np.nan

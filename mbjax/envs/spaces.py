@@ -59,3 +59,16 @@ class HybridActionSpec:
         continuous=jnp.zeros(batch_shape + (self.continuous_dim,), jnp.float32),
         discrete=jnp.zeros(batch_shape + (self.num_branches,), jnp.int32),
     )
+
+
+def rare_choices(discrete: np.ndarray) -> np.ndarray:
+  """bool[T] of labels i32[T, K]: some branch's choice is not that branch's most common one
+  (in BonkArena a card picked in a menu: a few steps in a thousand). Learners that must
+  see such steps oversample them (`offline.bc`'s batches, `train.offline`'s windows)."""
+  discrete = np.asarray(discrete)
+  if discrete.ndim != 2:
+    raise ValueError(f"discrete labels must be i32[T, K], got shape {discrete.shape}")
+  if not discrete.shape[1] or not len(discrete):
+    return np.zeros(len(discrete), bool)
+  modes = [np.bincount(column).argmax() for column in discrete.T]
+  return (discrete != np.asarray(modes)[None]).any(axis=1)

@@ -62,7 +62,7 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from mbjax.envs.spaces import HybridAction, HybridActionSpec
+from mbjax.envs.spaces import HybridAction, HybridActionSpec, rare_choices
 from mbjax.nets.hybrid import mask_logits
 from mbjax.offline import idm_training, locator
 from mbjax.offline.idm import FrameEncoder
@@ -306,17 +306,6 @@ def policy_fn(params, cfg: BCConfig, spec: HybridActionSpec,
   return policy
 
 
-def rare_frames(discrete: np.ndarray) -> np.ndarray:
-  """bool[T] of labels i32[T, K]: a branch's choice is not that branch's most common one."""
-  discrete = np.asarray(discrete)
-  if discrete.ndim != 2:
-    raise ValueError(f"discrete labels must be i32[T, K], got shape {discrete.shape}")
-  if not discrete.shape[1] or not len(discrete):
-    return np.zeros(len(discrete), bool)
-  modes = [np.bincount(column).argmax() for column in discrete.T]
-  return (discrete != np.asarray(modes)[None]).any(axis=1)
-
-
 def sample_batch(rng: np.random.Generator, num_frames: int, rare: np.ndarray, batch: int,
                  rare_fraction: float) -> np.ndarray:
   """i64[B] frame indices into the concatenated episodes: round(B · rare_fraction) among the
@@ -348,7 +337,7 @@ def fit(state: BCState, frames: Sequence[np.ndarray], actions: Sequence[np.ndarr
   choices = np.stack([choice_probs[:, o:o + n].argmax(-1)
                       for o, n in zip(spec.branch_offsets, spec.branches)], -1) \
       if spec.branches else np.zeros((len(all_frames), 0), np.int64)
-  rare = rare_frames(choices)
+  rare = rare_choices(choices)
   if data_sharding is not None:
     state = jax.device_put(state, NamedSharding(data_sharding.mesh, P()))
   metrics, key = {}, jax.random.PRNGKey(int(rng.integers(2 ** 31)))

@@ -151,6 +151,7 @@ def base_config() -> ml_collections.ConfigDict:
   # Offline entry (mbjax.train.offline): the learners above trained from recorded episodes.
   cfg.offline = ml_collections.ConfigDict()
   cfg.offline.batch_size = 16  # windows of replay.burn_in + replay.seq_len steps per update
+  cfg.offline.rare_fraction = 0.0  # share of the windows placed on a rare choice (a menu pick)
 
   cfg.run = ml_collections.ConfigDict()
   cfg.run.num_devices = 0  # 0: every local device (Sebulba: its learner's devices)
@@ -311,7 +312,7 @@ RANGES = {
     "cpqe.q_hidden": _COUNT, "cpqe.q_lr": _POSITIVE, "cpqe.gamma": _DISCOUNT,
     "cpqe.q_target_rate": _RATE, "cpqe.num_samples": _COUNT, "cpqe.beta": _FINITE,
     "cpqe.batch_size": _COUNT,
-    "offline.batch_size": _COUNT,
+    "offline.batch_size": _COUNT, "offline.rare_fraction": _FRACTION,
     "run.num_devices": _NON_NEGATIVE_INT, "run.actor_device": _Range(-1, integer=True),
     "run.log_every_updates": _COUNT, "run.checkpoint_every_updates": _COUNT,
     "run.keep_checkpoints": _COUNT, "run.video_max_frames": _NON_NEGATIVE_INT,

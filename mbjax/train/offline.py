@@ -5,7 +5,10 @@ an environment.
 The same `apex.model_update` the online learner runs on replayed windows is applied to
 windows of `replay.burn_in + replay.seq_len` steps sampled uniformly from the concatenated
 episodes (a window may cross an episode boundary: `is_first` resets the latent state
-there, exactly as in replayed windows). Two phases, as in the offline video pipeline: `train_world_model=True` trains
+there, exactly as in replayed windows). Steps with a rare choice (`spaces.rare_choices`: in
+BonkArena a card picked in a menu, a few in a thousand) can be given `offline.rare_fraction`
+of the windows, each placed to hold one such step after its burn-in: without them the model
+hardly learns what a pick does and the actor never picks. Two phases, as in the offline video pipeline: `train_world_model=True` trains
 the model (and, if enabled, the latent policies alongside it); `False` trains the latent
 policies against a finished model, which then only supplies posterior start states.
 
@@ -28,7 +31,7 @@ from jax.sharding import Mesh
 
 from mbjax.agents import apex
 from mbjax.agents import world_model as wm_lib
-from mbjax.envs.spaces import HybridAction, HybridActionSpec
+from mbjax.envs.spaces import HybridAction, HybridActionSpec, rare_choices
 from mbjax.nets.hybrid import to_env_action
 from mbjax.train import sharding
 
@@ -47,6 +50,7 @@ class EpisodeData(NamedTuple):
   terminated: Any  # bool[N]
   is_first: Any  # bool[N]
   mask: Any  # bool[N, mask_size]: the allowed choices (all, where episodes do not say)
+  rare_index: Any  # i32[R]: the steps whose choice is rare (`spaces.rare_choices`)
 
   @classmethod
   def concatenate(cls, episodes: list[dict], spec: HybridActionSpec) -> "EpisodeData":
@@ -84,8 +88,9 @@ class EpisodeData(NamedTuple):
               else np.asarray(mask, bool).reshape(length, spec.mask_size))
       parts["mask"].append(mask)
     cat = {key: np.concatenate(value) for key, value in parts.items()}
+    rare_index = np.flatnonzero(rare_choices(cat["discrete"])).astype(np.int32)
     return cls(cat["obs"], HybridAction(cat["continuous"], cat["discrete"]), cat["reward"],
-               cat["terminated"], cat["is_first"], cat["mask"])
+               cat["terminated"], cat["is_first"], cat["mask"], rare_index)
 
   @property
   def num_steps(self) -> int:
@@ -93,12 +98,23 @@ class EpisodeData(NamedTuple):
 
 
 def sample_windows(data: EpisodeData, key, batch_size: int, length: int,
-                   spec: HybridActionSpec) -> wm_lib.Sequence:
-  """`batch_size` windows of `length` consecutive steps, uniform over start positions;
-  returns a world-model Sequence [length, batch_size, ...] whose first step is a start."""
+                   spec: HybridActionSpec, rare_fraction: float = 0.0,
+                   burn_in: int = 0) -> wm_lib.Sequence:
+  """`batch_size` windows of `length` consecutive steps; returns a world-model Sequence
+  [length, batch_size, ...] whose first step is a start. The first round(batch_size ·
+  `rare_fraction`) windows (none when no step is rare) each hold a rare step, drawn
+  uniformly from `data.rare_index`, at a uniform position in [burn_in, length) (as far as
+  the data's ends allow); the rest start uniformly."""
   num_steps = data.reward.shape[0]
   chex.assert_rank(data.reward, 1)
-  starts = jax.random.randint(key, (batch_size,), 0, num_steps - length + 1)
+  uniform_key, rare_key, offset_key = jax.random.split(key, 3)
+  starts = jax.random.randint(uniform_key, (batch_size,), 0, num_steps - length + 1)
+  num_rare = round(batch_size * rare_fraction) if data.rare_index.shape[0] else 0
+  if num_rare:
+    pick = jax.random.randint(rare_key, (num_rare,), 0, data.rare_index.shape[0])
+    rare = jnp.asarray(data.rare_index)[pick]
+    offset = jax.random.randint(offset_key, (num_rare,), min(burn_in, length - 1), length)
+    starts = starts.at[:num_rare].set(jnp.clip(rare - offset, 0, num_steps - length))
   index = starts[None, :] + jnp.arange(length)[:, None]  # [L, B]
   take = lambda x: jnp.asarray(x)[index]
   action = wm_lib.action_vector(jax.tree.map(take, data.action), spec)
@@ -157,7 +173,8 @@ def make_offline_trainer(cfg: ml_collections.ConfigDict, obs_shape: tuple[int, .
 
     def one(state, _):
       key, window_key, update_key = jax.random.split(state.key, 3)
-      windows = sample_windows(data, window_key, batch_size, length, spec)
+      windows = sample_windows(data, window_key, batch_size, length, spec,
+                               cfg.offline.rare_fraction, cfg.replay.burn_in)
       if window_sharding is not None:
         windows = jax.lax.with_sharding_constraint(windows, window_sharding)
       aux, metrics = apex.model_update(state.aux, windows, update_key, learners=learners,

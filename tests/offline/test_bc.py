@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mbjax.envs.spaces import HybridActionSpec
+from mbjax.envs.spaces import HybridActionSpec, rare_choices
 from mbjax.offline import bc
 
 SPEC = HybridActionSpec(continuous_dim=2, branches=(4,))
@@ -61,12 +61,12 @@ def test_loss_of_a_uniform_policy_by_hand(jit):
   np.testing.assert_allclose(float(value), np.log(9.0) + np.log(4.0), rtol=1e-6)
 
 
-def test_rare_frames_and_batch_sampling():
+def test_rare_choices_and_batch_sampling():
   labels = np.array([[3], [3], [0], [3], [2], [3]])
-  np.testing.assert_array_equal(bc.rare_frames(labels), [0, 0, 1, 0, 1, 0])
-  np.testing.assert_array_equal(bc.rare_frames(np.zeros((3, 0), np.int64)), [0, 0, 0])
+  np.testing.assert_array_equal(rare_choices(labels), [0, 0, 1, 0, 1, 0])
+  np.testing.assert_array_equal(rare_choices(np.zeros((3, 0), np.int64)), [0, 0, 0])
   rng = np.random.default_rng(0)
-  index = bc.sample_batch(rng, 6, bc.rare_frames(labels), 8, 0.25)
+  index = bc.sample_batch(rng, 6, rare_choices(labels), 8, 0.25)
   assert len(index) == 8 and set(index[:2]) <= {2, 4} and index.max() < 6
   index = bc.sample_batch(rng, 6, np.zeros(6, bool), 8, 0.25)  # no rare frame: all uniform
   assert len(index) == 8 and index.max() < 6
