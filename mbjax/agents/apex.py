@@ -30,6 +30,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import chex
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -322,13 +323,16 @@ def train_from_replay(aux: AuxState, replay, key, *, learners: Learners,
 
 
 def model_update(aux: AuxState, sequence: wm_lib.Sequence, key, *, learners: Learners,
-                 axis_name: str | None = None, train_world_model: bool = True):
+                 axis_name: str | None = None, train_world_model: bool = True,
+                 behaviour_action: jax.Array | None = None):
   """World model → dream → EFE on windows [burn_in + L, B]; returns (aux, metrics).
 
   The online learner calls it with windows sampled from its replay; the offline entry
   (`mbjax.train.offline`) with windows sampled from exported episodes. With
   `train_world_model=False` the world model only supplies posteriors (an offline phase that
-  trains the latent policies against a finished model).
+  trains the latent policies against a finished model). The actors' behaviour term imitates
+  the windows' own actions, or `behaviour_action` [burn_in + L, B, A] (the same action
+  vectors, e.g. a teacher's choices on the replayed observations) where given.
   """
   cfg = learners.cfg
   burn_in = cfg.replay.burn_in
@@ -349,8 +353,11 @@ def model_update(aux: AuxState, sequence: wm_lib.Sequence, key, *, learners: Lea
   flat = lambda x: x.reshape((-1,) + x.shape[2:])
   starts = jax.tree.map(flat, posts)  # every posterior
 
-  def behaviour(nets: dream.Networks):  # the replayed steps' recorded actions
-    return dream.recorded_behaviour(starts.features, flat(trained.action),
+  imitated = trained.action if behaviour_action is None else behaviour_action[burn_in:]
+  chex.assert_equal_shape([imitated, trained.action])
+
+  def behaviour(nets: dream.Networks):  # the replayed steps' recorded (or teacher's) actions
+    return dream.recorded_behaviour(starts.features, flat(imitated),
                                     flat(trained.mask), nets.actor.spec, nets.actor.squash)
 
   if learners.dream is not None:

@@ -44,6 +44,7 @@ API (`BCConfig` and the action spec are hashable, static fields of `BCState`):
   move_targets(moves f32[B, C], bins) -> f32[B, bins^C];  move_centres(bins, C) -> f32[bins^C, C]
   act(params, cfg, spec, frames u8[N, H, W, 3], mask bool[N, Σn], key) -> HybridAction
   features(params, cfg, spec, frames u8[N, H, W, 3]) -> f32[N, hidden]  (the heads' input)
+  act_on_features(params, cfg, spec, hidden f32[N, hidden], mask, key) -> HybridAction
   policy_fn(params, cfg, spec, obs_fn) -> a single-env `policy_fn(key, obs, mask)`
   sample_batch / fit: host-side sampling and a training loop over in-memory episodes.
 """
@@ -269,8 +270,25 @@ def act(params, cfg: BCConfig, spec: HybridActionSpec, frames: jax.Array, mask: 
   """Actions for frames uint8[N, H, W, 3] under mask bool[N, Σn]: a move-grid cell's centre
   and each branch's choice, sampled from their (masked) softmaxes."""
   chex.assert_rank(frames, 4)
-  chex.assert_shape(mask, (frames.shape[0], spec.mask_size))
   move_logits, logits = BCPolicyNet(cfg, spec).apply(params, frames)
+  return _sample(cfg, spec, move_logits, logits, mask, key)
+
+
+def act_on_features(params, cfg: BCConfig, spec: HybridActionSpec, hidden: jax.Array,
+                    mask: jax.Array, key: jax.Array) -> HybridAction:
+  """`act` from the hidden layer f32[N, hidden] that `features` returns (the heads alone):
+  the cloned policy's actions on stored features, e.g. an offline world model's
+  observations."""
+  chex.assert_shape(hidden, (None, cfg.hidden))
+  heads = params["params"]
+  move_logits = nn.Dense(cfg.move_bins ** spec.continuous_dim).apply(
+      {"params": heads["move"]}, hidden)
+  logits = nn.Dense(spec.mask_size).apply({"params": heads["choices"]}, hidden)
+  return _sample(cfg, spec, move_logits, logits, mask, key)
+
+
+def _sample(cfg: BCConfig, spec: HybridActionSpec, move_logits, logits, mask, key):
+  chex.assert_shape(mask, (move_logits.shape[0], spec.mask_size))
   move_key, key = jax.random.split(key)
   if cfg.move_temperature > 0:
     cell = jax.random.categorical(move_key, move_logits / cfg.move_temperature)
@@ -282,7 +300,7 @@ def act(params, cfg: BCConfig, spec: HybridActionSpec, frames: jax.Array, mask: 
   choices = [jax.random.categorical(k, logits[:, o:o + n])
              for k, o, n in zip(keys, spec.branch_offsets, spec.branches)]
   discrete = (jnp.stack(choices, -1) if choices
-              else jnp.zeros((frames.shape[0], 0), jnp.int32)).astype(jnp.int32)
+              else jnp.zeros((move_logits.shape[0], 0), jnp.int32)).astype(jnp.int32)
   return HybridAction(move, discrete)
 
 

@@ -141,7 +141,9 @@ class OfflineTrainer(NamedTuple):
 
 def make_offline_trainer(cfg: ml_collections.ConfigDict, obs_shape: tuple[int, ...], obs_dtype,
                          spec: HybridActionSpec, mesh: Mesh | None = None,
-                         config_prefix: str = "") -> OfflineTrainer:
+                         config_prefix: str = "",
+                         teacher: Callable[[jax.Array, jax.Array, jax.Array], HybridAction]
+                         | None = None) -> OfflineTrainer:
   """`cfg` is an experiment config (`mbjax.train.config.base_config`): its world_model,
   dream, efe, replay (window length) and network.squash sections, plus
   `offline.batch_size` windows per update.
@@ -152,6 +154,11 @@ def make_offline_trainer(cfg: ml_collections.ConfigDict, obs_shape: tuple[int, .
   the caller places the state and the data replicated (`NamedSharding(mesh, P())`) and
   sharding propagation averages the gradients. `config_prefix` is where `cfg` sits in the
   caller's config, for the error when the batch does not divide the device count.
+
+  `teacher(obs [N, ...], mask [N, M], key) -> HybridAction` (env space), where given, is
+  what the latent actors' behaviour term imitates on each replayed step instead of the
+  recorded action — e.g. a policy cloned from the best of the videos, where the recordings
+  mix good play with bad (drawn afresh every update).
   """
   if not cfg.world_model.enabled:
     raise ValueError("offline training needs config.world_model.enabled=True")
@@ -177,8 +184,15 @@ def make_offline_trainer(cfg: ml_collections.ConfigDict, obs_shape: tuple[int, .
                                cfg.offline.rare_fraction, cfg.replay.burn_in)
       if window_sharding is not None:
         windows = jax.lax.with_sharding_constraint(windows, window_sharding)
+      behaviour_action = None
+      if teacher is not None:
+        teacher_key, update_key = jax.random.split(update_key)
+        flat = lambda x: x.reshape((-1,) + x.shape[2:])
+        action = teacher(flat(windows.obs), flat(windows.mask), teacher_key)
+        behaviour_action = wm_lib.action_vector(action, spec).reshape(windows.action.shape)
       aux, metrics = apex.model_update(state.aux, windows, update_key, learners=learners,
-                                       train_world_model=train_world_model)
+                                       train_world_model=train_world_model,
+                                       behaviour_action=behaviour_action)
       return OfflineState(aux, key, state.step + 1), metrics
 
     state, metrics = jax.lax.scan(one, state, None, length=num_updates)

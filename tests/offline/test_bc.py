@@ -144,6 +144,18 @@ def test_features_are_what_both_heads_read(jit):
     dense = state.params["params"][head]
     np.testing.assert_allclose(features @ np.asarray(dense["kernel"]) + np.asarray(dense["bias"]),
                                logits, rtol=1e-5, atol=1e-5)
+  # Acting on the features draws what acting on the frames draws, key for key.
+  mask = np.ones((3, SPEC.mask_size), bool)
+  mask[1, :SPEC.branches[0] - 1] = False  # the second frame may only take the last choice
+  on_features = lambda h, k: bc.act_on_features(state.params, cfg, SPEC, h, mask, k)
+  on_features = jax.jit(on_features) if jit else on_features
+  for seed in range(4):
+    key = jax.random.PRNGKey(seed)
+    expected = bc.act(state.params, cfg, SPEC, frames, mask, key)
+    got = on_features(jnp.asarray(features), key)
+    np.testing.assert_allclose(got.continuous, expected.continuous, atol=1e-6)
+    np.testing.assert_array_equal(got.discrete, expected.discrete)
+    assert int(got.discrete[1, 0]) == SPEC.branches[0] - 1
 
 
 def test_bad_input_is_named():

@@ -266,12 +266,22 @@ def test_rerun_resumes_and_skips_a_corrupt_chunk(finished_run, tmp_path):
     assert chunks.read_chunk(path)["actions"].shape == actions.shape
 
 
-def test_unknown_exported_features_are_named(tmp_path):
+def test_unknown_exported_features_and_teachers_are_named_before_any_phase(tmp_path):
   cfg = video_pretrain.get_config("debug")
   cfg.export.features = ("reward", "pixels")
   with pytest.raises(ValueError, match=r"export.features: \('reward', 'pixels'\): expected "
                                        r"distinct names from \('reward', 'bc'\)"):
     models.frame_features(workspace.Workspace(str(tmp_path), cfg), cfg)
+  cfg.export.features = ("reward",)
+  cfg.dream_teacher = "scripted"
+  with pytest.raises(ValueError, match=r"dream_teacher: 'scripted': expected one of "
+                                       r"\('recorded', 'bc'\)"):
+    pipeline.run(str(tmp_path), cfg, "convert")
+  cfg.dream_teacher = "bc"
+  with pytest.raises(ValueError, match="dream_teacher='bc' acts on the cloned policy's "
+                                       "exported features"):
+    pipeline.run(str(tmp_path), cfg, "convert")
+  assert not os.listdir(tmp_path)  # nothing ran
 
 
 def test_a_saved_model_with_other_settings_is_named_not_silently_kept(tmp_path):

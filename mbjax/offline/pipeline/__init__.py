@@ -115,8 +115,10 @@ def resolve_phases(phase: str, cfg: ml_collections.ConfigDict) -> list[str]:
 
 def run(workdir: str, cfg: ml_collections.ConfigDict, phase: str = "all") -> dict:
   """Runs `phase` (see `resolve_phases`) under `workdir`; returns {phase: info}. The config's
-  paths are checked first (`config.resolve_paths`): a wrong one fails before any phase."""
+  paths and choices are checked first (`config.resolve_paths`, `config.check_choices`): a
+  wrong one fails before any phase."""
   names = resolve_phases(phase, cfg)
+  config.check_choices(cfg)
   cfg = config.resolve_paths(cfg, names)
   ws = Workspace(workdir, cfg)
   functions = {p.name: p.fn for p in REGISTRY}

@@ -159,6 +159,10 @@ def base_config() -> ml_collections.ConfigDict:
   # step by how much better its replayed return did than the critic expected (AWR). Off:
   # on BonkArena's 72 mixed videos, temperature 0.01 (cap 100) moved seeds 0 / 1 / 2 from
   # −10.0 / −10.8 / −17.9 to −7.3 / −14.0 / −13.2 (BENCHMARKS.md): no clear gain.
+  # Whom the dream actor's behaviour term imitates: "recorded" (the videos' labelled
+  # actions) or "bc" (the cloned policy, acting on each replayed step's exported "bc"
+  # features: needs "bc" in export.features).
+  cfg.dream_teacher = "recorded"
   cfg.world_model_steps = 2000
   cfg.dream_steps = 1000
   cfg.log_every = 100  # updates per jitted chunk / progress line
@@ -179,6 +183,29 @@ def base_config() -> ml_collections.ConfigDict:
   cfg.eval.probe_episodes = 3
   cfg.eval.probe_steps = 600
   return cfg
+
+
+# What the offline world model sees of a frame (`models.frame_features`), and whom the
+# dream actor imitates (`models.dream_teacher`).
+EXPORT_FEATURES = ("reward", "bc")
+DREAM_TEACHERS = ("recorded", "bc")
+
+
+def check_choices(cfg: ml_collections.ConfigDict) -> None:
+  """`export.features` and `dream_teacher` name things that exist and fit together; raises
+  `ConfigError` (the pipeline checks before its first phase)."""
+  names = tuple(cfg.export.features)
+  unknown = [n for n in names if n not in EXPORT_FEATURES]
+  if not names or unknown or len(set(names)) < len(names):
+    raise learner_config.ConfigError(f"export.features: {names}: expected distinct names "
+                                     f"from {EXPORT_FEATURES}")
+  if cfg.dream_teacher not in DREAM_TEACHERS:
+    raise learner_config.ConfigError(f"dream_teacher: {cfg.dream_teacher!r}: expected one "
+                                     f"of {DREAM_TEACHERS}")
+  if cfg.dream_teacher == "bc" and "bc" not in names:
+    raise learner_config.ConfigError(f"dream_teacher='bc' acts on the cloned policy's "
+                                     f"exported features; export.features={names} has none "
+                                     "(add 'bc')")
 
 
 def resolve_paths(cfg: ml_collections.ConfigDict, phases: list[str],

@@ -23,7 +23,7 @@ from mbjax.offline import rlds as rlds_lib
 from mbjax.offline.pipeline import config as config_lib
 from mbjax.offline.pipeline.config import action_spec
 from mbjax.offline.pipeline.evaluation import evaluate_dream_policy
-from mbjax.offline.pipeline.models import frame_features
+from mbjax.offline.pipeline.models import dream_teacher, frame_features
 from mbjax.offline.pipeline.workspace import (Workspace, format_metrics, load_model,
                                               model_exists, save_model, saved_model_config,
                                               unpack_actions)
@@ -101,11 +101,14 @@ class _LearnerSetup(NamedTuple):
   mesh: Mesh
 
 
-def _learner_setup(ws: Workspace, cfg) -> _LearnerSetup:
+def _learner_setup(ws: Workspace, cfg, teacher: tuple | None = None) -> _LearnerSetup:
+  """`teacher`: `models.dream_teacher`'s answer, where the caller has it already."""
   mesh = config_lib.mesh(cfg)
   data, obs_shape, obs_dtype = _learner_data(ws, cfg)
+  teacher, _ = teacher or dream_teacher(ws, cfg)
   trainer = offline_lib.make_offline_trainer(cfg.learner, obs_shape, obs_dtype,
-                                             action_spec(cfg), mesh, config_prefix="learner.")
+                                             action_spec(cfg), mesh, config_prefix="learner.",
+                                             teacher=teacher)
   return _LearnerSetup(data, trainer, mesh)
 
 
@@ -149,8 +152,8 @@ def _check_resumed(directory: str, trained_on: dict) -> None:
   if changed:
     raise ValueError(f"{directory} was trained before its inputs changed ({', '.join(changed)}"
                      ": the episodes were exported again, e.g. after relabelling rewards, "
-                     "actions or deaths, or the world model was retrained); remove it to "
-                     "retrain")
+                     "actions or deaths, the world model was retrained or the dream actor's "
+                     "teacher changed); remove it to retrain")
 
 
 def world_model(ws: Workspace, cfg) -> dict:
@@ -167,15 +170,18 @@ def world_model(ws: Workspace, cfg) -> dict:
 
 
 def dream(ws: Workspace, cfg) -> dict:
-  """The dream actor-critic against the finished world model (which stays fixed), saved,
-  then played in BonkArena against the uniform random policy."""
+  """The dream actor-critic against the finished world model (which stays fixed), imitating
+  `cfg.dream_teacher` beside its imagined return, saved, then played in BonkArena against
+  the uniform random policy."""
   directory = ws.model_dir("dream")
+  teacher = dream_teacher(ws, cfg)
   trained_on = {"episodes_digest": _episodes_digest(ws, cfg),
-                "world_model_id": saved_model_config(ws.model_dir("world_model"))["model_id"]}
+                "world_model_id": saved_model_config(ws.model_dir("world_model"))["model_id"],
+                "teacher": teacher[1]}
   resumed = model_exists(directory)
   if resumed:
     _check_resumed(directory, trained_on)
-  setup = _learner_setup(ws, cfg)  # the episodes are read once, for both uses below
+  setup = _learner_setup(ws, cfg, teacher)  # the episodes are read once, for both uses below
   abstract = jax.eval_shape(setup.trainer.init, jax.random.PRNGKey(0))
   if resumed:
     state, _ = load_model(directory, abstract)

@@ -489,8 +489,21 @@ def load_reward(ws: Workspace, cfg) -> tuple[Any, reward_lib.RewardConfig, str]:
   return params, config_lib.reward_config(cfg), model_id
 
 
-# What the offline world model sees of a frame (`export`, and the dream policy's games).
-FEATURES = ("reward", "bc")
+def _feature_parts(ws: Workspace, cfg) -> list[tuple[str, Callable[[jax.Array], jax.Array], Any,
+                                                   str]]:
+  """(name, frames → f32[N, D_i], params, model id) of each `cfg.export.features` model."""
+  config_lib.check_choices(cfg)
+  parts = []
+  for name in cfg.export.features:
+    if name == "reward":
+      params, reward_cfg, model_id = load_reward(ws, cfg)
+      fn = lambda f, p=params, c=reward_cfg: reward_lib.ProgressNet(c).apply(p, f)[0]
+    else:
+      params, model_id = BC.load(ws, cfg)
+      bc_cfg, spec = config_lib.bc_config(cfg), action_spec(cfg)
+      fn = lambda f, p=params: bc_lib.features(p, bc_cfg, spec, f)
+    parts.append((name, fn, params, model_id))
+  return parts
 
 
 def frame_features(ws: Workspace, cfg) -> tuple[Callable[[jax.Array], jax.Array], str]:
@@ -499,23 +512,32 @@ def frame_features(ws: Workspace, cfg) -> tuple[Callable[[jax.Array], jax.Array]
   reward model's embedding (mean-pooled, so blind to where the player is), "bc": the
   behaviour-cloned policy's hidden layer (with its locator, the player's surroundings) —
   and `id` names those models, so episodes exported with others are exported again."""
-  names = tuple(cfg.export.features)
-  unknown = [n for n in names if n not in FEATURES]
-  if not names or unknown or len(set(names)) < len(names):
-    raise learner_config.ConfigError(f"export.features: {names}: expected distinct names "
-                                     f"from {FEATURES}")
-  parts, ids = [], []
-  for name in names:
-    if name == "reward":
-      params, reward_cfg, model_id = load_reward(ws, cfg)
-      parts.append(lambda f, p=params, c=reward_cfg: reward_lib.ProgressNet(c).apply(p, f)[0])
-    else:
-      params, model_id = BC.load(ws, cfg)
-      bc_cfg, spec = config_lib.bc_config(cfg), action_spec(cfg)
-      parts.append(lambda f, p=params: bc_lib.features(p, bc_cfg, spec, f))
-    ids.append(f"{name}:{model_id}")
-  features = lambda frames: jnp.concatenate([part(frames) for part in parts], -1)
-  return features, ",".join(ids)
+  parts = _feature_parts(ws, cfg)
+  features = lambda frames: jnp.concatenate([fn(frames) for _, fn, _, _ in parts], -1)
+  return features, ",".join(f"{name}:{model_id}" for name, _, _, model_id in parts)
+
+
+def dream_teacher(ws: Workspace, cfg) -> tuple[Callable | None, str]:
+  """(teacher, id) for `cfg.dream_teacher`: "recorded" → (None, "recorded"), the recorded
+  actions; "bc" → the cloned policy acting on the exported observations' "bc" features
+  (`bc.act_on_features`), `teacher(obs f32[N, D], mask, key) -> HybridAction`, for
+  `train.offline.make_offline_trainer`."""
+  config_lib.check_choices(cfg)
+  if cfg.dream_teacher == "recorded":
+    return None, "recorded"
+  parts = _feature_parts(ws, cfg)
+  frame = jax.ShapeDtypeStruct((1,) + (cfg.convert.size,) * 2 + (3,), jnp.uint8)
+  widths = [jax.eval_shape(fn, frame).shape[-1] for _, fn, _, _ in parts]
+  index = [name for name, _, _, _ in parts].index("bc")
+  offset = sum(widths[:index])
+  _, _, params, model_id = parts[index]
+  bc_cfg, spec = config_lib.bc_config(cfg), action_spec(cfg)
+
+  def teacher(obs, mask, key):
+    hidden = obs[:, offset:offset + widths[index]]
+    return bc_lib.act_on_features(params, bc_cfg, spec, hidden, mask, key)
+
+  return teacher, f"bc:{model_id}"
 
 
 def reward_label(ws: Workspace, cfg) -> dict:
