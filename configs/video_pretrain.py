@@ -128,6 +128,7 @@ def get_config(arg: str | None = None):
     cfg.learner.offline.batch_size = 4
     cfg.export.min_length = 8
     cfg.export.features = ("reward", "bc")  # both kinds of features exported and played
+    cfg.dream_teacher = "bc"  # the dream actor imitates the cloned policy, which plays too
     cfg.world_model_steps = cfg.dream_steps = 10
     cfg.fast_compile = True
     cfg.log_every = 5

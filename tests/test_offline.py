@@ -142,6 +142,7 @@ def test_dream_policy_learned_offline_beats_the_recording_policy():
   assert dream_return > 2.0 * random_return
 
 
+@pytest.mark.slow
 def test_the_dream_actor_imitates_a_teacher_instead_of_the_recorded_actions():
   """Recorded: uniform-random CartPole play. Teacher: push right exactly when the pole
   turns right (the balancing rule). With the behaviour term dominant, the latent actor follows the

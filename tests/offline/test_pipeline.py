@@ -205,7 +205,7 @@ def test_every_phase_runs_and_writes_the_upstream_layout(finished_run):
     assert sum(played["reward_terms"].values()) == pytest.approx(played["return_mean"],
                                                                  rel=1e-4, abs=1e-4)
   assert report["dream"]["episodes"] == cfg.eval.episodes
-  for policy in ("dream", "random"):
+  for policy in ("dream", "teacher", "random"):  # debug: dream_teacher "bc"
     played = report["dream"][policy]
     assert np.isfinite(played["return_mean"]) and 0 < played["length_mean"] <= cfg.eval.max_steps
     # The return is the sum of the weighted terms: the terms are summed over the same steps.
@@ -309,6 +309,7 @@ def test_a_learner_trained_before_a_re_export_is_named_not_silently_resumed(tmp_
   from mbjax.offline.pipeline.workspace import Workspace, save_model
 
   cfg = video_pretrain.get_config("debug")
+  cfg.dream_teacher = "recorded"  # the cloned policy's model is not made here
   ws = Workspace(str(tmp_path), cfg)
   os.makedirs(ws.episodes)
   entry = {"status": "done", "steps": 5, "episodes": ["a.npz"],

@@ -79,7 +79,9 @@ def evaluate_dream_policy(ws: Workspace, trainer: offline_lib.OfflineTrainer, st
   drawn like the videos (`video_env`, the first ground-truth look) and each frame is turned
   into what the world model saw: resized to `export.frame_size`, or the exported features
   (`models.frame_features`). The random policy ignores its observations, so it plays the
-  same game with vector observations (no drawing to compile)."""
+  same game with vector observations (no drawing to compile). With `dream_teacher="bc"`
+  the cloned policy it imitated plays too (on the frames, the random policy's games), so
+  what imagination added to the imitation shows."""
   if trainer.learners.dream is None or not cfg.ground_truth.enabled:
     return {"skipped": "needs the dream learner and the BonkArena ground-truth set-up"}
   from mbjax.envs.bonk_arena import BonkArena, random_policy, rollout  # validation
@@ -105,8 +107,17 @@ def evaluate_dream_policy(ws: Workspace, trainer: offline_lib.OfflineTrainer, st
                         compiler_options=options)
   random = jax.device_get(play_random(keys[0]))
   weights = np.asarray(params.reward_weights, np.float64)
-  return {"episodes": cfg.eval.episodes, "dream": _play_summary(dream, weights),
-          "random": _play_summary(random, weights)}
+  report = {"episodes": cfg.eval.episodes, "dream": _play_summary(dream, weights),
+            "random": _play_summary(random, weights)}
+  if cfg.dream_teacher == "bc":
+    bc_params, _ = BC.load(ws, cfg)
+    teacher = bc_lib.policy_fn(bc_params, config_lib.bc_config(cfg), action_spec(cfg),
+                               to_frame)
+    play_teacher = jax.jit(lambda key: rollout.evaluate(
+        env, params, teacher, key, cfg.eval.episodes, cfg.eval.max_steps),
+                           compiler_options=options)
+    report["teacher"] = _play_summary(jax.device_get(play_teacher(keys[0])), weights)
+  return report
 
 
 def evaluate_bc(ws: Workspace, cfg) -> dict:
