@@ -24,8 +24,8 @@ accuracy 0.992 on menu frames (0.997 on all), movement R² 0.913 on the frames w
 visible (fixed camera 0.88, following 0.95); reward-model Spearman 0.830 against true
 progress on the 8 held-out BonkArena episodes; skill perplexity 144 (249 of 256 codes used);
 the offline dream policy returns −29.8 in BonkArena (random play −6.7; on the 72 episodes
-below, 2026-12-07: −10.0 / −10.8 / −17.9 over seeds 0–2 against random −6.9 / −6.9 / −7.2;
-it still walks into walls). IDM training 4,000
+below, 2026-12-07, imitating the cloned policy: −5.5 / −5.5 / −5.0 over seeds 0–2 against
+random −6.9 / −6.9 / −7.2 and the cloned policy's −4.0 / −5.1 / −2.6). IDM training 4,000
 steps takes ~28 min of the run. Deaths and the video reward against the game's (72 episodes,
 BENCHMARKS.md): with the death screen, held-out deaths found 11/11, 11/11, 10/10 with 0, 0, 1
 false terminals over seeds 0–2 (2026-12-07); video vs true return Spearman over 15-step
@@ -100,6 +100,12 @@ def get_config(arg: str | None = None):
     # (mean-pooled: blind to where the player is): the dream actor's wall time, seed 0,
     # −8.7 → −2.3 a game, imitating all recorded play alike (2026-12-07).
     cfg.export.features = ("reward", "bc")
+    # The dream actor imitates the cloned policy (the scripted player's videos) rather than
+    # all recorded play alike, and a half of the replayed windows hold a card pick (0.25%
+    # of the steps): seeds 0–2, −10.0 / −10.8 / −17.9 → −5.5 / −5.5 / −5.0 against random
+    # −6.9 / −6.9 / −7.2, menu fraction 0.03 → 0.006 (2026-12-07, BENCHMARKS.md).
+    cfg.dream_teacher = "bc"
+    cfg.learner.offline.rare_fraction = 0.5
     # The offline world model and dream policy at the budget of the recorded run.
     cfg.world_model_steps, cfg.dream_steps = 1000, 500
   if arg == "debug":
