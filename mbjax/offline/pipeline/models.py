@@ -40,7 +40,6 @@ from mbjax.offline.pipeline.workspace import (LABELLED, Skipped, Workspace, epis
                                               pack_actions, readable_chunks, save_model,
                                               saved_model_config, source_look, truth_meta,
                                               unpack_actions, update_meta)
-from mbjax.train import config as learner_config
 from mbjax.train import sharding
 
 # Initialisers run once: one jitted program each, compiled for compile speed.
