@@ -155,6 +155,10 @@ def test_a_plain_tfds_rlds_dataset_trains_the_offline_world_model(tmp_path):
   cfg.source.rlds_fields.update(fields)
   cfg.run.num_devices = 1
   cfg.learner.dream.enabled = False  # the world model alone: half the compile
+  cfg.dream_teacher = "bc"  # :debug's: the cloned policy reads video features, not these
+  with pytest.raises(ValueError, match=r"dream_teacher='bc' .* an RLDS source"):
+    pipeline.run(str(tmp_path / "work"), cfg, "world_model")
+  cfg.dream_teacher = "recorded"
   info = pipeline.run(str(tmp_path / "work"), cfg, "world_model")["world_model"]
   assert info["data_steps"] == 12 + 16 and info["obs_shape"] == [5]
   assert info["steps"] == cfg.world_model_steps

@@ -202,10 +202,11 @@ def check_choices(cfg: ml_collections.ConfigDict) -> None:
   if cfg.dream_teacher not in DREAM_TEACHERS:
     raise learner_config.ConfigError(f"dream_teacher: {cfg.dream_teacher!r}: expected one "
                                      f"of {DREAM_TEACHERS}")
-  if cfg.dream_teacher == "bc" and "bc" not in names:
+  if cfg.dream_teacher == "bc" and ("bc" not in names or cfg.source.rlds_dir):
+    source = (f"an RLDS source ({cfg.source.rlds_dir}) has its own observations"
+              if cfg.source.rlds_dir else f"export.features={names} has none (add 'bc')")
     raise learner_config.ConfigError(f"dream_teacher='bc' acts on the cloned policy's "
-                                     f"exported features; export.features={names} has none "
-                                     "(add 'bc')")
+                                     f"exported features; {source}")
 
 
 def resolve_paths(cfg: ml_collections.ConfigDict, phases: list[str],
